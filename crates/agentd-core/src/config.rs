@@ -1,0 +1,735 @@
+//! The TOML configuration (SPEC.md section 2): parsed once into raw structs that reject unknown keys, then
+//! validated into [`Config`]. Every problem names its key and, where the parser knows it, its line.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// The names of the built-in tools an agent may list.
+pub const BUILTIN_TOOLS: &[&str] =
+    &["calculator", "current_time", "ask_human", "read_file", "list_files"];
+
+/// The configuration `agentd serve` runs with no `--config`: SPEC.md section 1.
+pub const DEFAULT_CONFIG: &str = r#"
+[server]
+listen = "127.0.0.1:8080"
+
+[store]
+url = "sqlite://data/agentd.db"
+
+[providers.local]
+kind = "llama"
+model_path = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+context_tokens = 4096
+threads = 2
+
+[[agents]]
+name = "assistant"
+description = "General helper on the embedded local model"
+provider = "local"
+model = "SmolLM2-135M-Instruct"
+system_prompt = "You are a helpful assistant. Answer briefly."
+tools = ["calculator", "current_time", "ask_human"]
+"#;
+
+/// One configuration problem.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// The key, as a path: `agents[1].provider`.
+    pub key: String,
+    /// 1-based line in the file, when known.
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "line {line}: {}: {}", self.key, self.message),
+            None => write!(f, "{}: {}", self.key, self.message),
+        }
+    }
+}
+
+/// All problems found in one file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub source_name: String,
+    pub problems: Vec<ConfigProblem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}: {p}", self.source_name)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+// ---------------------------------------------------------------- raw (as written) ----
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    store: RawStore,
+    #[serde(default)]
+    auth: RawAuth,
+    #[serde(default)]
+    providers: BTreeMap<String, Spanned<RawProvider>>,
+    #[serde(default)]
+    agents: Vec<Spanned<RawAgent>>,
+    #[serde(default)]
+    skills: Vec<Spanned<RawSkill>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<String>,
+    max_message_bytes: Option<usize>,
+    max_upload_bytes: Option<usize>,
+    max_image_bytes: Option<usize>,
+    shutdown_grace_s: Option<u64>,
+    ask_human_timeout_s: Option<u64>,
+    workspace_dir: Option<String>,
+    max_subagent_depth: Option<u32>,
+    event_retention_runs: Option<usize>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    url: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    #[serde(default)]
+    keys: Vec<Spanned<RawKey>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKey {
+    principal: String,
+    key: Option<String>,
+    key_env: Option<String>,
+    #[serde(default)]
+    admin: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProvider {
+    kind: Spanned<String>,
+    // openai
+    base_url: Option<String>,
+    api_key_env: Option<String>,
+    timeout_s: Option<u64>,
+    // llama
+    model_path: Option<String>,
+    threads: Option<u32>,
+    // both
+    context_tokens: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    name: Spanned<String>,
+    #[serde(default)]
+    description: String,
+    provider: Spanned<String>,
+    model: String,
+    #[serde(default)]
+    system_prompt: String,
+    #[serde(default)]
+    tools: Vec<Spanned<String>>,
+    max_iterations: Option<u32>,
+    max_context_tokens: Option<u64>,
+    compress_at: Option<f64>,
+    multitask: Option<Spanned<String>>,
+    #[serde(default)]
+    skills: Vec<Spanned<String>>,
+    #[serde(default)]
+    subagents: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSkill {
+    name: Spanned<String>,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    keywords: Vec<String>,
+    #[serde(default)]
+    system_prompt: String,
+    tools: Option<Vec<Spanned<String>>>,
+    provider: Option<Spanned<String>>,
+    model: Option<String>,
+}
+
+// ---------------------------------------------------------------- validated ----
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub server: ServerSettings,
+    /// `sqlite://path` or a bare path.
+    pub store_url: String,
+    /// Empty means no auth.
+    pub auth_keys: Vec<ApiKey>,
+    pub providers: BTreeMap<String, ProviderSettings>,
+    pub agents: Vec<AgentSettings>,
+    pub skills: Vec<SkillSettings>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServerSettings {
+    pub listen: String,
+    pub max_message_bytes: usize,
+    pub max_upload_bytes: usize,
+    /// One image, decoded.
+    pub max_image_bytes: usize,
+    pub shutdown_grace_s: u64,
+    /// How long an `ask_human` waits for a reply before the tool fails.
+    pub ask_human_timeout_s: u64,
+    /// Root of the per-session workspaces (uploads, file tools).
+    pub workspace_dir: String,
+    pub max_subagent_depth: u32,
+    /// The log keeps the events of at least this many latest runs per session.
+    pub event_retention_runs: usize,
+}
+
+#[derive(Clone, PartialEq)]
+pub struct ApiKey {
+    pub principal: String,
+    pub key: String,
+    pub admin: bool,
+}
+
+impl fmt::Debug for ApiKey {
+    // Keys never reach logs, not even through Debug.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiKey")
+            .field("principal", &self.principal)
+            .field("key", &"<redacted>")
+            .field("admin", &self.admin)
+            .finish()
+    }
+}
+
+#[derive(Clone, PartialEq)]
+pub enum ProviderSettings {
+    OpenAi {
+        base_url: String,
+        api_key: Option<String>,
+        timeout_s: u64,
+        context_tokens: Option<u64>,
+    },
+    Llama {
+        model_path: String,
+        context_tokens: u64,
+        threads: u32,
+    },
+}
+
+impl fmt::Debug for ProviderSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProviderSettings::OpenAi { base_url, api_key, timeout_s, context_tokens } => f
+                .debug_struct("OpenAi")
+                .field("base_url", base_url)
+                .field("api_key", &api_key.as_ref().map(|_| "<redacted>"))
+                .field("timeout_s", timeout_s)
+                .field("context_tokens", context_tokens)
+                .finish(),
+            ProviderSettings::Llama { model_path, context_tokens, threads } => f
+                .debug_struct("Llama")
+                .field("model_path", model_path)
+                .field("context_tokens", context_tokens)
+                .field("threads", threads)
+                .finish(),
+        }
+    }
+}
+
+impl ProviderSettings {
+    pub fn context_tokens(&self) -> Option<u64> {
+        match self {
+            ProviderSettings::OpenAi { context_tokens, .. } => *context_tokens,
+            ProviderSettings::Llama { context_tokens, .. } => Some(*context_tokens),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Multitask {
+    Reject,
+    Enqueue,
+    Interrupt,
+}
+
+impl Multitask {
+    pub fn parse(s: &str) -> Option<Multitask> {
+        match s {
+            "reject" => Some(Multitask::Reject),
+            "enqueue" => Some(Multitask::Enqueue),
+            "interrupt" => Some(Multitask::Interrupt),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgentSettings {
+    pub name: String,
+    pub description: String,
+    pub provider: String,
+    pub model: String,
+    pub system_prompt: String,
+    pub tools: Vec<String>,
+    pub max_iterations: u32,
+    pub max_context_tokens: u64,
+    pub compress_at: f64,
+    pub multitask: Multitask,
+    pub skills: Vec<String>,
+    pub subagents: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SkillSettings {
+    pub name: String,
+    pub description: String,
+    pub keywords: Vec<String>,
+    pub system_prompt: String,
+    /// None: the agent's tools.
+    pub tools: Option<Vec<String>>,
+    pub provider: Option<String>,
+    pub model: Option<String>,
+}
+
+impl Config {
+    /// Parses and validates a config file's text. `source_name` is used in messages (usually the path).
+    pub fn parse(text: &str, source_name: &str) -> Result<Config, ConfigError> {
+        Self::parse_with_env(text, source_name, &|k| std::env::var(k).ok())
+    }
+
+    /// The built-in default (SPEC.md section 1).
+    pub fn builtin_default() -> Config {
+        // The constant is tested below; a failure here is a build defect, not input.
+        Self::parse(DEFAULT_CONFIG, "<built-in default>").unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    pub fn agent(&self, name: &str) -> Option<&AgentSettings> {
+        self.agents.iter().find(|a| a.name == name)
+    }
+
+    pub fn skill(&self, name: &str) -> Option<&SkillSettings> {
+        self.skills.iter().find(|s| s.name == name)
+    }
+
+    /// Like [`Config::parse`], reading `*_env` keys through `env` (tests pass their own).
+    pub fn parse_with_env(
+        text: &str,
+        source_name: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let lines = LineIndex::new(text);
+        let raw: RawConfig = match toml::from_str(text) {
+            Ok(raw) => raw,
+            Err(e) => {
+                let line = e.span().map(|s| lines.line(s.start));
+                let key = unknown_key_name(e.message()).unwrap_or_else(|| "config".to_string());
+                return Err(ConfigError {
+                    source_name: source_name.to_string(),
+                    problems: vec![ConfigProblem { key, line, message: e.message().trim().to_string() }],
+                });
+            }
+        };
+        let mut v = Validator { lines: &lines, problems: Vec::new() };
+        let config = v.validate(raw, env);
+        if v.problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError { source_name: source_name.to_string(), problems: v.problems })
+        }
+    }
+}
+
+/// Pulls the key out of serde's "unknown field `x`, expected ..." so the problem names it.
+fn unknown_key_name(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("unknown field `")?;
+    let end = rest.find('`')?;
+    Some(rest[..end].to_string())
+}
+
+struct LineIndex {
+    starts: Vec<usize>,
+}
+
+impl LineIndex {
+    fn new(text: &str) -> LineIndex {
+        let mut starts = vec![0];
+        starts.extend(text.match_indices('\n').map(|(i, _)| i + 1));
+        LineIndex { starts }
+    }
+    fn line(&self, offset: usize) -> usize {
+        match self.starts.binary_search(&offset) {
+            Ok(i) => i + 1,
+            Err(i) => i,
+        }
+    }
+}
+
+struct Validator<'a> {
+    lines: &'a LineIndex,
+    problems: Vec<ConfigProblem>,
+}
+
+impl Validator<'_> {
+    fn problem<T>(&mut self, key: impl Into<String>, at: Option<&Spanned<T>>, message: impl Into<String>) {
+        self.problems.push(ConfigProblem {
+            key: key.into(),
+            line: at.map(|s| self.lines.line(s.span().start)),
+            message: message.into(),
+        });
+    }
+
+    fn validate(&mut self, raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Config {
+        let s = raw.server;
+        let server = ServerSettings {
+            listen: s.listen.unwrap_or_else(|| "127.0.0.1:8080".to_string()),
+            max_message_bytes: s.max_message_bytes.unwrap_or(262_144),
+            max_upload_bytes: s.max_upload_bytes.unwrap_or(20 * 1024 * 1024),
+            max_image_bytes: s.max_image_bytes.unwrap_or(5 * 1024 * 1024),
+            shutdown_grace_s: s.shutdown_grace_s.unwrap_or(10),
+            ask_human_timeout_s: s.ask_human_timeout_s.unwrap_or(600),
+            workspace_dir: s.workspace_dir.unwrap_or_else(|| "data/workspaces".to_string()),
+            max_subagent_depth: s.max_subagent_depth.unwrap_or(3),
+            event_retention_runs: s.event_retention_runs.unwrap_or(20),
+        };
+        if server.listen.parse::<std::net::SocketAddr>().is_err() {
+            self.problem::<()>("server.listen", None, format!("`{}` is not an address like 127.0.0.1:8080", server.listen));
+        }
+        if server.event_retention_runs < 20 {
+            self.problem::<()>("server.event_retention_runs", None, "must be at least 20");
+        }
+        let store_url = raw.store.url.unwrap_or_else(|| "sqlite://data/agentd.db".to_string());
+        if store_url.starts_with("postgres://") || store_url.starts_with("postgresql://") {
+            self.problem::<()>("store.url", None, "postgres stores are not supported yet; use sqlite://PATH");
+        }
+
+        let mut auth_keys = Vec::new();
+        let mut seen_keys = HashSet::new();
+        for (i, k) in raw.auth.keys.iter().enumerate() {
+            let key_path = format!("auth.keys[{i}]");
+            let raw_key = k.get_ref();
+            let key = match (&raw_key.key, &raw_key.key_env) {
+                (Some(key), None) => Some(key.clone()),
+                (None, Some(var)) => match env(var) {
+                    Some(v) if !v.is_empty() => Some(v),
+                    _ => {
+                        self.problem(format!("{key_path}.key_env"), Some(k), format!("environment variable `{var}` is not set"));
+                        None
+                    }
+                },
+                _ => {
+                    self.problem(format!("{key_path}"), Some(k), "give exactly one of `key` or `key_env`");
+                    None
+                }
+            };
+            if let Some(key) = key {
+                if !seen_keys.insert(key.clone()) {
+                    self.problem(format!("{key_path}.key"), Some(k), "the same key is configured twice");
+                }
+                auth_keys.push(ApiKey { principal: raw_key.principal.clone(), key, admin: raw_key.admin });
+            }
+        }
+
+        let mut providers = BTreeMap::new();
+        for (name, p) in &raw.providers {
+            let key = format!("providers.{name}");
+            let r = p.get_ref();
+            let kind = r.kind.get_ref().as_str();
+            let settings = match kind {
+                "openai" => {
+                    for (field, set) in [("model_path", r.model_path.is_some()), ("threads", r.threads.is_some())] {
+                        if set {
+                            self.problem(format!("{key}.{field}"), Some(p), "not a key of an `openai` provider");
+                        }
+                    }
+                    let Some(base_url) = r.base_url.clone() else {
+                        self.problem(format!("{key}.base_url"), Some(p), "required for kind `openai`");
+                        continue;
+                    };
+                    let api_key = match &r.api_key_env {
+                        Some(var) => match env(var) {
+                            Some(v) if !v.is_empty() => Some(v),
+                            _ => {
+                                self.problem(format!("{key}.api_key_env"), Some(p), format!("environment variable `{var}` is not set"));
+                                None
+                            }
+                        },
+                        None => None,
+                    };
+                    ProviderSettings::OpenAi {
+                        base_url: base_url.trim_end_matches('/').to_string(),
+                        api_key,
+                        timeout_s: r.timeout_s.unwrap_or(120),
+                        context_tokens: r.context_tokens,
+                    }
+                }
+                "llama" => {
+                    for (field, set) in [
+                        ("base_url", r.base_url.is_some()),
+                        ("api_key_env", r.api_key_env.is_some()),
+                        ("timeout_s", r.timeout_s.is_some()),
+                    ] {
+                        if set {
+                            self.problem(format!("{key}.{field}"), Some(p), "not a key of a `llama` provider");
+                        }
+                    }
+                    let Some(model_path) = r.model_path.clone() else {
+                        self.problem(format!("{key}.model_path"), Some(p), "required for kind `llama`");
+                        continue;
+                    };
+                    ProviderSettings::Llama {
+                        model_path,
+                        context_tokens: r.context_tokens.unwrap_or(4096),
+                        threads: r.threads.unwrap_or(2),
+                    }
+                }
+                other => {
+                    self.problem(format!("{key}.kind"), Some(&r.kind), format!("unknown provider kind `{other}` (known: openai, llama)"));
+                    continue;
+                }
+            };
+            providers.insert(name.clone(), settings);
+        }
+
+        // Skills first: agents refer to them.
+        let mut skills: Vec<SkillSettings> = Vec::new();
+        for (i, sk) in raw.skills.iter().enumerate() {
+            let r = sk.get_ref();
+            let key = format!("skills[{i}]");
+            let name = r.name.get_ref().clone();
+            if skills.iter().any(|s| s.name == name) {
+                self.problem(format!("{key}.name"), Some(&r.name), format!("duplicate skill name `{name}`"));
+            }
+            if let Some(tools) = &r.tools {
+                self.check_tools(&format!("{key}.tools"), tools, &[]);
+            }
+            if let Some(p) = &r.provider {
+                if !raw.providers.contains_key(p.get_ref()) {
+                    self.problem(format!("{key}.provider"), Some(p), format!("unknown provider `{}`", p.get_ref()));
+                }
+            }
+            skills.push(SkillSettings {
+                name,
+                description: r.description.clone(),
+                keywords: r.keywords.iter().map(|k| k.to_lowercase()).collect(),
+                system_prompt: r.system_prompt.clone(),
+                tools: r.tools.as_ref().map(|t| t.iter().map(|s| s.get_ref().clone()).collect()),
+                provider: r.provider.as_ref().map(|p| p.get_ref().clone()),
+                model: r.model.clone(),
+            });
+        }
+
+        let agent_names: Vec<String> = raw.agents.iter().map(|a| a.get_ref().name.get_ref().clone()).collect();
+        let mut agents: Vec<AgentSettings> = Vec::new();
+        for (i, a) in raw.agents.iter().enumerate() {
+            let r = a.get_ref();
+            let key = format!("agents[{i}]");
+            let name = r.name.get_ref().clone();
+            if name.is_empty() || BUILTIN_TOOLS.contains(&name.as_str()) {
+                self.problem(format!("{key}.name"), Some(&r.name), format!("`{name}` cannot be an agent name"));
+            }
+            if agents.iter().any(|x| x.name == name) {
+                self.problem(format!("{key}.name"), Some(&r.name), format!("duplicate agent name `{name}`"));
+            }
+            let provider = r.provider.get_ref().clone();
+            let provider_ctx = match providers.get(&provider) {
+                Some(p) => p.context_tokens(),
+                None => {
+                    if !raw.providers.contains_key(&provider) {
+                        let known: Vec<&str> = raw.providers.keys().map(String::as_str).collect();
+                        self.problem(
+                            format!("{key}.provider"),
+                            Some(&r.provider),
+                            format!("unknown provider `{provider}` (configured: {})", known.join(", ")),
+                        );
+                    }
+                    None
+                }
+            };
+            self.check_tools(&format!("{key}.tools"), &r.tools, &[]);
+            for (j, s) in r.skills.iter().enumerate() {
+                if !skills.iter().any(|k| &k.name == s.get_ref()) {
+                    self.problem(format!("{key}.skills[{j}]"), Some(s), format!("unknown skill `{}`", s.get_ref()));
+                }
+            }
+            for (j, s) in r.subagents.iter().enumerate() {
+                if s.get_ref() == &name {
+                    self.problem(format!("{key}.subagents[{j}]"), Some(s), "an agent cannot be its own subagent");
+                } else if !agent_names.contains(s.get_ref()) {
+                    self.problem(format!("{key}.subagents[{j}]"), Some(s), format!("unknown agent `{}`", s.get_ref()));
+                }
+            }
+            let multitask = match &r.multitask {
+                None => Multitask::Enqueue,
+                Some(m) => Multitask::parse(m.get_ref()).unwrap_or_else(|| {
+                    self.problem(format!("{key}.multitask"), Some(m), format!("`{}` is not one of reject, enqueue, interrupt", m.get_ref()));
+                    Multitask::Enqueue
+                }),
+            };
+            let compress_at = r.compress_at.unwrap_or(0.8);
+            if !(compress_at > 0.0 && compress_at <= 1.0) {
+                self.problem(format!("{key}.compress_at"), Some(a), "must be in (0, 1]");
+            }
+            let max_iterations = r.max_iterations.unwrap_or(8);
+            if max_iterations == 0 {
+                self.problem(format!("{key}.max_iterations"), Some(a), "must be at least 1");
+            }
+            agents.push(AgentSettings {
+                name,
+                description: r.description.clone(),
+                provider,
+                model: r.model.clone(),
+                system_prompt: r.system_prompt.clone(),
+                tools: r.tools.iter().map(|t| t.get_ref().clone()).collect(),
+                max_iterations,
+                max_context_tokens: r.max_context_tokens.or(provider_ctx).unwrap_or(8192),
+                compress_at,
+                multitask,
+                skills: r.skills.iter().map(|s| s.get_ref().clone()).collect(),
+                subagents: r.subagents.iter().map(|s| s.get_ref().clone()).collect(),
+            });
+        }
+        if agents.is_empty() && self.problems.is_empty() {
+            self.problem::<()>("agents", None, "at least one [[agents]] entry is required");
+        }
+        Config { server, store_url, auth_keys, providers, agents, skills }
+    }
+
+    fn check_tools(&mut self, key: &str, tools: &[Spanned<String>], _extra: &[&str]) {
+        let mut seen = HashSet::new();
+        for (j, t) in tools.iter().enumerate() {
+            let name = t.get_ref();
+            if !BUILTIN_TOOLS.contains(&name.as_str()) {
+                self.problem(
+                    format!("{key}[{j}]"),
+                    Some(t),
+                    format!("unknown tool `{name}` (built-in: {}; subagents go in `subagents`)", BUILTIN_TOOLS.join(", ")),
+                );
+            }
+            if !seen.insert(name.clone()) {
+                self.problem(format!("{key}[{j}]"), Some(t), format!("tool `{name}` listed twice"));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    const GOOD: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+
+[providers.upstream]
+kind = "openai"
+base_url = "http://127.0.0.1:9000/v1/"
+
+[[agents]]
+name = "assistant"
+provider = "upstream"
+model = "m"
+tools = ["calculator"]
+skills = ["math"]
+
+[[skills]]
+name = "math"
+keywords = ["Calculate"]
+"#;
+
+    #[test]
+    fn builtin_default_parses() {
+        let c = Config::builtin_default();
+        assert_eq!(c.agents[0].name, "assistant");
+        assert_eq!(c.server.listen, "127.0.0.1:8080");
+        assert!(matches!(c.providers["local"], ProviderSettings::Llama { .. }));
+    }
+
+    #[test]
+    fn good_config_gets_defaults() {
+        let c = Config::parse_with_env(GOOD, "t.toml", &no_env).unwrap();
+        let a = &c.agents[0];
+        assert_eq!(a.max_iterations, 8);
+        assert_eq!(a.multitask, Multitask::Enqueue);
+        assert_eq!(a.max_context_tokens, 8192);
+        assert_eq!(c.skills[0].keywords, vec!["calculate"]);
+        assert!(matches!(&c.providers["upstream"], ProviderSettings::OpenAi { base_url, .. } if base_url == "http://127.0.0.1:9000/v1"));
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_line() {
+        let text = GOOD.replace("model = \"m\"", "model = \"m\"\ntemperature = 0.2");
+        let e = Config::parse_with_env(&text, "t.toml", &no_env).unwrap_err();
+        assert_eq!(e.problems[0].key, "temperature");
+        assert_eq!(e.problems[0].line, Some(13));
+        assert!(e.to_string().contains("t.toml: line 13: temperature"), "{e}");
+    }
+
+    #[test]
+    fn semantic_problems_name_key_and_line() {
+        let text = GOOD
+            .replace("provider = \"upstream\"", "provider = \"nope\"")
+            .replace("tools = [\"calculator\"]", "tools = [\"calculator\", \"rm_rf\"]")
+            .replace("skills = [\"math\"]", "skills = [\"poetry\"]\nsubagents = [\"ghost\"]");
+        let e = Config::parse_with_env(&text, "t.toml", &no_env).unwrap_err();
+        let keys: Vec<(&str, Option<usize>)> = e.problems.iter().map(|p| (p.key.as_str(), p.line)).collect();
+        assert!(keys.contains(&("agents[0].provider", Some(11))), "{keys:?}");
+        assert!(keys.contains(&("agents[0].tools[1]", Some(13))), "{keys:?}");
+        assert!(keys.contains(&("agents[0].skills[0]", Some(14))), "{keys:?}");
+        assert!(keys.contains(&("agents[0].subagents[0]", Some(15))), "{keys:?}");
+    }
+
+    #[test]
+    fn duplicates_and_bad_kinds_are_errors() {
+        let text = format!(
+            "{GOOD}\n[[agents]]\nname = \"assistant\"\nprovider = \"upstream\"\nmodel = \"m\"\n\n[providers.x]\nkind = \"magic\"\n"
+        );
+        let e = Config::parse_with_env(&text, "t.toml", &no_env).unwrap_err();
+        let msgs = e.to_string();
+        assert!(msgs.contains("agents[1].name: duplicate agent name `assistant`"), "{msgs}");
+        assert!(msgs.contains("providers.x.kind: unknown provider kind `magic`"), "{msgs}");
+    }
+
+    #[test]
+    fn key_env_is_read_and_missing_env_is_named() {
+        let text = format!("{GOOD}\n[[auth.keys]]\nprincipal = \"alice\"\nkey_env = \"ALICE_KEY\"\n");
+        let e = Config::parse_with_env(&text, "t.toml", &no_env).unwrap_err();
+        assert!(e.to_string().contains("auth.keys[0].key_env: environment variable `ALICE_KEY` is not set"));
+        let c = Config::parse_with_env(&text, "t.toml", &|k| (k == "ALICE_KEY").then(|| "sk-1".to_string())).unwrap();
+        assert_eq!(c.auth_keys[0].key, "sk-1");
+        assert!(!format!("{:?}", c.auth_keys).contains("sk-1"));
+    }
+}

@@ -1,0 +1,284 @@
+//! The per-session event log: append with group commit, then fan out to live subscribers.
+//!
+//! Path of one event: a producer (a run) sends it into a bounded channel; one appender task takes everything
+//! waiting (from all sessions) and hands it to [`Store::append_events`] as one transaction, which assigns each
+//! event its `seq`; only after the commit does the appender publish the events to the session's broadcast. So
+//! an event is durable before any client sees it, with one commit per batch, not per token.
+//!
+//! Subscribers ([`Subscription`]) first subscribe to the broadcast, then read the log from their cursor, then
+//! go live, dropping what they already had by `seq`. A subscriber that falls behind the bounded broadcast
+//! (`Lagged`) reads the missed part from the store: the log is the truth, the broadcast only an optimisation.
+//! Nothing here grows with a slow client.
+//!
+//! Multi-node later: the broadcast becomes a bus (NATS / Postgres LISTEN) behind [`Fanout`]'s two methods.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::event::{LoggedEvent, NewEvent};
+use crate::store::{LogEntry, Store, StoreError};
+
+/// Events waiting for the appender at most; producers wait (backpressure) beyond it.
+const APPEND_QUEUE: usize = 8192;
+/// The most events committed in one transaction.
+const MAX_BATCH: usize = 4096;
+/// Events buffered per session for live subscribers; a subscriber further behind reads the store.
+const BROADCAST_CAPACITY: usize = 256;
+/// Page size when a subscriber reads from the store.
+const READ_PAGE: usize = 512;
+
+type Ack = oneshot::Sender<Result<Arc<LoggedEvent>, String>>;
+
+struct Pending {
+    entry: LogEntry,
+    ack: Option<Ack>,
+}
+
+/// Live delivery of committed events to the subscribers of each session, in this process.
+#[derive(Default)]
+pub struct Fanout {
+    sessions: Mutex<HashMap<String, broadcast::Sender<Arc<LoggedEvent>>>>,
+}
+
+impl Fanout {
+    fn subscribe(&self, session_id: &str) -> broadcast::Receiver<Arc<LoggedEvent>> {
+        let mut map = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        match map.get(session_id) {
+            Some(tx) => tx.subscribe(),
+            None => {
+                let (tx, rx) = broadcast::channel(BROADCAST_CAPACITY);
+                map.insert(session_id.to_string(), tx);
+                rx
+            }
+        }
+    }
+
+    fn publish(&self, events: &[Arc<LoggedEvent>]) {
+        let mut map = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        for ev in events {
+            if let Some(tx) = map.get(&ev.session_id) {
+                if tx.send(ev.clone()).is_err() {
+                    // Nobody listens any more: forget the channel so idle sessions cost nothing.
+                    map.remove(&ev.session_id);
+                }
+            }
+        }
+    }
+}
+
+/// Counters for tests and benchmarks.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LogStats {
+    pub batches: u64,
+    pub events: u64,
+}
+
+/// The event log of every session.
+pub struct EventLog {
+    tx: mpsc::Sender<Pending>,
+    store: Arc<dyn Store>,
+    fanout: Arc<Fanout>,
+    stats: Arc<Mutex<LogStats>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("the event log is closed")]
+    Closed,
+    #[error("event log write failed: {0}")]
+    Write(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl EventLog {
+    /// Starts the appender task. It ends when every `EventLog` handle is dropped and the queue is drained.
+    pub fn start(store: Arc<dyn Store>) -> Arc<EventLog> {
+        let (tx, rx) = mpsc::channel(APPEND_QUEUE);
+        let fanout = Arc::new(Fanout::default());
+        let stats = Arc::new(Mutex::new(LogStats::default()));
+        tokio::spawn(appender(rx, store.clone(), fanout.clone(), stats.clone()));
+        Arc::new(EventLog { tx, store, fanout, stats })
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn stats(&self) -> LogStats {
+        *self.stats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends without waiting for the commit (the hot path: text deltas). Order per producer is kept.
+    pub async fn append(&self, event: NewEvent, run: Option<crate::domain::Run>) -> Result<(), LogError> {
+        self.tx
+            .send(Pending { entry: LogEntry { event, run }, ack: None })
+            .await
+            .map_err(|_| LogError::Closed)
+    }
+
+    /// Appends and waits until the event is committed; returns it with its `seq`.
+    pub async fn append_durable(
+        &self,
+        event: NewEvent,
+        run: Option<crate::domain::Run>,
+    ) -> Result<Arc<LoggedEvent>, LogError> {
+        let (ack_tx, ack_rx) = oneshot::channel();
+        self.tx
+            .send(Pending { entry: LogEntry { event, run }, ack: Some(ack_tx) })
+            .await
+            .map_err(|_| LogError::Closed)?;
+        match ack_rx.await {
+            Ok(Ok(ev)) => Ok(ev),
+            Ok(Err(e)) => Err(LogError::Write(e)),
+            Err(_) => Err(LogError::Closed),
+        }
+    }
+
+    /// Events of `session_id` with `seq > after`, then live ones, each exactly once and in order.
+    pub fn subscribe(&self, session_id: &str, after: u64) -> Subscription {
+        let live = self.fanout.subscribe(session_id);
+        Subscription {
+            store: self.store.clone(),
+            session_id: session_id.to_string(),
+            next: after + 1,
+            live,
+            backlog: std::collections::VecDeque::new(),
+            catching_up: true,
+        }
+    }
+}
+
+async fn appender(
+    mut rx: mpsc::Receiver<Pending>,
+    store: Arc<dyn Store>,
+    fanout: Arc<Fanout>,
+    stats: Arc<Mutex<LogStats>>,
+) {
+    let mut batch: Vec<Pending> = Vec::with_capacity(64);
+    loop {
+        match rx.recv().await {
+            Some(p) => batch.push(p),
+            None => return,
+        }
+        // Group commit: whatever queued up while the previous batch was being written goes in this one.
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let mut acks: Vec<Option<Ack>> = Vec::with_capacity(batch.len());
+        let mut entries = Vec::with_capacity(batch.len());
+        for p in batch.drain(..) {
+            entries.push(p.entry);
+            acks.push(p.ack);
+        }
+        let n = entries.len();
+        let result = store.append_events(entries).await;
+        match result {
+            Ok(events) => {
+                {
+                    let mut s = stats.lock().unwrap_or_else(|p| p.into_inner());
+                    s.batches += 1;
+                    s.events += n as u64;
+                }
+                fanout.publish(&events);
+                for (ev, ack) in events.into_iter().zip(acks) {
+                    if let Some(ack) = ack {
+                        let _ = ack.send(Ok(ev));
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, events = n, "event log batch failed");
+                let msg = e.to_string();
+                for ack in acks.into_iter().flatten() {
+                    let _ = ack.send(Err(msg.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// A cursor over one session's log: replay from the store, then live.
+pub struct Subscription {
+    store: Arc<dyn Store>,
+    session_id: String,
+    /// The next `seq` this subscriber must receive.
+    next: u64,
+    live: broadcast::Receiver<Arc<LoggedEvent>>,
+    backlog: std::collections::VecDeque<Arc<LoggedEvent>>,
+    catching_up: bool,
+}
+
+impl Subscription {
+    /// The `seq` the next event will have.
+    pub fn next_seq(&self) -> u64 {
+        self.next
+    }
+
+    /// The next event, waiting for it if necessary. `Ok(None)` when the log is gone (server shutting down).
+    pub async fn next(&mut self) -> Result<Option<Arc<LoggedEvent>>, StoreError> {
+        loop {
+            if let Some(ev) = self.backlog.pop_front() {
+                self.next = ev.seq() + 1;
+                return Ok(Some(ev));
+            }
+            if self.catching_up {
+                let page = self.store.read_events(&self.session_id, self.next - 1, READ_PAGE).await?;
+                if page.len() < READ_PAGE {
+                    self.catching_up = false;
+                }
+                // Events older than retention may be gone: start where the log starts.
+                self.backlog.extend(page.into_iter().filter(|e| e.seq() >= self.next));
+                continue;
+            }
+            match self.live.recv().await {
+                Ok(ev) => {
+                    if ev.seq() < self.next {
+                        continue; // already delivered from the store
+                    }
+                    if ev.seq() > self.next {
+                        // Missed something between the store read and now: read it, then retry this one.
+                        self.catching_up = true;
+                        continue;
+                    }
+                    self.next = ev.seq() + 1;
+                    return Ok(Some(ev));
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    self.catching_up = true;
+                }
+                Err(broadcast::error::RecvError::Closed) => return Ok(None),
+            }
+        }
+    }
+
+    /// Takes an event that is ready right now without waiting, if any (lets a writer batch frames).
+    pub fn try_next(&mut self) -> Option<Arc<LoggedEvent>> {
+        if let Some(ev) = self.backlog.pop_front() {
+            self.next = ev.seq() + 1;
+            return Some(ev);
+        }
+        if self.catching_up {
+            return None;
+        }
+        loop {
+            match self.live.try_recv() {
+                Ok(ev) if ev.seq() < self.next => continue,
+                Ok(ev) if ev.seq() == self.next => {
+                    self.next = ev.seq() + 1;
+                    return Some(ev);
+                }
+                Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_)) => {
+                    self.catching_up = true;
+                    return None;
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+}

@@ -1,0 +1,31 @@
+//! agentd-core: everything agentd is, minus the wire.
+//!
+//! A tour, in the order a message flows:
+//! - [`service`]: the facade every surface calls (`Agentd`): validation, ownership, sends, uploads, attach.
+//! - [`skills`]: picks a skill for a message (`@skill:` prefix or keywords).
+//! - [`runs`]: the run manager; each turn is a server-owned task, queued per session, cancellable.
+//! - [`agent_loop`]: one turn's ReAct loop: model call, tools, results, until an answer.
+//! - [`tools`]: built-in tools; [`think`]: `<think>` splitting of streamed text.
+//! - [`event_log`]: append with group commit, then fan-out to subscribers; replay from the store.
+//! - [`event`]: the one internal event model every surface renders.
+//! - [`domain`]: sessions, messages, runs (the native API's shapes).
+//! - [`store`]: the storage seam (`Store`), implemented by `agentd-sqlite`.
+//! - [`provider`]: the model seam (`Provider`), implemented by `agentd-openai`, `agentd-llama`, [`scripted`].
+//! - [`config`]: the TOML configuration, parsed once and validated into typed settings.
+//!
+//! Invariant: nothing in this crate speaks HTTP or knows a wire dialect.
+
+pub mod agent_loop;
+pub mod config;
+pub mod domain;
+pub mod event;
+pub mod event_log;
+pub mod memory;
+pub mod provider;
+pub mod runs;
+pub mod scripted;
+pub mod service;
+pub mod skills;
+pub mod store;
+pub mod think;
+pub mod tools;

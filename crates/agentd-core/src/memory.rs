@@ -1,0 +1,180 @@
+//! An in-memory [`Store`]: the reference for the trait's semantics and the store of the loop's unit tests.
+//! Not durable, so the server never uses it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+
+use crate::domain::{Message, Run, Session};
+use crate::event::{Event, EventKind, LoggedEvent};
+use crate::store::{LogBounds, LogEntry, Store, StoreError, StoreResult};
+
+#[derive(Default)]
+struct Inner {
+    sessions: Vec<Session>,
+    messages: Vec<Message>,
+    runs: Vec<(Run, Option<String>)>,
+    events: HashMap<String, Vec<Arc<LoggedEvent>>>,
+    last_seq: HashMap<String, u64>,
+}
+
+#[derive(Default)]
+pub struct MemoryStore {
+    inner: Mutex<Inner>,
+}
+
+impl MemoryStore {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn upsert_run(runs: &mut Vec<(Run, Option<String>)>, run: &Run) {
+    match runs.iter_mut().find(|(r, _)| r.id == run.id) {
+        Some((r, _)) => *r = run.clone(),
+        None => runs.push((run.clone(), None)),
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    fn describe(&self) -> String {
+        "memory".into()
+    }
+    async fn create_session(&self, session: &Session) -> StoreResult<()> {
+        self.lock().sessions.push(session.clone());
+        Ok(())
+    }
+    async fn get_session(&self, id: &str) -> StoreResult<Option<Session>> {
+        Ok(self.lock().sessions.iter().find(|s| s.id == id).cloned())
+    }
+    async fn list_sessions(&self, principal: Option<&str>, limit: usize, before: Option<&str>) -> StoreResult<Vec<Session>> {
+        let inner = self.lock();
+        let end = match before {
+            Some(b) => inner.sessions.iter().position(|s| s.id == b).unwrap_or(0),
+            None => inner.sessions.len(),
+        };
+        Ok(inner.sessions[..end]
+            .iter()
+            .rev()
+            .filter(|s| principal.is_none_or(|p| s.principal == p))
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+    async fn update_session(&self, session: &Session) -> StoreResult<()> {
+        let mut inner = self.lock();
+        let s = inner.sessions.iter_mut().find(|s| s.id == session.id).ok_or(StoreError::NotFound)?;
+        *s = session.clone();
+        Ok(())
+    }
+    async fn list_messages(&self, session_id: &str, limit: Option<usize>, offset: usize) -> StoreResult<Vec<Message>> {
+        Ok(self
+            .lock()
+            .messages
+            .iter()
+            .filter(|m| m.session_id == session_id)
+            .skip(offset)
+            .take(limit.unwrap_or(usize::MAX))
+            .cloned()
+            .collect())
+    }
+    async fn create_run(&self, run: &Run, client_message_id: Option<&str>) -> StoreResult<()> {
+        let mut inner = self.lock();
+        if let Some(c) = client_message_id {
+            if inner.runs.iter().any(|(r, cm)| r.session_id == run.session_id && cm.as_deref() == Some(c)) {
+                return Err(StoreError::Conflict("client_message_id".into()));
+            }
+        }
+        inner.runs.push((run.clone(), client_message_id.map(String::from)));
+        Ok(())
+    }
+    async fn find_run_by_client_message_id(&self, session_id: &str, cmid: &str) -> StoreResult<Option<Run>> {
+        Ok(self
+            .lock()
+            .runs
+            .iter()
+            .find(|(r, c)| r.session_id == session_id && c.as_deref() == Some(cmid))
+            .map(|(r, _)| r.clone()))
+    }
+    async fn get_run(&self, session_id: &str, run_id: &str) -> StoreResult<Option<Run>> {
+        Ok(self.lock().runs.iter().find(|(r, _)| r.session_id == session_id && r.id == run_id).map(|(r, _)| r.clone()))
+    }
+    async fn list_runs(&self, session_id: &str) -> StoreResult<Vec<Run>> {
+        Ok(self.lock().runs.iter().filter(|(r, _)| r.session_id == session_id).map(|(r, _)| r.clone()).collect())
+    }
+    async fn update_run(&self, run: &Run) -> StoreResult<()> {
+        upsert_run(&mut self.lock().runs, run);
+        Ok(())
+    }
+    async fn unfinished_runs(&self) -> StoreResult<Vec<Run>> {
+        Ok(self.lock().runs.iter().filter(|(r, _)| !r.status.is_terminal()).map(|(r, _)| r.clone()).collect())
+    }
+    async fn append_events(&self, batch: Vec<LogEntry>) -> StoreResult<Vec<Arc<LoggedEvent>>> {
+        let mut inner = self.lock();
+        let mut out = Vec::with_capacity(batch.len());
+        for entry in batch {
+            let e = entry.event;
+            let seq = {
+                let last = inner.last_seq.entry(e.session_id.clone()).or_insert(0);
+                *last += 1;
+                *last
+            };
+            if let EventKind::Message { message } = &e.kind {
+                match inner.messages.iter_mut().find(|m| m.id == message.id) {
+                    Some(m) => *m = message.clone(),
+                    None => inner.messages.push(message.clone()),
+                }
+            }
+            if let Some(run) = &entry.run {
+                upsert_run(&mut inner.runs, run);
+            }
+            let logged = Arc::new(LoggedEvent::new(
+                e.session_id.clone(),
+                Event { seq, run_id: e.run_id, agent: e.agent, is_subagent: e.is_subagent, kind: e.kind },
+            ));
+            inner.events.entry(e.session_id).or_default().push(logged.clone());
+            out.push(logged);
+        }
+        Ok(out)
+    }
+    async fn read_events(&self, session_id: &str, after: u64, limit: usize) -> StoreResult<Vec<Arc<LoggedEvent>>> {
+        Ok(self
+            .lock()
+            .events
+            .get(session_id)
+            .map(|v| v.iter().filter(|e| e.seq() > after).take(limit).cloned().collect())
+            .unwrap_or_default())
+    }
+    async fn log_bounds(&self, session_id: &str) -> StoreResult<LogBounds> {
+        let inner = self.lock();
+        Ok(LogBounds {
+            first_seq: inner.events.get(session_id).and_then(|v| v.first()).map(|e| e.seq()).unwrap_or(0),
+            last_seq: inner.last_seq.get(session_id).copied().unwrap_or(0),
+        })
+    }
+    async fn first_seq_of_run(&self, session_id: &str, run_id: &str) -> StoreResult<Option<u64>> {
+        Ok(self
+            .lock()
+            .events
+            .get(session_id)
+            .and_then(|v| v.iter().find(|e| e.event.run_id == run_id))
+            .map(|e| e.seq()))
+    }
+    async fn prune_events(&self, session_id: &str, keep_runs: usize) -> StoreResult<()> {
+        let mut inner = self.lock();
+        let runs: Vec<String> =
+            inner.runs.iter().filter(|(r, _)| r.session_id == session_id).map(|(r, _)| r.id.clone()).collect();
+        if runs.len() <= keep_runs {
+            return Ok(());
+        }
+        let keep: Vec<String> = runs[runs.len() - keep_runs..].to_vec();
+        if let Some(v) = inner.events.get_mut(session_id) {
+            if let Some(first) = v.iter().position(|e| keep.contains(&e.event.run_id)) {
+                v.drain(..first);
+            }
+        }
+        Ok(())
+    }
+}

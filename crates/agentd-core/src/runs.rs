@@ -1,0 +1,492 @@
+//! The run manager: every turn is a task owned by the server, never by a connection.
+//!
+//! Per session, turns take a one-permit FIFO semaphore, so enqueued turns run in order. Each run has a cancel
+//! token and a `done` watch; cancel, `ask_human` replies and status come through here from any connection.
+//! The run's row changes travel with its events through the log (`run_started`, `input_requested`,
+//! `run_finished` carry the run), so the log and the runs table never disagree.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::{oneshot, watch, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::agent_loop::{run_turn, LoopEnv, TurnSpec};
+use crate::config::AgentSettings;
+use crate::domain::{now_rfc3339, Message, Role, Run, RunError, RunErrorCode, RunStatus};
+use crate::event::{EventKind, NewEvent};
+use crate::provider::ModelMessage;
+use crate::skills::SkillMatch;
+use crate::store::{Store, StoreError};
+use crate::tools::HumanInput;
+
+/// A finished run and its final assistant message.
+pub type RunResult = Option<(Run, Option<Message>)>;
+
+struct RunHandle {
+    cancel: CancellationToken,
+    done: watch::Receiver<RunResult>,
+}
+
+struct PendingInput {
+    run_id: String,
+    reply: oneshot::Sender<String>,
+}
+
+#[derive(Default)]
+struct SessionState {
+    /// The run holding the turn.
+    active: Option<String>,
+    /// Queued and active runs, oldest first.
+    runs: Vec<(String, RunHandle)>,
+    pending_inputs: HashMap<String, PendingInput>,
+}
+
+struct SessionRuns {
+    turn: Arc<Semaphore>,
+    state: Mutex<SessionState>,
+}
+
+impl SessionRuns {
+    fn state(&self) -> std::sync::MutexGuard<'_, SessionState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Everything a new turn needs, decided when the message was accepted.
+pub struct TurnRequest {
+    pub run: Run,
+    pub agent: AgentSettings,
+    pub skill: Option<SkillMatch>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplyError {
+    #[error("no pending question with request_id `{0}`")]
+    UnknownRequest(String),
+}
+
+pub struct RunManager {
+    env: LoopEnv,
+    sessions: Mutex<HashMap<String, Arc<SessionRuns>>>,
+    shutting_down: AtomicBool,
+    tracker: TaskTracker,
+}
+
+impl RunManager {
+    pub fn new(env: LoopEnv) -> Arc<RunManager> {
+        Arc::new(RunManager {
+            env,
+            sessions: Mutex::new(HashMap::new()),
+            shutting_down: AtomicBool::new(false),
+            tracker: TaskTracker::new(),
+        })
+    }
+
+    fn store(&self) -> &Arc<dyn Store> {
+        self.env.log.store()
+    }
+
+    fn session(&self, session_id: &str) -> Arc<SessionRuns> {
+        let mut map = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(session_id.to_string())
+            .or_insert_with(|| Arc::new(SessionRuns { turn: Arc::new(Semaphore::new(1)), state: Mutex::default() }))
+            .clone()
+    }
+
+    fn existing(&self, session_id: &str) -> Option<Arc<SessionRuns>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner()).get(session_id).cloned()
+    }
+
+    /// The run holding the session's turn, if any.
+    pub fn active_run_id(&self, session_id: &str) -> Option<String> {
+        self.existing(session_id).and_then(|s| s.state().active.clone())
+    }
+
+    /// Whether any run is active or queued in the session.
+    pub fn is_busy(&self, session_id: &str) -> bool {
+        self.existing(session_id).is_some_and(|s| !s.state().runs.is_empty())
+    }
+
+    /// The `done` watch of a queued or active run (None once it has ended).
+    pub fn watch(&self, session_id: &str, run_id: &str) -> Option<watch::Receiver<RunResult>> {
+        let s = self.existing(session_id)?;
+        let state = s.state();
+        state.runs.iter().find(|(id, _)| id == run_id).map(|(_, h)| h.done.clone())
+    }
+
+    /// Starts (or queues) a turn whose run row and user message are already stored.
+    pub fn start(self: &Arc<Self>, req: TurnRequest, session_agent: String) -> watch::Receiver<RunResult> {
+        let sr = self.session(&req.run.session_id);
+        let cancel = CancellationToken::new();
+        let (done_tx, done_rx) = watch::channel(None);
+        sr.state().runs.push((req.run.id.clone(), RunHandle { cancel: cancel.clone(), done: done_rx.clone() }));
+        let me = self.clone();
+        self.tracker.spawn(async move {
+            me.run_task(sr, req, session_agent, cancel, done_tx).await;
+        });
+        done_rx
+    }
+
+    /// Cancels every queued or active run of the session (for `multitask = interrupt`).
+    pub fn cancel_all(&self, session_id: &str) {
+        if let Some(s) = self.existing(session_id) {
+            for (_, h) in &s.state().runs {
+                h.cancel.cancel();
+            }
+        }
+    }
+
+    /// Cancels a run (the active one when `run_id` is None) and waits until it has stopped. Returns the run's
+    /// id if there was one to cancel.
+    pub async fn cancel(&self, session_id: &str, run_id: Option<&str>) -> Option<String> {
+        let s = self.existing(session_id)?;
+        let (id, cancel, mut done) = {
+            let state = s.state();
+            let id = match run_id {
+                Some(id) => id.to_string(),
+                None => state.active.clone().or_else(|| state.runs.first().map(|(id, _)| id.clone()))?,
+            };
+            let (_, h) = state.runs.iter().find(|(rid, _)| *rid == id)?;
+            (id, h.cancel.clone(), h.done.clone())
+        };
+        cancel.cancel();
+        let _ = done.wait_for(|r| r.is_some()).await;
+        Some(id)
+    }
+
+    /// Answers a pending `ask_human`, exactly once.
+    pub fn reply(&self, session_id: &str, request_id: &str, content: String) -> Result<String, ReplyError> {
+        let pending = self
+            .existing(session_id)
+            .and_then(|s| s.state().pending_inputs.remove(request_id))
+            .ok_or_else(|| ReplyError::UnknownRequest(request_id.to_string()))?;
+        let run_id = pending.run_id.clone();
+        pending.reply.send(content).map_err(|_| ReplyError::UnknownRequest(request_id.to_string()))?;
+        Ok(run_id)
+    }
+
+    async fn run_task(
+        self: Arc<Self>,
+        sr: Arc<SessionRuns>,
+        req: TurnRequest,
+        session_agent: String,
+        cancel: CancellationToken,
+        done_tx: watch::Sender<RunResult>,
+    ) {
+        let TurnRequest { mut run, agent, skill } = req;
+        let run_id = run.id.clone();
+        let session_id = run.session_id.clone();
+        let permit = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => None,
+            p = sr.turn.clone().acquire_owned() => p.ok(),
+        };
+        let mut result: Option<Message> = None;
+        let mut content = String::new();
+        let mut context_tokens = 0;
+        if permit.is_some() && !cancel.is_cancelled() {
+            sr.state().active = Some(run_id.clone());
+            run.status = RunStatus::Running;
+            run.started_at = Some(now_rfc3339());
+            let outcome = self.execute(&mut run, &agent, skill, &session_agent, &cancel).await;
+            match outcome {
+                Ok(o) => {
+                    run.status = o.status;
+                    run.error = o.error;
+                    run.usage = o.usage;
+                    content = o.content;
+                    context_tokens = o.context_tokens;
+                    result = o.final_message;
+                }
+                Err(e) => {
+                    run.status = RunStatus::Failed;
+                    run.error = Some(RunError { code: RunErrorCode::Internal, message: e });
+                }
+            }
+        } else {
+            run.status = RunStatus::Cancelled;
+        }
+        if run.status == RunStatus::Cancelled && self.shutting_down.load(Ordering::SeqCst) {
+            run.status = RunStatus::Interrupted;
+            run.error = Some(RunError { code: RunErrorCode::Interrupted, message: "the server shut down during the run".into() });
+        }
+        run.ended_at = Some(now_rfc3339());
+        let finished = NewEvent {
+            session_id: session_id.clone(),
+            run_id: run_id.clone(),
+            agent: session_agent.clone(),
+            is_subagent: false,
+            kind: EventKind::RunFinished {
+                run: run.clone(),
+                content,
+                context_tokens,
+                max_context_tokens: agent.max_context_tokens,
+            },
+        };
+        if let Err(e) = self.env.log.append_durable(finished, Some(run.clone())).await {
+            tracing::error!(run_id = %run_id, error = %e, "could not record the end of a run");
+        }
+        let retention = self.env.config.server.event_retention_runs;
+        if let Err(e) = self.store().prune_events(&session_id, retention).await {
+            tracing::warn!(session_id = %session_id, error = %e, "event retention pruning failed");
+        }
+        {
+            let mut state = sr.state();
+            if state.active.as_deref() == Some(run_id.as_str()) {
+                state.active = None;
+            }
+            state.runs.retain(|(id, _)| *id != run_id);
+            state.pending_inputs.retain(|_, p| p.run_id != run_id);
+        }
+        drop(permit);
+        let _ = done_tx.send(Some((run, result)));
+    }
+
+    async fn execute(
+        self: &Arc<Self>,
+        run: &mut Run,
+        agent: &AgentSettings,
+        skill: Option<SkillMatch>,
+        session_agent: &str,
+        cancel: &CancellationToken,
+    ) -> Result<crate::agent_loop::TurnOutcome, String> {
+        let log = &self.env.log;
+        let envelope = |kind: EventKind| NewEvent {
+            session_id: run.session_id.clone(),
+            run_id: run.id.clone(),
+            agent: session_agent.to_string(),
+            is_subagent: false,
+            kind,
+        };
+        log.append_durable(envelope(EventKind::RunStarted { run: run.clone() }), Some(run.clone()))
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut system_prompt, mut tools, mut provider, mut model) =
+            (agent.system_prompt.clone(), agent.tools.clone(), agent.provider.clone(), agent.model.clone());
+        let mut subagents = agent.subagents.clone();
+        if let Some(m) = &skill {
+            log.append(
+                envelope(EventKind::SkillMatched {
+                    skill: m.skill.name.clone(),
+                    method: m.method.to_string(),
+                    confidence: m.confidence,
+                }),
+                None,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            if !m.skill.system_prompt.is_empty() {
+                system_prompt = m.skill.system_prompt.clone();
+            }
+            if let Some(t) = &m.skill.tools {
+                tools = t.clone();
+                subagents.retain(|s| t.contains(s));
+            }
+            if let Some(p) = &m.skill.provider {
+                provider = p.clone();
+            }
+            if let Some(md) = &m.skill.model {
+                model = md.clone();
+            }
+        }
+        let history = self.history(&run.session_id, &run.id).await.map_err(|e| e.to_string())?;
+        let human = Arc::new(RunHuman {
+            manager: self.clone(),
+            log: log.clone(),
+            session_id: run.session_id.clone(),
+            run: Mutex::new(run.clone()),
+            agent: session_agent.to_string(),
+            timeout: Duration::from_secs(self.env.config.server.ask_human_timeout_s),
+            cancel: cancel.clone(),
+        });
+        let spec = TurnSpec {
+            session_id: run.session_id.clone(),
+            run_id: run.id.clone(),
+            agent: agent.clone(),
+            system_prompt,
+            tools,
+            subagents,
+            provider,
+            model,
+            is_subagent: false,
+            depth: 0,
+            history,
+            workspace: self.workspace(&run.session_id),
+            human: human.clone(),
+            cancel: cancel.clone(),
+        };
+        Ok(run_turn(&self.env, spec).await)
+    }
+
+    /// The session's workspace folder (uploads, file tools).
+    pub fn workspace(&self, session_id: &str) -> PathBuf {
+        PathBuf::from(&self.env.config.server.workspace_dir).join(session_id)
+    }
+
+    /// The conversation for a run's model calls: messages in run order, up to and including this run's own.
+    async fn history(&self, session_id: &str, run_id: &str) -> Result<Vec<ModelMessage>, StoreError> {
+        let store = self.store();
+        let runs = store.list_runs(session_id).await?;
+        let order: HashMap<&str, usize> = runs.iter().enumerate().map(|(i, r)| (r.id.as_str(), i)).collect();
+        let mine = order.get(run_id).copied().unwrap_or(usize::MAX);
+        let mut messages = store.list_messages(session_id, None, 0).await?;
+        let pos = |m: &Message| m.run_id.as_deref().and_then(|r| order.get(r).copied()).unwrap_or(0);
+        messages.retain(|m| pos(m) <= mine);
+        messages.sort_by_key(|m| pos(m)); // stable: insertion order within a run
+        Ok(to_model_messages(&messages))
+    }
+
+    /// Ends runs a previous process left unfinished: status `interrupted` and a `run_finished` event each.
+    pub async fn interrupt_leftovers(&self) -> Result<usize, StoreError> {
+        let runs = self.store().unfinished_runs().await?;
+        let n = runs.len();
+        for mut run in runs {
+            let agent_name = match self.store().get_session(&run.session_id).await? {
+                Some(s) => s.agent,
+                None => String::new(),
+            };
+            let max_context_tokens = self.env.config.agent(&agent_name).map(|a| a.max_context_tokens).unwrap_or(0);
+            run.status = RunStatus::Interrupted;
+            run.ended_at = Some(now_rfc3339());
+            run.error = Some(RunError {
+                code: RunErrorCode::Interrupted,
+                message: "the server stopped before the run finished".into(),
+            });
+            let ev = NewEvent {
+                session_id: run.session_id.clone(),
+                run_id: run.id.clone(),
+                agent: agent_name,
+                is_subagent: false,
+                kind: EventKind::RunFinished { run: run.clone(), content: String::new(), context_tokens: 0, max_context_tokens },
+            };
+            self.env.log.append_durable(ev, Some(run)).await.map_err(|e| StoreError::Other(e.to_string()))?;
+        }
+        Ok(n)
+    }
+
+    /// Graceful shutdown: lets running turns finish for up to `grace`, then interrupts the rest and waits for
+    /// them to record their end.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        self.tracker.close();
+        if tokio::time::timeout(grace, self.tracker.wait()).await.is_ok() {
+            return;
+        }
+        let sessions: Vec<Arc<SessionRuns>> =
+            self.sessions.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        for s in sessions {
+            for (_, h) in &s.state().runs {
+                h.cancel.cancel();
+            }
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await;
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
+    }
+}
+
+/// Stored messages -> prompt messages. An assistant tool call whose result never got stored (a crash mid-tool)
+/// gets a placeholder result, so the prompt always pairs every call with a result.
+pub fn to_model_messages(messages: &[Message]) -> Vec<ModelMessage> {
+    let mut out: Vec<ModelMessage> = Vec::with_capacity(messages.len());
+    let mut open_calls: Vec<String> = Vec::new();
+    let close = |out: &mut Vec<ModelMessage>, open: &mut Vec<String>| {
+        for id in open.drain(..) {
+            out.push(ModelMessage::Tool { tool_call_id: id, content: "(no result: the run ended before the tool finished)".into() });
+        }
+    };
+    for m in messages {
+        match m.role {
+            Role::Tool => {
+                let Some(id) = &m.tool_call_id else { continue };
+                if let Some(i) = open_calls.iter().position(|c| c == id) {
+                    open_calls.remove(i);
+                    out.push(ModelMessage::Tool { tool_call_id: id.clone(), content: m.content.clone() });
+                }
+            }
+            Role::Assistant => {
+                close(&mut out, &mut open_calls);
+                let calls = m.tool_calls.clone().unwrap_or_default();
+                open_calls.extend(calls.iter().map(|c| c.id.clone()));
+                out.push(ModelMessage::Assistant { content: m.content.clone(), tool_calls: calls });
+            }
+            Role::User => {
+                close(&mut out, &mut open_calls);
+                out.push(ModelMessage::User { content: m.content.clone(), images: m.images.clone() });
+            }
+            Role::System => {
+                close(&mut out, &mut open_calls);
+                out.push(ModelMessage::System { content: m.content.clone() });
+            }
+        }
+    }
+    close(&mut out, &mut open_calls);
+    out
+}
+
+/// `ask_human` for one run: registers the question, records `waiting_input`, waits for a reply.
+struct RunHuman {
+    manager: Arc<RunManager>,
+    log: Arc<crate::event_log::EventLog>,
+    session_id: String,
+    run: Mutex<Run>,
+    agent: String,
+    timeout: Duration,
+    cancel: CancellationToken,
+}
+
+impl RunHuman {
+    fn run_with(&self, status: RunStatus) -> Run {
+        let mut run = self.run.lock().unwrap_or_else(|p| p.into_inner());
+        run.status = status;
+        run.clone()
+    }
+    fn event(&self, run_id: &str, kind: EventKind) -> NewEvent {
+        NewEvent {
+            session_id: self.session_id.clone(),
+            run_id: run_id.to_string(),
+            agent: self.agent.clone(),
+            is_subagent: false,
+            kind,
+        }
+    }
+}
+
+#[async_trait]
+impl HumanInput for RunHuman {
+    async fn ask(&self, question: &str) -> Result<String, String> {
+        let request_id = crate::domain::new_id();
+        let (tx, rx) = oneshot::channel();
+        let run = self.run_with(RunStatus::WaitingInput);
+        let sr = self.manager.session(&self.session_id);
+        sr.state().pending_inputs.insert(request_id.clone(), PendingInput { run_id: run.id.clone(), reply: tx });
+        let asked = self.event(&run.id, EventKind::InputRequested { request_id: request_id.clone(), question: question.to_string() });
+        if let Err(e) = self.log.append_durable(asked, Some(run.clone())).await {
+            sr.state().pending_inputs.remove(&request_id);
+            return Err(format!("could not record the question: {e}"));
+        }
+        let answer = tokio::select! {
+            biased;
+            _ = self.cancel.cancelled() => Err("cancelled while waiting for a reply".to_string()),
+            r = rx => r.map_err(|_| "the question was withdrawn".to_string()),
+            _ = tokio::time::sleep(self.timeout) => Err(format!("no reply within {} s", self.timeout.as_secs())),
+        };
+        sr.state().pending_inputs.remove(&request_id);
+        let run = self.run_with(RunStatus::Running);
+        let received = self.event(&run.id, EventKind::InputReceived { request_id });
+        if answer.is_ok() {
+            let _ = self.log.append_durable(received, Some(run)).await;
+        } else {
+            let _ = self.manager.store().update_run(&run).await;
+        }
+        answer
+    }
+}

@@ -1,0 +1,546 @@
+//! The one facade every surface calls. A surface handler extracts its input, calls one method here, and
+//! renders the result in its dialect; validation, ownership and run lifecycle live here, once.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::watch;
+
+use crate::agent_loop::LoopEnv;
+use crate::config::{AgentSettings, Config, Multitask};
+use crate::domain::{new_id, now_rfc3339, Message, Role, Run, Session, SessionStatus};
+use crate::event::{EventKind, NewEvent};
+use crate::event_log::{EventLog, Subscription};
+use crate::provider::Provider;
+use crate::runs::{RunManager, RunResult, TurnRequest};
+use crate::skills::{self, RoutingError};
+use crate::store::{Store, StoreError};
+
+/// Who is calling. Without configured keys everyone is the principal `local`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Principal {
+    pub name: String,
+    pub admin: bool,
+}
+
+impl Principal {
+    pub fn local() -> Principal {
+        Principal { name: "local".into(), admin: false }
+    }
+}
+
+/// Service errors; each surface maps them to its own status codes and shapes.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// Unknown id, or an id another principal owns.
+    #[error("{0}")]
+    NotFound(String),
+    /// `code` is `session_closed` or `run_active`.
+    #[error("{message}")]
+    Conflict { code: &'static str, message: String },
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for ServiceError {
+    fn from(e: StoreError) -> ServiceError {
+        match e {
+            StoreError::NotFound => ServiceError::NotFound("not found".into()),
+            StoreError::Conflict(m) => ServiceError::Conflict { code: "conflict", message: m },
+            StoreError::Other(m) => ServiceError::Internal(m),
+        }
+    }
+}
+
+pub type ServiceResult<T> = Result<T, ServiceError>;
+
+/// A user message to send.
+#[derive(Clone, Debug, Default)]
+pub struct SendMessage {
+    pub content: String,
+    /// Data URLs or bare base64.
+    pub images: Vec<String>,
+    /// Upload ids of this session.
+    pub files: Vec<String>,
+    pub client_message_id: Option<String>,
+    pub multitask: Option<Multitask>,
+}
+
+/// An accepted send.
+pub struct Accepted {
+    /// The run as created (or, for a repeated `client_message_id`, as it is now).
+    pub run: Run,
+    /// The stored user message.
+    pub message: Option<Message>,
+    /// Resolves when the run ends.
+    pub done: watch::Receiver<RunResult>,
+    /// True when this was a repeat of an earlier `client_message_id`.
+    pub repeated: bool,
+}
+
+/// A file stored in a session's workspace.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Upload {
+    pub id: String,
+    pub name: String,
+    /// Relative to the session workspace; what file tools take.
+    pub path: String,
+    pub size: u64,
+    pub content_type: String,
+}
+
+/// What a subscriber gets besides its cursor.
+pub struct Attached {
+    pub subscription: Subscription,
+    pub last_seq: u64,
+    pub active_run_id: Option<String>,
+    /// The requested `after` was older than retention (or beyond the log): replay fell back to "no cursor".
+    pub cursor_expired: bool,
+}
+
+pub struct Agentd {
+    pub config: Arc<Config>,
+    pub store: Arc<dyn Store>,
+    pub log: Arc<EventLog>,
+    pub runs: Arc<RunManager>,
+}
+
+impl Agentd {
+    /// Starts the log and the run manager, and ends runs a previous process left unfinished.
+    pub async fn start(
+        config: Arc<Config>,
+        store: Arc<dyn Store>,
+        providers: HashMap<String, Arc<dyn Provider>>,
+    ) -> Result<Arc<Agentd>, String> {
+        let log = EventLog::start(store.clone());
+        let env = LoopEnv { config: config.clone(), log: log.clone(), providers: Arc::new(providers) };
+        let runs = RunManager::new(env);
+        let n = runs.interrupt_leftovers().await.map_err(|e| format!("start-up sweep failed: {e}"))?;
+        if n > 0 {
+            tracing::info!(runs = n, "marked runs left unfinished by the previous process as interrupted");
+        }
+        Ok(Arc::new(Agentd { config, store, log, runs }))
+    }
+
+    pub fn agents(&self) -> &[AgentSettings] {
+        &self.config.agents
+    }
+
+    fn owned(&self, p: &Principal, s: Option<Session>, id: &str) -> ServiceResult<Session> {
+        match s {
+            Some(mut s) if p.admin || s.principal == p.name => {
+                s.active_run_id = self.runs.active_run_id(&s.id);
+                Ok(s)
+            }
+            // Another principal's session is reported exactly like a missing one.
+            _ => Err(ServiceError::NotFound(format!("session `{id}` not found"))),
+        }
+    }
+
+    pub async fn create_session(
+        &self,
+        p: &Principal,
+        agent: &str,
+        title: Option<String>,
+        metadata: Option<Value>,
+    ) -> ServiceResult<Session> {
+        if self.config.agent(agent).is_none() {
+            return Err(ServiceError::NotFound(format!("agent `{agent}` not found")));
+        }
+        let metadata = metadata.unwrap_or_else(|| Value::Object(Default::default()));
+        if !metadata.is_object() {
+            return Err(ServiceError::Invalid("`metadata` must be an object".into()));
+        }
+        let now = now_rfc3339();
+        let session = Session {
+            id: new_id(),
+            agent: agent.to_string(),
+            title,
+            status: SessionStatus::Active,
+            metadata,
+            created_at: now.clone(),
+            updated_at: now,
+            active_run_id: None,
+            principal: p.name.clone(),
+        };
+        self.store.create_session(&session).await?;
+        Ok(session)
+    }
+
+    pub async fn session(&self, p: &Principal, id: &str) -> ServiceResult<Session> {
+        let s = self.store.get_session(id).await?;
+        self.owned(p, s, id)
+    }
+
+    pub async fn list_sessions(&self, p: &Principal, limit: usize, before: Option<&str>) -> ServiceResult<Vec<Session>> {
+        let principal = if p.admin { None } else { Some(p.name.as_str()) };
+        let mut list = self.store.list_sessions(principal, limit.clamp(1, 1000), before).await?;
+        for s in &mut list {
+            s.active_run_id = self.runs.active_run_id(&s.id);
+        }
+        Ok(list)
+    }
+
+    /// Closes a session; history stays readable. A running turn is cancelled.
+    pub async fn close_session(&self, p: &Principal, id: &str) -> ServiceResult<Session> {
+        let mut s = self.session(p, id).await?;
+        if s.status != SessionStatus::Closed {
+            s.status = SessionStatus::Closed;
+            s.updated_at = now_rfc3339();
+            self.store.update_session(&s).await?;
+            self.runs.cancel_all(id);
+        }
+        Ok(s)
+    }
+
+    pub async fn messages(&self, p: &Principal, id: &str, limit: Option<usize>, offset: usize) -> ServiceResult<Vec<Message>> {
+        self.session(p, id).await?;
+        Ok(self.store.list_messages(id, limit, offset).await?)
+    }
+
+    pub async fn list_runs(&self, p: &Principal, id: &str) -> ServiceResult<Vec<Run>> {
+        self.session(p, id).await?;
+        Ok(self.store.list_runs(id).await?)
+    }
+
+    pub async fn run(&self, p: &Principal, id: &str, run_id: &str) -> ServiceResult<Run> {
+        self.session(p, id).await?;
+        self.store
+            .get_run(id, run_id)
+            .await?
+            .ok_or_else(|| ServiceError::NotFound(format!("run `{run_id}` not found")))
+    }
+
+    /// Sends a user message: stores it (durably) and starts or queues its turn.
+    pub async fn send(&self, p: &Principal, session_id: &str, msg: SendMessage) -> ServiceResult<Accepted> {
+        let mut session = self.session(p, session_id).await?;
+        if session.status == SessionStatus::Closed {
+            return Err(ServiceError::Conflict { code: "session_closed", message: format!("session `{session_id}` is closed") });
+        }
+        let max = self.config.server.max_message_bytes;
+        if msg.content.len() > max {
+            return Err(ServiceError::TooLarge(format!("message content is {} bytes; the limit is {max}", msg.content.len())));
+        }
+        if msg.content.trim().is_empty() && msg.images.is_empty() {
+            return Err(ServiceError::Invalid("`content` must not be empty".into()));
+        }
+        if let Some(cmid) = &msg.client_message_id {
+            if let Some(existing) = self.repeat(session_id, cmid).await? {
+                return Ok(existing);
+            }
+        }
+        let agent = self
+            .config
+            .agent(&session.agent)
+            .cloned()
+            .ok_or_else(|| ServiceError::Invalid(format!("the session's agent `{}` is no longer configured", session.agent)))?;
+        let routing = skills::route(&self.config, &agent, &msg.content).map_err(|e| match e {
+            RoutingError::UnknownSkill(n) => ServiceError::Invalid(format!("unknown skill `{n}` for agent `{}`", agent.name)),
+        })?;
+        let images = msg
+            .images
+            .iter()
+            .map(|i| normalise_image(i, self.config.server.max_image_bytes))
+            .collect::<ServiceResult<Vec<String>>>()?;
+        let mut content = routing.content;
+        if !msg.files.is_empty() {
+            let mut lines = Vec::new();
+            for id in &msg.files {
+                let up = self.upload_meta(session_id, id).await?;
+                lines.push(format!("- {} → {}", up.name, up.path));
+            }
+            content = format!("{content}\n\n[Uploaded files on disk:\n{}]", lines.join("\n"));
+        }
+        match msg.multitask.unwrap_or(agent.multitask) {
+            Multitask::Reject if self.runs.is_busy(session_id) => {
+                return Err(ServiceError::Conflict { code: "run_active", message: "a run is already active in this session".into() })
+            }
+            Multitask::Interrupt => self.runs.cancel_all(session_id),
+            _ => {}
+        }
+        let run = Run::queued(session_id);
+        match self.store.create_run(&run, msg.client_message_id.as_deref()).await {
+            Ok(()) => {}
+            Err(StoreError::Conflict(_)) => {
+                // Two sends with one client_message_id raced; the first one won.
+                if let Some(cmid) = &msg.client_message_id {
+                    if let Some(existing) = self.repeat(session_id, cmid).await? {
+                        return Ok(existing);
+                    }
+                }
+                return Err(ServiceError::Conflict { code: "conflict", message: "duplicate send".into() });
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let message = Message {
+            id: new_id(),
+            session_id: session_id.to_string(),
+            run_id: Some(run.id.clone()),
+            role: Role::User,
+            content,
+            tool_calls: None,
+            tool_call_id: None,
+            agent: Some(session.agent.clone()),
+            images,
+            created_at: now_rfc3339(),
+        };
+        let ev = NewEvent {
+            session_id: session_id.to_string(),
+            run_id: run.id.clone(),
+            agent: session.agent.clone(),
+            is_subagent: false,
+            kind: EventKind::Message { message: message.clone() },
+        };
+        self.log.append_durable(ev, None).await.map_err(|e| ServiceError::Internal(e.to_string()))?;
+        if session.title.is_none() {
+            session.title = Some(message.content.chars().take(60).collect());
+            session.updated_at = now_rfc3339();
+            self.store.update_session(&session).await?;
+        }
+        let done = self.runs.start(TurnRequest { run: run.clone(), agent, skill: routing.skill }, session.agent.clone());
+        Ok(Accepted { run, message: Some(message), done, repeated: false })
+    }
+
+    async fn repeat(&self, session_id: &str, cmid: &str) -> ServiceResult<Option<Accepted>> {
+        let Some(run) = self.store.find_run_by_client_message_id(session_id, cmid).await? else {
+            return Ok(None);
+        };
+        let message = self
+            .store
+            .list_messages(session_id, None, 0)
+            .await?
+            .into_iter()
+            .find(|m| m.role == Role::User && m.run_id.as_deref() == Some(run.id.as_str()));
+        let done = match self.runs.watch(session_id, &run.id) {
+            Some(w) => w,
+            None => {
+                let final_msg = self.final_message(session_id, &run.id).await?;
+                watch::channel(Some((run.clone(), final_msg))).1
+            }
+        };
+        Ok(Some(Accepted { run, message, done, repeated: true }))
+    }
+
+    /// The last assistant message of a run.
+    pub async fn final_message(&self, session_id: &str, run_id: &str) -> ServiceResult<Option<Message>> {
+        Ok(self
+            .store
+            .list_messages(session_id, None, 0)
+            .await?
+            .into_iter()
+            .rev()
+            .find(|m| m.role == Role::Assistant && m.run_id.as_deref() == Some(run_id) && m.agent.is_some()))
+    }
+
+    /// Waits for a run to end.
+    pub async fn wait(mut done: watch::Receiver<RunResult>) -> ServiceResult<(Run, Option<Message>)> {
+        match done.wait_for(|r| r.is_some()).await {
+            Ok(r) => r.clone().ok_or_else(|| ServiceError::Internal("run ended without a result".into())),
+            Err(_) => Err(ServiceError::Unavailable("the server is shutting down".into())),
+        }
+    }
+
+    /// Cancels a run (the active one when `run_id` is None) and returns it once stopped, or unchanged if it had
+    /// already ended.
+    pub async fn cancel(&self, p: &Principal, session_id: &str, run_id: Option<&str>) -> ServiceResult<Option<Run>> {
+        self.session(p, session_id).await?;
+        if let Some(id) = run_id {
+            self.run(p, session_id, id).await?;
+        }
+        let cancelled = self.runs.cancel(session_id, run_id).await;
+        match cancelled.as_deref().or(run_id) {
+            Some(id) => Ok(self.store.get_run(session_id, id).await?),
+            None => Ok(None),
+        }
+    }
+
+    /// Answers a pending `ask_human`.
+    pub async fn reply(&self, p: &Principal, session_id: &str, request_id: &str, content: String) -> ServiceResult<String> {
+        self.session(p, session_id).await?;
+        self.runs.reply(session_id, request_id, content).map_err(|e| ServiceError::NotFound(e.to_string()))
+    }
+
+    /// Attaches a subscriber: after `after` when given (and still retained), else from the active run's start,
+    /// else live.
+    pub async fn attach(&self, p: &Principal, session_id: &str, after: Option<u64>) -> ServiceResult<Attached> {
+        let session = self.session(p, session_id).await?;
+        let bounds = self.store.log_bounds(session_id).await?;
+        let active_run_id = session.active_run_id.clone();
+        let mut cursor_expired = false;
+        let from = match after {
+            Some(n) if n <= bounds.last_seq && (bounds.first_seq == 0 || n + 1 >= bounds.first_seq) => Some(n),
+            Some(_) => {
+                cursor_expired = true;
+                None
+            }
+            None => None,
+        };
+        let from = match from {
+            Some(n) => n,
+            None => match &active_run_id {
+                Some(run_id) => match self.store.first_seq_of_run(session_id, run_id).await? {
+                    Some(first) => first - 1,
+                    None => bounds.last_seq,
+                },
+                None => bounds.last_seq,
+            },
+        };
+        let subscription = self.log.subscribe(session_id, from);
+        Ok(Attached { subscription, last_seq: bounds.last_seq, active_run_id, cursor_expired })
+    }
+
+    /// Stores an upload in the session's workspace under a sanitised name.
+    pub async fn upload(
+        &self,
+        p: &Principal,
+        session_id: &str,
+        file_name: &str,
+        content_type: &str,
+        bytes: &[u8],
+    ) -> ServiceResult<Upload> {
+        self.session(p, session_id).await?;
+        if bytes.len() > self.config.server.max_upload_bytes {
+            return Err(ServiceError::TooLarge(format!(
+                "the file is {} bytes; the limit is {}",
+                bytes.len(),
+                self.config.server.max_upload_bytes
+            )));
+        }
+        let dir = self.runs.workspace(session_id);
+        let meta_dir = dir.join(".uploads");
+        tokio::fs::create_dir_all(&meta_dir).await.map_err(|e| ServiceError::Internal(format!("workspace: {e}")))?;
+        let name = sanitise_file_name(file_name);
+        let mut stored = name.clone();
+        let mut n = 1;
+        while tokio::fs::try_exists(dir.join(&stored)).await.unwrap_or(false) {
+            stored = numbered(&name, n);
+            n += 1;
+        }
+        tokio::fs::write(dir.join(&stored), bytes).await.map_err(|e| ServiceError::Internal(format!("write upload: {e}")))?;
+        let upload = Upload {
+            id: new_id(),
+            name: stored.clone(),
+            path: stored,
+            size: bytes.len() as u64,
+            content_type: if content_type.is_empty() { "application/octet-stream".into() } else { content_type.to_string() },
+        };
+        let meta = serde_json::to_vec(&upload).map_err(|e| ServiceError::Internal(e.to_string()))?;
+        tokio::fs::write(meta_dir.join(format!("{}.json", upload.id)), meta)
+            .await
+            .map_err(|e| ServiceError::Internal(format!("write upload index: {e}")))?;
+        Ok(upload)
+    }
+
+    async fn upload_meta(&self, session_id: &str, id: &str) -> ServiceResult<Upload> {
+        let unknown = || ServiceError::Invalid(format!("unknown file id `{id}`"));
+        if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric()) {
+            return Err(unknown());
+        }
+        let path = self.runs.workspace(session_id).join(".uploads").join(format!("{id}.json"));
+        let bytes = tokio::fs::read(&path).await.map_err(|_| unknown())?;
+        serde_json::from_slice(&bytes).map_err(|_| unknown())
+    }
+}
+
+/// Keeps a safe file name: the last path component, no leading dots, only `[A-Za-z0-9._ -]`, at most 100 chars.
+pub fn sanitise_file_name(raw: &str) -> String {
+    let base = raw.rsplit(['/', '\\']).next().unwrap_or("");
+    let cleaned: String = base
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ' ') { c } else { '_' })
+        .collect();
+    let trimmed = cleaned.trim().trim_start_matches('.').to_string();
+    let mut name: String = trimmed.chars().take(100).collect();
+    if name.is_empty() || name.chars().all(|c| c == '.' || c == '_') {
+        name = "upload".into();
+    }
+    name
+}
+
+fn numbered(name: &str, n: u32) -> String {
+    match Path::new(name).extension().and_then(|e| e.to_str()) {
+        Some(ext) => format!("{}-{n}.{ext}", &name[..name.len() - ext.len() - 1]),
+        None => format!("{name}-{n}"),
+    }
+}
+
+/// Accepts a data URL or bare base64; returns a data URL. Bare base64 gets its type from its magic bytes.
+pub fn normalise_image(raw: &str, max_bytes: usize) -> ServiceResult<String> {
+    let (declared, b64) = match raw.strip_prefix("data:") {
+        Some(rest) => {
+            let (head, data) = rest
+                .split_once(',')
+                .ok_or_else(|| ServiceError::Invalid("image data URL has no `,`".into()))?;
+            let mime = head.strip_suffix(";base64").ok_or_else(|| ServiceError::Invalid("image data URL must be base64".into()))?;
+            (Some(mime.to_string()), data)
+        }
+        None => (None, raw),
+    };
+    if b64.len() / 4 * 3 > max_bytes + 3 {
+        return Err(ServiceError::TooLarge(format!("an image is larger than {max_bytes} bytes")));
+    }
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .map_err(|_| ServiceError::Invalid("image is not valid base64".into()))?;
+    if bytes.len() > max_bytes {
+        return Err(ServiceError::TooLarge(format!("an image is larger than {max_bytes} bytes")));
+    }
+    let sniffed = sniff_image(&bytes);
+    let mime = match (declared, sniffed) {
+        (Some(d), _) if d.starts_with("image/") => d,
+        (_, Some(s)) => s.to_string(),
+        _ => return Err(ServiceError::Invalid("not a recognised image (png, jpeg, gif, webp)".into())),
+    };
+    Ok(format!("data:{mime};base64,{}", b64.trim()))
+}
+
+fn sniff_image(b: &[u8]) -> Option<&'static str> {
+    if b.starts_with(&[0x89, b'P', b'N', b'G']) {
+        Some("image/png")
+    } else if b.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        Some("image/jpeg")
+    } else if b.starts_with(b"GIF8") {
+        Some("image/gif")
+    } else if b.len() >= 12 && &b[..4] == b"RIFF" && &b[8..12] == b"WEBP" {
+        Some("image/webp")
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names_are_sanitised() {
+        assert_eq!(sanitise_file_name("../../etc/passwd"), "passwd");
+        assert_eq!(sanitise_file_name("/abs/path/report.pdf"), "report.pdf");
+        assert_eq!(sanitise_file_name("..\\..\\win.ini"), "win.ini");
+        assert_eq!(sanitise_file_name(".hidden"), "hidden");
+        assert_eq!(sanitise_file_name(".."), "upload");
+        assert_eq!(sanitise_file_name("a\0b;rm -rf.txt"), "a_b_rm -rf.txt");
+        assert_eq!(numbered("a.txt", 2), "a-2.txt");
+    }
+
+    #[test]
+    fn images_get_their_type_from_magic_bytes() {
+        let png = base64::engine::general_purpose::STANDARD.encode([0x89, b'P', b'N', b'G', 0, 0]);
+        assert_eq!(normalise_image(&png, 100).unwrap(), format!("data:image/png;base64,{png}"));
+        let url = format!("data:image/png;base64,{png}");
+        assert_eq!(normalise_image(&url, 100).unwrap(), url);
+        assert!(matches!(normalise_image("bm90IGFuIGltYWdl", 100), Err(ServiceError::Invalid(_))));
+        assert!(matches!(normalise_image(&png, 3), Err(ServiceError::TooLarge(_))));
+        assert!(matches!(normalise_image("%%%", 100), Err(ServiceError::Invalid(_))));
+    }
+}

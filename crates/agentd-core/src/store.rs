@@ -1,0 +1,106 @@
+//! The storage seam. One small trait; SQLite implements it now (crate `agentd-sqlite`), Postgres can later.
+//!
+//! Invariants every implementation keeps:
+//! - `append_events` assigns each event the next `seq` of its session (from 1, strictly increasing, no gaps),
+//!   writes the whole batch in one transaction, and only returns once it is committed. Events whose kind is
+//!   `message` also upsert that message; `run_started`, `run_finished` and `input_requested`/`input_received`
+//!   carry run changes in [`LogEntry::run`], upserted in the same transaction. So the log and the tables never
+//!   disagree, also across a crash.
+//! - A call that returns `Ok` has been committed: a process killed right after loses nothing of it.
+
+use async_trait::async_trait;
+use std::sync::Arc;
+
+use crate::domain::{Message, Run, Session};
+use crate::event::{LoggedEvent, NewEvent};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found")]
+    NotFound,
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("storage error: {0}")]
+    Other(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// One entry of a group commit: an event, and the run row it changes, if any.
+#[derive(Clone, Debug)]
+pub struct LogEntry {
+    pub event: NewEvent,
+    /// Upserted in the same transaction as the event.
+    pub run: Option<Run>,
+}
+
+/// Where the events of a session's log start, after retention pruning.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogBounds {
+    /// The smallest `seq` still stored (0 when the log is empty).
+    pub first_seq: u64,
+    /// The largest `seq` ever assigned (0 when nothing was ever appended).
+    pub last_seq: u64,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// A short description for the startup line, e.g. `sqlite:data/agentd.db`.
+    fn describe(&self) -> String;
+
+    // --- sessions ---
+    async fn create_session(&self, session: &Session) -> StoreResult<()>;
+    /// Any principal's session; callers check ownership.
+    async fn get_session(&self, id: &str) -> StoreResult<Option<Session>>;
+    /// Newest first. `principal` None lists everyone's (admin). `before` is a session id: only sessions created
+    /// before it are listed.
+    async fn list_sessions(
+        &self,
+        principal: Option<&str>,
+        limit: usize,
+        before: Option<&str>,
+    ) -> StoreResult<Vec<Session>>;
+    /// Updates title, status, metadata, updated_at.
+    async fn update_session(&self, session: &Session) -> StoreResult<()>;
+
+    // --- messages ---
+    /// Oldest first.
+    async fn list_messages(
+        &self,
+        session_id: &str,
+        limit: Option<usize>,
+        offset: usize,
+    ) -> StoreResult<Vec<Message>>;
+
+    // --- runs ---
+    /// Inserts a queued run. With `client_message_id`, a second run with the same id in the same session is a
+    /// `Conflict`.
+    async fn create_run(&self, run: &Run, client_message_id: Option<&str>) -> StoreResult<()>;
+    async fn find_run_by_client_message_id(
+        &self,
+        session_id: &str,
+        client_message_id: &str,
+    ) -> StoreResult<Option<Run>>;
+    async fn get_run(&self, session_id: &str, run_id: &str) -> StoreResult<Option<Run>>;
+    /// Oldest first.
+    async fn list_runs(&self, session_id: &str) -> StoreResult<Vec<Run>>;
+    async fn update_run(&self, run: &Run) -> StoreResult<()>;
+    /// Runs in `queued`, `running` or `waiting_input`, over all sessions (for the start-up sweep).
+    async fn unfinished_runs(&self) -> StoreResult<Vec<Run>>;
+
+    // --- the event log ---
+    /// Appends a batch (any sessions) in one transaction; returns the events with their `seq`, in input order.
+    async fn append_events(&self, batch: Vec<LogEntry>) -> StoreResult<Vec<Arc<LoggedEvent>>>;
+    /// Events with `seq > after`, in order, at most `limit`.
+    async fn read_events(
+        &self,
+        session_id: &str,
+        after: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<Arc<LoggedEvent>>>;
+    async fn log_bounds(&self, session_id: &str) -> StoreResult<LogBounds>;
+    /// The seq of the first event of `run_id` (its `run_started`, usually), if stored.
+    async fn first_seq_of_run(&self, session_id: &str, run_id: &str) -> StoreResult<Option<u64>>;
+    /// Deletes the events of all but the latest `keep_runs` runs of the session (by run creation order).
+    async fn prune_events(&self, session_id: &str, keep_runs: usize) -> StoreResult<()>;
+}

@@ -1,0 +1,379 @@
+//! Built-in tools. A tool never crashes a turn: bad arguments and failures come back as a result with
+//! `success: false`, which the model reads like any other result.
+//!
+//! Subagent tools are not here: they need the agent loop, so the loop runs them itself (see `agent_loop`).
+
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde_json::{json, Value};
+
+use crate::provider::ToolSpec;
+
+/// What a tool returns to the model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ToolOutput {
+    pub content: String,
+    pub success: bool,
+}
+
+impl ToolOutput {
+    pub fn ok(content: impl Into<String>) -> ToolOutput {
+        ToolOutput { content: content.into(), success: true }
+    }
+    pub fn err(content: impl Into<String>) -> ToolOutput {
+        ToolOutput { content: content.into(), success: false }
+    }
+}
+
+/// How a tool asks a person: implemented by the run manager, which turns it into `input_requested`.
+#[async_trait]
+pub trait HumanInput: Send + Sync {
+    /// Waits for a reply; Err is a reason the tool reports (timeout, cancelled).
+    async fn ask(&self, question: &str) -> Result<String, String>;
+}
+
+/// What a tool may touch while it runs.
+pub struct ToolContext {
+    /// The session's workspace; file tools stay inside it.
+    pub workspace: PathBuf,
+    pub human: Arc<dyn HumanInput>,
+}
+
+#[async_trait]
+pub trait Tool: Send + Sync {
+    fn spec(&self) -> ToolSpec;
+    async fn call(&self, args: &Value, ctx: &ToolContext) -> ToolOutput;
+}
+
+/// Looks a built-in tool up by name.
+pub fn builtin(name: &str) -> Option<Arc<dyn Tool>> {
+    Some(match name {
+        "calculator" => Arc::new(Calculator),
+        "current_time" => Arc::new(CurrentTime),
+        "ask_human" => Arc::new(AskHuman),
+        "read_file" => Arc::new(ReadFile),
+        "list_files" => Arc::new(ListFiles),
+        _ => return None,
+    })
+}
+
+fn str_arg<'a>(args: &'a Value, name: &str) -> Result<&'a str, ToolOutput> {
+    args.get(name)
+        .and_then(Value::as_str)
+        .ok_or_else(|| ToolOutput::err(format!("missing string argument `{name}`")))
+}
+
+// ---------------------------------------------------------------- calculator ----
+
+pub struct Calculator;
+
+#[async_trait]
+impl Tool for Calculator {
+    fn spec(&self) -> ToolSpec {
+        ToolSpec {
+            name: "calculator".into(),
+            description: "Evaluate an arithmetic expression: + - * / ^ and parentheses, decimals.".into(),
+            parameters: json!({
+                "type": "object",
+                "properties": {"expression": {"type": "string", "description": "e.g. (2 + 3) * 4.5"}},
+                "required": ["expression"]
+            }),
+        }
+    }
+    async fn call(&self, args: &Value, _ctx: &ToolContext) -> ToolOutput {
+        let expr = match str_arg(args, "expression") {
+            Ok(e) => e,
+            Err(e) => return e,
+        };
+        match evaluate(expr) {
+            Ok(v) => ToolOutput::ok(format_number(v)),
+            Err(e) => ToolOutput::err(format!("cannot evaluate `{expr}`: {e}")),
+        }
+    }
+}
+
+/// Evaluates an arithmetic expression. `^` is right-associative and binds tighter than unary minus on its
+/// left operand's sign (so `-2^2` is -4, as in mathematics).
+pub fn evaluate(expr: &str) -> Result<f64, String> {
+    if expr.len() > 10_000 {
+        return Err("expression too long".into());
+    }
+    let mut p = Parser { s: expr.as_bytes(), i: 0, depth: 0 };
+    let v = p.expr()?;
+    p.skip_ws();
+    if p.i != p.s.len() {
+        return Err(format!("unexpected `{}` at position {}", p.s[p.i] as char, p.i + 1));
+    }
+    if !v.is_finite() {
+        return Err("result is not a finite number (division by zero?)".into());
+    }
+    Ok(v)
+}
+
+/// Integers print without a fraction; other numbers with up to 12 significant decimals.
+pub fn format_number(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{}", v as i64)
+    } else {
+        let s = format!("{v:.12}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    }
+}
+
+struct Parser<'a> {
+    s: &'a [u8],
+    i: usize,
+    depth: u32,
+}
+
+impl Parser<'_> {
+    fn skip_ws(&mut self) {
+        while self.i < self.s.len() && self.s[self.i].is_ascii_whitespace() {
+            self.i += 1;
+        }
+    }
+    fn peek(&mut self) -> Option<u8> {
+        self.skip_ws();
+        self.s.get(self.i).copied()
+    }
+    fn expr(&mut self) -> Result<f64, String> {
+        let mut v = self.term()?;
+        while let Some(op @ (b'+' | b'-')) = self.peek() {
+            self.i += 1;
+            let r = self.term()?;
+            v = if op == b'+' { v + r } else { v - r };
+        }
+        Ok(v)
+    }
+    fn term(&mut self) -> Result<f64, String> {
+        let mut v = self.unary()?;
+        while let Some(op @ (b'*' | b'/')) = self.peek() {
+            self.i += 1;
+            let r = self.unary()?;
+            v = if op == b'*' { v * r } else { v / r };
+        }
+        Ok(v)
+    }
+    fn unary(&mut self) -> Result<f64, String> {
+        match self.peek() {
+            Some(b'-') => {
+                self.i += 1;
+                Ok(-self.unary()?)
+            }
+            Some(b'+') => {
+                self.i += 1;
+                self.unary()
+            }
+            _ => self.power(),
+        }
+    }
+    fn power(&mut self) -> Result<f64, String> {
+        let base = self.atom()?;
+        if self.peek() == Some(b'^') {
+            self.i += 1;
+            let exp = self.unary()?;
+            return Ok(base.powf(exp));
+        }
+        Ok(base)
+    }
+    fn atom(&mut self) -> Result<f64, String> {
+        match self.peek() {
+            Some(b'(') => {
+                self.depth += 1;
+                if self.depth > 200 {
+                    return Err("too deeply nested".into());
+                }
+                self.i += 1;
+                let v = self.expr()?;
+                if self.peek() != Some(b')') {
+                    return Err("missing `)`".into());
+                }
+                self.i += 1;
+                self.depth -= 1;
+                Ok(v)
+            }
+            Some(c) if c.is_ascii_digit() || c == b'.' => {
+                let start = self.i;
+                while self.i < self.s.len() && (self.s[self.i].is_ascii_digit() || self.s[self.i] == b'.') {
+                    self.i += 1;
+                }
+                let text = std::str::from_utf8(&self.s[start..self.i]).map_err(|e| e.to_string())?;
+                text.parse::<f64>().map_err(|_| format!("bad number `{text}`"))
+            }
+            Some(c) => Err(format!("unexpected `{}` at position {}", c as char, self.i + 1)),
+            None => Err("unexpected end of expression".into()),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- current_time ----
+
+pub struct CurrentTime;
+
+#[async_trait]
+impl Tool for CurrentTime {
+    fn spec(&self) -> ToolSpec {
+        ToolSpec {
+            name: "current_time".into(),
+            description: "The current date and time (ISO-8601) in a time zone.".into(),
+            parameters: json!({
+                "type": "object",
+                "properties": {"timezone": {"type": "string", "description": "IANA name, e.g. Europe/Paris; default UTC"}},
+                "required": []
+            }),
+        }
+    }
+    async fn call(&self, args: &Value, _ctx: &ToolContext) -> ToolOutput {
+        let tz = args.get("timezone").and_then(Value::as_str).filter(|s| !s.is_empty()).unwrap_or("UTC");
+        match jiff::Timestamp::now().in_tz(tz) {
+            Ok(z) => ToolOutput::ok(z.strftime("%Y-%m-%dT%H:%M:%S%:z").to_string()),
+            Err(_) => ToolOutput::err(format!("unknown time zone `{tz}` (use an IANA name like Europe/Paris)")),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- ask_human ----
+
+pub struct AskHuman;
+
+#[async_trait]
+impl Tool for AskHuman {
+    fn spec(&self) -> ToolSpec {
+        ToolSpec {
+            name: "ask_human".into(),
+            description: "Ask the user a question and wait for the answer.".into(),
+            parameters: json!({
+                "type": "object",
+                "properties": {"question": {"type": "string"}},
+                "required": ["question"]
+            }),
+        }
+    }
+    async fn call(&self, args: &Value, ctx: &ToolContext) -> ToolOutput {
+        let q = match str_arg(args, "question") {
+            Ok(q) => q,
+            Err(e) => return e,
+        };
+        match ctx.human.ask(q).await {
+            Ok(answer) => ToolOutput::ok(answer),
+            Err(reason) => ToolOutput::err(reason),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- file tools ----
+
+/// Resolves a relative path inside `root`, refusing absolute paths, `..`, and links that lead outside.
+pub fn resolve_in_workspace(root: &Path, rel: &str) -> Result<PathBuf, String> {
+    let rel_path = Path::new(rel);
+    let mut out = root.to_path_buf();
+    for c in rel_path.components() {
+        match c {
+            Component::Normal(p) => out.push(p),
+            Component::CurDir => {}
+            _ => return Err(format!("`{rel}` must be a relative path inside the session workspace")),
+        }
+    }
+    // Follow links only if the target exists, and only if it stays inside.
+    if let (Ok(real), Ok(real_root)) = (out.canonicalize(), root.canonicalize()) {
+        if !real.starts_with(&real_root) {
+            return Err(format!("`{rel}` leads outside the session workspace"));
+        }
+    }
+    Ok(out)
+}
+
+pub struct ReadFile;
+
+#[async_trait]
+impl Tool for ReadFile {
+    fn spec(&self) -> ToolSpec {
+        ToolSpec {
+            name: "read_file".into(),
+            description: "Read a text file from the session's workspace (uploaded files live there).".into(),
+            parameters: json!({
+                "type": "object",
+                "properties": {"path": {"type": "string", "description": "path relative to the workspace"}},
+                "required": ["path"]
+            }),
+        }
+    }
+    async fn call(&self, args: &Value, ctx: &ToolContext) -> ToolOutput {
+        let rel = match str_arg(args, "path") {
+            Ok(p) => p,
+            Err(e) => return e,
+        };
+        let path = match resolve_in_workspace(&ctx.workspace, rel) {
+            Ok(p) => p,
+            Err(e) => return ToolOutput::err(e),
+        };
+        const MAX: u64 = 256 * 1024;
+        match tokio::fs::metadata(&path).await {
+            Ok(m) if m.len() > MAX => return ToolOutput::err(format!("`{rel}` is larger than {MAX} bytes")),
+            Ok(_) => {}
+            Err(_) => return ToolOutput::err(format!("no file `{rel}` in the workspace")),
+        }
+        match tokio::fs::read(&path).await {
+            Ok(bytes) => ToolOutput::ok(String::from_utf8_lossy(&bytes).into_owned()),
+            Err(e) => ToolOutput::err(format!("cannot read `{rel}`: {e}")),
+        }
+    }
+}
+
+pub struct ListFiles;
+
+#[async_trait]
+impl Tool for ListFiles {
+    fn spec(&self) -> ToolSpec {
+        ToolSpec {
+            name: "list_files".into(),
+            description: "List the files in the session's workspace.".into(),
+            parameters: json!({"type": "object", "properties": {}, "required": []}),
+        }
+    }
+    async fn call(&self, _args: &Value, ctx: &ToolContext) -> ToolOutput {
+        let mut names = Vec::new();
+        if let Ok(mut dir) = tokio::fs::read_dir(&ctx.workspace).await {
+            while let Ok(Some(entry)) = dir.next_entry().await {
+                names.push(entry.file_name().to_string_lossy().into_owned());
+                if names.len() >= 1000 {
+                    break;
+                }
+            }
+        }
+        names.sort();
+        ToolOutput::ok(names.join("\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calculator_arithmetic() {
+        assert_eq!(evaluate("2 + 3 * 4").unwrap(), 14.0);
+        assert_eq!(evaluate("(2 + 3) * 4").unwrap(), 20.0);
+        assert_eq!(evaluate("2 ^ 3 ^ 2").unwrap(), 512.0);
+        assert_eq!(evaluate("-2 ^ 2").unwrap(), -4.0);
+        assert_eq!(evaluate("1.5 * 2").unwrap(), 3.0);
+        assert_eq!(format_number(evaluate("10 / 4").unwrap()), "2.5");
+        assert_eq!(format_number(evaluate("1 / 3").unwrap()), "0.333333333333");
+        assert!(evaluate("1 / 0").is_err());
+        assert!(evaluate("2 +").is_err());
+        assert!(evaluate("2 $ 3").is_err());
+        assert!(evaluate("((((1").is_err());
+        assert!(evaluate(&"(".repeat(5000)).is_err());
+    }
+
+    #[test]
+    fn workspace_paths_stay_inside() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(resolve_in_workspace(dir.path(), "a/b.txt").is_ok());
+        assert!(resolve_in_workspace(dir.path(), "../etc/passwd").is_err());
+        assert!(resolve_in_workspace(dir.path(), "/etc/passwd").is_err());
+        assert!(resolve_in_workspace(dir.path(), "a/../../x").is_err());
+    }
+}
