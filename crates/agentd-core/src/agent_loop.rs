@@ -13,7 +13,9 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AgentSettings, Config};
-use crate::domain::{new_id, now_rfc3339, Message, Role, RunError, RunErrorCode, RunStatus, ToolCall, Usage};
+use crate::domain::{
+    new_id, now_rfc3339, Message, Role, RunError, RunErrorCode, RunStatus, ToolCall, Usage,
+};
 use crate::event::{EventKind, NewEvent};
 use crate::event_log::{EventLog, LogError};
 use crate::provider::{ModelEvent, ModelMessage, ModelRequest, Provider, ProviderError, ToolSpec};
@@ -66,7 +68,10 @@ pub struct TurnOutcome {
 
 /// Rough token estimate for text with no tokenizer at hand: ~4 characters a token.
 pub fn estimate_tokens(messages: &[ModelMessage]) -> u64 {
-    messages.iter().map(|m| 4 + (m.text().len() as u64).div_ceil(4)).sum()
+    messages
+        .iter()
+        .map(|m| 4 + (m.text().len() as u64).div_ceil(4))
+        .sum()
 }
 
 /// Sends one turn's events with the right envelope.
@@ -93,7 +98,15 @@ impl Emitter {
     }
     /// Messages are durable before the turn goes on: a crash keeps every message the turn got to.
     async fn message(&self, message: &Message) -> Result<(), LogError> {
-        self.log.append_durable(self.event(EventKind::Message { message: message.clone() }), None).await.map(|_| ())
+        self.log
+            .append_durable(
+                self.event(EventKind::Message {
+                    message: message.clone(),
+                }),
+                None,
+            )
+            .await
+            .map(|_| ())
     }
 }
 
@@ -102,11 +115,17 @@ fn provider_error(e: &ProviderError) -> RunError {
         ProviderError::Timeout(_) => RunErrorCode::UpstreamTimeout,
         _ => RunErrorCode::UpstreamError,
     };
-    RunError { code, message: e.to_string() }
+    RunError {
+        code,
+        message: e.to_string(),
+    }
 }
 
 fn internal(e: impl std::fmt::Display) -> RunError {
-    RunError { code: RunErrorCode::Internal, message: e.to_string() }
+    RunError {
+        code: RunErrorCode::Internal,
+        message: e.to_string(),
+    }
 }
 
 /// Runs one turn to its end. Never panics on model output; every failure becomes the outcome's error.
@@ -179,13 +198,26 @@ impl<'a> Turn<'a> {
     }
 
     fn provider(&self) -> Result<Arc<dyn Provider>, Stop> {
-        self.env.providers.get(&self.spec.provider).cloned().ok_or_else(|| {
-            Stop::Failed(internal(format!("provider `{}` is not available", self.spec.provider)))
-        })
+        self.env
+            .providers
+            .get(&self.spec.provider)
+            .cloned()
+            .ok_or_else(|| {
+                Stop::Failed(internal(format!(
+                    "provider `{}` is not available",
+                    self.spec.provider
+                )))
+            })
     }
 
     fn tool_specs(&self, builtins: &HashMap<String, Arc<dyn Tool>>) -> Vec<ToolSpec> {
-        let mut specs: Vec<ToolSpec> = self.spec.tools.iter().filter_map(|n| builtins.get(n)).map(|t| t.spec()).collect();
+        let mut specs: Vec<ToolSpec> = self
+            .spec
+            .tools
+            .iter()
+            .filter_map(|n| builtins.get(n))
+            .map(|t| t.spec())
+            .collect();
         if self.spec.depth < self.env.config.server.max_subagent_depth {
             for name in &self.spec.subagents {
                 let description = self
@@ -211,12 +243,18 @@ impl<'a> Turn<'a> {
 
     async fn run(&mut self) -> Result<(), Stop> {
         let provider = self.provider()?;
-        let builtins: HashMap<String, Arc<dyn Tool>> =
-            self.spec.tools.iter().filter_map(|n| tools::builtin(n).map(|t| (n.clone(), t))).collect();
+        let builtins: HashMap<String, Arc<dyn Tool>> = self
+            .spec
+            .tools
+            .iter()
+            .filter_map(|n| tools::builtin(n).map(|t| (n.clone(), t)))
+            .collect();
         let tool_specs = self.tool_specs(&builtins);
         let mut prompt: Vec<ModelMessage> = Vec::with_capacity(self.spec.history.len() + 1);
         if !self.spec.system_prompt.is_empty() {
-            prompt.push(ModelMessage::System { content: self.spec.system_prompt.clone() });
+            prompt.push(ModelMessage::System {
+                content: self.spec.system_prompt.clone(),
+            });
         }
         prompt.append(&mut self.spec.history);
         let max_rounds = self.spec.agent.max_iterations;
@@ -225,11 +263,20 @@ impl<'a> Turn<'a> {
         loop {
             step += 1;
             self.maybe_compress(&mut prompt, &provider).await?;
-            let request = ModelRequest { model: self.spec.model.clone(), messages: prompt.clone(), tools: tool_specs.clone() };
-            let (text, calls) = self.model_call(&provider, request, step, prompt.len()).await?;
+            let request = ModelRequest {
+                model: self.spec.model.clone(),
+                messages: prompt.clone(),
+                tools: tool_specs.clone(),
+            };
+            let (text, calls) = self
+                .model_call(&provider, request, step, prompt.len())
+                .await?;
             if calls.is_empty() {
                 let msg = self.store_assistant(text, None).await?;
-                prompt.push(ModelMessage::Assistant { content: msg.content, tool_calls: Vec::new() });
+                prompt.push(ModelMessage::Assistant {
+                    content: msg.content,
+                    tool_calls: Vec::new(),
+                });
                 return Ok(());
             }
             if rounds >= max_rounds {
@@ -238,16 +285,24 @@ impl<'a> Turn<'a> {
                 }
                 return Err(Stop::Failed(RunError {
                     code: RunErrorCode::MaxIterations,
-                    message: format!("the agent used all {max_rounds} tool rounds without a final answer"),
+                    message: format!(
+                        "the agent used all {max_rounds} tool rounds without a final answer"
+                    ),
                 }));
             }
             rounds += 1;
             let msg = self.store_assistant(text, Some(calls.clone())).await?;
-            prompt.push(ModelMessage::Assistant { content: msg.content, tool_calls: calls.clone() });
+            prompt.push(ModelMessage::Assistant {
+                content: msg.content,
+                tool_calls: calls.clone(),
+            });
             let results = self.run_tools(&calls, &builtins, step).await?;
             for (call, out) in calls.iter().zip(results) {
                 self.store_tool_result(call, &out).await?;
-                prompt.push(ModelMessage::Tool { tool_call_id: call.id.clone(), content: out.content });
+                prompt.push(ModelMessage::Tool {
+                    tool_call_id: call.id.clone(),
+                    content: out.content,
+                });
             }
         }
     }
@@ -290,7 +345,9 @@ impl<'a> Turn<'a> {
                 }
                 Some(Ok(ModelEvent::Thinking(delta))) => {
                     thinking.push_str(&delta);
-                    self.emit.send(EventKind::ThinkingDelta { delta, step }).await?;
+                    self.emit
+                        .send(EventKind::ThinkingDelta { delta, step })
+                        .await?;
                 }
                 Some(Ok(ModelEvent::ToolCall(call))) => calls.push(call),
                 Some(Ok(ModelEvent::Usage(u))) => {
@@ -304,7 +361,12 @@ impl<'a> Turn<'a> {
             self.piece(p, &mut text, &mut thinking, step).await?;
         }
         if !thinking.is_empty() {
-            self.emit.send(EventKind::ThinkingEnd { step, thinking: std::mem::take(&mut thinking) }).await?;
+            self.emit
+                .send(EventKind::ThinkingEnd {
+                    step,
+                    thinking: std::mem::take(&mut thinking),
+                })
+                .await?;
         }
         match call_usage {
             Some(u) => {
@@ -328,11 +390,22 @@ impl<'a> Turn<'a> {
         Ok((text, calls))
     }
 
-    async fn piece(&mut self, p: Piece, text: &mut String, thinking: &mut String, step: u32) -> Result<(), Stop> {
+    async fn piece(
+        &mut self,
+        p: Piece,
+        text: &mut String,
+        thinking: &mut String,
+        step: u32,
+    ) -> Result<(), Stop> {
         match p {
             Piece::Text(delta) => {
                 if !thinking.is_empty() {
-                    self.emit.send(EventKind::ThinkingEnd { step, thinking: std::mem::take(thinking) }).await?;
+                    self.emit
+                        .send(EventKind::ThinkingEnd {
+                            step,
+                            thinking: std::mem::take(thinking),
+                        })
+                        .await?;
                 }
                 text.push_str(&delta);
                 self.content.push_str(&delta);
@@ -340,7 +413,9 @@ impl<'a> Turn<'a> {
             }
             Piece::Thinking(delta) => {
                 thinking.push_str(&delta);
-                self.emit.send(EventKind::ThinkingDelta { delta, step }).await?;
+                self.emit
+                    .send(EventKind::ThinkingDelta { delta, step })
+                    .await?;
             }
         }
         Ok(())
@@ -363,7 +438,11 @@ impl<'a> Turn<'a> {
 
     /// Stores an assistant message (a subagent's stay out of the session's history: its answer reaches the
     /// parent as a tool result).
-    async fn store_assistant(&mut self, content: String, tool_calls: Option<Vec<ToolCall>>) -> Result<Message, Stop> {
+    async fn store_assistant(
+        &mut self,
+        content: String,
+        tool_calls: Option<Vec<ToolCall>>,
+    ) -> Result<Message, Stop> {
         let mut msg = self.new_message(Role::Assistant, content);
         msg.tool_calls = tool_calls;
         if !self.spec.is_subagent {
@@ -399,11 +478,19 @@ impl<'a> Turn<'a> {
                 serde_json::from_str(&call.arguments).unwrap_or(Value::Null)
             };
             self.emit
-                .send(EventKind::ToolStarted { call_id: call.id.clone(), tool: call.name.clone(), args: args.clone(), step })
+                .send(EventKind::ToolStarted {
+                    call_id: call.id.clone(),
+                    tool: call.name.clone(),
+                    args: args.clone(),
+                    step,
+                })
                 .await?;
             parsed.push(args);
         }
-        let ctx = ToolContext { workspace: self.spec.workspace.clone(), human: self.spec.human.clone() };
+        let ctx = ToolContext {
+            workspace: self.spec.workspace.clone(),
+            human: self.spec.human.clone(),
+        };
         let mut results: Vec<Option<ToolOutput>> = vec![None; calls.len()];
         let cancel = self.spec.cancel.clone();
         let cancelled = {
@@ -456,12 +543,16 @@ impl<'a> Turn<'a> {
     ) -> futures_util::future::BoxFuture<'b, ToolOutput> {
         Box::pin(async move {
             if args.is_null() {
-                return ToolOutput::err(format!("arguments are not valid JSON: {}", call.arguments));
+                return ToolOutput::err(format!(
+                    "arguments are not valid JSON: {}",
+                    call.arguments
+                ));
             }
             if let Some(tool) = builtins.get(&call.name) {
                 return tool.call(args, ctx).await;
             }
-            if self.spec.subagents.contains(&call.name) && self.spec.depth < self.env.config.server.max_subagent_depth
+            if self.spec.subagents.contains(&call.name)
+                && self.spec.depth < self.env.config.server.max_subagent_depth
             {
                 return self.run_subagent(&call.name, args).await;
             }
@@ -487,18 +578,29 @@ impl<'a> Turn<'a> {
             agent,
             is_subagent: true,
             depth: self.spec.depth + 1,
-            history: vec![ModelMessage::User { content: task.to_string(), images: Vec::new() }],
+            history: vec![ModelMessage::User {
+                content: task.to_string(),
+                images: Vec::new(),
+            }],
             workspace: self.spec.workspace.clone(),
             human: self.spec.human.clone(),
             cancel: self.spec.cancel.child_token(),
         };
         let outcome = Box::pin(run_turn(self.env, spec)).await;
         match outcome.status {
-            RunStatus::Completed => ToolOutput::ok(outcome.final_message.map(|m| m.content).unwrap_or(outcome.content)),
+            RunStatus::Completed => ToolOutput::ok(
+                outcome
+                    .final_message
+                    .map(|m| m.content)
+                    .unwrap_or(outcome.content),
+            ),
             RunStatus::Cancelled => ToolOutput::err("the subagent was cancelled"),
             _ => ToolOutput::err(format!(
                 "the subagent failed: {}",
-                outcome.error.map(|e| e.message).unwrap_or_else(|| "unknown error".into())
+                outcome
+                    .error
+                    .map(|e| e.message)
+                    .unwrap_or_else(|| "unknown error".into())
             )),
         }
     }
@@ -507,21 +609,33 @@ impl<'a> Turn<'a> {
     /// before the latest user message is summarised by the model into one system message (or, if that call
     /// fails, dropped). The latest user message and everything after it stay, so no tool call is ever split
     /// from its result. Stored history is untouched.
-    async fn maybe_compress(&mut self, prompt: &mut Vec<ModelMessage>, provider: &Arc<dyn Provider>) -> Result<(), Stop> {
+    async fn maybe_compress(
+        &mut self,
+        prompt: &mut Vec<ModelMessage>,
+        provider: &Arc<dyn Provider>,
+    ) -> Result<(), Stop> {
         let agent = &self.spec.agent;
         let threshold = (agent.compress_at * agent.max_context_tokens as f64) as u64;
         let tokens = match self.reported {
-            Some((reported, covered)) if covered <= prompt.len() => reported + estimate_tokens(&prompt[covered..]),
+            Some((reported, covered)) if covered <= prompt.len() => {
+                reported + estimate_tokens(&prompt[covered..])
+            }
             _ => estimate_tokens(prompt),
         };
         if tokens <= threshold {
             return Ok(());
         }
-        let first_kept = match prompt.iter().rposition(|m| matches!(m, ModelMessage::User { .. })) {
+        let first_kept = match prompt
+            .iter()
+            .rposition(|m| matches!(m, ModelMessage::User { .. }))
+        {
             Some(i) => i,
             None => return Ok(()),
         };
-        let older: Vec<&ModelMessage> = prompt[..first_kept].iter().filter(|m| !m.is_system()).collect();
+        let older: Vec<&ModelMessage> = prompt[..first_kept]
+            .iter()
+            .filter(|m| !m.is_system())
+            .collect();
         if older.is_empty() {
             return Ok(());
         }
@@ -552,12 +666,16 @@ impl<'a> Turn<'a> {
         if self.spec.cancel.is_cancelled() {
             return Err(Stop::Cancelled);
         }
-        let (system, _rest): (Vec<ModelMessage>, Vec<ModelMessage>) =
-            prompt[..first_kept].iter().cloned().partition(|m| m.is_system());
+        let (system, _rest): (Vec<ModelMessage>, Vec<ModelMessage>) = prompt[..first_kept]
+            .iter()
+            .cloned()
+            .partition(|m| m.is_system());
         let mut compressed: Vec<ModelMessage> = system.into_iter().take(1).collect();
         let method = match summary {
             Some(s) => {
-                compressed.push(ModelMessage::System { content: format!("Summary of the earlier conversation:\n{s}") });
+                compressed.push(ModelMessage::System {
+                    content: format!("Summary of the earlier conversation:\n{s}"),
+                });
                 "summary"
             }
             None => "truncation",
@@ -567,7 +685,11 @@ impl<'a> Turn<'a> {
         self.reported = None;
         let after = prompt.iter().filter(|m| !m.is_system()).count();
         self.emit
-            .send(EventKind::ContextCompressed { messages_before: before, messages_after: after, method: method.into() })
+            .send(EventKind::ContextCompressed {
+                messages_before: before,
+                messages_after: after,
+                method: method.into(),
+            })
             .await?;
         Ok(())
     }

@@ -8,8 +8,13 @@ use serde::Deserialize;
 use toml::Spanned;
 
 /// The names of the built-in tools an agent may list.
-pub const BUILTIN_TOOLS: &[&str] =
-    &["calculator", "current_time", "ask_human", "read_file", "list_files"];
+pub const BUILTIN_TOOLS: &[&str] = &[
+    "calculator",
+    "current_time",
+    "ask_human",
+    "read_file",
+    "list_files",
+];
 
 /// The configuration `agentd serve` runs with no `--config`: SPEC.md section 1.
 pub const DEFAULT_CONFIG: &str = r#"
@@ -249,14 +254,23 @@ pub enum ProviderSettings {
 impl fmt::Debug for ProviderSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ProviderSettings::OpenAi { base_url, api_key, timeout_s, context_tokens } => f
+            ProviderSettings::OpenAi {
+                base_url,
+                api_key,
+                timeout_s,
+                context_tokens,
+            } => f
                 .debug_struct("OpenAi")
                 .field("base_url", base_url)
                 .field("api_key", &api_key.as_ref().map(|_| "<redacted>"))
                 .field("timeout_s", timeout_s)
                 .field("context_tokens", context_tokens)
                 .finish(),
-            ProviderSettings::Llama { model_path, context_tokens, threads } => f
+            ProviderSettings::Llama {
+                model_path,
+                context_tokens,
+                threads,
+            } => f
                 .debug_struct("Llama")
                 .field("model_path", model_path)
                 .field("context_tokens", context_tokens)
@@ -355,16 +369,26 @@ impl Config {
                 let key = unknown_key_name(e.message()).unwrap_or_else(|| "config".to_string());
                 return Err(ConfigError {
                     source_name: source_name.to_string(),
-                    problems: vec![ConfigProblem { key, line, message: e.message().trim().to_string() }],
+                    problems: vec![ConfigProblem {
+                        key,
+                        line,
+                        message: e.message().trim().to_string(),
+                    }],
                 });
             }
         };
-        let mut v = Validator { lines: &lines, problems: Vec::new() };
+        let mut v = Validator {
+            lines: &lines,
+            problems: Vec::new(),
+        };
         let config = v.validate(raw, env);
         if v.problems.is_empty() {
             Ok(config)
         } else {
-            Err(ConfigError { source_name: source_name.to_string(), problems: v.problems })
+            Err(ConfigError {
+                source_name: source_name.to_string(),
+                problems: v.problems,
+            })
         }
     }
 }
@@ -400,7 +424,12 @@ struct Validator<'a> {
 }
 
 impl Validator<'_> {
-    fn problem<T>(&mut self, key: impl Into<String>, at: Option<&Spanned<T>>, message: impl Into<String>) {
+    fn problem<T>(
+        &mut self,
+        key: impl Into<String>,
+        at: Option<&Spanned<T>>,
+        message: impl Into<String>,
+    ) {
         self.problems.push(ConfigProblem {
             key: key.into(),
             line: at.map(|s| self.lines.line(s.span().start)),
@@ -417,19 +446,32 @@ impl Validator<'_> {
             max_image_bytes: s.max_image_bytes.unwrap_or(5 * 1024 * 1024),
             shutdown_grace_s: s.shutdown_grace_s.unwrap_or(10),
             ask_human_timeout_s: s.ask_human_timeout_s.unwrap_or(600),
-            workspace_dir: s.workspace_dir.unwrap_or_else(|| "data/workspaces".to_string()),
+            workspace_dir: s
+                .workspace_dir
+                .unwrap_or_else(|| "data/workspaces".to_string()),
             max_subagent_depth: s.max_subagent_depth.unwrap_or(3),
             event_retention_runs: s.event_retention_runs.unwrap_or(20),
         };
         if server.listen.parse::<std::net::SocketAddr>().is_err() {
-            self.problem::<()>("server.listen", None, format!("`{}` is not an address like 127.0.0.1:8080", server.listen));
+            self.problem::<()>(
+                "server.listen",
+                None,
+                format!("`{}` is not an address like 127.0.0.1:8080", server.listen),
+            );
         }
         if server.event_retention_runs < 20 {
             self.problem::<()>("server.event_retention_runs", None, "must be at least 20");
         }
-        let store_url = raw.store.url.unwrap_or_else(|| "sqlite://data/agentd.db".to_string());
+        let store_url = raw
+            .store
+            .url
+            .unwrap_or_else(|| "sqlite://data/agentd.db".to_string());
         if store_url.starts_with("postgres://") || store_url.starts_with("postgresql://") {
-            self.problem::<()>("store.url", None, "postgres stores are not supported yet; use sqlite://PATH");
+            self.problem::<()>(
+                "store.url",
+                None,
+                "postgres stores are not supported yet; use sqlite://PATH",
+            );
         }
 
         let mut auth_keys = Vec::new();
@@ -442,20 +484,36 @@ impl Validator<'_> {
                 (None, Some(var)) => match env(var) {
                     Some(v) if !v.is_empty() => Some(v),
                     _ => {
-                        self.problem(format!("{key_path}.key_env"), Some(k), format!("environment variable `{var}` is not set"));
+                        self.problem(
+                            format!("{key_path}.key_env"),
+                            Some(k),
+                            format!("environment variable `{var}` is not set"),
+                        );
                         None
                     }
                 },
                 _ => {
-                    self.problem(format!("{key_path}"), Some(k), "give exactly one of `key` or `key_env`");
+                    self.problem(
+                        key_path.clone(),
+                        Some(k),
+                        "give exactly one of `key` or `key_env`",
+                    );
                     None
                 }
             };
             if let Some(key) = key {
                 if !seen_keys.insert(key.clone()) {
-                    self.problem(format!("{key_path}.key"), Some(k), "the same key is configured twice");
+                    self.problem(
+                        format!("{key_path}.key"),
+                        Some(k),
+                        "the same key is configured twice",
+                    );
                 }
-                auth_keys.push(ApiKey { principal: raw_key.principal.clone(), key, admin: raw_key.admin });
+                auth_keys.push(ApiKey {
+                    principal: raw_key.principal.clone(),
+                    key,
+                    admin: raw_key.admin,
+                });
             }
         }
 
@@ -466,20 +524,35 @@ impl Validator<'_> {
             let kind = r.kind.get_ref().as_str();
             let settings = match kind {
                 "openai" => {
-                    for (field, set) in [("model_path", r.model_path.is_some()), ("threads", r.threads.is_some())] {
+                    for (field, set) in [
+                        ("model_path", r.model_path.is_some()),
+                        ("threads", r.threads.is_some()),
+                    ] {
                         if set {
-                            self.problem(format!("{key}.{field}"), Some(p), "not a key of an `openai` provider");
+                            self.problem(
+                                format!("{key}.{field}"),
+                                Some(p),
+                                "not a key of an `openai` provider",
+                            );
                         }
                     }
                     let Some(base_url) = r.base_url.clone() else {
-                        self.problem(format!("{key}.base_url"), Some(p), "required for kind `openai`");
+                        self.problem(
+                            format!("{key}.base_url"),
+                            Some(p),
+                            "required for kind `openai`",
+                        );
                         continue;
                     };
                     let api_key = match &r.api_key_env {
                         Some(var) => match env(var) {
                             Some(v) if !v.is_empty() => Some(v),
                             _ => {
-                                self.problem(format!("{key}.api_key_env"), Some(p), format!("environment variable `{var}` is not set"));
+                                self.problem(
+                                    format!("{key}.api_key_env"),
+                                    Some(p),
+                                    format!("environment variable `{var}` is not set"),
+                                );
                                 None
                             }
                         },
@@ -499,11 +572,19 @@ impl Validator<'_> {
                         ("timeout_s", r.timeout_s.is_some()),
                     ] {
                         if set {
-                            self.problem(format!("{key}.{field}"), Some(p), "not a key of a `llama` provider");
+                            self.problem(
+                                format!("{key}.{field}"),
+                                Some(p),
+                                "not a key of a `llama` provider",
+                            );
                         }
                     }
                     let Some(model_path) = r.model_path.clone() else {
-                        self.problem(format!("{key}.model_path"), Some(p), "required for kind `llama`");
+                        self.problem(
+                            format!("{key}.model_path"),
+                            Some(p),
+                            "required for kind `llama`",
+                        );
                         continue;
                     };
                     ProviderSettings::Llama {
@@ -513,7 +594,11 @@ impl Validator<'_> {
                     }
                 }
                 other => {
-                    self.problem(format!("{key}.kind"), Some(&r.kind), format!("unknown provider kind `{other}` (known: openai, llama)"));
+                    self.problem(
+                        format!("{key}.kind"),
+                        Some(&r.kind),
+                        format!("unknown provider kind `{other}` (known: openai, llama)"),
+                    );
                     continue;
                 }
             };
@@ -527,14 +612,22 @@ impl Validator<'_> {
             let key = format!("skills[{i}]");
             let name = r.name.get_ref().clone();
             if skills.iter().any(|s| s.name == name) {
-                self.problem(format!("{key}.name"), Some(&r.name), format!("duplicate skill name `{name}`"));
+                self.problem(
+                    format!("{key}.name"),
+                    Some(&r.name),
+                    format!("duplicate skill name `{name}`"),
+                );
             }
             if let Some(tools) = &r.tools {
                 self.check_tools(&format!("{key}.tools"), tools, &[]);
             }
             if let Some(p) = &r.provider {
                 if !raw.providers.contains_key(p.get_ref()) {
-                    self.problem(format!("{key}.provider"), Some(p), format!("unknown provider `{}`", p.get_ref()));
+                    self.problem(
+                        format!("{key}.provider"),
+                        Some(p),
+                        format!("unknown provider `{}`", p.get_ref()),
+                    );
                 }
             }
             skills.push(SkillSettings {
@@ -542,23 +635,38 @@ impl Validator<'_> {
                 description: r.description.clone(),
                 keywords: r.keywords.iter().map(|k| k.to_lowercase()).collect(),
                 system_prompt: r.system_prompt.clone(),
-                tools: r.tools.as_ref().map(|t| t.iter().map(|s| s.get_ref().clone()).collect()),
+                tools: r
+                    .tools
+                    .as_ref()
+                    .map(|t| t.iter().map(|s| s.get_ref().clone()).collect()),
                 provider: r.provider.as_ref().map(|p| p.get_ref().clone()),
                 model: r.model.clone(),
             });
         }
 
-        let agent_names: Vec<String> = raw.agents.iter().map(|a| a.get_ref().name.get_ref().clone()).collect();
+        let agent_names: Vec<String> = raw
+            .agents
+            .iter()
+            .map(|a| a.get_ref().name.get_ref().clone())
+            .collect();
         let mut agents: Vec<AgentSettings> = Vec::new();
         for (i, a) in raw.agents.iter().enumerate() {
             let r = a.get_ref();
             let key = format!("agents[{i}]");
             let name = r.name.get_ref().clone();
             if name.is_empty() || BUILTIN_TOOLS.contains(&name.as_str()) {
-                self.problem(format!("{key}.name"), Some(&r.name), format!("`{name}` cannot be an agent name"));
+                self.problem(
+                    format!("{key}.name"),
+                    Some(&r.name),
+                    format!("`{name}` cannot be an agent name"),
+                );
             }
             if agents.iter().any(|x| x.name == name) {
-                self.problem(format!("{key}.name"), Some(&r.name), format!("duplicate agent name `{name}`"));
+                self.problem(
+                    format!("{key}.name"),
+                    Some(&r.name),
+                    format!("duplicate agent name `{name}`"),
+                );
             }
             let provider = r.provider.get_ref().clone();
             let provider_ctx = match providers.get(&provider) {
@@ -569,7 +677,10 @@ impl Validator<'_> {
                         self.problem(
                             format!("{key}.provider"),
                             Some(&r.provider),
-                            format!("unknown provider `{provider}` (configured: {})", known.join(", ")),
+                            format!(
+                                "unknown provider `{provider}` (configured: {})",
+                                known.join(", ")
+                            ),
                         );
                     }
                     None
@@ -578,20 +689,36 @@ impl Validator<'_> {
             self.check_tools(&format!("{key}.tools"), &r.tools, &[]);
             for (j, s) in r.skills.iter().enumerate() {
                 if !skills.iter().any(|k| &k.name == s.get_ref()) {
-                    self.problem(format!("{key}.skills[{j}]"), Some(s), format!("unknown skill `{}`", s.get_ref()));
+                    self.problem(
+                        format!("{key}.skills[{j}]"),
+                        Some(s),
+                        format!("unknown skill `{}`", s.get_ref()),
+                    );
                 }
             }
             for (j, s) in r.subagents.iter().enumerate() {
                 if s.get_ref() == &name {
-                    self.problem(format!("{key}.subagents[{j}]"), Some(s), "an agent cannot be its own subagent");
+                    self.problem(
+                        format!("{key}.subagents[{j}]"),
+                        Some(s),
+                        "an agent cannot be its own subagent",
+                    );
                 } else if !agent_names.contains(s.get_ref()) {
-                    self.problem(format!("{key}.subagents[{j}]"), Some(s), format!("unknown agent `{}`", s.get_ref()));
+                    self.problem(
+                        format!("{key}.subagents[{j}]"),
+                        Some(s),
+                        format!("unknown agent `{}`", s.get_ref()),
+                    );
                 }
             }
             let multitask = match &r.multitask {
                 None => Multitask::Enqueue,
                 Some(m) => Multitask::parse(m.get_ref()).unwrap_or_else(|| {
-                    self.problem(format!("{key}.multitask"), Some(m), format!("`{}` is not one of reject, enqueue, interrupt", m.get_ref()));
+                    self.problem(
+                        format!("{key}.multitask"),
+                        Some(m),
+                        format!("`{}` is not one of reject, enqueue, interrupt", m.get_ref()),
+                    );
                     Multitask::Enqueue
                 }),
             };
@@ -601,7 +728,11 @@ impl Validator<'_> {
             }
             let max_iterations = r.max_iterations.unwrap_or(8);
             if max_iterations == 0 {
-                self.problem(format!("{key}.max_iterations"), Some(a), "must be at least 1");
+                self.problem(
+                    format!("{key}.max_iterations"),
+                    Some(a),
+                    "must be at least 1",
+                );
             }
             agents.push(AgentSettings {
                 name,
@@ -621,7 +752,14 @@ impl Validator<'_> {
         if agents.is_empty() && self.problems.is_empty() {
             self.problem::<()>("agents", None, "at least one [[agents]] entry is required");
         }
-        Config { server, store_url, auth_keys, providers, agents, skills }
+        Config {
+            server,
+            store_url,
+            auth_keys,
+            providers,
+            agents,
+            skills,
+        }
     }
 
     fn check_tools(&mut self, key: &str, tools: &[Spanned<String>], _extra: &[&str]) {
@@ -632,11 +770,18 @@ impl Validator<'_> {
                 self.problem(
                     format!("{key}[{j}]"),
                     Some(t),
-                    format!("unknown tool `{name}` (built-in: {}; subagents go in `subagents`)", BUILTIN_TOOLS.join(", ")),
+                    format!(
+                        "unknown tool `{name}` (built-in: {}; subagents go in `subagents`)",
+                        BUILTIN_TOOLS.join(", ")
+                    ),
                 );
             }
             if !seen.insert(name.clone()) {
-                self.problem(format!("{key}[{j}]"), Some(t), format!("tool `{name}` listed twice"));
+                self.problem(
+                    format!("{key}[{j}]"),
+                    Some(t),
+                    format!("tool `{name}` listed twice"),
+                );
             }
         }
     }
@@ -675,7 +820,10 @@ keywords = ["Calculate"]
         let c = Config::builtin_default();
         assert_eq!(c.agents[0].name, "assistant");
         assert_eq!(c.server.listen, "127.0.0.1:8080");
-        assert!(matches!(c.providers["local"], ProviderSettings::Llama { .. }));
+        assert!(matches!(
+            c.providers["local"],
+            ProviderSettings::Llama { .. }
+        ));
     }
 
     #[test]
@@ -686,7 +834,9 @@ keywords = ["Calculate"]
         assert_eq!(a.multitask, Multitask::Enqueue);
         assert_eq!(a.max_context_tokens, 8192);
         assert_eq!(c.skills[0].keywords, vec!["calculate"]);
-        assert!(matches!(&c.providers["upstream"], ProviderSettings::OpenAi { base_url, .. } if base_url == "http://127.0.0.1:9000/v1"));
+        assert!(
+            matches!(&c.providers["upstream"], ProviderSettings::OpenAi { base_url, .. } if base_url == "http://127.0.0.1:9000/v1")
+        );
     }
 
     #[test]
@@ -695,21 +845,40 @@ keywords = ["Calculate"]
         let e = Config::parse_with_env(&text, "t.toml", &no_env).unwrap_err();
         assert_eq!(e.problems[0].key, "temperature");
         assert_eq!(e.problems[0].line, Some(13));
-        assert!(e.to_string().contains("t.toml: line 13: temperature"), "{e}");
+        assert!(
+            e.to_string().contains("t.toml: line 13: temperature"),
+            "{e}"
+        );
     }
 
     #[test]
     fn semantic_problems_name_key_and_line() {
         let text = GOOD
             .replace("provider = \"upstream\"", "provider = \"nope\"")
-            .replace("tools = [\"calculator\"]", "tools = [\"calculator\", \"rm_rf\"]")
-            .replace("skills = [\"math\"]", "skills = [\"poetry\"]\nsubagents = [\"ghost\"]");
+            .replace(
+                "tools = [\"calculator\"]",
+                "tools = [\"calculator\", \"rm_rf\"]",
+            )
+            .replace(
+                "skills = [\"math\"]",
+                "skills = [\"poetry\"]\nsubagents = [\"ghost\"]",
+            );
         let e = Config::parse_with_env(&text, "t.toml", &no_env).unwrap_err();
-        let keys: Vec<(&str, Option<usize>)> = e.problems.iter().map(|p| (p.key.as_str(), p.line)).collect();
+        let keys: Vec<(&str, Option<usize>)> = e
+            .problems
+            .iter()
+            .map(|p| (p.key.as_str(), p.line))
+            .collect();
         assert!(keys.contains(&("agents[0].provider", Some(11))), "{keys:?}");
         assert!(keys.contains(&("agents[0].tools[1]", Some(13))), "{keys:?}");
-        assert!(keys.contains(&("agents[0].skills[0]", Some(14))), "{keys:?}");
-        assert!(keys.contains(&("agents[0].subagents[0]", Some(15))), "{keys:?}");
+        assert!(
+            keys.contains(&("agents[0].skills[0]", Some(14))),
+            "{keys:?}"
+        );
+        assert!(
+            keys.contains(&("agents[0].subagents[0]", Some(15))),
+            "{keys:?}"
+        );
     }
 
     #[test]
@@ -719,16 +888,28 @@ keywords = ["Calculate"]
         );
         let e = Config::parse_with_env(&text, "t.toml", &no_env).unwrap_err();
         let msgs = e.to_string();
-        assert!(msgs.contains("agents[1].name: duplicate agent name `assistant`"), "{msgs}");
-        assert!(msgs.contains("providers.x.kind: unknown provider kind `magic`"), "{msgs}");
+        assert!(
+            msgs.contains("agents[1].name: duplicate agent name `assistant`"),
+            "{msgs}"
+        );
+        assert!(
+            msgs.contains("providers.x.kind: unknown provider kind `magic`"),
+            "{msgs}"
+        );
     }
 
     #[test]
     fn key_env_is_read_and_missing_env_is_named() {
-        let text = format!("{GOOD}\n[[auth.keys]]\nprincipal = \"alice\"\nkey_env = \"ALICE_KEY\"\n");
+        let text =
+            format!("{GOOD}\n[[auth.keys]]\nprincipal = \"alice\"\nkey_env = \"ALICE_KEY\"\n");
         let e = Config::parse_with_env(&text, "t.toml", &no_env).unwrap_err();
-        assert!(e.to_string().contains("auth.keys[0].key_env: environment variable `ALICE_KEY` is not set"));
-        let c = Config::parse_with_env(&text, "t.toml", &|k| (k == "ALICE_KEY").then(|| "sk-1".to_string())).unwrap();
+        assert!(e
+            .to_string()
+            .contains("auth.keys[0].key_env: environment variable `ALICE_KEY` is not set"));
+        let c = Config::parse_with_env(&text, "t.toml", &|k| {
+            (k == "ALICE_KEY").then(|| "sk-1".to_string())
+        })
+        .unwrap();
         assert_eq!(c.auth_keys[0].key, "sk-1");
         assert!(!format!("{:?}", c.auth_keys).contains("sk-1"));
     }

@@ -153,7 +153,10 @@ impl RunStatus {
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
-            RunStatus::Completed | RunStatus::Cancelled | RunStatus::Failed | RunStatus::Interrupted
+            RunStatus::Completed
+                | RunStatus::Cancelled
+                | RunStatus::Failed
+                | RunStatus::Interrupted
         )
     }
 }

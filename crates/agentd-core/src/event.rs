@@ -15,24 +15,62 @@ use crate::domain::{Message, Run};
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum EventKind {
     /// A stored message: the user's message, each assistant message, each tool result.
-    Message { message: Message },
-    RunStarted { run: Run },
-    SkillMatched { skill: String, method: String, confidence: f64 },
-    ThinkingDelta { delta: String, step: u32 },
+    Message {
+        message: Message,
+    },
+    RunStarted {
+        run: Run,
+    },
+    SkillMatched {
+        skill: String,
+        method: String,
+        confidence: f64,
+    },
+    ThinkingDelta {
+        delta: String,
+        step: u32,
+    },
     /// The end of one model call's thinking; `thinking` is all of it, for dialects that send it whole.
-    ThinkingEnd { step: u32, thinking: String },
-    TextDelta { delta: String },
-    ToolStarted { call_id: String, tool: String, args: Value, step: u32 },
-    ToolFinished { call_id: String, tool: String, args: Value, result: String, success: bool, step: u32 },
-    InputRequested { request_id: String, question: String },
-    InputReceived { request_id: String },
+    ThinkingEnd {
+        step: u32,
+        thinking: String,
+    },
+    TextDelta {
+        delta: String,
+    },
+    ToolStarted {
+        call_id: String,
+        tool: String,
+        args: Value,
+        step: u32,
+    },
+    ToolFinished {
+        call_id: String,
+        tool: String,
+        args: Value,
+        result: String,
+        success: bool,
+        step: u32,
+    },
+    InputRequested {
+        request_id: String,
+        question: String,
+    },
+    InputReceived {
+        request_id: String,
+    },
     ContextCompressed {
         messages_before: usize,
         messages_after: usize,
         /// How it was done: `summary`, or `truncation` when the summary call failed.
         method: String,
     },
-    RunFinished { run: Run, content: String, context_tokens: u64, max_context_tokens: u64 },
+    RunFinished {
+        run: Run,
+        content: String,
+        context_tokens: u64,
+        max_context_tokens: u64,
+    },
 }
 
 impl EventKind {
@@ -91,13 +129,21 @@ impl LoggedEvent {
     pub fn new(session_id: String, event: Event) -> LoggedEvent {
         // Serialising these plain data types cannot fail (no maps with non-string keys, no custom impls).
         let json = serde_json::to_string(&event).unwrap_or_else(|_| String::from("{}"));
-        LoggedEvent { session_id, event, json }
+        LoggedEvent {
+            session_id,
+            event,
+            json,
+        }
     }
 
     /// Rebuilds an event from its stored JSON.
     pub fn from_json(session_id: String, json: String) -> Result<LoggedEvent, serde_json::Error> {
         let event: Event = serde_json::from_str(&json)?;
-        Ok(LoggedEvent { session_id, event, json })
+        Ok(LoggedEvent {
+            session_id,
+            event,
+            json,
+        })
     }
 
     pub fn seq(&self) -> u64 {

@@ -100,7 +100,12 @@ impl EventLog {
         let fanout = Arc::new(Fanout::default());
         let stats = Arc::new(Mutex::new(LogStats::default()));
         tokio::spawn(appender(rx, store.clone(), fanout.clone(), stats.clone()));
-        Arc::new(EventLog { tx, store, fanout, stats })
+        Arc::new(EventLog {
+            tx,
+            store,
+            fanout,
+            stats,
+        })
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -112,9 +117,16 @@ impl EventLog {
     }
 
     /// Appends without waiting for the commit (the hot path: text deltas). Order per producer is kept.
-    pub async fn append(&self, event: NewEvent, run: Option<crate::domain::Run>) -> Result<(), LogError> {
+    pub async fn append(
+        &self,
+        event: NewEvent,
+        run: Option<crate::domain::Run>,
+    ) -> Result<(), LogError> {
         self.tx
-            .send(Pending { entry: LogEntry { event, run }, ack: None })
+            .send(Pending {
+                entry: LogEntry { event, run },
+                ack: None,
+            })
             .await
             .map_err(|_| LogError::Closed)
     }
@@ -127,7 +139,10 @@ impl EventLog {
     ) -> Result<Arc<LoggedEvent>, LogError> {
         let (ack_tx, ack_rx) = oneshot::channel();
         self.tx
-            .send(Pending { entry: LogEntry { event, run }, ack: Some(ack_tx) })
+            .send(Pending {
+                entry: LogEntry { event, run },
+                ack: Some(ack_tx),
+            })
             .await
             .map_err(|_| LogError::Closed)?;
         match ack_rx.await {
@@ -228,12 +243,16 @@ impl Subscription {
                 return Ok(Some(ev));
             }
             if self.catching_up {
-                let page = self.store.read_events(&self.session_id, self.next - 1, READ_PAGE).await?;
+                let page = self
+                    .store
+                    .read_events(&self.session_id, self.next - 1, READ_PAGE)
+                    .await?;
                 if page.len() < READ_PAGE {
                     self.catching_up = false;
                 }
                 // Events older than retention may be gone: start where the log starts.
-                self.backlog.extend(page.into_iter().filter(|e| e.seq() >= self.next));
+                self.backlog
+                    .extend(page.into_iter().filter(|e| e.seq() >= self.next));
                 continue;
             }
             match self.live.recv().await {

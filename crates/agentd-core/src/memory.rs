@@ -49,7 +49,12 @@ impl Store for MemoryStore {
     async fn get_session(&self, id: &str) -> StoreResult<Option<Session>> {
         Ok(self.lock().sessions.iter().find(|s| s.id == id).cloned())
     }
-    async fn list_sessions(&self, principal: Option<&str>, limit: usize, before: Option<&str>) -> StoreResult<Vec<Session>> {
+    async fn list_sessions(
+        &self,
+        principal: Option<&str>,
+        limit: usize,
+        before: Option<&str>,
+    ) -> StoreResult<Vec<Session>> {
         let inner = self.lock();
         let end = match before {
             Some(b) => inner.sessions.iter().position(|s| s.id == b).unwrap_or(0),
@@ -65,11 +70,20 @@ impl Store for MemoryStore {
     }
     async fn update_session(&self, session: &Session) -> StoreResult<()> {
         let mut inner = self.lock();
-        let s = inner.sessions.iter_mut().find(|s| s.id == session.id).ok_or(StoreError::NotFound)?;
+        let s = inner
+            .sessions
+            .iter_mut()
+            .find(|s| s.id == session.id)
+            .ok_or(StoreError::NotFound)?;
         *s = session.clone();
         Ok(())
     }
-    async fn list_messages(&self, session_id: &str, limit: Option<usize>, offset: usize) -> StoreResult<Vec<Message>> {
+    async fn list_messages(
+        &self,
+        session_id: &str,
+        limit: Option<usize>,
+        offset: usize,
+    ) -> StoreResult<Vec<Message>> {
         Ok(self
             .lock()
             .messages
@@ -83,14 +97,24 @@ impl Store for MemoryStore {
     async fn create_run(&self, run: &Run, client_message_id: Option<&str>) -> StoreResult<()> {
         let mut inner = self.lock();
         if let Some(c) = client_message_id {
-            if inner.runs.iter().any(|(r, cm)| r.session_id == run.session_id && cm.as_deref() == Some(c)) {
+            if inner
+                .runs
+                .iter()
+                .any(|(r, cm)| r.session_id == run.session_id && cm.as_deref() == Some(c))
+            {
                 return Err(StoreError::Conflict("client_message_id".into()));
             }
         }
-        inner.runs.push((run.clone(), client_message_id.map(String::from)));
+        inner
+            .runs
+            .push((run.clone(), client_message_id.map(String::from)));
         Ok(())
     }
-    async fn find_run_by_client_message_id(&self, session_id: &str, cmid: &str) -> StoreResult<Option<Run>> {
+    async fn find_run_by_client_message_id(
+        &self,
+        session_id: &str,
+        cmid: &str,
+    ) -> StoreResult<Option<Run>> {
         Ok(self
             .lock()
             .runs
@@ -99,17 +123,34 @@ impl Store for MemoryStore {
             .map(|(r, _)| r.clone()))
     }
     async fn get_run(&self, session_id: &str, run_id: &str) -> StoreResult<Option<Run>> {
-        Ok(self.lock().runs.iter().find(|(r, _)| r.session_id == session_id && r.id == run_id).map(|(r, _)| r.clone()))
+        Ok(self
+            .lock()
+            .runs
+            .iter()
+            .find(|(r, _)| r.session_id == session_id && r.id == run_id)
+            .map(|(r, _)| r.clone()))
     }
     async fn list_runs(&self, session_id: &str) -> StoreResult<Vec<Run>> {
-        Ok(self.lock().runs.iter().filter(|(r, _)| r.session_id == session_id).map(|(r, _)| r.clone()).collect())
+        Ok(self
+            .lock()
+            .runs
+            .iter()
+            .filter(|(r, _)| r.session_id == session_id)
+            .map(|(r, _)| r.clone())
+            .collect())
     }
     async fn update_run(&self, run: &Run) -> StoreResult<()> {
         upsert_run(&mut self.lock().runs, run);
         Ok(())
     }
     async fn unfinished_runs(&self) -> StoreResult<Vec<Run>> {
-        Ok(self.lock().runs.iter().filter(|(r, _)| !r.status.is_terminal()).map(|(r, _)| r.clone()).collect())
+        Ok(self
+            .lock()
+            .runs
+            .iter()
+            .filter(|(r, _)| !r.status.is_terminal())
+            .map(|(r, _)| r.clone())
+            .collect())
     }
     async fn append_events(&self, batch: Vec<LogEntry>) -> StoreResult<Vec<Arc<LoggedEvent>>> {
         let mut inner = self.lock();
@@ -132,25 +173,51 @@ impl Store for MemoryStore {
             }
             let logged = Arc::new(LoggedEvent::new(
                 e.session_id.clone(),
-                Event { seq, run_id: e.run_id, agent: e.agent, is_subagent: e.is_subagent, kind: e.kind },
+                Event {
+                    seq,
+                    run_id: e.run_id,
+                    agent: e.agent,
+                    is_subagent: e.is_subagent,
+                    kind: e.kind,
+                },
             ));
-            inner.events.entry(e.session_id).or_default().push(logged.clone());
+            inner
+                .events
+                .entry(e.session_id)
+                .or_default()
+                .push(logged.clone());
             out.push(logged);
         }
         Ok(out)
     }
-    async fn read_events(&self, session_id: &str, after: u64, limit: usize) -> StoreResult<Vec<Arc<LoggedEvent>>> {
+    async fn read_events(
+        &self,
+        session_id: &str,
+        after: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<Arc<LoggedEvent>>> {
         Ok(self
             .lock()
             .events
             .get(session_id)
-            .map(|v| v.iter().filter(|e| e.seq() > after).take(limit).cloned().collect())
+            .map(|v| {
+                v.iter()
+                    .filter(|e| e.seq() > after)
+                    .take(limit)
+                    .cloned()
+                    .collect()
+            })
             .unwrap_or_default())
     }
     async fn log_bounds(&self, session_id: &str) -> StoreResult<LogBounds> {
         let inner = self.lock();
         Ok(LogBounds {
-            first_seq: inner.events.get(session_id).and_then(|v| v.first()).map(|e| e.seq()).unwrap_or(0),
+            first_seq: inner
+                .events
+                .get(session_id)
+                .and_then(|v| v.first())
+                .map(|e| e.seq())
+                .unwrap_or(0),
             last_seq: inner.last_seq.get(session_id).copied().unwrap_or(0),
         })
     }
@@ -164,8 +231,12 @@ impl Store for MemoryStore {
     }
     async fn prune_events(&self, session_id: &str, keep_runs: usize) -> StoreResult<()> {
         let mut inner = self.lock();
-        let runs: Vec<String> =
-            inner.runs.iter().filter(|(r, _)| r.session_id == session_id).map(|(r, _)| r.id.clone()).collect();
+        let runs: Vec<String> = inner
+            .runs
+            .iter()
+            .filter(|(r, _)| r.session_id == session_id)
+            .map(|(r, _)| r.id.clone())
+            .collect();
         if runs.len() <= keep_runs {
             return Ok(());
         }

@@ -10,11 +10,22 @@ use crate::domain::{ToolCall, Usage};
 /// One message of a model call's prompt.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ModelMessage {
-    System { content: String },
+    System {
+        content: String,
+    },
     /// `images` are data URLs (`data:image/png;base64,...`), sent as image parts.
-    User { content: String, images: Vec<String> },
-    Assistant { content: String, tool_calls: Vec<ToolCall> },
-    Tool { tool_call_id: String, content: String },
+    User {
+        content: String,
+        images: Vec<String>,
+    },
+    Assistant {
+        content: String,
+        tool_calls: Vec<ToolCall>,
+    },
+    Tool {
+        tool_call_id: String,
+        content: String,
+    },
 }
 
 impl ModelMessage {

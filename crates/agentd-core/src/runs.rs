@@ -95,37 +95,62 @@ impl RunManager {
     fn session(&self, session_id: &str) -> Arc<SessionRuns> {
         let mut map = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         map.entry(session_id.to_string())
-            .or_insert_with(|| Arc::new(SessionRuns { turn: Arc::new(Semaphore::new(1)), state: Mutex::default() }))
+            .or_insert_with(|| {
+                Arc::new(SessionRuns {
+                    turn: Arc::new(Semaphore::new(1)),
+                    state: Mutex::default(),
+                })
+            })
             .clone()
     }
 
     fn existing(&self, session_id: &str) -> Option<Arc<SessionRuns>> {
-        self.sessions.lock().unwrap_or_else(|p| p.into_inner()).get(session_id).cloned()
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(session_id)
+            .cloned()
     }
 
     /// The run holding the session's turn, if any.
     pub fn active_run_id(&self, session_id: &str) -> Option<String> {
-        self.existing(session_id).and_then(|s| s.state().active.clone())
+        self.existing(session_id)
+            .and_then(|s| s.state().active.clone())
     }
 
     /// Whether any run is active or queued in the session.
     pub fn is_busy(&self, session_id: &str) -> bool {
-        self.existing(session_id).is_some_and(|s| !s.state().runs.is_empty())
+        self.existing(session_id)
+            .is_some_and(|s| !s.state().runs.is_empty())
     }
 
     /// The `done` watch of a queued or active run (None once it has ended).
     pub fn watch(&self, session_id: &str, run_id: &str) -> Option<watch::Receiver<RunResult>> {
         let s = self.existing(session_id)?;
         let state = s.state();
-        state.runs.iter().find(|(id, _)| id == run_id).map(|(_, h)| h.done.clone())
+        state
+            .runs
+            .iter()
+            .find(|(id, _)| id == run_id)
+            .map(|(_, h)| h.done.clone())
     }
 
     /// Starts (or queues) a turn whose run row and user message are already stored.
-    pub fn start(self: &Arc<Self>, req: TurnRequest, session_agent: String) -> watch::Receiver<RunResult> {
+    pub fn start(
+        self: &Arc<Self>,
+        req: TurnRequest,
+        session_agent: String,
+    ) -> watch::Receiver<RunResult> {
         let sr = self.session(&req.run.session_id);
         let cancel = CancellationToken::new();
         let (done_tx, done_rx) = watch::channel(None);
-        sr.state().runs.push((req.run.id.clone(), RunHandle { cancel: cancel.clone(), done: done_rx.clone() }));
+        sr.state().runs.push((
+            req.run.id.clone(),
+            RunHandle {
+                cancel: cancel.clone(),
+                done: done_rx.clone(),
+            },
+        ));
         let me = self.clone();
         self.tracker.spawn(async move {
             me.run_task(sr, req, session_agent, cancel, done_tx).await;
@@ -150,7 +175,10 @@ impl RunManager {
             let state = s.state();
             let id = match run_id {
                 Some(id) => id.to_string(),
-                None => state.active.clone().or_else(|| state.runs.first().map(|(id, _)| id.clone()))?,
+                None => state
+                    .active
+                    .clone()
+                    .or_else(|| state.runs.first().map(|(id, _)| id.clone()))?,
             };
             let (_, h) = state.runs.iter().find(|(rid, _)| *rid == id)?;
             (id, h.cancel.clone(), h.done.clone())
@@ -161,13 +189,21 @@ impl RunManager {
     }
 
     /// Answers a pending `ask_human`, exactly once.
-    pub fn reply(&self, session_id: &str, request_id: &str, content: String) -> Result<String, ReplyError> {
+    pub fn reply(
+        &self,
+        session_id: &str,
+        request_id: &str,
+        content: String,
+    ) -> Result<String, ReplyError> {
         let pending = self
             .existing(session_id)
             .and_then(|s| s.state().pending_inputs.remove(request_id))
             .ok_or_else(|| ReplyError::UnknownRequest(request_id.to_string()))?;
         let run_id = pending.run_id.clone();
-        pending.reply.send(content).map_err(|_| ReplyError::UnknownRequest(request_id.to_string()))?;
+        pending
+            .reply
+            .send(content)
+            .map_err(|_| ReplyError::UnknownRequest(request_id.to_string()))?;
         Ok(run_id)
     }
 
@@ -179,7 +215,11 @@ impl RunManager {
         cancel: CancellationToken,
         done_tx: watch::Sender<RunResult>,
     ) {
-        let TurnRequest { mut run, agent, skill } = req;
+        let TurnRequest {
+            mut run,
+            agent,
+            skill,
+        } = req;
         let run_id = run.id.clone();
         let session_id = run.session_id.clone();
         let permit = tokio::select! {
@@ -194,7 +234,9 @@ impl RunManager {
             sr.state().active = Some(run_id.clone());
             run.status = RunStatus::Running;
             run.started_at = Some(now_rfc3339());
-            let outcome = self.execute(&mut run, &agent, skill, &session_agent, &cancel).await;
+            let outcome = self
+                .execute(&mut run, &agent, skill, &session_agent, &cancel)
+                .await;
             match outcome {
                 Ok(o) => {
                     run.status = o.status;
@@ -206,7 +248,10 @@ impl RunManager {
                 }
                 Err(e) => {
                     run.status = RunStatus::Failed;
-                    run.error = Some(RunError { code: RunErrorCode::Internal, message: e });
+                    run.error = Some(RunError {
+                        code: RunErrorCode::Internal,
+                        message: e,
+                    });
                 }
             }
         } else {
@@ -214,7 +259,10 @@ impl RunManager {
         }
         if run.status == RunStatus::Cancelled && self.shutting_down.load(Ordering::SeqCst) {
             run.status = RunStatus::Interrupted;
-            run.error = Some(RunError { code: RunErrorCode::Interrupted, message: "the server shut down during the run".into() });
+            run.error = Some(RunError {
+                code: RunErrorCode::Interrupted,
+                message: "the server shut down during the run".into(),
+            });
         }
         run.ended_at = Some(now_rfc3339());
         let finished = NewEvent {
@@ -229,7 +277,12 @@ impl RunManager {
                 max_context_tokens: agent.max_context_tokens,
             },
         };
-        if let Err(e) = self.env.log.append_durable(finished, Some(run.clone())).await {
+        if let Err(e) = self
+            .env
+            .log
+            .append_durable(finished, Some(run.clone()))
+            .await
+        {
             tracing::error!(run_id = %run_id, error = %e, "could not record the end of a run");
         }
         let retention = self.env.config.server.event_retention_runs;
@@ -264,11 +317,18 @@ impl RunManager {
             is_subagent: false,
             kind,
         };
-        log.append_durable(envelope(EventKind::RunStarted { run: run.clone() }), Some(run.clone()))
-            .await
-            .map_err(|e| e.to_string())?;
-        let (mut system_prompt, mut tools, mut provider, mut model) =
-            (agent.system_prompt.clone(), agent.tools.clone(), agent.provider.clone(), agent.model.clone());
+        log.append_durable(
+            envelope(EventKind::RunStarted { run: run.clone() }),
+            Some(run.clone()),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let (mut system_prompt, mut tools, mut provider, mut model) = (
+            agent.system_prompt.clone(),
+            agent.tools.clone(),
+            agent.provider.clone(),
+            agent.model.clone(),
+        );
         let mut subagents = agent.subagents.clone();
         if let Some(m) = &skill {
             log.append(
@@ -295,7 +355,10 @@ impl RunManager {
                 model = md.clone();
             }
         }
-        let history = self.history(&run.session_id, &run.id).await.map_err(|e| e.to_string())?;
+        let history = self
+            .history(&run.session_id, &run.id)
+            .await
+            .map_err(|e| e.to_string())?;
         let human = Arc::new(RunHuman {
             manager: self.clone(),
             log: log.clone(),
@@ -330,13 +393,26 @@ impl RunManager {
     }
 
     /// The conversation for a run's model calls: messages in run order, up to and including this run's own.
-    async fn history(&self, session_id: &str, run_id: &str) -> Result<Vec<ModelMessage>, StoreError> {
+    async fn history(
+        &self,
+        session_id: &str,
+        run_id: &str,
+    ) -> Result<Vec<ModelMessage>, StoreError> {
         let store = self.store();
         let runs = store.list_runs(session_id).await?;
-        let order: HashMap<&str, usize> = runs.iter().enumerate().map(|(i, r)| (r.id.as_str(), i)).collect();
+        let order: HashMap<&str, usize> = runs
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.id.as_str(), i))
+            .collect();
         let mine = order.get(run_id).copied().unwrap_or(usize::MAX);
         let mut messages = store.list_messages(session_id, None, 0).await?;
-        let pos = |m: &Message| m.run_id.as_deref().and_then(|r| order.get(r).copied()).unwrap_or(0);
+        let pos = |m: &Message| {
+            m.run_id
+                .as_deref()
+                .and_then(|r| order.get(r).copied())
+                .unwrap_or(0)
+        };
         messages.retain(|m| pos(m) <= mine);
         messages.sort_by_key(|m| pos(m)); // stable: insertion order within a run
         Ok(to_model_messages(&messages))
@@ -351,7 +427,12 @@ impl RunManager {
                 Some(s) => s.agent,
                 None => String::new(),
             };
-            let max_context_tokens = self.env.config.agent(&agent_name).map(|a| a.max_context_tokens).unwrap_or(0);
+            let max_context_tokens = self
+                .env
+                .config
+                .agent(&agent_name)
+                .map(|a| a.max_context_tokens)
+                .unwrap_or(0);
             run.status = RunStatus::Interrupted;
             run.ended_at = Some(now_rfc3339());
             run.error = Some(RunError {
@@ -363,9 +444,18 @@ impl RunManager {
                 run_id: run.id.clone(),
                 agent: agent_name,
                 is_subagent: false,
-                kind: EventKind::RunFinished { run: run.clone(), content: String::new(), context_tokens: 0, max_context_tokens },
+                kind: EventKind::RunFinished {
+                    run: run.clone(),
+                    content: String::new(),
+                    context_tokens: 0,
+                    max_context_tokens,
+                },
             };
-            self.env.log.append_durable(ev, Some(run)).await.map_err(|e| StoreError::Other(e.to_string()))?;
+            self.env
+                .log
+                .append_durable(ev, Some(run))
+                .await
+                .map_err(|e| StoreError::Other(e.to_string()))?;
         }
         Ok(n)
     }
@@ -375,11 +465,19 @@ impl RunManager {
     pub async fn shutdown(&self, grace: Duration) {
         self.shutting_down.store(true, Ordering::SeqCst);
         self.tracker.close();
-        if tokio::time::timeout(grace, self.tracker.wait()).await.is_ok() {
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_ok()
+        {
             return;
         }
-        let sessions: Vec<Arc<SessionRuns>> =
-            self.sessions.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        let sessions: Vec<Arc<SessionRuns>> = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
         for s in sessions {
             for (_, h) in &s.state().runs {
                 h.cancel.cancel();
@@ -400,7 +498,10 @@ pub fn to_model_messages(messages: &[Message]) -> Vec<ModelMessage> {
     let mut open_calls: Vec<String> = Vec::new();
     let close = |out: &mut Vec<ModelMessage>, open: &mut Vec<String>| {
         for id in open.drain(..) {
-            out.push(ModelMessage::Tool { tool_call_id: id, content: "(no result: the run ended before the tool finished)".into() });
+            out.push(ModelMessage::Tool {
+                tool_call_id: id,
+                content: "(no result: the run ended before the tool finished)".into(),
+            });
         }
     };
     for m in messages {
@@ -409,22 +510,33 @@ pub fn to_model_messages(messages: &[Message]) -> Vec<ModelMessage> {
                 let Some(id) = &m.tool_call_id else { continue };
                 if let Some(i) = open_calls.iter().position(|c| c == id) {
                     open_calls.remove(i);
-                    out.push(ModelMessage::Tool { tool_call_id: id.clone(), content: m.content.clone() });
+                    out.push(ModelMessage::Tool {
+                        tool_call_id: id.clone(),
+                        content: m.content.clone(),
+                    });
                 }
             }
             Role::Assistant => {
                 close(&mut out, &mut open_calls);
                 let calls = m.tool_calls.clone().unwrap_or_default();
                 open_calls.extend(calls.iter().map(|c| c.id.clone()));
-                out.push(ModelMessage::Assistant { content: m.content.clone(), tool_calls: calls });
+                out.push(ModelMessage::Assistant {
+                    content: m.content.clone(),
+                    tool_calls: calls,
+                });
             }
             Role::User => {
                 close(&mut out, &mut open_calls);
-                out.push(ModelMessage::User { content: m.content.clone(), images: m.images.clone() });
+                out.push(ModelMessage::User {
+                    content: m.content.clone(),
+                    images: m.images.clone(),
+                });
             }
             Role::System => {
                 close(&mut out, &mut open_calls);
-                out.push(ModelMessage::System { content: m.content.clone() });
+                out.push(ModelMessage::System {
+                    content: m.content.clone(),
+                });
             }
         }
     }
@@ -467,8 +579,20 @@ impl HumanInput for RunHuman {
         let (tx, rx) = oneshot::channel();
         let run = self.run_with(RunStatus::WaitingInput);
         let sr = self.manager.session(&self.session_id);
-        sr.state().pending_inputs.insert(request_id.clone(), PendingInput { run_id: run.id.clone(), reply: tx });
-        let asked = self.event(&run.id, EventKind::InputRequested { request_id: request_id.clone(), question: question.to_string() });
+        sr.state().pending_inputs.insert(
+            request_id.clone(),
+            PendingInput {
+                run_id: run.id.clone(),
+                reply: tx,
+            },
+        );
+        let asked = self.event(
+            &run.id,
+            EventKind::InputRequested {
+                request_id: request_id.clone(),
+                question: question.to_string(),
+            },
+        );
         if let Err(e) = self.log.append_durable(asked, Some(run.clone())).await {
             sr.state().pending_inputs.remove(&request_id);
             return Err(format!("could not record the question: {e}"));

@@ -15,7 +15,10 @@ use crate::provider::{ModelEvent, ModelRequest, ModelStream, Provider, ProviderE
 #[derive(Clone, Debug)]
 pub enum Scripted {
     /// Stream these events, with `delay` between them.
-    Events { events: Vec<ModelEvent>, delay: Duration },
+    Events {
+        events: Vec<ModelEvent>,
+        delay: Duration,
+    },
     /// Fail before streaming.
     Fail(ProviderError),
     /// Never answer (until dropped).
@@ -24,9 +27,18 @@ pub enum Scripted {
 
 impl Scripted {
     pub fn text(chunks: &[&str]) -> Scripted {
-        let mut events: Vec<ModelEvent> = chunks.iter().map(|c| ModelEvent::Text(c.to_string())).collect();
-        events.push(ModelEvent::Usage(Usage { prompt_tokens: 10, completion_tokens: chunks.len() as u64 }));
-        Scripted::Events { events, delay: Duration::ZERO }
+        let mut events: Vec<ModelEvent> = chunks
+            .iter()
+            .map(|c| ModelEvent::Text(c.to_string()))
+            .collect();
+        events.push(ModelEvent::Usage(Usage {
+            prompt_tokens: 10,
+            completion_tokens: chunks.len() as u64,
+        }));
+        Scripted::Events {
+            events,
+            delay: Duration::ZERO,
+        }
     }
     pub fn slow_text(chunks: &[&str], delay: Duration) -> Scripted {
         match Scripted::text(chunks) {
@@ -38,11 +50,21 @@ impl Scripted {
         let mut events: Vec<ModelEvent> = calls
             .iter()
             .map(|(id, name, args)| {
-                ModelEvent::ToolCall(ToolCall { id: id.to_string(), name: name.to_string(), arguments: args.to_string() })
+                ModelEvent::ToolCall(ToolCall {
+                    id: id.to_string(),
+                    name: name.to_string(),
+                    arguments: args.to_string(),
+                })
             })
             .collect();
-        events.push(ModelEvent::Usage(Usage { prompt_tokens: 10, completion_tokens: 5 }));
-        Scripted::Events { events, delay: Duration::ZERO }
+        events.push(ModelEvent::Usage(Usage {
+            prompt_tokens: 10,
+            completion_tokens: 5,
+        }));
+        Scripted::Events {
+            events,
+            delay: Duration::ZERO,
+        }
     }
 }
 
@@ -55,24 +77,42 @@ pub struct ScriptedProvider {
 
 impl ScriptedProvider {
     pub fn new(replies: Vec<Scripted>) -> ScriptedProvider {
-        ScriptedProvider { replies: Mutex::new(replies.into()), requests: Mutex::new(Vec::new()) }
+        ScriptedProvider {
+            replies: Mutex::new(replies.into()),
+            requests: Mutex::new(Vec::new()),
+        }
     }
     pub fn push(&self, reply: Scripted) {
-        self.replies.lock().unwrap_or_else(|p| p.into_inner()).push_back(reply);
+        self.replies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(reply);
     }
     /// Every request received so far.
     pub fn requests(&self) -> Vec<ModelRequest> {
-        self.requests.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
 #[async_trait]
 impl Provider for ScriptedProvider {
     async fn stream(&self, request: ModelRequest) -> Result<ModelStream, ProviderError> {
-        self.requests.lock().unwrap_or_else(|p| p.into_inner()).push(request);
-        let next = self.replies.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
+        self.requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(request);
+        let next = self
+            .replies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front();
         match next {
-            None => Err(ProviderError::Other("scripted provider has no reply left".into())),
+            None => Err(ProviderError::Other(
+                "scripted provider has no reply left".into(),
+            )),
             Some(Scripted::Fail(e)) => Err(e),
             Some(Scripted::Hang) => Ok(stream::pending().boxed()),
             Some(Scripted::Events { events, delay }) => Ok(stream::iter(events)

@@ -29,7 +29,10 @@ pub struct Principal {
 
 impl Principal {
     pub fn local() -> Principal {
-        Principal { name: "local".into(), admin: false }
+        Principal {
+            name: "local".into(),
+            admin: false,
+        }
     }
 }
 
@@ -56,7 +59,10 @@ impl From<StoreError> for ServiceError {
     fn from(e: StoreError) -> ServiceError {
         match e {
             StoreError::NotFound => ServiceError::NotFound("not found".into()),
-            StoreError::Conflict(m) => ServiceError::Conflict { code: "conflict", message: m },
+            StoreError::Conflict(m) => ServiceError::Conflict {
+                code: "conflict",
+                message: m,
+            },
             StoreError::Other(m) => ServiceError::Internal(m),
         }
     }
@@ -123,13 +129,28 @@ impl Agentd {
         providers: HashMap<String, Arc<dyn Provider>>,
     ) -> Result<Arc<Agentd>, String> {
         let log = EventLog::start(store.clone());
-        let env = LoopEnv { config: config.clone(), log: log.clone(), providers: Arc::new(providers) };
+        let env = LoopEnv {
+            config: config.clone(),
+            log: log.clone(),
+            providers: Arc::new(providers),
+        };
         let runs = RunManager::new(env);
-        let n = runs.interrupt_leftovers().await.map_err(|e| format!("start-up sweep failed: {e}"))?;
+        let n = runs
+            .interrupt_leftovers()
+            .await
+            .map_err(|e| format!("start-up sweep failed: {e}"))?;
         if n > 0 {
-            tracing::info!(runs = n, "marked runs left unfinished by the previous process as interrupted");
+            tracing::info!(
+                runs = n,
+                "marked runs left unfinished by the previous process as interrupted"
+            );
         }
-        Ok(Arc::new(Agentd { config, store, log, runs }))
+        Ok(Arc::new(Agentd {
+            config,
+            store,
+            log,
+            runs,
+        }))
     }
 
     pub fn agents(&self) -> &[AgentSettings] {
@@ -182,9 +203,17 @@ impl Agentd {
         self.owned(p, s, id)
     }
 
-    pub async fn list_sessions(&self, p: &Principal, limit: usize, before: Option<&str>) -> ServiceResult<Vec<Session>> {
+    pub async fn list_sessions(
+        &self,
+        p: &Principal,
+        limit: usize,
+        before: Option<&str>,
+    ) -> ServiceResult<Vec<Session>> {
         let principal = if p.admin { None } else { Some(p.name.as_str()) };
-        let mut list = self.store.list_sessions(principal, limit.clamp(1, 1000), before).await?;
+        let mut list = self
+            .store
+            .list_sessions(principal, limit.clamp(1, 1000), before)
+            .await?;
         for s in &mut list {
             s.active_run_id = self.runs.active_run_id(&s.id);
         }
@@ -203,7 +232,13 @@ impl Agentd {
         Ok(s)
     }
 
-    pub async fn messages(&self, p: &Principal, id: &str, limit: Option<usize>, offset: usize) -> ServiceResult<Vec<Message>> {
+    pub async fn messages(
+        &self,
+        p: &Principal,
+        id: &str,
+        limit: Option<usize>,
+        offset: usize,
+    ) -> ServiceResult<Vec<Message>> {
         self.session(p, id).await?;
         Ok(self.store.list_messages(id, limit, offset).await?)
     }
@@ -222,14 +257,25 @@ impl Agentd {
     }
 
     /// Sends a user message: stores it (durably) and starts or queues its turn.
-    pub async fn send(&self, p: &Principal, session_id: &str, msg: SendMessage) -> ServiceResult<Accepted> {
+    pub async fn send(
+        &self,
+        p: &Principal,
+        session_id: &str,
+        msg: SendMessage,
+    ) -> ServiceResult<Accepted> {
         let mut session = self.session(p, session_id).await?;
         if session.status == SessionStatus::Closed {
-            return Err(ServiceError::Conflict { code: "session_closed", message: format!("session `{session_id}` is closed") });
+            return Err(ServiceError::Conflict {
+                code: "session_closed",
+                message: format!("session `{session_id}` is closed"),
+            });
         }
         let max = self.config.server.max_message_bytes;
         if msg.content.len() > max {
-            return Err(ServiceError::TooLarge(format!("message content is {} bytes; the limit is {max}", msg.content.len())));
+            return Err(ServiceError::TooLarge(format!(
+                "message content is {} bytes; the limit is {max}",
+                msg.content.len()
+            )));
         }
         if msg.content.trim().is_empty() && msg.images.is_empty() {
             return Err(ServiceError::Invalid("`content` must not be empty".into()));
@@ -239,13 +285,16 @@ impl Agentd {
                 return Ok(existing);
             }
         }
-        let agent = self
-            .config
-            .agent(&session.agent)
-            .cloned()
-            .ok_or_else(|| ServiceError::Invalid(format!("the session's agent `{}` is no longer configured", session.agent)))?;
+        let agent = self.config.agent(&session.agent).cloned().ok_or_else(|| {
+            ServiceError::Invalid(format!(
+                "the session's agent `{}` is no longer configured",
+                session.agent
+            ))
+        })?;
         let routing = skills::route(&self.config, &agent, &msg.content).map_err(|e| match e {
-            RoutingError::UnknownSkill(n) => ServiceError::Invalid(format!("unknown skill `{n}` for agent `{}`", agent.name)),
+            RoutingError::UnknownSkill(n) => {
+                ServiceError::Invalid(format!("unknown skill `{n}` for agent `{}`", agent.name))
+            }
         })?;
         let images = msg
             .images
@@ -259,17 +308,27 @@ impl Agentd {
                 let up = self.upload_meta(session_id, id).await?;
                 lines.push(format!("- {} → {}", up.name, up.path));
             }
-            content = format!("{content}\n\n[Uploaded files on disk:\n{}]", lines.join("\n"));
+            content = format!(
+                "{content}\n\n[Uploaded files on disk:\n{}]",
+                lines.join("\n")
+            );
         }
         match msg.multitask.unwrap_or(agent.multitask) {
             Multitask::Reject if self.runs.is_busy(session_id) => {
-                return Err(ServiceError::Conflict { code: "run_active", message: "a run is already active in this session".into() })
+                return Err(ServiceError::Conflict {
+                    code: "run_active",
+                    message: "a run is already active in this session".into(),
+                })
             }
             Multitask::Interrupt => self.runs.cancel_all(session_id),
             _ => {}
         }
         let run = Run::queued(session_id);
-        match self.store.create_run(&run, msg.client_message_id.as_deref()).await {
+        match self
+            .store
+            .create_run(&run, msg.client_message_id.as_deref())
+            .await
+        {
             Ok(()) => {}
             Err(StoreError::Conflict(_)) => {
                 // Two sends with one client_message_id raced; the first one won.
@@ -278,7 +337,10 @@ impl Agentd {
                         return Ok(existing);
                     }
                 }
-                return Err(ServiceError::Conflict { code: "conflict", message: "duplicate send".into() });
+                return Err(ServiceError::Conflict {
+                    code: "conflict",
+                    message: "duplicate send".into(),
+                });
             }
             Err(e) => return Err(e.into()),
         }
@@ -299,20 +361,41 @@ impl Agentd {
             run_id: run.id.clone(),
             agent: session.agent.clone(),
             is_subagent: false,
-            kind: EventKind::Message { message: message.clone() },
+            kind: EventKind::Message {
+                message: message.clone(),
+            },
         };
-        self.log.append_durable(ev, None).await.map_err(|e| ServiceError::Internal(e.to_string()))?;
+        self.log
+            .append_durable(ev, None)
+            .await
+            .map_err(|e| ServiceError::Internal(e.to_string()))?;
         if session.title.is_none() {
             session.title = Some(message.content.chars().take(60).collect());
             session.updated_at = now_rfc3339();
             self.store.update_session(&session).await?;
         }
-        let done = self.runs.start(TurnRequest { run: run.clone(), agent, skill: routing.skill }, session.agent.clone());
-        Ok(Accepted { run, message: Some(message), done, repeated: false })
+        let done = self.runs.start(
+            TurnRequest {
+                run: run.clone(),
+                agent,
+                skill: routing.skill,
+            },
+            session.agent.clone(),
+        );
+        Ok(Accepted {
+            run,
+            message: Some(message),
+            done,
+            repeated: false,
+        })
     }
 
     async fn repeat(&self, session_id: &str, cmid: &str) -> ServiceResult<Option<Accepted>> {
-        let Some(run) = self.store.find_run_by_client_message_id(session_id, cmid).await? else {
+        let Some(run) = self
+            .store
+            .find_run_by_client_message_id(session_id, cmid)
+            .await?
+        else {
             return Ok(None);
         };
         let message = self
@@ -328,31 +411,55 @@ impl Agentd {
                 watch::channel(Some((run.clone(), final_msg))).1
             }
         };
-        Ok(Some(Accepted { run, message, done, repeated: true }))
+        Ok(Some(Accepted {
+            run,
+            message,
+            done,
+            repeated: true,
+        }))
     }
 
     /// The last assistant message of a run.
-    pub async fn final_message(&self, session_id: &str, run_id: &str) -> ServiceResult<Option<Message>> {
+    pub async fn final_message(
+        &self,
+        session_id: &str,
+        run_id: &str,
+    ) -> ServiceResult<Option<Message>> {
         Ok(self
             .store
             .list_messages(session_id, None, 0)
             .await?
             .into_iter()
             .rev()
-            .find(|m| m.role == Role::Assistant && m.run_id.as_deref() == Some(run_id) && m.agent.is_some()))
+            .find(|m| {
+                m.role == Role::Assistant
+                    && m.run_id.as_deref() == Some(run_id)
+                    && m.agent.is_some()
+            }))
     }
 
     /// Waits for a run to end.
-    pub async fn wait(mut done: watch::Receiver<RunResult>) -> ServiceResult<(Run, Option<Message>)> {
+    pub async fn wait(
+        mut done: watch::Receiver<RunResult>,
+    ) -> ServiceResult<(Run, Option<Message>)> {
         match done.wait_for(|r| r.is_some()).await {
-            Ok(r) => r.clone().ok_or_else(|| ServiceError::Internal("run ended without a result".into())),
-            Err(_) => Err(ServiceError::Unavailable("the server is shutting down".into())),
+            Ok(r) => r
+                .clone()
+                .ok_or_else(|| ServiceError::Internal("run ended without a result".into())),
+            Err(_) => Err(ServiceError::Unavailable(
+                "the server is shutting down".into(),
+            )),
         }
     }
 
     /// Cancels a run (the active one when `run_id` is None) and returns it once stopped, or unchanged if it had
     /// already ended.
-    pub async fn cancel(&self, p: &Principal, session_id: &str, run_id: Option<&str>) -> ServiceResult<Option<Run>> {
+    pub async fn cancel(
+        &self,
+        p: &Principal,
+        session_id: &str,
+        run_id: Option<&str>,
+    ) -> ServiceResult<Option<Run>> {
         self.session(p, session_id).await?;
         if let Some(id) = run_id {
             self.run(p, session_id, id).await?;
@@ -365,20 +472,37 @@ impl Agentd {
     }
 
     /// Answers a pending `ask_human`.
-    pub async fn reply(&self, p: &Principal, session_id: &str, request_id: &str, content: String) -> ServiceResult<String> {
+    pub async fn reply(
+        &self,
+        p: &Principal,
+        session_id: &str,
+        request_id: &str,
+        content: String,
+    ) -> ServiceResult<String> {
         self.session(p, session_id).await?;
-        self.runs.reply(session_id, request_id, content).map_err(|e| ServiceError::NotFound(e.to_string()))
+        self.runs
+            .reply(session_id, request_id, content)
+            .map_err(|e| ServiceError::NotFound(e.to_string()))
     }
 
     /// Attaches a subscriber: after `after` when given (and still retained), else from the active run's start,
     /// else live.
-    pub async fn attach(&self, p: &Principal, session_id: &str, after: Option<u64>) -> ServiceResult<Attached> {
+    pub async fn attach(
+        &self,
+        p: &Principal,
+        session_id: &str,
+        after: Option<u64>,
+    ) -> ServiceResult<Attached> {
         let session = self.session(p, session_id).await?;
         let bounds = self.store.log_bounds(session_id).await?;
         let active_run_id = session.active_run_id.clone();
         let mut cursor_expired = false;
         let from = match after {
-            Some(n) if n <= bounds.last_seq && (bounds.first_seq == 0 || n + 1 >= bounds.first_seq) => Some(n),
+            Some(n)
+                if n <= bounds.last_seq && (bounds.first_seq == 0 || n + 1 >= bounds.first_seq) =>
+            {
+                Some(n)
+            }
             Some(_) => {
                 cursor_expired = true;
                 None
@@ -396,7 +520,12 @@ impl Agentd {
             },
         };
         let subscription = self.log.subscribe(session_id, from);
-        Ok(Attached { subscription, last_seq: bounds.last_seq, active_run_id, cursor_expired })
+        Ok(Attached {
+            subscription,
+            last_seq: bounds.last_seq,
+            active_run_id,
+            cursor_expired,
+        })
     }
 
     /// Stores an upload in the session's workspace under a sanitised name.
@@ -418,23 +547,35 @@ impl Agentd {
         }
         let dir = self.runs.workspace(session_id);
         let meta_dir = dir.join(".uploads");
-        tokio::fs::create_dir_all(&meta_dir).await.map_err(|e| ServiceError::Internal(format!("workspace: {e}")))?;
+        tokio::fs::create_dir_all(&meta_dir)
+            .await
+            .map_err(|e| ServiceError::Internal(format!("workspace: {e}")))?;
         let name = sanitise_file_name(file_name);
         let mut stored = name.clone();
         let mut n = 1;
-        while tokio::fs::try_exists(dir.join(&stored)).await.unwrap_or(false) {
+        while tokio::fs::try_exists(dir.join(&stored))
+            .await
+            .unwrap_or(false)
+        {
             stored = numbered(&name, n);
             n += 1;
         }
-        tokio::fs::write(dir.join(&stored), bytes).await.map_err(|e| ServiceError::Internal(format!("write upload: {e}")))?;
+        tokio::fs::write(dir.join(&stored), bytes)
+            .await
+            .map_err(|e| ServiceError::Internal(format!("write upload: {e}")))?;
         let upload = Upload {
             id: new_id(),
             name: stored.clone(),
             path: stored,
             size: bytes.len() as u64,
-            content_type: if content_type.is_empty() { "application/octet-stream".into() } else { content_type.to_string() },
+            content_type: if content_type.is_empty() {
+                "application/octet-stream".into()
+            } else {
+                content_type.to_string()
+            },
         };
-        let meta = serde_json::to_vec(&upload).map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let meta =
+            serde_json::to_vec(&upload).map_err(|e| ServiceError::Internal(e.to_string()))?;
         tokio::fs::write(meta_dir.join(format!("{}.json", upload.id)), meta)
             .await
             .map_err(|e| ServiceError::Internal(format!("write upload index: {e}")))?;
@@ -446,7 +587,11 @@ impl Agentd {
         if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric()) {
             return Err(unknown());
         }
-        let path = self.runs.workspace(session_id).join(".uploads").join(format!("{id}.json"));
+        let path = self
+            .runs
+            .workspace(session_id)
+            .join(".uploads")
+            .join(format!("{id}.json"));
         let bytes = tokio::fs::read(&path).await.map_err(|_| unknown())?;
         serde_json::from_slice(&bytes).map_err(|_| unknown())
     }
@@ -457,7 +602,13 @@ pub fn sanitise_file_name(raw: &str) -> String {
     let base = raw.rsplit(['/', '\\']).next().unwrap_or("");
     let cleaned: String = base
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ' ') { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ' ') {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     let trimmed = cleaned.trim().trim_start_matches('.').to_string();
     let mut name: String = trimmed.chars().take(100).collect();
@@ -481,25 +632,35 @@ pub fn normalise_image(raw: &str, max_bytes: usize) -> ServiceResult<String> {
             let (head, data) = rest
                 .split_once(',')
                 .ok_or_else(|| ServiceError::Invalid("image data URL has no `,`".into()))?;
-            let mime = head.strip_suffix(";base64").ok_or_else(|| ServiceError::Invalid("image data URL must be base64".into()))?;
+            let mime = head
+                .strip_suffix(";base64")
+                .ok_or_else(|| ServiceError::Invalid("image data URL must be base64".into()))?;
             (Some(mime.to_string()), data)
         }
         None => (None, raw),
     };
     if b64.len() / 4 * 3 > max_bytes + 3 {
-        return Err(ServiceError::TooLarge(format!("an image is larger than {max_bytes} bytes")));
+        return Err(ServiceError::TooLarge(format!(
+            "an image is larger than {max_bytes} bytes"
+        )));
     }
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(b64.trim())
         .map_err(|_| ServiceError::Invalid("image is not valid base64".into()))?;
     if bytes.len() > max_bytes {
-        return Err(ServiceError::TooLarge(format!("an image is larger than {max_bytes} bytes")));
+        return Err(ServiceError::TooLarge(format!(
+            "an image is larger than {max_bytes} bytes"
+        )));
     }
     let sniffed = sniff_image(&bytes);
     let mime = match (declared, sniffed) {
         (Some(d), _) if d.starts_with("image/") => d,
         (_, Some(s)) => s.to_string(),
-        _ => return Err(ServiceError::Invalid("not a recognised image (png, jpeg, gif, webp)".into())),
+        _ => {
+            return Err(ServiceError::Invalid(
+                "not a recognised image (png, jpeg, gif, webp)".into(),
+            ))
+        }
     };
     Ok(format!("data:{mime};base64,{}", b64.trim()))
 }
@@ -536,11 +697,23 @@ mod tests {
     #[test]
     fn images_get_their_type_from_magic_bytes() {
         let png = base64::engine::general_purpose::STANDARD.encode([0x89, b'P', b'N', b'G', 0, 0]);
-        assert_eq!(normalise_image(&png, 100).unwrap(), format!("data:image/png;base64,{png}"));
+        assert_eq!(
+            normalise_image(&png, 100).unwrap(),
+            format!("data:image/png;base64,{png}")
+        );
         let url = format!("data:image/png;base64,{png}");
         assert_eq!(normalise_image(&url, 100).unwrap(), url);
-        assert!(matches!(normalise_image("bm90IGFuIGltYWdl", 100), Err(ServiceError::Invalid(_))));
-        assert!(matches!(normalise_image(&png, 3), Err(ServiceError::TooLarge(_))));
-        assert!(matches!(normalise_image("%%%", 100), Err(ServiceError::Invalid(_))));
+        assert!(matches!(
+            normalise_image("bm90IGFuIGltYWdl", 100),
+            Err(ServiceError::Invalid(_))
+        ));
+        assert!(matches!(
+            normalise_image(&png, 3),
+            Err(ServiceError::TooLarge(_))
+        ));
+        assert!(matches!(
+            normalise_image("%%%", 100),
+            Err(ServiceError::Invalid(_))
+        ));
     }
 }

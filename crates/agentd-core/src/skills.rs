@@ -33,8 +33,16 @@ pub enum RoutingError {
 }
 
 /// Routes `content` for `agent`.
-pub fn route(config: &Config, agent: &AgentSettings, content: &str) -> Result<Routing, RoutingError> {
-    let skills: Vec<&SkillSettings> = agent.skills.iter().filter_map(|n| config.skill(n)).collect();
+pub fn route(
+    config: &Config,
+    agent: &AgentSettings,
+    content: &str,
+) -> Result<Routing, RoutingError> {
+    let skills: Vec<&SkillSettings> = agent
+        .skills
+        .iter()
+        .filter_map(|n| config.skill(n))
+        .collect();
     if let Some(rest) = content.strip_prefix("@skill:") {
         let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
         let name = &rest[..end];
@@ -43,17 +51,30 @@ pub fn route(config: &Config, agent: &AgentSettings, content: &str) -> Result<Ro
         };
         return Ok(Routing {
             content: rest[end..].trim_start().to_string(),
-            skill: Some(SkillMatch { skill: (*skill).clone(), method: "explicit", confidence: 1.0 }),
+            skill: Some(SkillMatch {
+                skill: (*skill).clone(),
+                method: "explicit",
+                confidence: 1.0,
+            }),
         });
     }
     let lower = content.to_lowercase();
-    let words: Vec<&str> = lower.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).collect();
+    let words: Vec<&str> = lower
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .collect();
     let mut best: Option<(usize, &SkillSettings)> = None;
     for skill in &skills {
         let hits = skill
             .keywords
             .iter()
-            .filter(|k| if k.contains(' ') { lower.contains(k.as_str()) } else { words.contains(&k.as_str()) })
+            .filter(|k| {
+                if k.contains(' ') {
+                    lower.contains(k.as_str())
+                } else {
+                    words.contains(&k.as_str())
+                }
+            })
             .count();
         if hits > 0 && best.is_none_or(|(b, _)| hits > b) {
             best = Some((hits, skill));
@@ -62,9 +83,16 @@ pub fn route(config: &Config, agent: &AgentSettings, content: &str) -> Result<Ro
     let skill = best.and_then(|(hits, skill)| {
         // 1 hit -> 0.5, 2 -> 0.75, 3 -> 0.875: more evidence, more confidence, never certainty.
         let confidence = 1.0 - 0.5f64.powi(hits as i32);
-        (confidence >= KEYWORD_THRESHOLD).then(|| SkillMatch { skill: skill.clone(), method: "keyword", confidence })
+        (confidence >= KEYWORD_THRESHOLD).then(|| SkillMatch {
+            skill: skill.clone(),
+            method: "keyword",
+            confidence,
+        })
     });
-    Ok(Routing { content: content.to_string(), skill })
+    Ok(Routing {
+        content: content.to_string(),
+        skill,
+    })
 }
 
 #[cfg(test)]
@@ -100,8 +128,14 @@ keywords = ["poem", "rhyme"]
         let r = route(&c, &c.agents[0], "@skill:poet write about rain").unwrap();
         assert_eq!(r.content, "write about rain");
         let m = r.skill.unwrap();
-        assert_eq!((m.skill.name.as_str(), m.method, m.confidence), ("poet", "explicit", 1.0));
-        assert_eq!(route(&c, &c.agents[0], "@skill:nope hi"), Err(RoutingError::UnknownSkill("nope".into())));
+        assert_eq!(
+            (m.skill.name.as_str(), m.method, m.confidence),
+            ("poet", "explicit", 1.0)
+        );
+        assert_eq!(
+            route(&c, &c.agents[0], "@skill:nope hi"),
+            Err(RoutingError::UnknownSkill("nope".into()))
+        );
     }
 
     #[test]
@@ -109,9 +143,18 @@ keywords = ["poem", "rhyme"]
         let c = config();
         let r = route(&c, &c.agents[0], "Please calculate the sum of 2 and 3").unwrap();
         let m = r.skill.unwrap();
-        assert_eq!((m.skill.name.as_str(), m.method, m.confidence), ("math", "keyword", 0.75));
-        assert!(route(&c, &c.agents[0], "hello there").unwrap().skill.is_none());
+        assert_eq!(
+            (m.skill.name.as_str(), m.method, m.confidence),
+            ("math", "keyword", 0.75)
+        );
+        assert!(route(&c, &c.agents[0], "hello there")
+            .unwrap()
+            .skill
+            .is_none());
         // Whole words only: "summary" is not "sum".
-        assert!(route(&c, &c.agents[0], "a summary please").unwrap().skill.is_none());
+        assert!(route(&c, &c.agents[0], "a summary please")
+            .unwrap()
+            .skill
+            .is_none());
     }
 }

@@ -45,7 +45,11 @@ impl ThinkSplitter {
             // Keep back the longest suffix that could start the tag.
             let keep = (1..tag.len())
                 .rev()
-                .find(|&n| self.pending.len() >= n && self.pending.is_char_boundary(self.pending.len() - n) && tag.starts_with(&self.pending[self.pending.len() - n..]))
+                .find(|&n| {
+                    self.pending.len() >= n
+                        && self.pending.is_char_boundary(self.pending.len() - n)
+                        && tag.starts_with(&self.pending[self.pending.len() - n..])
+                })
                 .unwrap_or(0);
             let emit_to = self.pending.len() - keep;
             if emit_to > 0 {
@@ -98,10 +102,22 @@ mod tests {
 
     #[test]
     fn splits_across_boundaries() {
-        assert_eq!(split(&["<think>hmm</think>answer"]), ("answer".into(), "hmm".into()));
-        assert_eq!(split(&["<thi", "nk>h", "mm</th", "ink>ans", "wer"]), ("answer".into(), "hmm".into()));
-        assert_eq!(split(&["a < b", " and <x>"]), ("a < b and <x>".into(), "".into()));
+        assert_eq!(
+            split(&["<think>hmm</think>answer"]),
+            ("answer".into(), "hmm".into())
+        );
+        assert_eq!(
+            split(&["<thi", "nk>h", "mm</th", "ink>ans", "wer"]),
+            ("answer".into(), "hmm".into())
+        );
+        assert_eq!(
+            split(&["a < b", " and <x>"]),
+            ("a < b and <x>".into(), "".into())
+        );
         assert_eq!(split(&["plain"]), ("plain".into(), "".into()));
-        assert_eq!(split(&["é<", "think>ü</think>ö"]), ("éö".into(), "ü".into()));
+        assert_eq!(
+            split(&["é<", "think>ü</think>ö"]),
+            ("éö".into(), "ü".into())
+        );
     }
 }

@@ -20,10 +20,16 @@ pub struct ToolOutput {
 
 impl ToolOutput {
     pub fn ok(content: impl Into<String>) -> ToolOutput {
-        ToolOutput { content: content.into(), success: true }
+        ToolOutput {
+            content: content.into(),
+            success: true,
+        }
     }
     pub fn err(content: impl Into<String>) -> ToolOutput {
-        ToolOutput { content: content.into(), success: false }
+        ToolOutput {
+            content: content.into(),
+            success: false,
+        }
     }
 }
 
@@ -74,7 +80,8 @@ impl Tool for Calculator {
     fn spec(&self) -> ToolSpec {
         ToolSpec {
             name: "calculator".into(),
-            description: "Evaluate an arithmetic expression: + - * / ^ and parentheses, decimals.".into(),
+            description: "Evaluate an arithmetic expression: + - * / ^ and parentheses, decimals."
+                .into(),
             parameters: json!({
                 "type": "object",
                 "properties": {"expression": {"type": "string", "description": "e.g. (2 + 3) * 4.5"}},
@@ -100,11 +107,19 @@ pub fn evaluate(expr: &str) -> Result<f64, String> {
     if expr.len() > 10_000 {
         return Err("expression too long".into());
     }
-    let mut p = Parser { s: expr.as_bytes(), i: 0, depth: 0 };
+    let mut p = Parser {
+        s: expr.as_bytes(),
+        i: 0,
+        depth: 0,
+    };
     let v = p.expr()?;
     p.skip_ws();
     if p.i != p.s.len() {
-        return Err(format!("unexpected `{}` at position {}", p.s[p.i] as char, p.i + 1));
+        return Err(format!(
+            "unexpected `{}` at position {}",
+            p.s[p.i] as char,
+            p.i + 1
+        ));
     }
     if !v.is_finite() {
         return Err("result is not a finite number (division by zero?)".into());
@@ -196,13 +211,21 @@ impl Parser<'_> {
             }
             Some(c) if c.is_ascii_digit() || c == b'.' => {
                 let start = self.i;
-                while self.i < self.s.len() && (self.s[self.i].is_ascii_digit() || self.s[self.i] == b'.') {
+                while self.i < self.s.len()
+                    && (self.s[self.i].is_ascii_digit() || self.s[self.i] == b'.')
+                {
                     self.i += 1;
                 }
-                let text = std::str::from_utf8(&self.s[start..self.i]).map_err(|e| e.to_string())?;
-                text.parse::<f64>().map_err(|_| format!("bad number `{text}`"))
+                let text =
+                    std::str::from_utf8(&self.s[start..self.i]).map_err(|e| e.to_string())?;
+                text.parse::<f64>()
+                    .map_err(|_| format!("bad number `{text}`"))
             }
-            Some(c) => Err(format!("unexpected `{}` at position {}", c as char, self.i + 1)),
+            Some(c) => Err(format!(
+                "unexpected `{}` at position {}",
+                c as char,
+                self.i + 1
+            )),
             None => Err("unexpected end of expression".into()),
         }
     }
@@ -226,10 +249,16 @@ impl Tool for CurrentTime {
         }
     }
     async fn call(&self, args: &Value, _ctx: &ToolContext) -> ToolOutput {
-        let tz = args.get("timezone").and_then(Value::as_str).filter(|s| !s.is_empty()).unwrap_or("UTC");
+        let tz = args
+            .get("timezone")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .unwrap_or("UTC");
         match jiff::Timestamp::now().in_tz(tz) {
             Ok(z) => ToolOutput::ok(z.strftime("%Y-%m-%dT%H:%M:%S%:z").to_string()),
-            Err(_) => ToolOutput::err(format!("unknown time zone `{tz}` (use an IANA name like Europe/Paris)")),
+            Err(_) => ToolOutput::err(format!(
+                "unknown time zone `{tz}` (use an IANA name like Europe/Paris)"
+            )),
         }
     }
 }
@@ -273,7 +302,11 @@ pub fn resolve_in_workspace(root: &Path, rel: &str) -> Result<PathBuf, String> {
         match c {
             Component::Normal(p) => out.push(p),
             Component::CurDir => {}
-            _ => return Err(format!("`{rel}` must be a relative path inside the session workspace")),
+            _ => {
+                return Err(format!(
+                    "`{rel}` must be a relative path inside the session workspace"
+                ))
+            }
         }
     }
     // Follow links only if the target exists, and only if it stays inside.
@@ -292,7 +325,8 @@ impl Tool for ReadFile {
     fn spec(&self) -> ToolSpec {
         ToolSpec {
             name: "read_file".into(),
-            description: "Read a text file from the session's workspace (uploaded files live there).".into(),
+            description:
+                "Read a text file from the session's workspace (uploaded files live there).".into(),
             parameters: json!({
                 "type": "object",
                 "properties": {"path": {"type": "string", "description": "path relative to the workspace"}},
@@ -311,7 +345,9 @@ impl Tool for ReadFile {
         };
         const MAX: u64 = 256 * 1024;
         match tokio::fs::metadata(&path).await {
-            Ok(m) if m.len() > MAX => return ToolOutput::err(format!("`{rel}` is larger than {MAX} bytes")),
+            Ok(m) if m.len() > MAX => {
+                return ToolOutput::err(format!("`{rel}` is larger than {MAX} bytes"))
+            }
             Ok(_) => {}
             Err(_) => return ToolOutput::err(format!("no file `{rel}` in the workspace")),
         }

@@ -1,6 +1,8 @@
 //! Unit tests of the agent loop and run manager, driven through the service facade with the scripted provider
 //! and the in-memory store. Integration tests over real HTTP/SQLite live in the server crate.
 
+#![allow(clippy::unwrap_used)] // tests: a panic is a failed assertion
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -68,8 +70,14 @@ async fn harness(replies: Vec<Scripted>) -> Harness {
     let provider = Arc::new(ScriptedProvider::new(replies));
     let mut providers: HashMap<String, Arc<dyn Provider>> = HashMap::new();
     providers.insert("p".into(), provider.clone());
-    let app = Agentd::start(config, Arc::new(MemoryStore::default()), providers).await.unwrap();
-    Harness { app, provider, _dir: dir }
+    let app = Agentd::start(config, Arc::new(MemoryStore::default()), providers)
+        .await
+        .unwrap();
+    Harness {
+        app,
+        provider,
+        _dir: dir,
+    }
 }
 
 fn me() -> Principal {
@@ -77,7 +85,10 @@ fn me() -> Principal {
 }
 
 fn msg(content: &str) -> SendMessage {
-    SendMessage { content: content.into(), ..Default::default() }
+    SendMessage {
+        content: content.into(),
+        ..Default::default()
+    }
 }
 
 /// All events of a session so far.
@@ -89,7 +100,14 @@ fn types(evs: &[Arc<LoggedEvent>]) -> Vec<&'static str> {
     evs.iter().map(|e| e.event.kind.type_name()).collect()
 }
 
-async fn send_and_wait(h: &Harness, session: &str, content: &str) -> (agentd_core::domain::Run, Option<agentd_core::domain::Message>) {
+async fn send_and_wait(
+    h: &Harness,
+    session: &str,
+    content: &str,
+) -> (
+    agentd_core::domain::Run,
+    Option<agentd_core::domain::Message>,
+) {
     let acc = h.app.send(&me(), session, msg(content)).await.unwrap();
     Agentd::wait(acc.done).await.unwrap()
 }
@@ -97,12 +115,26 @@ async fn send_and_wait(h: &Harness, session: &str, content: &str) -> (agentd_cor
 #[tokio::test]
 async fn text_reply_streams_and_is_stored() {
     let h = harness(vec![Scripted::text(&["Hel", "lo"])]).await;
-    let s = h.app.create_session(&me(), "assistant", None, None).await.unwrap();
+    let s = h
+        .app
+        .create_session(&me(), "assistant", None, None)
+        .await
+        .unwrap();
     let (run, message) = send_and_wait(&h, &s.id, "hi").await;
     assert_eq!(run.status, RunStatus::Completed);
     assert_eq!(message.unwrap().content, "Hello");
     let evs = events(&h.app, &s.id).await;
-    assert_eq!(types(&evs), ["message", "run_started", "text_delta", "text_delta", "message", "run_finished"]);
+    assert_eq!(
+        types(&evs),
+        [
+            "message",
+            "run_started",
+            "text_delta",
+            "text_delta",
+            "message",
+            "run_finished"
+        ]
+    );
     let seqs: Vec<u64> = evs.iter().map(|e| e.seq()).collect();
     assert_eq!(seqs, (1..=6).collect::<Vec<_>>());
     match &evs[5].event.kind {
@@ -113,10 +145,18 @@ async fn text_reply_streams_and_is_stored() {
         other => panic!("{other:?}"),
     }
     let history = h.app.messages(&me(), &s.id, None, 0).await.unwrap();
-    assert_eq!(history.iter().map(|m| m.role).collect::<Vec<_>>(), [Role::User, Role::Assistant]);
+    assert_eq!(
+        history.iter().map(|m| m.role).collect::<Vec<_>>(),
+        [Role::User, Role::Assistant]
+    );
     // The model saw the system prompt and the user message.
     let req = &h.provider.requests()[0];
-    assert_eq!(req.messages[0], ModelMessage::System { content: "You are helpful.".into() });
+    assert_eq!(
+        req.messages[0],
+        ModelMessage::System {
+            content: "You are helpful.".into()
+        }
+    );
     assert_eq!(req.model, "m");
 }
 
@@ -127,7 +167,11 @@ async fn tool_round_trip_feeds_result_back_with_call_id() {
         Scripted::text(&["It is 42."]),
     ])
     .await;
-    let s = h.app.create_session(&me(), "assistant", None, None).await.unwrap();
+    let s = h
+        .app
+        .create_session(&me(), "assistant", None, None)
+        .await
+        .unwrap();
     let (run, message) = send_and_wait(&h, &s.id, "what is 6*7").await;
     assert_eq!(run.status, RunStatus::Completed);
     assert_eq!(message.unwrap().content, "It is 42.");
@@ -135,15 +179,26 @@ async fn tool_round_trip_feeds_result_back_with_call_id() {
     let finished = evs
         .iter()
         .find_map(|e| match &e.event.kind {
-            EventKind::ToolFinished { call_id, result, success, .. } => Some((call_id.clone(), result.clone(), *success)),
+            EventKind::ToolFinished {
+                call_id,
+                result,
+                success,
+                ..
+            } => Some((call_id.clone(), result.clone(), *success)),
             _ => None,
         })
         .unwrap();
     assert_eq!(finished, ("call_1".into(), "42".into(), true));
     let second = &h.provider.requests()[1];
-    assert!(second.messages.contains(&ModelMessage::Tool { tool_call_id: "call_1".into(), content: "42".into() }));
+    assert!(second.messages.contains(&ModelMessage::Tool {
+        tool_call_id: "call_1".into(),
+        content: "42".into()
+    }));
     let history = h.app.messages(&me(), &s.id, None, 0).await.unwrap();
-    assert_eq!(history.iter().map(|m| m.role).collect::<Vec<_>>(), [Role::User, Role::Assistant, Role::Tool, Role::Assistant]);
+    assert_eq!(
+        history.iter().map(|m| m.role).collect::<Vec<_>>(),
+        [Role::User, Role::Assistant, Role::Tool, Role::Assistant]
+    );
     assert_eq!(history[2].tool_call_id.as_deref(), Some("call_1"));
 }
 
@@ -151,19 +206,38 @@ async fn tool_round_trip_feeds_result_back_with_call_id() {
 async fn tools_of_one_response_run_concurrently() {
     // ask_human blocks until replied; the calculator must finish meanwhile.
     let h = harness(vec![
-        Scripted::tool_calls(&[("a", "ask_human", r#"{"question":"name?"}"#), ("b", "calculator", r#"{"expression":"1+1"}"#)]),
+        Scripted::tool_calls(&[
+            ("a", "ask_human", r#"{"question":"name?"}"#),
+            ("b", "calculator", r#"{"expression":"1+1"}"#),
+        ]),
         Scripted::text(&["done"]),
     ])
     .await;
-    let s = h.app.create_session(&me(), "assistant", None, None).await.unwrap();
+    let s = h
+        .app
+        .create_session(&me(), "assistant", None, None)
+        .await
+        .unwrap();
     let acc = h.app.send(&me(), &s.id, msg("go")).await.unwrap();
-    let mut sub = h.app.attach(&me(), &s.id, Some(0)).await.unwrap().subscription;
+    let mut sub = h
+        .app
+        .attach(&me(), &s.id, Some(0))
+        .await
+        .unwrap()
+        .subscription;
     let mut calc_done = false;
     let request_id = loop {
-        let ev = tokio::time::timeout(Duration::from_secs(5), sub.next()).await.unwrap().unwrap().unwrap();
+        let ev = tokio::time::timeout(Duration::from_secs(5), sub.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         match &ev.event.kind {
             EventKind::ToolFinished { tool, .. } if tool == "calculator" => calc_done = true,
-            EventKind::InputRequested { request_id, question } => {
+            EventKind::InputRequested {
+                request_id,
+                question,
+            } => {
                 assert_eq!(question, "name?");
                 if calc_done {
                     break request_id.clone();
@@ -187,26 +261,49 @@ async fn tools_of_one_response_run_concurrently() {
         }
     };
     assert!(calc_done);
-    assert!(matches!(h.app.reply(&me(), &s.id, "nope", "x".into()).await, Err(ServiceError::NotFound(_))));
-    h.app.reply(&me(), &s.id, &request_id, "Ada".into()).await.unwrap();
+    assert!(matches!(
+        h.app.reply(&me(), &s.id, "nope", "x".into()).await,
+        Err(ServiceError::NotFound(_))
+    ));
+    h.app
+        .reply(&me(), &s.id, &request_id, "Ada".into())
+        .await
+        .unwrap();
     // Exactly once: a second reply to the same request is unknown.
-    assert!(h.app.reply(&me(), &s.id, &request_id, "again".into()).await.is_err());
+    assert!(h
+        .app
+        .reply(&me(), &s.id, &request_id, "again".into())
+        .await
+        .is_err());
     let (run, _) = Agentd::wait(acc.done).await.unwrap();
     assert_eq!(run.status, RunStatus::Completed);
     let second = &h.provider.requests()[1];
-    assert!(second.messages.contains(&ModelMessage::Tool { tool_call_id: "a".into(), content: "Ada".into() }));
+    assert!(second.messages.contains(&ModelMessage::Tool {
+        tool_call_id: "a".into(),
+        content: "Ada".into()
+    }));
     assert!(types(&events(&h.app, &s.id).await).contains(&"input_received"));
 }
 
 #[tokio::test]
 async fn max_iterations_fails_the_run() {
-    let calls = (0..5).map(|i| Scripted::tool_calls(&[(&format!("c{i}"), "calculator", r#"{"expression":"1"}"#)])).collect();
+    let calls = (0..5)
+        .map(|i| Scripted::tool_calls(&[(&format!("c{i}"), "calculator", r#"{"expression":"1"}"#)]))
+        .collect();
     let h = harness(calls).await;
-    let s = h.app.create_session(&me(), "assistant", None, None).await.unwrap();
+    let s = h
+        .app
+        .create_session(&me(), "assistant", None, None)
+        .await
+        .unwrap();
     let (run, _) = send_and_wait(&h, &s.id, "loop").await;
     assert_eq!(run.status, RunStatus::Failed);
     assert_eq!(run.error.unwrap().code, RunErrorCode::MaxIterations);
-    assert_eq!(h.provider.requests().len(), 4, "3 tool rounds, then the 4th call still asks for tools");
+    assert_eq!(
+        h.provider.requests().len(),
+        4,
+        "3 tool rounds, then the 4th call still asks for tools"
+    );
 }
 
 #[tokio::test]
@@ -214,9 +311,18 @@ async fn cancel_mid_stream_keeps_partial_answer() {
     let chunks: Vec<String> = (0..100).map(|i| format!("t{i} ")).collect();
     let refs: Vec<&str> = chunks.iter().map(String::as_str).collect();
     let h = harness(vec![Scripted::slow_text(&refs, Duration::from_millis(20))]).await;
-    let s = h.app.create_session(&me(), "assistant", None, None).await.unwrap();
+    let s = h
+        .app
+        .create_session(&me(), "assistant", None, None)
+        .await
+        .unwrap();
     let acc = h.app.send(&me(), &s.id, msg("talk")).await.unwrap();
-    let mut sub = h.app.attach(&me(), &s.id, Some(0)).await.unwrap().subscription;
+    let mut sub = h
+        .app
+        .attach(&me(), &s.id, Some(0))
+        .await
+        .unwrap()
+        .subscription;
     let mut deltas = 0;
     while deltas < 3 {
         let ev = sub.next().await.unwrap().unwrap();
@@ -225,27 +331,47 @@ async fn cancel_mid_stream_keeps_partial_answer() {
         }
     }
     let started = std::time::Instant::now();
-    let cancelled = h.app.cancel(&me(), &s.id, Some(&acc.run.id)).await.unwrap().unwrap();
+    let cancelled = h
+        .app
+        .cancel(&me(), &s.id, Some(&acc.run.id))
+        .await
+        .unwrap()
+        .unwrap();
     assert!(started.elapsed() < Duration::from_secs(2));
     assert_eq!(cancelled.status, RunStatus::Cancelled);
     let history = h.app.messages(&me(), &s.id, None, 0).await.unwrap();
     let partial = &history.last().unwrap();
     assert_eq!(partial.role, Role::Assistant);
-    assert!(partial.content.starts_with("t0 t1 t2 "), "{}", partial.content);
+    assert!(
+        partial.content.starts_with("t0 t1 t2 "),
+        "{}",
+        partial.content
+    );
     assert!(partial.content.len() < chunks.concat().len());
 }
 
 #[tokio::test]
 async fn upstream_error_fails_with_precise_error_and_keeps_history() {
-    let h = harness(vec![Scripted::Fail(ProviderError::Status { status: 500, body: "boom".into() })]).await;
-    let s = h.app.create_session(&me(), "assistant", None, None).await.unwrap();
+    let h = harness(vec![Scripted::Fail(ProviderError::Status {
+        status: 500,
+        body: "boom".into(),
+    })])
+    .await;
+    let s = h
+        .app
+        .create_session(&me(), "assistant", None, None)
+        .await
+        .unwrap();
     let (run, message) = send_and_wait(&h, &s.id, "hi").await;
     assert_eq!(run.status, RunStatus::Failed);
     let err = run.error.unwrap();
     assert_eq!(err.code, RunErrorCode::UpstreamError);
     assert!(err.message.contains("500"), "{}", err.message);
     assert!(message.is_none());
-    assert_eq!(h.app.messages(&me(), &s.id, None, 0).await.unwrap().len(), 1);
+    assert_eq!(
+        h.app.messages(&me(), &s.id, None, 0).await.unwrap().len(),
+        1
+    );
 }
 
 #[tokio::test]
@@ -258,7 +384,11 @@ async fn think_tags_and_reasoning_become_thinking_events() {
         delay: Duration::ZERO,
     }])
     .await;
-    let s = h.app.create_session(&me(), "assistant", None, None).await.unwrap();
+    let s = h
+        .app
+        .create_session(&me(), "assistant", None, None)
+        .await
+        .unwrap();
     let (_, message) = send_and_wait(&h, &s.id, "hi").await;
     assert_eq!(message.unwrap().content, "Answer");
     let evs = events(&h.app, &s.id).await;
@@ -288,19 +418,35 @@ async fn compression_triggers_keeps_latest_user_message_and_survives_summary_fai
         Scripted::text(&["ok again"]),
     ])
     .await;
-    let s = h.app.create_session(&me(), "tiny", None, None).await.unwrap();
+    let s = h
+        .app
+        .create_session(&me(), "tiny", None, None)
+        .await
+        .unwrap();
     send_and_wait(&h, &s.id, &long).await;
     let (run, _) = send_and_wait(&h, &s.id, "second question").await;
     assert_eq!(run.status, RunStatus::Completed);
     let reqs = h.provider.requests();
     let main = &reqs[2];
-    assert!(matches!(&main.messages[0], ModelMessage::System { content } if content.contains("The user talked at length.")));
-    assert_eq!(main.messages.last(), Some(&ModelMessage::User { content: "second question".into(), images: vec![] }));
+    assert!(
+        matches!(&main.messages[0], ModelMessage::System { content } if content.contains("The user talked at length."))
+    );
+    assert_eq!(
+        main.messages.last(),
+        Some(&ModelMessage::User {
+            content: "second question".into(),
+            images: vec![]
+        })
+    );
     let evs = events(&h.app, &s.id).await;
     let compressed: Vec<(usize, usize, String)> = evs
         .iter()
         .filter_map(|e| match &e.event.kind {
-            EventKind::ContextCompressed { messages_before, messages_after, method } => Some((*messages_before, *messages_after, method.clone())),
+            EventKind::ContextCompressed {
+                messages_before,
+                messages_after,
+                method,
+            } => Some((*messages_before, *messages_after, method.clone())),
             _ => None,
         })
         .collect();
@@ -310,7 +456,13 @@ async fn compression_triggers_keeps_latest_user_message_and_survives_summary_fai
     assert_eq!(run.status, RunStatus::Completed);
     assert_eq!(message.unwrap().content, "ok again");
     let last = h.provider.requests().last().unwrap().clone();
-    assert_eq!(last.messages, vec![ModelMessage::User { content: "third".into(), images: vec![] }]);
+    assert_eq!(
+        last.messages,
+        vec![ModelMessage::User {
+            content: "third".into(),
+            images: vec![]
+        }]
+    );
     let methods: Vec<String> = events(&h.app, &s.id)
         .await
         .iter()
@@ -321,47 +473,90 @@ async fn compression_triggers_keeps_latest_user_message_and_survives_summary_fai
         .collect();
     assert_eq!(methods, ["summary", "truncation"]);
     // Stored history is complete.
-    assert_eq!(h.app.messages(&me(), &s.id, None, 0).await.unwrap().len(), 6);
+    assert_eq!(
+        h.app.messages(&me(), &s.id, None, 0).await.unwrap().len(),
+        6
+    );
 }
 
 #[tokio::test]
 async fn subagent_events_are_marked_and_answer_returns_as_tool_result() {
     let h = harness(vec![
         Scripted::tool_calls(&[("s1", "researcher", r#"{"task":"find x"}"#)]),
-        Scripted::text(&["x is 5"]),  // the subagent's own model call
+        Scripted::text(&["x is 5"]),   // the subagent's own model call
         Scripted::text(&["Found: 5"]), // the parent's final answer
     ])
     .await;
-    let s = h.app.create_session(&me(), "assistant", None, None).await.unwrap();
+    let s = h
+        .app
+        .create_session(&me(), "assistant", None, None)
+        .await
+        .unwrap();
     let (run, message) = send_and_wait(&h, &s.id, "research x").await;
     assert_eq!(run.status, RunStatus::Completed);
     assert_eq!(message.unwrap().content, "Found: 5");
     let reqs = h.provider.requests();
     assert_eq!(reqs[1].model, "m2");
-    assert_eq!(reqs[1].messages[0], ModelMessage::System { content: "You research.".into() });
+    assert_eq!(
+        reqs[1].messages[0],
+        ModelMessage::System {
+            content: "You research.".into()
+        }
+    );
     assert!(reqs[0].tools.iter().any(|t| t.name == "researcher"));
-    assert!(reqs[2].messages.contains(&ModelMessage::Tool { tool_call_id: "s1".into(), content: "x is 5".into() }));
+    assert!(reqs[2].messages.contains(&ModelMessage::Tool {
+        tool_call_id: "s1".into(),
+        content: "x is 5".into()
+    }));
     let evs = events(&h.app, &s.id).await;
-    let sub_delta = evs.iter().find(|e| matches!(&e.event.kind, EventKind::TextDelta { delta } if delta == "x is 5")).unwrap();
+    let sub_delta = evs
+        .iter()
+        .find(|e| matches!(&e.event.kind, EventKind::TextDelta { delta } if delta == "x is 5"))
+        .unwrap();
     assert!(sub_delta.event.is_subagent);
     assert_eq!(sub_delta.event.agent, "researcher");
-    let own = evs.iter().find(|e| matches!(&e.event.kind, EventKind::TextDelta { delta } if delta == "Found: 5")).unwrap();
+    let own = evs
+        .iter()
+        .find(|e| matches!(&e.event.kind, EventKind::TextDelta { delta } if delta == "Found: 5"))
+        .unwrap();
     assert!(!own.event.is_subagent);
     // The subagent's messages stay out of the session history.
-    let roles: Vec<Role> = h.app.messages(&me(), &s.id, None, 0).await.unwrap().iter().map(|m| m.role).collect();
-    assert_eq!(roles, [Role::User, Role::Assistant, Role::Tool, Role::Assistant]);
+    let roles: Vec<Role> = h
+        .app
+        .messages(&me(), &s.id, None, 0)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.role)
+        .collect();
+    assert_eq!(
+        roles,
+        [Role::User, Role::Assistant, Role::Tool, Role::Assistant]
+    );
 }
 
 #[tokio::test]
 async fn skill_prefix_and_keywords_change_what_the_model_gets() {
     let h = harness(vec![Scripted::text(&["a"]), Scripted::text(&["b"])]).await;
-    let s = h.app.create_session(&me(), "assistant", None, None).await.unwrap();
+    let s = h
+        .app
+        .create_session(&me(), "assistant", None, None)
+        .await
+        .unwrap();
     send_and_wait(&h, &s.id, "@skill:math 2+2").await;
     send_and_wait(&h, &s.id, "please calculate this").await;
     let reqs = h.provider.requests();
     for r in &reqs {
-        assert_eq!(r.messages[0], ModelMessage::System { content: "You are a careful calculator.".into() });
-        assert_eq!(r.tools.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["calculator"]);
+        assert_eq!(
+            r.messages[0],
+            ModelMessage::System {
+                content: "You are a careful calculator.".into()
+            }
+        );
+        assert_eq!(
+            r.tools.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
+            ["calculator"]
+        );
     }
     let history = h.app.messages(&me(), &s.id, None, 0).await.unwrap();
     assert_eq!(history[0].content, "2+2");
@@ -373,7 +568,13 @@ async fn skill_prefix_and_keywords_change_what_the_model_gets() {
             _ => None,
         })
         .collect();
-    assert_eq!(matched, [("math".to_string(), "explicit".to_string()), ("math".to_string(), "keyword".to_string())]);
+    assert_eq!(
+        matched,
+        [
+            ("math".to_string(), "explicit".to_string()),
+            ("math".to_string(), "keyword".to_string())
+        ]
+    );
 }
 
 #[tokio::test]
@@ -387,32 +588,90 @@ async fn multitask_reject_enqueue_interrupt() {
         Scripted::text(&["fourth"]),
     ])
     .await;
-    let s = h.app.create_session(&me(), "assistant", None, None).await.unwrap();
+    let s = h
+        .app
+        .create_session(&me(), "assistant", None, None)
+        .await
+        .unwrap();
     let first = h.app.send(&me(), &s.id, msg("one")).await.unwrap();
-    let rejected = h.app.send(&me(), &s.id, SendMessage { multitask: Some(Multitask::Reject), ..msg("x") }).await;
-    assert!(matches!(rejected, Err(ServiceError::Conflict { code: "run_active", .. })));
-    let queued = h.app.send(&me(), &s.id, SendMessage { multitask: Some(Multitask::Enqueue), ..msg("two") }).await.unwrap();
+    let rejected = h
+        .app
+        .send(
+            &me(),
+            &s.id,
+            SendMessage {
+                multitask: Some(Multitask::Reject),
+                ..msg("x")
+            },
+        )
+        .await;
+    assert!(matches!(
+        rejected,
+        Err(ServiceError::Conflict {
+            code: "run_active",
+            ..
+        })
+    ));
+    let queued = h
+        .app
+        .send(
+            &me(),
+            &s.id,
+            SendMessage {
+                multitask: Some(Multitask::Enqueue),
+                ..msg("two")
+            },
+        )
+        .await
+        .unwrap();
     let (r1, _) = Agentd::wait(first.done).await.unwrap();
     let (r2, m2) = Agentd::wait(queued.done).await.unwrap();
-    assert_eq!((r1.status, r2.status), (RunStatus::Completed, RunStatus::Completed));
+    assert_eq!(
+        (r1.status, r2.status),
+        (RunStatus::Completed, RunStatus::Completed)
+    );
     assert_eq!(m2.unwrap().content, "second");
     // The queued turn saw the first turn's answer before its own question.
     let second_req = &h.provider.requests()[1];
     let n = second_req.messages.len();
-    assert!(matches!(&second_req.messages[n - 2], ModelMessage::Assistant { .. }));
+    assert!(matches!(
+        &second_req.messages[n - 2],
+        ModelMessage::Assistant { .. }
+    ));
     let third = h.app.send(&me(), &s.id, msg("three")).await.unwrap();
     tokio::time::sleep(Duration::from_millis(60)).await;
-    let fourth = h.app.send(&me(), &s.id, SendMessage { multitask: Some(Multitask::Interrupt), ..msg("four") }).await.unwrap();
+    let fourth = h
+        .app
+        .send(
+            &me(),
+            &s.id,
+            SendMessage {
+                multitask: Some(Multitask::Interrupt),
+                ..msg("four")
+            },
+        )
+        .await
+        .unwrap();
     let (r3, _) = Agentd::wait(third.done).await.unwrap();
     let (r4, _) = Agentd::wait(fourth.done).await.unwrap();
-    assert_eq!((r3.status, r4.status), (RunStatus::Cancelled, RunStatus::Completed));
+    assert_eq!(
+        (r3.status, r4.status),
+        (RunStatus::Cancelled, RunStatus::Completed)
+    );
 }
 
 #[tokio::test]
 async fn client_message_id_is_idempotent() {
     let h = harness(vec![Scripted::text(&["once"])]).await;
-    let s = h.app.create_session(&me(), "assistant", None, None).await.unwrap();
-    let send = || SendMessage { client_message_id: Some("abc".into()), ..msg("hi") };
+    let s = h
+        .app
+        .create_session(&me(), "assistant", None, None)
+        .await
+        .unwrap();
+    let send = || SendMessage {
+        client_message_id: Some("abc".into()),
+        ..msg("hi")
+    };
     let a = h.app.send(&me(), &s.id, send()).await.unwrap();
     Agentd::wait(a.done).await.unwrap();
     let b = h.app.send(&me(), &s.id, send()).await.unwrap();
@@ -421,20 +680,50 @@ async fn client_message_id_is_idempotent() {
     let (run, m) = Agentd::wait(b.done).await.unwrap();
     assert_eq!(run.status, RunStatus::Completed);
     assert_eq!(m.unwrap().content, "once");
-    assert_eq!(h.app.messages(&me(), &s.id, None, 0).await.unwrap().len(), 2);
+    assert_eq!(
+        h.app.messages(&me(), &s.id, None, 0).await.unwrap().len(),
+        2
+    );
     assert_eq!(h.provider.requests().len(), 1);
 }
 
 #[tokio::test]
 async fn other_principals_sessions_are_not_found() {
     let h = harness(vec![]).await;
-    let alice = Principal { name: "alice".into(), admin: false };
-    let bob = Principal { name: "bob".into(), admin: false };
-    let admin = Principal { name: "root".into(), admin: true };
-    let s = h.app.create_session(&alice, "assistant", None, None).await.unwrap();
-    assert!(matches!(h.app.session(&bob, &s.id).await, Err(ServiceError::NotFound(_))));
-    assert!(matches!(h.app.send(&bob, &s.id, msg("x")).await, Err(ServiceError::NotFound(_))));
-    assert!(h.app.list_sessions(&bob, 10, None).await.unwrap().is_empty());
-    assert_eq!(h.app.list_sessions(&admin, 10, None).await.unwrap().len(), 1);
+    let alice = Principal {
+        name: "alice".into(),
+        admin: false,
+    };
+    let bob = Principal {
+        name: "bob".into(),
+        admin: false,
+    };
+    let admin = Principal {
+        name: "root".into(),
+        admin: true,
+    };
+    let s = h
+        .app
+        .create_session(&alice, "assistant", None, None)
+        .await
+        .unwrap();
+    assert!(matches!(
+        h.app.session(&bob, &s.id).await,
+        Err(ServiceError::NotFound(_))
+    ));
+    assert!(matches!(
+        h.app.send(&bob, &s.id, msg("x")).await,
+        Err(ServiceError::NotFound(_))
+    ));
+    assert!(h
+        .app
+        .list_sessions(&bob, 10, None)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        h.app.list_sessions(&admin, 10, None).await.unwrap().len(),
+        1
+    );
     assert!(h.app.session(&admin, &s.id).await.is_ok());
 }

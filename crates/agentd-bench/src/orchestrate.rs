@@ -1,0 +1,827 @@
+//! The `run` command: prepare the servers, start the mock and every server, run each scenario against every
+//! target in alternation (peer, floor, agentd through navi, agentd through its native WebSocket), and write
+//! `results.md`, `results.json` and `plot.png`.
+//!
+//! Scenarios alternate between servers (idle for all, then throughput N=10 for all, ...), so slow drift of
+//! the machine hits every server alike. All servers stay up for the whole run, pinned to CPU 0; only the one
+//! being measured has work. The idle scenario runs first, on processes that have served nothing but the
+//! functional check, because RSS after a heavy scenario would hide per-connection growth in freed memory.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::client::{self, Dialect, Target};
+use crate::procfs;
+use crate::report::{self, Cell, Machine, Results, Sizes, TargetReport};
+use crate::scenario::{self, IdleParams, LatencyParams, Probe, ReattachParams, ThroughputParams};
+use crate::servers::{self, Kind, Launch, Paths, Profile, Server};
+use crate::stamp::StampParser;
+use crate::{Error, Result};
+
+/// What `run` was asked to do.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// CI-sized run.
+    pub quick: bool,
+    /// Where things are.
+    pub paths: Paths,
+    /// Where results.md, results.json and plot.png go.
+    pub out_dir: PathBuf,
+    /// Which servers to run.
+    pub servers: Vec<Kind>,
+    /// A prebuilt agentd, instead of building one.
+    pub agentd_bin: Option<PathBuf>,
+    /// Profile to build agentd with.
+    pub agentd_profile: Profile,
+    /// Pin servers to CPU 0 and the mock and load generator to CPU 1.
+    pub pin: bool,
+    /// BENCHMARKS.md to update with the table (full runs only).
+    pub doc: Option<PathBuf>,
+    /// The command line, for the report.
+    pub command: String,
+    /// Overrides the number of idle connections.
+    pub idle_connections: Option<usize>,
+    /// Which scenarios to run.
+    pub scenarios: Scenarios,
+}
+
+/// Which scenarios a run includes (all by default; fewer for a focused look).
+#[derive(Debug, Clone, Copy)]
+pub struct Scenarios {
+    /// Idle connections.
+    pub idle: bool,
+    /// Throughput.
+    pub throughput: bool,
+    /// Latency.
+    pub latency: bool,
+    /// Re-attach.
+    pub reattach: bool,
+}
+
+impl Scenarios {
+    /// Every scenario.
+    pub const ALL: Scenarios = Scenarios {
+        idle: true,
+        throughput: true,
+        latency: true,
+        reattach: true,
+    };
+
+    /// Parses names (`idle`, `throughput`, `latency`, `reattach`); `None` on an unknown one.
+    pub fn parse(names: &[String]) -> Option<Self> {
+        let mut s = Scenarios {
+            idle: false,
+            throughput: false,
+            latency: false,
+            reattach: false,
+        };
+        for n in names {
+            match n.trim() {
+                "idle" => s.idle = true,
+                "throughput" => s.throughput = true,
+                "latency" => s.latency = true,
+                "reattach" | "re-attach" => s.reattach = true,
+                _ => return None,
+            }
+        }
+        Some(s)
+    }
+}
+
+/// Scenario sizes for a full or a quick run.
+#[derive(Debug, Clone)]
+struct Plan {
+    throughput_sessions: Vec<usize>,
+    throughput: ThroughputParams,
+    latency_sessions: Vec<usize>,
+    latency: LatencyParams,
+    idle: IdleParams,
+    reattach: ReattachParams,
+}
+
+impl Plan {
+    fn full() -> Self {
+        Plan {
+            throughput_sessions: vec![10, 100, 1000],
+            throughput: ThroughputParams {
+                sessions: 0,
+                tokens: 200,
+                min_wall: Duration::from_secs(2),
+                max_rounds: 200,
+                turn_limit: Duration::from_secs(180),
+            },
+            latency_sessions: vec![200, 1000],
+            latency: LatencyParams {
+                sessions: 0,
+                tokens: 100,
+                delay_ms: 50,
+                stagger: Duration::from_secs(1),
+                turn_limit: Duration::from_secs(120),
+            },
+            idle: IdleParams {
+                connections: 10_000,
+                settle_max: Duration::from_secs(5),
+            },
+            reattach: ReattachParams {
+                clients: 100,
+                tokens: 100,
+                delay_ms: 20,
+                drop_after: 20,
+                gap: Duration::from_millis(200),
+                stagger: Duration::from_millis(500),
+                quiet_limit: Duration::from_secs(3),
+            },
+        }
+    }
+
+    fn quick() -> Self {
+        Plan {
+            throughput_sessions: vec![10],
+            throughput: ThroughputParams {
+                sessions: 0,
+                tokens: 50,
+                min_wall: Duration::from_millis(300),
+                max_rounds: 5,
+                turn_limit: Duration::from_secs(30),
+            },
+            latency_sessions: vec![20],
+            latency: LatencyParams {
+                sessions: 0,
+                tokens: 20,
+                delay_ms: 50,
+                stagger: Duration::from_millis(200),
+                turn_limit: Duration::from_secs(30),
+            },
+            idle: IdleParams {
+                connections: 100,
+                settle_max: Duration::from_secs(2),
+            },
+            reattach: ReattachParams {
+                clients: 10,
+                tokens: 40,
+                delay_ms: 20,
+                drop_after: 10,
+                gap: Duration::from_millis(100),
+                stagger: Duration::from_millis(100),
+                quiet_limit: Duration::from_secs(2),
+            },
+        }
+    }
+
+    fn sizes(&self) -> Sizes {
+        Sizes {
+            throughput_sessions: self.throughput_sessions.clone(),
+            throughput_tokens: self.throughput.tokens,
+            latency_sessions: self.latency_sessions.clone(),
+            latency_tokens: self.latency.tokens,
+            latency_delay_ms: self.latency.delay_ms,
+            idle_connections: self.idle.connections,
+            reattach_clients: self.reattach.clients,
+            reattach_tokens: self.reattach.tokens,
+            reattach_delay_ms: self.reattach.delay_ms,
+            reattach_drop_after: self.reattach.drop_after,
+            reattach_gap_ms: u64::try_from(self.reattach.gap.as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+}
+
+/// The mock upstream as a child process (on the load generator's CPU); killed on drop.
+struct MockProcess {
+    child: Child,
+    addr: String,
+}
+
+impl MockProcess {
+    fn start(logs: &Path) -> Result<Self> {
+        let exe = std::env::current_exe()?;
+        let log = std::fs::File::create(logs.join("mock.log"))?;
+        let mut child = Command::new(exe)
+            .args(["mock", "--port", "0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| Error::new(format!("cannot start the mock: {e}")))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| Error::new("mock stdout missing"))?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let addr = line
+            .trim()
+            .rsplit(' ')
+            .next()
+            .filter(|a| a.contains(':'))
+            .ok_or_else(|| Error::new(format!("the mock did not say where it listens: {line:?}")))?
+            .to_string();
+        Ok(MockProcess { child, addr })
+    }
+}
+
+impl Drop for MockProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Streams one reply straight from the mock and checks its stamps: proves the mock works before any server
+/// is measured.
+async fn check_mock(http: &reqwest::Client, base: &str) -> Result<()> {
+    let body = serde_json::json!({
+        "model": "mock", "stream": true, "stream_options": {"include_usage": true},
+        "messages": [{"role": "user", "content": "check tokens=20"}],
+    });
+    let resp = http
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await?;
+    if !resp.status().is_success() {
+        return Err(Error::new(format!("mock answered {}", resp.status())));
+    }
+    let text = resp.text().await?;
+    let mut parser = StampParser::new();
+    let mut indices = Vec::new();
+    for line in text.lines() {
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            break;
+        }
+        let chunk: serde_json::Value = serde_json::from_str(data)?;
+        if let Some(c) = chunk
+            .pointer("/choices/0/delta/content")
+            .and_then(|v| v.as_str())
+        {
+            parser.feed(c, |s| indices.push(s.index));
+        }
+    }
+    if indices != (0..20).collect::<Vec<u32>>() {
+        return Err(Error::new(format!(
+            "mock streamed tokens {indices:?}, expected 0..20"
+        )));
+    }
+    Ok(())
+}
+
+/// One server slot: how to start it, and the running process or why there is none.
+struct Slot {
+    kind: Kind,
+    launch: Option<Launch>,
+    server: Option<Server>,
+    not_run: Option<String>,
+    /// The idle scenario has run on this process (a second one needs a fresh process).
+    idle_used: bool,
+}
+
+impl Slot {
+    fn probe(&self, mock_pid: u32) -> Option<Probe> {
+        self.server.as_ref().map(|s| Probe {
+            server_pid: s.pid,
+            mock_pid: Some(mock_pid),
+        })
+    }
+}
+
+/// One column of the table.
+struct Column {
+    report: TargetReport,
+    target: Target,
+    slot: usize,
+    with_tools: bool,
+}
+
+/// Prepares, pins, runs; returns the results (also written to `out_dir`).
+pub fn run(opts: Options) -> Result<Results> {
+    let started_at = Instant::now();
+    std::fs::create_dir_all(&opts.paths.logs)?;
+    std::fs::create_dir_all(&opts.paths.work)?;
+    std::fs::create_dir_all(&opts.out_dir)?;
+    let mut notes = Vec::new();
+    let mut machine = Machine::detect();
+
+    // Builds first, while both CPUs are free.
+    let mut prepared: Vec<(Kind, Result<PathBuf>)> = Vec::new();
+    for &kind in &opts.servers {
+        eprintln!("agentd-bench: preparing {} ...", kind.name());
+        let r = match kind {
+            Kind::Peer => servers::prepare_peer(&opts.paths),
+            Kind::Floor => servers::prepare_floor(&opts.paths),
+            Kind::Agentd => servers::prepare_agentd(
+                &opts.paths,
+                opts.agentd_profile,
+                opts.agentd_bin.as_deref(),
+            ),
+        };
+        if let Err(e) = &r {
+            eprintln!("agentd-bench: {} will not run: {e}", kind.name());
+        }
+        if let (Kind::Peer, Ok(python)) = (kind, &r) {
+            machine.python = Command::new(python)
+                .arg("--version")
+                .output()
+                .ok()
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+        }
+        prepared.push((kind, r));
+    }
+    if opts.servers.contains(&Kind::Agentd)
+        && opts.agentd_profile == Profile::Debug
+        && opts.agentd_bin.is_none()
+    {
+        notes.push(
+            "agentd was a debug build (the `--quick` default): its figures are not comparable."
+                .into(),
+        );
+    }
+
+    let server_cpu = if opts.pin && procfs::online_cpus() >= 2 {
+        servers::pin_self(1)?;
+        notes.push(format!(
+            "Servers pinned to CPU 0; mock and load generator to CPU {} (taskset).",
+            procfs::allowed_cpus()
+        ));
+        Some(0)
+    } else {
+        notes.push("Not pinned: servers, mock and load generator share every CPU.".into());
+        None
+    };
+
+    let mut plan = if opts.quick {
+        Plan::quick()
+    } else {
+        Plan::full()
+    };
+    if let Some(n) = opts.idle_connections {
+        plan.idle.connections = n;
+    }
+    if let Some(limit) = procfs::open_files_limit() {
+        let needed = plan.idle.connections as u64 + 512;
+        if limit < needed {
+            let fit = usize::try_from(limit.saturating_sub(512))
+                .unwrap_or(0)
+                .max(1);
+            notes.push(format!(
+                "Open-files limit {limit} is below {needed}: idle connections cut to {fit} (raise it with `ulimit -n`)."
+            ));
+            plan.idle.connections = fit;
+        }
+    }
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut results = rt.block_on(run_scenarios(
+        &opts, &plan, prepared, server_cpu, &mut notes,
+    ))?;
+    results.machine = machine;
+    results.notes = notes;
+    results.duration_s = started_at.elapsed().as_secs_f64();
+    write_outputs(&opts, &mut results)?;
+    Ok(results)
+}
+
+async fn run_scenarios(
+    opts: &Options,
+    plan: &Plan,
+    prepared: Vec<(Kind, Result<PathBuf>)>,
+    server_cpu: Option<usize>,
+    notes: &mut Vec<String>,
+) -> Result<Results> {
+    let started = Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let http = client::http_client()?;
+    let mock = MockProcess::start(&opts.paths.logs)?;
+    let mock_pid = mock.child.id();
+    let mock_base = format!("http://{}", mock.addr);
+    check_mock(&http, &mock_base)
+        .await
+        .map_err(|e| Error::new(format!("mock check failed: {e}")))?;
+    let upstream = format!("{mock_base}/v1");
+    eprintln!("agentd-bench: mock upstream at {mock_base} (pid {mock_pid})");
+
+    // Start every server.
+    let mut slots = Vec::new();
+    for (kind, prepared) in prepared {
+        let mut slot = Slot {
+            kind,
+            launch: None,
+            server: None,
+            not_run: None,
+            idle_used: false,
+        };
+        let launch = prepared.and_then(|program| {
+            let port = servers::free_port()?;
+            match kind {
+                Kind::Peer => Ok(servers::peer_launch(
+                    &opts.paths,
+                    &program,
+                    port,
+                    &upstream,
+                    &opts.paths.work.join("peer.db"),
+                )),
+                Kind::Floor => Ok(servers::floor_launch(
+                    &program,
+                    port,
+                    &upstream,
+                    &opts.paths.work.join("relay.db"),
+                    &opts.paths.work,
+                )),
+                Kind::Agentd => servers::agentd_launch(
+                    &program,
+                    &opts.paths.work.join("agentd"),
+                    port,
+                    &upstream,
+                ),
+            }
+        });
+        match launch {
+            Ok(launch) => {
+                slot.launch = Some(launch.clone());
+                match start(&http, launch, server_cpu, &opts.paths.logs).await {
+                    Ok(server) => {
+                        eprintln!(
+                            "agentd-bench: {} up at {} (pid {})",
+                            kind.name(),
+                            server.base,
+                            server.pid
+                        );
+                        slot.server = Some(server);
+                    }
+                    Err(e) => slot.not_run = Some(e.to_string()),
+                }
+            }
+            Err(e) => slot.not_run = Some(e.to_string()),
+        }
+        if let Some(reason) = &slot.not_run {
+            eprintln!("agentd-bench: {} not run: {reason}", kind.name());
+        }
+        slots.push(slot);
+    }
+
+    // Columns.
+    let mut columns = Vec::new();
+    for (i, slot) in slots.iter().enumerate() {
+        let base = slot
+            .server
+            .as_ref()
+            .map(|s| s.base.clone())
+            .unwrap_or_default();
+        let mut add = |label: &str, description: &str, target: Target, with_tools: bool| {
+            let mut report = TargetReport::new(label, description);
+            report.not_run = slot.not_run.clone();
+            columns.push(Column {
+                report,
+                target,
+                slot: i,
+                with_tools,
+            });
+        };
+        match slot.kind {
+            Kind::Peer => add(
+                report::PEER,
+                "the seed's stack (FastAPI + uvicorn, 1 worker, asyncio + h11, openai SDK, SQLite via to_thread), shared/bench/peer",
+                Target::navi(report::PEER, &base),
+                true,
+            ),
+            Kind::Floor => add(
+                report::FLOOR,
+                "lean Rust relay (axum + reqwest, current-thread), durable variant: every delta committed to SQLite before it is sent (RELAY_DB), shared/bench/floor; no agent loop, no tools, no re-attach",
+                Target::navi(report::FLOOR, &base),
+                false,
+            ),
+            Kind::Agentd => {
+                add(
+                    report::AGENTD_NAVI,
+                    "agentd serve, navi dialect /ws/sessions/{id}",
+                    Target::agentd(report::AGENTD_NAVI, &base, "assistant", Dialect::Navi),
+                    true,
+                );
+                add(
+                    report::AGENTD_NATIVE,
+                    "agentd serve, native WebSocket /v1/sessions/{id}/ws",
+                    Target::agentd(report::AGENTD_NATIVE, &base, "assistant", Dialect::Native),
+                    true,
+                );
+            }
+        }
+    }
+
+    // Functional check; a target that cannot stream a plain turn is left out of the scenarios.
+    for col in &mut columns {
+        if col.report.not_run.is_some() {
+            continue;
+        }
+        let smoke = scenario::smoke(&http, &col.target, col.with_tools).await;
+        if !smoke.text_ok {
+            col.report.not_run = Some(format!(
+                "functional check failed: {}",
+                smoke
+                    .problem
+                    .clone()
+                    .unwrap_or_else(|| "no reason given".into())
+            ));
+        }
+        eprintln!(
+            "agentd-bench: {} functional check: {:?}",
+            col.report.label, smoke
+        );
+        col.report.smoke = Some(smoke);
+    }
+
+    // 1. Idle connections, on fresh processes.
+    for col in &mut columns {
+        if col.report.not_run.is_some() || !opts.scenarios.idle {
+            continue;
+        }
+        let slot = &mut slots[col.slot];
+        if slot.idle_used {
+            if let Err(e) = restart(&http, slot, server_cpu, &opts.paths.logs).await {
+                col.report.idle = Some(Cell::Failed(format!(
+                    "restart for a fresh process failed: {e}"
+                )));
+                continue;
+            }
+        }
+        slot.idle_used = true;
+        let p = plan.idle;
+        let cell = measure(slot, mock_pid, |probe| {
+            scenario::idle(&http, &col.target, probe, p)
+        })
+        .await;
+        log_cell(&col.report.label, &format!("idle {}", p.connections), &cell);
+        col.report.idle = Some(cell);
+    }
+
+    // 2. Throughput, with one unrecorded warm-up round per target first.
+    let mut warmed = vec![false; columns.len()];
+    for &n in &plan.throughput_sessions {
+        for (ci, col) in columns.iter_mut().enumerate() {
+            if col.report.not_run.is_some() || !opts.scenarios.throughput {
+                continue;
+            }
+            let slot = &mut slots[col.slot];
+            if !warmed[ci] {
+                warmed[ci] = true;
+                let warm = ThroughputParams {
+                    sessions: 10,
+                    tokens: 50,
+                    min_wall: Duration::ZERO,
+                    max_rounds: 1,
+                    ..plan.throughput
+                };
+                let _ = measure(slot, mock_pid, |probe| {
+                    scenario::throughput(&http, &col.target, probe, warm)
+                })
+                .await;
+            }
+            let p = ThroughputParams {
+                sessions: n,
+                ..plan.throughput
+            };
+            let cell = measure(slot, mock_pid, |probe| {
+                scenario::throughput(&http, &col.target, probe, p)
+            })
+            .await;
+            log_cell(&col.report.label, &format!("throughput {n}"), &cell);
+            col.report.throughput.push((n, cell));
+            pause().await;
+        }
+    }
+
+    // 3. Latency.
+    for &n in &plan.latency_sessions {
+        for col in &mut columns {
+            if col.report.not_run.is_some() || !opts.scenarios.latency {
+                continue;
+            }
+            let slot = &mut slots[col.slot];
+            let p = LatencyParams {
+                sessions: n,
+                turn_limit: plan.latency.turn_limit
+                    + Duration::from_millis(plan.latency.delay_ms * u64::from(plan.latency.tokens)),
+                ..plan.latency
+            };
+            let cell = measure(slot, mock_pid, |probe| {
+                scenario::latency(&http, &col.target, probe, p)
+            })
+            .await;
+            log_cell(&col.report.label, &format!("latency {n}"), &cell);
+            col.report.latency.push((n, cell));
+            pause().await;
+        }
+    }
+
+    // The harness's own share of latency: the same load straight from the mock.
+    let mut harness_latency = Vec::new();
+    if opts.scenarios.latency {
+        for &n in &plan.latency_sessions {
+            let p = LatencyParams {
+                sessions: n,
+                turn_limit: plan.latency.turn_limit
+                    + Duration::from_millis(plan.latency.delay_ms * u64::from(plan.latency.tokens)),
+                ..plan.latency
+            };
+            let cell = match scenario::upstream_latency(&http, &mock_base, p).await {
+                Ok(v) => Cell::Ok(v),
+                Err(e) => Cell::Failed(e.to_string()),
+            };
+            log_cell("harness alone", &format!("latency {n}"), &cell);
+            harness_latency.push((n, cell));
+            pause().await;
+        }
+    }
+
+    // 4. Re-attach.
+    for col in &mut columns {
+        if col.report.not_run.is_some() || !opts.scenarios.reattach {
+            continue;
+        }
+        let slot = &mut slots[col.slot];
+        let p = plan.reattach;
+        let cell = measure(slot, mock_pid, |_| {
+            scenario::reattach(&http, &col.target, p)
+        })
+        .await;
+        log_cell(&col.report.label, "re-attach", &cell);
+        col.report.reattach = Some(cell);
+        pause().await;
+    }
+
+    drop(slots);
+    drop(mock);
+    Ok(Results {
+        machine: Machine::default(),
+        command: opts.command.clone(),
+        quick: opts.quick,
+        started,
+        duration_s: 0.0,
+        sizes: plan.sizes(),
+        targets: columns.into_iter().map(|c| c.report).collect(),
+        notes: std::mem::take(notes),
+        harness_latency,
+    })
+}
+
+/// Lets the previous server's trailing work finish before the next measurement.
+async fn pause() {
+    tokio::time::sleep(Duration::from_millis(500)).await;
+}
+
+async fn start(
+    http: &reqwest::Client,
+    launch: Launch,
+    cpu: Option<usize>,
+    logs: &Path,
+) -> Result<Server> {
+    let log = logs.join(format!("{}.log", launch.kind.name()));
+    let limit = if launch.kind == Kind::Peer { 60 } else { 90 };
+    let mut server = Server::spawn(launch, cpu, log)?;
+    server
+        .wait_healthy(http, Duration::from_secs(limit))
+        .await?;
+    Ok(server)
+}
+
+async fn restart(
+    http: &reqwest::Client,
+    slot: &mut Slot,
+    cpu: Option<usize>,
+    logs: &Path,
+) -> Result<()> {
+    if let Some(mut old) = slot.server.take() {
+        old.stop();
+    }
+    let launch = slot
+        .launch
+        .clone()
+        .ok_or_else(|| Error::new("no launch recorded"))?;
+    slot.server = Some(start(http, launch, cpu, logs).await?);
+    Ok(())
+}
+
+/// Runs one scenario against the slot's server, turning a dead server or a failure into a cell.
+async fn measure<T, F, Fut>(slot: &mut Slot, mock_pid: u32, f: F) -> Cell<T>
+where
+    F: FnOnce(Probe) -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let Some(server) = slot.server.as_mut() else {
+        return Cell::NotRun(
+            slot.not_run
+                .clone()
+                .unwrap_or_else(|| "server not running".into()),
+        );
+    };
+    if !server.running() {
+        return Cell::Failed(format!(
+            "server exited; last log lines: {}",
+            servers::tail(&server.log, 3)
+        ));
+    }
+    let Some(probe) = slot.probe(mock_pid) else {
+        return Cell::NotRun("server not running".into());
+    };
+    let result = f(probe).await;
+    let died = slot.server.as_mut().is_some_and(|s| !s.running());
+    match result {
+        Ok(v) if !died => Cell::Ok(v),
+        Ok(_) => Cell::Failed("server exited during the scenario".into()),
+        Err(e) => Cell::Failed(e.to_string()),
+    }
+}
+
+fn log_cell<T: std::fmt::Debug>(label: &str, what: &str, cell: &Cell<T>) {
+    match cell {
+        Cell::Ok(v) => eprintln!("agentd-bench: {label} {what}: {v:?}"),
+        Cell::NotRun(r) => eprintln!("agentd-bench: {label} {what}: not run: {r}"),
+        Cell::Failed(r) => eprintln!("agentd-bench: {label} {what}: FAILED: {r}"),
+    }
+}
+
+/// `path` relative to `base` when it lies inside it.
+fn relative_to(path: &Path, base: &Path) -> String {
+    path.strip_prefix(base)
+        .unwrap_or(path)
+        .display()
+        .to_string()
+}
+
+/// Re-renders `results.md` and `plot.png` in `out_dir` from a saved `results.json` (and the results
+/// section of `doc`, when given): for changing the presentation without re-measuring.
+pub fn rerender(results_json: &Path, out_dir: &Path, doc: Option<PathBuf>) -> Result<()> {
+    let text = std::fs::read_to_string(results_json)
+        .map_err(|e| Error::new(format!("cannot read {}: {e}", results_json.display())))?;
+    let mut results: Results = serde_json::from_str(&text)?;
+    results.notes.retain(|n| !n.starts_with("No plot:"));
+    std::fs::create_dir_all(out_dir)?;
+    write_files(out_dir, doc.as_deref(), &mut results)
+}
+
+fn write_outputs(opts: &Options, results: &mut Results) -> Result<()> {
+    write_files(&opts.out_dir, opts.doc.as_deref(), results)
+}
+
+fn write_files(out_dir: &Path, doc: Option<&Path>, results: &mut Results) -> Result<()> {
+    let plot_path = out_dir.join("plot.png");
+    let plot_ok = match crate::plot::draw(results, &plot_path) {
+        Ok(()) => true,
+        Err(e) => {
+            results.notes.push(format!("No plot: {e}"));
+            false
+        }
+    };
+    let md = report::markdown(results, plot_ok.then_some("plot.png"));
+    std::fs::write(out_dir.join("results.md"), &md)?;
+    std::fs::write(
+        out_dir.join("results.json"),
+        serde_json::to_string_pretty(results)?,
+    )?;
+    if let Some(doc) = doc {
+        let doc_dir = doc.parent().unwrap_or(Path::new("."));
+        let plot_rel = relative_to(&plot_path, doc_dir);
+        let section = report::markdown(results, plot_ok.then_some(plot_rel.as_str()));
+        if let Err(e) = report::update_doc(doc, &section) {
+            eprintln!("agentd-bench: {e}");
+        }
+    }
+    println!("{md}");
+    eprintln!(
+        "agentd-bench: wrote {}",
+        out_dir.join("results.md").display()
+    );
+    Ok(())
+}
+
+/// Whether the harness itself worked: some target ran and delivered tokens. (A server failing is a finding,
+/// reported in the table; the harness delivering nothing from any server is a harness failure.)
+pub fn harness_check(results: &Results, scenarios: Scenarios) -> Result<()> {
+    let ran: Vec<&TargetReport> = results
+        .targets
+        .iter()
+        .filter(|t| t.not_run.is_none())
+        .collect();
+    if ran.is_empty() {
+        return Err(Error::new("no target ran"));
+    }
+    let tokens: u64 = ran
+        .iter()
+        .flat_map(|t| t.throughput.iter())
+        .filter_map(|(_, c)| c.ok())
+        .map(|v| v.tokens)
+        .sum();
+    if tokens == 0 && scenarios.throughput {
+        return Err(Error::new(
+            "no token was delivered in the throughput scenario",
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,498 @@
+//! The inference engine: one loaded model, one context, one dedicated thread, a FIFO of jobs.
+//!
+//! Why a thread of its own: decoding is seconds of CPU-bound FFI work that must not run on the async runtime's
+//! workers, and a llama.cpp context is not `Sync`, so exactly one thread owns it. Contexts are created only
+//! here, one per model, once (llama-cpp-2 documents creating contexts from one model in parallel as unsound).
+//!
+//! Why a queue: the machine has few cores and one generation already uses `threads` of them, so concurrent
+//! turns wait in a bounded FIFO (tokio's bounded channel hands out slots in arrival order) rather than running
+//! side by side and slowing each other down.
+//!
+//! A call goes: [`Engine::submit`] renders and tokenizes the prompt on a blocking thread (so a context overflow
+//! is reported before anything is queued), builds the samplers, and enqueues a [`Job`] holding the sending half
+//! of a bounded event channel; the caller gets the receiving half as its stream. The engine thread reuses the
+//! longest prefix of the previous prompt still in the KV cache (an agent loop resends the same history every
+//! round), decodes the rest, then samples token by token. Before each token it checks whether the stream was
+//! dropped, so a cancel stops generation within one token.
+
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use agentd_core::domain::{ToolCall, Usage};
+use agentd_core::provider::{ModelEvent, ModelRequest, ModelStream, ProviderError};
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::{LlamaChatTemplate, LlamaModel};
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::data::LlamaTokenData;
+use llama_cpp_2::token::data_array::LlamaTokenDataArray;
+use llama_cpp_2::token::logit_bias::LlamaLogitBias;
+use llama_cpp_2::token::LlamaToken;
+use tokio::sync::mpsc;
+
+use crate::grammar::{self, Output, OutputRouter, GRAMMAR_ROOT};
+use crate::utf8::Utf8Stream;
+use crate::{model_file, prompt, GenerateOptions, LlamaSettings, ToolChoice};
+
+/// Calls waiting for the engine beyond the one running. More callers wait (fairly) for a free slot.
+const JOB_QUEUE: usize = 64;
+/// Events buffered per call before the engine waits for the consumer; small, so a slow reader slows generation
+/// instead of letting it run far ahead, and a cancel wastes few tokens.
+const EVENT_BUFFER: usize = 16;
+/// Largest number of prompt tokens decoded in one llama.cpp batch.
+const MAX_BATCH: u32 = 512;
+/// Sampling: top-k then top-p before temperature, as llama.cpp's defaults do.
+const TOP_K: i32 = 40;
+const TOP_P: f32 = 0.9;
+
+type EventSender = mpsc::Sender<Result<ModelEvent, ProviderError>>;
+
+/// The shared half of a loaded model: what callers need to prepare jobs, and the queue to the engine thread.
+pub(crate) struct Engine {
+    jobs: mpsc::Sender<Job>,
+    /// Shared with the engine thread; read-only use here (tokenizing, grammar set-up) is thread-safe.
+    model: Arc<LlamaModel>,
+    template: LlamaChatTemplate,
+    /// End-of-generation tokens, banned when [`GenerateOptions::ignore_eos`] is set.
+    eog_tokens: Vec<LlamaToken>,
+    generated: Arc<AtomicU64>,
+    pub(crate) model_path: PathBuf,
+    pub(crate) context_tokens: u32,
+}
+
+/// One model call, as queued.
+struct Job {
+    prompt: Vec<LlamaToken>,
+    sampling: Sampling,
+    /// Most tokens to generate: the caller's limit, or the room left in the context.
+    max_new: u32,
+    /// The request's tool names; empty means no grammar and plain text.
+    tools: Vec<String>,
+    events: EventSender,
+}
+
+/// Why a generation ended early.
+enum Stop {
+    /// The caller dropped the stream.
+    Cancelled,
+    Failed(ProviderError),
+}
+
+impl From<ProviderError> for Stop {
+    fn from(e: ProviderError) -> Self {
+        Stop::Failed(e)
+    }
+}
+
+impl Engine {
+    /// Loads the model, starts the engine thread and waits until its context exists.
+    pub(crate) fn start(settings: LlamaSettings) -> Result<Engine, String> {
+        let path = settings.model_path.clone();
+        let fail = |cause: &str| format!("cannot load model {}: {cause}", path.display());
+        if settings.context_tokens == 0 {
+            return Err(fail("context_tokens must be at least 1"));
+        }
+        let threads = i32::try_from(settings.threads)
+            .ok()
+            .filter(|t| *t > 0)
+            .ok_or_else(|| fail("threads must be at least 1"))?;
+
+        let model = Arc::new(model_file::load_model(&path)?);
+        let template = prompt::model_template(&model);
+        let vocab = model.vocab();
+        let eog_tokens: Vec<LlamaToken> = vocab.tokens().filter(|t| vocab.is_eog(*t)).collect();
+        let generated = Arc::new(AtomicU64::new(0));
+
+        let (jobs_tx, jobs_rx) = mpsc::channel(JOB_QUEUE);
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+        let thread_model = Arc::clone(&model);
+        let thread_generated = Arc::clone(&generated);
+        let context_tokens = settings.context_tokens;
+        std::thread::Builder::new()
+            .name("agentd-llama".to_string())
+            .spawn(move || {
+                engine_thread(
+                    &thread_model,
+                    context_tokens,
+                    threads,
+                    jobs_rx,
+                    &ready_tx,
+                    &thread_generated,
+                )
+            })
+            .map_err(|e| fail(&format!("cannot start the inference thread: {e}")))?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(cause)) => return Err(fail(&cause)),
+            Err(_) => return Err(fail("the inference thread exited during start-up")),
+        }
+
+        Ok(Engine {
+            jobs: jobs_tx,
+            model,
+            template,
+            eog_tokens,
+            generated,
+            model_path: path,
+            context_tokens,
+        })
+    }
+
+    pub(crate) fn tokens_generated(&self) -> u64 {
+        self.generated.load(Ordering::Relaxed)
+    }
+
+    /// Prepares the call off the async workers, queues it, and returns its event stream.
+    pub(crate) async fn submit(
+        engine: &Arc<Engine>,
+        request: ModelRequest,
+        options: GenerateOptions,
+    ) -> Result<ModelStream, ProviderError> {
+        let preparer = Arc::clone(engine);
+        let (prompt, sampling, max_new, tools) =
+            tokio::task::spawn_blocking(move || preparer.prepare(&request, &options))
+                .await
+                .map_err(|e| ProviderError::Other(format!("preparing the prompt failed: {e}")))??;
+        let (events, receiver) = mpsc::channel(EVENT_BUFFER);
+        let job = Job {
+            prompt,
+            sampling,
+            max_new,
+            tools,
+            events,
+        };
+        engine.jobs.send(job).await.map_err(|_| {
+            ProviderError::Other("the llama inference thread has stopped".to_string())
+        })?;
+        // Dropping this stream drops the receiver, which closes the channel: that is the engine's cancel signal.
+        let stream = futures_util::stream::unfold(receiver, |mut receiver| async move {
+            receiver.recv().await.map(|event| (event, receiver))
+        });
+        Ok(Box::pin(stream))
+    }
+
+    /// Renders and tokenizes the prompt, checks it fits, and builds the samplers.
+    fn prepare(
+        &self,
+        request: &ModelRequest,
+        options: &GenerateOptions,
+    ) -> Result<(Vec<LlamaToken>, Sampling, u32, Vec<String>), ProviderError> {
+        if options.tool_choice == ToolChoice::Required && request.tools.is_empty() {
+            return Err(ProviderError::Other(
+                "tool_choice Required needs at least one tool".to_string(),
+            ));
+        }
+        if options.max_tokens == Some(0) {
+            return Err(ProviderError::Other(
+                "max_tokens must be at least 1".to_string(),
+            ));
+        }
+        let text = prompt::render(
+            &self.model,
+            &self.template,
+            &request.messages,
+            &request.tools,
+        )
+        .map_err(ProviderError::Other)?;
+        let vocab = self.model.vocab();
+        // `parse_special`: the template writes its turn markers as text; they must become the special tokens.
+        let mut tokens = vocab.tokenize(text.as_bytes(), false, true);
+        if vocab.should_add_bos() && tokens.first() != Some(&vocab.bos()) {
+            tokens.insert(0, vocab.bos());
+        }
+        let prompt_len = u32::try_from(tokens.len()).unwrap_or(u32::MAX);
+        if prompt_len == 0 {
+            return Err(ProviderError::Other("the prompt is empty".to_string()));
+        }
+        if prompt_len >= self.context_tokens {
+            return Err(ProviderError::ContextOverflow(format!(
+                "the prompt is {prompt_len} tokens but the model's context holds {} (including at least 1 generated token)",
+                self.context_tokens
+            )));
+        }
+        let room = self.context_tokens - prompt_len;
+        let max_new = options.max_tokens.map_or(room, |m| m.min(room));
+        let sampling = Sampling::new(&self.model, &request.tools, options, &self.eog_tokens)?;
+        let tools = request.tools.iter().map(|t| t.name.clone()).collect();
+        Ok((tokens, sampling, max_new, tools))
+    }
+}
+
+/// A fresh random seed (the v4 UUID generator is the randomness already in the dependency tree).
+fn random_seed() -> u32 {
+    // Truncation is the point: any 32 bits of a random value are random.
+    uuid::Uuid::new_v4().as_u128() as u32
+}
+
+/// The samplers of one call: the ordinary chain, plus the tool grammar when the request has tools.
+struct Sampling {
+    chain: LlamaSampler,
+    grammar: Option<LlamaSampler>,
+}
+
+impl Sampling {
+    fn new(
+        model: &LlamaModel,
+        tools: &[agentd_core::provider::ToolSpec],
+        options: &GenerateOptions,
+        eog_tokens: &[LlamaToken],
+    ) -> Result<Sampling, ProviderError> {
+        let mut stages = Vec::new();
+        if options.ignore_eos && tools.is_empty() {
+            let bans: Vec<LlamaLogitBias> = eog_tokens
+                .iter()
+                .map(|t| LlamaLogitBias::new(*t, f32::NEG_INFINITY))
+                .collect();
+            stages.push(LlamaSampler::logit_bias(model.n_vocab(), &bans));
+        }
+        if options.temperature <= 0.0 {
+            stages.push(LlamaSampler::greedy());
+        } else {
+            stages.push(LlamaSampler::top_k(TOP_K));
+            stages.push(LlamaSampler::top_p(TOP_P, 1));
+            stages.push(LlamaSampler::temp(options.temperature));
+            stages.push(LlamaSampler::dist(options.seed.unwrap_or_else(random_seed)));
+        }
+        let chain = LlamaSampler::chain_simple(stages);
+        let grammar = if tools.is_empty() {
+            None
+        } else {
+            let text =
+                grammar::tool_grammar(tools, options.tool_choice).map_err(ProviderError::Other)?;
+            let sampler = LlamaSampler::grammar(model, &text, GRAMMAR_ROOT).map_err(|e| {
+                ProviderError::Other(format!("llama.cpp rejected the tool grammar: {e}"))
+            })?;
+            Some(sampler)
+        };
+        Ok(Sampling { chain, grammar })
+    }
+
+    /// Picks the next token from the logits at batch index `at`, and records it in the samplers' state.
+    ///
+    /// With a grammar this follows llama.cpp's own shortcut: sample without the grammar first and check only that
+    /// token against it, because running the grammar over the whole vocabulary (49k tokens for SmolLM2) on
+    /// every step would cost more than the model itself. Only a rejected token pays for the full pass.
+    fn sample(&mut self, ctx: &LlamaContext<'_>, at: i32) -> Result<LlamaToken, ProviderError> {
+        let Some(grammar) = self.grammar.as_mut() else {
+            return Ok(self.chain.sample(ctx, at));
+        };
+        let mut candidates = ctx.token_data_array_ith(at);
+        candidates.apply_sampler(&mut self.chain);
+        let first_choice = candidates.selected_token().filter(|token| {
+            let mut single =
+                LlamaTokenDataArray::new(vec![LlamaTokenData::new(*token, 0.0, 0.0)], false);
+            single.apply_sampler(grammar);
+            single.data.first().is_some_and(|d| d.logit().is_finite())
+        });
+        let token = match first_choice {
+            Some(token) => token,
+            None => {
+                let mut candidates = ctx.token_data_array_ith(at);
+                candidates.apply_sampler(grammar);
+                candidates.apply_sampler(&mut self.chain);
+                candidates.selected_token().ok_or_else(|| {
+                    ProviderError::Other("no token satisfies the tool grammar".to_string())
+                })?
+            }
+        };
+        grammar.try_accept(token).map_err(|e| {
+            ProviderError::Other(format!("the tool grammar rejected a sampled token: {e}"))
+        })?;
+        self.chain.accept(token);
+        Ok(token)
+    }
+}
+
+/// The engine thread: creates the context, reports readiness, then runs jobs in arrival order until every
+/// [`Engine`] handle (and with it the queue's sender) is gone.
+fn engine_thread(
+    model: &LlamaModel,
+    context_tokens: u32,
+    threads: i32,
+    mut jobs: mpsc::Receiver<Job>,
+    ready: &std::sync::mpsc::SyncSender<Result<(), String>>,
+    generated: &AtomicU64,
+) {
+    let backend = match model_file::backend() {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let n_batch = context_tokens.min(MAX_BATCH);
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(context_tokens))
+        .with_n_batch(n_batch)
+        .with_n_ubatch(n_batch)
+        .with_n_threads(threads)
+        .with_n_threads_batch(threads);
+    let ctx = match model.new_context(backend, params) {
+        Ok(ctx) => ctx,
+        Err(e) => {
+            let _ = ready.send(Err(format!(
+                "llama.cpp could not create a {context_tokens}-token context: {e}"
+            )));
+            return;
+        }
+    };
+    let _ = ready.send(Ok(()));
+    // `n_batch` is at most MAX_BATCH, so the cast is lossless.
+    let mut worker = Worker {
+        model,
+        ctx,
+        cached: Vec::new(),
+        batch: LlamaBatch::new(n_batch as usize, 1),
+        n_batch,
+        generated,
+    };
+    while let Some(job) = jobs.blocking_recv() {
+        worker.run(job);
+    }
+}
+
+/// The engine thread's state between jobs.
+struct Worker<'m> {
+    model: &'m LlamaModel,
+    ctx: LlamaContext<'m>,
+    /// The tokens whose keys and values are in the context's cache (sequence 0), in order.
+    cached: Vec<LlamaToken>,
+    batch: LlamaBatch<'static>,
+    n_batch: u32,
+    generated: &'m AtomicU64,
+}
+
+impl Worker<'_> {
+    fn run(&mut self, mut job: Job) {
+        // Cancelled while it waited in the queue: skip it without decoding anything.
+        if job.events.is_closed() {
+            return;
+        }
+        match self.generate(&mut job) {
+            Ok(()) | Err(Stop::Cancelled) => {}
+            Err(Stop::Failed(e)) => {
+                let _ = job.events.blocking_send(Err(e));
+            }
+        }
+    }
+
+    fn generate(&mut self, job: &mut Job) -> Result<(), Stop> {
+        let reused = self.reuse_prefix(&job.prompt);
+        let mut logits_at = self.feed(&job.prompt[reused..], &job.events)?;
+
+        let vocab = self.model.vocab();
+        let mut utf8 = Utf8Stream::default();
+        let mut router = OutputRouter::new(!job.tools.is_empty());
+        let mut piece = Vec::new();
+        let mut produced: u32 = 0;
+        while produced < job.max_new {
+            if job.events.is_closed() {
+                return Err(Stop::Cancelled);
+            }
+            let token = job.sampling.sample(&self.ctx, logits_at)?;
+            // A control token other than end-of-turn (e.g. ChatML's `<|im_start|>`) means the model is starting
+            // another turn: the answer is over either way.
+            if vocab.is_eog(token) || vocab.is_control(token) {
+                break;
+            }
+            produced += 1;
+            self.generated.fetch_add(1, Ordering::Relaxed);
+            piece.clear();
+            vocab.token_to_piece_into(token, &mut piece, false, None);
+            if let Some(text) = router.push(&utf8.push(&piece)) {
+                send(&job.events, ModelEvent::Text(text))?;
+            }
+            if router.tool_call_closed() || produced == job.max_new {
+                break;
+            }
+            logits_at = self.feed(&[token], &job.events)?;
+        }
+        if let Some(text) = router.push(&utf8.finish()) {
+            send(&job.events, ModelEvent::Text(text))?;
+        }
+        if let Output::ToolCall(raw) = router.finish() {
+            let (name, arguments) =
+                grammar::parse_tool_call(&raw, &job.tools).map_err(ProviderError::Malformed)?;
+            let id = format!("call_{}", uuid::Uuid::new_v4().simple());
+            send(
+                &job.events,
+                ModelEvent::ToolCall(ToolCall {
+                    id,
+                    name,
+                    arguments,
+                }),
+            )?;
+        }
+        let usage = Usage {
+            prompt_tokens: job.prompt.len() as u64,
+            completion_tokens: u64::from(produced),
+        };
+        send(&job.events, ModelEvent::Usage(usage))
+    }
+
+    /// Keeps the longest prefix of `prompt` already in the cache, drops the rest of the cache, and returns how
+    /// many prompt tokens need no decoding. At least one token is always left to decode: its logits start
+    /// the generation.
+    fn reuse_prefix(&mut self, prompt: &[LlamaToken]) -> usize {
+        let mut keep = self
+            .cached
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count();
+        keep = keep.min(prompt.len().saturating_sub(1));
+        if keep < self.cached.len() {
+            let removed = u32::try_from(keep)
+                .ok()
+                .is_some_and(|p0| self.ctx.kv_cache_seq_rm(0, Some(p0), None).is_ok());
+            if !removed {
+                self.ctx.clear_kv_cache();
+                keep = 0;
+            }
+            self.cached.truncate(keep);
+        }
+        keep
+    }
+
+    /// Decodes `tokens` after the cached ones, in batches, checking for cancel between batches. Returns the
+    /// batch index of the last token, whose logits the next sample reads.
+    fn feed(&mut self, tokens: &[LlamaToken], events: &EventSender) -> Result<i32, Stop> {
+        let mut last = 0;
+        let chunks = tokens.chunks(self.n_batch as usize);
+        let n_chunks = chunks.len();
+        for (i, chunk) in chunks.enumerate() {
+            if events.is_closed() {
+                return Err(Stop::Cancelled);
+            }
+            self.batch.clear();
+            for (j, token) in chunk.iter().enumerate() {
+                let pos = i32::try_from(self.cached.len() + j).unwrap_or(i32::MAX);
+                let wants_logits = i + 1 == n_chunks && j + 1 == chunk.len();
+                if let Err(e) = self.batch.add(*token, pos, &[0], wants_logits) {
+                    return Err(self.fail(format!("cannot fill a llama.cpp batch: {e}")));
+                }
+            }
+            if let Err(e) = self.ctx.decode(&mut self.batch) {
+                return Err(self.fail(format!("llama.cpp failed to decode: {e}")));
+            }
+            self.cached.extend_from_slice(chunk);
+            last = self.batch.n_tokens() - 1;
+        }
+        Ok(last)
+    }
+
+    /// After a failed decode the cache contents are unknown: forget them, so the next job starts clean.
+    fn fail(&mut self, message: String) -> Stop {
+        self.ctx.clear_kv_cache();
+        self.cached.clear();
+        Stop::Failed(ProviderError::Other(message))
+    }
+}
+
+/// Sends one event, waiting while the consumer's buffer is full; a dropped stream ends the job.
+fn send(events: &EventSender, event: ModelEvent) -> Result<(), Stop> {
+    events.blocking_send(Ok(event)).map_err(|_| Stop::Cancelled)
+}

@@ -1,0 +1,333 @@
+//! Tool calling for small local models: a GBNF grammar that makes the output format certain, and the code that
+//! reads the output back.
+//!
+//! With tools, the output is constrained to *either* a plain-text answer *or* exactly one
+//! `<tool_call>{"name": "<tool>", "arguments": {...}}</tool_call>`, where the name is one of the request's tools
+//! and the arguments match that tool's JSON schema (llama.cpp converts the schemas to grammar rules). The model's
+//! judgement about *whether* to call a tool may be weak; the shape of what it produces is not up to it.
+//!
+//! The two branches are told apart by the first non-blank character: a text answer may not begin with `<`, a
+//! tool call always does. That lets text stream token by token while a tool call is held back and emitted whole.
+
+use agentd_core::provider::ToolSpec;
+
+use crate::ToolChoice;
+
+pub(crate) const TOOL_CALL_OPEN: &str = "<tool_call>";
+pub(crate) const TOOL_CALL_CLOSE: &str = "</tool_call>";
+
+/// Name of our top rule. The schema converter's own top rule is `root`, so ours is named apart; every rule we
+/// add has the `agentd-` prefix for the same reason.
+pub(crate) const GRAMMAR_ROOT: &str = "agentd-root";
+
+/// The start of the converter's rule for one character of a JSON string, and our replacement excluding `<`.
+const STRING_CHAR_RULE: &str = r#"char ::= [^"\\"#;
+const STRING_CHAR_RULE_NO_LT: &str = r#"char ::= [^<"\\"#;
+
+/// Leading blanks are allowed (and dropped) before either branch, but only a few, so a model cannot spend its
+/// whole budget on whitespace.
+const RULES_COMMON: &str = r#"
+agentd-ws ::= [ \t\r\n]{0,8}
+agentd-call ::= "<tool_call>" "\n"? root "\n"? "</tool_call>"
+agentd-text ::= [^< \t\r\n] .*
+"#;
+
+/// A JSON string literal (quotes and escapes), for splicing a name into schema text.
+fn json_string(s: &str) -> String {
+    serde_json::Value::String(s.to_string()).to_string()
+}
+
+/// The schema of one tool call. Written out by hand rather than built as a `serde_json::Value` because property
+/// order matters: the converter keeps it, and `name` must come before `arguments` so the model commits to a tool
+/// before writing its arguments (a `Value` map would sort `arguments` first).
+fn call_schema(name: &str, arguments_schema: &str) -> String {
+    format!(
+        r#"{{"type":"object","properties":{{"name":{{"const":{}}},"arguments":{}}},"required":["name","arguments"],"additionalProperties":false}}"#,
+        json_string(name),
+        arguments_schema
+    )
+}
+
+/// The arguments schema of `tool`, or "any object" when its schema cannot be turned into a grammar (then the
+/// call is still valid JSON with a known name; the tool itself validates its arguments).
+fn arguments_schema(tool: &ToolSpec) -> String {
+    let fallback = r#"{"type":"object"}"#.to_string();
+    if !tool.parameters.is_object() {
+        return fallback;
+    }
+    let schema = tool.parameters.to_string();
+    match llama_cpp_2::json_schema_to_grammar(&call_schema(&tool.name, &schema)) {
+        Ok(_) => schema,
+        Err(e) => {
+            tracing::warn!(tool = %tool.name, error = %e, "tool schema not expressible as a grammar; allowing any object");
+            fallback
+        }
+    }
+}
+
+/// The GBNF grammar (start rule [`GRAMMAR_ROOT`]) for a request with `tools` (at least one).
+pub(crate) fn tool_grammar(tools: &[ToolSpec], choice: ToolChoice) -> Result<String, String> {
+    let calls: Vec<String> = tools
+        .iter()
+        .map(|t| call_schema(&t.name, &arguments_schema(t)))
+        .collect();
+    let schema = match calls.as_slice() {
+        [] => return Err("a tool grammar needs at least one tool".to_string()),
+        [one] => one.clone(),
+        many => format!(r#"{{"oneOf":[{}]}}"#, many.join(",")),
+    };
+    let converted = llama_cpp_2::json_schema_to_grammar(&schema)
+        .map_err(|e| format!("cannot build the tool grammar: {e}"))?;
+    // No `<` inside JSON strings. A small model that wants to stop tends to write `</tool_call>` *inside* the
+    // argument string instead of closing the string first; without `<` it has to close the string, the object
+    // and then the tag. The cost: a literal `<` in an argument must be written as the JSON escape `\u003c`.
+    let converted = converted.replace(STRING_CHAR_RULE, STRING_CHAR_RULE_NO_LT);
+    let top = match choice {
+        ToolChoice::Auto => "agentd-root ::= agentd-ws ( agentd-call | agentd-text )",
+        ToolChoice::Required => "agentd-root ::= agentd-ws agentd-call",
+    };
+    Ok(format!("{converted}\n{top}\n{RULES_COMMON}"))
+}
+
+/// The JSON inside a complete `<tool_call>...</tool_call>`.
+fn parse_tool_call_json(output: &str) -> Result<serde_json::Value, String> {
+    let body = output
+        .trim()
+        .strip_prefix(TOOL_CALL_OPEN)
+        .and_then(|rest| rest.trim_end().strip_suffix(TOOL_CALL_CLOSE))
+        .ok_or_else(|| {
+            "the tool call is incomplete (the token limit was reached inside it)".to_string()
+        })?;
+    serde_json::from_str(body.trim()).map_err(|e| format!("the tool call is not valid JSON: {e}"))
+}
+
+/// Reads a complete `<tool_call>...</tool_call>` back into (name, arguments as JSON text).
+pub(crate) fn parse_tool_call(output: &str, tools: &[String]) -> Result<(String, String), String> {
+    let value = parse_tool_call_json(output)?;
+    let name = value
+        .get("name")
+        .and_then(|n| n.as_str())
+        .ok_or("the tool call has no name")?;
+    if !tools.iter().any(|t| t == name) {
+        return Err(format!("the tool call names an unknown tool `{name}`"));
+    }
+    let arguments = value
+        .get("arguments")
+        .filter(|a| a.is_object())
+        .ok_or("the tool call has no arguments object")?;
+    Ok((name.to_string(), arguments.to_string()))
+}
+
+/// How the output is being treated so far.
+#[derive(Debug, PartialEq, Eq)]
+enum Mode {
+    /// Only blanks so far (or nothing).
+    Undecided,
+    Text,
+    ToolCall,
+}
+
+/// Splits generated text into streamed text or a held-back tool call, by the first non-blank character.
+#[derive(Debug)]
+pub(crate) struct OutputRouter {
+    mode: Mode,
+    held: String,
+    tools_enabled: bool,
+}
+
+/// What the whole output turned out to be.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Output {
+    /// Text (already streamed), possibly empty.
+    Text,
+    /// The raw `<tool_call>...` text.
+    ToolCall(String),
+}
+
+impl OutputRouter {
+    pub(crate) fn new(tools_enabled: bool) -> Self {
+        OutputRouter {
+            mode: Mode::Undecided,
+            held: String::new(),
+            tools_enabled,
+        }
+    }
+
+    /// Takes the next decoded text; returns what to stream as text now, if anything.
+    pub(crate) fn push(&mut self, text: &str) -> Option<String> {
+        match self.mode {
+            Mode::Text => (!text.is_empty()).then(|| text.to_string()),
+            Mode::ToolCall => {
+                self.held.push_str(text);
+                None
+            }
+            Mode::Undecided => {
+                self.held.push_str(text);
+                let start = self.held.trim_start();
+                if start.is_empty() {
+                    return None;
+                }
+                // Under the grammar a text answer cannot start with `<`, so this is certain; without tools
+                // everything is text.
+                if self.tools_enabled && start.starts_with('<') {
+                    self.mode = Mode::ToolCall;
+                    self.held = start.to_string();
+                    None
+                } else {
+                    self.mode = Mode::Text;
+                    let out = start.to_string();
+                    self.held.clear();
+                    Some(out)
+                }
+            }
+        }
+    }
+
+    /// True once the tool call is complete (the grammar then allows only end-of-turn, so stopping here saves
+    /// that token). The closing tag alone is no proof: the grammar allows it inside an argument string.
+    pub(crate) fn tool_call_closed(&self) -> bool {
+        self.mode == Mode::ToolCall
+            && self.held.trim_end().ends_with(TOOL_CALL_CLOSE)
+            && parse_tool_call_json(&self.held).is_ok()
+    }
+
+    pub(crate) fn finish(self) -> Output {
+        match self.mode {
+            Mode::ToolCall => Output::ToolCall(self.held),
+            Mode::Text | Mode::Undecided => Output::Text,
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn tool(name: &str, parameters: serde_json::Value) -> ToolSpec {
+        ToolSpec {
+            name: name.into(),
+            description: String::new(),
+            parameters,
+        }
+    }
+
+    fn calculator() -> ToolSpec {
+        tool(
+            "calculator",
+            json!({"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}),
+        )
+    }
+
+    #[test]
+    fn grammar_has_both_branches_in_auto_and_only_the_call_when_required() {
+        let auto = tool_grammar(&[calculator()], ToolChoice::Auto).unwrap();
+        assert!(
+            auto.contains("root ::="),
+            "converter output missing: {auto}"
+        );
+        assert!(auto.contains("agentd-root ::= agentd-ws ( agentd-call | agentd-text )"));
+        assert!(
+            auto.contains(r#""\"calculator\"""#),
+            "tool name must be a literal: {auto}"
+        );
+        assert!(auto.contains("expression"));
+        let required = tool_grammar(&[calculator()], ToolChoice::Required).unwrap();
+        assert!(required.contains("agentd-root ::= agentd-ws agentd-call\n"));
+        assert!(!required.contains("agentd-call | agentd-text"));
+    }
+
+    #[test]
+    fn argument_strings_cannot_contain_a_less_than_sign() {
+        let grammar = tool_grammar(&[calculator()], ToolChoice::Auto).unwrap();
+        assert!(
+            grammar.contains(STRING_CHAR_RULE_NO_LT),
+            "the converter's string rule changed: {grammar}"
+        );
+    }
+
+    #[test]
+    fn several_tools_become_alternatives() {
+        let tools = [
+            calculator(),
+            tool("current_time", json!({"type": "object", "properties": {}})),
+        ];
+        let grammar = tool_grammar(&tools, ToolChoice::Auto).unwrap();
+        assert!(grammar.contains(r#""\"calculator\"""#));
+        assert!(grammar.contains(r#""\"current_time\"""#));
+        assert!(tool_grammar(&[], ToolChoice::Auto).is_err());
+    }
+
+    #[test]
+    fn a_non_object_schema_falls_back_to_any_object() {
+        let grammar = tool_grammar(&[tool("odd", json!(null))], ToolChoice::Required).unwrap();
+        assert!(grammar.contains(r#""\"odd\"""#));
+    }
+
+    #[test]
+    fn parses_a_complete_call() {
+        let names = vec!["calculator".to_string()];
+        let (name, args) =
+            parse_tool_call("<tool_call>\n{\"name\": \"calculator\", \"arguments\": {\"expression\": \"2+2\"}}\n</tool_call>", &names)
+                .unwrap();
+        assert_eq!(name, "calculator");
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&args).unwrap(),
+            json!({"expression": "2+2"})
+        );
+    }
+
+    #[test]
+    fn rejects_incomplete_unknown_or_malformed_calls() {
+        let names = vec!["calculator".to_string()];
+        assert!(parse_tool_call("<tool_call>{\"name\": \"calc", &names)
+            .unwrap_err()
+            .contains("incomplete"));
+        assert!(parse_tool_call(
+            "<tool_call>{\"name\": \"rm\", \"arguments\": {}}</tool_call>",
+            &names
+        )
+        .unwrap_err()
+        .contains("unknown tool"));
+        assert!(parse_tool_call("<tool_call>{nope}</tool_call>", &names)
+            .unwrap_err()
+            .contains("not valid JSON"));
+        assert!(
+            parse_tool_call("<tool_call>{\"name\": \"calculator\"}</tool_call>", &names).is_err()
+        );
+    }
+
+    #[test]
+    fn router_streams_text_and_holds_tool_calls() {
+        let mut text = OutputRouter::new(true);
+        assert_eq!(text.push("\n "), None);
+        assert_eq!(text.push(" Hi"), Some("Hi".to_string()));
+        assert_eq!(text.push(" <b>"), Some(" <b>".to_string()));
+        assert_eq!(text.finish(), Output::Text);
+
+        let mut call = OutputRouter::new(true);
+        assert_eq!(call.push(" <tool"), None);
+        assert_eq!(call.push("_call>{}"), None);
+        assert!(!call.tool_call_closed());
+        assert_eq!(call.push("</tool_call>"), None);
+        assert!(call.tool_call_closed());
+        assert_eq!(
+            call.finish(),
+            Output::ToolCall("<tool_call>{}</tool_call>".to_string())
+        );
+
+        // The closing tag inside an unfinished argument string does not end the call.
+        let mut inside = OutputRouter::new(true);
+        inside.push(
+            r#"<tool_call>{"name": "calculator", "arguments": {"expression": "1</tool_call>"#,
+        );
+        assert!(!inside.tool_call_closed());
+        inside.push(r#"+1"}}</tool_call>"#);
+        assert!(inside.tool_call_closed());
+
+        let mut plain = OutputRouter::new(false);
+        assert_eq!(plain.push("<b>"), Some("<b>".to_string()));
+    }
+}

@@ -1,0 +1,431 @@
+//! End-to-end tests of the `llama` provider against the real default model (SmolLM2-135M-Instruct Q4_1).
+//!
+//! The model file is fetched by `scripts/fetch-model.sh`. When it is absent the model tests print a skip line and
+//! return, unless `AGENTD_REQUIRE_MODEL` is set (CI sets it after fetching), in which case absence is a failure.
+//! The file-error tests need no model. Model calls are kept to a few dozen tokens so the suite stays fast on two
+//! cores; timeouts are generous bounds against a hang, not speed assertions.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use agentd_core::provider::{
+    ModelEvent, ModelMessage, ModelRequest, Provider, ProviderError, ToolSpec,
+};
+use agentd_llama::{GenerateOptions, LlamaProvider, LlamaSettings, ToolChoice};
+use futures_util::StreamExt;
+use serde_json::json;
+
+/// Against a hang only: each call here finishes in seconds.
+const GENEROUS: Duration = Duration::from_secs(300);
+
+fn default_model() -> Option<PathBuf> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(agentd_llama::DEFAULT_MODEL_PATH);
+    if path.is_file() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var_os("AGENTD_REQUIRE_MODEL").is_none(),
+        "AGENTD_REQUIRE_MODEL is set but {} is absent; run {}",
+        path.display(),
+        agentd_llama::FETCH_MODEL_COMMAND
+    );
+    eprintln!(
+        "SKIP: {} is absent; run {} to fetch it",
+        path.display(),
+        agentd_llama::FETCH_MODEL_COMMAND
+    );
+    None
+}
+
+fn load(context_tokens: u32) -> Option<LlamaProvider> {
+    let model_path = default_model()?;
+    match LlamaProvider::load(LlamaSettings {
+        model_path,
+        context_tokens,
+        threads: 2,
+    }) {
+        Ok(p) => Some(p),
+        Err(e) => panic!("loading the default model failed: {e}"),
+    }
+}
+
+/// One provider shared by the tests that only need *a* model, as the server shares one per config entry.
+fn shared() -> Option<LlamaProvider> {
+    static SHARED: OnceLock<Option<LlamaProvider>> = OnceLock::new();
+    SHARED.get_or_init(|| load(2048)).clone()
+}
+
+fn user(text: &str) -> ModelRequest {
+    ModelRequest {
+        model: "local".into(),
+        messages: vec![ModelMessage::User {
+            content: text.into(),
+            images: vec![],
+        }],
+        tools: vec![],
+    }
+}
+
+fn calculator() -> ToolSpec {
+    ToolSpec {
+        name: "calculator".into(),
+        description: "Evaluates an arithmetic expression and returns the number.".into(),
+        parameters: json!({
+            "type": "object",
+            "properties": {"expression": {"type": "string", "description": "e.g. 2 * (3 + 4)"}},
+            "required": ["expression"]
+        }),
+    }
+}
+
+fn greedy(max_tokens: u32) -> GenerateOptions {
+    GenerateOptions {
+        max_tokens: Some(max_tokens),
+        temperature: 0.0,
+        ..GenerateOptions::default()
+    }
+}
+
+/// Runs one call to the end and returns its events; an error item fails the test with its message.
+async fn collect(
+    provider: &LlamaProvider,
+    request: ModelRequest,
+    options: GenerateOptions,
+) -> Vec<ModelEvent> {
+    let run = async {
+        let mut stream = provider
+            .stream_with(request, options)
+            .await
+            .expect("the call starts");
+        let mut events = Vec::new();
+        while let Some(item) = stream.next().await {
+            events.push(item.unwrap_or_else(|e| panic!("stream error: {e}")));
+        }
+        events
+    };
+    tokio::time::timeout(GENEROUS, run)
+        .await
+        .expect("the call finishes")
+}
+
+fn text_of(events: &[ModelEvent]) -> String {
+    events
+        .iter()
+        .filter_map(|e| {
+            if let ModelEvent::Text(t) = e {
+                Some(t.as_str())
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
+fn usage_of(events: &[ModelEvent]) -> (u64, u64) {
+    match events.last() {
+        Some(ModelEvent::Usage(u)) => (u.prompt_tokens, u.completion_tokens),
+        other => panic!("the last event should be usage, got {other:?}"),
+    }
+}
+
+fn assert_one_line(message: &str) {
+    assert!(
+        !message.is_empty() && !message.contains('\n'),
+        "expected one line, got {message:?}"
+    );
+}
+
+/// Deterministic junk: a linear congruential generator, so the corrupt files need no randomness crate.
+fn junk(len: usize) -> Vec<u8> {
+    let mut state: u32 = 0x2545_f491;
+    (0..len)
+        .map(|_| {
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (state >> 24) as u8
+        })
+        .collect()
+}
+
+fn settings(model_path: PathBuf) -> LlamaSettings {
+    LlamaSettings {
+        model_path,
+        context_tokens: 512,
+        threads: 2,
+    }
+}
+
+#[test]
+fn a_missing_model_file_is_a_one_line_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("absent.gguf");
+    let err = LlamaProvider::load(settings(path.clone())).unwrap_err();
+    assert_one_line(&err);
+    assert!(err.contains(&path.display().to_string()), "{err}");
+    assert!(err.contains("not found"), "{err}");
+}
+
+#[test]
+fn random_bytes_named_gguf_are_a_one_line_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("corrupt.gguf");
+    std::fs::write(&path, junk(4096)).unwrap();
+    let err = LlamaProvider::load(settings(path.clone())).unwrap_err();
+    assert_one_line(&err);
+    assert!(err.contains(&path.display().to_string()), "{err}");
+    assert!(err.contains("not a GGUF file"), "{err}");
+
+    std::fs::write(&path, b"GG").unwrap();
+    let err = LlamaProvider::load(settings(path)).unwrap_err();
+    assert_one_line(&err);
+    assert!(err.contains("not a GGUF file"), "{err}");
+}
+
+#[test]
+fn a_gguf_header_over_junk_is_rejected_by_llama_cpp_without_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("junk-body.gguf");
+    let mut bytes = b"GGUF".to_vec();
+    bytes.extend(junk(64 * 1024));
+    std::fs::write(&path, bytes).unwrap();
+    let err = LlamaProvider::load(settings(path.clone())).unwrap_err();
+    assert_one_line(&err);
+    assert!(err.contains(&path.display().to_string()), "{err}");
+    assert!(err.contains("failed to load"), "{err}");
+}
+
+#[test]
+fn a_truncated_model_is_a_one_line_error() {
+    let Some(model) = default_model() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("truncated.gguf");
+    let bytes = std::fs::read(model).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let err = LlamaProvider::load(settings(path)).unwrap_err();
+    assert_one_line(&err);
+    assert!(err.contains("failed to load"), "{err}");
+}
+
+#[tokio::test]
+async fn the_default_model_loads_and_reports_its_context() {
+    let Some(provider) = shared() else { return };
+    assert_eq!(provider.context_tokens(), Some(2048));
+    assert!(provider
+        .model_path()
+        .ends_with(agentd_llama::DEFAULT_MODEL_PATH));
+}
+
+#[tokio::test]
+async fn a_reply_streams_as_text_events_then_usage() {
+    let Some(provider) = shared() else { return };
+    let events = collect(
+        &provider,
+        user("Say hello in one short sentence."),
+        greedy(24),
+    )
+    .await;
+    let texts = events
+        .iter()
+        .filter(|e| matches!(e, ModelEvent::Text(t) if !t.is_empty()))
+        .count();
+    assert!(texts >= 1, "no text streamed: {events:?}");
+    assert!(!text_of(&events).trim().is_empty());
+    assert!(
+        !events.iter().any(|e| matches!(e, ModelEvent::ToolCall(_))),
+        "no tools, no tool calls: {events:?}"
+    );
+    let (prompt, completion) = usage_of(&events);
+    assert!(
+        prompt > 5,
+        "the prompt includes the chat template: {prompt}"
+    );
+    assert!(
+        (1..=24).contains(&completion),
+        "completion tokens within the cap: {completion}"
+    );
+}
+
+#[tokio::test]
+async fn the_provider_trait_streams_with_default_options() {
+    let Some(provider) = shared() else { return };
+    let provider: std::sync::Arc<dyn Provider> = std::sync::Arc::new(provider);
+    let mut stream = provider.stream(user("Name one colour.")).await.unwrap();
+    // The first event is text (the model has no reason to stay silent); drop the rest, which also cancels it.
+    let first = tokio::time::timeout(GENEROUS, stream.next()).await.unwrap();
+    assert!(matches!(first, Some(Ok(ModelEvent::Text(_)))), "{first:?}");
+}
+
+#[tokio::test]
+async fn concurrent_calls_queue_and_all_complete() {
+    let Some(provider) = shared() else { return };
+    let calls = (0..3).map(|i| {
+        let provider = provider.clone();
+        tokio::spawn(async move {
+            collect(&provider, user(&format!("Count to {}.", i + 2)), greedy(8)).await
+        })
+    });
+    for call in calls {
+        let events = call.await.unwrap();
+        let (_, completion) = usage_of(&events);
+        assert!((1..=8).contains(&completion));
+    }
+}
+
+#[tokio::test]
+async fn dropping_the_stream_stops_generation_and_frees_the_engine() {
+    // Its own provider, so the token counter sees only this test's calls.
+    let Some(provider) = load(1024) else { return };
+    const ASKED: u32 = 900;
+    let long = GenerateOptions {
+        max_tokens: Some(ASKED),
+        ignore_eos: true,
+        ..greedy(ASKED)
+    };
+    let mut stream = provider
+        .stream_with(user("Write a very long story about a lighthouse."), long)
+        .await
+        .unwrap();
+    let mut seen = 0;
+    while seen < 3 {
+        match tokio::time::timeout(GENEROUS, stream.next()).await.unwrap() {
+            Some(Ok(ModelEvent::Text(_))) => seen += 1,
+            other => panic!("expected text, got {other:?}"),
+        }
+    }
+    drop(stream);
+
+    // The engine is free again: a second call runs to completion.
+    let events = collect(&provider, user("Say yes."), greedy(6)).await;
+    let (_, second) = usage_of(&events);
+    let first = provider.tokens_generated() - second;
+    // Tokens read, plus at most the event buffer and one in flight; without cancel it would be all 900.
+    assert!(
+        (3..64).contains(&first),
+        "the cancelled call generated {first} of {ASKED} tokens"
+    );
+}
+
+#[tokio::test]
+async fn a_prompt_longer_than_the_context_is_a_context_overflow() {
+    let Some(provider) = load(64) else { return };
+    let long = "The quick brown fox jumps over the lazy dog. ".repeat(20);
+    let err = match provider.stream(user(&long)).await {
+        Err(e) => e,
+        Ok(_) => panic!("a 200-token prompt cannot fit a 64-token context"),
+    };
+    match err {
+        ProviderError::ContextOverflow(message) => {
+            assert!(message.contains("64"), "names the context size: {message}");
+            assert_one_line(&message);
+        }
+        other => panic!("expected ContextOverflow, got {other:?}"),
+    }
+    // A prompt that fits still works on the same provider.
+    let events = collect(&provider, user("Hi"), greedy(4)).await;
+    usage_of(&events);
+}
+
+fn tool_request(text: &str) -> ModelRequest {
+    ModelRequest {
+        tools: vec![calculator()],
+        ..user(text)
+    }
+}
+
+fn assert_calculator_call(call: &agentd_core::domain::ToolCall) {
+    assert_eq!(call.name, "calculator");
+    assert!(!call.id.is_empty());
+    let arguments: serde_json::Value =
+        serde_json::from_str(&call.arguments).expect("arguments are JSON");
+    let expression = arguments.get("expression").and_then(|e| e.as_str());
+    assert!(expression.is_some(), "a string `expression`: {arguments}");
+    assert_eq!(
+        arguments.as_object().map(|o| o.len()),
+        Some(1),
+        "only schema properties: {arguments}"
+    );
+}
+
+#[tokio::test]
+async fn a_required_tool_call_is_valid_json_matching_the_schema() {
+    let Some(provider) = shared() else { return };
+    let options = GenerateOptions {
+        tool_choice: ToolChoice::Required,
+        ..greedy(64)
+    };
+    let events = collect(
+        &provider,
+        tool_request("What is 17 * 23? Use the calculator."),
+        options,
+    )
+    .await;
+    let calls: Vec<_> = events
+        .iter()
+        .filter_map(|e| {
+            if let ModelEvent::ToolCall(c) = e {
+                Some(c)
+            } else {
+                None
+            }
+        })
+        .collect();
+    assert_eq!(calls.len(), 1, "{events:?}");
+    assert_calculator_call(calls[0]);
+    assert_eq!(
+        text_of(&events),
+        "",
+        "a tool call streams no text: {events:?}"
+    );
+    usage_of(&events);
+}
+
+#[tokio::test]
+async fn with_tools_in_auto_mode_the_output_is_text_or_one_valid_tool_call() {
+    let Some(provider) = shared() else { return };
+    for prompt in [
+        "Hello! Who are you?",
+        "Compute 12 + 30 with the calculator tool.",
+    ] {
+        let events = collect(&provider, tool_request(prompt), greedy(48)).await;
+        let calls: Vec<_> = events
+            .iter()
+            .filter_map(|e| {
+                if let ModelEvent::ToolCall(c) = e {
+                    Some(c)
+                } else {
+                    None
+                }
+            })
+            .collect();
+        match calls.as_slice() {
+            [] => assert!(
+                !text_of(&events).trim().is_empty(),
+                "neither text nor a tool call: {events:?}"
+            ),
+            [call] => {
+                assert_calculator_call(call);
+                assert_eq!(
+                    text_of(&events),
+                    "",
+                    "either text or a tool call, not both: {events:?}"
+                );
+            }
+            _ => panic!("at most one tool call: {events:?}"),
+        }
+        usage_of(&events);
+    }
+}
+
+#[tokio::test]
+async fn required_tool_choice_without_tools_is_an_error() {
+    let Some(provider) = shared() else { return };
+    let options = GenerateOptions {
+        tool_choice: ToolChoice::Required,
+        ..greedy(4)
+    };
+    assert!(provider.stream_with(user("hi"), options).await.is_err());
+}

@@ -1,0 +1,290 @@
+//! The native WebSocket `GET /v1/sessions/{id}/ws[?after=N]` (SPEC.md section 4).
+//!
+//! One task per connection runs a reader and a writer side by side. The writer is the only one touching the
+//! socket's sending half: it takes events from the session's [`Subscription`] (replay, then live), batching
+//! whatever is ready into one flush, and control frames (pong, errors) from a small bounded channel. A client
+//! that stops reading only stalls its own writer; its subscription then reads from the log when it resumes.
+
+use std::time::Duration;
+
+use agentd_core::event_log::Subscription;
+use agentd_core::service::{Attached, Principal, SendMessage, ServiceError};
+use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::response::Response;
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use crate::auth::StreamCaller;
+use crate::error::{classify, public_message, ApiError};
+use crate::AppState;
+
+/// Frames written per flush at most (fewer syscalls when events queue up).
+const MAX_FRAMES_PER_FLUSH: usize = 64;
+/// A client whose socket accepts nothing for this long is dropped (it can resume with `after`).
+const STALLED_SEND: Duration = Duration::from_secs(60);
+/// The largest client frame (images travel inline).
+pub const MAX_CLIENT_FRAME: usize = 64 * 1024 * 1024;
+
+#[derive(Deserialize)]
+pub struct AfterQuery {
+    pub after: Option<u64>,
+}
+
+pub async fn upgrade(
+    State(st): State<AppState>,
+    StreamCaller(p): StreamCaller,
+    Path(id): Path<String>,
+    Query(q): Query<AfterQuery>,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let attached = st.app.attach(&p, &id, q.after).await?;
+    Ok(small_buffers(ws).on_upgrade(move |socket| connection(st, p, id, attached, socket)))
+}
+
+/// Idle connections should cost little: a small read buffer (allocated up front), a write buffer that only
+/// grows when frames are batched (and is capped), large client frames still allowed.
+pub fn small_buffers(ws: WebSocketUpgrade) -> WebSocketUpgrade {
+    ws.read_buffer_size(4 * 1024)
+        .write_buffer_size(64 * 1024)
+        .max_write_buffer_size(4 * 1024 * 1024)
+        .max_message_size(MAX_CLIENT_FRAME)
+}
+
+fn error_frame(code: &str, message: &str) -> String {
+    json!({"type": "error", "code": code, "message": message}).to_string()
+}
+
+async fn connection(
+    st: AppState,
+    p: Principal,
+    session_id: String,
+    attached: Attached,
+    socket: WebSocket,
+) {
+    let Attached {
+        subscription,
+        last_seq,
+        active_run_id,
+        cursor_expired,
+    } = attached;
+    let (mut sink, mut stream) = socket.split();
+    let hello = json!({"type": "hello", "session_id": session_id, "last_seq": last_seq, "active_run_id": active_run_id});
+    if sink
+        .send(WsMessage::Text(hello.to_string().into()))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    if cursor_expired {
+        let frame = error_frame(
+            "cursor_expired",
+            "`after` is older than the retained log; replaying as if no cursor was given",
+        );
+        if sink.send(WsMessage::Text(frame.into())).await.is_err() {
+            return;
+        }
+    }
+    let (ctrl_tx, ctrl_rx) = mpsc::channel::<String>(16);
+    let closing = st.closing.clone();
+    let writer = write_loop(&mut sink, subscription, ctrl_rx, closing);
+    let reader = async {
+        while let Some(Ok(msg)) = stream.next().await {
+            let reply = match msg {
+                WsMessage::Text(text) => handle_frame(&st, &p, &session_id, text.as_str()).await,
+                WsMessage::Binary(_) => Some(error_frame(
+                    "invalid_frame",
+                    "binary frames are not supported; send JSON text",
+                )),
+                WsMessage::Close(_) => break,
+                _ => None,
+            };
+            if let Some(reply) = reply {
+                if ctrl_tx.send(reply).await.is_err() {
+                    break;
+                }
+            }
+        }
+    };
+    tokio::select! {
+        _ = writer => {}
+        _ = reader => {}
+    }
+    let _ = sink.close().await;
+}
+
+/// Sends events and control frames until the client goes away or the server closes.
+async fn write_loop(
+    sink: &mut futures_util::stream::SplitSink<WebSocket, WsMessage>,
+    mut sub: Subscription,
+    mut ctrl: mpsc::Receiver<String>,
+    closing: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            biased;
+            _ = closing.cancelled() => {
+                let _ = sink.send(WsMessage::Close(Some(CloseFrame { code: 1001, reason: "server shutting down".into() }))).await;
+                return;
+            }
+            c = ctrl.recv() => match c {
+                Some(frame) => {
+                    if timed(sink.send(WsMessage::Text(frame.into()))).await.is_err() {
+                        return;
+                    }
+                }
+                None => return,
+            },
+            ev = sub.next() => match ev {
+                Ok(Some(ev)) => {
+                    if timed(sink.feed(WsMessage::Text(ev.json.as_str().into()))).await.is_err() {
+                        return;
+                    }
+                    let mut n = 1;
+                    while n < MAX_FRAMES_PER_FLUSH {
+                        let Some(ev) = sub.try_next() else { break };
+                        if timed(sink.feed(WsMessage::Text(ev.json.as_str().into()))).await.is_err() {
+                            return;
+                        }
+                        n += 1;
+                    }
+                    if timed(sink.flush()).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "event log read failed for a subscriber");
+                    let _ = sink.send(WsMessage::Text(error_frame("internal", "event log read failed; reconnect with `after`").into())).await;
+                    return;
+                }
+            },
+        }
+    }
+}
+
+async fn timed<F: std::future::Future<Output = Result<(), axum::Error>>>(f: F) -> Result<(), ()> {
+    match tokio::time::timeout(STALLED_SEND, f).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(()),
+    }
+}
+
+/// Handles one client frame; returns the frame to answer with, if any.
+async fn handle_frame(
+    st: &AppState,
+    p: &Principal,
+    session_id: &str,
+    text: &str,
+) -> Option<String> {
+    let v: Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(e) => {
+            return Some(error_frame(
+                "invalid_json",
+                &format!("frame is not valid JSON: {e}"),
+            ))
+        }
+    };
+    let kind = v.get("type").and_then(Value::as_str).unwrap_or("");
+    let result: Result<Option<String>, (String, String)> = match kind {
+        "ping" => Ok(Some(json!({"type": "pong"}).to_string())),
+        "message" => message_frame(st, p, session_id, &v).await,
+        "cancel" => {
+            let run_id = v.get("run_id").and_then(Value::as_str);
+            st.app
+                .cancel(p, session_id, run_id)
+                .await
+                .map(|_| None)
+                .map_err(service)
+        }
+        "reply" => {
+            let (Some(request_id), Some(content)) = (
+                v.get("request_id").and_then(Value::as_str),
+                v.get("content").and_then(Value::as_str),
+            ) else {
+                return Some(error_frame(
+                    "missing_field",
+                    "`reply` needs string fields `request_id` and `content`",
+                ));
+            };
+            st.app
+                .reply(p, session_id, request_id, content.to_string())
+                .await
+                .map(|_| None)
+                .map_err(service)
+        }
+        "" => Err((
+            "missing_field".into(),
+            "frame has no string field `type`".into(),
+        )),
+        other => Err((
+            "unknown_type".into(),
+            format!("unknown frame type `{other}` (message, cancel, reply, ping)"),
+        )),
+    };
+    match result {
+        Ok(reply) => reply,
+        Err((code, message)) => Some(error_frame(&code, &message)),
+    }
+}
+
+fn service(e: ServiceError) -> (String, String) {
+    let (_, code) = classify(&e);
+    (code.to_string(), public_message(&e))
+}
+
+fn strings(v: &Value, field: &str) -> Result<Vec<String>, (String, String)> {
+    match v.get(field) {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|i| {
+                i.as_str().map(String::from).ok_or_else(|| {
+                    (
+                        "invalid_frame".to_string(),
+                        format!("`{field}` must be an array of strings"),
+                    )
+                })
+            })
+            .collect(),
+        Some(_) => Err((
+            "invalid_frame".into(),
+            format!("`{field}` must be an array of strings"),
+        )),
+    }
+}
+
+async fn message_frame(
+    st: &AppState,
+    p: &Principal,
+    session_id: &str,
+    v: &Value,
+) -> Result<Option<String>, (String, String)> {
+    let Some(content) = v.get("content").and_then(Value::as_str) else {
+        return Err((
+            "missing_field".into(),
+            "`message` needs a string field `content`".into(),
+        ));
+    };
+    let multitask = super::parse_multitask(v.get("multitask").and_then(Value::as_str))
+        .map_err(|m| ("invalid_frame".to_string(), m))?;
+    let send = SendMessage {
+        content: content.to_string(),
+        images: strings(v, "images")?,
+        files: strings(v, "files")?,
+        client_message_id: v
+            .get("client_message_id")
+            .and_then(Value::as_str)
+            .map(String::from),
+        multitask,
+    };
+    st.app
+        .send(p, session_id, send)
+        .await
+        .map(|_| None)
+        .map_err(service)
+}

@@ -1,0 +1,9 @@
+//! Placeholder: the navi surface is built in its own change.
+
+use axum::Router;
+
+use crate::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+}

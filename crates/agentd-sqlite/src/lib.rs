@@ -1,0 +1,374 @@
+//! agentd-sqlite: the SQLite implementation of [`agentd_core::store::Store`].
+//!
+//! A tour:
+//! - [`SqliteStore`] (this file): opening a database from a path or a `sqlite://` URL, and the `Store` impl,
+//!   which sends writes to the writer and runs reads on the reader pool.
+//! - `writer`: the one thread that owns the write connection; group commit of appended events.
+//! - `reader`: a few read-only connections used from tokio's blocking pool, and the read queries.
+//! - `rows`: storage rows and their mapping to domain types; error helpers.
+//! - `schema`: embedded migrations (`migrations/*.sql`, versioned by `PRAGMA user_version`) and pragmas.
+//!
+//! Why rusqlite and not an async pool (sqlx): SQLite allows one writer at a time anyway, so the store funnels
+//! every write through one dedicated thread that owns a rusqlite connection. That thread sees the whole queue,
+//! which gives group commit (many callers' events in one transaction) for free, with no async pool, no
+//! per-query task hops and no lock contention between writers. Reads go to their own connections (WAL lets them
+//! run beside the writer) on the blocking pool, so SQLite never blocks an async worker thread.
+//!
+//! Durability: WAL with `synchronous=NORMAL`. A call that returned `Ok` is committed and survives the process
+//! being killed; it is not fsynced, so an OS crash or power cut can lose the last commits.
+
+mod reader;
+mod rows;
+mod schema;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use agentd_core::domain::{Message, Run, Session};
+use agentd_core::event::LoggedEvent;
+use agentd_core::store::{LogBounds, LogEntry, Store, StoreError, StoreResult};
+use async_trait::async_trait;
+use rusqlite::{Connection, OpenFlags};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::reader::ReaderPool;
+use crate::writer::{Command, Counters, Reply, Writer};
+
+/// The SQLite store: one writer thread, a few reader connections. Cheap to share behind an `Arc`.
+///
+/// Dropping it waits for the writer to finish the commands already queued, so a store that has been dropped
+/// has committed everything it accepted and closed its file.
+pub struct SqliteStore {
+    /// The database file, as given.
+    path: PathBuf,
+    /// Declared before `writer` so the readers close first: the writer's connection is then the last one, and
+    /// closing it checkpoints the WAL into the main file.
+    readers: Arc<ReaderPool>,
+    writer: WriterHandle,
+    counters: Arc<Counters>,
+}
+
+/// What the writer has done since the store was opened (for tests, metrics and the benchmark).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriterStats {
+    /// `append_events` calls that committed.
+    pub append_calls: u64,
+    /// Transactions those calls were committed in; with group commit, at most `append_calls`.
+    pub append_commits: u64,
+    /// Events those calls appended.
+    pub appended_events: u64,
+}
+
+/// The database file a store URL names: `sqlite://relative/path.db`, `sqlite:///absolute/path.db`,
+/// `sqlite:path.db`, or a bare path. Any other scheme is an error naming it.
+pub fn path_from_url(url: &str) -> Result<PathBuf, StoreError> {
+    let path = if let Some(rest) = url.strip_prefix("sqlite://") {
+        rest
+    } else if let Some(rest) = url.strip_prefix("sqlite:") {
+        rest
+    } else if let Some((scheme, _)) = url.split_once("://") {
+        return Err(StoreError::Other(format!(
+            "unsupported store url {url:?}: scheme {scheme:?} is not supported (use sqlite://PATH)"
+        )));
+    } else {
+        url
+    };
+    if path.is_empty() {
+        return Err(StoreError::Other(format!(
+            "store url {url:?} names no file"
+        )));
+    }
+    if url.starts_with("sqlite:") && path.contains('?') {
+        return Err(StoreError::Other(format!(
+            "store url {url:?}: query parameters are not supported"
+        )));
+    }
+    Ok(PathBuf::from(path))
+}
+
+impl SqliteStore {
+    /// Opens (creating it and its parent directories if missing) and migrates the database at `path`, then
+    /// starts the writer thread and the reader connections. Blocking: call it at start-up.
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        let named = |e: StoreError| match e {
+            StoreError::Other(m) => {
+                StoreError::Other(format!("sqlite database {}: {m}", path.display()))
+            }
+            other => other,
+        };
+        Self::open_inner(path).map_err(named)
+    }
+
+    /// [`SqliteStore::open`] on the file a store URL names (see [`path_from_url`]).
+    pub fn open_url(url: &str) -> Result<SqliteStore, StoreError> {
+        SqliteStore::open(&path_from_url(url)?)
+    }
+
+    fn open_inner(path: &Path) -> StoreResult<SqliteStore> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| {
+                StoreError::Other(format!("creating directory {}: {e}", parent.display()))
+            })?;
+        }
+        // No SQLITE_OPEN_URI: the path is a file name, never a `file:` URI with options.
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let mut conn = Connection::open_with_flags(path, flags)
+            .map_err(|e| StoreError::Other(format!("opening: {e}")))?;
+        schema::configure_writer(&conn)?;
+        schema::migrate(&mut conn)?;
+        // Readers open after the writer has made the file a WAL database with the current schema.
+        let readers = ReaderPool::open(path)?;
+
+        let counters = Arc::new(Counters::default());
+        let (tx, rx) = mpsc::channel(writer::QUEUE_CAPACITY);
+        let writer = Writer::new(conn, rx, Arc::clone(&counters));
+        let thread = std::thread::Builder::new()
+            .name("agentd-sqlite-writer".into())
+            .spawn(move || writer.run())
+            .map_err(|e| StoreError::Other(format!("starting the writer thread: {e}")))?;
+        tracing::debug!(path = %path.display(), version = schema::latest_version(), "sqlite store open");
+        Ok(SqliteStore {
+            path: path.to_path_buf(),
+            writer: WriterHandle {
+                tx: Some(tx),
+                thread: Some(thread),
+            },
+            readers,
+            counters,
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The writer's counters so far.
+    pub fn stats(&self) -> WriterStats {
+        WriterStats {
+            append_calls: self.counters.append_calls.load(Ordering::Relaxed),
+            append_commits: self.counters.append_commits.load(Ordering::Relaxed),
+            appended_events: self.counters.appended_events.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The sending side of the writer's queue, and its thread (joined on drop).
+struct WriterHandle {
+    /// Always `Some` until drop, which takes it to close the queue.
+    tx: Option<mpsc::Sender<Command>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl WriterHandle {
+    /// Queues a command built around a fresh reply channel and waits for its answer. A caller that stops
+    /// waiting does not withdraw the command: once queued it is applied (and its result dropped).
+    async fn call<T>(&self, command: impl FnOnce(Reply<T>) -> Command) -> StoreResult<T> {
+        let stopped = || StoreError::Other("sqlite writer has stopped".into());
+        let tx = self.tx.as_ref().ok_or_else(stopped)?;
+        let (reply, answer) = oneshot::channel();
+        tx.send(command(reply)).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+}
+
+impl Drop for WriterHandle {
+    fn drop(&mut self) {
+        // Closing the queue ends the writer's loop once it has served what is already queued (bounded by the
+        // queue's capacity), so this join is short.
+        drop(self.tx.take());
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::error!("sqlite writer thread panicked");
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn describe(&self) -> String {
+        format!("sqlite:{}", self.path.display())
+    }
+
+    async fn create_session(&self, session: &Session) -> StoreResult<()> {
+        let session = session.clone();
+        self.writer
+            .call(|reply| Command::CreateSession { session, reply })
+            .await
+    }
+
+    async fn get_session(&self, id: &str) -> StoreResult<Option<Session>> {
+        let id = id.to_string();
+        self.readers
+            .run(move |conn| reader::get_session(conn, &id))
+            .await
+    }
+
+    async fn list_sessions(
+        &self,
+        principal: Option<&str>,
+        limit: usize,
+        before: Option<&str>,
+    ) -> StoreResult<Vec<Session>> {
+        let principal = principal.map(str::to_string);
+        let before = before.map(str::to_string);
+        self.readers
+            .run(move |conn| {
+                reader::list_sessions(conn, principal.as_deref(), limit, before.as_deref())
+            })
+            .await
+    }
+
+    async fn update_session(&self, session: &Session) -> StoreResult<()> {
+        let session = session.clone();
+        self.writer
+            .call(|reply| Command::UpdateSession { session, reply })
+            .await
+    }
+
+    async fn list_messages(
+        &self,
+        session_id: &str,
+        limit: Option<usize>,
+        offset: usize,
+    ) -> StoreResult<Vec<Message>> {
+        let session_id = session_id.to_string();
+        self.readers
+            .run(move |conn| reader::list_messages(conn, &session_id, limit, offset))
+            .await
+    }
+
+    async fn create_run(&self, run: &Run, client_message_id: Option<&str>) -> StoreResult<()> {
+        let run = run.clone();
+        let client_message_id = client_message_id.map(str::to_string);
+        self.writer
+            .call(|reply| Command::CreateRun {
+                run,
+                client_message_id,
+                reply,
+            })
+            .await
+    }
+
+    async fn find_run_by_client_message_id(
+        &self,
+        session_id: &str,
+        client_message_id: &str,
+    ) -> StoreResult<Option<Run>> {
+        let session_id = session_id.to_string();
+        let client_message_id = client_message_id.to_string();
+        self.readers
+            .run(move |conn| {
+                reader::find_run_by_client_message_id(conn, &session_id, &client_message_id)
+            })
+            .await
+    }
+
+    async fn get_run(&self, session_id: &str, run_id: &str) -> StoreResult<Option<Run>> {
+        let session_id = session_id.to_string();
+        let run_id = run_id.to_string();
+        self.readers
+            .run(move |conn| reader::get_run(conn, &session_id, &run_id))
+            .await
+    }
+
+    async fn list_runs(&self, session_id: &str) -> StoreResult<Vec<Run>> {
+        let session_id = session_id.to_string();
+        self.readers
+            .run(move |conn| reader::list_runs(conn, &session_id))
+            .await
+    }
+
+    async fn update_run(&self, run: &Run) -> StoreResult<()> {
+        let run = run.clone();
+        self.writer
+            .call(|reply| Command::UpdateRun { run, reply })
+            .await
+    }
+
+    async fn unfinished_runs(&self) -> StoreResult<Vec<Run>> {
+        self.readers.run(reader::unfinished_runs).await
+    }
+
+    async fn append_events(&self, batch: Vec<LogEntry>) -> StoreResult<Vec<Arc<LoggedEvent>>> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.writer
+            .call(|reply| Command::Append { batch, reply })
+            .await
+    }
+
+    async fn read_events(
+        &self,
+        session_id: &str,
+        after: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<Arc<LoggedEvent>>> {
+        let session_id = session_id.to_string();
+        self.readers
+            .run(move |conn| reader::read_events(conn, &session_id, after, limit))
+            .await
+    }
+
+    async fn log_bounds(&self, session_id: &str) -> StoreResult<LogBounds> {
+        let session_id = session_id.to_string();
+        self.readers
+            .run(move |conn| reader::log_bounds(conn, &session_id))
+            .await
+    }
+
+    async fn first_seq_of_run(&self, session_id: &str, run_id: &str) -> StoreResult<Option<u64>> {
+        let session_id = session_id.to_string();
+        let run_id = run_id.to_string();
+        self.readers
+            .run(move |conn| reader::first_seq_of_run(conn, &session_id, &run_id))
+            .await
+    }
+
+    async fn prune_events(&self, session_id: &str, keep_runs: usize) -> StoreResult<()> {
+        let session_id = session_id.to_string();
+        self.writer
+            .call(|reply| Command::Prune {
+                session_id,
+                keep_runs,
+                reply,
+            })
+            .await
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // Tests may unwrap: a panic is the failure report.
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_name_files() {
+        assert_eq!(
+            path_from_url("sqlite://data/agentd.db").unwrap(),
+            PathBuf::from("data/agentd.db")
+        );
+        assert_eq!(
+            path_from_url("sqlite:///var/lib/a.db").unwrap(),
+            PathBuf::from("/var/lib/a.db")
+        );
+        assert_eq!(path_from_url("sqlite:a.db").unwrap(), PathBuf::from("a.db"));
+        assert_eq!(
+            path_from_url("data/x.db").unwrap(),
+            PathBuf::from("data/x.db")
+        );
+        let err = path_from_url("postgres://localhost/agentd")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("postgres"), "{err}");
+        assert!(path_from_url("sqlite://").is_err());
+        assert!(path_from_url("sqlite://a.db?mode=rwc").is_err());
+    }
+}

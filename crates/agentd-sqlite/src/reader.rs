@@ -1,0 +1,324 @@
+//! Reads: a small pool of read-only connections, each query run on tokio's blocking pool so an async worker
+//! thread never waits on SQLite.
+//!
+//! WAL mode lets these run while the writer commits; each statement sees the last committed state, so an
+//! `append_events` that has returned is visible to the next read.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use agentd_core::domain::{Message, Run, Session};
+use agentd_core::event::LoggedEvent;
+use agentd_core::store::{LogBounds, StoreError, StoreResult};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use tokio::sync::Semaphore;
+
+use crate::rows::{
+    from_sql_int, message_columns, run_columns, session_columns, sql_limit, to_sql_int, Context,
+    MessageRow, RunRow, SessionRow,
+};
+use crate::schema;
+
+/// Read connections kept open. The machine agentd targets is small; reads are short point or range lookups.
+pub(crate) const READERS: usize = 4;
+
+/// A fixed number of read-only connections. The semaphore holds one permit per connection, so a task that
+/// gets a permit always finds a connection (or opens a replacement for one lost to a panic).
+pub(crate) struct ReaderPool {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+    permits: Arc<Semaphore>,
+}
+
+impl ReaderPool {
+    /// Opens the connections. Call after the writer has created and migrated the database.
+    pub(crate) fn open(path: &Path) -> StoreResult<Arc<ReaderPool>> {
+        let mut idle = Vec::with_capacity(READERS);
+        for _ in 0..READERS {
+            idle.push(open_reader(path)?);
+        }
+        Ok(Arc::new(ReaderPool {
+            path: path.to_path_buf(),
+            idle: Mutex::new(idle),
+            permits: Arc::new(Semaphore::new(READERS)),
+        }))
+    }
+
+    /// Runs `query` on a pooled connection on the blocking pool. The connection goes back to the pool from the
+    /// blocking task itself, so a caller that gives up waiting does not lose it.
+    pub(crate) async fn run<T, F>(self: &Arc<Self>, query: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+    {
+        let permit = Arc::clone(&self.permits)
+            .acquire_owned()
+            .await
+            .map_err(|_| StoreError::Other("sqlite reader pool closed".into()))?;
+        let pool = Arc::clone(self);
+        let task = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let conn = match pool.take_idle() {
+                Some(conn) => conn,
+                None => open_reader(&pool.path)?,
+            };
+            let result = query(&conn);
+            pool.put_back(conn);
+            result
+        });
+        task.await
+            .map_err(|e| StoreError::Other(format!("sqlite read task failed: {e}")))?
+    }
+
+    fn take_idle(&self) -> Option<Connection> {
+        // A poisoned lock only means another reader panicked while pushing or popping; the Vec is intact.
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop()
+    }
+
+    fn put_back(&self, conn: Connection) {
+        self.idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(conn);
+    }
+}
+
+fn open_reader(path: &Path) -> StoreResult<Connection> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags)
+        .map_err(|e| StoreError::Other(format!("opening {} for reading: {e}", path.display())))?;
+    schema::configure_reader(&conn)?;
+    Ok(conn)
+}
+
+// --- the queries, each run inside `ReaderPool::run` ---
+
+pub(crate) fn get_session(conn: &Connection, id: &str) -> StoreResult<Option<Session>> {
+    let mut stmt = conn
+        .prepare_cached(concat!(
+            "SELECT ",
+            session_columns!(),
+            " FROM sessions WHERE id = ?1"
+        ))
+        .ctx("preparing get_session")?;
+    let row = stmt
+        .query_row([id], SessionRow::read)
+        .optional()
+        .ctx("reading session")?;
+    row.map(SessionRow::into_session).transpose()
+}
+
+pub(crate) fn list_sessions(
+    conn: &Connection,
+    principal: Option<&str>,
+    limit: usize,
+    before: Option<&str>,
+) -> StoreResult<Vec<Session>> {
+    // One statement per shape, so each can use its index (a `?1 IS NULL OR ...` filter could not).
+    let limit = sql_limit(Some(limit));
+    let rows = match (principal, before) {
+        (None, None) => collect(
+            conn,
+            concat!("SELECT ", session_columns!(), " FROM sessions ORDER BY ord DESC LIMIT ?1"),
+            params![limit],
+            SessionRow::read,
+        ),
+        (Some(p), None) => collect(
+            conn,
+            concat!(
+                "SELECT ",
+                session_columns!(),
+                " FROM sessions WHERE principal = ?1 ORDER BY ord DESC LIMIT ?2"
+            ),
+            params![p, limit],
+            SessionRow::read,
+        ),
+        (None, Some(b)) => collect(
+            conn,
+            concat!(
+                "SELECT ",
+                session_columns!(),
+                " FROM sessions WHERE ord < (SELECT ord FROM sessions WHERE id = ?1) ORDER BY ord DESC LIMIT ?2"
+            ),
+            params![b, limit],
+            SessionRow::read,
+        ),
+        (Some(p), Some(b)) => collect(
+            conn,
+            concat!(
+                "SELECT ",
+                session_columns!(),
+                " FROM sessions WHERE principal = ?1 AND ord < (SELECT ord FROM sessions WHERE id = ?2)",
+                " ORDER BY ord DESC LIMIT ?3"
+            ),
+            params![p, b, limit],
+            SessionRow::read,
+        ),
+    }?;
+    rows.into_iter().map(SessionRow::into_session).collect()
+}
+
+pub(crate) fn list_messages(
+    conn: &Connection,
+    session_id: &str,
+    limit: Option<usize>,
+    offset: usize,
+) -> StoreResult<Vec<Message>> {
+    let offset = i64::try_from(offset).unwrap_or(i64::MAX);
+    let rows = collect(
+        conn,
+        concat!(
+            "SELECT ",
+            message_columns!(),
+            " FROM messages WHERE session_id = ?1 ORDER BY ord LIMIT ?2 OFFSET ?3"
+        ),
+        params![session_id, sql_limit(limit), offset],
+        MessageRow::read,
+    )?;
+    rows.into_iter().map(MessageRow::into_message).collect()
+}
+
+pub(crate) fn find_run_by_client_message_id(
+    conn: &Connection,
+    session_id: &str,
+    client_message_id: &str,
+) -> StoreResult<Option<Run>> {
+    let mut stmt = conn
+        .prepare_cached(concat!(
+            "SELECT ",
+            run_columns!(),
+            " FROM runs WHERE session_id = ?1 AND client_message_id = ?2"
+        ))
+        .ctx("preparing find_run_by_client_message_id")?;
+    let row = stmt
+        .query_row(params![session_id, client_message_id], RunRow::read)
+        .optional()
+        .ctx("reading run by client_message_id")?;
+    row.map(RunRow::into_run).transpose()
+}
+
+pub(crate) fn get_run(
+    conn: &Connection,
+    session_id: &str,
+    run_id: &str,
+) -> StoreResult<Option<Run>> {
+    let mut stmt = conn
+        .prepare_cached(concat!(
+            "SELECT ",
+            run_columns!(),
+            " FROM runs WHERE session_id = ?1 AND id = ?2"
+        ))
+        .ctx("preparing get_run")?;
+    let row = stmt
+        .query_row(params![session_id, run_id], RunRow::read)
+        .optional()
+        .ctx("reading run")?;
+    row.map(RunRow::into_run).transpose()
+}
+
+pub(crate) fn list_runs(conn: &Connection, session_id: &str) -> StoreResult<Vec<Run>> {
+    let rows = collect(
+        conn,
+        concat!(
+            "SELECT ",
+            run_columns!(),
+            " FROM runs WHERE session_id = ?1 ORDER BY ord"
+        ),
+        params![session_id],
+        RunRow::read,
+    )?;
+    rows.into_iter().map(RunRow::into_run).collect()
+}
+
+pub(crate) fn unfinished_runs(conn: &Connection) -> StoreResult<Vec<Run>> {
+    // The WHERE clause matches the partial index `runs_unfinished` word for word, so SQLite can use it.
+    let rows = collect(
+        conn,
+        concat!(
+            "SELECT ",
+            run_columns!(),
+            " FROM runs WHERE status IN ('queued', 'running', 'waiting_input') ORDER BY ord"
+        ),
+        params![],
+        RunRow::read,
+    )?;
+    rows.into_iter().map(RunRow::into_run).collect()
+}
+
+pub(crate) fn read_events(
+    conn: &Connection,
+    session_id: &str,
+    after: u64,
+    limit: usize,
+) -> StoreResult<Vec<Arc<LoggedEvent>>> {
+    let after = to_sql_int(after, "after").unwrap_or(i64::MAX);
+    let rows: Vec<(i64, String)> = collect(
+        conn,
+        "SELECT seq, payload FROM events WHERE session_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+        params![session_id, after, sql_limit(Some(limit))],
+        |row| Ok((row.get(0)?, row.get(1)?)),
+    )?;
+    rows.into_iter()
+        .map(|(seq, payload)| {
+            let logged = LoggedEvent::from_json(session_id.to_string(), payload).map_err(|e| {
+                StoreError::Other(format!(
+                    "corrupt row: event {seq} of session {session_id}: {e}"
+                ))
+            })?;
+            // The payload carries its own seq; a mismatch means the row was tampered with or mis-written.
+            if i64::try_from(logged.seq()).ok() != Some(seq) {
+                return Err(StoreError::Other(format!(
+                    "corrupt row: event {seq} of session {session_id} says seq {}",
+                    logged.seq()
+                )));
+            }
+            Ok(Arc::new(logged))
+        })
+        .collect()
+}
+
+pub(crate) fn log_bounds(conn: &Connection, session_id: &str) -> StoreResult<LogBounds> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT last_seq, (SELECT MIN(seq) FROM events WHERE session_id = ?1) FROM sessions WHERE id = ?1",
+        )
+        .ctx("preparing log_bounds")?;
+    let row: Option<(i64, Option<i64>)> = stmt
+        .query_row([session_id], |row| Ok((row.get(0)?, row.get(1)?)))
+        .optional()
+        .ctx("reading log bounds")?;
+    // An unknown session has an empty log, like a session nothing was ever appended to.
+    let Some((last, first)) = row else {
+        return Ok(LogBounds::default());
+    };
+    Ok(LogBounds {
+        first_seq: from_sql_int(first.unwrap_or(0), "first seq")?,
+        last_seq: from_sql_int(last, "last_seq")?,
+    })
+}
+
+pub(crate) fn first_seq_of_run(
+    conn: &Connection,
+    session_id: &str,
+    run_id: &str,
+) -> StoreResult<Option<u64>> {
+    let mut stmt = conn
+        .prepare_cached("SELECT MIN(seq) FROM events WHERE session_id = ?1 AND run_id = ?2")
+        .ctx("preparing first_seq_of_run")?;
+    let first: Option<i64> = stmt
+        .query_row(params![session_id, run_id], |row| row.get(0))
+        .ctx("reading first seq of run")?;
+    first.map(|seq| from_sql_int(seq, "seq")).transpose()
+}
+
+/// Runs a cached statement and collects its rows.
+fn collect<T, P, F>(conn: &Connection, sql: &str, params: P, map: F) -> StoreResult<Vec<T>>
+where
+    P: rusqlite::Params,
+    F: FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+{
+    let mut stmt = conn.prepare_cached(sql).ctx("preparing query")?;
+    let rows = stmt.query_map(params, map).ctx("running query")?;
+    rows.collect::<rusqlite::Result<Vec<T>>>()
+        .ctx("reading rows")
+}

@@ -1,0 +1,91 @@
+//! The schema: migrations embedded in the binary, versioned with `PRAGMA user_version`, and the pragmas every
+//! connection gets.
+//!
+//! Migration `n` (1-based) is `MIGRATIONS[n - 1]`; `user_version` is the number applied. Each runs in its own
+//! transaction together with the `user_version` bump, so a crash mid-migration leaves the previous version.
+
+use std::time::Duration;
+
+use agentd_core::store::{StoreError, StoreResult};
+use rusqlite::{Connection, TransactionBehavior};
+
+use crate::rows::Context;
+
+/// The migrations, oldest first. Append only: a released migration never changes.
+const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_init.sql")];
+
+/// How long a statement waits for a lock another connection holds before failing with "database is locked".
+/// Within one process only the writer takes write locks, so this only matters for a second process (e.g. a
+/// backup tool) or a WAL checkpoint.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Enough for every statement the writer or a reader prepares, so `prepare_cached` never re-prepares.
+const STATEMENT_CACHE: usize = 64;
+
+/// The schema version this binary writes.
+pub(crate) fn latest_version() -> i64 {
+    MIGRATIONS.len() as i64
+}
+
+/// Pragmas for the one write connection.
+///
+/// WAL lets readers run while the writer commits. `synchronous=NORMAL` in WAL mode syncs only at checkpoints:
+/// a commit is durable against a killed process (it is in the OS's page cache), though not against power loss,
+/// which is the trade the store makes for not paying an fsync per commit.
+pub(crate) fn configure_writer(conn: &Connection) -> StoreResult<()> {
+    conn.busy_timeout(BUSY_TIMEOUT)
+        .ctx("setting busy_timeout")?;
+    let mode: String = conn
+        .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+        .ctx("enabling WAL")?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Other(format!(
+            "could not enable WAL (journal_mode is {mode})"
+        )));
+    }
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .ctx("setting synchronous=NORMAL")?;
+    conn.pragma_update(None, "foreign_keys", true)
+        .ctx("enabling foreign keys")?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    Ok(())
+}
+
+/// Pragmas for a read connection. `query_only` makes an accidental write fail loudly instead of racing the
+/// writer.
+pub(crate) fn configure_reader(conn: &Connection) -> StoreResult<()> {
+    conn.busy_timeout(BUSY_TIMEOUT)
+        .ctx("setting busy_timeout")?;
+    conn.pragma_update(None, "query_only", true)
+        .ctx("setting query_only")?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    Ok(())
+}
+
+/// Brings the database up to [`latest_version`]. Refuses a database a newer binary has migrated: running old
+/// code against a newer schema could corrupt it.
+pub(crate) fn migrate(conn: &mut Connection) -> StoreResult<()> {
+    let current: i64 = conn
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .ctx("reading user_version")?;
+    let latest = latest_version();
+    if current > latest {
+        return Err(StoreError::Other(format!(
+            "database schema version {current} is newer than this binary supports ({latest})"
+        )));
+    }
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(current.max(0) as usize) {
+        let version = index as i64 + 1;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .ctx("starting migration")?;
+        tx.execute_batch(sql)
+            .ctx(&format!("applying migration {version}"))?;
+        tx.pragma_update(None, "user_version", version)
+            .ctx("setting user_version")?;
+        tx.commit()
+            .ctx(&format!("committing migration {version}"))?;
+        tracing::info!(version, "applied sqlite migration");
+    }
+    Ok(())
+}

@@ -1,0 +1,198 @@
+//! The `agentd` command line: `serve`, `chat`, `check-config` (SPEC.md section 1).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use agentd_core::config::Config;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "agentd",
+    version,
+    about = "A self-hosted server that hosts LLM agents behind a chat API."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server. With no config: the built-in default (local model, SQLite under ./data, 127.0.0.1:8080).
+    Serve {
+        /// The TOML config file.
+        #[arg(long, env = "AGENTD_CONFIG", value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Listen on this address instead of `server.listen` (e.g. 127.0.0.1:9090; port 0 picks one).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<String>,
+    },
+    /// Chat with an agent in the terminal over the native WebSocket.
+    Chat {
+        /// The server's http base URL.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// The agent for a new session (default: the server's first agent).
+        #[arg(long)]
+        agent: Option<String>,
+        /// Resume this session instead of starting a new one.
+        #[arg(long)]
+        session: Option<String>,
+        /// API key, when the server has auth on.
+        #[arg(long, env = "AGENTD_API_KEY")]
+        api_key: Option<String>,
+    },
+    /// Validate a config file: print each problem with its line and key; exit 1 if there is any.
+    CheckConfig {
+        /// The TOML config file.
+        file: PathBuf,
+    },
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    if std::env::var("AGENTD_LOG_FORMAT").is_ok_and(|v| v == "json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn load_config(path: &PathBuf) -> Result<Config, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    Config::parse(&text, &path.display().to_string()).map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { file } => match load_config(&file) {
+            Ok(c) => {
+                println!(
+                    "{}: ok ({} agents, {} providers, {} skills)",
+                    file.display(),
+                    c.agents.len(),
+                    c.providers.len(),
+                    c.skills.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Serve { config, listen } => {
+            init_logging();
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("agentd: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(serve(config, listen)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("agentd: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Chat {
+            url,
+            agent,
+            session,
+            api_key,
+        } => {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("agentd: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let code = runtime.block_on(agentd::chat::run(agentd::chat::ChatOptions {
+                url,
+                agent,
+                session,
+                api_key,
+            }));
+            ExitCode::from(u8::try_from(code).unwrap_or(1))
+        }
+    }
+}
+
+async fn serve(config_path: Option<PathBuf>, listen: Option<String>) -> Result<(), String> {
+    let mut config = match &config_path {
+        Some(p) => load_config(p)?,
+        None => Config::builtin_default(),
+    };
+    if let Some(l) = listen {
+        config.server.listen = l;
+    }
+    let addr: SocketAddr = config.server.listen.parse().map_err(|_| {
+        format!(
+            "server.listen: `{}` is not an address like 127.0.0.1:8080",
+            config.server.listen
+        )
+    })?;
+    if config.auth_keys.is_empty() && !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "no [[auth.keys]] configured and listening beyond loopback: anyone who can reach it can use it");
+    }
+    let agents: Vec<String> = config.agents.iter().map(|a| a.name.clone()).collect();
+    let app = agentd::build(config).await?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("server.listen: cannot bind {addr}: {e}"))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    tracing::info!(
+        "agentd listening on http://{local} (store {}; agents: {}; config: {})",
+        app.store.describe(),
+        agents.join(", "),
+        config_path
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "built-in default".into())
+    );
+    agentd_server::serve(listener, app, shutdown_signal())
+        .await
+        .map_err(|e| format!("server error: {e}"))?;
+    tracing::info!("agentd stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+    tracing::info!("shutting down: no new connections; letting running turns finish");
+}

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Runs the benchmark harness (crates/agentd-bench): agentd against the Python peer and the floor relay,
+# all on one mock upstream. Writes bench-results/{results.md,results.json,plot.png} and, for a full run,
+# the results section of BENCHMARKS.md. See BENCHMARKS.md for what is measured and how.
+#
+#   scripts/bench.sh                 # full run (about 5-10 minutes on 2 cores)
+#   scripts/bench.sh --quick         # CI-sized smoke run (under a minute once things are built)
+#   scripts/bench.sh --servers peer,floor --no-doc     # any `agentd-bench run` option passes through
+#
+# Needs: cargo, python3 (with venv) for the peer, taskset (util-linux), and ../shared/bench beside the repo
+# (or --bench-dir DIR).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+profile=release
+for arg in "$@"; do
+    if [ "$arg" = "--quick" ]; then
+        profile=debug # CI has built the dev profile already; quick figures mean nothing anyway
+    fi
+done
+
+# Ten thousand idle connections need more descriptors than the usual soft limit of 1024.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+if [ "$profile" = release ]; then
+    cargo build --release -p agentd-bench
+else
+    cargo build -p agentd-bench
+fi
+
+export AGENTD_BENCH_COMMAND="scripts/bench.sh${*:+ $*}"
+exec "$CARGO_TARGET_DIR/$profile/agentd-bench" run --repo "$ROOT" "$@"
