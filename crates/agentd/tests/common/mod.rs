@@ -24,6 +24,7 @@ max_message_bytes = 4096
 max_upload_bytes = 2048
 shutdown_grace_s = 2
 ask_human_timeout_s = 30
+{server_extra}
 
 [store]
 url = "sqlite://{dir}/agentd.db"
@@ -53,7 +54,10 @@ pub struct Server {
 }
 
 pub struct Options {
+    /// Appended after the base config (agents, skills, providers, auth keys).
     pub extra: String,
+    /// Extra keys inside `[server]`.
+    pub server_extra: String,
     pub timeout_s: u64,
     pub dir: Option<Arc<tempfile::TempDir>>,
 }
@@ -62,6 +66,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             extra: String::new(),
+            server_extra: String::new(),
             timeout_s: 30,
             dir: None,
         }
@@ -69,7 +74,18 @@ impl Default for Options {
 }
 
 pub fn config_text(upstream: &str, dir: &std::path::Path, timeout_s: u64, extra: &str) -> String {
+    config_text_with(upstream, dir, timeout_s, extra, "")
+}
+
+pub fn config_text_with(
+    upstream: &str,
+    dir: &std::path::Path,
+    timeout_s: u64,
+    extra: &str,
+    server_extra: &str,
+) -> String {
     let base = BASE_CONFIG
+        .replace("{server_extra}", server_extra)
         .replace("{upstream}", upstream)
         .replace("{dir}", &dir.display().to_string())
         .replace("{timeout}", &timeout_s.to_string());
@@ -86,11 +102,12 @@ impl Server {
         let dir = opts
             .dir
             .unwrap_or_else(|| Arc::new(tempfile::tempdir().expect("tempdir")));
-        let text = config_text(
+        let text = config_text_with(
             &upstream.base_url(),
             dir.path(),
             opts.timeout_s,
             &opts.extra,
+            &opts.server_extra,
         );
         let config = Config::parse(&text, "test.toml")
             .unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
