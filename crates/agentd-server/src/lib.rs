@@ -3,6 +3,7 @@
 //! - [`native`]: the native REST API, WebSocket and SSE (SPEC.md sections 3 and 4).
 //! - [`agentkit`] and [`navi`]: the two seed dialects (SPEC.md section 5), thin adapters over the same events.
 //! - [`web`]: the embedded web chat page.
+//! - [`relay`]: the writer half every WebSocket shares: events -> a dialect's frames -> batched flushes.
 //! - [`auth`]: API keys -> `Principal`, compared in constant time; [`error`]: the native JSON error shape.
 //!
 //! Invariant: surfaces only extract, call one `Agentd` method, and render. No surface holds run state.
@@ -12,6 +13,7 @@ pub mod auth;
 pub mod error;
 pub mod native;
 pub mod navi;
+pub mod relay;
 pub mod web;
 
 use std::future::Future;

@@ -1,15 +1,13 @@
 //! The native WebSocket `GET /v1/sessions/{id}/ws[?after=N]` (SPEC.md section 4).
 //!
-//! One task per connection runs a reader and a writer side by side. The writer is the only one touching the
-//! socket's sending half: it takes events from the session's [`Subscription`] (replay, then live), batching
-//! whatever is ready into one flush, and control frames (pong, errors) from a small bounded channel. A client
-//! that stops reading only stalls its own writer; its subscription then reads from the log when it resumes.
+//! One task per connection runs a reader and a writer ([`relay::write_loop`]) side by side. The writer is the
+//! only one touching the socket's sending half: it takes events from the session's subscription (replay, then
+//! live), batching whatever is ready into one flush, and control frames (pong, errors) from a small bounded
+//! channel. A client that stops reading only stalls its own writer, which reads from the log when it resumes.
 
-use std::time::Duration;
-
-use agentd_core::event_log::Subscription;
+use agentd_core::event::LoggedEvent;
 use agentd_core::service::{Attached, Principal, SendMessage, ServiceError};
-use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::response::Response;
 use futures_util::{SinkExt, StreamExt};
@@ -19,12 +17,9 @@ use tokio::sync::mpsc;
 
 use crate::auth::StreamCaller;
 use crate::error::{classify, public_message, ApiError};
+use crate::relay::{self, Render};
 use crate::AppState;
 
-/// Frames written per flush at most (fewer syscalls when events queue up).
-const MAX_FRAMES_PER_FLUSH: usize = 64;
-/// A client whose socket accepts nothing for this long is dropped (it can resume with `after`).
-const STALLED_SEND: Duration = Duration::from_secs(60);
 /// The largest client frame (images travel inline).
 pub const MAX_CLIENT_FRAME: usize = 64 * 1024 * 1024;
 
@@ -88,9 +83,10 @@ async fn connection(
             return;
         }
     }
-    let (ctrl_tx, ctrl_rx) = mpsc::channel::<String>(16);
+    let (ctrl_tx, ctrl_rx) = mpsc::channel::<String>(relay::CONTROL_QUEUE);
     let closing = st.closing.clone();
-    let writer = write_loop(&mut sink, subscription, ctrl_rx, closing);
+    let mut render = NativeRender;
+    let writer = relay::write_loop(&mut sink, subscription, ctrl_rx, closing, &mut render);
     let reader = async {
         while let Some(Ok(msg)) = stream.next().await {
             let reply = match msg {
@@ -116,60 +112,15 @@ async fn connection(
     let _ = sink.close().await;
 }
 
-/// Sends events and control frames until the client goes away or the server closes.
-async fn write_loop(
-    sink: &mut futures_util::stream::SplitSink<WebSocket, WsMessage>,
-    mut sub: Subscription,
-    mut ctrl: mpsc::Receiver<String>,
-    closing: tokio_util::sync::CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            biased;
-            _ = closing.cancelled() => {
-                let _ = sink.send(WsMessage::Close(Some(CloseFrame { code: 1001, reason: "server shutting down".into() }))).await;
-                return;
-            }
-            c = ctrl.recv() => match c {
-                Some(frame) => {
-                    if timed(sink.send(WsMessage::Text(frame.into()))).await.is_err() {
-                        return;
-                    }
-                }
-                None => return,
-            },
-            ev = sub.next() => match ev {
-                Ok(Some(ev)) => {
-                    if timed(sink.feed(WsMessage::Text(ev.json.as_str().into()))).await.is_err() {
-                        return;
-                    }
-                    let mut n = 1;
-                    while n < MAX_FRAMES_PER_FLUSH {
-                        let Some(ev) = sub.try_next() else { break };
-                        if timed(sink.feed(WsMessage::Text(ev.json.as_str().into()))).await.is_err() {
-                            return;
-                        }
-                        n += 1;
-                    }
-                    if timed(sink.flush()).await.is_err() {
-                        return;
-                    }
-                }
-                Ok(None) => return,
-                Err(e) => {
-                    tracing::warn!(error = %e, "event log read failed for a subscriber");
-                    let _ = sink.send(WsMessage::Text(error_frame("internal", "event log read failed; reconnect with `after`").into())).await;
-                    return;
-                }
-            },
-        }
-    }
-}
+/// The native dialect: an event's frame is its stored JSON, as is.
+struct NativeRender;
 
-async fn timed<F: std::future::Future<Output = Result<(), axum::Error>>>(f: F) -> Result<(), ()> {
-    match tokio::time::timeout(STALLED_SEND, f).await {
-        Ok(Ok(())) => Ok(()),
-        _ => Err(()),
+impl Render for NativeRender {
+    fn render(&mut self, event: &LoggedEvent, out: &mut Vec<String>) {
+        out.push(event.json.clone());
+    }
+    fn failure(&self, message: &str) -> String {
+        error_frame("internal", message)
     }
 }
 

@@ -1,9 +1,0 @@
-//! Placeholder: the navi surface is built in its own change.
-
-use axum::Router;
-
-use crate::AppState;
-
-pub fn router() -> Router<AppState> {
-    Router::new()
-}
