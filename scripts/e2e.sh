@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Browser end-to-end tests of the web chat page (web/e2e/): the real agentd binary against a mock upstream,
+# driven in Debian's headless Chromium through playwright-core. Installs what is missing (chromium, node, the
+# npm packages), builds the binary, runs the tests; exits non-zero when a test fails.
+# Screenshots and server logs: web/test-results/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root="$PWD"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target}"
+
+sudo=""
+if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null; then sudo="sudo"; fi
+
+apt_install() {
+  # A fresh machine may have no package lists yet: update once and retry.
+  $sudo apt-get install -y --no-install-recommends "$@" || { $sudo apt-get update && $sudo apt-get install -y --no-install-recommends "$@"; }
+}
+
+if [ ! -x /usr/bin/chromium ]; then
+  echo "e2e: installing chromium" >&2
+  apt_install chromium
+fi
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  echo "e2e: installing node and npm" >&2
+  apt_install nodejs npm
+fi
+if [ ! -d web/node_modules/playwright-core ]; then
+  echo "e2e: installing npm packages" >&2
+  (cd web && npm ci --no-audit --no-fund)
+fi
+
+echo "e2e: building agentd" >&2
+cargo build -p agentd
+export AGENTD_BIN="${AGENTD_BIN:-$CARGO_TARGET_DIR/debug/agentd}"
+
+rm -rf web/test-results
+mkdir -p web/test-results
+echo "e2e: running the browser tests against $AGENTD_BIN" >&2
+status=0
+(cd web && node --test --test-reporter=spec e2e/chat.test.mjs) || status=$?
+echo "e2e: screenshots and logs in web/test-results/" >&2
+exit "$status"
