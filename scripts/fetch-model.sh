@@ -14,7 +14,9 @@ SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 target="${MODELS_DIR}/${FILE_NAME}"
 
-sha_of() { sha256sum "$1" | cut -d' ' -f1; }
+sha_of() {
+    if command -v sha256sum >/dev/null; then sha256sum "$1" | cut -d' ' -f1; else shasum -a 256 "$1" | cut -d' ' -f1; fi
+}
 
 if [[ -f "$target" ]] && [[ "$(sha_of "$target")" == "$SHA256" ]]; then
     echo "model present: $target"

@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 AGENTD_SETUP_BROWSER=1 ./scripts/setup.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/agentd-target}"
+# setup.sh fetched the default model: tests that need it must run, never skip.
+export AGENTD_REQUIRE_MODEL=1
 
 echo "== fmt"
 cargo fmt --all -- --check

@@ -1,7 +1,8 @@
 //! A manual check of the `llama` provider: streams one reply (or tool call) to stdout and reports speed.
 //!
 //! ```text
-//! cargo run -p agentd-llama --example generate -- [--tools] [--required] [--max N] "your prompt"
+//! cargo run -p agentd-llama --example generate -- [--tools] [--required] [--greedy] [--ignore-eos] [--max N]
+//!     [--threads N] "your prompt"
 //! ```
 //! Uses the default model under `models/` (fetch it with `scripts/fetch-model.sh`), or `AGENTD_MODEL` if set.
 
@@ -16,6 +17,7 @@ use futures_util::StreamExt;
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), String> {
     let mut tools = false;
+    let mut threads = 2;
     let mut options = GenerateOptions::default();
     let mut prompt = String::from("Tell me a short fact about the sea.");
     let mut args = std::env::args().skip(1);
@@ -26,6 +28,7 @@ async fn main() -> Result<(), String> {
             "--greedy" => options.temperature = 0.0,
             "--ignore-eos" => options.ignore_eos = true,
             "--max" => options.max_tokens = args.next().and_then(|n| n.parse().ok()),
+            "--threads" => threads = args.next().and_then(|n| n.parse().ok()).unwrap_or(threads),
             _ => prompt = arg,
         }
     }
@@ -38,7 +41,7 @@ async fn main() -> Result<(), String> {
     let provider = LlamaProvider::load(LlamaSettings {
         model_path,
         context_tokens: 4096,
-        threads: 2,
+        threads,
     })?;
     eprintln!("[loaded in {:.2?}]", started.elapsed());
 

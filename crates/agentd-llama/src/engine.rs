@@ -56,11 +56,21 @@ pub(crate) struct Engine {
     /// Shared with the engine thread; read-only use here (tokenizing, grammar set-up) is thread-safe.
     model: Arc<LlamaModel>,
     template: LlamaChatTemplate,
-    /// End-of-generation tokens, banned when [`GenerateOptions::ignore_eos`] is set.
-    eog_tokens: Vec<LlamaToken>,
-    generated: Arc<AtomicU64>,
+    /// Tokens that end a reply (end-of-generation and other control tokens), banned when
+    /// [`GenerateOptions::ignore_eos`] is set.
+    stop_tokens: Vec<LlamaToken>,
+    counters: Arc<Counters>,
     pub(crate) model_path: PathBuf,
     pub(crate) context_tokens: u32,
+}
+
+/// Running totals since the model was loaded, for tests and metrics.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    /// Tokens sampled, over all calls, cancelled ones included.
+    pub(crate) generated: AtomicU64,
+    /// Prompt tokens actually run through the model, i.e. not served from the cached prefix.
+    pub(crate) prompt_decoded: AtomicU64,
 }
 
 /// One model call, as queued.
@@ -103,13 +113,16 @@ impl Engine {
         let model = Arc::new(model_file::load_model(&path)?);
         let template = prompt::model_template(&model);
         let vocab = model.vocab();
-        let eog_tokens: Vec<LlamaToken> = vocab.tokens().filter(|t| vocab.is_eog(*t)).collect();
-        let generated = Arc::new(AtomicU64::new(0));
+        let stop_tokens: Vec<LlamaToken> = vocab
+            .tokens()
+            .filter(|t| vocab.is_eog(*t) || vocab.is_control(*t))
+            .collect();
+        let counters = Arc::new(Counters::default());
 
         let (jobs_tx, jobs_rx) = mpsc::channel(JOB_QUEUE);
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         let thread_model = Arc::clone(&model);
-        let thread_generated = Arc::clone(&generated);
+        let thread_counters = Arc::clone(&counters);
         let context_tokens = settings.context_tokens;
         std::thread::Builder::new()
             .name("agentd-llama".to_string())
@@ -120,7 +133,7 @@ impl Engine {
                     threads,
                     jobs_rx,
                     &ready_tx,
-                    &thread_generated,
+                    &thread_counters,
                 )
             })
             .map_err(|e| fail(&format!("cannot start the inference thread: {e}")))?;
@@ -134,15 +147,15 @@ impl Engine {
             jobs: jobs_tx,
             model,
             template,
-            eog_tokens,
-            generated,
+            stop_tokens,
+            counters,
             model_path: path,
             context_tokens,
         })
     }
 
-    pub(crate) fn tokens_generated(&self) -> u64 {
-        self.generated.load(Ordering::Relaxed)
+    pub(crate) fn counters(&self) -> &Counters {
+        &self.counters
     }
 
     /// Prepares the call off the async workers, queues it, and returns its event stream.
@@ -151,19 +164,11 @@ impl Engine {
         request: ModelRequest,
         options: GenerateOptions,
     ) -> Result<ModelStream, ProviderError> {
-        let preparer = Arc::clone(engine);
-        let (prompt, sampling, max_new, tools) =
-            tokio::task::spawn_blocking(move || preparer.prepare(&request, &options))
-                .await
-                .map_err(|e| ProviderError::Other(format!("preparing the prompt failed: {e}")))??;
         let (events, receiver) = mpsc::channel(EVENT_BUFFER);
-        let job = Job {
-            prompt,
-            sampling,
-            max_new,
-            tools,
-            events,
-        };
+        let preparer = Arc::clone(engine);
+        let job = tokio::task::spawn_blocking(move || preparer.prepare(&request, &options, events))
+            .await
+            .map_err(|e| ProviderError::Other(format!("preparing the prompt failed: {e}")))??;
         engine.jobs.send(job).await.map_err(|_| {
             ProviderError::Other("the llama inference thread has stopped".to_string())
         })?;
@@ -174,12 +179,13 @@ impl Engine {
         Ok(Box::pin(stream))
     }
 
-    /// Renders and tokenizes the prompt, checks it fits, and builds the samplers.
+    /// Renders and tokenizes the prompt, checks it fits, and builds the samplers: everything but the decoding.
     fn prepare(
         &self,
         request: &ModelRequest,
         options: &GenerateOptions,
-    ) -> Result<(Vec<LlamaToken>, Sampling, u32, Vec<String>), ProviderError> {
+        events: EventSender,
+    ) -> Result<Job, ProviderError> {
         if options.tool_choice == ToolChoice::Required && request.tools.is_empty() {
             return Err(ProviderError::Other(
                 "tool_choice Required needs at least one tool".to_string(),
@@ -215,9 +221,15 @@ impl Engine {
         }
         let room = self.context_tokens - prompt_len;
         let max_new = options.max_tokens.map_or(room, |m| m.min(room));
-        let sampling = Sampling::new(&self.model, &request.tools, options, &self.eog_tokens)?;
+        let sampling = Sampling::new(&self.model, &request.tools, options, &self.stop_tokens)?;
         let tools = request.tools.iter().map(|t| t.name.clone()).collect();
-        Ok((tokens, sampling, max_new, tools))
+        Ok(Job {
+            prompt: tokens,
+            sampling,
+            max_new,
+            tools,
+            events,
+        })
     }
 }
 
@@ -238,11 +250,11 @@ impl Sampling {
         model: &LlamaModel,
         tools: &[agentd_core::provider::ToolSpec],
         options: &GenerateOptions,
-        eog_tokens: &[LlamaToken],
+        stop_tokens: &[LlamaToken],
     ) -> Result<Sampling, ProviderError> {
         let mut stages = Vec::new();
         if options.ignore_eos && tools.is_empty() {
-            let bans: Vec<LlamaLogitBias> = eog_tokens
+            let bans: Vec<LlamaLogitBias> = stop_tokens
                 .iter()
                 .map(|t| LlamaLogitBias::new(*t, f32::NEG_INFINITY))
                 .collect();
@@ -314,7 +326,7 @@ fn engine_thread(
     threads: i32,
     mut jobs: mpsc::Receiver<Job>,
     ready: &std::sync::mpsc::SyncSender<Result<(), String>>,
-    generated: &AtomicU64,
+    counters: &Counters,
 ) {
     let backend = match model_file::backend() {
         Ok(b) => b,
@@ -347,7 +359,7 @@ fn engine_thread(
         cached: Vec::new(),
         batch: LlamaBatch::new(n_batch as usize, 1),
         n_batch,
-        generated,
+        counters,
     };
     while let Some(job) = jobs.blocking_recv() {
         worker.run(job);
@@ -362,7 +374,7 @@ struct Worker<'m> {
     cached: Vec<LlamaToken>,
     batch: LlamaBatch<'static>,
     n_batch: u32,
-    generated: &'m AtomicU64,
+    counters: &'m Counters,
 }
 
 impl Worker<'_> {
@@ -381,7 +393,11 @@ impl Worker<'_> {
 
     fn generate(&mut self, job: &mut Job) -> Result<(), Stop> {
         let reused = self.reuse_prefix(&job.prompt);
-        let mut logits_at = self.feed(&job.prompt[reused..], &job.events)?;
+        let fresh = &job.prompt[reused..];
+        self.counters
+            .prompt_decoded
+            .fetch_add(fresh.len() as u64, Ordering::Relaxed);
+        let mut logits_at = self.feed(fresh, &job.events)?;
 
         let vocab = self.model.vocab();
         let mut utf8 = Utf8Stream::default();
@@ -399,7 +415,7 @@ impl Worker<'_> {
                 break;
             }
             produced += 1;
-            self.generated.fetch_add(1, Ordering::Relaxed);
+            self.counters.generated.fetch_add(1, Ordering::Relaxed);
             piece.clear();
             vocab.token_to_piece_into(token, &mut piece, false, None);
             if let Some(text) = router.push(&utf8.push(&piece)) {
@@ -414,8 +430,11 @@ impl Worker<'_> {
             send(&job.events, ModelEvent::Text(text))?;
         }
         if let Output::ToolCall(raw) = router.finish() {
-            let (name, arguments) =
-                grammar::parse_tool_call(&raw, &job.tools).map_err(ProviderError::Malformed)?;
+            let (name, arguments) = grammar::parse_tool_call(&raw, &job.tools).map_err(|e| {
+                // The start of what the model wrote, escaped onto one line, so the failure can be diagnosed.
+                let start: String = raw.chars().take(160).collect();
+                ProviderError::Malformed(format!("{e}; the model wrote {start:?}"))
+            })?;
             let id = format!("call_{}", uuid::Uuid::new_v4().simple());
             send(
                 &job.events,

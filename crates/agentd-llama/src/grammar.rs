@@ -20,9 +20,10 @@ pub(crate) const TOOL_CALL_CLOSE: &str = "</tool_call>";
 /// add has the `agentd-` prefix for the same reason.
 pub(crate) const GRAMMAR_ROOT: &str = "agentd-root";
 
-/// The start of the converter's rule for one character of a JSON string, and our replacement excluding `<`.
+/// The start of the converter's rule for one character of a JSON string, and our replacement that also
+/// excludes `<`, `{` and `}` (see [`tool_grammar`]).
 const STRING_CHAR_RULE: &str = r#"char ::= [^"\\"#;
-const STRING_CHAR_RULE_NO_LT: &str = r#"char ::= [^<"\\"#;
+const STRING_CHAR_RULE_NO_TAGS: &str = r#"char ::= [^<{}"\\"#;
 
 /// Leading blanks are allowed (and dropped) before either branch, but only a few, so a model cannot spend its
 /// whole budget on whitespace.
@@ -48,6 +49,44 @@ fn call_schema(name: &str, arguments_schema: &str) -> String {
     )
 }
 
+/// Longest argument string the grammar allows when the schema sets no `maxLength`, in characters.
+const DEFAULT_MAX_STRING: u64 = 1000;
+/// Most array items the grammar allows when the schema sets no `maxItems`.
+const DEFAULT_MAX_ITEMS: u64 = 64;
+
+/// Gives every string and array in a schema an upper bound, for the grammar only (the model still sees the
+/// schema as written). Without one, a small model can loop inside a string until the context is full, holding
+/// the only inference thread for minutes; with one, the grammar closes the string at the bound and the call is
+/// still valid. Strings also get `minLength: 1` unless they set one: an empty argument is what a confused small
+/// model writes instead of an answer. Strings already constrained otherwise (`enum`, `const`, `pattern`,
+/// `format`) are left alone.
+fn bound_lengths(schema: &mut serde_json::Value) {
+    match schema {
+        serde_json::Value::Object(map) => {
+            let is = |map: &serde_json::Map<String, serde_json::Value>, ty: &str| match map
+                .get("type")
+            {
+                Some(serde_json::Value::String(t)) => t == ty,
+                Some(serde_json::Value::Array(types)) => types.iter().any(|t| t == ty),
+                _ => false,
+            };
+            let constrained = ["maxLength", "enum", "const", "pattern", "format"]
+                .iter()
+                .any(|k| map.contains_key(*k));
+            if is(map, "string") && !constrained {
+                map.insert("maxLength".to_string(), DEFAULT_MAX_STRING.into());
+                map.entry("minLength").or_insert_with(|| 1.into());
+            }
+            if is(map, "array") && !map.contains_key("maxItems") {
+                map.insert("maxItems".to_string(), DEFAULT_MAX_ITEMS.into());
+            }
+            map.values_mut().for_each(bound_lengths);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(bound_lengths),
+        _ => {}
+    }
+}
+
 /// The arguments schema of `tool`, or "any object" when its schema cannot be turned into a grammar (then the
 /// call is still valid JSON with a known name; the tool itself validates its arguments).
 fn arguments_schema(tool: &ToolSpec) -> String {
@@ -55,7 +94,9 @@ fn arguments_schema(tool: &ToolSpec) -> String {
     if !tool.parameters.is_object() {
         return fallback;
     }
-    let schema = tool.parameters.to_string();
+    let mut bounded = tool.parameters.clone();
+    bound_lengths(&mut bounded);
+    let schema = bounded.to_string();
     match llama_cpp_2::json_schema_to_grammar(&call_schema(&tool.name, &schema)) {
         Ok(_) => schema,
         Err(e) => {
@@ -78,10 +119,11 @@ pub(crate) fn tool_grammar(tools: &[ToolSpec], choice: ToolChoice) -> Result<Str
     };
     let converted = llama_cpp_2::json_schema_to_grammar(&schema)
         .map_err(|e| format!("cannot build the tool grammar: {e}"))?;
-    // No `<` inside JSON strings. A small model that wants to stop tends to write `</tool_call>` *inside* the
-    // argument string instead of closing the string first; without `<` it has to close the string, the object
-    // and then the tag. The cost: a literal `<` in an argument must be written as the JSON escape `\u003c`.
-    let converted = converted.replace(STRING_CHAR_RULE, STRING_CHAR_RULE_NO_LT);
+    // No `<`, `{` or `}` inside argument strings. A small model that wants to finish tends to write `}}` or
+    // `</tool_call>` *inside* the string instead of closing the string first, and then rambles on inside it
+    // (measured with SmolLM2-135M: most calls never closed). Without those characters it has to write the `"`
+    // first. The cost: such a character in an argument must be written as a JSON escape (`\u003c`, `\u007b`).
+    let converted = converted.replace(STRING_CHAR_RULE, STRING_CHAR_RULE_NO_TAGS);
     let top = match choice {
         ToolChoice::Auto => "agentd-root ::= agentd-ws ( agentd-call | agentd-text )",
         ToolChoice::Required => "agentd-root ::= agentd-ws agentd-call",
@@ -240,11 +282,39 @@ mod tests {
     }
 
     #[test]
-    fn argument_strings_cannot_contain_a_less_than_sign() {
+    fn argument_strings_cannot_contain_tag_or_brace_characters() {
         let grammar = tool_grammar(&[calculator()], ToolChoice::Auto).unwrap();
         assert!(
-            grammar.contains(STRING_CHAR_RULE_NO_LT),
+            grammar.contains(STRING_CHAR_RULE_NO_TAGS),
             "the converter's string rule changed: {grammar}"
+        );
+    }
+
+    #[test]
+    fn strings_and_arrays_get_an_upper_bound() {
+        let mut schema = json!({
+            "type": "object",
+            "properties": {
+                "free": {"type": "string"},
+                "short": {"type": "string", "maxLength": 5},
+                "choice": {"type": "string", "enum": ["a", "b"]},
+                "list": {"type": "array", "items": {"type": ["string", "null"]}}
+            }
+        });
+        bound_lengths(&mut schema);
+        let p = &schema["properties"];
+        assert_eq!(p["free"]["maxLength"], json!(DEFAULT_MAX_STRING));
+        assert_eq!(p["free"]["minLength"], json!(1));
+        assert_eq!(p["short"]["maxLength"], json!(5));
+        assert!(p["choice"].get("maxLength").is_none());
+        assert_eq!(p["list"]["maxItems"], json!(DEFAULT_MAX_ITEMS));
+        assert_eq!(p["list"]["items"]["maxLength"], json!(DEFAULT_MAX_STRING));
+        assert!(schema.get("maxLength").is_none(), "objects are not strings");
+
+        let grammar = tool_grammar(&[calculator()], ToolChoice::Auto).unwrap();
+        assert!(
+            grammar.contains(&format!("char{{1,{DEFAULT_MAX_STRING}}}")),
+            "{grammar}"
         );
     }
 

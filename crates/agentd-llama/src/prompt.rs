@@ -47,8 +47,40 @@ pub(crate) fn tools_section(tools: &[ToolSpec]) -> String {
     out.push_str(TOOL_CALL_OPEN);
     out.push_str(r#"{"name": "tool_name", "arguments": {"argument_name": "value"}}"#);
     out.push_str(TOOL_CALL_CLOSE);
+    if let Some(first) = tools.first() {
+        // A concrete call in the exact shape expected: small models copy shapes far better than they follow
+        // a description of one.
+        out.push_str("\nFor example:\n");
+        out.push_str(&example_call(first));
+    }
     out.push_str("\nIf no tool is needed, reply with a plain text answer.");
     out
+}
+
+/// A call of `tool` with placeholder arguments of the right types.
+fn example_call(tool: &ToolSpec) -> String {
+    let mut arguments = serde_json::Map::new();
+    if let Some(properties) = tool
+        .parameters
+        .get("properties")
+        .and_then(|p| p.as_object())
+    {
+        for (name, schema) in properties {
+            let placeholder = match schema.get("type").and_then(|t| t.as_str()) {
+                Some("number") | Some("integer") => serde_json::json!(1),
+                Some("boolean") => serde_json::json!(true),
+                Some("array") => serde_json::json!([]),
+                Some("object") => serde_json::json!({}),
+                _ => serde_json::json!("..."),
+            };
+            arguments.insert(name.clone(), placeholder);
+        }
+    }
+    format!(
+        r#"{TOOL_CALL_OPEN}{{"name": {}, "arguments": {}}}{TOOL_CALL_CLOSE}"#,
+        serde_json::Value::String(tool.name.clone()),
+        serde_json::Value::Object(arguments)
+    )
 }
 
 /// The (role, content) pairs of the conversation, tools folded into the system prompt.

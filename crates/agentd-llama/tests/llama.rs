@@ -429,3 +429,49 @@ async fn required_tool_choice_without_tools_is_an_error() {
     };
     assert!(provider.stream_with(user("hi"), options).await.is_err());
 }
+
+#[tokio::test]
+async fn a_repeated_or_extended_prompt_reuses_the_cached_prefix() {
+    // Its own provider, so no other test's call changes the cache between these.
+    let Some(provider) = load(1024) else { return };
+    let first = collect(&provider, user("List three fruits."), greedy(12)).await;
+    let (prompt_tokens, _) = usage_of(&first);
+    assert_eq!(
+        provider.prompt_tokens_decoded(),
+        prompt_tokens,
+        "a cold cache decodes the whole prompt"
+    );
+
+    // The same prompt again: only its last token is decoded (its logits start the reply), same greedy answer.
+    let again = collect(&provider, user("List three fruits."), greedy(12)).await;
+    assert_eq!(provider.prompt_tokens_decoded(), prompt_tokens + 1);
+    assert_eq!(text_of(&again), text_of(&first));
+
+    // The next round of a conversation decodes only what is new since the shared prefix.
+    let before = provider.prompt_tokens_decoded();
+    let follow_up = ModelRequest {
+        model: "local".into(),
+        messages: vec![
+            ModelMessage::User {
+                content: "List three fruits.".into(),
+                images: vec![],
+            },
+            ModelMessage::Assistant {
+                content: text_of(&first),
+                tool_calls: vec![],
+            },
+            ModelMessage::User {
+                content: "Now three vegetables.".into(),
+                images: vec![],
+            },
+        ],
+        tools: vec![],
+    };
+    let next = collect(&provider, follow_up, greedy(8)).await;
+    let (next_prompt, _) = usage_of(&next);
+    let decoded = provider.prompt_tokens_decoded() - before;
+    assert!(
+        decoded >= 1 && decoded < next_prompt - prompt_tokens + 2,
+        "decoded {decoded} of {next_prompt}"
+    );
+}

@@ -19,6 +19,11 @@ fn model() -> Option<PathBuf> {
         .join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
     if p.exists() {
         Some(p)
+    } else if std::env::var_os("AGENTD_REQUIRE_MODEL").is_some() {
+        panic!(
+            "{} is absent and AGENTD_REQUIRE_MODEL is set; run ./scripts/fetch-model.sh",
+            p.display()
+        );
     } else {
         eprintln!(
             "SKIPPED: {} is absent; run ./scripts/fetch-model.sh (scripts/test.sh does)",
