@@ -4,8 +4,14 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::time::Duration;
+
+use agentd_bench::client::{self, Dialect, Target};
 use agentd_bench::mock::{self, MockConfig};
 use agentd_bench::orchestrate::{self, Options, Scenarios};
+use agentd_bench::scenario::{
+    self, IdleParams, LatencyParams, Probe, ReattachParams, ThroughputParams,
+};
 use agentd_bench::servers::{Kind, Paths, Profile};
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -35,6 +41,9 @@ enum Cmd {
     },
     /// Run every scenario against every server and write the results table and plot.
     Run(RunArgs),
+    /// Run one scenario against a server you started yourself (pointed at `agentd-bench mock`); prints
+    /// the figures as JSON. For looking closer at one figure without the whole run.
+    Probe(ProbeArgs),
     /// Re-render results.md and plot.png from a saved results.json (no measuring).
     Report {
         /// The results.json of an earlier run.
@@ -46,6 +55,54 @@ enum Cmd {
         #[arg(long)]
         doc: Option<PathBuf>,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DialectArg {
+    Navi,
+    Native,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ScenarioArg {
+    Throughput,
+    Latency,
+    Idle,
+    Reattach,
+}
+
+#[derive(clap::Args)]
+struct ProbeArgs {
+    /// The server's HTTP base, e.g. http://127.0.0.1:8080.
+    #[arg(long)]
+    url: String,
+    /// The server's pid, for CPU and RSS (default: none; CPU figures are then zero).
+    #[arg(long)]
+    pid: Option<u32>,
+    /// The mock's pid, for its CPU use.
+    #[arg(long)]
+    mock_pid: Option<u32>,
+    /// Wire protocol.
+    #[arg(long, value_enum, default_value = "navi")]
+    dialect: DialectArg,
+    /// Path that creates a session (default: /sessions for navi, /v1/sessions for native).
+    #[arg(long)]
+    create_path: Option<String>,
+    /// JSON body for it (default: {} for navi, {"agent":"assistant"} for native).
+    #[arg(long)]
+    create_body: Option<String>,
+    /// Scenario.
+    #[arg(long, value_enum, default_value = "latency")]
+    scenario: ScenarioArg,
+    /// Sessions, streams, connections or clients.
+    #[arg(long, default_value_t = 100)]
+    sessions: usize,
+    /// Tokens per reply.
+    #[arg(long, default_value_t = 100)]
+    tokens: u32,
+    /// Upstream delay before each token (latency and re-attach).
+    #[arg(long, default_value_t = 50)]
+    delay_ms: u64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -103,6 +160,7 @@ fn main() -> ExitCode {
             delay_ms,
         } => serve_mock(port, MockConfig { tokens, delay_ms }),
         Cmd::Run(args) => run(args),
+        Cmd::Probe(args) => probe(args),
         Cmd::Report { results, out, doc } => {
             let out =
                 out.unwrap_or_else(|| results.parent().map(PathBuf::from).unwrap_or_default());
@@ -225,6 +283,119 @@ fn run(args: RunArgs) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("agentd-bench: harness failure: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn probe(args: ProbeArgs) -> ExitCode {
+    let dialect = match args.dialect {
+        DialectArg::Navi => Dialect::Navi,
+        DialectArg::Native => Dialect::Native,
+    };
+    let mut target = match dialect {
+        Dialect::Navi => Target::navi("probe", &args.url),
+        Dialect::Native => Target::agentd("probe", &args.url, "assistant", Dialect::Native),
+    };
+    if let Some(path) = args.create_path {
+        target.create_path = path;
+    }
+    if let Some(body) = args.create_body {
+        match serde_json::from_str(&body) {
+            Ok(v) => target.create_body = v,
+            Err(e) => {
+                eprintln!("agentd-bench: --create-body is not JSON: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let probe = Probe {
+        server_pid: args.pid.unwrap_or(0),
+        mock_pid: args.mock_pid,
+    };
+    let limit =
+        Duration::from_millis(args.delay_ms * u64::from(args.tokens)) + Duration::from_secs(120);
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("agentd-bench: cannot start a runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result: agentd_bench::Result<serde_json::Value> = rt.block_on(async {
+        let http = client::http_client()?;
+        let value = match args.scenario {
+            ScenarioArg::Throughput => serde_json::to_value(
+                scenario::throughput(
+                    &http,
+                    &target,
+                    probe,
+                    ThroughputParams {
+                        sessions: args.sessions,
+                        tokens: args.tokens,
+                        min_wall: Duration::from_secs(2),
+                        max_rounds: 200,
+                        turn_limit: limit,
+                    },
+                )
+                .await?,
+            )?,
+            ScenarioArg::Latency => serde_json::to_value(
+                scenario::latency(
+                    &http,
+                    &target,
+                    probe,
+                    LatencyParams {
+                        sessions: args.sessions,
+                        tokens: args.tokens,
+                        delay_ms: args.delay_ms,
+                        stagger: Duration::from_secs(1),
+                        turn_limit: limit,
+                    },
+                )
+                .await?,
+            )?,
+            ScenarioArg::Idle => serde_json::to_value(
+                scenario::idle(
+                    &http,
+                    &target,
+                    probe,
+                    IdleParams {
+                        connections: args.sessions,
+                        settle_max: Duration::from_secs(5),
+                    },
+                )
+                .await?,
+            )?,
+            ScenarioArg::Reattach => serde_json::to_value(
+                scenario::reattach(
+                    &http,
+                    &target,
+                    ReattachParams {
+                        clients: args.sessions,
+                        tokens: args.tokens,
+                        delay_ms: args.delay_ms,
+                        drop_after: args.tokens / 5,
+                        gap: Duration::from_millis(200),
+                        stagger: Duration::from_millis(500),
+                        quiet_limit: Duration::from_secs(3),
+                    },
+                )
+                .await?,
+            )?,
+        };
+        Ok(value)
+    });
+    match result {
+        Ok(v) => {
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("agentd-bench: {e}");
             ExitCode::FAILURE
         }
     }

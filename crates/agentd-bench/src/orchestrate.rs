@@ -380,7 +380,6 @@ pub fn run(opts: Options) -> Result<Results> {
         &opts, &plan, prepared, server_cpu, &mut notes,
     ))?;
     results.machine = machine;
-    results.notes = notes;
     results.duration_s = started_at.elapsed().as_secs_f64();
     write_outputs(&opts, &mut results)?;
     Ok(results)
@@ -398,6 +397,10 @@ async fn run_scenarios(
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
+    // How busy the rest of the machine is during the run: busy CPU of the machine minus our own.
+    let busy0 = procfs::machine_busy_seconds();
+    let own0 = procfs::own_total_cpu_seconds();
+    let wall0 = Instant::now();
     let http = client::http_client()?;
     let mock = MockProcess::start(&opts.paths.logs)?;
     let mock_pid = mock.child.id();
@@ -656,6 +659,21 @@ async fn run_scenarios(
         pause().await;
     }
 
+    if let (Some(b0), Some(b1)) = (busy0, procfs::machine_busy_seconds()) {
+        let others = ((b1 - b0) - (procfs::own_total_cpu_seconds() - own0)).max(0.0);
+        let share =
+            others / (wall0.elapsed().as_secs_f64() * procfs::online_cpus() as f64).max(1e-9);
+        let mut note = format!(
+            "Other processes used {others:.0} CPU-seconds during the measurements ({:.0}% of the machine).",
+            share * 100.0
+        );
+        if share > 0.05 {
+            note.push_str(
+                " The machine was not quiet: figures are disturbed, latency tails most; rerun on an idle machine.",
+            );
+        }
+        notes.push(note);
+    }
     drop(slots);
     drop(mock);
     Ok(Results {

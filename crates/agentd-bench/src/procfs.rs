@@ -61,6 +61,40 @@ pub fn cpu_seconds(pid: u32) -> f64 {
         .sum()
 }
 
+/// CPU seconds of this process, its reaped children (cutime + cstime) and its live descendants: everything
+/// the bench itself (servers, mock, load generator, builds) has used.
+pub fn own_total_cpu_seconds() -> f64 {
+    let me = std::process::id();
+    let reaped = std::fs::read_to_string(format!("/proc/{me}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let after = stat.rsplit_once(')')?.1.to_string();
+            let fields: Vec<&str> = after.split_whitespace().collect();
+            let cutime: u64 = fields.get(13)?.parse().ok()?;
+            let cstime: u64 = fields.get(14)?.parse().ok()?;
+            Some((cutime + cstime) as f64 / clock_ticks())
+        })
+        .unwrap_or(0.0);
+    cpu_seconds(me) + reaped
+}
+
+/// Busy CPU seconds of the whole machine since boot (all CPUs, from the `cpu` line of /proc/stat).
+pub fn machine_busy_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal: everything but idle and iowait is busy.
+    let busy = [0usize, 1, 2, 5, 6, 7]
+        .iter()
+        .filter_map(|&i| v.get(i))
+        .sum::<u64>();
+    Some(busy as f64 / clock_ticks())
+}
+
 /// Resident set size of one process, in KiB.
 pub fn process_rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -106,11 +140,24 @@ pub fn allowed_cpus() -> String {
         .unwrap_or_default()
 }
 
-/// Number of CPUs online.
+/// Number of CPUs online in the machine (not the ones this process may use: it pins itself).
 pub fn online_cpus() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
+    let per_cpu = std::fs::read_to_string("/proc/stat")
+        .map(|s| {
+            s.lines()
+                .filter(|l| {
+                    l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit)
+                })
+                .count()
+        })
+        .unwrap_or(0);
+    if per_cpu > 0 {
+        per_cpu
+    } else {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    }
 }
 
 #[cfg(test)]
@@ -134,5 +181,8 @@ mod tests {
             "a 150 ms busy loop shows as CPU time"
         );
         assert!(open_files_limit().is_some_and(|n| n > 0));
+        assert!(online_cpus() >= 1);
+        assert!(machine_busy_seconds().is_some_and(|s| s > 0.0));
+        assert!(own_total_cpu_seconds() >= cpu_seconds(me));
     }
 }
