@@ -17,6 +17,7 @@
 //! Durability: WAL with `synchronous=NORMAL`. A call that returned `Ok` is committed and survives the process
 //! being killed; it is not fsynced, so an OS crash or power cut can lose the last commits.
 
+mod checkpoint;
 mod reader;
 mod rows;
 mod schema;
@@ -44,9 +45,11 @@ use crate::writer::{Command, Counters, Reply, Writer};
 pub struct SqliteStore {
     /// The database file, as given.
     path: PathBuf,
-    /// Declared before `writer` so the readers close first: the writer's connection is then the last one, and
-    /// closing it checkpoints the WAL into the main file.
+    /// Declared before `writer` so the readers and the checkpointer close first: the writer's connection is then
+    /// the last one, and closing it checkpoints the WAL into the main file.
     readers: Arc<ReaderPool>,
+    /// Held for its `Drop`, which stops the checkpoint thread before the writer closes.
+    _checkpointer: checkpoint::Checkpointer,
     writer: WriterHandle,
     counters: Arc<Counters>,
 }
@@ -123,6 +126,7 @@ impl SqliteStore {
         schema::migrate(&mut conn)?;
         // Readers open after the writer has made the file a WAL database with the current schema.
         let readers = ReaderPool::open(path)?;
+        let checkpointer = checkpoint::Checkpointer::start(path)?;
 
         let counters = Arc::new(Counters::default());
         let (tx, rx) = mpsc::channel(writer::QUEUE_CAPACITY);
@@ -139,6 +143,7 @@ impl SqliteStore {
                 thread: Some(thread),
             },
             readers,
+            _checkpointer: checkpointer,
             counters,
         })
     }

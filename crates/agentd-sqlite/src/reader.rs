@@ -280,20 +280,24 @@ pub(crate) fn read_events(
 pub(crate) fn log_bounds(conn: &Connection, session_id: &str) -> StoreResult<LogBounds> {
     let mut stmt = conn
         .prepare_cached(
-            "SELECT last_seq, (SELECT MIN(seq) FROM events WHERE session_id = ?1) FROM sessions WHERE id = ?1",
+            "SELECT last_seq, (SELECT MIN(seq) FROM events WHERE session_id = ?1),
+                    (SELECT MAX(seq) FROM events WHERE session_id = ?1)
+             FROM sessions WHERE id = ?1",
         )
         .ctx("preparing log_bounds")?;
-    let row: Option<(i64, Option<i64>)> = stmt
-        .query_row([session_id], |row| Ok((row.get(0)?, row.get(1)?)))
+    let row: Option<(i64, Option<i64>, Option<i64>)> = stmt
+        .query_row([session_id], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })
         .optional()
         .ctx("reading log bounds")?;
     // An unknown session has an empty log, like a session nothing was ever appended to.
-    let Some((last, first)) = row else {
+    let Some((floor, first, max)) = row else {
         return Ok(LogBounds::default());
     };
     Ok(LogBounds {
         first_seq: from_sql_int(first.unwrap_or(0), "first seq")?,
-        last_seq: from_sql_int(last, "last_seq")?,
+        last_seq: from_sql_int(floor.max(max.unwrap_or(0)), "last_seq")?,
     })
 }
 
@@ -302,12 +306,26 @@ pub(crate) fn first_seq_of_run(
     session_id: &str,
     run_id: &str,
 ) -> StoreResult<Option<u64>> {
-    let mut stmt = conn
-        .prepare_cached("SELECT MIN(seq) FROM events WHERE session_id = ?1 AND run_id = ?2")
-        .ctx("preparing first_seq_of_run")?;
-    let first: Option<i64> = stmt
-        .query_row(params![session_id, run_id], |row| row.get(0))
+    let recorded: Option<(Option<i64>, bool)> = conn
+        .prepare_cached(
+            "SELECT first_seq, EXISTS (SELECT 1 FROM events WHERE session_id = ?1 AND seq = runs.first_seq)
+             FROM runs WHERE session_id = ?1 AND id = ?2",
+        )
+        .ctx("preparing first_seq_of_run")?
+        .query_row(params![session_id, run_id], |row| Ok((row.get(0)?, row.get(1)?)))
+        .optional()
         .ctx("reading first seq of run")?;
+    // Recorded when the run's first event was appended (and gone once pruning deleted that event); the scan is
+    // the fallback for a run with no recorded first seq.
+    let first = match recorded {
+        Some((Some(seq), true)) => Some(seq),
+        Some((Some(_), false)) => None,
+        Some((None, _)) | None => conn
+            .prepare_cached("SELECT MIN(seq) FROM events WHERE session_id = ?1 AND run_id = ?2")
+            .ctx("preparing first_seq_of_run scan")?
+            .query_row(params![session_id, run_id], |row| row.get(0))
+            .ctx("scanning for the first seq of run")?,
+    };
     first.map(|seq| from_sql_int(seq, "seq")).transpose()
 }
 

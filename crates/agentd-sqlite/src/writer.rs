@@ -226,8 +226,6 @@ fn write_group_tx(
     let mut tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .ctx("starting append transaction")?;
-    // Sessions whose cached last seq moved in this transaction; written back to `sessions.last_seq` once.
-    let mut touched: Vec<String> = Vec::new();
     for (batch, reply) in group {
         // The cache value of each session before this batch (None: not cached), to undo a failed batch.
         let mut before: HashMap<String, Option<u64>> = HashMap::new();
@@ -244,7 +242,6 @@ fn write_group_tx(
                     answers.push((reply, Ok(Vec::new())));
                     return Err(e).ctx("releasing savepoint");
                 }
-                touched.extend(before.into_keys());
                 answers.push((reply, Ok(events)));
             }
             Err(e) => {
@@ -258,21 +255,6 @@ fn write_group_tx(
                 // `finish` with the default drop behaviour rolls the savepoint back and releases it.
                 sp.finish().ctx("rolling back savepoint")?;
             }
-        }
-    }
-    {
-        let mut stmt = tx
-            .prepare_cached("UPDATE sessions SET last_seq = ?2 WHERE id = ?1")
-            .ctx("preparing last_seq update")?;
-        touched.sort_unstable();
-        touched.dedup();
-        for session in &touched {
-            // Present by construction: a batch that moved it succeeded, and undoing a later batch restores it.
-            let last = cache.get(session).copied().ok_or_else(|| {
-                StoreError::Other(format!("seq cache lost session {session} mid-transaction"))
-            })?;
-            stmt.execute(params![session, to_sql_int(last, "seq")?])
-                .ctx("updating last_seq")?;
         }
     }
     tx.commit().ctx("committing appended events")
@@ -338,6 +320,21 @@ fn append_batch(
             same_session(&logged.session_id, &run.session_id, "run", &run.id)?;
             upsert_run(conn, run)?;
         }
+        // A run's first event is always one of these (its user message, its start, or its end when it never
+        // started), never a delta: recording it here costs nothing on the token path.
+        if matches!(
+            logged.event.kind,
+            EventKind::Message { .. }
+                | EventKind::RunStarted { .. }
+                | EventKind::RunFinished { .. }
+        ) {
+            conn.prepare_cached(
+                "UPDATE runs SET first_seq = ?3 WHERE session_id = ?1 AND id = ?2 AND first_seq IS NULL",
+            )
+            .ctx("preparing first_seq update")?
+            .execute(params![logged.session_id, logged.event.run_id, to_sql_int(seq, "seq")?])
+            .ctx("recording a run's first seq")?;
+        }
         out.push(Arc::new(logged));
     }
     Ok(out)
@@ -345,14 +342,17 @@ fn append_batch(
 
 /// The session's committed last seq; `NotFound` if the session does not exist.
 fn load_last_seq(conn: &Connection, session_id: &str) -> StoreResult<u64> {
-    let last: Option<i64> = conn
-        .prepare_cached("SELECT last_seq FROM sessions WHERE id = ?1")
+    // `sessions.last_seq` is the floor pruning leaves; the events themselves say how far the log went.
+    let last: Option<(i64, Option<i64>)> = conn
+        .prepare_cached(
+            "SELECT last_seq, (SELECT MAX(seq) FROM events WHERE session_id = ?1) FROM sessions WHERE id = ?1",
+        )
         .ctx("preparing last_seq read")?
-        .query_row([session_id], |row| row.get(0))
+        .query_row([session_id], |row| Ok((row.get(0)?, row.get(1)?)))
         .optional()
         .ctx("reading last_seq")?;
     match last {
-        Some(last) => from_sql_int(last, "last_seq"),
+        Some((floor, max)) => from_sql_int(floor.max(max.unwrap_or(0)), "last_seq"),
         None => Err(StoreError::NotFound),
     }
 }
@@ -562,6 +562,14 @@ fn prune_events(conn: &mut Connection, session_id: &str, keep_runs: usize) -> St
         .ctx("preparing prune boundary")?
         .query_row(params![session_id, keep], |row| row.get(0))
         .ctx("finding prune boundary")?;
+    // Remember how far the log went before deleting: the seq of a later append continues from there.
+    tx.prepare_cached(
+        "UPDATE sessions SET last_seq = MAX(last_seq, COALESCE((SELECT MAX(seq) FROM events WHERE session_id = ?1), 0))
+         WHERE id = ?1",
+    )
+    .ctx("preparing last_seq floor")?
+    .execute([session_id])
+    .ctx("raising last_seq floor")?;
     let deleted = match boundary {
         Some(boundary) => tx
             .prepare_cached("DELETE FROM events WHERE session_id = ?1 AND seq < ?2")

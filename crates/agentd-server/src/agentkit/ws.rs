@@ -118,7 +118,8 @@ async fn connection(st: AppState, p: Option<Principal>, session_id: String, sock
             let msg = match tokio::time::timeout(IDLE_PONG, stream.next()).await {
                 Err(_) => Some(json!({"type": "pong"})),
                 Ok(Some(Ok(WsMessage::Text(t)))) => {
-                    handle_frame(&st, &p, &session_id, t.as_str()).await
+                    // Boxed: an idle connection then holds a small future, not the largest state `send` reaches.
+                    Box::pin(handle_frame(&st, &p, &session_id, t.as_str())).await
                 }
                 Ok(Some(Ok(WsMessage::Close(_)))) | Ok(Some(Err(_))) | Ok(None) => break,
                 Ok(Some(Ok(_))) => None,

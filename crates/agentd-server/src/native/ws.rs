@@ -42,7 +42,7 @@ pub async fn upgrade(
 /// Idle connections should cost little: a small read buffer (allocated up front), a write buffer that only
 /// grows when frames are batched (and is capped), large client frames still allowed.
 pub fn small_buffers(ws: WebSocketUpgrade) -> WebSocketUpgrade {
-    ws.read_buffer_size(4 * 1024)
+    ws.read_buffer_size(2 * 1024)
         .write_buffer_size(64 * 1024)
         .max_write_buffer_size(4 * 1024 * 1024)
         .max_message_size(MAX_CLIENT_FRAME)
@@ -90,7 +90,10 @@ async fn connection(
     let reader = async {
         while let Some(Ok(msg)) = stream.next().await {
             let reply = match msg {
-                WsMessage::Text(text) => handle_frame(&st, &p, &session_id, text.as_str()).await,
+                // Boxed: an idle connection then holds a small future, not the largest state `send` can reach.
+                WsMessage::Text(text) => {
+                    Box::pin(handle_frame(&st, &p, &session_id, text.as_str())).await
+                }
                 WsMessage::Binary(_) => Some(error_frame(
                     "invalid_frame",
                     "binary frames are not supported; send JSON text",

@@ -93,7 +93,10 @@ async fn connection(
     let reader = async {
         while let Some(Ok(msg)) = stream.next().await {
             let reply = match msg {
-                WsMessage::Text(t) => handle_frame(&st, &p, &session_id, t.as_str()).await,
+                // Boxed: an idle connection then holds a small future, not the largest state `send` can reach.
+                WsMessage::Text(t) => {
+                    Box::pin(handle_frame(&st, &p, &session_id, t.as_str())).await
+                }
                 WsMessage::Binary(_) => Some(INVALID_JSON.to_string()),
                 WsMessage::Close(_) => break,
                 _ => None,
