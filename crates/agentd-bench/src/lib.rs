@@ -11,12 +11,14 @@
 //! - [`report`]: the results model, the markdown table and the goals check.
 //! - [`plot`]: the PNG (throughput and p99 latency against concurrency).
 //! - [`orchestrate`]: the `run` command: mock, servers, scenarios in alternation, outputs.
+//! - [`llama`]: the `llama` command: the embedded model through agentd's WebSocket vs llama.cpp's llama-bench.
 //!
 //! The invariant the figures rest on: the server under test is the only process on its CPU (CPU 0); the
 //! mock and the load generator share the other one, and their own CPU use is reported beside every figure so
 //! a reader can see they were not the bottleneck.
 
 pub mod client;
+pub mod llama;
 pub mod mock;
 pub mod orchestrate;
 pub mod plot;

@@ -44,6 +44,27 @@ enum Cmd {
     /// Run one scenario against a server you started yourself (pointed at `agentd-bench mock`); prints
     /// the figures as JSON. For looking closer at one figure without the whole run.
     Probe(ProbeArgs),
+    /// The embedded model: real turns through agentd's WebSocket against llama.cpp's llama-bench (same model,
+    /// same threads), in one run; prints a markdown table and writes it to bench-results/llama.md.
+    Llama {
+        /// The agentd binary (release build).
+        #[arg(long, default_value = "target/release/agentd")]
+        agentd_bin: PathBuf,
+        /// The GGUF model.
+        #[arg(long, default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+        model: PathBuf,
+        #[arg(long, default_value_t = 2)]
+        threads: u32,
+        /// Measured turns (after one warm-up).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// llama-bench (default: built by scripts/bench-llama.sh into its cache).
+        #[arg(long)]
+        llama_bench: Option<PathBuf>,
+        /// Where to write llama.md.
+        #[arg(long, default_value = "bench-results")]
+        out: PathBuf,
+    },
     /// Re-render results.md and plot.png from a saved results.json (no measuring).
     Report {
         /// The results.json of an earlier run.
@@ -160,6 +181,49 @@ fn main() -> ExitCode {
             delay_ms,
         } => serve_mock(port, MockConfig { tokens, delay_ms }),
         Cmd::Run(args) => run(args),
+        Cmd::Llama {
+            agentd_bin,
+            model,
+            threads,
+            runs,
+            llama_bench,
+            out,
+        } => {
+            let args = agentd_bench::llama::LlamaArgs {
+                agentd_bin,
+                model,
+                threads,
+                runs,
+                llama_bench,
+            };
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("agentd-bench llama: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let root = std::env::current_dir().unwrap_or_default();
+            match rt.block_on(agentd_bench::llama::run(&args, &root)) {
+                Ok(report) => {
+                    let md = report.markdown(args.threads);
+                    println!("{md}");
+                    let _ = std::fs::create_dir_all(&out);
+                    if let Err(e) = std::fs::write(out.join("llama.md"), &md) {
+                        eprintln!("agentd-bench llama: cannot write {}: {e}", out.display());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("agentd-bench llama: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Cmd::Probe(args) => probe(args),
         Cmd::Report { results, out, doc } => {
             let out =

@@ -1,0 +1,412 @@
+//! The embedded model measured through agentd, against llama.cpp's own `llama-bench`, in one run.
+//!
+//! agentd's side is a real turn: a session over REST, the prompt over the native WebSocket, timestamps taken
+//! when the client receives the frames. Per run: time to first token (TTFT) for a ~200-token prompt, prompt
+//! processing rate (prompt tokens ÷ TTFT, so it includes the first token's decode, slightly against us), and
+//! generation rate over 128 text deltas after the first (the turn is then cancelled, which also shows cancel
+//! stops generation; if the model ends its answer sooner, over what it generated, at least 32). Each prompt starts with a fresh nonce, so the engine's prefix cache reuses only the
+//! chat template's first tokens. `llama-bench` runs pp200 at depth 0 and tg128 at depth 200 (generation
+//! after a 200-token context, like ours) with the same model and thread count.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+/// Generated tokens measured per run (after the first).
+const GEN_TOKENS: usize = 128;
+/// The fewest generated tokens a run may be measured over when the model ends its answer early.
+const MIN_GEN_TOKENS: usize = 32;
+
+pub struct LlamaArgs {
+    pub agentd_bin: PathBuf,
+    pub model: PathBuf,
+    pub threads: u32,
+    pub runs: usize,
+    /// `llama-bench`; None: built by `scripts/bench-llama.sh` into its cache.
+    pub llama_bench: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct TurnFigures {
+    pub prompt_tokens: u64,
+    pub ttft_ms: f64,
+    pub pp_tps: f64,
+    pub gen_tps: f64,
+    pub cancel_ms: f64,
+}
+
+#[derive(Debug, Default)]
+pub struct LlamaReport {
+    pub turns: Vec<TurnFigures>,
+    pub bench_pp_tps: Option<f64>,
+    pub bench_tg_tps: Option<f64>,
+    pub bench_note: String,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+impl LlamaReport {
+    pub fn markdown(&self, threads: u32) -> String {
+        let m = |f: fn(&TurnFigures) -> f64| median(self.turns.iter().map(f).collect());
+        let (pp, tg, ttft, cancel) = (
+            m(|t| t.pp_tps),
+            m(|t| t.gen_tps),
+            m(|t| t.ttft_ms),
+            m(|t| t.cancel_ms),
+        );
+        let prompt = m(|t| t.prompt_tokens as f64);
+        let ratio = |ours: f64, theirs: Option<f64>| match theirs {
+            Some(t) if t > 0.0 => format!("{:.2}×", ours / t),
+            _ => "—".into(),
+        };
+        let fmt = |v: Option<f64>| {
+            v.map(|v| format!("{v:.0}"))
+                .unwrap_or_else(|| "not run".into())
+        };
+        let mut s = String::new();
+        s.push_str(&format!(
+            "| embedded model, {threads} threads (median of {} turns) | llama-bench | agentd, a turn over the WebSocket | ratio |\n",
+            self.turns.len()
+        ));
+        s.push_str("| --- | --- | --- | --- |\n");
+        s.push_str(&format!("| prompt processing, tokens/s | {} (pp200) | {pp:.0} ({prompt:.0}-token prompt) | {} |\n", fmt(self.bench_pp_tps), ratio(pp, self.bench_pp_tps)));
+        s.push_str(&format!(
+            "| generation, tokens/s | {} (tg128 @ depth 200) | {tg:.0} | {} |\n",
+            fmt(self.bench_tg_tps),
+            ratio(tg, self.bench_tg_tps)
+        ));
+        s.push_str(&format!("| time to first token, ms | — | {ttft:.0} | |\n"));
+        s.push_str(&format!(
+            "| cancel mid-generation to `run_finished`, ms | — | {cancel:.0} | |\n"
+        ));
+        if !self.bench_note.is_empty() {
+            s.push_str(&format!("\n{}\n", self.bench_note));
+        }
+        s
+    }
+}
+
+struct Agentd {
+    child: Child,
+    base: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Agentd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> Result<u16, String> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    l.local_addr().map(|a| a.port()).map_err(|e| e.to_string())
+}
+
+async fn start_agentd(args: &LlamaArgs) -> Result<Agentd, String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let port = free_port()?;
+    let model = args
+        .model
+        .canonicalize()
+        .map_err(|e| format!("model {}: {e}", args.model.display()))?;
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\nworkspace_dir = \"{d}/ws\"\n\n[store]\nurl = \"sqlite://{d}/agentd.db\"\n\n\
+         [providers.local]\nkind = \"llama\"\nmodel_path = \"{m}\"\ncontext_tokens = 4096\nthreads = {t}\n\n\
+         [[agents]]\nname = \"assistant\"\nprovider = \"local\"\nmodel = \"local\"\nsystem_prompt = \"You are a helpful assistant.\"\n",
+        d = dir.path().display(),
+        m = model.display(),
+        t = args.threads
+    );
+    let path = dir.path().join("agentd.toml");
+    std::fs::write(&path, config).map_err(|e| e.to_string())?;
+    let child = Command::new(&args.agentd_bin)
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", args.agentd_bin.display()))?;
+    let base = format!("http://127.0.0.1:{port}");
+    let agentd = Agentd {
+        child,
+        base,
+        _dir: dir,
+    };
+    for _ in 0..200 {
+        if reqwest::get(format!("{}/healthz", agentd.base))
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            return Ok(agentd);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err("agentd did not start within 10 s".into())
+}
+
+/// A ~200-token prompt that asks for a one-word answer: its turn completes, so its usage counts the prompt.
+fn short_prompt(nonce: usize) -> String {
+    let filler =
+        "The river runs past the old mill, where the miller keeps his ledgers of grain and flour, \
+                  noting every sack that comes from the northern farms in the autumn months. ";
+    format!("[{nonce}] {}Reply with one word: OK.", filler.repeat(5))
+}
+
+/// Time to first token and prompt tokens of a completed turn with a ~200-token prompt.
+async fn prompt_turn(base: &str, nonce: usize) -> Result<(f64, u64), String> {
+    let (mut ws, _id) = connect(base).await?;
+    let frame = json!({"type": "message", "content": short_prompt(nonce)}).to_string();
+    let sent = Instant::now();
+    ws.send(Message::Text(frame.into()))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut first = None;
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(120), ws.next())
+            .await
+            .map_err(|_| "turn stalled")?
+            .ok_or("socket closed")?
+            .map_err(|e| e.to_string())?;
+        let Message::Text(text) = msg else { continue };
+        let v: Value = serde_json::from_str(text.as_str()).map_err(|e| e.to_string())?;
+        match v["type"].as_str() {
+            Some("text_delta") if first.is_none() => first = Some(Instant::now()),
+            Some("run_finished") => {
+                let ttft = first.ok_or("the model produced no text")? - sent;
+                let prompt_tokens = v["run"]["usage"]["prompt_tokens"].as_u64().unwrap_or(0);
+                return Ok((ttft.as_secs_f64() * 1e3, prompt_tokens));
+            }
+            _ => {}
+        }
+    }
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A new session and its native WebSocket, past the hello.
+async fn connect(base: &str) -> Result<(Socket, String), String> {
+    let http = reqwest::Client::new();
+    let session: Value = http
+        .post(format!("{base}/v1/sessions"))
+        .json(&json!({"agent": "assistant"}))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?
+        .json()
+        .await
+        .map_err(|e| e.to_string())?;
+    let id = session["id"].as_str().ok_or("no session id")?.to_string();
+    let url = format!(
+        "{}/v1/sessions/{id}/ws",
+        base.replacen("http://", "ws://", 1)
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .map_err(|e| e.to_string())?;
+    ws.next().await; // hello
+    Ok((ws, id))
+}
+
+/// A ~200-token prompt that makes the model write a long answer.
+fn prompt(nonce: usize) -> String {
+    let filler =
+        "The river runs past the old mill, where the miller keeps his ledgers of grain and flour, \
+                  noting every sack that comes from the northern farms in the autumn months. ";
+    format!(
+        "[{nonce}] {}Now write a long, detailed story about the miller and his river, at least five paragraphs.",
+        filler.repeat(5)
+    )
+}
+
+async fn one_turn(base: &str, nonce: usize) -> Result<TurnFigures, String> {
+    let (ttft_ms, prompt_tokens) = prompt_turn(base, nonce * 1000).await?;
+    let (mut ws, _id) = connect(base).await?;
+    let frame = json!({"type": "message", "content": prompt(nonce)}).to_string();
+    ws.send(Message::Text(frame.into()))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut first: Option<Instant> = None;
+    let mut last: Option<Instant> = None;
+    let mut deltas = 0usize;
+    let mut gen_window = None;
+    let mut cancel_sent: Option<Instant> = None;
+    let mut fig = TurnFigures::default();
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(120), ws.next())
+            .await
+            .map_err(|_| "turn stalled")?
+            .ok_or("socket closed")?
+            .map_err(|e| e.to_string())?;
+        let Message::Text(text) = msg else { continue };
+        let v: Value = serde_json::from_str(text.as_str()).map_err(|e| e.to_string())?;
+        match v["type"].as_str() {
+            Some("text_delta") if cancel_sent.is_none() => {
+                let now = Instant::now();
+                deltas += 1;
+                last = Some(now);
+                match first {
+                    None => first = Some(now),
+                    Some(f) if deltas == GEN_TOKENS + 1 => {
+                        gen_window = Some((now - f, GEN_TOKENS));
+                        cancel_sent = Some(Instant::now());
+                        ws.send(Message::Text(json!({"type": "cancel"}).to_string().into()))
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    }
+                    _ => {}
+                }
+            }
+            Some("run_finished") => {
+                let end = Instant::now();
+                if let Some(c) = cancel_sent {
+                    fig.cancel_ms = (end - c).as_secs_f64() * 1e3;
+                }
+                break;
+            }
+            _ => {}
+        }
+    }
+    let first = first.ok_or("the model produced no text")?;
+    fig.prompt_tokens = prompt_tokens;
+    fig.ttft_ms = ttft_ms;
+    fig.pp_tps = prompt_tokens as f64 / (ttft_ms / 1e3);
+    // The model may end its answer before GEN_TOKENS: then measure over what it generated, if that is enough.
+    let (window, tokens) = match (gen_window, last) {
+        (Some(w), _) => w,
+        (None, Some(l)) if deltas > MIN_GEN_TOKENS => (l - first, deltas - 1),
+        _ => {
+            return Err(format!(
+                "the model stopped after {deltas} tokens; too few to measure generation"
+            ))
+        }
+    };
+    fig.gen_tps = tokens as f64 / window.as_secs_f64();
+    Ok(fig)
+}
+
+fn find_llama_bench() -> Option<PathBuf> {
+    let cache = PathBuf::from(std::env::var_os("HOME")?).join(".cache/agentd-llama-bench");
+    // Prefer the portable build (GGML_NATIVE=OFF): the same instruction sets llama-cpp-2 builds with.
+    let mut found: Vec<PathBuf> = std::fs::read_dir(&cache)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("bin/llama-bench"))
+        .filter(|p| p.is_file())
+        .collect();
+    found.sort_by_key(|p| !p.to_string_lossy().contains("native-OFF"));
+    found.into_iter().next()
+}
+
+/// Runs llama-bench; returns (pp200 t/s, tg128@200 t/s).
+fn llama_bench(bin: &Path, model: &Path, threads: u32) -> Result<(f64, f64), String> {
+    let out = Command::new(bin)
+        .args(["-m"])
+        .arg(model)
+        .args([
+            "-t",
+            &threads.to_string(),
+            "-p",
+            "200",
+            "-n",
+            "0",
+            "-r",
+            "3",
+            "-o",
+            "json",
+        ])
+        .stderr(Stdio::null())
+        .output()
+        .map_err(|e| e.to_string())?;
+    let pp: Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("llama-bench output: {e}"))?;
+    let out = Command::new(bin)
+        .args(["-m"])
+        .arg(model)
+        .args([
+            "-t",
+            &threads.to_string(),
+            "-p",
+            "0",
+            "-n",
+            "128",
+            "-d",
+            "200",
+            "-r",
+            "3",
+            "-o",
+            "json",
+        ])
+        .stderr(Stdio::null())
+        .output()
+        .map_err(|e| e.to_string())?;
+    let tg: Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("llama-bench output: {e}"))?;
+    let avg = |v: &Value| {
+        v.get(0)
+            .and_then(|r| r["avg_ts"].as_f64())
+            .ok_or("llama-bench gave no avg_ts".to_string())
+    };
+    Ok((avg(&pp)?, avg(&tg)?))
+}
+
+/// Measures; `root` is the repository (for `scripts/bench-llama.sh`).
+pub async fn run(args: &LlamaArgs, root: &Path) -> Result<LlamaReport, String> {
+    let mut report = LlamaReport::default();
+    let bench = args
+        .llama_bench
+        .clone()
+        .or_else(find_llama_bench)
+        .or_else(|| {
+            // Build it (the script prints its own figures too; they are not used here).
+            let status = Command::new(root.join("scripts/bench-llama.sh"))
+                .arg(&args.model)
+                .current_dir(root)
+                .stdout(Stdio::null())
+                .status();
+            status
+                .ok()
+                .filter(|s| s.success())
+                .and_then(|_| find_llama_bench())
+        });
+    match bench {
+        Some(bin) => match llama_bench(&bin, &args.model, args.threads) {
+            Ok((pp, tg)) => {
+                report.bench_pp_tps = Some(pp);
+                report.bench_tg_tps = Some(tg);
+                report.bench_note = format!("llama-bench: {}", bin.display());
+            }
+            Err(e) => report.bench_note = format!("llama-bench failed: {e}"),
+        },
+        None => {
+            report.bench_note = "llama-bench could not be built (see scripts/bench-llama.sh)".into()
+        }
+    }
+    let agentd = start_agentd(args).await?;
+    one_turn(&agentd.base, 0).await.ok(); // warm-up: page the model in
+                                          // A 135M model sometimes ends its answer at once; such a turn is retried with another nonce.
+    let mut nonce = 1;
+    while report.turns.len() < args.runs && nonce <= args.runs * 4 {
+        match one_turn(&agentd.base, nonce).await {
+            Ok(t) => report.turns.push(t),
+            Err(e) => eprintln!("agentd-bench llama: turn {nonce} not measured: {e}"),
+        }
+        nonce += 1;
+    }
+    if report.turns.is_empty() {
+        return Err("no turn could be measured".into());
+    }
+    Ok(report)
+}
