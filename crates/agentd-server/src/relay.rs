@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use agentd_core::event::LoggedEvent;
+use agentd_core::event::{Event, EventKind, LoggedEvent};
 use agentd_core::event_log::Subscription;
 use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
 use futures_util::stream::SplitSink;
@@ -32,6 +32,18 @@ pub(crate) trait Render: Send {
     fn render(&mut self, event: &LoggedEvent, out: &mut Vec<String>);
     /// The dialect's error frame, for when the log cannot be read.
     fn failure(&self, message: &str) -> String;
+}
+
+/// A dialect's frame for the session agent's own text delta — the hot frame — written without building a JSON
+/// tree: `{"type": frame_type, field: delta}`. None for every other event.
+pub(crate) fn text_delta_frame(ev: &Event, frame_type: &str, field: &str) -> Option<String> {
+    match &ev.kind {
+        EventKind::TextDelta { delta } if !ev.is_subagent => {
+            let escaped = serde_json::to_string(delta).ok()?;
+            Some(format!(r#"{{"type":"{frame_type}","{field}":{escaped}}}"#))
+        }
+        _ => None,
+    }
 }
 
 /// Sends events and control frames until the client goes away, the reader is done, or the server closes.

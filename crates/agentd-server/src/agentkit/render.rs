@@ -22,7 +22,7 @@ use agentd_core::domain::RunStatus;
 use agentd_core::event::{Event, EventKind, LoggedEvent};
 use serde_json::{json, Value};
 
-use crate::relay::Render;
+use crate::relay::{self, Render};
 
 /// The seed cut error messages longer than this many characters (and appended `...`).
 const MAX_ERROR_CHARS: usize = 200;
@@ -147,28 +147,16 @@ impl AgentkitRender {
     }
 }
 
-/// The hot frame (`token`), written without building a JSON tree.
-fn fast_frame(ev: &Event) -> Option<String> {
-    match &ev.kind {
-        EventKind::TextDelta { delta } if !ev.is_subagent => {
-            let escaped = serde_json::to_string(delta).ok()?;
-            Some(format!(r#"{{"type":"token","content":{escaped}}}"#))
-        }
-        _ => None,
-    }
-}
-
 impl Render for AgentkitRender {
     fn render(&mut self, event: &LoggedEvent, out: &mut Vec<String>) {
         // The fast path only within a run this renderer has seen start (its step state is current).
         let fast = (event.event.run_id == self.run_id)
-            .then(|| fast_frame(&event.event))
+            .then(|| relay::text_delta_frame(&event.event, "token", "content"))
             .flatten();
-        if let Some(frame) = fast {
-            out.push(frame);
-            return;
+        match fast {
+            Some(frame) => out.push(frame),
+            None => out.extend(self.frames(&event.event).iter().map(Value::to_string)),
         }
-        out.extend(self.frames(&event.event).into_iter().map(|f| f.to_string()));
     }
 
     fn failure(&self, message: &str) -> String {

@@ -22,7 +22,7 @@ use agentd_core::domain::{RunErrorCode, RunStatus};
 use agentd_core::event::{Event, EventKind, LoggedEvent};
 use serde_json::{json, Value};
 
-use crate::relay::Render;
+use crate::relay::{self, Render};
 
 /// Per-connection rendering state.
 #[derive(Debug, Default)]
@@ -131,24 +131,12 @@ impl NaviRender {
     }
 }
 
-/// The hot frame (`stream_delta`), written without building a JSON tree.
-fn fast_frame(ev: &Event) -> Option<String> {
-    match &ev.kind {
-        EventKind::TextDelta { delta } if !ev.is_subagent => {
-            let escaped = serde_json::to_string(delta).ok()?;
-            Some(format!(r#"{{"type":"stream_delta","delta":{escaped}}}"#))
-        }
-        _ => None,
-    }
-}
-
 impl Render for NaviRender {
     fn render(&mut self, event: &LoggedEvent, out: &mut Vec<String>) {
-        if let Some(frame) = fast_frame(&event.event) {
-            out.push(frame);
-            return;
+        match relay::text_delta_frame(&event.event, "stream_delta", "delta") {
+            Some(frame) => out.push(frame),
+            None => out.extend(self.frames(&event.event).iter().map(Value::to_string)),
         }
-        out.extend(self.frames(&event.event).into_iter().map(|f| f.to_string()));
     }
 
     fn failure(&self, message: &str) -> String {
