@@ -174,13 +174,7 @@ async fn prompt_turn(base: &str, nonce: usize) -> Result<(f64, u64), String> {
         .map_err(|e| e.to_string())?;
     let mut first = None;
     loop {
-        let msg = tokio::time::timeout(Duration::from_secs(120), ws.next())
-            .await
-            .map_err(|_| "turn stalled")?
-            .ok_or("socket closed")?
-            .map_err(|e| e.to_string())?;
-        let Message::Text(text) = msg else { continue };
-        let v: Value = serde_json::from_str(text.as_str()).map_err(|e| e.to_string())?;
+        let v = next_frame(&mut ws).await?;
         match v["type"].as_str() {
             Some("text_delta") if first.is_none() => first = Some(Instant::now()),
             Some("run_finished") => {
@@ -189,6 +183,20 @@ async fn prompt_turn(base: &str, nonce: usize) -> Result<(f64, u64), String> {
                 return Ok((ttft.as_secs_f64() * 1e3, prompt_tokens));
             }
             _ => {}
+        }
+    }
+}
+
+/// The next JSON text frame (a turn that sends nothing for 2 minutes has stalled).
+async fn next_frame(ws: &mut Socket) -> Result<Value, String> {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(120), ws.next())
+            .await
+            .map_err(|_| "turn stalled")?
+            .ok_or("socket closed")?
+            .map_err(|e| e.to_string())?;
+        if let Message::Text(text) = msg {
+            return serde_json::from_str(text.as_str()).map_err(|e| e.to_string());
         }
     }
 }
@@ -245,13 +253,7 @@ async fn one_turn(base: &str, nonce: usize) -> Result<TurnFigures, String> {
     let mut cancel_sent: Option<Instant> = None;
     let mut fig = TurnFigures::default();
     loop {
-        let msg = tokio::time::timeout(Duration::from_secs(120), ws.next())
-            .await
-            .map_err(|_| "turn stalled")?
-            .ok_or("socket closed")?
-            .map_err(|e| e.to_string())?;
-        let Message::Text(text) = msg else { continue };
-        let v: Value = serde_json::from_str(text.as_str()).map_err(|e| e.to_string())?;
+        let v = next_frame(&mut ws).await?;
         match v["type"].as_str() {
             Some("text_delta") if cancel_sent.is_none() => {
                 let now = Instant::now();
@@ -310,56 +312,28 @@ fn find_llama_bench() -> Option<PathBuf> {
     found.into_iter().next()
 }
 
+/// One llama-bench measurement (`-o json`); `test` are its test flags, e.g. `["-p", "200", "-n", "0"]`.
+fn llama_bench_avg(bin: &Path, model: &Path, threads: u32, test: &[&str]) -> Result<f64, String> {
+    let out = Command::new(bin)
+        .arg("-m")
+        .arg(model)
+        .args(["-t", &threads.to_string(), "-r", "3", "-o", "json"])
+        .args(test)
+        .stderr(Stdio::null())
+        .output()
+        .map_err(|e| e.to_string())?;
+    let v: Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("llama-bench output: {e}"))?;
+    v.get(0)
+        .and_then(|r| r["avg_ts"].as_f64())
+        .ok_or_else(|| "llama-bench gave no avg_ts".to_string())
+}
+
 /// Runs llama-bench; returns (pp200 t/s, tg128@200 t/s).
 fn llama_bench(bin: &Path, model: &Path, threads: u32) -> Result<(f64, f64), String> {
-    let out = Command::new(bin)
-        .args(["-m"])
-        .arg(model)
-        .args([
-            "-t",
-            &threads.to_string(),
-            "-p",
-            "200",
-            "-n",
-            "0",
-            "-r",
-            "3",
-            "-o",
-            "json",
-        ])
-        .stderr(Stdio::null())
-        .output()
-        .map_err(|e| e.to_string())?;
-    let pp: Value =
-        serde_json::from_slice(&out.stdout).map_err(|e| format!("llama-bench output: {e}"))?;
-    let out = Command::new(bin)
-        .args(["-m"])
-        .arg(model)
-        .args([
-            "-t",
-            &threads.to_string(),
-            "-p",
-            "0",
-            "-n",
-            "128",
-            "-d",
-            "200",
-            "-r",
-            "3",
-            "-o",
-            "json",
-        ])
-        .stderr(Stdio::null())
-        .output()
-        .map_err(|e| e.to_string())?;
-    let tg: Value =
-        serde_json::from_slice(&out.stdout).map_err(|e| format!("llama-bench output: {e}"))?;
-    let avg = |v: &Value| {
-        v.get(0)
-            .and_then(|r| r["avg_ts"].as_f64())
-            .ok_or("llama-bench gave no avg_ts".to_string())
-    };
-    Ok((avg(&pp)?, avg(&tg)?))
+    let pp = llama_bench_avg(bin, model, threads, &["-p", "200", "-n", "0"])?;
+    let tg = llama_bench_avg(bin, model, threads, &["-p", "0", "-n", "128", "-d", "200"])?;
+    Ok((pp, tg))
 }
 
 /// Measures; `root` is the repository (for `scripts/bench-llama.sh`).
