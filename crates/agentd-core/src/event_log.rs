@@ -1,9 +1,9 @@
 //! The per-session event log: append with group commit, then fan out to live subscribers.
 //!
 //! Path of one event: a producer (a run) sends it into a bounded channel; one appender task takes everything
-//! waiting (from all sessions) and hands it to [`Store::append_events`] as one transaction, which assigns each
+//! waiting (from all sessions) and hands it to [`Store::append_events`] as one batch, which assigns each
 //! event its `seq`; only after the commit does the appender publish the events to the session's broadcast. So
-//! an event is durable before any client sees it, with one commit per batch, not per token.
+//! an event is durable before any client sees it, with one store write per batch, not per token.
 //!
 //! Subscribers ([`Subscription`]) first subscribe to the broadcast, then read the log from their cursor, then
 //! go live, dropping what they already had by `seq`. A subscriber that falls behind the bounded broadcast
@@ -27,10 +27,6 @@ const MAX_BATCH: usize = 4096;
 /// Events buffered per session for live subscribers; a subscriber further behind reads the store. Each slot
 /// is preallocated, so this is also most of what an idle session's fan-out costs.
 const BROADCAST_CAPACITY: usize = 128;
-/// How long the appender keeps collecting after the first event of a batch. Tokens of many streams arriving
-/// one by one then share one transaction and one round trip to the store's writer instead of paying one
-/// each; the price is at most this much added latency per event.
-const BATCH_WINDOW: std::time::Duration = std::time::Duration::from_millis(1);
 /// Page size when a subscriber reads from the store.
 const READ_PAGE: usize = 512;
 
@@ -183,19 +179,13 @@ async fn appender(
             Some(p) => batch.push(p),
             None => return,
         }
-        // Group commit: whatever queued up while the previous batch was being written goes in this one, and
-        // what arrives within the window after the first event.
-        let deadline = tokio::time::Instant::now() + BATCH_WINDOW;
+        // Group commit: whatever queued up while the previous batch was being written goes in this one. No
+        // waiting for more: the store makes a batch durable with one cheap write (see the SQLite store's
+        // tail), so under load batches form by themselves and an event never waits for a timer.
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(p) => batch.push(p),
-                Err(mpsc::error::TryRecvError::Disconnected) => break,
-                Err(mpsc::error::TryRecvError::Empty) => {
-                    match tokio::time::timeout_at(deadline, rx.recv()).await {
-                        Ok(Some(p)) => batch.push(p),
-                        Ok(None) | Err(_) => break,
-                    }
-                }
+                Err(_) => break,
             }
         }
         let mut acks: Vec<Option<Ack>> = Vec::with_capacity(batch.len());

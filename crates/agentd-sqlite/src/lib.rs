@@ -3,7 +3,10 @@
 //! A tour:
 //! - [`SqliteStore`] (this file): opening a database from a path or a `sqlite://` URL, and the `Store` impl,
 //!   which sends writes to the writer and runs reads on the reader pool.
-//! - `writer`: the one thread that owns the write connection; group commit of appended events.
+//! - `append`: the append path, run by the caller: numbering, the tail file write, hand-off of table changes.
+//! - `writer`: the one thread that owns the write connection: rows, table-changing events, ingestion.
+//! - `tail`: the log's tail, events durable in an append-only file and in memory until the writer moves them
+//!   into the `events` table in bulk; replayed at start-up after a crash.
 //! - `reader`: a few read-only connections used from tokio's blocking pool, and the read queries.
 //! - `rows`: storage rows and their mapping to domain types; error helpers.
 //! - `schema`: embedded migrations (`migrations/*.sql`, versioned by `PRAGMA user_version`) and pragmas.
@@ -14,13 +17,16 @@
 //! per-query task hops and no lock contention between writers. Reads go to their own connections (WAL lets them
 //! run beside the writer) on the blocking pool, so SQLite never blocks an async worker thread.
 //!
-//! Durability: WAL with `synchronous=NORMAL`. A call that returned `Ok` is committed and survives the process
-//! being killed; it is not fsynced, so an OS crash or power cut can lose the last commits.
+//! Durability: WAL with `synchronous=NORMAL`, and the tail file written without fsync. A call that returned
+//! `Ok` is committed and survives the process being killed; it is not fsynced, so an OS crash or power cut can
+//! lose the last commits. One process owns a database at a time (a lock file next to it says so).
 
+mod append;
 mod checkpoint;
 mod reader;
 mod rows;
 mod schema;
+mod tail;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -35,7 +41,9 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::append::{AppendState, Appender};
 use crate::reader::ReaderPool;
+use crate::tail::{Journal, Tail};
 use crate::writer::{Command, Counters, Reply, Writer};
 
 /// The SQLite store: one writer thread, a few reader connections. Cheap to share behind an `Arc`.
@@ -52,6 +60,12 @@ pub struct SqliteStore {
     _checkpointer: checkpoint::Checkpointer,
     writer: WriterHandle,
     counters: Arc<Counters>,
+    /// Events durable in the tail file, not yet in the `events` table (see `tail.rs`).
+    tail: Arc<Tail>,
+    appender: Appender,
+    /// Held (with its lock) while the store is open: a second process on the same database would replay and
+    /// delete this one's tail.
+    _lock: std::fs::File,
 }
 
 /// What the writer has done since the store was opened (for tests, metrics and the benchmark).
@@ -63,6 +77,10 @@ pub struct WriterStats {
     pub append_commits: u64,
     /// Events those calls appended.
     pub appended_events: u64,
+    /// Transactions that moved tail events into the `events` table.
+    pub ingest_commits: u64,
+    /// Events moved so.
+    pub ingested_events: u64,
 }
 
 /// The database file a store URL names: `sqlite://relative/path.db`, `sqlite:///absolute/path.db`,
@@ -120,17 +138,37 @@ impl SqliteStore {
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
             | OpenFlags::SQLITE_OPEN_CREATE
             | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let lock = lock_database(path)?;
         let mut conn = Connection::open_with_flags(path, flags)
             .map_err(|e| StoreError::Other(format!("opening: {e}")))?;
         schema::configure_writer(&conn)?;
         schema::migrate(&mut conn)?;
+        // What the previous process had only in its tail file goes into the table before anyone reads.
+        tail::recover(&mut conn, path)?;
+        let journal = Journal::open(path)?;
+        let book = journal.book();
+        let tail = Arc::new(Tail::default());
+        let nudge = Arc::new(tokio::sync::Notify::new());
         // Readers open after the writer has made the file a WAL database with the current schema.
         let readers = ReaderPool::open(path)?;
         let checkpointer = checkpoint::Checkpointer::start(path)?;
 
         let counters = Arc::new(Counters::default());
         let (tx, rx) = mpsc::channel(writer::QUEUE_CAPACITY);
-        let writer = Writer::new(conn, rx, Arc::clone(&counters));
+        let appender = Appender {
+            state: tokio::sync::Mutex::new(AppendState::new(journal, reader::open_reader(path)?)),
+            tail: Arc::clone(&tail),
+            counters: Arc::clone(&counters),
+            nudge: Arc::clone(&nudge),
+        };
+        let writer = Writer::new(
+            conn,
+            rx,
+            Arc::clone(&counters),
+            Arc::clone(&tail),
+            book,
+            nudge,
+        );
         let thread = std::thread::Builder::new()
             .name("agentd-sqlite-writer".into())
             .spawn(move || writer.run())
@@ -145,6 +183,9 @@ impl SqliteStore {
             readers,
             _checkpointer: checkpointer,
             counters,
+            tail,
+            appender,
+            _lock: lock,
         })
     }
 
@@ -159,7 +200,37 @@ impl SqliteStore {
             append_calls: self.counters.append_calls.load(Ordering::Relaxed),
             append_commits: self.counters.append_commits.load(Ordering::Relaxed),
             appended_events: self.counters.appended_events.load(Ordering::Relaxed),
+            ingest_commits: self.counters.ingest_commits.load(Ordering::Relaxed),
+            ingested_events: self.counters.ingested_events.load(Ordering::Relaxed),
         }
+    }
+
+    /// Events now in the log's tail (durable, not yet in the `events` table).
+    pub fn tail_len(&self) -> usize {
+        self.tail.len()
+    }
+}
+
+/// Takes the database's lock file (`<file>.lock`), failing with a clear message if another process has it.
+fn lock_database(path: &Path) -> StoreResult<std::fs::File> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let lock_path = PathBuf::from(name);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| StoreError::Other(format!("opening {}: {e}", lock_path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Other(
+            "the database is in use by another agentd process".into(),
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(StoreError::Other(format!(
+            "locking {}: {e}",
+            lock_path.display()
+        ))),
     }
 }
 
@@ -305,8 +376,11 @@ impl Store for SqliteStore {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        self.writer
-            .call(|reply| Command::Append { batch, reply })
+        self.appender
+            .append(batch, |work| {
+                self.writer
+                    .call(|reply| Command::CommitSync { work, reply })
+            })
             .await
     }
 
@@ -316,17 +390,40 @@ impl Store for SqliteStore {
         after: u64,
         limit: usize,
     ) -> StoreResult<Vec<Arc<LoggedEvent>>> {
+        // The tail first, then the table (see `tail.rs`): an event the writer moves in between is in both,
+        // and `merge` keeps one.
+        let recent = self.tail.read(session_id, after, limit);
+        // Everything after `after` is in the tail: a live subscriber catching up never touches SQLite.
+        if recent.first().is_some_and(|e| e.seq() == after + 1) {
+            return Ok(recent);
+        }
         let session_id = session_id.to_string();
         self.readers
-            .run(move |conn| reader::read_events(conn, &session_id, after, limit))
+            .run(move |conn| {
+                let stored = reader::read_events(conn, &session_id, after, limit)?;
+                Ok(tail::merge(stored, recent, limit))
+            })
             .await
     }
 
     async fn log_bounds(&self, session_id: &str) -> StoreResult<LogBounds> {
+        let recent = self.tail.bounds(session_id);
         let session_id = session_id.to_string();
-        self.readers
+        let stored = self
+            .readers
             .run(move |conn| reader::log_bounds(conn, &session_id))
-            .await
+            .await?;
+        Ok(match recent {
+            None => stored,
+            Some((first, last)) => LogBounds {
+                first_seq: if stored.first_seq == 0 {
+                    first
+                } else {
+                    stored.first_seq
+                },
+                last_seq: stored.last_seq.max(last),
+            },
+        })
     }
 
     async fn first_seq_of_run(&self, session_id: &str, run_id: &str) -> StoreResult<Option<u64>> {

@@ -83,7 +83,7 @@ impl ReaderPool {
     }
 }
 
-fn open_reader(path: &Path) -> StoreResult<Connection> {
+pub(crate) fn open_reader(path: &Path) -> StoreResult<Connection> {
     let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(path, flags)
         .map_err(|e| StoreError::Other(format!("opening {} for reading: {e}", path.display())))?;

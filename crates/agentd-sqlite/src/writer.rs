@@ -1,47 +1,44 @@
 //! The writer: one thread owns the only write connection and applies commands from a bounded queue, in order.
 //!
-//! Group commit: when the writer takes an `append_events` command it also takes every further `append_events`
-//! already waiting (up to [`MAX_GROUP_EVENTS`] events) and writes them all in one transaction, then answers each
-//! caller. Under load many small appends (one per token delta) share one commit; when idle an append commits
-//! alone, at once. Each caller's batch sits in its own savepoint, so one bad batch fails only its caller.
+//! The token stream does not come through here (see `append.rs`): it is made durable in the log's tail file
+//! by the caller. The writer commits what changes rows — sessions, runs, messages — and, for an append that
+//! carries such changes, those sessions' events together with their tails (`CommitSync`), so the tables and
+//! the log never disagree.
 //!
-//! The writer caches each session's last assigned `seq` (loaded from `sessions.last_seq` on first touch), so
-//! numbering an event costs a hash lookup. The cache is only trusted because this thread is the only writer.
+//! Between commands the writer moves due tails into the `events` table ("ingestion"), a bounded slice at a
+//! time so a command never waits long behind it: a session's tail is due when it is [`INGEST_AGE`] old or
+//! [`SESSION_TAIL_CAP`] long, and the oldest are due whenever the whole tail passes [`TAIL_CAP`]. The append
+//! path nudges the writer when a cap is reached; age is checked on a timer.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use agentd_core::domain::{Message, Run, Session};
-use agentd_core::event::{Event, EventKind, LoggedEvent, NewEvent};
-use agentd_core::store::{LogEntry, StoreError, StoreResult};
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
-use tokio::sync::{mpsc, oneshot};
+use agentd_core::event::{EventKind, LoggedEvent};
+use agentd_core::store::{StoreError, StoreResult};
+use rusqlite::{params, Connection, TransactionBehavior};
+use tokio::sync::{mpsc, oneshot, Notify};
 
-use crate::rows::{
-    from_sql_int, to_json, to_sql_int, violation, Context, MessageJson, RunValues, Violation,
-};
+use crate::append::{Numbered, SyncWork};
+use crate::rows::{to_json, to_sql_int, violation, Context, MessageJson, RunValues, Violation};
+use crate::tail::{SegmentBook, SessionTail, Tail};
 
 /// Commands waiting for the writer. Senders wait (asynchronously) when it is full, which is the back-pressure
 /// that keeps a slow disk from turning into unbounded memory.
 pub(crate) const QUEUE_CAPACITY: usize = 1024;
 
-/// The most events one group commit takes (a single larger batch is still written whole, alone).
-pub(crate) const MAX_GROUP_EVENTS: usize = 4096;
-
-/// Sessions whose last seq the writer remembers; past this the cache is emptied and refills on demand.
-const MAX_CACHED_SESSIONS: usize = 100_000;
+/// A session's tail is moved into the table once its oldest event is this old: at 20 tokens/s that is about
+/// 20 events per session per move, a few pages written once instead of a page per token.
+pub(crate) const INGEST_AGE: Duration = Duration::from_secs(1);
+/// ... or once it holds this many events (a fast stream).
+pub(crate) const SESSION_TAIL_CAP: usize = 256;
+/// The whole tail, over all sessions, is kept under about this many events (its memory bound).
+pub(crate) const TAIL_CAP: usize = 65_536;
+/// About how many events one ingestion transaction moves, so the next command does not wait long for it.
+const INGEST_SLICE: usize = 512;
 
 pub(crate) type Reply<T> = oneshot::Sender<StoreResult<T>>;
-
-/// What `append_events` answers: the events with their seq, in input order.
-type Appended = Vec<Arc<LoggedEvent>>;
-
-/// One caller's batch in a group, with its reply channel.
-type PendingAppend = (Vec<LogEntry>, Reply<Appended>);
-
-/// One caller's reply channel and its result.
-type Answer = (Reply<Appended>, StoreResult<Appended>);
 
 /// One write, with the channel its result goes back on.
 pub(crate) enum Command {
@@ -62,9 +59,10 @@ pub(crate) enum Command {
         run: Run,
         reply: Reply<()>,
     },
-    Append {
-        batch: Vec<LogEntry>,
-        reply: Reply<Appended>,
+    /// Table-changing events of an append, committed with their sessions' tails.
+    CommitSync {
+        work: SyncWork,
+        reply: Reply<()>,
     },
     Prune {
         session_id: String,
@@ -79,15 +77,18 @@ pub(crate) struct Counters {
     pub(crate) append_calls: AtomicU64,
     pub(crate) append_commits: AtomicU64,
     pub(crate) appended_events: AtomicU64,
+    pub(crate) ingest_commits: AtomicU64,
+    pub(crate) ingested_events: AtomicU64,
 }
 
 /// The state of the writer thread.
 pub(crate) struct Writer {
     conn: Connection,
     rx: mpsc::Receiver<Command>,
-    /// Last assigned seq per session, as committed (a failed transaction clears it).
-    last_seq: HashMap<String, u64>,
     counters: Arc<Counters>,
+    tail: Arc<Tail>,
+    book: Arc<SegmentBook>,
+    nudge: Arc<Notify>,
 }
 
 impl Writer {
@@ -95,277 +96,280 @@ impl Writer {
         conn: Connection,
         rx: mpsc::Receiver<Command>,
         counters: Arc<Counters>,
+        tail: Arc<Tail>,
+        book: Arc<SegmentBook>,
+        nudge: Arc<Notify>,
     ) -> Writer {
         Writer {
             conn,
             rx,
-            last_seq: HashMap::new(),
             counters,
+            tail,
+            book,
+            nudge,
         }
     }
 
-    /// Serves commands until every sender is gone, then returns (closing the connection, which checkpoints
-    /// the WAL).
+    /// Serves commands until every sender is gone, then moves the whole tail into the table and returns
+    /// (closing the connection, which checkpoints the WAL).
     pub(crate) fn run(mut self) {
-        // A non-append command taken while gathering a group; it runs right after the group, keeping order.
-        let mut next: Option<Command> = None;
-        loop {
-            let command = match next.take() {
-                Some(command) => command,
-                None => match self.rx.blocking_recv() {
-                    Some(command) => command,
-                    None => break,
-                },
-            };
-            match command {
-                Command::Append { batch, reply } => {
-                    let mut events = batch.len();
-                    let mut group = vec![(batch, reply)];
-                    while events < MAX_GROUP_EVENTS {
-                        match self.rx.try_recv() {
-                            Ok(Command::Append { batch, reply }) => {
-                                events += batch.len();
-                                group.push((batch, reply));
-                            }
-                            Ok(other) => {
-                                next = Some(other);
-                                break;
-                            }
-                            Err(_) => break,
-                        }
-                    }
-                    self.append_group(group);
-                }
-                Command::CreateSession { session, reply } => {
-                    let _ = reply.send(create_session(&self.conn, &session));
-                }
-                Command::UpdateSession { session, reply } => {
-                    let _ = reply.send(update_session(&self.conn, &session));
-                }
-                Command::CreateRun {
-                    run,
-                    client_message_id,
-                    reply,
-                } => {
-                    let _ = reply.send(create_run(&self.conn, &run, client_message_id.as_deref()));
-                }
-                Command::UpdateRun { run, reply } => {
-                    let _ = reply.send(update_run(&self.conn, &run));
-                }
-                Command::Prune {
-                    session_id,
-                    keep_runs,
-                    reply,
-                } => {
-                    let _ = reply.send(prune_events(&mut self.conn, &session_id, keep_runs));
-                }
+        // The queue is tokio's (async senders wait on it); this thread waits on it, on the nudge and on the
+        // ingestion timer together, for which it needs a small runtime of its own.
+        let clock = match tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!(error = %e, "sqlite writer could not start its timer; stopping");
+                return;
             }
+        };
+        loop {
+            if self.ingest_due() {
+                // More may be due: serve what is queued first, then come back.
+                match self.rx.try_recv() {
+                    Ok(command) => self.serve(command),
+                    Err(mpsc::error::TryRecvError::Empty) => {}
+                    Err(mpsc::error::TryRecvError::Disconnected) => break,
+                }
+                continue;
+            }
+            let wait = self.next_ingest_in();
+            let rx = &mut self.rx;
+            let nudge = &self.nudge;
+            let received = clock.block_on(async {
+                tokio::select! {
+                    c = rx.recv() => Some(c),
+                    _ = nudge.notified() => None,
+                    _ = tokio::time::sleep(wait) => None,
+                }
+            });
+            match received {
+                Some(Some(command)) => self.serve(command),
+                Some(None) => break,
+                None => {}
+            }
+        }
+        if let Err(e) = self.ingest(|_, _| true, usize::MAX) {
+            tracing::error!(error = %e, "could not move the log tail into the table at shutdown; it is replayed at the next start");
+        } else {
+            self.book.close();
         }
         tracing::debug!("sqlite writer stopped");
     }
 
-    /// Writes a group of append batches in one transaction and answers each caller.
-    fn append_group(&mut self, group: Vec<PendingAppend>) {
-        if self.last_seq.len() > MAX_CACHED_SESSIONS {
-            self.last_seq.clear();
-        }
-        let calls = group.len() as u64;
-        let mut answers = Vec::with_capacity(group.len());
-        let outcome = write_group(&mut self.conn, &mut self.last_seq, group, &mut answers);
-        match outcome {
-            Ok(()) => {
-                let events: usize = answers
-                    .iter()
-                    .map(|(_, r)| r.as_ref().map_or(0, Vec::len))
-                    .sum();
-                self.counters
-                    .append_calls
-                    .fetch_add(calls, Ordering::Relaxed);
-                self.counters.append_commits.fetch_add(1, Ordering::Relaxed);
-                self.counters
-                    .appended_events
-                    .fetch_add(events as u64, Ordering::Relaxed);
-                for (reply, result) in answers {
-                    let _ = reply.send(result);
-                }
+    fn serve(&mut self, command: Command) {
+        match command {
+            Command::CommitSync { work, reply } => {
+                let _ = reply.send(self.commit_sync(work));
             }
-            Err(e) => {
-                // Nothing was committed, so the cache may be ahead of the database: forget it.
-                self.last_seq.clear();
-                tracing::error!(error = %e, "sqlite group commit failed");
-                let message = e.to_string();
-                for (reply, _) in answers {
-                    let _ = reply.send(Err(StoreError::Other(message.clone())));
-                }
+            Command::CreateSession { session, reply } => {
+                let _ = reply.send(create_session(&self.conn, &session));
+            }
+            Command::UpdateSession { session, reply } => {
+                let _ = reply.send(update_session(&self.conn, &session));
+            }
+            Command::CreateRun {
+                run,
+                client_message_id,
+                reply,
+            } => {
+                let _ = reply.send(create_run(&self.conn, &run, client_message_id.as_deref()));
+            }
+            Command::UpdateRun { run, reply } => {
+                let _ = reply.send(update_run(&self.conn, &run));
+            }
+            Command::Prune {
+                session_id,
+                keep_runs,
+                reply,
+            } => {
+                // Pruning reads and deletes the table: the session's tail goes there first.
+                let result = self
+                    .ingest(|id, _| id == session_id, usize::MAX)
+                    .and_then(|_| prune_events(&mut self.conn, &session_id, keep_runs));
+                let _ = reply.send(result);
             }
         }
     }
-}
 
-/// The transaction of one group. Every caller ends up in `answers`; when this returns `Err` nothing was
-/// committed and the individual results there are to be discarded.
-fn write_group(
-    conn: &mut Connection,
-    cache: &mut HashMap<String, u64>,
-    group: Vec<PendingAppend>,
-    answers: &mut Vec<Answer>,
-) -> StoreResult<()> {
-    let mut group = group.into_iter();
-    let result = write_group_tx(conn, cache, &mut group, answers);
-    // Callers the loop never reached (it stopped on a transaction-level failure) still need an answer slot.
-    answers.extend(group.map(|(_, reply)| (reply, Ok(Vec::new()))));
-    result
-}
-
-fn write_group_tx(
-    conn: &mut Connection,
-    cache: &mut HashMap<String, u64>,
-    group: &mut impl Iterator<Item = PendingAppend>,
-    answers: &mut Vec<Answer>,
-) -> StoreResult<()> {
-    let mut tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .ctx("starting append transaction")?;
-    for (batch, reply) in group {
-        // The cache value of each session before this batch (None: not cached), to undo a failed batch.
-        let mut before: HashMap<String, Option<u64>> = HashMap::new();
-        let sp = match tx.savepoint() {
-            Ok(sp) => sp,
-            Err(e) => {
-                answers.push((reply, Ok(Vec::new())));
-                return Err(e).ctx("opening savepoint");
-            }
-        };
-        match append_batch(&sp, cache, &mut before, batch) {
-            Ok(events) => {
-                if let Err(e) = sp.commit() {
-                    answers.push((reply, Ok(Vec::new())));
-                    return Err(e).ctx("releasing savepoint");
-                }
-                answers.push((reply, Ok(events)));
-            }
-            Err(e) => {
-                for (session, previous) in before {
-                    match previous {
-                        Some(seq) => cache.insert(session, seq),
-                        None => cache.remove(&session),
-                    };
-                }
-                answers.push((reply, Err(e)));
-                // `finish` with the default drop behaviour rolls the savepoint back and releases it.
-                sp.finish().ctx("rolling back savepoint")?;
-            }
+    /// How long until the oldest tail event is due for ingestion (at most [`INGEST_AGE`]: the tail may fill
+    /// while the writer sleeps, without a nudge).
+    fn next_ingest_in(&self) -> Duration {
+        let oldest = self.tail.lock().values().map(|t| t.since).min();
+        match oldest {
+            Some(oldest) => INGEST_AGE.saturating_sub(oldest.elapsed()),
+            None => INGEST_AGE,
         }
     }
-    tx.commit().ctx("committing appended events")
-}
 
-/// Numbers and writes one caller's entries, upserting the messages and runs they carry.
-fn append_batch(
-    conn: &Connection,
-    cache: &mut HashMap<String, u64>,
-    before: &mut HashMap<String, Option<u64>>,
-    batch: Vec<LogEntry>,
-) -> StoreResult<Appended> {
-    let mut out = Vec::with_capacity(batch.len());
-    for LogEntry { event, run } in batch {
-        let NewEvent {
-            session_id,
-            run_id,
-            agent,
-            is_subagent,
-            kind,
-        } = event;
-        let last = match cache.get(&session_id) {
-            Some(&last) => last,
-            None => load_last_seq(conn, &session_id)?,
-        };
-        if !before.contains_key(&session_id) {
-            before.insert(session_id.clone(), cache.get(&session_id).copied());
+    /// Ingests one slice of what is due: sessions whose tail is older than [`INGEST_AGE`] or longer than
+    /// [`SESSION_TAIL_CAP`], or the oldest sessions when the whole tail is over [`TAIL_CAP`]. Returns whether
+    /// it moved anything.
+    fn ingest_due(&mut self) -> bool {
+        if self.tail.len() == 0 {
+            return false;
         }
-        let seq = last + 1;
-        cache.insert(session_id.clone(), seq);
-
-        let logged = LoggedEvent::new(
-            session_id,
-            Event {
-                seq,
-                run_id,
-                agent,
-                is_subagent,
-                kind,
+        let over = self.tail.len() > TAIL_CAP;
+        let now = Instant::now();
+        let result = self.ingest(
+            |_, t| {
+                over || t.events.len() >= SESSION_TAIL_CAP
+                    || now.duration_since(t.since) >= INGEST_AGE
             },
+            INGEST_SLICE,
         );
+        match result {
+            Ok(moved) => moved > 0,
+            Err(e) => {
+                // The events stay in the tail (and its file); the timer retries.
+                tracing::error!(error = %e, "moving the log tail into the table failed");
+                false
+            }
+        }
+    }
+
+    /// Moves the tails of the sessions `pick` selects (oldest first, whole sessions, until about `budget`
+    /// events) into the `events` table, in one transaction.
+    fn ingest(
+        &mut self,
+        pick: impl Fn(&str, &SessionTail) -> bool,
+        budget: usize,
+    ) -> StoreResult<usize> {
+        let chosen: Vec<(String, Vec<Arc<LoggedEvent>>)> = {
+            let map = self.tail.lock();
+            let mut due: Vec<(&String, &SessionTail)> =
+                map.iter().filter(|(id, t)| pick(id, t)).collect();
+            due.sort_by_key(|(_, t)| t.since);
+            let mut taken = 0;
+            let mut chosen = Vec::new();
+            for (id, t) in due {
+                if taken >= budget {
+                    break;
+                }
+                taken += t.events.len();
+                chosen.push((
+                    id.clone(),
+                    t.events.iter().map(|e| Arc::clone(&e.event)).collect(),
+                ));
+            }
+            chosen
+        };
+        if chosen.is_empty() {
+            return Ok(0);
+        }
+        let started = Instant::now();
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .ctx("starting ingestion")?;
+        let mut moved = 0;
+        for (_, events) in &chosen {
+            for ev in events {
+                insert_event(&tx, ev)?;
+                moved += 1;
+            }
+        }
+        tx.commit().ctx("committing ingestion")?;
+        let applied = self.tail.drop_front(
+            chosen
+                .iter()
+                .map(|(id, events)| (id.as_str(), events.len())),
+        );
+        self.book.applied(&applied);
+        tracing::debug!(
+            sessions = chosen.len(),
+            events = moved,
+            micros = started.elapsed().as_micros() as u64,
+            "moved log tails into the table"
+        );
+        self.counters.ingest_commits.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .ingested_events
+            .fetch_add(moved as u64, Ordering::Relaxed);
+        Ok(moved)
+    }
+
+    /// Commits an append's table-changing events: for each of its sessions, the tail so far, then the call's
+    /// events of that session (with their message and run upserts), in one transaction; then those tails are
+    /// dropped from memory (they are in the table).
+    fn commit_sync(&mut self, (sessions, work): SyncWork) -> StoreResult<()> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .ctx("starting append transaction")?;
+        let mut lens: Vec<(String, usize)> = Vec::with_capacity(sessions.len());
+        {
+            let map = self.tail.lock();
+            for session in &sessions {
+                let n = match map.get(session) {
+                    Some(t) => {
+                        for e in &t.events {
+                            insert_event(&tx, &e.event)?;
+                        }
+                        t.events.len()
+                    }
+                    None => 0,
+                };
+                lens.push((session.clone(), n));
+            }
+        }
+        for n in &work {
+            write_entry(&tx, n)?;
+        }
+        tx.commit().ctx("committing appended events")?;
+        let applied = self
+            .tail
+            .drop_front(lens.iter().map(|(s, n)| (s.as_str(), *n)));
+        self.book.applied(&applied);
+        Ok(())
+    }
+}
+
+fn insert_event(conn: &Connection, ev: &LoggedEvent) -> StoreResult<()> {
+    conn.prepare_cached(
+        "INSERT INTO events (session_id, seq, run_id, payload) VALUES (?1, ?2, ?3, ?4)",
+    )
+    .ctx("preparing event insert")?
+    .execute(params![
+        ev.session_id,
+        to_sql_int(ev.seq(), "seq")?,
+        ev.event.run_id,
+        ev.json
+    ])
+    .ctx("inserting event")?;
+    Ok(())
+}
+
+/// Writes one event directly to the table, upserting the message and run it carries.
+fn write_entry(conn: &Connection, n: &Numbered) -> StoreResult<()> {
+    let logged = &n.event;
+    insert_event(conn, logged)?;
+    if let EventKind::Message { message } = &logged.event.kind {
+        upsert_message(conn, message)?;
+    }
+    if let Some(run) = &n.run {
+        upsert_run(conn, run)?;
+    }
+    // A run's first event is always one of these (its user message, its start, or its end when it never
+    // started), never a delta: recording it here costs nothing on the token path.
+    if matches!(
+        logged.event.kind,
+        EventKind::Message { .. } | EventKind::RunStarted { .. } | EventKind::RunFinished { .. }
+    ) {
         conn.prepare_cached(
-            "INSERT INTO events (session_id, seq, run_id, payload) VALUES (?1, ?2, ?3, ?4)",
+            "UPDATE runs SET first_seq = ?3 WHERE session_id = ?1 AND id = ?2 AND first_seq IS NULL",
         )
-        .ctx("preparing event insert")?
+        .ctx("preparing first_seq update")?
         .execute(params![
             logged.session_id,
-            to_sql_int(seq, "seq")?,
             logged.event.run_id,
-            logged.json
+            to_sql_int(logged.seq(), "seq")?
         ])
-        .ctx("inserting event")?;
-        if let EventKind::Message { message } = &logged.event.kind {
-            same_session(
-                &logged.session_id,
-                &message.session_id,
-                "message",
-                &message.id,
-            )?;
-            upsert_message(conn, message)?;
-        }
-        if let Some(run) = &run {
-            same_session(&logged.session_id, &run.session_id, "run", &run.id)?;
-            upsert_run(conn, run)?;
-        }
-        // A run's first event is always one of these (its user message, its start, or its end when it never
-        // started), never a delta: recording it here costs nothing on the token path.
-        if matches!(
-            logged.event.kind,
-            EventKind::Message { .. }
-                | EventKind::RunStarted { .. }
-                | EventKind::RunFinished { .. }
-        ) {
-            conn.prepare_cached(
-                "UPDATE runs SET first_seq = ?3 WHERE session_id = ?1 AND id = ?2 AND first_seq IS NULL",
-            )
-            .ctx("preparing first_seq update")?
-            .execute(params![logged.session_id, logged.event.run_id, to_sql_int(seq, "seq")?])
-            .ctx("recording a run's first seq")?;
-        }
-        out.push(Arc::new(logged));
+        .ctx("recording a run's first seq")?;
     }
-    Ok(out)
-}
-
-/// The session's committed last seq; `NotFound` if the session does not exist.
-fn load_last_seq(conn: &Connection, session_id: &str) -> StoreResult<u64> {
-    // `sessions.last_seq` is the floor pruning leaves; the events themselves say how far the log went.
-    let last: Option<(i64, Option<i64>)> = conn
-        .prepare_cached(
-            "SELECT last_seq, (SELECT MAX(seq) FROM events WHERE session_id = ?1) FROM sessions WHERE id = ?1",
-        )
-        .ctx("preparing last_seq read")?
-        .query_row([session_id], |row| Ok((row.get(0)?, row.get(1)?)))
-        .optional()
-        .ctx("reading last_seq")?;
-    match last {
-        Some((floor, max)) => from_sql_int(floor.max(max.unwrap_or(0)), "last_seq"),
-        None => Err(StoreError::NotFound),
-    }
-}
-
-/// An event's message or run must belong to the event's session, or the log and the tables would disagree.
-fn same_session(event_session: &str, row_session: &str, what: &str, id: &str) -> StoreResult<()> {
-    if event_session == row_session {
-        Ok(())
-    } else {
-        Err(StoreError::Other(format!(
-            "{what} {id} belongs to session {row_session} but its event to session {event_session}"
-        )))
-    }
+    Ok(())
 }
 
 fn upsert_message(conn: &Connection, message: &Message) -> StoreResult<()> {
