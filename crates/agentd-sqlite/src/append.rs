@@ -196,15 +196,22 @@ fn number(
         if let Some(run) = &run {
             same_session(&session_id, &run.session_id, "run", &run.id)?;
         }
-        let last = match cache.get(&session_id) {
-            Some(&last) => last,
-            None => load_last_seq(conn, &session_id)?,
+        // The hot path (a cached session) hashes the id once and copies nothing.
+        let seq = match cache.get_mut(&session_id) {
+            Some(last) => {
+                if !before.contains_key(&session_id) {
+                    before.insert(session_id.clone(), Some(*last));
+                }
+                *last += 1;
+                *last
+            }
+            None => {
+                let last = load_last_seq(conn, &session_id)?;
+                before.insert(session_id.clone(), None);
+                cache.insert(session_id.clone(), last + 1);
+                last + 1
+            }
         };
-        if !before.contains_key(&session_id) {
-            before.insert(session_id.clone(), cache.get(&session_id).copied());
-        }
-        let seq = last + 1;
-        cache.insert(session_id.clone(), seq);
         let logged = LoggedEvent::new(
             session_id,
             Event {

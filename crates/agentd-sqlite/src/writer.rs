@@ -35,8 +35,9 @@ pub(crate) const INGEST_AGE: Duration = Duration::from_secs(1);
 pub(crate) const SESSION_TAIL_CAP: usize = 256;
 /// The whole tail, over all sessions, is kept under about this many events (its memory bound).
 pub(crate) const TAIL_CAP: usize = 65_536;
-/// About how many events one ingestion transaction moves, so the next command does not wait long for it.
-const INGEST_SLICE: usize = 512;
+/// About how many events one ingestion transaction moves. Small, because an append carrying a run or message
+/// change waits for the writer (and the event log waits for that append): a slice must end quickly.
+const INGEST_SLICE: usize = 64;
 
 pub(crate) type Reply<T> = oneshot::Sender<StoreResult<T>>;
 
@@ -295,6 +296,7 @@ impl Writer {
     /// events of that session (with their message and run upserts), in one transaction; then those tails are
     /// dropped from memory (they are in the table).
     fn commit_sync(&mut self, (sessions, work): SyncWork) -> StoreResult<()> {
+        let started = Instant::now();
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -323,6 +325,12 @@ impl Writer {
             .tail
             .drop_front(lens.iter().map(|(s, n)| (s.as_str(), *n)));
         self.book.applied(&applied);
+        tracing::debug!(
+            sessions = sessions.len(),
+            events = work.len(),
+            micros = started.elapsed().as_micros() as u64,
+            "committed run and message changes with their tails"
+        );
         Ok(())
     }
 }

@@ -92,10 +92,7 @@ fn main() -> ExitCode {
         },
         Command::Serve { config, listen } => {
             init_logging();
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
+            let runtime = match serve_runtime().enable_all().build() {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("agentd: cannot start the async runtime: {e}");
@@ -195,4 +192,14 @@ async fn shutdown_signal() {
         _ = term => {}
     }
     tracing::info!("shutting down: no new connections; letting running turns finish");
+}
+
+/// The server's runtime: one worker per CPU this process may use, or, when that is one (a pinned process, a
+/// one-CPU container quota), tokio's current-thread scheduler, which hands tasks to each other without the
+/// cross-thread wake-ups a multi-thread scheduler pays even with a single worker.
+fn serve_runtime() -> tokio::runtime::Builder {
+    match std::thread::available_parallelism() {
+        Ok(n) if n.get() == 1 => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    }
 }
