@@ -30,7 +30,9 @@ impl Checkpointer {
         let (stop, stopped) = mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("agentd-sqlite-ckpt".into())
-            .spawn(move || loop {
+            .spawn(move || {
+                crate::background::lower_priority();
+                loop {
                 match stopped.recv_timeout(INTERVAL) {
                     Err(RecvTimeoutError::Timeout) => {
                         let r: rusqlite::Result<(i64, i64, i64)> =
@@ -40,6 +42,7 @@ impl Checkpointer {
                         }
                     }
                     _ => return,
+                }
                 }
             })
             .map_err(|e| StoreError::Other(format!("starting the checkpoint thread: {e}")))?;

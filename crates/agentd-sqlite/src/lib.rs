@@ -22,7 +22,9 @@
 //! lose the last commits. One process owns a database at a time (a lock file next to it says so).
 
 mod append;
+mod background;
 mod checkpoint;
+mod chunk;
 mod reader;
 mod rows;
 mod schema;
@@ -171,7 +173,10 @@ impl SqliteStore {
         );
         let thread = std::thread::Builder::new()
             .name("agentd-sqlite-writer".into())
-            .spawn(move || writer.run())
+            .spawn(move || {
+                background::lower_priority();
+                writer.run()
+            })
             .map_err(|e| StoreError::Other(format!("starting the writer thread: {e}")))?;
         tracing::debug!(path = %path.display(), version = schema::latest_version(), "sqlite store open");
         Ok(SqliteStore {

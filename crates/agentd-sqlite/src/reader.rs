@@ -17,7 +17,7 @@ use crate::rows::{
     from_sql_int, message_columns, run_columns, session_columns, sql_limit, to_sql_int, Context,
     MessageRow, RunRow, SessionRow,
 };
-use crate::schema;
+use crate::{chunk, schema};
 
 /// Read connections kept open. The machine agentd targets is small; reads are short point or range lookups.
 pub(crate) const READERS: usize = 4;
@@ -251,36 +251,29 @@ pub(crate) fn read_events(
     after: u64,
     limit: usize,
 ) -> StoreResult<Vec<Arc<LoggedEvent>>> {
-    let after = to_sql_int(after, "after").unwrap_or(i64::MAX);
-    let rows: Vec<(i64, String)> = collect(
+    let sql_after = to_sql_int(after, "after").unwrap_or(i64::MAX);
+    // Every row with `seq > after` holds at least one event after `after`, so `limit` rows are enough.
+    let rows: Vec<(i64, i64, String)> = collect(
         conn,
-        "SELECT seq, payload FROM events WHERE session_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
-        params![session_id, after, sql_limit(Some(limit))],
-        |row| Ok((row.get(0)?, row.get(1)?)),
+        "SELECT first_seq, seq, payload FROM events WHERE session_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+        params![session_id, sql_after, sql_limit(Some(limit))],
+        |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
     )?;
-    rows.into_iter()
-        .map(|(seq, payload)| {
-            let logged = LoggedEvent::from_json(session_id.to_string(), payload).map_err(|e| {
-                StoreError::Other(format!(
-                    "corrupt row: event {seq} of session {session_id}: {e}"
-                ))
-            })?;
-            // The payload carries its own seq; a mismatch means the row was tampered with or mis-written.
-            if i64::try_from(logged.seq()).ok() != Some(seq) {
-                return Err(StoreError::Other(format!(
-                    "corrupt row: event {seq} of session {session_id} says seq {}",
-                    logged.seq()
-                )));
-            }
-            Ok(Arc::new(logged))
-        })
-        .collect()
+    let mut events = Vec::new();
+    for (first, last, payload) in &rows {
+        chunk::decode_into(session_id, *first, *last, payload, after, &mut events)?;
+        if events.len() >= limit {
+            break;
+        }
+    }
+    events.truncate(limit);
+    Ok(events.into_iter().map(Arc::new).collect())
 }
 
 pub(crate) fn log_bounds(conn: &Connection, session_id: &str) -> StoreResult<LogBounds> {
     let mut stmt = conn
         .prepare_cached(
-            "SELECT last_seq, (SELECT MIN(seq) FROM events WHERE session_id = ?1),
+            "SELECT last_seq, (SELECT first_seq FROM events WHERE session_id = ?1 ORDER BY seq LIMIT 1),
                     (SELECT MAX(seq) FROM events WHERE session_id = ?1)
              FROM sessions WHERE id = ?1",
         )
@@ -308,8 +301,10 @@ pub(crate) fn first_seq_of_run(
 ) -> StoreResult<Option<u64>> {
     let recorded: Option<(Option<i64>, bool)> = conn
         .prepare_cached(
-            "SELECT first_seq, EXISTS (SELECT 1 FROM events WHERE session_id = ?1 AND seq = runs.first_seq)
-             FROM runs WHERE session_id = ?1 AND id = ?2",
+            "SELECT r.first_seq,
+                    COALESCE((SELECT e.first_seq FROM events e WHERE e.session_id = ?1 AND e.seq >= r.first_seq
+                              ORDER BY e.seq LIMIT 1) <= r.first_seq, 0)
+             FROM runs r WHERE r.session_id = ?1 AND r.id = ?2",
         )
         .ctx("preparing first_seq_of_run")?
         .query_row(params![session_id, run_id], |row| Ok((row.get(0)?, row.get(1)?)))
@@ -321,7 +316,9 @@ pub(crate) fn first_seq_of_run(
         Some((Some(seq), true)) => Some(seq),
         Some((Some(_), false)) => None,
         Some((None, _)) | None => conn
-            .prepare_cached("SELECT MIN(seq) FROM events WHERE session_id = ?1 AND run_id = ?2")
+            .prepare_cached(
+                "SELECT MIN(first_seq) FROM events WHERE session_id = ?1 AND run_id = ?2",
+            )
             .ctx("preparing first_seq_of_run scan")?
             .query_row(params![session_id, run_id], |row| row.get(0))
             .ctx("scanning for the first seq of run")?,

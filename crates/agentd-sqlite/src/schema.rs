@@ -15,6 +15,7 @@ use crate::rows::Context;
 const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_init.sql"),
     include_str!("migrations/0002_lean_events.sql"),
+    include_str!("migrations/0003_event_chunks.sql"),
 ];
 
 /// How long a statement waits for a lock another connection holds before failing with "database is locked".

@@ -32,9 +32,10 @@ use std::time::Instant;
 
 use agentd_core::event::LoggedEvent;
 use agentd_core::store::{StoreError, StoreResult};
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 
-use crate::rows::{from_sql_int, to_sql_int, Context};
+use crate::chunk;
+use crate::rows::{from_sql_int, Context};
 
 /// A segment file is closed, and a new one started, past this size.
 const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
@@ -500,17 +501,7 @@ pub(crate) fn recover(conn: &mut Connection, db: &Path) -> StoreResult<Recovered
                 done.skipped += 1;
                 continue;
             }
-            tx.prepare_cached(
-                "INSERT INTO events (session_id, seq, run_id, payload) VALUES (?1, ?2, ?3, ?4)",
-            )
-            .ctx("preparing recovered event insert")?
-            .execute(params![
-                r.session_id,
-                to_sql_int(r.seq, "seq")?,
-                r.run_id,
-                r.json
-            ])
-            .ctx("inserting a recovered event")?;
+            chunk::insert_row(&tx, &r.session_id, r.seq, r.seq, &r.run_id, &r.json)?;
             last.insert(r.session_id, Some(r.seq));
             done.inserted += 1;
         }

@@ -21,6 +21,7 @@ use rusqlite::{params, Connection, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::append::{Numbered, SyncWork};
+use crate::chunk;
 use crate::rows::{to_json, to_sql_int, violation, Context, MessageJson, RunValues, Violation};
 use crate::tail::{SegmentBook, SessionTail, Tail};
 
@@ -267,10 +268,8 @@ impl Writer {
             .ctx("starting ingestion")?;
         let mut moved = 0;
         for (_, events) in &chosen {
-            for ev in events {
-                insert_event(&tx, ev)?;
-                moved += 1;
-            }
+            chunk::insert(&tx, events)?;
+            moved += events.len();
         }
         tx.commit().ctx("committing ingestion")?;
         let applied = self.tail.drop_front(
@@ -307,10 +306,10 @@ impl Writer {
             for session in &sessions {
                 let n = match map.get(session) {
                     Some(t) => {
-                        for e in &t.events {
-                            insert_event(&tx, &e.event)?;
-                        }
-                        t.events.len()
+                        let events: Vec<&LoggedEvent> =
+                            t.events.iter().map(|e| e.event.as_ref()).collect();
+                        chunk::insert(&tx, &events)?;
+                        events.len()
                     }
                     None => 0,
                 };
@@ -335,25 +334,10 @@ impl Writer {
     }
 }
 
-fn insert_event(conn: &Connection, ev: &LoggedEvent) -> StoreResult<()> {
-    conn.prepare_cached(
-        "INSERT INTO events (session_id, seq, run_id, payload) VALUES (?1, ?2, ?3, ?4)",
-    )
-    .ctx("preparing event insert")?
-    .execute(params![
-        ev.session_id,
-        to_sql_int(ev.seq(), "seq")?,
-        ev.event.run_id,
-        ev.json
-    ])
-    .ctx("inserting event")?;
-    Ok(())
-}
-
 /// Writes one event directly to the table, upserting the message and run it carries.
 fn write_entry(conn: &Connection, n: &Numbered) -> StoreResult<()> {
     let logged = &n.event;
-    insert_event(conn, logged)?;
+    chunk::insert(conn, std::slice::from_ref(logged))?;
     if let EventKind::Message { message } = &logged.event.kind {
         upsert_message(conn, message)?;
     }
@@ -567,7 +551,7 @@ fn prune_events(conn: &mut Connection, session_id: &str, keep_runs: usize) -> St
     // The first stored event of any kept run; none stored means every stored event belongs to older runs.
     let boundary: Option<i64> = tx
         .prepare_cached(
-            "SELECT MIN(e.seq) FROM events e
+            "SELECT MIN(e.first_seq) FROM events e
              WHERE e.session_id = ?1
                AND e.run_id IN (SELECT id FROM runs WHERE session_id = ?1 ORDER BY ord DESC LIMIT ?2)",
         )

@@ -901,18 +901,26 @@ async fn many_concurrent_reads_share_the_reader_pool() {
     assert_eq!(done, 100);
 }
 
-/// Event seqs as stored in the `events` table itself (not through the store, which also reads the tail).
-fn table_seqs(path: &Path, session_id: &str) -> Vec<u64> {
+/// The rows of the `events` table itself (not through the store, which also reads the tail): each a chunk of
+/// events `first..=last`.
+fn table_rows(path: &Path, session_id: &str) -> Vec<std::ops::RangeInclusive<u64>> {
     let raw = rusqlite::Connection::open(path).unwrap();
     let mut stmt = raw
-        .prepare("SELECT seq FROM events WHERE session_id = ?1 ORDER BY seq")
+        .prepare("SELECT first_seq, seq FROM events WHERE session_id = ?1 ORDER BY seq")
         .unwrap();
-    let seqs = stmt
-        .query_map([session_id], |row| row.get::<_, i64>(0))
+    let rows = stmt
+        .query_map([session_id], |row| {
+            Ok(row.get::<_, i64>(0)? as u64..=row.get::<_, i64>(1)? as u64)
+        })
         .unwrap()
-        .map(|r| r.unwrap() as u64)
+        .map(|r| r.unwrap())
         .collect();
-    seqs
+    rows
+}
+
+/// Event seqs as stored in the `events` table itself.
+fn table_seqs(path: &Path, session_id: &str) -> Vec<u64> {
+    table_rows(path, session_id).into_iter().flatten().collect()
 }
 
 /// The log tail's segment files next to the database.
@@ -968,6 +976,8 @@ async fn token_events_wait_in_the_tail_then_move_to_the_table_in_bulk() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     assert_eq!(table_seqs(&path, &s.id), (1..=10).collect::<Vec<_>>());
+    // As one row: a chunk of the ten, not a row per token.
+    assert_eq!(table_rows(&path, &s.id), vec![1..=10]);
     let stats = store.stats();
     assert_eq!(stats.ingested_events, 10);
     assert_eq!(stats.ingest_commits, 1);
@@ -979,6 +989,12 @@ async fn token_events_wait_in_the_tail_then_move_to_the_table_in_bulk() {
         .map(|e| e.seq())
         .collect();
     assert_eq!(seqs, (4..=10).collect::<Vec<_>>());
+    // A limit inside the chunk cuts it.
+    let page = store.read_events(&s.id, 3, 4).await.unwrap();
+    assert_eq!(
+        page.iter().map(|e| e.seq()).collect::<Vec<_>>(),
+        vec![4, 5, 6, 7]
+    );
     drop(store);
     assert!(
         tail_files(dir.path()).is_empty(),
@@ -1176,4 +1192,124 @@ async fn readers_see_a_gap_free_log_while_the_writer_moves_the_tail() {
     let all = store.read_events(&s.id, 0, 10_000).await.unwrap();
     assert_eq!(all.len(), 3000);
     assert!(store.stats().ingested_events > 0, "{:?}", store.stats());
+}
+
+/// A database of schema version 2 (one row per event) opens with its events intact: they become chunks of one,
+/// read back, numbered on from, and pruned as before.
+#[tokio::test]
+async fn a_version_2_database_keeps_its_events_when_migrated_to_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v2.db");
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    raw.execute_batch(include_str!("../src/migrations/0001_init.sql"))
+        .unwrap();
+    raw.execute_batch(include_str!("../src/migrations/0002_lean_events.sql"))
+        .unwrap();
+    raw.pragma_update(None, "user_version", 2).unwrap();
+    raw.execute(
+        "INSERT INTO sessions (id, principal, agent, status, metadata, created_at, updated_at)
+         VALUES ('s1', 'alice', 'assistant', 'active', '{}', '2026-01-01T00:00:00Z', '2026-01-01T00:00:00Z')",
+        [],
+    )
+    .unwrap();
+    let old: Vec<LoggedEvent> = (1..=3)
+        .map(|seq| {
+            LoggedEvent::new(
+                "s1".into(),
+                agentd_core::event::Event {
+                    seq,
+                    run_id: "r1".into(),
+                    agent: "assistant".into(),
+                    is_subagent: false,
+                    kind: EventKind::TextDelta {
+                        delta: format!("old {seq}"),
+                    },
+                },
+            )
+        })
+        .collect();
+    for e in &old {
+        raw.execute(
+            "INSERT INTO events (session_id, seq, run_id, payload) VALUES ('s1', ?1, 'r1', ?2)",
+            rusqlite::params![e.seq() as i64, e.json],
+        )
+        .unwrap();
+    }
+    drop(raw);
+
+    let store = SqliteStore::open(&path).unwrap();
+    let read = store.read_events("s1", 0, 100).await.unwrap();
+    assert_eq!(
+        read.iter().map(|e| e.json.as_str()).collect::<Vec<_>>(),
+        old.iter().map(|e| e.json.as_str()).collect::<Vec<_>>()
+    );
+    assert_eq!(table_rows(&path, "s1"), vec![1..=1, 2..=2, 3..=3]);
+    let appended = store
+        .append_events(vec![delta("s1", "r1", "new")])
+        .await
+        .unwrap();
+    assert_eq!(appended[0].seq(), 4);
+    assert_eq!(
+        seqs(&store.read_events("s1", 2, 100).await.unwrap()),
+        vec![3, 4]
+    );
+}
+
+/// This process's threads' nice values, by thread name.
+#[cfg(target_os = "linux")]
+fn thread_nice_values() -> HashMap<String, Vec<i64>> {
+    let mut nice_of: HashMap<String, Vec<i64>> = HashMap::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap() {
+        let task = task.unwrap().path();
+        let Ok(name) = std::fs::read_to_string(task.join("comm")) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(task.join("stat")) else {
+            continue;
+        };
+        // Fields after the parenthesised name: state is field 3, nice is field 19.
+        let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+        let nice: i64 = after_name.split(' ').nth(16).unwrap().parse().unwrap();
+        nice_of
+            .entry(name.trim().to_string())
+            .or_default()
+            .push(nice);
+    }
+    nice_of
+}
+
+/// The writer's and the checkpointer's threads run at a lower priority (nice 10) than the server's request
+/// threads, so bulk work (ingestion, checkpoints) on a shared CPU gives way to the token path.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn background_threads_run_at_a_lower_priority() {
+    let dir = tempfile::tempdir().unwrap();
+    let _store = open(dir.path());
+    // A new thread names itself once it runs: wait for both names.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let nice_of = loop {
+        let nice_of = thread_nice_values();
+        let named = |prefix: &str| nice_of.keys().any(|n| n.starts_with(prefix));
+        if named("agentd-sqlite-w") && named("agentd-sqlite-c") {
+            break nice_of;
+        }
+        assert!(std::time::Instant::now() < deadline, "{nice_of:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    for thread in ["agentd-sqlite-w", "agentd-sqlite-c"] {
+        let nices: Vec<i64> = nice_of
+            .iter()
+            .filter(|(name, _)| name.starts_with(thread))
+            .flat_map(|(_, n)| n.clone())
+            .collect();
+        assert!(!nices.is_empty(), "no {thread}* thread: {nice_of:?}");
+        assert!(nices.iter().all(|n| *n == 10), "{thread}: {nices:?}");
+    }
+    // The test's own thread keeps its priority.
+    let mine: Vec<i64> = nice_of
+        .iter()
+        .filter(|(name, _)| !name.starts_with("agentd-sqlite"))
+        .flat_map(|(_, n)| n.clone())
+        .collect();
+    assert!(mine.contains(&0), "{nice_of:?}");
 }
