@@ -41,12 +41,13 @@ src="$CACHE/$name/vendor/llama.cpp"
 
 build="$CACHE/build-$name-native-$NATIVE"
 bench="$build/bin/llama-bench"
-if [[ ! -x "$bench" ]]; then
-    echo "building llama-bench from $name (GGML_NATIVE=$NATIVE) in $build ..."
+# llama-tokenize too: agentd-bench counts its prompts' tokens with it, to run llama-bench at the same depth.
+if [[ ! -x "$bench" || ! -x "$build/bin/llama-tokenize" ]]; then
+    echo "building llama-bench and llama-tokenize from $name (GGML_NATIVE=$NATIVE) in $build ..."
     cmake -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE="$NATIVE" -DBUILD_SHARED_LIBS=OFF \
         -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >"$build.log" 2>&1 \
         || die "cmake configure failed, see $build.log"
-    cmake --build "$build" --target llama-bench -j "$(nproc)" >>"$build.log" 2>&1 \
+    cmake --build "$build" --target llama-bench llama-tokenize -j "$(nproc)" >>"$build.log" 2>&1 \
         || die "build failed, see $build.log"
 fi
 

@@ -4,9 +4,20 @@
 //! when the client receives the frames. Per run: time to first token (TTFT) for a ~200-token prompt, prompt
 //! processing rate (prompt tokens ÷ TTFT, so it includes the first token's decode, slightly against us), and
 //! generation rate over 128 text deltas after the first (the turn is then cancelled, which also shows cancel
-//! stops generation; if the model ends its answer sooner, over what it generated, at least 32). Each prompt starts with a fresh nonce, so the engine's prefix cache reuses only the
-//! chat template's first tokens. `llama-bench` runs pp200 at depth 0 and tg128 at depth 200 (generation
-//! after a 200-token context, like ours) with the same model and thread count.
+//! stops generation; if the model ends its answer sooner, over what it generated, at least 32). Each prompt
+//! starts with a fresh nonce, so the engine's prefix cache reuses only the chat template's first tokens.
+//!
+//! `llama-bench` runs the same work with the same model and thread count: pp at the TTFT prompt's length, and
+//! tg128 at the depth where the measured generation starts, i.e. after the long prompt's tokens. That depth
+//! matters: llama.cpp pads the attended cache to 256 cells, so a generation that starts at 200 runs partly at
+//! 256 and one that starts at 225 almost all at 512, several percent slower for this small model. The long
+//! turn is cancelled, so it reports no usage; its length is the short turn's (which completes) plus the
+//! difference of the two user texts in tokens, counted by llama.cpp's `llama-tokenize` (the chat template
+//! around them is the same). Nonces have a fixed width, so every run's prompts have the same lengths.
+//!
+//! The two sides alternate within each run (agentd's turns, then one `llama-bench` repetition of each test), so
+//! a machine whose speed drifts (shared cores, another tenant) moves both columns alike; the table reports the
+//! medians and each run's generation ratio.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -39,11 +50,19 @@ pub struct TurnFigures {
     pub cancel_ms: f64,
 }
 
-#[derive(Debug, Default)]
-pub struct LlamaReport {
-    pub turns: Vec<TurnFigures>,
+/// One run: agentd's figures and, right after them, llama-bench's (None where it could not run).
+#[derive(Debug, Default, Clone)]
+pub struct RunFigures {
+    pub turn: TurnFigures,
     pub bench_pp_tps: Option<f64>,
     pub bench_tg_tps: Option<f64>,
+}
+
+#[derive(Debug, Default)]
+pub struct LlamaReport {
+    pub runs: Vec<RunFigures>,
+    /// Prompt tokens of the long turns, i.e. where their measured generation starts.
+    pub gen_depth: u64,
     pub bench_note: String,
 }
 
@@ -57,7 +76,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 impl LlamaReport {
     pub fn markdown(&self, threads: u32) -> String {
-        let m = |f: fn(&TurnFigures) -> f64| median(self.turns.iter().map(f).collect());
+        let m = |f: fn(&TurnFigures) -> f64| median(self.runs.iter().map(|r| f(&r.turn)).collect());
         let (pp, tg, ttft, cancel) = (
             m(|t| t.pp_tps),
             m(|t| t.gen_tps),
@@ -65,6 +84,11 @@ impl LlamaReport {
             m(|t| t.cancel_ms),
         );
         let prompt = m(|t| t.prompt_tokens as f64);
+        let theirs = |f: fn(&RunFigures) -> Option<f64>| {
+            let v: Vec<f64> = self.runs.iter().filter_map(f).collect();
+            (!v.is_empty()).then(|| median(v))
+        };
+        let (bench_pp, bench_tg) = (theirs(|r| r.bench_pp_tps), theirs(|r| r.bench_tg_tps));
         let ratio = |ours: f64, theirs: Option<f64>| match theirs {
             Some(t) if t > 0.0 => format!("{:.2}×", ours / t),
             _ => "—".into(),
@@ -73,22 +97,50 @@ impl LlamaReport {
             v.map(|v| format!("{v:.0}"))
                 .unwrap_or_else(|| "not run".into())
         };
+        let depth = self.gen_depth;
         let mut s = String::new();
         s.push_str(&format!(
-            "| embedded model, {threads} threads (median of {} turns) | llama-bench | agentd, a turn over the WebSocket | ratio |\n",
-            self.turns.len()
+            "| embedded model, {threads} threads (median of {} runs) | llama-bench | agentd, a turn over the WebSocket | ratio |\n",
+            self.runs.len()
         ));
         s.push_str("| --- | --- | --- | --- |\n");
-        s.push_str(&format!("| prompt processing, tokens/s | {} (pp200) | {pp:.0} ({prompt:.0}-token prompt) | {} |\n", fmt(self.bench_pp_tps), ratio(pp, self.bench_pp_tps)));
         s.push_str(&format!(
-            "| generation, tokens/s | {} (tg128 @ depth 200) | {tg:.0} | {} |\n",
-            fmt(self.bench_tg_tps),
-            ratio(tg, self.bench_tg_tps)
+            "| prompt processing, tokens/s | {} (pp{prompt:.0}) | {pp:.0} ({prompt:.0}-token prompt) | {} |\n",
+            fmt(bench_pp),
+            ratio(pp, bench_pp)
+        ));
+        let (their_depth, our_depth) = if depth > 0 {
+            (
+                format!("depth {depth}"),
+                format!("after a {depth}-token prompt"),
+            )
+        } else {
+            ("depth unknown".into(), "after a ~200-token prompt".into())
+        };
+        s.push_str(&format!(
+            "| generation, tokens/s | {} (tg128 @ {their_depth}) | {tg:.0} ({our_depth}) | {} |\n",
+            fmt(bench_tg),
+            ratio(tg, bench_tg)
         ));
         s.push_str(&format!("| time to first token, ms | — | {ttft:.0} | |\n"));
         s.push_str(&format!(
             "| cancel mid-generation to `run_finished`, ms | — | {cancel:.0} | |\n"
         ));
+        let per_run: Vec<String> = self
+            .runs
+            .iter()
+            .filter_map(|r| {
+                r.bench_tg_tps
+                    .filter(|t| *t > 0.0)
+                    .map(|t| format!("{:.2}", r.turn.gen_tps / t))
+            })
+            .collect();
+        if !per_run.is_empty() {
+            s.push_str(&format!(
+                "\nGeneration ratio of each run (agentd's turn and llama-bench back to back): {}.\n",
+                per_run.join(", ")
+            ));
+        }
         if !self.bench_note.is_empty() {
             s.push_str(&format!("\n{}\n", self.bench_note));
         }
@@ -157,11 +209,12 @@ async fn start_agentd(args: &LlamaArgs) -> Result<Agentd, String> {
 }
 
 /// A ~200-token prompt that asks for a one-word answer: its turn completes, so its usage counts the prompt.
+/// The nonce has a fixed width, as in [`prompt`].
 fn short_prompt(nonce: usize) -> String {
     let filler =
         "The river runs past the old mill, where the miller keeps his ledgers of grain and flour, \
                   noting every sack that comes from the northern farms in the autumn months. ";
-    format!("[{nonce}] {}Reply with one word: OK.", filler.repeat(5))
+    format!("[{nonce:05}] {}Reply with one word: OK.", filler.repeat(5))
 }
 
 /// Time to first token and prompt tokens of a completed turn with a ~200-token prompt.
@@ -228,13 +281,14 @@ async fn connect(base: &str) -> Result<(Socket, String), String> {
     Ok((ws, id))
 }
 
-/// A ~200-token prompt that makes the model write a long answer.
+/// A ~200-token prompt that makes the model write a long answer. The nonce has a fixed width, so the prompt's
+/// length in tokens does not depend on it.
 fn prompt(nonce: usize) -> String {
     let filler =
         "The river runs past the old mill, where the miller keeps his ledgers of grain and flour, \
                   noting every sack that comes from the northern farms in the autumn months. ";
     format!(
-        "[{nonce}] {}Now write a long, detailed story about the miller and his river, at least five paragraphs.",
+        "[{nonce:05}] {}Now write a long, detailed story about the miller and his river, at least five paragraphs.",
         filler.repeat(5)
     )
 }
@@ -299,6 +353,7 @@ async fn one_turn(base: &str, nonce: usize) -> Result<TurnFigures, String> {
     Ok(fig)
 }
 
+/// `llama-bench` from the cache, where `llama-tokenize` was built beside it.
 fn find_llama_bench() -> Option<PathBuf> {
     let cache = PathBuf::from(std::env::var_os("HOME")?).join(".cache/agentd-llama-bench");
     // Prefer the portable build (GGML_NATIVE=OFF): the same instruction sets llama-cpp-2 builds with.
@@ -306,18 +361,24 @@ fn find_llama_bench() -> Option<PathBuf> {
         .ok()?
         .filter_map(|e| e.ok())
         .map(|e| e.path().join("bin/llama-bench"))
-        .filter(|p| p.is_file())
+        .filter(|p| p.is_file() && p.with_file_name("llama-tokenize").is_file())
         .collect();
     found.sort_by_key(|p| !p.to_string_lossy().contains("native-OFF"));
     found.into_iter().next()
 }
 
-/// One llama-bench measurement (`-o json`); `test` are its test flags, e.g. `["-p", "200", "-n", "0"]`.
-fn llama_bench_avg(bin: &Path, model: &Path, threads: u32, test: &[&str]) -> Result<f64, String> {
+/// One llama-bench repetition (`-r 1 -o json`) of one test; `test` are its test flags, e.g.
+/// `["-p", "200", "-n", "0"]`. Returns tokens/s.
+fn llama_bench_once(
+    bin: &Path,
+    model: &Path,
+    threads: u32,
+    test: &[String],
+) -> Result<f64, String> {
     let out = Command::new(bin)
         .arg("-m")
         .arg(model)
-        .args(["-t", &threads.to_string(), "-r", "3", "-o", "json"])
+        .args(["-t", &threads.to_string(), "-r", "1", "-o", "json"])
         .args(test)
         .stderr(Stdio::null())
         .output()
@@ -329,11 +390,60 @@ fn llama_bench_avg(bin: &Path, model: &Path, threads: u32, test: &[&str]) -> Res
         .ok_or_else(|| "llama-bench gave no avg_ts".to_string())
 }
 
-/// Runs llama-bench; returns (pp200 t/s, tg128@200 t/s).
-fn llama_bench(bin: &Path, model: &Path, threads: u32) -> Result<(f64, f64), String> {
-    let pp = llama_bench_avg(bin, model, threads, &["-p", "200", "-n", "0"])?;
-    let tg = llama_bench_avg(bin, model, threads, &["-p", "0", "-n", "128", "-d", "200"])?;
+/// llama-bench's side of one run: pp at `prompt` tokens and tg128 at `depth`.
+fn llama_bench(
+    bin: &Path,
+    model: &Path,
+    threads: u32,
+    prompt: u64,
+    depth: u64,
+) -> Result<(f64, f64), String> {
+    let pp = llama_bench_once(
+        bin,
+        model,
+        threads,
+        &["-p".into(), prompt.to_string(), "-n".into(), "0".into()],
+    )?;
+    let tg = llama_bench_once(
+        bin,
+        model,
+        threads,
+        &[
+            "-p".into(),
+            "0".into(),
+            "-n".into(),
+            GEN_TOKENS.to_string(),
+            "-d".into(),
+            depth.to_string(),
+        ],
+    )?;
     Ok((pp, tg))
+}
+
+/// How many tokens `llama-tokenize` makes of `text` (its `--ids` output is one list, `[1, 2, 3]`).
+fn count_tokens(tokenizer: &Path, model: &Path, text: &str) -> Result<u64, String> {
+    let out = Command::new(tokenizer)
+        .arg("-m")
+        .arg(model)
+        .args(["--ids", "--log-disable", "-p", text])
+        .stderr(Stdio::null())
+        .output()
+        .map_err(|e| format!("{}: {e}", tokenizer.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let ids: Vec<u64> = stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('['))
+        .and_then(|l| serde_json::from_str(l.trim()).ok())
+        .ok_or_else(|| format!("llama-tokenize printed no token list: {stdout:?}"))?;
+    Ok(ids.len() as u64)
+}
+
+/// Tokens the long prompt has beyond the short one (may be negative); the same for every nonce.
+fn long_minus_short(tokenizer: &Path, model: &Path) -> Result<i64, String> {
+    let long = count_tokens(tokenizer, model, &prompt(1))?;
+    let short = count_tokens(tokenizer, model, &short_prompt(1000))?;
+    Ok(long as i64 - short as i64)
 }
 
 /// Measures; `root` is the repository (for `scripts/bench-llama.sh`).
@@ -355,15 +465,21 @@ pub async fn run(args: &LlamaArgs, root: &Path) -> Result<LlamaReport, String> {
                 .filter(|s| s.success())
                 .and_then(|_| find_llama_bench())
         });
-    match bench {
-        Some(bin) => match llama_bench(&bin, &args.model, args.threads) {
-            Ok((pp, tg)) => {
-                report.bench_pp_tps = Some(pp);
-                report.bench_tg_tps = Some(tg);
-                report.bench_note = format!("llama-bench: {}", bin.display());
+    // Where the long turn's generation starts, relative to the short turn's prompt (see the module docs).
+    let mut extra_depth = None;
+    match &bench {
+        Some(bin) => {
+            report.bench_note = format!("llama-bench: {}", bin.display());
+            let tokenizer = bin.with_file_name("llama-tokenize");
+            match long_minus_short(&tokenizer, &args.model) {
+                Ok(d) => extra_depth = Some(d),
+                Err(e) => {
+                    return Err(format!(
+                        "cannot count the prompts' tokens ({e}); run scripts/bench-llama.sh to build llama-tokenize"
+                    ))
+                }
             }
-            Err(e) => report.bench_note = format!("llama-bench failed: {e}"),
-        },
+        }
         None => {
             report.bench_note = "llama-bench could not be built (see scripts/bench-llama.sh)".into()
         }
@@ -372,14 +488,42 @@ pub async fn run(args: &LlamaArgs, root: &Path) -> Result<LlamaReport, String> {
     one_turn(&agentd.base, 0).await.ok(); // warm-up: page the model in
                                           // A 135M model sometimes ends its answer at once; such a turn is retried with another nonce.
     let mut nonce = 1;
-    while report.turns.len() < args.runs && nonce <= args.runs * 4 {
-        match one_turn(&agentd.base, nonce).await {
-            Ok(t) => report.turns.push(t),
-            Err(e) => eprintln!("agentd-bench llama: turn {nonce} not measured: {e}"),
-        }
+    while report.runs.len() < args.runs && nonce <= args.runs * 4 {
+        let turn = match one_turn(&agentd.base, nonce).await {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("agentd-bench llama: turn {nonce} not measured: {e}");
+                nonce += 1;
+                continue;
+            }
+        };
         nonce += 1;
+        let mut run = RunFigures {
+            turn,
+            ..RunFigures::default()
+        };
+        if let Some(extra) = extra_depth {
+            report.gen_depth = run.turn.prompt_tokens.saturating_add_signed(extra);
+        }
+        if let Some(bin) = &bench {
+            // Right after the turn, while agentd idles: the same machine state for both sides.
+            match llama_bench(
+                bin,
+                &args.model,
+                args.threads,
+                run.turn.prompt_tokens,
+                report.gen_depth,
+            ) {
+                Ok((pp, tg)) => {
+                    run.bench_pp_tps = Some(pp);
+                    run.bench_tg_tps = Some(tg);
+                }
+                Err(e) => report.bench_note = format!("llama-bench failed: {e}"),
+            }
+        }
+        report.runs.push(run);
     }
-    if report.turns.is_empty() {
+    if report.runs.is_empty() {
         return Err("no turn could be measured".into());
     }
     Ok(report)
