@@ -4,7 +4,7 @@
 # the results section of BENCHMARKS.md. See BENCHMARKS.md for what is measured and how.
 #
 #   scripts/bench.sh                 # full run (about 5-10 minutes on 2 cores)
-#   scripts/bench.sh --quick         # CI-sized smoke run (under a minute once things are built)
+#   scripts/bench.sh --quick         # CI-sized smoke run (under a minute once built; writes bench-results/tmp/)
 #   scripts/bench.sh --servers peer,floor --no-doc     # any `agentd-bench run` option passes through
 #
 # Needs: cargo, python3 (with venv) for the peer, taskset (util-linux), and ../shared/bench beside the repo

@@ -143,7 +143,8 @@ struct RunArgs {
     /// The folder holding peer/ and floor/ (default: <repo>/../shared/bench).
     #[arg(long)]
     bench_dir: Option<PathBuf>,
-    /// Where results.md, results.json and plot.png go (default: <repo>/bench-results).
+    /// Where results.md, results.json and plot.png go (default: <repo>/bench-results, or
+    /// <repo>/bench-results/tmp for --quick, so a smoke run never replaces the recorded figures).
     #[arg(long)]
     out: Option<PathBuf>,
     /// Cache for the peer's venv, the floor's build and logs (default: ~/.cache/agentd-bench).
@@ -330,7 +331,14 @@ fn run(args: RunArgs) -> ExitCode {
         out_dir: args
             .out
             .clone()
-            .unwrap_or_else(|| repo.join("bench-results")),
+            .unwrap_or_else(|| {
+                let recorded = repo.join("bench-results");
+                if args.quick {
+                    recorded.join("tmp")
+                } else {
+                    recorded
+                }
+            }),
         servers,
         agentd_bin: args.agentd_bin.clone(),
         agentd_profile: profile,

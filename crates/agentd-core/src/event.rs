@@ -91,6 +91,14 @@ impl EventKind {
             EventKind::RunFinished { .. } => "run_finished",
         }
     }
+
+    /// Does appending this event also store a row: the message it carries, or its run?
+    pub fn changes_rows(&self) -> bool {
+        matches!(
+            self,
+            EventKind::Message { .. } | EventKind::RunStarted { .. } | EventKind::RunFinished { .. }
+        )
+    }
 }
 
 /// An event before the log has given it a `seq`.

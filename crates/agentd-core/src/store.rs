@@ -34,6 +34,15 @@ pub struct LogEntry {
     pub run: Option<Run>,
 }
 
+impl LogEntry {
+    /// Does this entry change a row besides the log: a stored message, or a run? Such entries cost a store more
+    /// than a token (a transaction, where a token is an append to a journal), so the event log commits them
+    /// beside the token stream rather than in front of it.
+    pub fn changes_rows(&self) -> bool {
+        self.run.is_some() || self.event.kind.changes_rows()
+    }
+}
+
 /// Where the events of a session's log start, after retention pruning.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LogBounds {
@@ -90,6 +99,9 @@ pub trait Store: Send + Sync + 'static {
 
     // --- the event log ---
     /// Appends a batch (any sessions) in one transaction; returns the events with their `seq`, in input order.
+    /// Calls may run concurrently, but never two for the same session: the event log waits for a session's
+    /// call to return before it hands over that session's next events, so an implementation may number a call's
+    /// events and give the numbers back if it fails, as if it were alone.
     async fn append_events(&self, batch: Vec<LogEntry>) -> StoreResult<Vec<Arc<LoggedEvent>>>;
     /// Events with `seq > after`, in order, at most `limit`.
     async fn read_events(

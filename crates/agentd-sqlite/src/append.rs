@@ -7,9 +7,10 @@
 //! (a message, a run) waits for the writer thread, which commits those with their sessions' tails in one
 //! transaction.
 //!
-//! One call at a time holds the append state (an async mutex, since a call with such events holds it across
-//! the writer's answer): numbering is then a plain counter, and a failed commit can give its seqs back, so a
-//! failed batch never leaves a gap.
+//! One call at a time holds the append state while it numbers and writes the tail, so numbering is a plain
+//! counter. A call that waits for the writer lets go of it first: other sessions' tokens go on meanwhile. The
+//! event log never has two calls out for one session (see `Store::append_events`), so a failed commit can give
+//! its sessions' seqs back without anyone having numbered past them, and a failed batch never leaves a gap.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -38,13 +39,7 @@ impl Numbered {
     /// Does this entry change a table besides the log (a message, a run)? Such entries commit to SQLite with
     /// their session's tail, never through the tail file.
     pub(crate) fn changes_tables(&self) -> bool {
-        self.run.is_some()
-            || matches!(
-                self.event.event.kind,
-                EventKind::Message { .. }
-                    | EventKind::RunStarted { .. }
-                    | EventKind::RunFinished { .. }
-            )
+        self.run.is_some() || self.event.event.kind.changes_rows()
     }
 }
 
@@ -90,8 +85,8 @@ impl Appender {
         F: FnOnce(SyncWork) -> Fut,
         Fut: std::future::Future<Output = StoreResult<()>>,
     {
-        let mut state = self.state.lock().await;
-        let state = &mut *state;
+        let mut guard = self.state.lock().await;
+        let state = &mut *guard;
         if state.last_seq.len() > MAX_CACHED_SESSIONS {
             let tail = &self.tail;
             state.last_seq.retain(|session, _| tail.has(session));
@@ -137,21 +132,22 @@ impl Appender {
         }
         let events: Vec<Arc<LoggedEvent>> = numbered.iter().map(|n| Arc::clone(&n.event)).collect();
 
-        // Sessions whose rows change: their events of this call commit with their tails, on the writer.
+        // Sessions whose rows change: their events of this call commit with their tails, on the writer. The
+        // state is free meanwhile: no one numbers these sessions until this call returns.
         if !sync.is_empty() {
+            drop(guard);
             let sessions: Vec<String> = sync.iter().cloned().collect();
             let work: Vec<Numbered> = numbered
                 .into_iter()
                 .filter(|n| sync.contains(n.event.session_id.as_str()))
                 .collect();
             if let Err(e) = commit((sessions.clone(), work)).await {
-                // Only those sessions' events of this call are lost; their seqs are given back (nothing else
-                // numbered in between: this call holds the state).
+                // Only those sessions' events of this call are lost; their seqs are given back.
                 let undo = before
                     .into_iter()
                     .filter(|(s, _)| sessions.contains(s))
                     .collect();
-                restore(&mut state.last_seq, undo);
+                restore(&mut self.state.lock().await.last_seq, undo);
                 return Err(e);
             }
         }

@@ -1,0 +1,304 @@
+//! The event log's appender against a store whose row-changing commits can be held open or made to fail: a
+//! session's turn starting or ending (a message or run row to store) must never hold up other sessions'
+//! tokens, and must keep its own session's events in order and gap-free.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentd_core::domain::{Message, Run, Session};
+use agentd_core::event::{EventKind, LoggedEvent, NewEvent};
+use agentd_core::event_log::{EventLog, Subscription};
+use agentd_core::memory::MemoryStore;
+use agentd_core::store::{LogBounds, LogEntry, Store, StoreError, StoreResult};
+use async_trait::async_trait;
+use tokio::sync::Semaphore;
+
+/// A [`MemoryStore`] whose calls carrying a row change wait for a permit of `gate` first (and fail instead
+/// when `fail_next_row_call` is set). Token-only calls go straight through.
+struct GatedStore {
+    inner: MemoryStore,
+    gate: Semaphore,
+    fail_next_row_call: AtomicBool,
+    /// Row-changing calls that have started waiting at the gate.
+    row_calls: AtomicUsize,
+}
+
+impl GatedStore {
+    fn new() -> Arc<GatedStore> {
+        Arc::new(GatedStore {
+            inner: MemoryStore::default(),
+            gate: Semaphore::new(0),
+            fail_next_row_call: AtomicBool::new(false),
+            row_calls: AtomicUsize::new(0),
+        })
+    }
+}
+
+#[async_trait]
+impl Store for GatedStore {
+    fn describe(&self) -> String {
+        "gated memory".into()
+    }
+    async fn create_session(&self, session: &Session) -> StoreResult<()> {
+        self.inner.create_session(session).await
+    }
+    async fn get_session(&self, id: &str) -> StoreResult<Option<Session>> {
+        self.inner.get_session(id).await
+    }
+    async fn list_sessions(
+        &self,
+        principal: Option<&str>,
+        limit: usize,
+        before: Option<&str>,
+    ) -> StoreResult<Vec<Session>> {
+        self.inner.list_sessions(principal, limit, before).await
+    }
+    async fn update_session(&self, session: &Session) -> StoreResult<()> {
+        self.inner.update_session(session).await
+    }
+    async fn list_messages(
+        &self,
+        session_id: &str,
+        limit: Option<usize>,
+        offset: usize,
+    ) -> StoreResult<Vec<Message>> {
+        self.inner.list_messages(session_id, limit, offset).await
+    }
+    async fn create_run(&self, run: &Run, client_message_id: Option<&str>) -> StoreResult<()> {
+        self.inner.create_run(run, client_message_id).await
+    }
+    async fn find_run_by_client_message_id(
+        &self,
+        session_id: &str,
+        client_message_id: &str,
+    ) -> StoreResult<Option<Run>> {
+        self.inner
+            .find_run_by_client_message_id(session_id, client_message_id)
+            .await
+    }
+    async fn get_run(&self, session_id: &str, run_id: &str) -> StoreResult<Option<Run>> {
+        self.inner.get_run(session_id, run_id).await
+    }
+    async fn list_runs(&self, session_id: &str) -> StoreResult<Vec<Run>> {
+        self.inner.list_runs(session_id).await
+    }
+    async fn update_run(&self, run: &Run) -> StoreResult<()> {
+        self.inner.update_run(run).await
+    }
+    async fn unfinished_runs(&self) -> StoreResult<Vec<Run>> {
+        self.inner.unfinished_runs().await
+    }
+    async fn append_events(&self, batch: Vec<LogEntry>) -> StoreResult<Vec<Arc<LoggedEvent>>> {
+        if batch.iter().any(LogEntry::changes_rows) {
+            self.row_calls.fetch_add(1, Ordering::SeqCst);
+            let permit = self
+                .gate
+                .acquire()
+                .await
+                .map_err(|_| StoreError::Other("gate closed".into()))?;
+            permit.forget();
+            if self.fail_next_row_call.swap(false, Ordering::SeqCst) {
+                return Err(StoreError::Other("injected commit failure".into()));
+            }
+        }
+        self.inner.append_events(batch).await
+    }
+    async fn read_events(
+        &self,
+        session_id: &str,
+        after: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<Arc<LoggedEvent>>> {
+        self.inner.read_events(session_id, after, limit).await
+    }
+    async fn log_bounds(&self, session_id: &str) -> StoreResult<LogBounds> {
+        self.inner.log_bounds(session_id).await
+    }
+    async fn first_seq_of_run(&self, session_id: &str, run_id: &str) -> StoreResult<Option<u64>> {
+        self.inner.first_seq_of_run(session_id, run_id).await
+    }
+    async fn prune_events(&self, session_id: &str, keep_runs: usize) -> StoreResult<()> {
+        self.inner.prune_events(session_id, keep_runs).await
+    }
+}
+
+fn event(session_id: &str, kind: EventKind) -> NewEvent {
+    NewEvent {
+        session_id: session_id.into(),
+        run_id: "r".into(),
+        agent: "assistant".into(),
+        is_subagent: false,
+        kind,
+    }
+}
+
+fn token(session_id: &str, text: &str) -> NewEvent {
+    event(
+        session_id,
+        EventKind::TextDelta {
+            delta: text.into(),
+        },
+    )
+}
+
+/// A run change, as a turn's start appends it.
+fn started(session_id: &str) -> (NewEvent, Option<Run>) {
+    let run = Run::queued(session_id);
+    (
+        event(session_id, EventKind::RunStarted { run: run.clone() }),
+        Some(run),
+    )
+}
+
+/// What an event is, for comparing streams: its seq and its text or type.
+fn describe(ev: &LoggedEvent) -> (u64, String) {
+    let what = match &ev.event.kind {
+        EventKind::TextDelta { delta } => delta.clone(),
+        other => other.type_name().to_string(),
+    };
+    (ev.seq(), what)
+}
+
+async fn next(sub: &mut Subscription) -> (u64, String) {
+    let ev = tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .expect("an event within 5 s")
+        .expect("log readable")
+        .expect("log open");
+    describe(&ev)
+}
+
+/// Waits until the store has seen `n` row-changing calls arrive at its gate.
+async fn row_calls_reach(store: &GatedStore, n: usize) {
+    for _ in 0..500 {
+        if store.row_calls.load(Ordering::SeqCst) >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no row-changing call reached the store");
+}
+
+#[tokio::test]
+async fn a_pending_row_change_holds_up_only_its_own_session() {
+    let store = GatedStore::new();
+    let log = EventLog::start(store.clone());
+    let mut sub_a = log.subscribe("a", 0);
+    let mut sub_b = log.subscribe("b", 0);
+
+    // Session a's turn starts: its run row commit is held open by the store.
+    let (ev, run) = started("a");
+    let durable = {
+        let log = Arc::clone(&log);
+        tokio::spawn(async move { log.append_durable(ev, run).await })
+    };
+    row_calls_reach(&store, 1).await;
+    // Meanwhile a streams on, and so does b.
+    log.append(token("a", "a1"), None).await.unwrap();
+    for i in 0..50 {
+        log.append(token("b", &format!("b{i}")), None).await.unwrap();
+    }
+
+    // b's tokens are all committed and delivered while a's commit is still out.
+    for i in 0..50 {
+        assert_eq!(next(&mut sub_b).await, (i + 1, format!("b{i}")));
+    }
+    assert!(!durable.is_finished(), "a's commit is still held");
+    // a has delivered nothing yet: its token waits behind its run change.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), sub_a.next())
+            .await
+            .is_err(),
+        "nothing of a may be delivered before its run change is committed"
+    );
+
+    store.gate.add_permits(1);
+    let committed = durable.await.unwrap().unwrap();
+    assert_eq!(committed.seq(), 1);
+    assert_eq!(next(&mut sub_a).await, (1, "run_started".to_string()));
+    assert_eq!(next(&mut sub_a).await, (2, "a1".to_string()));
+}
+
+#[tokio::test]
+async fn a_failed_row_change_leaves_no_gap_and_frees_its_session() {
+    let store = GatedStore::new();
+    let log = EventLog::start(store.clone());
+    let mut sub = log.subscribe("a", 0);
+
+    log.append(token("a", "t1"), None).await.unwrap();
+    assert_eq!(next(&mut sub).await, (1, "t1".to_string()));
+
+    store.fail_next_row_call.store(true, Ordering::SeqCst);
+    let (ev, run) = started("a");
+    let failing = {
+        let log = Arc::clone(&log);
+        tokio::spawn(async move { log.append_durable(ev, run).await })
+    };
+    row_calls_reach(&store, 1).await;
+    // Queued behind the failing call.
+    log.append(token("a", "t2"), None).await.unwrap();
+    store.gate.add_permits(1);
+    assert!(
+        failing.await.unwrap().is_err(),
+        "the producer hears of the failure"
+    );
+
+    // The token behind it goes on with the next seq: the failed event took none.
+    assert_eq!(next(&mut sub).await, (2, "t2".to_string()));
+    // And the session can change rows again.
+    store.gate.add_permits(1);
+    let (ev, run) = started("a");
+    assert_eq!(log.append_durable(ev, run).await.unwrap().seq(), 3);
+    assert_eq!(next(&mut sub).await, (3, "run_started".to_string()));
+}
+
+#[tokio::test]
+async fn many_sessions_mixing_row_changes_and_tokens_keep_each_stream_in_order() {
+    const SESSIONS: usize = 8;
+    const EVENTS: usize = 200;
+    let store = GatedStore::new();
+    // Enough permits for every row change; they still take a detour through their own task.
+    store.gate.add_permits(SESSIONS * EVENTS);
+    let log = EventLog::start(store.clone());
+    let ids: Vec<String> = (0..SESSIONS).map(|i| format!("s{i}")).collect();
+    let mut subs: Vec<Subscription> = ids.iter().map(|id| log.subscribe(id, 0)).collect();
+
+    let mut producers = tokio::task::JoinSet::new();
+    for id in ids.clone() {
+        let log = Arc::clone(&log);
+        producers.spawn(async move {
+            let mut sent = Vec::with_capacity(EVENTS);
+            for i in 0..EVENTS {
+                if i % 17 == 0 {
+                    let (ev, run) = started(&id);
+                    log.append(ev, run).await.unwrap();
+                    sent.push("run_started".to_string());
+                } else {
+                    let text = format!("{id}-{i}");
+                    log.append(token(&id, &text), None).await.unwrap();
+                    sent.push(text);
+                }
+                if i % 5 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            (id, sent)
+        });
+    }
+    let mut sent_by_session = std::collections::HashMap::new();
+    while let Some(done) = producers.join_next().await {
+        let (id, sent) = done.unwrap();
+        sent_by_session.insert(id, sent);
+    }
+    for (id, sub) in ids.iter().zip(subs.iter_mut()) {
+        let sent = &sent_by_session[id];
+        for (i, what) in sent.iter().enumerate() {
+            assert_eq!(
+                next(sub).await,
+                (i as u64 + 1, what.clone()),
+                "session {id}: seq 1..N in the order produced"
+            );
+        }
+    }
+}
