@@ -328,17 +328,14 @@ fn run(args: RunArgs) -> ExitCode {
     });
     let opts = Options {
         quick: args.quick,
-        out_dir: args
-            .out
-            .clone()
-            .unwrap_or_else(|| {
-                let recorded = repo.join("bench-results");
-                if args.quick {
-                    recorded.join("tmp")
-                } else {
-                    recorded
-                }
-            }),
+        out_dir: args.out.clone().unwrap_or_else(|| {
+            let recorded = repo.join("bench-results");
+            if args.quick {
+                recorded.join("tmp")
+            } else {
+                recorded
+            }
+        }),
         servers,
         agentd_bin: args.agentd_bin.clone(),
         agentd_profile: profile,

@@ -96,7 +96,9 @@ impl EventKind {
     pub fn changes_rows(&self) -> bool {
         matches!(
             self,
-            EventKind::Message { .. } | EventKind::RunStarted { .. } | EventKind::RunFinished { .. }
+            EventKind::Message { .. }
+                | EventKind::RunStarted { .. }
+                | EventKind::RunFinished { .. }
         )
     }
 }

@@ -134,12 +134,7 @@ fn event(session_id: &str, kind: EventKind) -> NewEvent {
 }
 
 fn token(session_id: &str, text: &str) -> NewEvent {
-    event(
-        session_id,
-        EventKind::TextDelta {
-            delta: text.into(),
-        },
-    )
+    event(session_id, EventKind::TextDelta { delta: text.into() })
 }
 
 /// A run change, as a turn's start appends it.
@@ -197,7 +192,9 @@ async fn a_pending_row_change_holds_up_only_its_own_session() {
     // Meanwhile a streams on, and so does b.
     log.append(token("a", "a1"), None).await.unwrap();
     for i in 0..50 {
-        log.append(token("b", &format!("b{i}")), None).await.unwrap();
+        log.append(token("b", &format!("b{i}")), None)
+            .await
+            .unwrap();
     }
 
     // b's tokens are all committed and delivered while a's commit is still out.
