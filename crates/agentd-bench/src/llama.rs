@@ -126,19 +126,23 @@ impl LlamaReport {
         s.push_str(&format!(
             "| cancel mid-generation to `run_finished`, ms | — | {cancel:.0} | |\n"
         ));
-        let per_run: Vec<String> = self
+        let per_run: Vec<f64> = self
             .runs
             .iter()
             .filter_map(|r| {
                 r.bench_tg_tps
                     .filter(|t| *t > 0.0)
-                    .map(|t| format!("{:.2}", r.turn.gen_tps / t))
+                    .map(|t| r.turn.gen_tps / t)
             })
             .collect();
         if !per_run.is_empty() {
+            let listed: Vec<String> = per_run.iter().map(|r| format!("{r:.2}")).collect();
+            // Each run's two sides ran back to back, so the median of these ratios is the figure least moved
+            // by a machine whose speed drifts between runs.
             s.push_str(&format!(
-                "\nGeneration ratio of each run (agentd's turn and llama-bench back to back): {}.\n",
-                per_run.join(", ")
+                "\nGeneration ratio of each run (agentd's turn and llama-bench back to back): {}; median {:.2}.\n",
+                listed.join(", "),
+                median(per_run)
             ));
         }
         if !self.bench_note.is_empty() {

@@ -243,6 +243,10 @@ fn random_seed() -> u32 {
 struct Sampling {
     chain: LlamaSampler,
     grammar: Option<LlamaSampler>,
+    /// The chain's first stage keeps this many tokens (top-k, or 1 for greedy): see [`top_candidates`].
+    keep: usize,
+    /// Tokens the chain's logit bias bans (the stop tokens, when the caller asked to ignore them).
+    bans: Vec<LlamaToken>,
 }
 
 impl Sampling {
@@ -253,13 +257,20 @@ impl Sampling {
         stop_tokens: &[LlamaToken],
     ) -> Result<Sampling, ProviderError> {
         let mut stages = Vec::new();
+        let mut banned = Vec::new();
         if options.ignore_eos && tools.is_empty() {
+            banned = stop_tokens.to_vec();
             let bans: Vec<LlamaLogitBias> = stop_tokens
                 .iter()
                 .map(|t| LlamaLogitBias::new(*t, f32::NEG_INFINITY))
                 .collect();
             stages.push(LlamaSampler::logit_bias(model.n_vocab(), &bans));
         }
+        let keep = if options.temperature <= 0.0 {
+            1
+        } else {
+            TOP_K.unsigned_abs() as usize
+        };
         if options.temperature <= 0.0 {
             stages.push(LlamaSampler::greedy());
         } else {
@@ -279,20 +290,30 @@ impl Sampling {
             })?;
             Some(sampler)
         };
-        Ok(Sampling { chain, grammar })
+        Ok(Sampling {
+            chain,
+            grammar,
+            keep,
+            bans: banned,
+        })
     }
 
     /// Picks the next token from the logits at batch index `at`, and records it in the samplers' state.
     ///
-    /// With a grammar this follows llama.cpp's own shortcut: sample without the grammar first and check only that
+    /// The chain runs on the few tokens its first stage would keep ([`top_candidates`]), not on the whole
+    /// vocabulary. With a grammar this follows llama.cpp's own shortcut: sample without the grammar first and check only that
     /// token against it, because running the grammar over the whole vocabulary (49k tokens for SmolLM2) on
     /// every step would cost more than the model itself. Only a rejected token pays for the full pass.
     fn sample(&mut self, ctx: &LlamaContext<'_>, at: i32) -> Result<LlamaToken, ProviderError> {
-        let Some(grammar) = self.grammar.as_mut() else {
-            return Ok(self.chain.sample(ctx, at));
-        };
-        let mut candidates = ctx.token_data_array_ith(at);
+        let mut candidates = top_candidates(ctx.get_logits_ith(at), self.keep, &self.bans);
         candidates.apply_sampler(&mut self.chain);
+        let Some(grammar) = self.grammar.as_mut() else {
+            let token = candidates
+                .selected_token()
+                .ok_or_else(|| ProviderError::Other("the sampler chose no token".to_string()))?;
+            self.chain.accept(token);
+            return Ok(token);
+        };
         let first_choice = candidates.selected_token().filter(|token| {
             let mut single =
                 LlamaTokenDataArray::new(vec![LlamaTokenData::new(*token, 0.0, 0.0)], false);
@@ -316,6 +337,49 @@ impl Sampling {
         self.chain.accept(token);
         Ok(token)
     }
+}
+
+/// The `keep` tokens with the highest logits, none of them in `bans`, found in one pass over the vocabulary.
+///
+/// The sampling chain starts with top-k (or greedy, `keep` = 1), so these are exactly the tokens it would go
+/// on with: the chain gives the same choice on them as on the whole vocabulary, without building and sorting
+/// a 49k-entry candidate array on every token (which llama-bench, the speed this is measured against, never
+/// does). Most logits fail the comparison with the current k-th best and cost one compare.
+fn top_candidates(logits: &[f32], keep: usize, bans: &[LlamaToken]) -> LlamaTokenDataArray {
+    let keep = keep.max(1);
+    let mut top: Vec<LlamaTokenData> = Vec::with_capacity(keep);
+    // The smallest kept logit and its slot, once `top` is full.
+    let mut floor = (0usize, f32::NEG_INFINITY);
+    for (id, &logit) in logits.iter().enumerate() {
+        if top.len() == keep && logit <= floor.1 || logit.is_nan() {
+            continue;
+        }
+        let Ok(id) = i32::try_from(id) else { break };
+        let token = LlamaToken::new(id);
+        if bans.contains(&token) {
+            continue;
+        }
+        let data = LlamaTokenData::new(token, logit, 0.0);
+        if top.len() < keep {
+            top.push(data);
+            if top.len() < keep {
+                continue;
+            }
+        } else {
+            top[floor.0] = data;
+        }
+        floor = top
+            .iter()
+            .enumerate()
+            .fold((0, f32::INFINITY), |low, (i, d)| {
+                if d.logit() < low.1 {
+                    (i, d.logit())
+                } else {
+                    low
+                }
+            });
+    }
+    LlamaTokenDataArray::new(top, false)
 }
 
 /// The engine thread: creates the context, reports readiness, then runs jobs in arrival order until every
@@ -514,4 +578,52 @@ impl Worker<'_> {
 /// Sends one event, waiting while the consumer's buffer is full; a dropped stream ends the job.
 fn send(events: &EventSender, event: ModelEvent) -> Result<(), Stop> {
     events.blocking_send(Ok(event)).map_err(|_| Stop::Cancelled)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(array: &LlamaTokenDataArray) -> Vec<i32> {
+        let mut ids: Vec<i32> = array.data.iter().map(|d| d.id().0).collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    #[test]
+    fn top_candidates_are_the_highest_logits_of_the_whole_vocabulary() {
+        // A pseudo-random vocabulary; the expected answer by sorting all of it.
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let logits: Vec<f32> = (0..49_152)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state % 100_000) as f32 / 1000.0 - 50.0
+            })
+            .collect();
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        order.sort_by(|a, b| logits[*b].total_cmp(&logits[*a]));
+        for keep in [1, 2, 40] {
+            let mut want: Vec<i32> = order[..keep].iter().map(|i| *i as i32).collect();
+            want.sort_unstable();
+            let got = top_candidates(&logits, keep, &[]);
+            assert_eq!(ids(&got), want, "keep {keep}");
+            for d in &got.data {
+                assert_eq!(d.logit(), logits[d.id().0 as usize]);
+            }
+        }
+        // Banned tokens are never candidates, however likely.
+        let best = LlamaToken::new(order[0] as i32);
+        let got = top_candidates(&logits, 1, &[best]);
+        assert_eq!(ids(&got), vec![order[1] as i32]);
+    }
+
+    #[test]
+    fn top_candidates_skip_nan_and_handle_a_small_vocabulary() {
+        let logits = [1.0, f32::NAN, 3.0, 2.0];
+        assert_eq!(ids(&top_candidates(&logits, 40, &[])), vec![0, 2, 3]);
+        assert_eq!(ids(&top_candidates(&logits, 2, &[])), vec![2, 3]);
+        assert!(top_candidates(&[], 40, &[]).data.is_empty());
+    }
 }
