@@ -30,7 +30,9 @@ if [ ! -d web/node_modules/playwright-core ]; then
 fi
 
 echo "e2e: building agentd" >&2
-cargo build -p agentd
+# The binary the workspace's tests build (scripts/test.sh has just built it, so this is a no-op there).
+# `cargo build -p agentd` would resolve features differently and compile llama.cpp once more on a cold machine.
+cargo test --workspace --no-run --quiet
 export AGENTD_BIN="${AGENTD_BIN:-$CARGO_TARGET_DIR/debug/agentd}"
 
 rm -rf web/test-results
