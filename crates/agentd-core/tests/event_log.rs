@@ -164,6 +164,16 @@ async fn next(sub: &mut Subscription) -> (u64, String) {
     describe(&ev)
 }
 
+/// Appends a turn's start (a run change) durably on a task of its own; the handle yields the commit's result.
+fn start_turn_in_background(
+    log: &Arc<EventLog>,
+    session_id: &str,
+) -> tokio::task::JoinHandle<Result<Arc<LoggedEvent>, agentd_core::event_log::LogError>> {
+    let (ev, run) = started(session_id);
+    let log = Arc::clone(log);
+    tokio::spawn(async move { log.append_durable(ev, run).await })
+}
+
 /// Waits until the store has seen `n` row-changing calls arrive at its gate.
 async fn row_calls_reach(store: &GatedStore, n: usize) {
     for _ in 0..500 {
@@ -183,11 +193,7 @@ async fn a_pending_row_change_holds_up_only_its_own_session() {
     let mut sub_b = log.subscribe("b", 0);
 
     // Session a's turn starts: its run row commit is held open by the store.
-    let (ev, run) = started("a");
-    let durable = {
-        let log = Arc::clone(&log);
-        tokio::spawn(async move { log.append_durable(ev, run).await })
-    };
+    let durable = start_turn_in_background(&log, "a");
     row_calls_reach(&store, 1).await;
     // Meanwhile a streams on, and so does b.
     log.append(token("a", "a1"), None).await.unwrap();
@@ -227,11 +233,7 @@ async fn a_failed_row_change_leaves_no_gap_and_frees_its_session() {
     assert_eq!(next(&mut sub).await, (1, "t1".to_string()));
 
     store.fail_next_row_call.store(true, Ordering::SeqCst);
-    let (ev, run) = started("a");
-    let failing = {
-        let log = Arc::clone(&log);
-        tokio::spawn(async move { log.append_durable(ev, run).await })
-    };
+    let failing = start_turn_in_background(&log, "a");
     row_calls_reach(&store, 1).await;
     // Queued behind the failing call.
     log.append(token("a", "t2"), None).await.unwrap();
