@@ -25,11 +25,18 @@ done
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+extra=()
 if [ "$profile" = release ]; then
     cargo build --release -p agentd-bench
 else
-    cargo build -p agentd-bench
+    # The smoke run uses the binaries `cargo test --workspace` built (a no-op after scripts/test.sh's tests):
+    # `cargo build -p agentd-bench` / `-p agentd` resolve features apart from the test build and would compile
+    # some forty crates again on a cold machine. It runs agentd alone unless --servers says otherwise: the
+    # floor's release build and the peer's venv are minutes on a cold machine and prove nothing in a smoke run.
+    cargo test --workspace --no-run --quiet
+    case " $* " in *" --agentd-bin "*) ;; *) extra+=(--agentd-bin "$CARGO_TARGET_DIR/debug/agentd") ;; esac
+    case " $* " in *" --servers "*) ;; *) extra+=(--servers agentd) ;; esac
 fi
 
 export AGENTD_BENCH_COMMAND="scripts/bench.sh${*:+ $*}"
-exec "$CARGO_TARGET_DIR/$profile/agentd-bench" run --repo "$ROOT" "$@"
+exec "$CARGO_TARGET_DIR/$profile/agentd-bench" run --repo "$ROOT" "${extra[@]}" "$@"

@@ -1,25 +1,41 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: format, lints, every crate's tests (with the real default model),
 # the browser end-to-end tests, and a smoke run of the benchmark harness.
+#
+# On a cold machine most of the time is compiling (llama.cpp above all), so what needs only the network or
+# apt (the model, chromium, promtool, npm packages) is fetched in the background meanwhile.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-AGENTD_SETUP_BROWSER=1 ./scripts/setup.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/agentd-target}"
+started=$SECONDS
+step() { echo "== $1 ($((SECONDS - started)) s)"; }
+
+step "setup"
+./scripts/setup.sh build
+setup_log="$(mktemp)"
+./scripts/setup.sh model test >"$setup_log" 2>&1 &
+setup_pid=$!
+trap 'kill "$setup_pid" 2>/dev/null || true; rm -f "$setup_log"' EXIT
+
+step "fmt"
+cargo fmt --all -- --check
+step "clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+step "build tests"
+cargo test --workspace --no-run --quiet
+if ! wait "$setup_pid"; then
+    cat "$setup_log" >&2
+    echo "setup (model, test packages) failed" >&2
+    exit 1
+fi
+cat "$setup_log"
+
 # setup.sh fetched the default model: tests that need it must run, never skip.
 export AGENTD_REQUIRE_MODEL=1
-
-echo "== fmt"
-cargo fmt --all -- --check
-echo "== clippy"
-cargo clippy --workspace --all-targets -- -D warnings
-echo "== tests"
+step "tests"
 cargo test --workspace
-if [[ -x scripts/e2e.sh ]]; then
-    echo "== browser end-to-end"
-    ./scripts/e2e.sh
-fi
-if [[ -x scripts/bench.sh ]]; then
-    echo "== benchmark harness smoke run"
-    ./scripts/bench.sh --quick
-fi
-echo "== all passed"
+step "browser end-to-end"
+./scripts/e2e.sh
+step "benchmark harness smoke run"
+./scripts/bench.sh --quick
+step "all passed"
