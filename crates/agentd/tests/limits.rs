@@ -601,3 +601,116 @@ async fn the_connection_cap_holds_and_the_server_recovers() {
     let id = s.client().session().await;
     assert!(!id.is_empty());
 }
+
+/// The real binary under a low open-file limit (`ulimit -n 128`) and no `max_connections`: the default cap
+/// (nine tenths of the limit, at most the limit minus 64) keeps descriptors for the process's own files, so
+/// 300 idle connections neither starve `/healthz` nor the database and the upstream.
+#[tokio::test]
+async fn under_a_low_descriptor_limit_the_default_cap_keeps_the_binary_answering() {
+    use std::sync::{Arc, Mutex};
+    use tokio::io::AsyncBufReadExt;
+
+    let upstream = agentd_testkit::MockUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agentd.toml");
+    let text = common::config_text_with(
+        &upstream.base_url(),
+        dir.path(),
+        30,
+        "",
+        "header_timeout_s = 2",
+    );
+    std::fs::write(&config, text).unwrap();
+    let mut child = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(r#"ulimit -n 128 && exec "$0" serve --config "$1""#)
+        .arg(env!("CARGO_BIN_EXE_agentd"))
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap();
+    let log = Arc::new(Mutex::new(String::new()));
+    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel::<String>();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    tokio::spawn({
+        let log = log.clone();
+        async move {
+            let mut addr_tx = Some(addr_tx);
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(rest) = line.split("listening on http://").nth(1) {
+                    let addr = rest.split_whitespace().next().unwrap_or("").to_string();
+                    if let Some(tx) = addr_tx.take() {
+                        let _ = tx.send(addr);
+                    }
+                }
+                log.lock().unwrap().push_str(&format!("{line}\n"));
+            }
+        }
+    });
+    let addr = tokio::time::timeout(Duration::from_secs(60), addr_rx)
+        .await
+        .expect("the server starts within 60 s")
+        .unwrap();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    assert!(
+        limits.lines().any(|l| l.starts_with("Max open files") && l.contains(" 128 ")),
+        "{limits}"
+    );
+    let sockets = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| {
+                d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                    .filter(|l| l.to_string_lossy().starts_with("socket:"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        idle.push(TcpStream::connect(addr.as_str()).await.unwrap());
+    }
+    // While they are open the process holds its cap (64 = 128 - 64) of them plus its own sockets, and still
+    // serves: /healthz, a new session (the database) and a turn (an upstream connection).
+    let c = Client {
+        base: format!("http://{addr}"),
+        key: None,
+        http: reqwest::Client::new(),
+    };
+    let served = tokio::spawn({
+        let c = c.clone();
+        async move {
+            let (status, v) = c.get("/healthz").await;
+            assert_eq!(status, 200, "{v}");
+            let id = c.session().await;
+            let (status, v) = c.send(&id, "still here").await;
+            assert_eq!(status, 200, "{v}");
+            assert_eq!(v["message"]["content"], "echo: still here", "{v}");
+        }
+    });
+    let start = Instant::now();
+    let mut most = 0;
+    while !served.is_finished() {
+        most = most.max(sockets());
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "not served within 60 s; server log:\n{}",
+            log.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    served.await.unwrap();
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    eprintln!("most sockets open: {most}; descriptors now: {fds}");
+    assert!(most >= 64, "the cap was reached ({most} sockets)");
+    assert!(most <= 64 + 8, "{most} sockets open with a cap of 64");
+    drop(idle);
+    let log = log.lock().unwrap().clone();
+    assert!(!log.contains("accept failed"), "ran out of descriptors:\n{log}");
+    assert!(log.contains("connection cap reached"), "{log}");
+    child.kill().await.unwrap();
+}
