@@ -472,10 +472,17 @@ impl Validator<'_> {
         };
         for (key, v) in [
             ("server.rate_limit_per_min", &s.rate_limit_per_min),
-            ("server.max_streams_per_principal", &s.max_streams_per_principal),
+            (
+                "server.max_streams_per_principal",
+                &s.max_streams_per_principal,
+            ),
         ] {
             if let Some(v) = v.as_ref().filter(|v| *v.get_ref() == 0) {
-                self.problem(key, Some(v), "must be at least 1 (leave the key out for no limit)");
+                self.problem(
+                    key,
+                    Some(v),
+                    "must be at least 1 (leave the key out for no limit)",
+                );
             }
         }
         if let Some(v) = s
@@ -483,7 +490,11 @@ impl Validator<'_> {
             .as_ref()
             .filter(|v| !(1..=3600).contains(v.get_ref()))
         {
-            self.problem("server.header_timeout_s", Some(v), "must be 1..=3600 seconds");
+            self.problem(
+                "server.header_timeout_s",
+                Some(v),
+                "must be 1..=3600 seconds",
+            );
         }
         if let Some(v) = s.max_connections.as_ref().filter(|v| *v.get_ref() == 0) {
             self.problem(

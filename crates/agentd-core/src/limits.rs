@@ -56,8 +56,11 @@ pub struct Limits {
     rate_per_min: Option<u32>,
     max_streams: Option<u32>,
     windows: Mutex<HashMap<String, VecDeque<Instant>>>,
-    streams: Arc<Mutex<HashMap<String, u32>>>,
+    streams: Arc<StreamCounts>,
 }
+
+/// Open streams per principal (principals with none are absent).
+type StreamCounts = Mutex<HashMap<String, u32>>;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of these leaves a consistent map (every update is a single step).
@@ -139,7 +142,7 @@ impl Limits {
 #[derive(Debug)]
 #[must_use = "the stream counts only while its guard is held"]
 pub struct StreamGuard {
-    held: Option<(Arc<Mutex<HashMap<String, u32>>>, String)>,
+    held: Option<(Arc<StreamCounts>, String)>,
 }
 
 impl Drop for StreamGuard {
@@ -165,10 +168,7 @@ mod tests {
         let l = Limits::new(Some(3), None);
         let t0 = Instant::now();
         for i in 0..3 {
-            assert_eq!(
-                l.try_send_at("a", t0 + Duration::from_secs(i * 10)),
-                Ok(())
-            );
+            assert_eq!(l.try_send_at("a", t0 + Duration::from_secs(i * 10)), Ok(()));
         }
         // At t0+25 the oldest send (t0) leaves the window at t0+60: 35 s to wait.
         assert_eq!(

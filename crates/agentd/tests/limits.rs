@@ -114,7 +114,12 @@ async fn native_rest_over_the_rate_gets_429_with_retry_after_and_stores_nothing(
     assert_eq!(before.0, 6, "three user messages and three answers");
 
     let path = format!("/v1/sessions/{id}/messages");
-    let resp = post_raw(&alice, &path, json!({"content": "one too many", "wait": false})).await;
+    let resp = post_raw(
+        &alice,
+        &path,
+        json!({"content": "one too many", "wait": false}),
+    )
+    .await;
     assert_eq!(resp.status(), 429);
     retry_after(&resp);
     let body: Value = resp.json().await.unwrap();
@@ -151,10 +156,16 @@ async fn an_idempotent_repeat_is_not_a_new_message() {
     let (status, v) = alice.post(&path, first.clone()).await;
     assert_eq!(status, 200, "{v}");
     let (status, again) = alice.post(&path, first).await;
-    assert_eq!(status, 200, "a repeat answers with the first send's run: {again}");
+    assert_eq!(
+        status, 200,
+        "a repeat answers with the first send's run: {again}"
+    );
     assert_eq!(again["run"]["id"], v["run"]["id"]);
     let (status, v) = alice
-        .post(&path, json!({"content": "twice", "client_message_id": "m-2"}))
+        .post(
+            &path,
+            json!({"content": "twice", "client_message_id": "m-2"}),
+        )
         .await;
     assert_eq!(status, 429, "{v}");
 }
@@ -218,7 +229,8 @@ async fn agentkit_rest_and_websocket_over_the_rate_are_refused_in_their_shapes()
         "{body}"
     );
     // WebSocket: agentkit's error frame, the socket stays open.
-    ws.send(json!({"type": "message", "content": "third"})).await;
+    ws.send(json!({"type": "message", "content": "third"}))
+        .await;
     let frame = ws.next().await;
     assert_eq!(frame["type"], "error", "{frame}");
     assert!(
@@ -269,7 +281,8 @@ async fn the_budget_is_the_principals_across_every_surface() {
         .await;
     native.until_finished().await;
     let mut navi = connect(&navi_ws_url(&s, &id, "sk-alice")).await;
-    navi.send(json!({"type": "message", "content": "navi"})).await;
+    navi.send(json!({"type": "message", "content": "navi"}))
+        .await;
     navi.until(|f| f["type"] == "stream_end").await;
     // ...and the fourth, through agentkit, is over the principal's budget.
     let before = counts(&s, &alice, &id).await;
@@ -341,7 +354,10 @@ async fn a_principal_holds_at_most_max_streams_across_surfaces() {
     let (status, body) = refused(&kit_ws_url(&s, &id, "sk-alice")).await;
     assert_eq!(status, 429);
     let body: Value = serde_json::from_str(&body).unwrap();
-    assert!(body["detail"].as_str().unwrap().contains("streams"), "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("streams"),
+        "{body}"
+    );
     let third = sse(&alice, &id).await;
     assert_eq!(third.status(), 429);
     drop(third);
@@ -401,7 +417,10 @@ fn addr(s: &Server) -> String {
 
 /// Reads until the server closes the connection; returns what it sent and how long that took. Fails after
 /// `bound`.
-async fn until_closed(read: &mut (impl AsyncReadExt + Unpin), bound: Duration) -> (String, Duration) {
+async fn until_closed(
+    read: &mut (impl AsyncReadExt + Unpin),
+    bound: Duration,
+) -> (String, Duration) {
     let start = Instant::now();
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
@@ -420,7 +439,10 @@ async fn until_closed(read: &mut (impl AsyncReadExt + Unpin), bound: Duration) -
 }
 
 /// Writes `bytes` one at a time, 300 ms apart, until the server stops taking them.
-fn trickle(mut write: tokio::net::tcp::OwnedWriteHalf, bytes: Vec<u8>) -> tokio::task::JoinHandle<()> {
+fn trickle(
+    mut write: tokio::net::tcp::OwnedWriteHalf,
+    bytes: Vec<u8>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         for b in bytes {
             if write.write_all(&[b]).await.is_err() {
@@ -451,7 +473,10 @@ async fn trickled_headers_are_cut_off() {
     let tcp = TcpStream::connect(addr(&s)).await.unwrap();
     let (mut read, write) = tcp.into_split();
     // 40 s worth of header bytes at one per 300 ms; the head has 1 s in all.
-    let head = format!("GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: {}\r\n\r\n", "a".repeat(100));
+    let head = format!(
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: {}\r\n\r\n",
+        "a".repeat(100)
+    );
     let writer = trickle(write, head.into_bytes());
     let (sent, took) = until_closed(&mut read, Duration::from_secs(10)).await;
     writer.abort();
@@ -470,7 +495,10 @@ async fn a_stalled_body_is_cut_off_and_answered() {
     .await
     .unwrap();
     let (sent, _) = until_closed(&mut tcp, Duration::from_secs(10)).await;
-    assert!(sent.starts_with("HTTP/1.1 4"), "a client error answers it: {sent}");
+    assert!(
+        sent.starts_with("HTTP/1.1 4"),
+        "a client error answers it: {sent}"
+    );
     // Nothing was created.
     let (status, list) = s.client().get("/v1/sessions").await;
     assert_eq!(status, 200);
@@ -487,11 +515,17 @@ async fn a_trickled_body_is_cut_off() {
         .await
         .unwrap();
     // 60 s worth of body at one byte per 300 ms: far below the minimum rate.
-    let body = format!("{{\"agent\": \"assistant\", \"title\": \"{}\"}}", "a".repeat(160));
+    let body = format!(
+        "{{\"agent\": \"assistant\", \"title\": \"{}\"}}",
+        "a".repeat(160)
+    );
     let writer = trickle(write, body.into_bytes());
     let (sent, took) = until_closed(&mut read, Duration::from_secs(10)).await;
     writer.abort();
-    assert!(!sent.contains("201 Created"), "the request was served: {sent}");
+    assert!(
+        !sent.contains("201 Created"),
+        "the request was served: {sent}"
+    );
     assert!(took < Duration::from_secs(10));
 }
 
@@ -504,7 +538,10 @@ async fn an_idle_keep_alive_connection_is_closed() {
         .unwrap();
     let (sent, _) = until_closed(&mut tcp, Duration::from_secs(10)).await;
     assert!(sent.starts_with("HTTP/1.1 200"), "{sent}");
-    assert!(sent.ends_with("ok"), "served, then closed when idle: {sent}");
+    assert!(
+        sent.ends_with("ok"),
+        "served, then closed when idle: {sent}"
+    );
 }
 
 #[tokio::test]
@@ -579,7 +616,10 @@ async fn the_connection_cap_holds_and_the_server_recovers() {
         most = most.max(accepted(port));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(most, 8, "the server holds exactly its cap of idle connections");
+    assert_eq!(
+        most, 8,
+        "the server holds exactly its cap of idle connections"
+    );
     // A request made now waits for a free slot (idle ones are closed after 2 s), then is served.
     let waited = Instant::now();
     let probe = tokio::spawn({
@@ -588,7 +628,10 @@ async fn the_connection_cap_holds_and_the_server_recovers() {
     });
     while !probe.is_finished() {
         most = most.max(accepted(port));
-        assert!(waited.elapsed() < Duration::from_secs(30), "/healthz never answered");
+        assert!(
+            waited.elapsed() < Duration::from_secs(30),
+            "/healthz never answered"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(probe.await.unwrap().0, 200);
@@ -657,7 +700,9 @@ async fn under_a_low_descriptor_limit_the_default_cap_keeps_the_binary_answering
         .unwrap();
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
     assert!(
-        limits.lines().any(|l| l.starts_with("Max open files") && l.contains(" 128 ")),
+        limits
+            .lines()
+            .any(|l| l.starts_with("Max open files") && l.contains(" 128 ")),
         "{limits}"
     );
     let sockets = || {
@@ -704,13 +749,18 @@ async fn under_a_low_descriptor_limit_the_default_cap_keeps_the_binary_answering
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     served.await.unwrap();
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
     eprintln!("most sockets open: {most}; descriptors now: {fds}");
     assert!(most >= 64, "the cap was reached ({most} sockets)");
     assert!(most <= 64 + 8, "{most} sockets open with a cap of 64");
     drop(idle);
     let log = log.lock().unwrap().clone();
-    assert!(!log.contains("accept failed"), "ran out of descriptors:\n{log}");
+    assert!(
+        !log.contains("accept failed"),
+        "ran out of descriptors:\n{log}"
+    );
     assert!(log.contains("connection cap reached"), "{log}");
     child.kill().await.unwrap();
 }

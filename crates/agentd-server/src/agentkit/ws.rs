@@ -58,7 +58,9 @@ pub async fn upgrade(
     // with 429 `{"detail": ...}` before the upgrade (a bad key is still refused in-band, as the seed did).
     let slot = match p.as_ref().map(|p| st.app.open_stream(p)).transpose() {
         Ok(slot) => slot,
-        Err(e) => return KitError::new(StatusCode::TOO_MANY_REQUESTS, e.to_string()).into_response(),
+        Err(e) => {
+            return KitError::new(StatusCode::TOO_MANY_REQUESTS, e.to_string()).into_response()
+        }
     };
     small_buffers(ws).on_upgrade(move |socket| async move {
         connection(st, p, id, socket).await;
