@@ -581,18 +581,26 @@ async fn websockets_sse_and_long_turns_outlive_the_timeouts() {
     assert!(seen.contains("event: text_delta"), "{seen}");
 }
 
-/// Open sockets on the server's side of `port` (accepted, so with a descriptor; connections still in the
-/// kernel's backlog have none), read from /proc/net/tcp.
+/// Sockets of the server's side of `port` that have a descriptor in this process (the server runs in it):
+/// accepted connections; those still in the kernel's backlog have none. /proc/net/tcp maps socket inodes to
+/// ports (it is read in pieces, so on a busy machine a row may repeat); /proc/self/fd holds the descriptors,
+/// each counted once.
 fn accepted(port: u16) -> usize {
     let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
-    table
+    let inodes: std::collections::HashSet<String> = table
         .lines()
         .skip(1)
-        .filter(|line| {
+        .filter_map(|line| {
             let f: Vec<&str> = line.split_whitespace().collect();
             let local_port = f[1].rsplit(':').next().unwrap();
-            u16::from_str_radix(local_port, 16).unwrap() == port && f[3] != "0A" && f[9] != "0"
+            (u16::from_str_radix(local_port, 16).unwrap() == port && f[3] != "0A")
+                .then(|| format!("socket:[{}]", f[9]))
         })
+        .collect();
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|link| inodes.contains(link.to_string_lossy().as_ref()))
         .count()
 }
 
