@@ -110,6 +110,10 @@ struct RawServer {
     workspace_dir: Option<String>,
     max_subagent_depth: Option<u32>,
     event_retention_runs: Option<usize>,
+    rate_limit_per_min: Option<Spanned<u32>>,
+    max_streams_per_principal: Option<Spanned<u32>>,
+    header_timeout_s: Option<Spanned<u64>>,
+    max_connections: Option<Spanned<usize>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -216,6 +220,16 @@ pub struct ServerSettings {
     pub max_subagent_depth: u32,
     /// The log keeps the events of at least this many latest runs per session.
     pub event_retention_runs: usize,
+    /// Messages a principal may send in any 60 s, on every surface; None: no limit.
+    pub rate_limit_per_min: Option<u32>,
+    /// WebSockets + SSE streams a principal may hold open at once, on every surface; None: no limit.
+    pub max_streams_per_principal: Option<u32>,
+    /// A connection must send a request's headers within this, and its body may not stall as long; an idle
+    /// keep-alive connection is closed after it too.
+    pub header_timeout_s: u64,
+    /// Open connections the server accepts at once; None: nine tenths of the open-file limit (decided at
+    /// start-up by the server).
+    pub max_connections: Option<usize>,
 }
 
 #[derive(Clone, PartialEq)]
@@ -451,7 +465,44 @@ impl Validator<'_> {
                 .unwrap_or_else(|| "data/workspaces".to_string()),
             max_subagent_depth: s.max_subagent_depth.unwrap_or(3),
             event_retention_runs: s.event_retention_runs.unwrap_or(20),
+            rate_limit_per_min: s.rate_limit_per_min.as_ref().map(|v| *v.get_ref()),
+            max_streams_per_principal: s.max_streams_per_principal.as_ref().map(|v| *v.get_ref()),
+            header_timeout_s: s.header_timeout_s.as_ref().map_or(30, |v| *v.get_ref()),
+            max_connections: s.max_connections.as_ref().map(|v| *v.get_ref()),
         };
+        for (key, v) in [
+            ("server.rate_limit_per_min", &s.rate_limit_per_min),
+            (
+                "server.max_streams_per_principal",
+                &s.max_streams_per_principal,
+            ),
+        ] {
+            if let Some(v) = v.as_ref().filter(|v| *v.get_ref() == 0) {
+                self.problem(
+                    key,
+                    Some(v),
+                    "must be at least 1 (leave the key out for no limit)",
+                );
+            }
+        }
+        if let Some(v) = s
+            .header_timeout_s
+            .as_ref()
+            .filter(|v| !(1..=3600).contains(v.get_ref()))
+        {
+            self.problem(
+                "server.header_timeout_s",
+                Some(v),
+                "must be 1..=3600 seconds",
+            );
+        }
+        if let Some(v) = s.max_connections.as_ref().filter(|v| *v.get_ref() == 0) {
+            self.problem(
+                "server.max_connections",
+                Some(v),
+                "must be at least 1 (leave the key out for nine tenths of the open-file limit)",
+            );
+        }
         if server.listen.parse::<std::net::SocketAddr>().is_err() {
             self.problem::<()>(
                 "server.listen",
@@ -896,6 +947,43 @@ keywords = ["Calculate"]
             msgs.contains("providers.x.kind: unknown provider kind `magic`"),
             "{msgs}"
         );
+    }
+
+    #[test]
+    fn limits_default_off_and_zero_is_an_error() {
+        let c = Config::parse_with_env(GOOD, "t.toml", &no_env).unwrap();
+        assert_eq!(c.server.rate_limit_per_min, None);
+        assert_eq!(c.server.max_streams_per_principal, None);
+        assert_eq!(c.server.header_timeout_s, 30);
+        assert_eq!(c.server.max_connections, None);
+        let text = GOOD.replace(
+            "listen = \"127.0.0.1:0\"",
+            "listen = \"127.0.0.1:0\"\nrate_limit_per_min = 0\nmax_streams_per_principal = 0\nheader_timeout_s = 0\nmax_connections = 0",
+        );
+        let e = Config::parse_with_env(&text, "t.toml", &no_env).unwrap_err();
+        let keys: Vec<(&str, Option<usize>)> = e
+            .problems
+            .iter()
+            .map(|p| (p.key.as_str(), p.line))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                ("server.rate_limit_per_min", Some(4)),
+                ("server.max_streams_per_principal", Some(5)),
+                ("server.header_timeout_s", Some(6)),
+                ("server.max_connections", Some(7)),
+            ]
+        );
+        let text = GOOD.replace(
+            "listen = \"127.0.0.1:0\"",
+            "rate_limit_per_min = 60\nmax_streams_per_principal = 4\nheader_timeout_s = 5\nmax_connections = 100",
+        );
+        let c = Config::parse_with_env(&text, "t.toml", &no_env).unwrap();
+        assert_eq!(c.server.rate_limit_per_min, Some(60));
+        assert_eq!(c.server.max_streams_per_principal, Some(4));
+        assert_eq!(c.server.header_timeout_s, 5);
+        assert_eq!(c.server.max_connections, Some(100));
     }
 
     #[test]

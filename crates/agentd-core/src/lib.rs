@@ -11,6 +11,7 @@
 //! - [`domain`]: sessions, messages, runs (the native API's shapes).
 //! - [`store`]: the storage seam (`Store`), implemented by `agentd-sqlite`.
 //! - [`provider`]: the model seam (`Provider`), implemented by `agentd-openai`, `agentd-llama`, [`scripted`].
+//! - [`limits`]: per-principal limits (messages per minute, open streams), for every surface.
 //! - [`config`]: the TOML configuration, parsed once and validated into typed settings.
 //!
 //! Invariant: nothing in this crate speaks HTTP or knows a wire dialect.
@@ -20,6 +21,7 @@ pub mod config;
 pub mod domain;
 pub mod event;
 pub mod event_log;
+pub mod limits;
 pub mod memory;
 pub mod provider;
 pub mod runs;

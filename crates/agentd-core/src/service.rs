@@ -15,6 +15,7 @@ use crate::config::{AgentSettings, Config, Multitask};
 use crate::domain::{new_id, now_rfc3339, Message, Role, Run, Session, SessionStatus};
 use crate::event::{EventKind, NewEvent};
 use crate::event_log::{EventLog, Subscription};
+use crate::limits::{Limits, Refused, StreamGuard};
 use crate::provider::Provider;
 use crate::runs::{RunManager, RunResult, TurnRequest};
 use crate::skills::{self, RoutingError};
@@ -51,6 +52,9 @@ pub enum ServiceError {
     Invalid(String),
     #[error("{0}")]
     Unavailable(String),
+    /// Over a per-principal limit (`server.rate_limit_per_min`, `server.max_streams_per_principal`): 429.
+    #[error("{0}")]
+    Limited(Refused),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -119,6 +123,8 @@ pub struct Agentd {
     pub store: Arc<dyn Store>,
     pub log: Arc<EventLog>,
     pub runs: Arc<RunManager>,
+    /// Per-principal limits: sends per minute, open streams.
+    pub limits: Limits,
 }
 
 impl Agentd {
@@ -145,7 +151,12 @@ impl Agentd {
                 "marked runs left unfinished by the previous process as interrupted"
             );
         }
+        let limits = Limits::new(
+            config.server.rate_limit_per_min,
+            config.server.max_streams_per_principal,
+        );
         Ok(Arc::new(Agentd {
+            limits,
             config,
             store,
             log,
@@ -313,15 +324,20 @@ impl Agentd {
                 lines.join("\n")
             );
         }
-        match msg.multitask.unwrap_or(agent.multitask) {
-            Multitask::Reject if self.runs.is_busy(session_id) => {
-                return Err(ServiceError::Conflict {
-                    code: "run_active",
-                    message: "a run is already active in this session".into(),
-                })
-            }
-            Multitask::Interrupt => self.runs.cancel_all(session_id),
-            _ => {}
+        let multitask = msg.multitask.unwrap_or(agent.multitask);
+        if multitask == Multitask::Reject && self.runs.is_busy(session_id) {
+            return Err(ServiceError::Conflict {
+                code: "run_active",
+                message: "a run is already active in this session".into(),
+            });
+        }
+        // Last of the checks, first of the effects: a send refused for any other reason is not counted, and
+        // a refused one changes nothing (not even an `interrupt`).
+        self.limits
+            .try_send(&p.name)
+            .map_err(ServiceError::Limited)?;
+        if multitask == Multitask::Interrupt {
+            self.runs.cancel_all(session_id);
         }
         let run = Run::queued(session_id);
         match self
@@ -483,6 +499,14 @@ impl Agentd {
         self.runs
             .reply(session_id, request_id, content)
             .map_err(|e| ServiceError::NotFound(e.to_string()))
+    }
+
+    /// Takes one of the principal's stream slots (`server.max_streams_per_principal`) for a WebSocket or SSE
+    /// stream about to open; the stream counts until the guard is dropped.
+    pub fn open_stream(&self, p: &Principal) -> ServiceResult<StreamGuard> {
+        self.limits
+            .open_stream(&p.name)
+            .map_err(ServiceError::Limited)
     }
 
     /// Attaches a subscriber: after `after` when given (and still retained), else from the active run's start,

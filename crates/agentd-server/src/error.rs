@@ -1,6 +1,7 @@
 //! The native API's one error type: `{"error": {"code", "message"}}` with SPEC.md's status codes.
 //! Internal errors are logged with their detail and shown to clients as a generic message.
 
+use agentd_core::limits::Refused;
 use agentd_core::service::ServiceError;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::http::StatusCode;
@@ -12,6 +13,8 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// Seconds for a `Retry-After` header (a 429 of the rate limit).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -20,6 +23,7 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after: None,
         }
     }
     pub fn unauthenticated() -> ApiError {
@@ -42,7 +46,16 @@ pub fn classify(e: &ServiceError) -> (StatusCode, &'static str) {
         ServiceError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
         ServiceError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
         ServiceError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        ServiceError::Limited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
         ServiceError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+    }
+}
+
+/// The `Retry-After` seconds of a refusal, when it has one.
+pub fn retry_after(e: &ServiceError) -> Option<u64> {
+    match e {
+        ServiceError::Limited(Refused::Rate { retry_after_s, .. }) => Some(*retry_after_s),
+        _ => None,
     }
 }
 
@@ -63,6 +76,7 @@ impl From<ServiceError> for ApiError {
         ApiError {
             status,
             code,
+            retry_after: retry_after(&e),
             message: public_message(&e),
         }
     }
@@ -89,10 +103,15 @@ impl From<QueryRejection> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
+        let mut resp = (
             self.status,
             axum::Json(json!({"error": {"code": self.code, "message": self.message}})),
         )
-            .into_response()
+            .into_response();
+        if let Some(s) = self.retry_after {
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, s.into());
+        }
+        resp
     }
 }

@@ -5,12 +5,14 @@
 //! - [`web`]: the embedded web chat page.
 //! - [`relay`]: the writer half every WebSocket shares: events -> a dialect's frames -> batched flushes.
 //! - [`auth`]: API keys -> `Principal`, compared in constant time; [`error`]: the native JSON error shape.
+//! - [`listen`]: the accept loop: the connection cap, header and body timeouts, graceful shutdown.
 //!
 //! Invariant: surfaces only extract, call one `Agentd` method, and render. No surface holds run state.
 
 pub mod agentkit;
 pub mod auth;
 pub mod error;
+pub mod listen;
 pub mod native;
 pub mod navi;
 pub mod relay;
@@ -43,7 +45,7 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// Serves until `shutdown` resolves; then stops accepting, lets running turns finish for the configured grace,
-/// interrupts the rest, and returns.
+/// interrupts the rest, and returns. Connections are capped and timed as [`listen`] says.
 pub async fn serve(
     listener: TcpListener,
     app: Arc<Agentd>,
@@ -55,21 +57,42 @@ pub async fn serve(
         app: app.clone(),
         closing: closing.clone(),
     };
-    let (stop_tx, mut stop) = tokio::sync::watch::channel(false);
-    let server = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
+    let settings = listen::ConnSettings {
+        header_timeout: std::time::Duration::from_secs(app.config.server.header_timeout_s),
+        max_connections: app
+            .config
+            .server
+            .max_connections
+            .unwrap_or_else(listen::default_max_connections),
+    };
+    tracing::debug!(
+        max_connections = settings.max_connections,
+        header_timeout_s = app.config.server.header_timeout_s,
+        "connection bounds"
+    );
+    let stop = tokio_util::sync::CancellationToken::new();
+    let signal = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            shutdown.await;
+            stop.cancel();
+        }
     });
     // Long-lived streams (WebSocket, SSE) would hold graceful shutdown open forever: once the turns are settled
     // (finished or interrupted, their last events sent), `closing` ends them.
     let grace = std::time::Duration::from_secs(app.config.server.shutdown_grace_s);
     let runs = app.runs.clone();
-    let settle = tokio::spawn(async move {
-        let _ = stop.wait_for(|s| *s).await;
-        runs.shutdown(grace).await;
-        closing.cancel();
+    let settle = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            stop.cancelled().await;
+            runs.shutdown(grace).await;
+            closing.cancel();
+        }
     });
-    let result = server.await;
+    let result = listen::run(listener, router(state), settings, stop.clone()).await;
+    stop.cancel();
+    signal.abort();
     let _ = settle.await;
     result
 }

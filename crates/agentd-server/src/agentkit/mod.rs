@@ -67,6 +67,8 @@ pub fn router() -> Router<AppState> {
 pub struct KitError {
     pub status: StatusCode,
     pub detail: Value,
+    /// Seconds for a `Retry-After` header (a 429 of the rate limit).
+    pub retry_after: Option<u64>,
 }
 
 impl KitError {
@@ -74,6 +76,7 @@ impl KitError {
         KitError {
             status,
             detail: Value::String(detail.into()),
+            retry_after: None,
         }
     }
 
@@ -82,6 +85,7 @@ impl KitError {
         KitError {
             status: StatusCode::UNPROCESSABLE_ENTITY,
             detail: Value::Array(errors),
+            retry_after: None,
         }
     }
 
@@ -98,6 +102,9 @@ impl IntoResponse for KitError {
             // What FastAPI's HTTPBearer answers with, so standard clients know how to authenticate.
             resp.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let Some(s) = self.retry_after {
+            resp.headers_mut().insert(header::RETRY_AFTER, s.into());
         }
         resp
     }

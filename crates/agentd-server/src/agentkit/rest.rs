@@ -19,7 +19,7 @@ use serde_json::{json, Map, Value};
 
 use super::KitError;
 use crate::auth::bearer;
-use crate::error::public_message;
+use crate::error::{public_message, retry_after};
 use crate::AppState;
 
 type KitResult<T> = Result<T, KitError>;
@@ -116,6 +116,10 @@ fn session_error(id: &str, e: ServiceError) -> KitError {
         ServiceError::TooLarge(m) => KitError::new(StatusCode::PAYLOAD_TOO_LARGE, m),
         ServiceError::Invalid(m) => KitError::new(StatusCode::BAD_REQUEST, m),
         ServiceError::Unavailable(m) => KitError::new(StatusCode::SERVICE_UNAVAILABLE, m),
+        e @ ServiceError::Limited(_) => KitError {
+            retry_after: retry_after(&e),
+            ..KitError::new(StatusCode::TOO_MANY_REQUESTS, e.to_string())
+        },
         e @ ServiceError::Internal(_) => {
             KitError::new(StatusCode::INTERNAL_SERVER_ERROR, public_message(&e))
         }

@@ -15,12 +15,14 @@ use agentd_core::service::{Attached, Principal, SendMessage, ServiceError};
 use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{FromRequestParts, Path, State};
 use axum::http::request::Parts;
-use axum::response::Response;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::render::{cancelled_frame, error_frame, AgentkitRender};
+use super::KitError;
 use crate::auth::{bearer, query_key};
 use crate::error::public_message;
 use crate::native::ws::small_buffers;
@@ -52,7 +54,18 @@ pub async fn upgrade(
     Path(id): Path<String>,
     ws: WebSocketUpgrade,
 ) -> Response {
-    small_buffers(ws).on_upgrade(move |socket| connection(st, p, id, socket))
+    // One of the principal's stream slots, held by the socket's task. Over the limit the handshake is refused
+    // with 429 `{"detail": ...}` before the upgrade (a bad key is still refused in-band, as the seed did).
+    let slot = match p.as_ref().map(|p| st.app.open_stream(p)).transpose() {
+        Ok(slot) => slot,
+        Err(e) => {
+            return KitError::new(StatusCode::TOO_MANY_REQUESTS, e.to_string()).into_response()
+        }
+    };
+    small_buffers(ws).on_upgrade(move |socket| async move {
+        connection(st, p, id, socket).await;
+        drop(slot);
+    })
 }
 
 fn text(v: &Value) -> WsMessage {

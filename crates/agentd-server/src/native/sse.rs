@@ -26,6 +26,8 @@ pub async fn events(
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
+    // One of the principal's stream slots, held by the response body (refused with 429 when none is free).
+    let slot = st.app.open_stream(&p)?;
     let attached = st.app.attach(&p, &id, q.after.or(last_event_id)).await?;
     let expired = attached.cursor_expired.then(|| {
         let data = json!({"type": "error", "code": "cursor_expired", "message": "the cursor is older than the retained log; replaying as if none was given"});
@@ -46,7 +48,11 @@ pub async fn events(
     let closing = st.closing.clone();
     let body = stream::iter(expired)
         .chain(live)
-        .take_until(async move { closing.cancelled().await });
+        .take_until(async move { closing.cancelled().await })
+        .map(move |frame| {
+            let _held = &slot; // dropped with the body: when the stream ends or the client goes
+            frame
+        });
     Ok(Sse::new(body).keep_alive(
         KeepAlive::new()
             .interval(Duration::from_secs(15))

@@ -35,8 +35,13 @@ pub async fn upgrade(
     Query(q): Query<AfterQuery>,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
+    // One of the principal's stream slots, held by the socket's task (refused with 429 before the upgrade).
+    let slot = st.app.open_stream(&p)?;
     let attached = st.app.attach(&p, &id, q.after).await?;
-    Ok(small_buffers(ws).on_upgrade(move |socket| connection(st, p, id, attached, socket)))
+    Ok(small_buffers(ws).on_upgrade(move |socket| async move {
+        connection(st, p, id, attached, socket).await;
+        drop(slot);
+    }))
 }
 
 /// Idle connections should cost little: a small read buffer (allocated up front), a write buffer that only

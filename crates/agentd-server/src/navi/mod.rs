@@ -56,6 +56,8 @@ pub async fn upgrade(
     Path(id): Path<String>,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
+    // One of the principal's stream slots, held by the socket's task (refused with 429 before the upgrade).
+    let slot = st.app.open_stream(&p)?;
     // Attached before the upgrade: no event of a run is missed, whatever the handshake's timing.
     let attached = match st.app.attach(&p, &id, None).await {
         Ok(a) => Some(a),
@@ -70,6 +72,7 @@ pub async fn upgrade(
                 relay::close(&mut sink, 4004, "Session not found").await;
             }
         }
+        drop(slot);
     }))
 }
 
