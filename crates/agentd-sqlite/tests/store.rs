@@ -1294,23 +1294,30 @@ async fn background_threads_run_at_a_lower_priority() {
     let expected = (process_nice + 10).min(19);
     let dir = tempfile::tempdir().unwrap();
     let _store = open(dir.path());
-    // A new thread names itself once it runs: wait for both names.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let nice_of = loop {
-        let nice_of = thread_nice_values();
-        let named = |prefix: &str| nice_of.keys().any(|n| n.starts_with(prefix));
-        if named("agentd-sqlite-w") && named("agentd-sqlite-c") {
-            break nice_of;
-        }
-        assert!(std::time::Instant::now() < deadline, "{nice_of:?}");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
-    for thread in ["agentd-sqlite-w", "agentd-sqlite-c"] {
-        let nices: Vec<i64> = nice_of
+    let of_thread = |nice_of: &HashMap<String, Vec<i64>>, thread: &str| -> Vec<i64> {
+        nice_of
             .iter()
             .filter(|(name, _)| name.starts_with(thread))
             .flat_map(|(_, n)| n.clone())
-            .collect();
+            .collect()
+    };
+    let threads = ["agentd-sqlite-w", "agentd-sqlite-c"];
+    // A new thread names itself once it runs, then lowers its priority: wait (within a generous bound) until
+    // both threads are there and past that first step.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let nice_of = loop {
+        let nice_of = thread_nice_values();
+        let settled = threads.iter().all(|t| {
+            let nices = of_thread(&nice_of, t);
+            !nices.is_empty() && nices.iter().all(|n| *n == expected)
+        });
+        if settled || std::time::Instant::now() > deadline {
+            break nice_of;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    for thread in threads {
+        let nices = of_thread(&nice_of, thread);
         assert!(!nices.is_empty(), "no {thread}* thread: {nice_of:?}");
         assert!(
             nices.iter().all(|n| *n == expected),
