@@ -29,7 +29,8 @@ fn read(rel: &str) -> String {
 /// The shared list: the JSON object inside codes.js.
 fn codes() -> (BTreeSet<String>, BTreeSet<String>) {
     let js = read("web/static/codes.js");
-    let start = js.find("Object.freeze(").expect("Object.freeze(") + "Object.freeze(".len();
+    let marker = "globalThis.AGENTD_CODES = Object.freeze(";
+    let start = js.find(marker).expect(marker) + marker.len();
     let end = js.rfind(')').expect("closing )");
     let v: Value = serde_json::from_str(js[start..end].trim())
         .unwrap_or_else(|e| panic!("codes.js does not hold strict JSON: {e}"));
