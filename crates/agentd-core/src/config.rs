@@ -567,7 +567,9 @@ impl Validator<'_> {
         let s = raw.server;
         let listen_at = s.listen.as_ref().map(|l| l.span());
         let server = ServerSettings {
-            listen: s.listen.map_or_else(|| "127.0.0.1:8080".to_string(), Spanned::into_inner),
+            listen: s
+                .listen
+                .map_or_else(|| "127.0.0.1:8080".to_string(), Spanned::into_inner),
             max_message_bytes: s.max_message_bytes.unwrap_or(262_144),
             max_upload_bytes: s.max_upload_bytes.unwrap_or(20 * 1024 * 1024),
             max_image_bytes: s.max_image_bytes.unwrap_or(5 * 1024 * 1024),
@@ -590,10 +592,10 @@ impl Validator<'_> {
             self.problem::<()>("server.event_retention_runs", None, "must be at least 20");
         }
         let url_at = raw.store.url.as_ref().map(|u| u.span());
-        let store_url = raw
-            .store
-            .url
-            .map_or_else(|| "sqlite://data/agentd.db".to_string(), Spanned::into_inner);
+        let store_url = raw.store.url.map_or_else(
+            || "sqlite://data/agentd.db".to_string(),
+            Spanned::into_inner,
+        );
         if store_url.starts_with("postgres://") || store_url.starts_with("postgresql://") {
             self.problem_at(
                 "store.url",
@@ -1019,13 +1021,7 @@ keywords = ["Calculate"]
                 "skills[0].keywords[1]",
                 18,
             ),
-            (
-                "missing field",
-                "model = \"m\"\n",
-                "",
-                "agents[0].model",
-                9,
-            ),
+            ("missing field", "model = \"m\"\n", "", "agents[0].model", 9),
         ];
         for (what, from, to, key, line) in cases {
             let text = GOOD.replacen(from, to, 1);
@@ -1033,10 +1029,14 @@ keywords = ["Calculate"]
             let (k, l, m) = only_problem(&text);
             assert_eq!((k.as_str(), l), (key, Some(line)), "{what}: {m}");
         }
-        let text = format!("{GOOD}\n[[auth.keys]]\nprincipal = \"alice\"\nkey = \"k\"\nadmin = \"yes\"\n");
+        let text =
+            format!("{GOOD}\n[[auth.keys]]\nprincipal = \"alice\"\nkey = \"k\"\nadmin = \"yes\"\n");
         let (k, l, m) = only_problem(&text);
         assert_eq!((k.as_str(), l), ("auth.keys[0].admin", Some(23)), "{m}");
-        assert!(m.contains("invalid type: string \"yes\", expected a boolean"), "{m}");
+        assert!(
+            m.contains("invalid type: string \"yes\", expected a boolean"),
+            "{m}"
+        );
 
         // The message a newcomer sees for the example.
         let text = GOOD.replace("model = \"m\"", "model = \"m\"\nmax_iterations = \"lots\"");
@@ -1058,7 +1058,10 @@ keywords = ["Calculate"]
     fn semantic_problems_have_the_line_of_their_value() {
         let text = GOOD
             .replace("listen = \"127.0.0.1:0\"", "listen = \"nowhere\"")
-            .replace("model = \"m\"", "model = \"m\"\nmax_iterations = 0\ncompress_at = 2.0");
+            .replace(
+                "model = \"m\"",
+                "model = \"m\"\nmax_iterations = 0\ncompress_at = 2.0",
+            );
         let e = Config::parse_with_env(&text, "t.toml", &no_env).unwrap_err();
         let keys: Vec<(&str, Option<usize>)> = e
             .problems
@@ -1066,8 +1069,14 @@ keywords = ["Calculate"]
             .map(|p| (p.key.as_str(), p.line))
             .collect();
         assert!(keys.contains(&("server.listen", Some(3))), "{keys:?}");
-        assert!(keys.contains(&("agents[0].max_iterations", Some(13))), "{keys:?}");
-        assert!(keys.contains(&("agents[0].compress_at", Some(14))), "{keys:?}");
+        assert!(
+            keys.contains(&("agents[0].max_iterations", Some(13))),
+            "{keys:?}"
+        );
+        assert!(
+            keys.contains(&("agents[0].compress_at", Some(14))),
+            "{keys:?}"
+        );
     }
 
     #[test]

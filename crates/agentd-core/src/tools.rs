@@ -347,12 +347,14 @@ fn open_in_workspace(root: &Path, rel: &str) -> Result<std::fs::File, String> {
     let Some((file, dirs)) = parts.split_last() else {
         return Err(format!("`{rel}` names no file"));
     };
-    let explain = |e: Errno| match e {
+    let explain = |e: Errno| {
+        match e {
         Errno::LOOP | Errno::MLINK => format!(
             "`{rel}` goes through a symbolic link; read_file follows none, so it cannot lead outside the session workspace"
         ),
         Errno::NOENT | Errno::NOTDIR => format!("no file `{rel}` in the workspace"),
         other => format!("cannot read `{rel}`: {}", std::io::Error::from(other)),
+    }
     };
     let dir_flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
     let mut dir = openat(CWD, root, dir_flags, Mode::empty())
@@ -371,7 +373,8 @@ fn open_in_workspace(root: &Path, rel: &str) -> Result<std::fs::File, String> {
         };
     }
     // NONBLOCK: a FIFO in the workspace must not hang the tool; NOCTTY: a terminal is never adopted.
-    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
+    let flags =
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
     let fd = openat(&dir, *file, flags, Mode::empty()).map_err(explain)?;
     Ok(std::fs::File::from(fd))
 }
@@ -519,8 +522,11 @@ mod tests {
         let ws = tempfile::tempdir().unwrap();
         std::fs::create_dir(ws.path().join("sub")).unwrap();
         std::fs::write(ws.path().join("sub/a.txt"), "inside").unwrap();
-        std::os::unix::fs::symlink(outside.path().join("secret.txt"), ws.path().join("link.txt"))
-            .unwrap();
+        std::os::unix::fs::symlink(
+            outside.path().join("secret.txt"),
+            ws.path().join("link.txt"),
+        )
+        .unwrap();
         std::os::unix::fs::symlink(outside.path().join("dir"), ws.path().join("linkdir")).unwrap();
         std::os::unix::fs::symlink("sub/a.txt", ws.path().join("inner-link.txt")).unwrap();
         let ctx = context(ws.path());
@@ -535,15 +541,24 @@ mod tests {
         for path in ["../secret.txt", "/etc/passwd", "sub/../../x"] {
             let out = read(&ctx, path).await;
             assert!(!out.success, "{path}: {out:?}");
-            assert!(out.content.contains("inside the session workspace"), "{path}: {out:?}");
+            assert!(
+                out.content.contains("inside the session workspace"),
+                "{path}: {out:?}"
+            );
         }
         let out = read(&ctx, "missing.txt").await;
-        assert_eq!(out, ToolOutput::err("no file `missing.txt` in the workspace"));
+        assert_eq!(
+            out,
+            ToolOutput::err("no file `missing.txt` in the workspace")
+        );
         let out = read(&ctx, "sub").await;
         assert_eq!(out, ToolOutput::err("`sub` is not a regular file"));
         std::fs::write(ws.path().join("big.txt"), vec![b'x'; 256 * 1024 + 1]).unwrap();
         let out = read(&ctx, "big.txt").await;
-        assert!(!out.success && out.content.contains("larger than"), "{out:?}");
+        assert!(
+            !out.success && out.content.contains("larger than"),
+            "{out:?}"
+        );
     }
 
     /// The race the security probe won (2-12 reads in 400): a file swapped for a link to outside between a
@@ -588,7 +603,10 @@ mod tests {
             );
             let out = read(&ctx, "f.txt").await;
             calls += 1;
-            assert!(!out.content.contains("OUTSIDE"), "call {calls} read outside: {out:?}");
+            assert!(
+                !out.content.contains("OUTSIDE"),
+                "call {calls} read outside: {out:?}"
+            );
             if out.success {
                 assert_eq!(out.content, "inside");
                 inside += 1;

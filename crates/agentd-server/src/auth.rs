@@ -183,7 +183,14 @@ mod tests {
         ] {
             assert_eq!(bearer_credentials(value), Some("sk-a"), "{value:?}");
         }
-        for value in ["Basic sk-a", "Bearersk-a", "Bearer", "Bearer   ", "sk-a", "Token sk-a"] {
+        for value in [
+            "Basic sk-a",
+            "Bearersk-a",
+            "Bearer",
+            "Bearer   ",
+            "sk-a",
+            "Token sk-a",
+        ] {
             assert_eq!(bearer_credentials(value), None, "{value:?}");
         }
     }

@@ -88,7 +88,9 @@ fn literals(src: &str) -> Vec<(&str, &str, &str)> {
                 }
                 let end = format!("\"{}", "#".repeat(hashes));
                 let body = i + 2 + hashes;
-                i = src[body..].find(&end).map_or(b.len(), |e| body + e + end.len());
+                i = src[body..]
+                    .find(&end)
+                    .map_or(b.len(), |e| body + e + end.len());
             }
             b'"' => {
                 let open = i;
@@ -220,7 +222,10 @@ fn every_event_type_the_core_logs_is_in_codes_js() {
         .filter(|(before, _, _)| before.trim_end().ends_with("=>"))
         .map(|(_, lit, _)| lit.to_string())
         .collect();
-    assert!(logged.contains("text_delta") && logged.contains("run_finished"), "{logged:?}");
+    assert!(
+        logged.contains("text_delta") && logged.contains("run_finished"),
+        "{logged:?}"
+    );
     let missing: Vec<&String> = logged.difference(&listed).collect();
     assert!(
         missing.is_empty(),
@@ -251,30 +256,53 @@ fn app_js_uses_only_codes_from_codes_js() {
         "{used:?}"
     );
     for code in &used {
-        assert!(errors.contains(*code), "app.js uses `{code}`, which codes.js does not list");
+        assert!(
+            errors.contains(*code),
+            "app.js uses `{code}`, which codes.js does not list"
+        );
     }
     // Codes are only named through errorCode(): no `.code === 'x'`, no `['x', ...].includes(f.code)`.
     let compact: String = js.chars().filter(|c| !c.is_whitespace()).collect();
-    for bad in [".code==='", ".code=='", ".code===\"", ".code==\"", ".code!=='", ".code!==\""] {
-        assert!(!compact.contains(bad), "app.js compares a code with a bare string: {bad}");
+    for bad in [
+        ".code==='",
+        ".code=='",
+        ".code===\"",
+        ".code==\"",
+        ".code!=='",
+        ".code!==\"",
+    ] {
+        assert!(
+            !compact.contains(bad),
+            "app.js compares a code with a bare string: {bad}"
+        );
     }
     for (i, _) in compact.match_indices("].includes(") {
         let arg = &compact[i + "].includes(".len()..];
         let arg = &arg[..arg.find(')').unwrap_or(arg.len())];
-        assert!(!arg.ends_with(".code"), "app.js checks a code against a bare list");
+        assert!(
+            !arg.ends_with(".code"),
+            "app.js checks a code against a bare list"
+        );
     }
 
     let cases = js_args(&js, "case ");
     assert!(cases.contains(&"text_delta"), "{cases:?}");
     for case in &cases {
-        assert!(events.contains(*case), "app.js handles event `{case}`, which codes.js does not list");
+        assert!(
+            events.contains(*case),
+            "app.js handles event `{case}`, which codes.js does not list"
+        );
     }
 }
 
 #[test]
 fn the_page_loads_codes_js_before_app_js() {
     let html = read("web/static/index.html");
-    let codes = html.find("src=\"/assets/codes.js\"").expect("codes.js script tag");
-    let app = html.find("src=\"/assets/app.js\"").expect("app.js script tag");
+    let codes = html
+        .find("src=\"/assets/codes.js\"")
+        .expect("codes.js script tag");
+    let app = html
+        .find("src=\"/assets/app.js\"")
+        .expect("app.js script tag");
     assert!(codes < app, "codes.js must load before app.js");
 }

@@ -79,8 +79,9 @@ fn load_config(path: &PathBuf) -> Result<Config, String> {
 
 /// `check-config`: judges the file; what the environment lacks is a warning.
 fn check_config(file: &PathBuf) -> ExitCode {
-    let checked = read_config(file)
-        .and_then(|text| Config::check(&text, &file.display().to_string()).map_err(|e| e.to_string()));
+    let checked = read_config(file).and_then(|text| {
+        Config::check(&text, &file.display().to_string()).map_err(|e| e.to_string())
+    });
     match checked {
         Ok(checked) => {
             for w in &checked.environment {

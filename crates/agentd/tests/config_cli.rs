@@ -108,7 +108,11 @@ fn a_wrong_type_names_its_key_and_line_in_every_section() {
     ];
     for (i, (from, to, expected)) in cases.into_iter().enumerate() {
         assert!(CONFIG.contains(from), "{from}");
-        let file = write(dir.path(), &format!("bad{i}.toml"), &CONFIG.replacen(from, to, 1));
+        let file = write(
+            dir.path(),
+            &format!("bad{i}.toml"),
+            &CONFIG.replacen(from, to, 1),
+        );
         let out = agentd(&["check-config"], &file, true);
         let err = text(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{to}: {err}");
@@ -139,12 +143,19 @@ fn check_config_warns_about_unset_variables_and_exits_0() {
         )),
         "{stderr}"
     );
-    assert!(stdout.contains("ok (1 agents, 1 providers, 1 skills, 2 warnings)"), "{stdout}");
+    assert!(
+        stdout.contains("ok (1 agents, 1 providers, 1 skills, 2 warnings)"),
+        "{stdout}"
+    );
 
     // With the variables set: no warning at all.
     let out = agentd(&["check-config"], &file, true);
     assert_eq!(out.status.code(), Some(0));
-    assert!(!text(&out.stderr).contains("warning"), "{}", text(&out.stderr));
+    assert!(
+        !text(&out.stderr).contains("warning"),
+        "{}",
+        text(&out.stderr)
+    );
     assert!(text(&out.stdout).contains("ok (1 agents, 1 providers, 1 skills)"));
 
     // A problem of the file is still an error, whatever the environment.
@@ -199,7 +210,10 @@ fn serve_refuses_to_start_without_the_variable_and_names_it() {
         )),
         "{err}"
     );
-    assert!(!err.contains(UPSTREAM_VAR), "only the unset variable is named: {err}");
+    assert!(
+        !err.contains(UPSTREAM_VAR),
+        "only the unset variable is named: {err}"
+    );
     // Nothing was created: the store was never opened.
     assert!(!dir.path().join("agentd.db").exists());
 }

@@ -39,7 +39,8 @@ async fn session_titles_and_metadata_are_bounded_and_nothing_is_stored_over_them
     assert_eq!(status, 201, "{v}");
     assert_eq!(v["title"].as_str().unwrap().len(), 1024);
     // {"x":"…"} is 8 bytes of JSON around the value.
-    let (status, v) = create(json!({"agent": "assistant", "metadata": {"x": "m".repeat(16 * 1024 - 8)}})).await;
+    let (status, v) =
+        create(json!({"agent": "assistant", "metadata": {"x": "m".repeat(16 * 1024 - 8)}})).await;
     assert_eq!(status, 201, "{v}");
     assert_eq!(session_count(&c).await, 2);
 
@@ -175,7 +176,10 @@ async fn ask_human_replies_over_the_message_limit_are_refused_on_every_surface()
     }
     // And the upstream saw only the fitting reply.
     let sent = s.upstream.last_request().unwrap().to_string();
-    assert!(sent.contains(&fitting) && !sent.contains(&big), "upstream got the big reply");
+    assert!(
+        sent.contains(&fitting) && !sent.contains(&big),
+        "upstream got the big reply"
+    );
 }
 
 #[tokio::test]
@@ -228,7 +232,10 @@ async fn bad_after_values_answer_the_json_error_shape() {
                 "{path}?after={bad}"
             );
             let v: Value = resp.json().await.unwrap();
-            assert_eq!(v["error"]["code"], "invalid_request", "{path}?after={bad}: {v}");
+            assert_eq!(
+                v["error"]["code"], "invalid_request",
+                "{path}?after={bad}: {v}"
+            );
             assert!(
                 v["error"]["message"].as_str().unwrap().contains("after"),
                 "{v}"
