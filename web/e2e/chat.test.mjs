@@ -168,6 +168,21 @@ describe('web chat page', () => {
     assertClean(p);
   });
 
+  test('a message the server refuses comes back into the input', T, async (t) => {
+    const p = await page(t);
+    await send(p, 'tokens=3');
+    await waitRunStatus(p, 'completed');
+    // An unknown skill: the socket answers {type: "error", code: "invalid_request"} and stores nothing.
+    const refused = '@skill:nope write me a poem';
+    await p.fill('#input', refused);
+    await p.press('#input', 'Enter');
+    await p.waitForSelector('#toast >> text=invalid_request');
+    // The toast and the draft's return happen together: the text is back, ready to fix and resend.
+    assert.equal(await p.inputValue('#input'), refused);
+    assert.equal(await p.locator('#transcript .msg.user').count(), 1, 'nothing was stored');
+    assertClean(p);
+  });
+
   test('an ask_human question is answered inline', T, async (t) => {
     const p = await page(t);
     await send(p, 'ask: Which colour should the report use?');

@@ -17,6 +17,27 @@
   const PING_EVERY_MS = 25000;
   const MAX_BACKOFF_MS = 15000;
 
+  // The server's codes come from codes.js (loaded first), the list the server is tested against.
+  const CODES = globalThis.AGENTD_CODES;
+  /** An error code the server sends; one missing from codes.js is a bug, so it throws at once. */
+  function errorCode(name) {
+    if (!CODES || !Object.prototype.hasOwnProperty.call(CODES.errors, name)) {
+      throw new Error(`error code ${name} is not in codes.js`);
+    }
+    return name;
+  }
+  const CURSOR_EXPIRED = errorCode('cursor_expired');
+  // Errors that refuse a sent message (nothing was stored): the user's text goes back into the input.
+  const REFUSED_SEND = new Set([
+    errorCode('invalid_request'),
+    errorCode('invalid_frame'),
+    errorCode('run_active'),
+    errorCode('session_closed'),
+    errorCode('too_large'),
+    errorCode('rate_limited'),
+    errorCode('unavailable'),
+  ]);
+
   const $ = (id) => document.getElementById(id);
   const ui = {
     sidebar: $('sidebar'),
@@ -669,13 +690,13 @@
   }
 
   function onErrorFrame(f) {
-    if (f.code === 'cursor_expired') {
+    if (f.code === CURSOR_EXPIRED) {
       // Events were missed for good: rebuild the whole view from history and the active run.
       if (st.session) openSession(st.session.id);
       return;
     }
     toast(`${f.code}: ${f.message}`);
-    if (!ui.input.value && st.lastSent && ['run_active', 'too_large', 'invalid', 'session_closed'].includes(f.code)) {
+    if (!ui.input.value && st.lastSent && REFUSED_SEND.has(f.code)) {
       ui.input.value = st.lastSent;
     }
   }

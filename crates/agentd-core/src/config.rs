@@ -101,7 +101,7 @@ struct RawConfig {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawServer {
-    listen: Option<String>,
+    listen: Option<Spanned<String>>,
     max_message_bytes: Option<usize>,
     max_upload_bytes: Option<usize>,
     max_image_bytes: Option<usize>,
@@ -119,7 +119,7 @@ struct RawServer {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawStore {
-    url: Option<String>,
+    url: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -134,7 +134,7 @@ struct RawAuth {
 struct RawKey {
     principal: String,
     key: Option<String>,
-    key_env: Option<String>,
+    key_env: Option<Spanned<String>>,
     #[serde(default)]
     admin: bool,
 }
@@ -145,7 +145,7 @@ struct RawProvider {
     kind: Spanned<String>,
     // openai
     base_url: Option<String>,
-    api_key_env: Option<String>,
+    api_key_env: Option<Spanned<String>>,
     timeout_s: Option<u64>,
     // llama
     model_path: Option<String>,
@@ -166,9 +166,9 @@ struct RawAgent {
     system_prompt: String,
     #[serde(default)]
     tools: Vec<Spanned<String>>,
-    max_iterations: Option<u32>,
+    max_iterations: Option<Spanned<u32>>,
     max_context_tokens: Option<u64>,
-    compress_at: Option<f64>,
+    compress_at: Option<Spanned<f64>>,
     multitask: Option<Spanned<String>>,
     #[serde(default)]
     skills: Vec<Spanned<String>>,
@@ -369,24 +369,71 @@ impl Config {
         self.skills.iter().find(|s| s.name == name)
     }
 
-    /// Like [`Config::parse`], reading `*_env` keys through `env` (tests pass their own).
+    /// Like [`Config::parse`], reading `*_env` keys through `env` (tests pass their own). An unset variable is
+    /// an error here: a server cannot start without it.
     pub fn parse_with_env(
         text: &str,
         source_name: &str,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
+        let (config, mut problems, environment) = Self::examine(text, source_name, env)?;
+        if problems.is_empty() && environment.is_empty() {
+            return Ok(config);
+        }
+        problems.extend(environment);
+        Err(ConfigError {
+            source_name: source_name.to_string(),
+            problems,
+        })
+    }
+
+    /// Judges the file, not the environment (`agentd check-config`): problems of the file are the error; an
+    /// unset `*_env` variable is only reported in [`Checked::environment`], since the file is right and the
+    /// server it is meant for may well have the variable.
+    pub fn check(text: &str, source_name: &str) -> Result<Checked, ConfigError> {
+        Self::check_with_env(text, source_name, &|k| std::env::var(k).ok())
+    }
+
+    /// [`Config::check`] reading the environment through `env`.
+    pub fn check_with_env(
+        text: &str,
+        source_name: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Checked, ConfigError> {
+        let (config, problems, environment) = Self::examine(text, source_name, env)?;
+        if problems.is_empty() {
+            Ok(Checked {
+                config,
+                environment,
+            })
+        } else {
+            Err(ConfigError {
+                source_name: source_name.to_string(),
+                problems,
+            })
+        }
+    }
+
+    /// Parses and validates: the config, the file's problems, the environment's. A file TOML or serde cannot
+    /// read at all is the error.
+    #[allow(clippy::type_complexity)]
+    fn examine(
+        text: &str,
+        source_name: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<(Config, Vec<ConfigProblem>, Vec<ConfigProblem>), ConfigError> {
         let lines = LineIndex::new(text);
-        let raw: RawConfig = match toml::from_str(text) {
+        let raw: RawConfig = match serde_path_to_error::deserialize(toml::Deserializer::new(text)) {
             Ok(raw) => raw,
             Err(e) => {
-                let line = e.span().map(|s| lines.line(s.start));
-                let key = unknown_key_name(e.message()).unwrap_or_else(|| "config".to_string());
+                let key = key_of(e.path(), e.inner().message());
+                let inner = e.into_inner();
                 return Err(ConfigError {
                     source_name: source_name.to_string(),
                     problems: vec![ConfigProblem {
                         key,
-                        line,
-                        message: e.message().trim().to_string(),
+                        line: inner.span().map(|s| lines.line(s.start)),
+                        message: inner.message().trim().to_string(),
                     }],
                 });
             }
@@ -394,22 +441,64 @@ impl Config {
         let mut v = Validator {
             lines: &lines,
             problems: Vec::new(),
+            environment: Vec::new(),
         };
         let config = v.validate(raw, env);
-        if v.problems.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigError {
-                source_name: source_name.to_string(),
-                problems: v.problems,
-            })
-        }
+        Ok((config, v.problems, v.environment))
     }
 }
 
-/// Pulls the key out of serde's "unknown field `x`, expected ..." so the problem names it.
-fn unknown_key_name(message: &str) -> Option<String> {
-    let rest = message.strip_prefix("unknown field `")?;
+/// A file without problems, and what the environment lacks to run it.
+#[derive(Clone, Debug)]
+pub struct Checked {
+    /// The config; a key whose variable is unset is left out (`auth_keys`) or empty (`api_key`).
+    pub config: Config,
+    /// Unset `*_env` variables, each with its key and line: `serve` refuses to start with any.
+    pub environment: Vec<ConfigProblem>,
+}
+
+/// The key a deserialisation error is about, as a path like `agents[0].max_iterations`: serde's path to the
+/// value, without the wrappers that only record positions, plus the field an "unknown field" or "missing field"
+/// message names (serde reports those at the table that holds them).
+fn key_of(path: &serde_path_to_error::Path, message: &str) -> String {
+    use serde_path_to_error::Segment;
+    let mut key = String::new();
+    for segment in path {
+        match segment {
+            Segment::Seq { index } => key.push_str(&format!("[{index}]")),
+            Segment::Map { key: k } | Segment::Enum { variant: k } => {
+                if k.starts_with("$__serde_spanned_private") {
+                    continue;
+                }
+                if !key.is_empty() {
+                    key.push('.');
+                }
+                key.push_str(k);
+            }
+            Segment::Unknown => {}
+        }
+    }
+    if let Some(field) = named_field(message) {
+        let already = key == field || key.ends_with(&format!(".{field}"));
+        if !already {
+            if !key.is_empty() {
+                key.push('.');
+            }
+            key.push_str(&field);
+        }
+    }
+    if key.is_empty() {
+        // A syntax error, before any key: the file as a whole.
+        key.push_str("config");
+    }
+    key
+}
+
+/// The field in serde's "unknown field `x`, expected ..." or "missing field `x`".
+fn named_field(message: &str) -> Option<String> {
+    let rest = message
+        .strip_prefix("unknown field `")
+        .or_else(|| message.strip_prefix("missing field `"))?;
     let end = rest.find('`')?;
     Some(rest[..end].to_string())
 }
@@ -434,7 +523,10 @@ impl LineIndex {
 
 struct Validator<'a> {
     lines: &'a LineIndex,
+    /// Problems of the file.
     problems: Vec<ConfigProblem>,
+    /// Unset `*_env` variables: problems of the environment the file is read in.
+    environment: Vec<ConfigProblem>,
 }
 
 impl Validator<'_> {
@@ -451,10 +543,47 @@ impl Validator<'_> {
         });
     }
 
+    /// A problem at a byte range of the file (None: no line).
+    fn problem_at(
+        &mut self,
+        key: impl Into<String>,
+        at: Option<std::ops::Range<usize>>,
+        message: impl Into<String>,
+    ) {
+        self.problems.push(ConfigProblem {
+            key: key.into(),
+            line: at.map(|r| self.lines.line(r.start)),
+            message: message.into(),
+        });
+    }
+
+    /// The value of the variable a `*_env` key names; when it is unset (or empty), an environment problem.
+    fn env_var(
+        &mut self,
+        key: String,
+        var: &Spanned<String>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Option<String> {
+        match env(var.get_ref()) {
+            Some(v) if !v.is_empty() => Some(v),
+            _ => {
+                self.environment.push(ConfigProblem {
+                    key,
+                    line: Some(self.lines.line(var.span().start)),
+                    message: format!("environment variable `{}` is not set", var.get_ref()),
+                });
+                None
+            }
+        }
+    }
+
     fn validate(&mut self, raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Config {
         let s = raw.server;
+        let listen_at = s.listen.as_ref().map(|l| l.span());
         let server = ServerSettings {
-            listen: s.listen.unwrap_or_else(|| "127.0.0.1:8080".to_string()),
+            listen: s
+                .listen
+                .map_or_else(|| "127.0.0.1:8080".to_string(), Spanned::into_inner),
             max_message_bytes: s.max_message_bytes.unwrap_or(262_144),
             max_upload_bytes: s.max_upload_bytes.unwrap_or(20 * 1024 * 1024),
             max_image_bytes: s.max_image_bytes.unwrap_or(5 * 1024 * 1024),
@@ -504,23 +633,24 @@ impl Validator<'_> {
             );
         }
         if server.listen.parse::<std::net::SocketAddr>().is_err() {
-            self.problem::<()>(
+            self.problem_at(
                 "server.listen",
-                None,
+                listen_at,
                 format!("`{}` is not an address like 127.0.0.1:8080", server.listen),
             );
         }
         if server.event_retention_runs < 20 {
             self.problem::<()>("server.event_retention_runs", None, "must be at least 20");
         }
-        let store_url = raw
-            .store
-            .url
-            .unwrap_or_else(|| "sqlite://data/agentd.db".to_string());
+        let url_at = raw.store.url.as_ref().map(|u| u.span());
+        let store_url = raw.store.url.map_or_else(
+            || "sqlite://data/agentd.db".to_string(),
+            Spanned::into_inner,
+        );
         if store_url.starts_with("postgres://") || store_url.starts_with("postgresql://") {
-            self.problem::<()>(
+            self.problem_at(
                 "store.url",
-                None,
+                url_at,
                 "postgres stores are not supported yet; use sqlite://PATH",
             );
         }
@@ -532,17 +662,7 @@ impl Validator<'_> {
             let raw_key = k.get_ref();
             let key = match (&raw_key.key, &raw_key.key_env) {
                 (Some(key), None) => Some(key.clone()),
-                (None, Some(var)) => match env(var) {
-                    Some(v) if !v.is_empty() => Some(v),
-                    _ => {
-                        self.problem(
-                            format!("{key_path}.key_env"),
-                            Some(k),
-                            format!("environment variable `{var}` is not set"),
-                        );
-                        None
-                    }
-                },
+                (None, Some(var)) => self.env_var(format!("{key_path}.key_env"), var, env),
                 _ => {
                     self.problem(
                         key_path.clone(),
@@ -596,17 +716,7 @@ impl Validator<'_> {
                         continue;
                     };
                     let api_key = match &r.api_key_env {
-                        Some(var) => match env(var) {
-                            Some(v) if !v.is_empty() => Some(v),
-                            _ => {
-                                self.problem(
-                                    format!("{key}.api_key_env"),
-                                    Some(p),
-                                    format!("environment variable `{var}` is not set"),
-                                );
-                                None
-                            }
-                        },
+                        Some(var) => self.env_var(format!("{key}.api_key_env"), var, env),
                         None => None,
                     };
                     ProviderSettings::OpenAi {
@@ -773,17 +883,15 @@ impl Validator<'_> {
                     Multitask::Enqueue
                 }),
             };
-            let compress_at = r.compress_at.unwrap_or(0.8);
+            let compress_at = r.compress_at.as_ref().map_or(0.8, |c| *c.get_ref());
             if !(compress_at > 0.0 && compress_at <= 1.0) {
-                self.problem(format!("{key}.compress_at"), Some(a), "must be in (0, 1]");
+                let at = r.compress_at.as_ref().map(|c| c.span());
+                self.problem_at(format!("{key}.compress_at"), at, "must be in (0, 1]");
             }
-            let max_iterations = r.max_iterations.unwrap_or(8);
+            let max_iterations = r.max_iterations.as_ref().map_or(8, |m| *m.get_ref());
             if max_iterations == 0 {
-                self.problem(
-                    format!("{key}.max_iterations"),
-                    Some(a),
-                    "must be at least 1",
-                );
+                let at = r.max_iterations.as_ref().map(|m| m.span());
+                self.problem_at(format!("{key}.max_iterations"), at, "must be at least 1");
             }
             agents.push(AgentSettings {
                 name,
@@ -894,11 +1002,131 @@ keywords = ["Calculate"]
     fn unknown_key_is_named_with_line() {
         let text = GOOD.replace("model = \"m\"", "model = \"m\"\ntemperature = 0.2");
         let e = Config::parse_with_env(&text, "t.toml", &no_env).unwrap_err();
-        assert_eq!(e.problems[0].key, "temperature");
+        assert_eq!(e.problems[0].key, "agents[0].temperature");
         assert_eq!(e.problems[0].line, Some(13));
         assert!(
-            e.to_string().contains("t.toml: line 13: temperature"),
+            e.to_string()
+                .contains("t.toml: line 13: agents[0].temperature: unknown field `temperature`"),
             "{e}"
+        );
+    }
+
+    /// The only problem of `text`, as `(key, line, message)`.
+    fn only_problem(text: &str) -> (String, Option<usize>, String) {
+        let e = Config::parse_with_env(text, "t.toml", &no_env).unwrap_err();
+        assert_eq!(e.problems.len(), 1, "{e}");
+        let p = &e.problems[0];
+        (p.key.clone(), p.line, p.message.clone())
+    }
+
+    /// A value of the wrong type names its key (the full path, whatever the section) and its line.
+    #[test]
+    fn wrong_types_name_key_and_line_in_every_section() {
+        let cases: [(&str, &str, &str, &str, usize); 8] = [
+            (
+                "max_iterations",
+                "model = \"m\"",
+                "model = \"m\"\nmax_iterations = \"lots\"",
+                "agents[0].max_iterations",
+                13,
+            ),
+            (
+                "server",
+                "listen = \"127.0.0.1:0\"",
+                "listen = \"127.0.0.1:0\"\nmax_message_bytes = \"big\"",
+                "server.max_message_bytes",
+                4,
+            ),
+            (
+                "server listen",
+                "listen = \"127.0.0.1:0\"",
+                "listen = 8080",
+                "server.listen",
+                3,
+            ),
+            (
+                "store",
+                "[providers.upstream]",
+                "[store]\nurl = 5\n\n[providers.upstream]",
+                "store.url",
+                6,
+            ),
+            (
+                "providers",
+                "kind = \"openai\"",
+                "kind = \"openai\"\ntimeout_s = \"slow\"",
+                "providers.upstream.timeout_s",
+                7,
+            ),
+            (
+                "agents list",
+                "tools = [\"calculator\"]",
+                "tools = \"calculator\"",
+                "agents[0].tools",
+                13,
+            ),
+            (
+                "skills",
+                "keywords = [\"Calculate\"]",
+                "keywords = [\"Calculate\", 7]",
+                "skills[0].keywords[1]",
+                18,
+            ),
+            ("missing field", "model = \"m\"\n", "", "agents[0].model", 9),
+        ];
+        for (what, from, to, key, line) in cases {
+            let text = GOOD.replacen(from, to, 1);
+            assert_ne!(text, GOOD, "{what}");
+            let (k, l, m) = only_problem(&text);
+            assert_eq!((k.as_str(), l), (key, Some(line)), "{what}: {m}");
+        }
+        let text =
+            format!("{GOOD}\n[[auth.keys]]\nprincipal = \"alice\"\nkey = \"k\"\nadmin = \"yes\"\n");
+        let (k, l, m) = only_problem(&text);
+        assert_eq!((k.as_str(), l), ("auth.keys[0].admin", Some(23)), "{m}");
+        assert!(
+            m.contains("invalid type: string \"yes\", expected a boolean"),
+            "{m}"
+        );
+
+        // The message a newcomer sees for the issue's example.
+        let text = GOOD.replace("model = \"m\"", "model = \"m\"\nmax_iterations = \"lots\"");
+        let e = Config::parse_with_env(&text, "t.toml", &no_env).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "t.toml: line 13: agents[0].max_iterations: invalid type: string \"lots\", expected u32"
+        );
+    }
+
+    #[test]
+    fn syntax_errors_have_a_line() {
+        let text = GOOD.replace("model = \"m\"", "model = \"m");
+        let (k, l, _) = only_problem(&text);
+        assert_eq!((k.as_str(), l), ("config", Some(12)));
+    }
+
+    #[test]
+    fn semantic_problems_have_the_line_of_their_value() {
+        let text = GOOD
+            .replace("listen = \"127.0.0.1:0\"", "listen = \"nowhere\"")
+            .replace(
+                "model = \"m\"",
+                "model = \"m\"\nmax_iterations = 0\ncompress_at = 2.0",
+            );
+        let e = Config::parse_with_env(&text, "t.toml", &no_env).unwrap_err();
+        let keys: Vec<(&str, Option<usize>)> = e
+            .problems
+            .iter()
+            .map(|p| (p.key.as_str(), p.line))
+            .collect();
+        assert!(keys.contains(&("server.listen", Some(3))), "{keys:?}");
+        assert!(
+            keys.contains(&("agents[0].max_iterations", Some(13))),
+            "{keys:?}"
+        );
+        assert!(
+            keys.contains(&("agents[0].compress_at", Some(14))),
+            "{keys:?}"
         );
     }
 
@@ -991,14 +1219,43 @@ keywords = ["Calculate"]
         let text =
             format!("{GOOD}\n[[auth.keys]]\nprincipal = \"alice\"\nkey_env = \"ALICE_KEY\"\n");
         let e = Config::parse_with_env(&text, "t.toml", &no_env).unwrap_err();
-        assert!(e
-            .to_string()
-            .contains("auth.keys[0].key_env: environment variable `ALICE_KEY` is not set"));
+        assert!(
+            e.to_string().contains(
+                "t.toml: line 22: auth.keys[0].key_env: environment variable `ALICE_KEY` is not set"
+            ),
+            "{e}"
+        );
         let c = Config::parse_with_env(&text, "t.toml", &|k| {
             (k == "ALICE_KEY").then(|| "sk-1".to_string())
         })
         .unwrap();
         assert_eq!(c.auth_keys[0].key, "sk-1");
         assert!(!format!("{:?}", c.auth_keys).contains("sk-1"));
+    }
+
+    /// `check` judges the file: an unset variable is reported apart (with key and line), not as an error; a
+    /// problem of the file still is one.
+    #[test]
+    fn check_reports_unset_variables_apart_from_problems() {
+        let text = format!(
+            "{GOOD}\n[[auth.keys]]\nprincipal = \"alice\"\nkey_env = \"ALICE_KEY\"\n\n[providers.other]\nkind = \"openai\"\nbase_url = \"http://x\"\napi_key_env = \"OTHER_KEY\"\n"
+        );
+        let checked = Config::check_with_env(&text, "t.toml", &no_env).unwrap();
+        let env: Vec<String> = checked.environment.iter().map(|p| p.to_string()).collect();
+        assert_eq!(
+            env,
+            vec![
+                "line 22: auth.keys[0].key_env: environment variable `ALICE_KEY` is not set",
+                "line 27: providers.other.api_key_env: environment variable `OTHER_KEY` is not set",
+            ]
+        );
+        // With the variables set there is nothing to report.
+        let checked = Config::check_with_env(&text, "t.toml", &|_| Some("v".into())).unwrap();
+        assert!(checked.environment.is_empty());
+        // A problem of the file is an error, unset variables or not.
+        let bad = text.replace("model = \"m\"", "model = \"m\"\nmultitask = \"sometimes\"");
+        let e = Config::check_with_env(&bad, "t.toml", &no_env).unwrap_err();
+        assert_eq!(e.problems.len(), 1, "{e}");
+        assert_eq!(e.problems[0].key, "agents[0].multitask");
     }
 }

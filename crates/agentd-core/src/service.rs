@@ -74,6 +74,32 @@ impl From<StoreError> for ServiceError {
 
 pub type ServiceResult<T> = Result<T, ServiceError>;
 
+/// The longest session title, in bytes (SPEC.md section 9, "Bounds").
+pub const MAX_TITLE_BYTES: usize = 1024;
+/// The largest session metadata, in bytes of its JSON (SPEC.md section 9, "Bounds").
+pub const MAX_METADATA_BYTES: usize = 16 * 1024;
+
+/// Refuses a title or metadata over the bounds, before anything is stored.
+fn check_session_fields(title: Option<&str>, metadata: &Value) -> ServiceResult<()> {
+    if let Some(t) = title {
+        if t.len() > MAX_TITLE_BYTES {
+            return Err(ServiceError::TooLarge(format!(
+                "`title` is {} bytes; the limit is {MAX_TITLE_BYTES}",
+                t.len()
+            )));
+        }
+    }
+    let size = serde_json::to_string(metadata)
+        .map_err(|e| ServiceError::Internal(format!("metadata: {e}")))?
+        .len();
+    if size > MAX_METADATA_BYTES {
+        return Err(ServiceError::TooLarge(format!(
+            "`metadata` is {size} bytes of JSON; the limit is {MAX_METADATA_BYTES}"
+        )));
+    }
+    Ok(())
+}
+
 /// A user message to send.
 #[derive(Clone, Debug, Default)]
 pub struct SendMessage {
@@ -193,6 +219,7 @@ impl Agentd {
         if !metadata.is_object() {
             return Err(ServiceError::Invalid("`metadata` must be an object".into()));
         }
+        check_session_fields(title.as_deref(), &metadata)?;
         let now = now_rfc3339();
         let session = Session {
             id: new_id(),
@@ -496,6 +523,14 @@ impl Agentd {
         content: String,
     ) -> ServiceResult<String> {
         self.session(p, session_id).await?;
+        let max = self.config.server.max_message_bytes;
+        if content.len() > max {
+            // Refused before the pending question is taken: it still waits for a reply of a fitting size.
+            return Err(ServiceError::TooLarge(format!(
+                "the reply is {} bytes; the limit is {max}",
+                content.len()
+            )));
+        }
         self.runs
             .reply(session_id, request_id, content)
             .map_err(|e| ServiceError::NotFound(e.to_string()))
@@ -552,7 +587,20 @@ impl Agentd {
         })
     }
 
-    /// Stores an upload in the session's workspace under a sanitised name.
+    /// The caller's session, if it is still open: a closed one is 409 `session_closed` (what a surface checks
+    /// before taking an upload's body).
+    pub async fn open_session(&self, p: &Principal, id: &str) -> ServiceResult<Session> {
+        let s = self.session(p, id).await?;
+        if s.status == SessionStatus::Closed {
+            return Err(ServiceError::Conflict {
+                code: "session_closed",
+                message: format!("session `{id}` is closed"),
+            });
+        }
+        Ok(s)
+    }
+
+    /// Stores an upload in the session's workspace under a sanitised name; a closed session takes none.
     pub async fn upload(
         &self,
         p: &Principal,
@@ -561,7 +609,7 @@ impl Agentd {
         content_type: &str,
         bytes: &[u8],
     ) -> ServiceResult<Upload> {
-        self.session(p, session_id).await?;
+        self.open_session(p, session_id).await?;
         if bytes.len() > self.config.server.max_upload_bytes {
             return Err(ServiceError::TooLarge(format!(
                 "the file is {} bytes; the limit is {}",

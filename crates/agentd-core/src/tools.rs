@@ -320,6 +320,95 @@ pub fn resolve_in_workspace(root: &Path, rel: &str) -> Result<PathBuf, String> {
 
 pub struct ReadFile;
 
+/// The most `read_file` returns.
+const READ_FILE_MAX: u64 = 256 * 1024;
+
+/// Opens `rel` inside `root` following no symbolic link: each directory is opened relative to the one before
+/// it with `O_NOFOLLOW`, and so is the file, so a link anywhere on the path (put there before or during the
+/// call) makes the open fail instead of leading outside. There is no check-then-open window: what is read is
+/// what was opened. `root` itself is the operator's setting and may contain links.
+#[cfg(unix)]
+fn open_in_workspace(root: &Path, rel: &str) -> Result<std::fs::File, String> {
+    use rustix::fs::{openat, statat, AtFlags, FileType, Mode, OFlags, CWD};
+    use rustix::io::Errno;
+
+    let mut parts = Vec::new();
+    for c in Path::new(rel).components() {
+        match c {
+            Component::Normal(p) => parts.push(p),
+            Component::CurDir => {}
+            _ => {
+                return Err(format!(
+                    "`{rel}` must be a relative path inside the session workspace"
+                ))
+            }
+        }
+    }
+    let Some((file, dirs)) = parts.split_last() else {
+        return Err(format!("`{rel}` names no file"));
+    };
+    let explain = |e: Errno| {
+        match e {
+        Errno::LOOP | Errno::MLINK => format!(
+            "`{rel}` goes through a symbolic link; read_file follows none, so it cannot lead outside the session workspace"
+        ),
+        Errno::NOENT | Errno::NOTDIR => format!("no file `{rel}` in the workspace"),
+        other => format!("cannot read `{rel}`: {}", std::io::Error::from(other)),
+    }
+    };
+    let dir_flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    let mut dir = openat(CWD, root, dir_flags, Mode::empty())
+        .map_err(|_| format!("no file `{rel}` in the workspace"))?;
+    for d in dirs {
+        dir = match openat(&dir, *d, dir_flags | OFlags::NOFOLLOW, Mode::empty()) {
+            Ok(next) => next,
+            // A link to a directory fails as "not a directory": say what it is (the message only).
+            Err(Errno::NOTDIR)
+                if statat(&dir, *d, AtFlags::SYMLINK_NOFOLLOW)
+                    .is_ok_and(|st| FileType::from_raw_mode(st.st_mode).is_symlink()) =>
+            {
+                return Err(explain(Errno::LOOP))
+            }
+            Err(e) => return Err(explain(e)),
+        };
+    }
+    // NONBLOCK: a FIFO in the workspace must not hang the tool; NOCTTY: a terminal is never adopted.
+    let flags =
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
+    let fd = openat(&dir, *file, flags, Mode::empty()).map_err(explain)?;
+    Ok(std::fs::File::from(fd))
+}
+
+/// Where Unix's `openat` is missing: resolve, then open (not race-free).
+#[cfg(not(unix))]
+fn open_in_workspace(root: &Path, rel: &str) -> Result<std::fs::File, String> {
+    let path = resolve_in_workspace(root, rel)?;
+    std::fs::File::open(&path).map_err(|_| format!("no file `{rel}` in the workspace"))
+}
+
+/// Reads a regular file of the workspace, at most [`READ_FILE_MAX`] bytes.
+fn read_in_workspace(root: &Path, rel: &str) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let file = open_in_workspace(root, rel)?;
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("cannot read `{rel}`: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("`{rel}` is not a regular file"));
+    }
+    if meta.len() > READ_FILE_MAX {
+        return Err(format!("`{rel}` is larger than {READ_FILE_MAX} bytes"));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(READ_FILE_MAX + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read `{rel}`: {e}"))?;
+    if bytes.len() as u64 > READ_FILE_MAX {
+        return Err(format!("`{rel}` is larger than {READ_FILE_MAX} bytes"));
+    }
+    Ok(bytes)
+}
+
 #[async_trait]
 impl Tool for ReadFile {
     fn spec(&self) -> ToolSpec {
@@ -336,24 +425,15 @@ impl Tool for ReadFile {
     }
     async fn call(&self, args: &Value, ctx: &ToolContext) -> ToolOutput {
         let rel = match str_arg(args, "path") {
-            Ok(p) => p,
+            Ok(p) => p.to_string(),
             Err(e) => return e,
         };
-        let path = match resolve_in_workspace(&ctx.workspace, rel) {
-            Ok(p) => p,
-            Err(e) => return ToolOutput::err(e),
-        };
-        const MAX: u64 = 256 * 1024;
-        match tokio::fs::metadata(&path).await {
-            Ok(m) if m.len() > MAX => {
-                return ToolOutput::err(format!("`{rel}` is larger than {MAX} bytes"))
-            }
-            Ok(_) => {}
-            Err(_) => return ToolOutput::err(format!("no file `{rel}` in the workspace")),
-        }
-        match tokio::fs::read(&path).await {
-            Ok(bytes) => ToolOutput::ok(String::from_utf8_lossy(&bytes).into_owned()),
-            Err(e) => ToolOutput::err(format!("cannot read `{rel}`: {e}")),
+        let root = ctx.workspace.clone();
+        let read = tokio::task::spawn_blocking(move || read_in_workspace(&root, &rel)).await;
+        match read {
+            Ok(Ok(bytes)) => ToolOutput::ok(String::from_utf8_lossy(&bytes).into_owned()),
+            Ok(Err(message)) => ToolOutput::err(message),
+            Err(e) => ToolOutput::err(format!("read_file failed: {e}")),
         }
     }
 }
@@ -411,5 +491,131 @@ mod tests {
         assert!(resolve_in_workspace(dir.path(), "../etc/passwd").is_err());
         assert!(resolve_in_workspace(dir.path(), "/etc/passwd").is_err());
         assert!(resolve_in_workspace(dir.path(), "a/../../x").is_err());
+    }
+
+    struct NoHuman;
+
+    #[async_trait]
+    impl HumanInput for NoHuman {
+        async fn ask(&self, _question: &str) -> Result<String, String> {
+            Err("nobody".into())
+        }
+    }
+
+    fn context(workspace: &Path) -> ToolContext {
+        ToolContext {
+            workspace: workspace.to_path_buf(),
+            human: Arc::new(NoHuman),
+        }
+    }
+
+    async fn read(ctx: &ToolContext, path: &str) -> ToolOutput {
+        ReadFile.call(&json!({ "path": path }), ctx).await
+    }
+
+    #[tokio::test]
+    async fn read_file_reads_inside_and_follows_no_link() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret.txt"), "OUTSIDE-SECRET").unwrap();
+        std::fs::create_dir(outside.path().join("dir")).unwrap();
+        std::fs::write(outside.path().join("dir/x.txt"), "OUTSIDE-SECRET").unwrap();
+        let ws = tempfile::tempdir().unwrap();
+        std::fs::create_dir(ws.path().join("sub")).unwrap();
+        std::fs::write(ws.path().join("sub/a.txt"), "inside").unwrap();
+        std::os::unix::fs::symlink(
+            outside.path().join("secret.txt"),
+            ws.path().join("link.txt"),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(outside.path().join("dir"), ws.path().join("linkdir")).unwrap();
+        std::os::unix::fs::symlink("sub/a.txt", ws.path().join("inner-link.txt")).unwrap();
+        let ctx = context(ws.path());
+
+        assert_eq!(read(&ctx, "sub/a.txt").await, ToolOutput::ok("inside"));
+        assert_eq!(read(&ctx, "./sub/./a.txt").await, ToolOutput::ok("inside"));
+        for path in ["link.txt", "linkdir/x.txt", "inner-link.txt"] {
+            let out = read(&ctx, path).await;
+            assert!(!out.success, "{path}: {out:?}");
+            assert!(out.content.contains("symbolic link"), "{path}: {out:?}");
+        }
+        for path in ["../secret.txt", "/etc/passwd", "sub/../../x"] {
+            let out = read(&ctx, path).await;
+            assert!(!out.success, "{path}: {out:?}");
+            assert!(
+                out.content.contains("inside the session workspace"),
+                "{path}: {out:?}"
+            );
+        }
+        let out = read(&ctx, "missing.txt").await;
+        assert_eq!(
+            out,
+            ToolOutput::err("no file `missing.txt` in the workspace")
+        );
+        let out = read(&ctx, "sub").await;
+        assert_eq!(out, ToolOutput::err("`sub` is not a regular file"));
+        std::fs::write(ws.path().join("big.txt"), vec![b'x'; 256 * 1024 + 1]).unwrap();
+        let out = read(&ctx, "big.txt").await;
+        assert!(
+            !out.success && out.content.contains("larger than"),
+            "{out:?}"
+        );
+    }
+
+    /// The race the security probe won (2-12 reads in 400): a file swapped for a link to outside between a
+    /// check and the open. A thread swaps `f.txt` between a regular file and such a link as fast as it can
+    /// while the tool reads it thousands of times: no read ever returns the outside file, and both states were
+    /// seen (so the swap really raced the reads).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn read_file_never_follows_a_link_swapped_in_while_it_opens() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let outside = tempfile::tempdir().unwrap();
+        let secret = outside.path().join("secret.txt");
+        std::fs::write(&secret, "OUTSIDE-SECRET").unwrap();
+        let ws = tempfile::tempdir().unwrap();
+        let target = ws.path().join("f.txt");
+        std::fs::write(&target, "inside").unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let swapper = {
+            let stop = stop.clone();
+            let dir = ws.path().to_path_buf();
+            std::thread::spawn(move || {
+                let (file_tmp, link_tmp) = (dir.join("file.tmp"), dir.join("link.tmp"));
+                while !stop.load(Ordering::Relaxed) {
+                    // Each state appears atomically through a rename over `f.txt`.
+                    let _ = std::fs::remove_file(&link_tmp);
+                    std::os::unix::fs::symlink(&secret, &link_tmp).unwrap();
+                    std::fs::rename(&link_tmp, dir.join("f.txt")).unwrap();
+                    std::fs::write(&file_tmp, "inside").unwrap();
+                    std::fs::rename(&file_tmp, dir.join("f.txt")).unwrap();
+                }
+            })
+        };
+        let ctx = context(ws.path());
+        // The probe won 2-12 times in 400; the check-then-open code this replaced lost here about one run in
+        // three at 400 calls, and in 10 runs of 10 at this many (about two seconds).
+        const CALLS: usize = 20_000;
+        let (mut inside, mut refused, mut calls) = (0, 0, 0);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while calls < CALLS || inside == 0 || refused == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{calls} calls, {inside} read inside, {refused} refused"
+            );
+            let out = read(&ctx, "f.txt").await;
+            calls += 1;
+            assert!(
+                !out.content.contains("OUTSIDE"),
+                "call {calls} read outside: {out:?}"
+            );
+            if out.success {
+                assert_eq!(out.content, "inside");
+                inside += 1;
+            } else {
+                assert!(out.content.contains("symbolic link"), "{out:?}");
+                refused += 1;
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        swapper.join().unwrap();
     }
 }

@@ -50,11 +50,18 @@ pub fn bearer(parts: &Parts) -> Option<&str> {
         .headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim)
+        .and_then(bearer_credentials)
+}
+
+/// The credentials of a `Bearer` authorization value. The scheme is case-insensitive (RFC 7235 section 2.1:
+/// `Bearer`, `bearer`, `BEARER` alike), followed by one or more spaces.
+fn bearer_credentials(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.trim_start().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let key = rest.trim();
+    (!key.is_empty()).then_some(key)
 }
 
 /// `?api_key=KEY` (WebSocket and SSE, where browsers cannot set headers).
@@ -163,5 +170,28 @@ mod tests {
         assert!(keys.check(None).is_none());
         assert_eq!(Keys::new(&[]).check(None).unwrap().name, "local");
         assert_eq!(percent_decode("a%20b+c%2"), "a b c%2");
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for value in [
+            "Bearer sk-a",
+            "bearer sk-a",
+            "BEARER sk-a",
+            "bEaReR sk-a",
+            "Bearer   sk-a ",
+        ] {
+            assert_eq!(bearer_credentials(value), Some("sk-a"), "{value:?}");
+        }
+        for value in [
+            "Basic sk-a",
+            "Bearersk-a",
+            "Bearer",
+            "Bearer   ",
+            "sk-a",
+            "Token sk-a",
+        ] {
+            assert_eq!(bearer_credentials(value), None, "{value:?}");
+        }
     }
 }

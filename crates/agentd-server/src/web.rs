@@ -1,4 +1,4 @@
-//! The web chat page (SPEC.md section 3: `GET /` and its assets, no auth). The three files under `web/static/`
+//! The web chat page (SPEC.md section 3: `GET /` and its assets, no auth). The four files under `web/static/`
 //! are compiled into the binary, so the page works offline and a deployment is one file. The page asks for an
 //! API key itself when `/v1` answers 401.
 //!
@@ -14,6 +14,8 @@ use crate::AppState;
 
 const INDEX_HTML: &str = include_str!("../../../web/static/index.html");
 const APP_JS: &str = include_str!("../../../web/static/app.js");
+/// The error codes and event types the page and the server share (`tests/codes.rs` holds both to it).
+const CODES_JS: &str = include_str!("../../../web/static/codes.js");
 const APP_CSS: &str = include_str!("../../../web/static/app.css");
 
 const CSP: &str =
@@ -34,6 +36,10 @@ fn assets<S: Clone + Send + Sync + 'static>() -> Router<S> {
         .route(
             "/assets/app.js",
             get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }),
+        )
+        .route(
+            "/assets/codes.js",
+            get(|| async { asset("text/javascript; charset=utf-8", CODES_JS) }),
         )
         .route(
             "/assets/app.css",
@@ -76,6 +82,7 @@ mod tests {
         for (path, ty, marker) in [
             ("/", "text/html", "/assets/app.js"),
             ("/assets/app.js", "text/javascript", "new WebSocket("),
+            ("/assets/codes.js", "text/javascript", "AGENTD_CODES"),
             ("/assets/app.css", "text/css", "#transcript"),
         ] {
             let resp = http.get(format!("{url}{path}")).send().await.unwrap();
@@ -103,6 +110,7 @@ mod tests {
         for (name, text) in [
             ("index.html", INDEX_HTML),
             ("app.js", APP_JS),
+            ("codes.js", CODES_JS),
             ("app.css", APP_CSS),
         ] {
             for scheme in ["http://", "https://", "//cdn", "@import"] {

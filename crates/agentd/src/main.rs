@@ -44,7 +44,8 @@ enum Command {
         #[arg(long, env = "AGENTD_API_KEY")]
         api_key: Option<String>,
     },
-    /// Validate a config file: print each problem with its line and key; exit 1 if there is any.
+    /// Validate a config file: print each problem with its line and key; exit 1 if there is any. An unset
+    /// `*_env` variable is a warning (the file is right; `serve` needs the variable where it runs).
     CheckConfig {
         /// The TOML config file.
         file: PathBuf,
@@ -65,31 +66,56 @@ fn init_logging() {
     }
 }
 
+fn read_config(path: &PathBuf) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))
+}
+
+/// The config `serve` runs with: every problem of the file or of the environment (an unset `*_env`
+/// variable) stops it.
 fn load_config(path: &PathBuf) -> Result<Config, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    let text = read_config(path)?;
     Config::parse(&text, &path.display().to_string()).map_err(|e| e.to_string())
+}
+
+/// `check-config`: judges the file; what the environment lacks is a warning.
+fn check_config(file: &PathBuf) -> ExitCode {
+    let checked = read_config(file).and_then(|text| {
+        Config::check(&text, &file.display().to_string()).map_err(|e| e.to_string())
+    });
+    match checked {
+        Ok(checked) => {
+            for w in &checked.environment {
+                eprintln!(
+                    "{}: warning: {w} (`agentd serve` refuses to start until it is set)",
+                    file.display()
+                );
+            }
+            let c = &checked.config;
+            let warnings = match checked.environment.len() {
+                0 => String::new(),
+                1 => ", 1 warning".to_string(),
+                n => format!(", {n} warnings"),
+            };
+            println!(
+                "{}: ok ({} agents, {} providers, {} skills{warnings})",
+                file.display(),
+                c.agents.len(),
+                c.providers.len(),
+                c.skills.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::CheckConfig { file } => match load_config(&file) {
-            Ok(c) => {
-                println!(
-                    "{}: ok ({} agents, {} providers, {} skills)",
-                    file.display(),
-                    c.agents.len(),
-                    c.providers.len(),
-                    c.skills.len()
-                );
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("{e}");
-                ExitCode::FAILURE
-            }
-        },
+        Command::CheckConfig { file } => check_config(&file),
         Command::Serve { config, listen } => {
             init_logging();
             let runtime = match serve_runtime().enable_all().build() {

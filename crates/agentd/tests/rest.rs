@@ -554,7 +554,10 @@ async fn check_config_reports_key_and_line() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("line 3: lisen"), "{err}");
+    assert!(
+        err.contains("line 3: server.lisen: unknown field `lisen`"),
+        "{err}"
+    );
 }
 
 #[tokio::test]

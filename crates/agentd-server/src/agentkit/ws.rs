@@ -190,9 +190,11 @@ async fn handle_frame(st: &AppState, p: &Principal, session_id: &str, raw: &str)
                 Some(Value::String(s)) => s.clone(),
                 Some(other) => other.to_string(),
             };
-            // The seed ignores a reply nobody waits for; so does this.
-            let _ = st.app.reply(p, session_id, request_id, content).await;
-            None
+            // The seed ignores a reply nobody waits for; so does this. One over the size limit is refused.
+            match st.app.reply(p, session_id, request_id, content).await {
+                Err(e @ ServiceError::TooLarge(_)) => Some(error_frame(&refusal(&e))),
+                _ => None,
+            }
         }
         Some("cancel") => match st.app.cancel(p, session_id, None).await {
             // The run's `run_finished` renders the `result` frame for every client of the session.

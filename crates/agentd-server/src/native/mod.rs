@@ -263,8 +263,8 @@ async fn upload(
     Path(id): Path<String>,
     mut form: Multipart,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    // Ownership first, so a stranger learns nothing and uploads nothing.
-    st.app.session(&p, &id).await?;
+    // Ownership first, so a stranger learns nothing and uploads nothing; a closed session takes no upload.
+    st.app.open_session(&p, &id).await?;
     let limit = st.app.config.server.max_upload_bytes;
     loop {
         let field = form

@@ -4,7 +4,7 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use futures_util::stream::{self, Stream, StreamExt};
@@ -19,7 +19,7 @@ pub async fn events(
     State(st): State<AppState>,
     StreamCaller(p): StreamCaller,
     Path(id): Path<String>,
-    Query(q): Query<AfterQuery>,
+    q: AfterQuery,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
     let last_event_id = headers

@@ -8,7 +8,8 @@
 use agentd_core::event::LoggedEvent;
 use agentd_core::service::{Attached, Principal, SendMessage, ServiceError};
 use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
 use axum::response::Response;
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
@@ -23,16 +24,36 @@ use crate::AppState;
 /// The largest client frame (images travel inline).
 pub const MAX_CLIENT_FRAME: usize = 64 * 1024 * 1024;
 
-#[derive(Deserialize)]
+/// `?after=N` of the native WebSocket and SSE: a seq (a whole number, 0 or more). Anything else is a 400 in the
+/// native error shape (`invalid_request`), like every other bad request.
 pub struct AfterQuery {
     pub after: Option<u64>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for AfterQuery {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        #[derive(Deserialize)]
+        struct Raw {
+            after: Option<String>,
+        }
+        let Query(raw) = Query::<Raw>::try_from_uri(&parts.uri)?;
+        let after = match raw.after {
+            None => None,
+            Some(v) => Some(v.trim().parse::<u64>().map_err(|_| {
+                ApiError::invalid("`after` must be a seq: a whole number, 0 or more")
+            })?),
+        };
+        Ok(AfterQuery { after })
+    }
 }
 
 pub async fn upgrade(
     State(st): State<AppState>,
     StreamCaller(p): StreamCaller,
     Path(id): Path<String>,
-    Query(q): Query<AfterQuery>,
+    q: AfterQuery,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     // One of the principal's stream slots, held by the socket's task (refused with 429 before the upgrade).
