@@ -111,7 +111,10 @@ impl Store for MemoryStore {
             .iter()
             .any(|(r, _)| r.session_id == run.session_id && r.id == run.id)
         {
-            return Err(StoreError::Conflict(format!("run {} already exists", run.id)));
+            return Err(StoreError::Conflict(format!(
+                "run {} already exists",
+                run.id
+            )));
         }
         if let Some(c) = client_message_id {
             if inner

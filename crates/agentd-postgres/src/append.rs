@@ -63,7 +63,10 @@ const RECORD_FIRST_SEQ: &str =
 type Op<'a> = Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'a>>;
 
 /// Appends `batch` in one transaction on a task of its own (see the module docs).
-pub(crate) async fn append(pool: &Pool, batch: Vec<LogEntry>) -> StoreResult<Vec<Arc<LoggedEvent>>> {
+pub(crate) async fn append(
+    pool: &Pool,
+    batch: Vec<LogEntry>,
+) -> StoreResult<Vec<Arc<LoggedEvent>>> {
     check(&batch)?;
     let pool = pool.clone();
     tokio::spawn(async move {
@@ -241,7 +244,11 @@ async fn commit(client: &Object, batch: Vec<LogEntry>) -> StoreResult<Vec<Arc<Lo
                         ops.push(Box::pin(client.execute_raw(upsert_message, params)));
                     }
                 }
-                RowChange::Run { run, values, status } => {
+                RowChange::Run {
+                    run,
+                    values,
+                    status,
+                } => {
                     let params: Vec<&(dyn ToSql + Sync)> = vec![
                         &run.session_id,
                         &run.id,
@@ -345,7 +352,9 @@ impl<'a> Prepared<'a> {
             // started), never a delta: recording it here costs nothing on the token path.
             if matches!(
                 event.event.kind,
-                EventKind::Message { .. } | EventKind::RunStarted { .. } | EventKind::RunFinished { .. }
+                EventKind::Message { .. }
+                    | EventKind::RunStarted { .. }
+                    | EventKind::RunFinished { .. }
             ) {
                 p.rows.push(RowChange::FirstSeq { event, seq });
             }

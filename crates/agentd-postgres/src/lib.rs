@@ -263,7 +263,11 @@ impl Store for PgStore {
         let rows = self
             .query(
                 "reading a session",
-                concat!("SELECT ", session_columns!(), " FROM sessions WHERE id = $1"),
+                concat!(
+                    "SELECT ",
+                    session_columns!(),
+                    " FROM sessions WHERE id = $1"
+                ),
                 &[&id],
             )
             .await?;
@@ -646,7 +650,8 @@ mod tests {
 
     #[test]
     fn printable_urls_never_show_the_password() {
-        let t = Target::parse("postgres://agentd:s3cret@db.example:6543/agentd?sslmode=disable").unwrap();
+        let t = Target::parse("postgres://agentd:s3cret@db.example:6543/agentd?sslmode=disable")
+            .unwrap();
         assert_eq!(t.name, "postgres://agentd@db.example:6543/agentd");
         let t = Target::parse("postgresql://postgres@127.0.0.1").unwrap();
         assert_eq!(t.name, "postgres://postgres@127.0.0.1:5432/postgres");

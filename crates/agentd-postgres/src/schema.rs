@@ -58,9 +58,12 @@ pub(crate) async fn migrate(client: &mut Client) -> StoreResult<()> {
         tx.execute("DELETE FROM agentd_schema", &[])
             .await
             .map_err(|e| pg("clearing the schema version", e))?;
-        tx.execute("INSERT INTO agentd_schema (version) VALUES ($1)", &[&latest])
-            .await
-            .map_err(|e| pg("recording the schema version", e))?;
+        tx.execute(
+            "INSERT INTO agentd_schema (version) VALUES ($1)",
+            &[&latest],
+        )
+        .await
+        .map_err(|e| pg("recording the schema version", e))?;
     }
     tx.commit()
         .await

@@ -140,18 +140,15 @@ fn on_own_runtime<T: Send + 'static>(
 async fn connect(url: &str) -> Result<tokio_postgres::Client, String> {
     let mut config: tokio_postgres::Config = url.parse().map_err(|e| format!("{e}"))?;
     config.connect_timeout(std::time::Duration::from_secs(5));
-    let (client, connection) = config
-        .connect(NoTls)
-        .await
-        .map_err(|e| {
-            let mut text = format!("cannot connect: {e}");
-            let mut source = std::error::Error::source(&e);
-            while let Some(cause) = source {
-                text.push_str(&format!(": {cause}"));
-                source = cause.source();
-            }
-            text
-        })?;
+    let (client, connection) = config.connect(NoTls).await.map_err(|e| {
+        let mut text = format!("cannot connect: {e}");
+        let mut source = std::error::Error::source(&e);
+        while let Some(cause) = source {
+            text.push_str(&format!(": {cause}"));
+            source = cause.source();
+        }
+        text
+    })?;
     tokio::spawn(async move {
         let _ = connection.await;
     });

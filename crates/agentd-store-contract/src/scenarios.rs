@@ -504,8 +504,14 @@ pub async fn the_event_log_group_commits_many_queued_events_in_few_batches(h: &d
         if k == 0 {
             expected.push("last".into());
         }
-        assert_eq!(seqs(&events), (1..=expected.len() as u64).collect::<Vec<_>>());
-        assert_eq!(events.iter().map(|e| text_of(e)).collect::<Vec<_>>(), expected);
+        assert_eq!(
+            seqs(&events),
+            (1..=expected.len() as u64).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            events.iter().map(|e| text_of(e)).collect::<Vec<_>>(),
+            expected
+        );
     }
 }
 
@@ -591,7 +597,10 @@ pub async fn pruning_keeps_the_latest_runs_and_seq_continues(h: &dyn Harness) {
         store.first_seq_of_run(&s.id, &runs[3].id).await.unwrap(),
         Some(13)
     );
-    assert_eq!(store.first_seq_of_run(&s.id, "no-such-run").await.unwrap(), None);
+    assert_eq!(
+        store.first_seq_of_run(&s.id, "no-such-run").await.unwrap(),
+        None
+    );
 
     // Keeping more runs than exist deletes nothing.
     store.prune_events(&s.id, 20).await.unwrap();
