@@ -41,7 +41,10 @@ impl GatedStore {
                 active_run_id: None,
                 principal: "local".into(),
             };
-            inner.create_session(&session).await.unwrap();
+            inner
+                .create_session(&session)
+                .await
+                .expect("a new session");
         }
         Arc::new(GatedStore {
             inner,

@@ -3,6 +3,9 @@
 //! database cannot be reached or refuses it. (`AGENTD_TEST_STORE=postgres` runs every other suite on Postgres.)
 //! Skipped when no Postgres is reachable, unless CI=true or AGENTD_REQUIRE_PG=1.
 
+// Tests may unwrap: a panic is the failure report.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::sync::Arc;
