@@ -41,10 +41,7 @@ impl GatedStore {
                 active_run_id: None,
                 principal: "local".into(),
             };
-            inner
-                .create_session(&session)
-                .await
-                .expect("a new session");
+            inner.create_session(&session).await.expect("a new session");
         }
         Arc::new(GatedStore {
             inner,
