@@ -3,8 +3,9 @@
 //! directory, so a server restarted on the same directory finds its data again.
 //!
 //! A directory's database is dropped once every `Server` on it, its app and the directory are gone. Databases
-//! of configs written by hand (`config_text` for a spawned binary), and any the reaper had no time for, live
-//! until the process ends; the next test process drops them (their names carry the pid of a gone process).
+//! of configs written by hand (`config_text` for a spawned binary), and any the reaper had no time for (a
+//! `DROP DATABASE` waits for a checkpoint, so the last few of a test binary usually remain), live until the
+//! process ends; the next test process drops them (their names carry the pid of a gone process).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
