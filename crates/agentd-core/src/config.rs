@@ -120,6 +120,7 @@ struct RawServer {
 #[serde(deny_unknown_fields)]
 struct RawStore {
     url: Option<Spanned<String>>,
+    max_connections: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -196,8 +197,10 @@ struct RawSkill {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     pub server: ServerSettings,
-    /// `sqlite://path` or a bare path.
+    /// `sqlite://path`, a bare path, or `postgres://...`.
     pub store_url: String,
+    /// `store.max_connections`: the most database connections a postgres store opens (default 16, 1..=1000).
+    pub store_max_connections: usize,
     /// Empty means no auth.
     pub auth_keys: Vec<ApiKey>,
     pub providers: BTreeMap<String, ProviderSettings>,
@@ -642,18 +645,24 @@ impl Validator<'_> {
         if server.event_retention_runs < 20 {
             self.problem::<()>("server.event_retention_runs", None, "must be at least 20");
         }
-        let url_at = raw.store.url.as_ref().map(|u| u.span());
         let store_url = raw.store.url.map_or_else(
             || "sqlite://data/agentd.db".to_string(),
             Spanned::into_inner,
         );
-        if store_url.starts_with("postgres://") || store_url.starts_with("postgresql://") {
-            self.problem_at(
-                "store.url",
-                url_at,
-                "postgres stores are not supported yet; use sqlite://PATH",
-            );
-        }
+        let store_max_connections = match &raw.store.max_connections {
+            None => 16,
+            Some(n) => match usize::try_from(*n.get_ref()) {
+                Ok(v @ 1..=1000) => v,
+                _ => {
+                    self.problem(
+                        "store.max_connections",
+                        Some(n),
+                        "must be between 1 and 1000",
+                    );
+                    16
+                }
+            },
+        };
 
         let mut auth_keys = Vec::new();
         let mut seen_keys = HashSet::new();
@@ -914,6 +923,7 @@ impl Validator<'_> {
         Config {
             server,
             store_url,
+            store_max_connections,
             auth_keys,
             providers,
             agents,
@@ -1257,5 +1267,24 @@ keywords = ["Calculate"]
         let e = Config::check_with_env(&bad, "t.toml", &no_env).unwrap_err();
         assert_eq!(e.problems.len(), 1, "{e}");
         assert_eq!(e.problems[0].key, "agents[0].multitask");
+    }
+
+    #[test]
+    fn postgres_store_and_its_connection_cap() {
+        let c = Config::parse_with_env(GOOD, "t.toml", &no_env).unwrap();
+        assert_eq!(c.store_url, "sqlite://data/agentd.db");
+        assert_eq!(c.store_max_connections, 16);
+        let text = format!(
+            "{GOOD}\n[store]\nurl = \"postgres://agentd@127.0.0.1:5432/agentd\"\nmax_connections = 4\n"
+        );
+        let c = Config::parse_with_env(&text, "t.toml", &no_env).unwrap();
+        assert_eq!(c.store_url, "postgres://agentd@127.0.0.1:5432/agentd");
+        assert_eq!(c.store_max_connections, 4);
+        for bad in ["0", "1001", "-1"] {
+            let text = format!("{GOOD}\n[store]\nmax_connections = {bad}\n");
+            let e = Config::parse_with_env(&text, "t.toml", &no_env).unwrap_err();
+            assert_eq!(e.problems[0].key, "store.max_connections", "{e}");
+            assert!(e.problems[0].line.is_some(), "{e}");
+        }
     }
 }

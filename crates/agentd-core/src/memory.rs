@@ -43,7 +43,14 @@ impl Store for MemoryStore {
         "memory".into()
     }
     async fn create_session(&self, session: &Session) -> StoreResult<()> {
-        self.lock().sessions.push(session.clone());
+        let mut inner = self.lock();
+        if inner.sessions.iter().any(|s| s.id == session.id) {
+            return Err(StoreError::Conflict(format!(
+                "session {} already exists",
+                session.id
+            )));
+        }
+        inner.sessions.push(session.clone());
         Ok(())
     }
     async fn get_session(&self, id: &str) -> StoreResult<Option<Session>> {
@@ -96,6 +103,19 @@ impl Store for MemoryStore {
     }
     async fn create_run(&self, run: &Run, client_message_id: Option<&str>) -> StoreResult<()> {
         let mut inner = self.lock();
+        if !inner.sessions.iter().any(|s| s.id == run.session_id) {
+            return Err(StoreError::NotFound);
+        }
+        if inner
+            .runs
+            .iter()
+            .any(|(r, _)| r.session_id == run.session_id && r.id == run.id)
+        {
+            return Err(StoreError::Conflict(format!(
+                "run {} already exists",
+                run.id
+            )));
+        }
         if let Some(c) = client_message_id {
             if inner
                 .runs
@@ -140,7 +160,13 @@ impl Store for MemoryStore {
             .collect())
     }
     async fn update_run(&self, run: &Run) -> StoreResult<()> {
-        upsert_run(&mut self.lock().runs, run);
+        let mut inner = self.lock();
+        let (r, _) = inner
+            .runs
+            .iter_mut()
+            .find(|(r, _)| r.session_id == run.session_id && r.id == run.id)
+            .ok_or(StoreError::NotFound)?;
+        *r = run.clone();
         Ok(())
     }
     async fn unfinished_runs(&self) -> StoreResult<Vec<Run>> {
@@ -154,6 +180,27 @@ impl Store for MemoryStore {
     }
     async fn append_events(&self, batch: Vec<LogEntry>) -> StoreResult<Vec<Arc<LoggedEvent>>> {
         let mut inner = self.lock();
+        // The whole batch or nothing: check every entry before changing anything.
+        for entry in &batch {
+            let session = &entry.event.session_id;
+            if !inner.sessions.iter().any(|s| &s.id == session) {
+                return Err(StoreError::NotFound);
+            }
+            if let EventKind::Message { message } = &entry.event.kind {
+                if &message.session_id != session {
+                    return Err(StoreError::Other(format!(
+                        "message {} belongs to session {} but its event to session {session}",
+                        message.id, message.session_id
+                    )));
+                }
+            }
+            if let Some(run) = entry.run.as_ref().filter(|r| &r.session_id != session) {
+                return Err(StoreError::Other(format!(
+                    "run {} belongs to session {} but its event to session {session}",
+                    run.id, run.session_id
+                )));
+            }
+        }
         let mut out = Vec::with_capacity(batch.len());
         for entry in batch {
             let e = entry.event;
@@ -241,10 +288,14 @@ impl Store for MemoryStore {
             return Ok(());
         }
         let keep: Vec<String> = runs[runs.len() - keep_runs..].to_vec();
+        // Runs are sequential, so the older runs' events are the prefix before the first kept run's event; with
+        // no event of a kept run stored, all of them.
         if let Some(v) = inner.events.get_mut(session_id) {
-            if let Some(first) = v.iter().position(|e| keep.contains(&e.event.run_id)) {
-                v.drain(..first);
-            }
+            let first = v
+                .iter()
+                .position(|e| keep.contains(&e.event.run_id))
+                .unwrap_or(v.len());
+            v.drain(..first);
         }
         Ok(())
     }

@@ -1,4 +1,6 @@
-//! The storage seam. One small trait; SQLite implements it now (crate `agentd-sqlite`), Postgres can later.
+//! The storage seam. One small trait, implemented on SQLite (crate `agentd-sqlite`), PostgreSQL
+//! (`agentd-postgres`) and in memory ([`crate::memory`]). The promises below are written down as scenarios in
+//! crate `agentd-store-contract`, which every implementation's tests run.
 //!
 //! Invariants every implementation keeps:
 //! - `append_events` assigns each event the next `seq` of its session (from 1, strictly increasing, no gaps),

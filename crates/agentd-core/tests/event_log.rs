@@ -25,9 +25,26 @@ struct GatedStore {
 }
 
 impl GatedStore {
-    fn new() -> Arc<GatedStore> {
+    /// A store holding the sessions `ids` (a store refuses events of a session it does not have).
+    async fn new(ids: &[&str]) -> Arc<GatedStore> {
+        let inner = MemoryStore::default();
+        for id in ids {
+            let now = agentd_core::domain::now_rfc3339();
+            let session = Session {
+                id: id.to_string(),
+                agent: "assistant".into(),
+                title: None,
+                status: agentd_core::domain::SessionStatus::Active,
+                metadata: serde_json::json!({}),
+                created_at: now.clone(),
+                updated_at: now,
+                active_run_id: None,
+                principal: "local".into(),
+            };
+            inner.create_session(&session).await.expect("a new session");
+        }
         Arc::new(GatedStore {
-            inner: MemoryStore::default(),
+            inner,
             gate: Semaphore::new(0),
             fail_next_row_call: AtomicBool::new(false),
             row_calls: AtomicUsize::new(0),
@@ -187,7 +204,7 @@ async fn row_calls_reach(store: &GatedStore, n: usize) {
 
 #[tokio::test]
 async fn a_pending_row_change_holds_up_only_its_own_session() {
-    let store = GatedStore::new();
+    let store = GatedStore::new(&["a", "b"]).await;
     let log = EventLog::start(store.clone());
     let mut sub_a = log.subscribe("a", 0);
     let mut sub_b = log.subscribe("b", 0);
@@ -225,7 +242,7 @@ async fn a_pending_row_change_holds_up_only_its_own_session() {
 
 #[tokio::test]
 async fn a_failed_row_change_leaves_no_gap_and_frees_its_session() {
-    let store = GatedStore::new();
+    let store = GatedStore::new(&["a"]).await;
     let log = EventLog::start(store.clone());
     let mut sub = log.subscribe("a", 0);
 
@@ -256,11 +273,11 @@ async fn a_failed_row_change_leaves_no_gap_and_frees_its_session() {
 async fn many_sessions_mixing_row_changes_and_tokens_keep_each_stream_in_order() {
     const SESSIONS: usize = 8;
     const EVENTS: usize = 200;
-    let store = GatedStore::new();
+    let ids: Vec<String> = (0..SESSIONS).map(|i| format!("s{i}")).collect();
+    let store = GatedStore::new(&ids.iter().map(String::as_str).collect::<Vec<_>>()).await;
     // Enough permits for every row change; they still take a detour through their own task.
     store.gate.add_permits(SESSIONS * EVENTS);
     let log = EventLog::start(store.clone());
-    let ids: Vec<String> = (0..SESSIONS).map(|i| format!("s{i}")).collect();
     let mut subs: Vec<Subscription> = ids.iter().map(|id| log.subscribe(id, 0)).collect();
 
     let mut producers = tokio::task::JoinSet::new();

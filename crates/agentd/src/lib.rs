@@ -65,9 +65,16 @@ pub async fn providers(config: &Config) -> Result<HashMap<String, Arc<dyn Provid
     Ok(out)
 }
 
-/// Opens the store named by `store.url`.
+/// Opens the store named by `store.url`: PostgreSQL for `postgres://` (and `postgresql://`) URLs, SQLite
+/// otherwise. An error is one line naming the database (never a password) and the cause.
 pub async fn store(config: &Config) -> Result<Arc<dyn Store>, String> {
     let url = config.store_url.clone();
+    if agentd_postgres::is_postgres_url(&url) {
+        let store = agentd_postgres::PgStore::open(&url, config.store_max_connections)
+            .await
+            .map_err(|e| format!("store.url: {e}"))?;
+        return Ok(Arc::new(store));
+    }
     let store = tokio::task::spawn_blocking(move || agentd_sqlite::SqliteStore::open_url(&url))
         .await
         .map_err(|e| format!("store: opening crashed: {e}"))?

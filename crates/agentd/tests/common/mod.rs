@@ -15,6 +15,8 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+mod store;
+
 /// The default agent config; `{upstream}`, `{dir}` are filled in; `extra` is appended.
 pub const BASE_CONFIG: &str = r#"
 [server]
@@ -27,7 +29,7 @@ ask_human_timeout_s = 30
 {server_extra}
 
 [store]
-url = "sqlite://{dir}/agentd.db"
+url = "{store_url}"
 
 [providers.upstream]
 kind = "openai"
@@ -44,6 +46,8 @@ tools = ["calculator", "current_time", "ask_human", "read_file"]
 "#;
 
 pub struct Server {
+    /// Drops a Postgres test database once this server's directory and app are gone (see `store::Lease`).
+    _store: store::Lease,
     pub url: String,
     pub upstream: MockUpstream,
     pub dir: Arc<tempfile::TempDir>,
@@ -85,6 +89,7 @@ pub fn config_text_with(
     server_extra: &str,
 ) -> String {
     let base = BASE_CONFIG
+        .replace("{store_url}", &store::url_for(dir))
         .replace("{server_extra}", server_extra)
         .replace("{upstream}", upstream)
         .replace("{dir}", &dir.display().to_string())
@@ -122,6 +127,7 @@ impl Server {
             let _ = stopped.await;
         }));
         Server {
+            _store: store::Lease::new(&dir, &app),
             url,
             upstream,
             dir,

@@ -1,0 +1,364 @@
+//! The append path: a group of events (any sessions) numbered and committed in one transaction.
+//!
+//! Two round trips, each one pipelined write of several statements:
+//! 1. `BEGIN`, then one statement that locks the batch's sessions' counters (in session id order, so two
+//!    appends that share sessions never deadlock) and adds each session's event count: `RETURNING` gives the
+//!    new last seq, so the seqs are assigned inside the transaction, from the database's own counter.
+//! 2. One multi-row insert of every event (`unnest` of arrays: one statement however many sessions and
+//!    events), the message and run upserts the entries carry, and `COMMIT`.
+//!
+//! A failure anywhere rolls the whole transaction back, counters included: a failed batch uses up no seq.
+//! Each append runs on a task of its own, so a caller that stops waiting cannot leave a connection inside an
+//! open transaction (the task finishes, commit or rollback, and returns the connection to the pool).
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use agentd_core::domain::Run;
+use agentd_core::event::{Event, EventKind, LoggedEvent};
+use agentd_core::store::{LogEntry, StoreError, StoreResult};
+use deadpool_postgres::{Object, Pool};
+use futures_util::future::{join, join_all};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+
+use crate::rows::{from_sql_int, pg, to_sql_int, MessageJson, RunValues};
+
+/// Locks the counters of the sessions in `$1` (ascending) and adds `$2[i]` to each: `(session_id, last_seq)`
+/// after the addition. A session that does not exist has no row, so it is missing from the result.
+const BUMP_COUNTERS: &str = "
+WITH wanted AS (SELECT * FROM unnest($1::text[], $2::int8[]) AS w (session_id, n)),
+     locked AS (SELECT c.session_id, w.n FROM session_seqs c JOIN wanted w ON w.session_id = c.session_id
+                ORDER BY c.session_id FOR NO KEY UPDATE OF c)
+UPDATE session_seqs c SET last_seq = c.last_seq + l.n FROM locked l WHERE c.session_id = l.session_id
+RETURNING c.session_id, c.last_seq";
+
+const INSERT_EVENTS: &str = "
+INSERT INTO events (session_id, seq, run_id, payload)
+SELECT * FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[])";
+
+/// On conflict the row keeps its `ord` (its place in the history) and `created_at`.
+const UPSERT_MESSAGE: &str = "
+INSERT INTO messages (session_id, id, run_id, role, content, tool_calls, tool_call_id, agent, images, created_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+ON CONFLICT (session_id, id) DO UPDATE SET
+    run_id = EXCLUDED.run_id, role = EXCLUDED.role, content = EXCLUDED.content,
+    tool_calls = EXCLUDED.tool_calls, tool_call_id = EXCLUDED.tool_call_id, agent = EXCLUDED.agent,
+    images = EXCLUDED.images";
+
+/// On conflict the row keeps its `ord`, `created_at` and `client_message_id`.
+const UPSERT_RUN: &str = "
+INSERT INTO runs (session_id, id, status, created_at, started_at, ended_at, error, prompt_tokens, completion_tokens)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+ON CONFLICT (session_id, id) DO UPDATE SET
+    status = EXCLUDED.status, started_at = EXCLUDED.started_at, ended_at = EXCLUDED.ended_at,
+    error = EXCLUDED.error, prompt_tokens = EXCLUDED.prompt_tokens,
+    completion_tokens = EXCLUDED.completion_tokens";
+
+const RECORD_FIRST_SEQ: &str =
+    "UPDATE runs SET first_seq = $3 WHERE session_id = $1 AND id = $2 AND first_seq IS NULL";
+
+type Op<'a> = Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'a>>;
+
+/// Appends `batch` in one transaction on a task of its own (see the module docs).
+pub(crate) async fn append(
+    pool: &Pool,
+    batch: Vec<LogEntry>,
+) -> StoreResult<Vec<Arc<LoggedEvent>>> {
+    check(&batch)?;
+    let pool = pool.clone();
+    tokio::spawn(async move {
+        let client = pool.get().await.map_err(crate::rows::pool)?;
+        commit(&client, batch).await
+    })
+    .await
+    .map_err(|e| StoreError::Other(format!("postgres: the append task failed: {e}")))?
+}
+
+/// A message or run an entry carries must belong to the event's session.
+fn check(batch: &[LogEntry]) -> StoreResult<()> {
+    for entry in batch {
+        let session = &entry.event.session_id;
+        if let EventKind::Message { message } = &entry.event.kind {
+            same_session("message", &message.id, &message.session_id, session)?;
+        }
+        if let Some(run) = &entry.run {
+            same_session("run", &run.id, &run.session_id, session)?;
+        }
+    }
+    Ok(())
+}
+
+fn same_session(what: &str, id: &str, row_session: &str, event_session: &str) -> StoreResult<()> {
+    if row_session == event_session {
+        Ok(())
+    } else {
+        Err(StoreError::Other(format!(
+            "{what} {id} belongs to session {row_session} but its event to session {event_session}"
+        )))
+    }
+}
+
+async fn commit(client: &Object, batch: Vec<LogEntry>) -> StoreResult<Vec<Arc<LoggedEvent>>> {
+    let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
+    for entry in &batch {
+        *counts.entry(entry.event.session_id.as_str()).or_insert(0) += 1;
+    }
+    let ids: Vec<&str> = counts.keys().copied().collect();
+    let ns: Vec<i64> = counts.values().copied().collect();
+    let changes_rows = batch.iter().any(LogEntry::changes_rows);
+
+    // Cached per connection: prepared once, then only bound and executed.
+    let bump = client
+        .prepare_cached(BUMP_COUNTERS)
+        .await
+        .map_err(|e| pg("preparing the counter update", e))?;
+    let insert = client
+        .prepare_cached(INSERT_EVENTS)
+        .await
+        .map_err(|e| pg("preparing the event insert", e))?;
+    let row_statements = if changes_rows {
+        Some((
+            client
+                .prepare_cached(UPSERT_MESSAGE)
+                .await
+                .map_err(|e| pg("preparing the message upsert", e))?,
+            client
+                .prepare_cached(UPSERT_RUN)
+                .await
+                .map_err(|e| pg("preparing the run upsert", e))?,
+            client
+                .prepare_cached(RECORD_FIRST_SEQ)
+                .await
+                .map_err(|e| pg("preparing the first seq update", e))?,
+        ))
+    } else {
+        None
+    };
+
+    // Round trip 1: open the transaction and take the numbers.
+    let (begun, bumped) = join(
+        client.batch_execute("BEGIN"),
+        client.query(&bump, &[&ids, &ns]),
+    )
+    .await;
+    let rows = match begun.and(bumped) {
+        Ok(rows) => rows,
+        Err(e) => {
+            rollback(client).await;
+            return Err(pg("numbering events", e));
+        }
+    };
+    let mut next: HashMap<String, u64> = HashMap::with_capacity(rows.len());
+    for row in &rows {
+        let parsed = row
+            .try_get::<_, String>(0)
+            .and_then(|id| Ok((id, row.try_get::<_, i64>(1)?)));
+        let (id, last) = match parsed {
+            Ok(v) => v,
+            Err(e) => {
+                rollback(client).await;
+                return Err(pg("reading the counters", e));
+            }
+        };
+        let n = counts.get(id.as_str()).copied().unwrap_or(0);
+        let first = match from_sql_int(last - n + 1, "seq") {
+            Ok(first) => first,
+            Err(e) => {
+                rollback(client).await;
+                return Err(e);
+            }
+        };
+        next.insert(id, first);
+    }
+    if next.len() != counts.len() {
+        // A session of the batch does not exist.
+        rollback(client).await;
+        return Err(StoreError::NotFound);
+    }
+
+    // Number the events in input order, and serialise each once (the stored payload is the native frame).
+    let mut logged: Vec<Arc<LoggedEvent>> = Vec::with_capacity(batch.len());
+    let mut runs: Vec<Option<Run>> = Vec::with_capacity(batch.len());
+    for entry in batch {
+        let e = entry.event;
+        let seq = match next.get_mut(&e.session_id) {
+            Some(seq) => {
+                let this = *seq;
+                *seq += 1;
+                this
+            }
+            None => {
+                rollback(client).await;
+                return Err(StoreError::NotFound);
+            }
+        };
+        logged.push(Arc::new(LoggedEvent::new(
+            e.session_id,
+            Event {
+                seq,
+                run_id: e.run_id,
+                agent: e.agent,
+                is_subagent: e.is_subagent,
+                kind: e.kind,
+            },
+        )));
+        runs.push(entry.run);
+    }
+
+    // Round trip 2: the rows, then COMMIT, in one pipelined write.
+    let prepared = match Prepared::of(&logged, &runs) {
+        Ok(p) => p,
+        Err(e) => {
+            rollback(client).await;
+            return Err(e);
+        }
+    };
+    let mut ops: Vec<Op<'_>> = Vec::with_capacity(1 + prepared.rows.len());
+    let insert_params: Vec<&(dyn ToSql + Sync)> = vec![
+        &prepared.session_ids,
+        &prepared.seqs,
+        &prepared.run_ids,
+        &prepared.payloads,
+    ];
+    ops.push(Box::pin(client.execute_raw(&insert, insert_params)));
+    if let Some((upsert_message, upsert_run, first_seq)) = &row_statements {
+        for change in &prepared.rows {
+            match change {
+                RowChange::Message { event, json, role } => {
+                    if let EventKind::Message { message } = &event.event.kind {
+                        let params: Vec<&(dyn ToSql + Sync)> = vec![
+                            &message.session_id,
+                            &message.id,
+                            &message.run_id,
+                            role,
+                            &message.content,
+                            &json.tool_calls,
+                            &message.tool_call_id,
+                            &message.agent,
+                            &json.images,
+                            &message.created_at,
+                        ];
+                        ops.push(Box::pin(client.execute_raw(upsert_message, params)));
+                    }
+                }
+                RowChange::Run {
+                    run,
+                    values,
+                    status,
+                } => {
+                    let params: Vec<&(dyn ToSql + Sync)> = vec![
+                        &run.session_id,
+                        &run.id,
+                        status,
+                        &run.created_at,
+                        &run.started_at,
+                        &run.ended_at,
+                        &values.error,
+                        &values.prompt_tokens,
+                        &values.completion_tokens,
+                    ];
+                    ops.push(Box::pin(client.execute_raw(upsert_run, params)));
+                }
+                RowChange::FirstSeq { event, seq } => {
+                    let params: Vec<&(dyn ToSql + Sync)> =
+                        vec![&event.session_id, &event.event.run_id, seq];
+                    ops.push(Box::pin(client.execute_raw(first_seq, params)));
+                }
+            }
+        }
+    }
+    // `join` polls the statements first (each sends its request when first polled), then COMMIT: the server
+    // gets them in this order, in one write. If a statement fails, the transaction is aborted and the COMMIT
+    // rolls it back.
+    let (results, committed) = join(join_all(ops), client.batch_execute("COMMIT")).await;
+    let failed = results
+        .into_iter()
+        .filter_map(Result::err)
+        .min_by_key(|e| e.code() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION));
+    if let Some(e) = failed {
+        return Err(pg("appending events", e));
+    }
+    committed.map_err(|e| pg("committing appended events", e))?;
+    Ok(logged)
+}
+
+/// Ends a failed transaction so the connection goes back to the pool clean. A connection that cannot even do
+/// that is broken, and the pool drops it when it is next checked out.
+async fn rollback(client: &Object) {
+    if let Err(e) = client.batch_execute("ROLLBACK").await {
+        tracing::warn!(error = %e, "postgres: rolling back a failed append failed");
+    }
+}
+
+/// What the second round trip binds, owned here so the pipelined statements can borrow it.
+struct Prepared<'a> {
+    session_ids: Vec<&'a str>,
+    seqs: Vec<i64>,
+    run_ids: Vec<&'a str>,
+    payloads: Vec<&'a str>,
+    rows: Vec<RowChange<'a>>,
+}
+
+enum RowChange<'a> {
+    Message {
+        event: &'a LoggedEvent,
+        json: MessageJson,
+        role: &'static str,
+    },
+    Run {
+        run: &'a Run,
+        values: RunValues,
+        status: &'static str,
+    },
+    FirstSeq {
+        event: &'a LoggedEvent,
+        seq: i64,
+    },
+}
+
+impl<'a> Prepared<'a> {
+    fn of(logged: &'a [Arc<LoggedEvent>], runs: &'a [Option<Run>]) -> StoreResult<Prepared<'a>> {
+        let mut p = Prepared {
+            session_ids: Vec::with_capacity(logged.len()),
+            seqs: Vec::with_capacity(logged.len()),
+            run_ids: Vec::with_capacity(logged.len()),
+            payloads: Vec::with_capacity(logged.len()),
+            rows: Vec::new(),
+        };
+        for (event, run) in logged.iter().zip(runs) {
+            let seq = to_sql_int(event.seq(), "seq")?;
+            p.session_ids.push(&event.session_id);
+            p.seqs.push(seq);
+            p.run_ids.push(&event.event.run_id);
+            p.payloads.push(&event.json);
+            if let EventKind::Message { message } = &event.event.kind {
+                p.rows.push(RowChange::Message {
+                    event,
+                    json: MessageJson::of(message)?,
+                    role: message.role.as_str(),
+                });
+            }
+            if let Some(run) = run {
+                p.rows.push(RowChange::Run {
+                    run,
+                    values: RunValues::of(run)?,
+                    status: run.status.as_str(),
+                });
+            }
+            // A run's first event is always one of these (its user message, its start, or its end when it never
+            // started), never a delta: recording it here costs nothing on the token path.
+            if matches!(
+                event.event.kind,
+                EventKind::Message { .. }
+                    | EventKind::RunStarted { .. }
+                    | EventKind::RunFinished { .. }
+            ) {
+                p.rows.push(RowChange::FirstSeq { event, seq });
+            }
+        }
+        Ok(p)
+    }
+}

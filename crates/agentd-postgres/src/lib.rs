@@ -1,0 +1,665 @@
+//! agentd-postgres: the PostgreSQL implementation of [`agentd_core::store::Store`].
+//!
+//! A tour:
+//! - [`PgStore`] (this file): opening a database from a `postgres://` URL (connect, migrate, pool), and the
+//!   `Store` impl: each call is a few pipelined statements on a pooled connection.
+//! - `append`: the append path: numbering in the commit, one transaction per group, two round trips.
+//! - `rows`: storage rows and their mapping to domain types; error helpers.
+//! - `schema`: embedded migrations (`migrations/*.sql`, versioned in `agentd_schema`), applied under an
+//!   advisory lock so nodes starting together are safe.
+//!
+//! Why tokio-postgres with deadpool: the store is async end to end (no blocking pool, no thread per
+//! connection), statements are plain SQL prepared once per connection and cached (no compile-time query
+//! macros that need a database at build time), and tokio-postgres pipelines: statements issued together go
+//! out in one write and their answers come back in one read, which is what makes a group commit two round
+//! trips however many sessions and rows it touches. deadpool adds a small bounded pool
+//! (`store.max_connections`) with a per-connection statement cache, and nothing else.
+
+use std::fmt::Write as _;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentd_core::domain::{Message, Run, Session};
+use agentd_core::event::LoggedEvent;
+use agentd_core::store::{LogBounds, LogEntry, Store, StoreError, StoreResult};
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::config::Host;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::NoTls;
+
+mod append;
+mod rows;
+mod schema;
+
+use rows::{
+    col, from_sql_int, message_columns, message_from_row, pg, run_columns, run_from_row,
+    session_columns, session_from_row, sql_limit, to_json, to_sql_int, violation, RunValues,
+    Violation,
+};
+
+/// How long opening a connection may take before it counts as failed (unless the URL sets `connect_timeout`).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a call waits for a free pooled connection before it fails.
+const POOL_WAIT: Duration = Duration::from_secs(30);
+/// How long the pool waits for a fresh connection or a check of an idle one.
+const POOL_CREATE: Duration = Duration::from_secs(10);
+const POOL_RECYCLE: Duration = Duration::from_secs(5);
+
+/// The default of `store.max_connections`.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 16;
+
+/// Does this store URL name a PostgreSQL database?
+pub fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+/// The store on a PostgreSQL database.
+pub struct PgStore {
+    pool: Pool,
+    /// The URL without its password.
+    name: String,
+}
+
+/// A parsed store URL and its printable form (user, hosts, ports and database; never the password).
+struct Target {
+    config: tokio_postgres::Config,
+    name: String,
+}
+
+impl Target {
+    fn parse(url: &str) -> StoreResult<Target> {
+        if !is_postgres_url(url) {
+            return Err(StoreError::Other(
+                "a postgres store url starts with postgres:// or postgresql://".into(),
+            ));
+        }
+        // The parser's errors name an option or a value's problem, never the URL (which may hold a password).
+        let mut config = tokio_postgres::Config::from_str(url)
+            .map_err(|e| StoreError::Other(format!("invalid postgres url: {e}")))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("agentd");
+        }
+        let name = printable(&config);
+        Ok(Target { config, name })
+    }
+}
+
+/// `postgres://user@host:port/database`: what a log line or an error may show of a URL.
+fn printable(config: &tokio_postgres::Config) -> String {
+    let mut out = String::from("postgres://");
+    if let Some(user) = config.get_user() {
+        let _ = write!(out, "{user}@");
+    }
+    let ports = config.get_ports();
+    for (i, host) in config.get_hosts().iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        match host {
+            Host::Tcp(h) => out.push_str(h),
+            Host::Unix(p) => out.push_str(&p.display().to_string()),
+        }
+        let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+        let _ = write!(out, ":{port}");
+    }
+    let db = config.get_dbname().or(config.get_user()).unwrap_or("");
+    let _ = write!(out, "/{db}");
+    out
+}
+
+impl PgStore {
+    /// Connects to the database a `postgres://` URL names, brings its schema up to date (safely when other
+    /// nodes do the same at once), and opens a pool of at most `max_connections`. Errors name the database
+    /// (never the password) and the cause.
+    pub async fn open(url: &str, max_connections: usize) -> StoreResult<PgStore> {
+        let target = Target::parse(url)?;
+        let named = |e: StoreError| match e {
+            StoreError::Other(m) => StoreError::Other(format!("{}: {m}", target.name)),
+            other => other,
+        };
+        Self::open_inner(&target, max_connections.max(1))
+            .await
+            .map_err(named)
+    }
+
+    async fn open_inner(target: &Target, max_connections: usize) -> StoreResult<PgStore> {
+        let (mut client, connection) = target
+            .config
+            .connect(NoTls)
+            .await
+            .map_err(|e| StoreError::Other(format!("cannot connect: {}", cause(&e))))?;
+        let driver = tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "postgres migration connection ended");
+            }
+        });
+        let migrated = schema::migrate(&mut client).await;
+        drop(client);
+        let _ = driver.await;
+        migrated?;
+
+        let manager = Manager::from_config(
+            target.config.clone(),
+            NoTls,
+            ManagerConfig {
+                // A connection the server closed is noticed here; a transaction is never left open on one (the
+                // append path finishes on its own task), so no per-checkout query is needed.
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(max_connections)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(POOL_WAIT))
+            .create_timeout(Some(POOL_CREATE))
+            .recycle_timeout(Some(POOL_RECYCLE))
+            .build()
+            .map_err(|e| StoreError::Other(format!("creating the connection pool: {e}")))?;
+        tracing::debug!(database = %target.name, version = schema::latest_version(), max_connections, "postgres store open");
+        Ok(PgStore {
+            pool,
+            name: target.name.clone(),
+        })
+    }
+
+    /// The database, as `postgres://user@host:port/database`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn client(&self) -> StoreResult<Object> {
+        self.pool.get().await.map_err(rows::pool)
+    }
+
+    /// Runs one cached statement and returns its rows.
+    async fn query(
+        &self,
+        what: &str,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> StoreResult<Vec<tokio_postgres::Row>> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(sql)
+            .await
+            .map_err(|e| pg(&format!("preparing {what}"), e))?;
+        client.query(&stmt, params).await.map_err(|e| pg(what, e))
+    }
+
+    /// Runs one cached statement and returns the number of rows it changed.
+    async fn execute(
+        &self,
+        what: &str,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, Failure> {
+        let client = self.client().await.map_err(Failure::Store)?;
+        let stmt = client
+            .prepare_cached(sql)
+            .await
+            .map_err(|e| Failure::Store(pg(&format!("preparing {what}"), e)))?;
+        client.execute(&stmt, params).await.map_err(Failure::Pg)
+    }
+}
+
+/// A failed `execute`: the statement's own error (to look at its SQLSTATE) or any other.
+enum Failure {
+    Pg(tokio_postgres::Error),
+    Store(StoreError),
+}
+
+/// The innermost useful description of a connection error ("Connection refused (os error 111)", "FATAL:
+/// database \"x\" does not exist").
+fn cause(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{}: {}", db.severity(), db.message());
+    }
+    rows::chain(e)
+}
+
+#[async_trait]
+impl Store for PgStore {
+    fn describe(&self) -> String {
+        self.name.clone()
+    }
+
+    async fn create_session(&self, session: &Session) -> StoreResult<()> {
+        let metadata = to_json(&session.metadata, "metadata")?;
+        let result = self
+            .execute(
+                "inserting a session",
+                "WITH s AS (
+                     INSERT INTO sessions (id, principal, agent, title, status, metadata, created_at, updated_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id)
+                 INSERT INTO session_seqs (session_id) SELECT id FROM s",
+                &[
+                    &session.id,
+                    &session.principal,
+                    &session.agent,
+                    &session.title,
+                    &session.status.as_str(),
+                    &metadata,
+                    &session.created_at,
+                    &session.updated_at,
+                ],
+            )
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(Failure::Pg(e)) if matches!(violation(&e), Some(Violation::Unique(_))) => Err(
+                StoreError::Conflict(format!("session {} already exists", session.id)),
+            ),
+            Err(Failure::Pg(e)) => Err(pg("inserting a session", e)),
+            Err(Failure::Store(e)) => Err(e),
+        }
+    }
+
+    async fn get_session(&self, id: &str) -> StoreResult<Option<Session>> {
+        let rows = self
+            .query(
+                "reading a session",
+                concat!(
+                    "SELECT ",
+                    session_columns!(),
+                    " FROM sessions WHERE id = $1"
+                ),
+                &[&id],
+            )
+            .await?;
+        rows.first().map(session_from_row).transpose()
+    }
+
+    async fn list_sessions(
+        &self,
+        principal: Option<&str>,
+        limit: usize,
+        before: Option<&str>,
+    ) -> StoreResult<Vec<Session>> {
+        let limit = sql_limit(Some(limit));
+        // One statement per shape, so each can use its index.
+        let rows = match (principal, before) {
+            (None, None) => {
+                self.query(
+                    "listing sessions",
+                    concat!("SELECT ", session_columns!(), " FROM sessions ORDER BY ord DESC LIMIT $1"),
+                    &[&limit],
+                )
+                .await
+            }
+            (Some(p), None) => {
+                self.query(
+                    "listing sessions",
+                    concat!(
+                        "SELECT ",
+                        session_columns!(),
+                        " FROM sessions WHERE principal = $1 ORDER BY ord DESC LIMIT $2"
+                    ),
+                    &[&p, &limit],
+                )
+                .await
+            }
+            (None, Some(b)) => {
+                self.query(
+                    "listing sessions",
+                    concat!(
+                        "SELECT ",
+                        session_columns!(),
+                        " FROM sessions WHERE ord < (SELECT ord FROM sessions WHERE id = $1)",
+                        " ORDER BY ord DESC LIMIT $2"
+                    ),
+                    &[&b, &limit],
+                )
+                .await
+            }
+            (Some(p), Some(b)) => {
+                self.query(
+                    "listing sessions",
+                    concat!(
+                        "SELECT ",
+                        session_columns!(),
+                        " FROM sessions WHERE principal = $1 AND ord < (SELECT ord FROM sessions WHERE id = $2)",
+                        " ORDER BY ord DESC LIMIT $3"
+                    ),
+                    &[&p, &b, &limit],
+                )
+                .await
+            }
+        }?;
+        rows.iter().map(session_from_row).collect()
+    }
+
+    async fn update_session(&self, session: &Session) -> StoreResult<()> {
+        let metadata = to_json(&session.metadata, "metadata")?;
+        let changed = self
+            .execute(
+                "updating a session",
+                "UPDATE sessions SET title = $2, status = $3, metadata = $4, updated_at = $5 WHERE id = $1",
+                &[
+                    &session.id,
+                    &session.title,
+                    &session.status.as_str(),
+                    &metadata,
+                    &session.updated_at,
+                ],
+            )
+            .await
+            .map_err(|f| f.into_store("updating a session"))?;
+        if changed == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
+    async fn list_messages(
+        &self,
+        session_id: &str,
+        limit: Option<usize>,
+        offset: usize,
+    ) -> StoreResult<Vec<Message>> {
+        let offset = i64::try_from(offset).unwrap_or(i64::MAX);
+        let rows = self
+            .query(
+                "listing messages",
+                concat!(
+                    "SELECT ",
+                    message_columns!(),
+                    " FROM messages WHERE session_id = $1 ORDER BY ord LIMIT $2 OFFSET $3"
+                ),
+                &[&session_id, &sql_limit(limit), &offset],
+            )
+            .await?;
+        rows.iter().map(message_from_row).collect()
+    }
+
+    async fn create_run(&self, run: &Run, client_message_id: Option<&str>) -> StoreResult<()> {
+        let values = RunValues::of(run)?;
+        let result = self
+            .execute(
+                "inserting a run",
+                "INSERT INTO runs (session_id, id, status, created_at, started_at, ended_at, error, prompt_tokens,
+                                   completion_tokens, client_message_id)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                &[
+                    &run.session_id,
+                    &run.id,
+                    &run.status.as_str(),
+                    &run.created_at,
+                    &run.started_at,
+                    &run.ended_at,
+                    &values.error,
+                    &values.prompt_tokens,
+                    &values.completion_tokens,
+                    &client_message_id,
+                ],
+            )
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(Failure::Pg(e)) => match violation(&e) {
+                Some(Violation::Unique(constraint)) if constraint.contains("client_message_id") => {
+                    Err(StoreError::Conflict(format!(
+                        "a run with this client_message_id already exists in session {}",
+                        run.session_id
+                    )))
+                }
+                Some(Violation::Unique(_)) => Err(StoreError::Conflict(format!(
+                    "run {} already exists in session {}",
+                    run.id, run.session_id
+                ))),
+                Some(Violation::ForeignKey) => Err(StoreError::NotFound),
+                None => Err(pg("inserting a run", e)),
+            },
+            Err(Failure::Store(e)) => Err(e),
+        }
+    }
+
+    async fn find_run_by_client_message_id(
+        &self,
+        session_id: &str,
+        client_message_id: &str,
+    ) -> StoreResult<Option<Run>> {
+        let rows = self
+            .query(
+                "reading a run by client_message_id",
+                concat!(
+                    "SELECT ",
+                    run_columns!(),
+                    " FROM runs WHERE session_id = $1 AND client_message_id = $2"
+                ),
+                &[&session_id, &client_message_id],
+            )
+            .await?;
+        rows.first().map(run_from_row).transpose()
+    }
+
+    async fn get_run(&self, session_id: &str, run_id: &str) -> StoreResult<Option<Run>> {
+        let rows = self
+            .query(
+                "reading a run",
+                concat!(
+                    "SELECT ",
+                    run_columns!(),
+                    " FROM runs WHERE session_id = $1 AND id = $2"
+                ),
+                &[&session_id, &run_id],
+            )
+            .await?;
+        rows.first().map(run_from_row).transpose()
+    }
+
+    async fn list_runs(&self, session_id: &str) -> StoreResult<Vec<Run>> {
+        let rows = self
+            .query(
+                "listing runs",
+                concat!(
+                    "SELECT ",
+                    run_columns!(),
+                    " FROM runs WHERE session_id = $1 ORDER BY ord"
+                ),
+                &[&session_id],
+            )
+            .await?;
+        rows.iter().map(run_from_row).collect()
+    }
+
+    async fn update_run(&self, run: &Run) -> StoreResult<()> {
+        let values = RunValues::of(run)?;
+        let changed = self
+            .execute(
+                "updating a run",
+                "UPDATE runs SET status = $3, started_at = $4, ended_at = $5, error = $6, prompt_tokens = $7,
+                                 completion_tokens = $8
+                 WHERE session_id = $1 AND id = $2",
+                &[
+                    &run.session_id,
+                    &run.id,
+                    &run.status.as_str(),
+                    &run.started_at,
+                    &run.ended_at,
+                    &values.error,
+                    &values.prompt_tokens,
+                    &values.completion_tokens,
+                ],
+            )
+            .await
+            .map_err(|f| f.into_store("updating a run"))?;
+        if changed == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
+    async fn unfinished_runs(&self) -> StoreResult<Vec<Run>> {
+        // The WHERE clause matches the partial index `runs_unfinished` word for word.
+        let rows = self
+            .query(
+                "listing unfinished runs",
+                concat!(
+                    "SELECT ",
+                    run_columns!(),
+                    " FROM runs WHERE status IN ('queued', 'running', 'waiting_input') ORDER BY ord"
+                ),
+                &[],
+            )
+            .await?;
+        rows.iter().map(run_from_row).collect()
+    }
+
+    async fn append_events(&self, batch: Vec<LogEntry>) -> StoreResult<Vec<Arc<LoggedEvent>>> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        append::append(&self.pool, batch).await
+    }
+
+    async fn read_events(
+        &self,
+        session_id: &str,
+        after: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<Arc<LoggedEvent>>> {
+        let after_sql = to_sql_int(after, "after").unwrap_or(i64::MAX);
+        let rows = self
+            .query(
+                "reading events",
+                "SELECT seq, payload FROM events WHERE session_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                &[&session_id, &after_sql, &sql_limit(Some(limit))],
+            )
+            .await?;
+        let mut events = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let seq = from_sql_int(col(row, 0)?, "seq")?;
+            let payload: String = col(row, 1)?;
+            let event = LoggedEvent::from_json(session_id.to_string(), payload).map_err(|e| {
+                StoreError::Other(format!(
+                    "corrupt row: event {seq} of session {session_id}: {e}"
+                ))
+            })?;
+            if event.seq() != seq {
+                return Err(StoreError::Other(format!(
+                    "corrupt row: event {seq} of session {session_id} holds seq {}",
+                    event.seq()
+                )));
+            }
+            events.push(Arc::new(event));
+        }
+        Ok(events)
+    }
+
+    async fn log_bounds(&self, session_id: &str) -> StoreResult<LogBounds> {
+        let rows = self
+            .query(
+                "reading log bounds",
+                "SELECT c.last_seq, (SELECT seq FROM events WHERE session_id = $1 ORDER BY seq LIMIT 1)
+                 FROM session_seqs c WHERE c.session_id = $1",
+                &[&session_id],
+            )
+            .await?;
+        // An unknown session has an empty log, like a session nothing was ever appended to.
+        let Some(row) = rows.first() else {
+            return Ok(LogBounds::default());
+        };
+        let last: i64 = col(row, 0)?;
+        let first: Option<i64> = col(row, 1)?;
+        Ok(LogBounds {
+            first_seq: from_sql_int(first.unwrap_or(0), "first seq")?,
+            last_seq: from_sql_int(last, "last_seq")?,
+        })
+    }
+
+    async fn first_seq_of_run(&self, session_id: &str, run_id: &str) -> StoreResult<Option<u64>> {
+        let rows = self
+            .query(
+                "reading the first seq of a run",
+                "SELECT r.first_seq,
+                        EXISTS (SELECT 1 FROM events e WHERE e.session_id = $1 AND e.seq = r.first_seq)
+                 FROM runs r WHERE r.session_id = $1 AND r.id = $2",
+                &[&session_id, &run_id],
+            )
+            .await?;
+        let recorded: Option<(Option<i64>, bool)> = match rows.first() {
+            Some(row) => Some((col(row, 0)?, col(row, 1)?)),
+            None => None,
+        };
+        // Recorded when the run's first event was appended (and gone once pruning deleted that event); the scan
+        // is the fallback for a run with no recorded first seq.
+        let first: Option<i64> = match recorded {
+            Some((Some(seq), true)) => Some(seq),
+            Some((Some(_), false)) => None,
+            Some((None, _)) | None => {
+                let rows = self
+                    .query(
+                        "scanning for the first seq of a run",
+                        "SELECT min(seq) FROM events WHERE session_id = $1 AND run_id = $2",
+                        &[&session_id, &run_id],
+                    )
+                    .await?;
+                match rows.first() {
+                    Some(row) => col(row, 0)?,
+                    None => None,
+                }
+            }
+        };
+        first.map(|seq| from_sql_int(seq, "seq")).transpose()
+    }
+
+    async fn prune_events(&self, session_id: &str, keep_runs: usize) -> StoreResult<()> {
+        let keep = i64::try_from(keep_runs).unwrap_or(i64::MAX);
+        // Runs of a session are sequential, so the events of all but the latest `keep` runs are a prefix of the
+        // log: everything before the first event of the oldest kept run that has one. Deleting by position
+        // keeps the stored log contiguous. One statement, so it is atomic without a transaction. The counter
+        // (`session_seqs`) is untouched: numbering goes on after the deleted events.
+        let deleted = self
+            .execute(
+                "pruning events",
+                "DELETE FROM events WHERE session_id = $1
+                   AND (SELECT count(*) FROM runs WHERE session_id = $1) > $2
+                   AND seq < COALESCE(
+                       (SELECT min(COALESCE(k.first_seq,
+                                            (SELECT min(e.seq) FROM events e
+                                             WHERE e.session_id = $1 AND e.run_id = k.id)))
+                        FROM (SELECT id, first_seq FROM runs WHERE session_id = $1 ORDER BY ord DESC LIMIT $2) k),
+                       9223372036854775807)",
+                &[&session_id, &keep],
+            )
+            .await
+            .map_err(|f| f.into_store("pruning events"))?;
+        tracing::debug!(session_id, deleted, keep_runs, "pruned events");
+        Ok(())
+    }
+}
+
+impl Failure {
+    fn into_store(self, what: &str) -> StoreError {
+        match self {
+            Failure::Pg(e) => pg(what, e),
+            Failure::Store(e) => e,
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // Tests may unwrap: a panic is the failure report.
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printable_urls_never_show_the_password() {
+        let t = Target::parse("postgres://agentd:s3cret@db.example:6543/agentd?sslmode=disable")
+            .unwrap();
+        assert_eq!(t.name, "postgres://agentd@db.example:6543/agentd");
+        let t = Target::parse("postgresql://postgres@127.0.0.1").unwrap();
+        assert_eq!(t.name, "postgres://postgres@127.0.0.1:5432/postgres");
+        let err = Target::parse("postgres://a:s3cret@h/db?port=notanumber")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(!err.contains("s3cret"), "{err}");
+        assert!(Target::parse("sqlite://x.db").is_err());
+    }
+}

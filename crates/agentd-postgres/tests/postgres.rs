@@ -1,0 +1,134 @@
+//! The Postgres store's own behaviour beyond the shared contract: nodes starting together migrate once, a
+//! newer schema is refused, corrupt rows are errors (never panics). Each test has a database of its own;
+//! skipped without a reachable Postgres unless CI=true or AGENTD_REQUIRE_PG=1.
+
+// Tests may unwrap: a panic is the failure report.
+#![allow(clippy::unwrap_used)]
+
+use agentd_core::domain::Run;
+use agentd_core::store::{Store, StoreError};
+use agentd_postgres::PgStore;
+use agentd_store_contract::pg::TestDatabase;
+use agentd_store_contract::{delta, new_session, run_started};
+use tokio_postgres::NoTls;
+
+async fn raw(db: &TestDatabase) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(db.url(), NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nodes_starting_at_once_apply_the_schema_once() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let opened = futures_util::future::join_all((0..6).map(|_| PgStore::open(db.url(), 2))).await;
+    let stores: Vec<PgStore> = opened
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|e| panic!("a node failed to start: {e}")))
+        .collect();
+    let client = raw(&db).await;
+    let versions: Vec<i32> = client
+        .query("SELECT version FROM agentd_schema", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(versions, vec![1]);
+    // They share one database: what one writes, the others read, and numbering is shared.
+    let s = new_session(&stores[0], "alice").await;
+    assert_eq!(stores[5].get_session(&s.id).await.unwrap(), Some(s.clone()));
+    let a = stores[1].append_events(vec![delta(&s.id, "r", "a")]);
+    let b = stores[2].append_events(vec![delta(&s.id, "r", "b")]);
+    let (a, b) = tokio::join!(a, b);
+    let mut seqs = vec![a.unwrap()[0].seq(), b.unwrap()[0].seq()];
+    seqs.sort_unstable();
+    assert_eq!(seqs, vec![1, 2]);
+    assert_eq!(stores[3].describe(), stores[4].describe());
+    assert!(
+        stores[3].describe().ends_with(db.name()),
+        "{}",
+        stores[3].describe()
+    );
+}
+
+#[tokio::test]
+async fn a_database_a_newer_binary_migrated_is_refused() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    drop(PgStore::open(db.url(), 1).await.unwrap());
+    raw(&db)
+        .await
+        .execute("UPDATE agentd_schema SET version = 999", &[])
+        .await
+        .unwrap();
+    let err = PgStore::open(db.url(), 1).await.err().unwrap().to_string();
+    assert!(err.contains("999") && err.contains(db.name()), "{err}");
+}
+
+#[tokio::test]
+async fn corrupt_rows_are_errors_not_panics() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let store = PgStore::open(db.url(), 2).await.unwrap();
+    let s = new_session(&store, "alice").await;
+    let run = Run::queued(&s.id);
+    store.create_run(&run, None).await.unwrap();
+    store.append_events(vec![run_started(&run)]).await.unwrap();
+
+    let client = raw(&db).await;
+    client
+        .execute(
+            "UPDATE sessions SET metadata = '{not json' WHERE id = $1",
+            &[&s.id],
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            "UPDATE runs SET status = 'exploded' WHERE id = $1",
+            &[&run.id],
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            "UPDATE events SET payload = '[1,2' WHERE session_id = $1",
+            &[&s.id],
+        )
+        .await
+        .unwrap();
+
+    let session = store.get_session(&s.id).await;
+    assert!(
+        matches!(&session, Err(StoreError::Other(m)) if m.contains("metadata")),
+        "{session:?}"
+    );
+    let runs = store.list_runs(&s.id).await;
+    assert!(
+        matches!(&runs, Err(StoreError::Other(m)) if m.contains("exploded")),
+        "{runs:?}"
+    );
+    let events = store.read_events(&s.id, 0, 10).await;
+    assert!(matches!(&events, Err(StoreError::Other(_))), "{events:?}");
+}
+
+#[tokio::test]
+async fn bad_urls_are_refused_without_showing_the_password() {
+    let err = PgStore::open("postgres://u:s3cret@127.0.0.1:notaport/db", 1)
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(!err.contains("s3cret"), "{err}");
+    let err = PgStore::open("sqlite://x.db", 1)
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("postgres://"), "{err}");
+}

@@ -1,0 +1,781 @@
+//! The scenarios. Each takes a fresh [`Harness`] and panics on the first broken promise.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use agentd_core::domain::{
+    now_rfc3339, Role, Run, RunError, RunErrorCode, RunStatus, Session, SessionStatus, ToolCall,
+    Usage,
+};
+use agentd_core::event::EventKind;
+use agentd_core::store::{LogBounds, Store, StoreError};
+use serde_json::json;
+
+use crate::{
+    append_run, delta, message, message_entry, new_session, run_finished, run_started, seqs,
+    session, text_of, Harness,
+};
+
+pub async fn sessions_crud_and_pagination(h: &dyn Harness) {
+    let store = h.open().await;
+
+    // Interleave two principals: a0 b0 a1 a2 b1 a3 a4 (oldest to newest).
+    let mut alice = Vec::new();
+    let mut bob = Vec::new();
+    let mut all = Vec::new();
+    for who in ["alice", "bob", "alice", "alice", "bob", "alice", "alice"] {
+        let s = new_session(&*store, who).await;
+        all.push(s.id.clone());
+        if who == "alice" {
+            alice.push(s.id.clone())
+        } else {
+            bob.push(s.id.clone())
+        }
+    }
+
+    let got = store.get_session(&alice[0]).await.unwrap().unwrap();
+    assert_eq!(got.principal, "alice", "the store keeps the principal");
+    assert_eq!(got.active_run_id, None);
+    assert_eq!(got.metadata, json!({"k": 1}));
+    assert!(store.get_session("nope").await.unwrap().is_none());
+
+    let dup = store.create_session(&got).await;
+    assert!(matches!(dup, Err(StoreError::Conflict(_))), "{dup:?}");
+
+    let ids = |v: Vec<Session>| v.into_iter().map(|s| s.id).collect::<Vec<_>>();
+    let newest_first: Vec<String> = all.iter().rev().cloned().collect();
+    assert_eq!(
+        ids(store.list_sessions(None, 100, None).await.unwrap()),
+        newest_first
+    );
+    let alice_newest: Vec<String> = alice.iter().rev().cloned().collect();
+    assert_eq!(
+        ids(store.list_sessions(Some("alice"), 100, None).await.unwrap()),
+        alice_newest
+    );
+
+    // Page through alice's sessions two at a time with `before`.
+    let page1 = ids(store.list_sessions(Some("alice"), 2, None).await.unwrap());
+    assert_eq!(page1, alice_newest[..2]);
+    let page2 = ids(store
+        .list_sessions(Some("alice"), 2, Some(&page1[1]))
+        .await
+        .unwrap());
+    assert_eq!(page2, alice_newest[2..4]);
+    let page3 = ids(store
+        .list_sessions(Some("alice"), 2, Some(&page2[1]))
+        .await
+        .unwrap());
+    assert_eq!(page3, alice_newest[4..]);
+    // `before` without a principal (admin) pages over everyone.
+    assert_eq!(
+        ids(store.list_sessions(None, 3, Some(&all[3])).await.unwrap()),
+        vec![all[2].clone(), all[1].clone(), all[0].clone()]
+    );
+    assert_eq!(
+        ids(store.list_sessions(Some("bob"), 10, None).await.unwrap()),
+        vec![bob[1].clone(), bob[0].clone()]
+    );
+    // The oldest session has nothing before it; an unknown `before` lists nothing.
+    assert!(store
+        .list_sessions(None, 10, Some(&all[0]))
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(store
+        .list_sessions(None, 10, Some("unknown"))
+        .await
+        .unwrap()
+        .is_empty());
+
+    let mut updated = got.clone();
+    updated.title = Some("renamed".into());
+    updated.status = SessionStatus::Closed;
+    updated.metadata = json!({"tags": ["x"], "nested": {"a": [1, 2.5, null, "é"]}});
+    updated.updated_at = now_rfc3339();
+    store.update_session(&updated).await.unwrap();
+    assert_eq!(store.get_session(&got.id).await.unwrap().unwrap(), updated);
+
+    let missing = store.update_session(&session("alice")).await;
+    assert!(matches!(missing, Err(StoreError::NotFound)), "{missing:?}");
+}
+
+pub async fn messages_are_upserted_by_message_events_and_listed_in_order(h: &dyn Harness) {
+    let store = h.open().await;
+    let s = new_session(&*store, "alice").await;
+    let run = Run::queued(&s.id);
+    store.create_run(&run, None).await.unwrap();
+
+    let mut user = message(&s.id, &run.id, Role::User, "hi");
+    user.images = vec!["data:image/png;base64,AAAA".into()];
+    let mut assistant = message(&s.id, &run.id, Role::Assistant, "");
+    assistant.tool_calls = Some(vec![ToolCall {
+        id: "c1".into(),
+        name: "calculator".into(),
+        arguments: "{\"expr\":\"1+1\"}".into(),
+    }]);
+    let mut tool = message(&s.id, &run.id, Role::Tool, "2");
+    tool.tool_call_id = Some("c1".into());
+    tool.agent = None;
+    let mut answer = message(&s.id, &run.id, Role::Assistant, "partial");
+
+    let logged = store
+        .append_events(vec![
+            message_entry(&user),
+            message_entry(&assistant),
+            delta(&s.id, &run.id, "x"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(seqs(&logged), vec![1, 2, 3]);
+    store
+        .append_events(vec![message_entry(&tool), message_entry(&answer)])
+        .await
+        .unwrap();
+    // A second event for the same message updates it in place (its position in the history stays), also
+    // twice in one batch.
+    answer.content = "partial, then".into();
+    let first_update = message_entry(&answer);
+    answer.content = "partial, then final".into();
+    let user_again = user.clone();
+    store
+        .append_events(vec![
+            first_update,
+            message_entry(&answer),
+            message_entry(&user_again),
+        ])
+        .await
+        .unwrap();
+
+    let all = store.list_messages(&s.id, None, 0).await.unwrap();
+    assert_eq!(
+        all,
+        vec![
+            user.clone(),
+            assistant.clone(),
+            tool.clone(),
+            answer.clone()
+        ]
+    );
+    assert_eq!(
+        store.list_messages(&s.id, Some(2), 1).await.unwrap(),
+        vec![assistant, tool]
+    );
+    assert_eq!(
+        store.list_messages(&s.id, Some(10), 3).await.unwrap(),
+        vec![answer]
+    );
+    assert!(store
+        .list_messages(&s.id, None, 4)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(store
+        .list_messages("other", None, 0)
+        .await
+        .unwrap()
+        .is_empty());
+
+    // The log holds the message events too, as the native frames.
+    let events = store.read_events(&s.id, 0, 100).await.unwrap();
+    assert_eq!(seqs(&events), (1..=8).collect::<Vec<_>>());
+    assert_eq!(events[0].event.kind, EventKind::Message { message: user });
+    let frame: serde_json::Value = serde_json::from_str(&events[0].json).unwrap();
+    assert_eq!(frame["type"], "message");
+    assert_eq!(frame["seq"], 1);
+    // What was returned at append time is what is read back.
+    assert_eq!(events[..3].len(), logged.len());
+    for (read, appended) in events.iter().zip(&logged) {
+        assert_eq!(read.json, appended.json);
+        assert_eq!(read.session_id, appended.session_id);
+    }
+}
+
+pub async fn runs_crud_and_client_message_id_conflict(h: &dyn Harness) {
+    let store = h.open().await;
+    let s = new_session(&*store, "alice").await;
+    let other = new_session(&*store, "alice").await;
+
+    let first = Run::queued(&s.id);
+    store.create_run(&first, Some("cm-1")).await.unwrap();
+    let dup = store.create_run(&Run::queued(&s.id), Some("cm-1")).await;
+    assert!(matches!(dup, Err(StoreError::Conflict(_))), "{dup:?}");
+    // The same client_message_id in another session is another message.
+    store
+        .create_run(&Run::queued(&other.id), Some("cm-1"))
+        .await
+        .unwrap();
+    // Runs without one never conflict with each other.
+    let second = Run::queued(&s.id);
+    store.create_run(&second, None).await.unwrap();
+    let third = Run::queued(&s.id);
+    store.create_run(&third, None).await.unwrap();
+    let same_id = store.create_run(&first, None).await;
+    assert!(
+        matches!(same_id, Err(StoreError::Conflict(_))),
+        "{same_id:?}"
+    );
+    let no_session = store.create_run(&Run::queued("missing"), None).await;
+    assert!(
+        matches!(no_session, Err(StoreError::NotFound)),
+        "{no_session:?}"
+    );
+
+    assert_eq!(
+        store
+            .find_run_by_client_message_id(&s.id, "cm-1")
+            .await
+            .unwrap(),
+        Some(first.clone())
+    );
+    assert_eq!(
+        store
+            .find_run_by_client_message_id(&s.id, "cm-2")
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        store.get_run(&s.id, &first.id).await.unwrap(),
+        Some(first.clone())
+    );
+    assert_eq!(
+        store.get_run(&other.id, &first.id).await.unwrap(),
+        None,
+        "runs are looked up within their session"
+    );
+
+    let mut failed = second.clone();
+    failed.status = RunStatus::Failed;
+    failed.started_at = Some(now_rfc3339());
+    failed.ended_at = Some(now_rfc3339());
+    failed.error = Some(RunError {
+        code: RunErrorCode::UpstreamTimeout,
+        message: "slow".into(),
+    });
+    failed.usage = Usage {
+        prompt_tokens: 12,
+        completion_tokens: 34,
+    };
+    store.update_run(&failed).await.unwrap();
+    assert_eq!(
+        store.get_run(&s.id, &second.id).await.unwrap(),
+        Some(failed.clone())
+    );
+    let missing = store.update_run(&Run::queued(&s.id)).await;
+    assert!(matches!(missing, Err(StoreError::NotFound)), "{missing:?}");
+
+    // A run change carried by an event is upserted with it, and keeps its client_message_id.
+    let mut running = first.clone();
+    running.status = RunStatus::Running;
+    running.started_at = Some(now_rfc3339());
+    store
+        .append_events(vec![run_started(&running)])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_run(&s.id, &first.id).await.unwrap(),
+        Some(running.clone())
+    );
+    assert_eq!(
+        store
+            .find_run_by_client_message_id(&s.id, "cm-1")
+            .await
+            .unwrap(),
+        Some(running.clone())
+    );
+
+    assert_eq!(
+        store.list_runs(&s.id).await.unwrap(),
+        vec![running, failed, third]
+    );
+    assert!(store.list_runs("missing").await.unwrap().is_empty());
+}
+
+pub async fn unfinished_runs_are_queued_running_or_waiting(h: &dyn Harness) {
+    let store = h.open().await;
+    let a = new_session(&*store, "alice").await;
+    let b = new_session(&*store, "bob").await;
+    let mut expected = Vec::new();
+    for (sid, status) in [
+        (&a.id, RunStatus::Completed),
+        (&a.id, RunStatus::Queued),
+        (&b.id, RunStatus::Running),
+        (&b.id, RunStatus::Cancelled),
+        (&a.id, RunStatus::WaitingInput),
+        (&b.id, RunStatus::Failed),
+        (&a.id, RunStatus::Interrupted),
+    ] {
+        let mut run = Run::queued(sid);
+        run.status = status;
+        store.create_run(&run, None).await.unwrap();
+        if !status.is_terminal() {
+            expected.push(run);
+        }
+    }
+    let mut got = store.unfinished_runs().await.unwrap();
+    let key = |r: &Run| r.id.clone();
+    got.sort_by_key(key);
+    expected.sort_by_key(key);
+    assert_eq!(got, expected);
+
+    // Finishing one takes it out.
+    let mut done = expected[0].clone();
+    done.status = RunStatus::Interrupted;
+    store.update_run(&done).await.unwrap();
+    assert_eq!(store.unfinished_runs().await.unwrap().len(), 2);
+    // So does a run_finished event carrying the run.
+    let mut finished = expected[1].clone();
+    finished.status = RunStatus::Completed;
+    store
+        .append_events(vec![run_finished(&finished)])
+        .await
+        .unwrap();
+    assert_eq!(store.unfinished_runs().await.unwrap().len(), 1);
+}
+
+pub async fn concurrent_appends_number_each_session_without_gaps(h: &dyn Harness) {
+    const SESSIONS: usize = 4;
+    const TASKS: usize = 64;
+    const APPENDS_PER_TASK: usize = 40;
+
+    let store = h.open().await;
+    let mut sessions = Vec::new();
+    for _ in 0..SESSIONS {
+        sessions.push(new_session(&*store, "alice").await.id);
+    }
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for t in 0..TASKS {
+        let store = Arc::clone(&store);
+        let sessions = sessions.clone();
+        tasks.spawn(async move {
+            let mut got: Vec<(String, u64, String)> = Vec::new();
+            for i in 0..APPENDS_PER_TASK {
+                // Batches of 1-3 events, sometimes spanning two sessions.
+                let s1 = &sessions[(t + i) % SESSIONS];
+                let s2 = &sessions[(t * 7 + i) % SESSIONS];
+                let mut batch = vec![delta(s1, "r", &format!("{t}-{i}-a"))];
+                if i % 3 == 1 {
+                    batch.push(delta(s2, "r", &format!("{t}-{i}-b")));
+                }
+                if i % 5 == 2 {
+                    batch.push(delta(s1, "r", &format!("{t}-{i}-c")));
+                }
+                let texts: Vec<String> = batch
+                    .iter()
+                    .map(|e| match &e.event.kind {
+                        EventKind::TextDelta { delta } => delta.clone(),
+                        _ => unreachable!(),
+                    })
+                    .collect();
+                let logged = store.append_events(batch).await.unwrap();
+                assert_eq!(logged.len(), texts.len());
+                for (ev, text) in logged.iter().zip(texts) {
+                    // Returned in input order: each event is the one we sent.
+                    assert_eq!(text_of(ev), text);
+                    got.push((ev.session_id.clone(), ev.seq(), text));
+                }
+            }
+            got
+        });
+    }
+    let mut by_session: HashMap<String, Vec<(u64, String)>> = HashMap::new();
+    while let Some(result) = tasks.join_next().await {
+        for (sid, seq, text) in result.unwrap() {
+            by_session.entry(sid).or_default().push((seq, text));
+        }
+    }
+
+    for sid in &sessions {
+        let mut appended = by_session.remove(sid).unwrap_or_default();
+        appended.sort();
+        let n = appended.len() as u64;
+        assert_eq!(
+            appended.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            (1..=n).collect::<Vec<_>>(),
+            "seq 1..N, no gaps, no duplicates"
+        );
+
+        // The log holds exactly those events, in seq order, each with the text it was appended with.
+        let stored = store.read_events(sid, 0, 100_000).await.unwrap();
+        let stored: Vec<(u64, String)> = stored.iter().map(|e| (e.seq(), text_of(e))).collect();
+        assert_eq!(stored, appended);
+        // `after` gives exactly the tail, and `limit` caps it.
+        let tail = store.read_events(sid, n - 5, 100).await.unwrap();
+        assert_eq!(seqs(&tail), ((n - 4)..=n).collect::<Vec<_>>());
+        let capped = store.read_events(sid, 10, 3).await.unwrap();
+        assert_eq!(seqs(&capped), vec![11, 12, 13]);
+        assert!(store.read_events(sid, n, 100).await.unwrap().is_empty());
+        assert_eq!(
+            store.log_bounds(sid).await.unwrap(),
+            LogBounds {
+                first_seq: 1,
+                last_seq: n
+            }
+        );
+    }
+}
+
+/// Batches over several sessions each, the sessions in different orders, all at once: a store that locks
+/// per session must not deadlock, and every batch commits whole.
+pub async fn appends_sharing_sessions_in_any_order_all_commit(h: &dyn Harness) {
+    const SESSIONS: usize = 6;
+    const TASKS: usize = 16;
+    const ROUNDS: usize = 25;
+    let store = h.open().await;
+    let mut sessions = Vec::new();
+    for _ in 0..SESSIONS {
+        sessions.push(new_session(&*store, "alice").await.id);
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for t in 0..TASKS {
+        let store = Arc::clone(&store);
+        let sessions = sessions.clone();
+        tasks.spawn(async move {
+            for i in 0..ROUNDS {
+                // Every session, starting at a different one and going either way round.
+                let batch = (0..SESSIONS)
+                    .map(|k| {
+                        let j = if t % 2 == 0 {
+                            (t + i + k) % SESSIONS
+                        } else {
+                            (SESSIONS * 4 + t + i - k) % SESSIONS
+                        };
+                        delta(&sessions[j], "r", &format!("{t}-{i}"))
+                    })
+                    .collect();
+                let logged = tokio::time::timeout(
+                    std::time::Duration::from_secs(60),
+                    store.append_events(batch),
+                )
+                .await
+                .expect("an append finishes (no deadlock)")
+                .unwrap();
+                assert_eq!(logged.len(), SESSIONS);
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    let n = (TASKS * ROUNDS) as u64;
+    for sid in &sessions {
+        let events = store.read_events(sid, 0, 100_000).await.unwrap();
+        assert_eq!(seqs(&events), (1..=n).collect::<Vec<_>>());
+        // Each batch's events went in whole: every (task, round) once per session.
+        let mut texts: Vec<String> = events.iter().map(|e| text_of(e)).collect();
+        texts.sort();
+        texts.dedup();
+        assert_eq!(texts.len() as u64, n);
+    }
+}
+
+pub async fn the_event_log_group_commits_many_queued_events_in_few_batches(h: &dyn Harness) {
+    // Tokens of many sessions queued at once reach the store as a few batches, not one write each.
+    let store = h.open().await;
+    let mut ids = Vec::new();
+    for _ in 0..10 {
+        ids.push(new_session(&*store, "alice").await.id);
+    }
+    let log = agentd_core::event_log::EventLog::start(Arc::clone(&store));
+    for i in 0..500 {
+        let e = delta(&ids[i % 10], "r", &i.to_string());
+        log.append(e.event, None).await.unwrap();
+    }
+    let last = log
+        .append_durable(delta(&ids[0], "r", "last").event, None)
+        .await
+        .unwrap();
+    assert_eq!(last.seq(), 51);
+    let stats = log.stats();
+    assert_eq!(stats.events, 501);
+    assert!(
+        stats.batches < 100,
+        "501 queued events took {} batches",
+        stats.batches
+    );
+    for (k, id) in ids.iter().enumerate() {
+        let events = store.read_events(id, 0, 100).await.unwrap();
+        let mut expected: Vec<String> = (0..500)
+            .filter(|i| i % 10 == k)
+            .map(|i| i.to_string())
+            .collect();
+        if k == 0 {
+            expected.push("last".into());
+        }
+        assert_eq!(
+            seqs(&events),
+            (1..=expected.len() as u64).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            events.iter().map(|e| text_of(e)).collect::<Vec<_>>(),
+            expected
+        );
+    }
+}
+
+pub async fn reopening_keeps_everything_and_seq_continues(h: &dyn Harness) {
+    let (s, run, user, described) = {
+        let store = h.open().await;
+        let s = new_session(&*store, "alice").await;
+        let run = append_run(&*store, &s.id).await;
+        let user = message(&s.id, &run.id, Role::User, "remember me");
+        let logged = store
+            .append_events(vec![message_entry(&user)])
+            .await
+            .unwrap();
+        assert_eq!(logged[0].seq(), 5);
+        (s, run, user, store.describe())
+    };
+
+    let store = h.open().await;
+    assert_eq!(store.describe(), described);
+    assert_eq!(store.get_session(&s.id).await.unwrap(), Some(s.clone()));
+    assert_eq!(
+        store.get_run(&s.id, &run.id).await.unwrap(),
+        Some(run.clone())
+    );
+    assert_eq!(
+        store.list_messages(&s.id, None, 0).await.unwrap(),
+        vec![user]
+    );
+    let events = store.read_events(&s.id, 0, 100).await.unwrap();
+    assert_eq!(seqs(&events), vec![1, 2, 3, 4, 5]);
+    assert_eq!(
+        events[0].event.kind,
+        EventKind::RunStarted {
+            run: {
+                let mut r = run.clone();
+                r.status = RunStatus::Running;
+                r.ended_at = None;
+                r
+            }
+        }
+    );
+    assert_eq!(
+        store.log_bounds(&s.id).await.unwrap(),
+        LogBounds {
+            first_seq: 1,
+            last_seq: 5
+        }
+    );
+    assert_eq!(
+        store.first_seq_of_run(&s.id, &run.id).await.unwrap(),
+        Some(1)
+    );
+
+    let next = store
+        .append_events(vec![delta(&s.id, &run.id, "more")])
+        .await
+        .unwrap();
+    assert_eq!(
+        next[0].seq(),
+        6,
+        "seq continues from the last one after a restart"
+    );
+}
+
+pub async fn pruning_keeps_the_latest_runs_and_seq_continues(h: &dyn Harness) {
+    let store = h.open().await;
+    let s = new_session(&*store, "alice").await;
+    let other = new_session(&*store, "alice").await;
+    let mut runs = Vec::new();
+    for _ in 0..5 {
+        runs.push(append_run(&*store, &s.id).await);
+    }
+    let other_run = append_run(&*store, &other.id).await;
+    // 5 runs x 4 events.
+    assert_eq!(
+        store.log_bounds(&s.id).await.unwrap(),
+        LogBounds {
+            first_seq: 1,
+            last_seq: 20
+        }
+    );
+    assert_eq!(
+        store.first_seq_of_run(&s.id, &runs[3].id).await.unwrap(),
+        Some(13)
+    );
+    assert_eq!(
+        store.first_seq_of_run(&s.id, "no-such-run").await.unwrap(),
+        None
+    );
+
+    // Keeping more runs than exist deletes nothing.
+    store.prune_events(&s.id, 20).await.unwrap();
+    assert_eq!(store.read_events(&s.id, 0, 100).await.unwrap().len(), 20);
+
+    store.prune_events(&s.id, 2).await.unwrap();
+    assert_eq!(
+        store.log_bounds(&s.id).await.unwrap(),
+        LogBounds {
+            first_seq: 13,
+            last_seq: 20
+        }
+    );
+    let kept = store.read_events(&s.id, 0, 100).await.unwrap();
+    assert_eq!(seqs(&kept), (13..=20).collect::<Vec<_>>());
+    assert!(kept
+        .iter()
+        .all(|e| e.event.run_id == runs[3].id || e.event.run_id == runs[4].id));
+    assert_eq!(
+        store.first_seq_of_run(&s.id, &runs[0].id).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store.first_seq_of_run(&s.id, &runs[4].id).await.unwrap(),
+        Some(17)
+    );
+    // Runs themselves and other sessions are untouched.
+    assert_eq!(store.list_runs(&s.id).await.unwrap().len(), 5);
+    assert_eq!(store.read_events(&other.id, 0, 100).await.unwrap().len(), 4);
+    assert_eq!(
+        store
+            .first_seq_of_run(&other.id, &other_run.id)
+            .await
+            .unwrap(),
+        Some(1)
+    );
+
+    let next = store
+        .append_events(vec![delta(&s.id, &runs[4].id, "late")])
+        .await
+        .unwrap();
+    assert_eq!(next[0].seq(), 21);
+
+    // Pruning everything leaves an empty log whose numbering still goes on, also after a restart.
+    store.prune_events(&s.id, 0).await.unwrap();
+    assert_eq!(
+        store.log_bounds(&s.id).await.unwrap(),
+        LogBounds {
+            first_seq: 0,
+            last_seq: 21
+        }
+    );
+    assert!(store.read_events(&s.id, 0, 100).await.unwrap().is_empty());
+    drop(store);
+    let store = h.open().await;
+    assert_eq!(
+        store.log_bounds(&s.id).await.unwrap(),
+        LogBounds {
+            first_seq: 0,
+            last_seq: 21
+        }
+    );
+    let next = store
+        .append_events(vec![delta(&s.id, &runs[4].id, "again")])
+        .await
+        .unwrap();
+    assert_eq!(next[0].seq(), 22);
+    assert_eq!(
+        store.log_bounds(&s.id).await.unwrap(),
+        LogBounds {
+            first_seq: 22,
+            last_seq: 22
+        }
+    );
+    // An unknown session has an empty log.
+    assert_eq!(
+        store.log_bounds("missing").await.unwrap(),
+        LogBounds::default()
+    );
+}
+
+pub async fn a_failing_batch_fails_alone_and_consumes_no_seq(h: &dyn Harness) {
+    let store = h.open().await;
+    let s = new_session(&*store, "alice").await;
+    let other = new_session(&*store, "alice").await;
+    assert_eq!(
+        store
+            .append_events(vec![delta(&s.id, "r", "1")])
+            .await
+            .unwrap()[0]
+            .seq(),
+        1
+    );
+
+    // An unknown session.
+    let unknown = store
+        .append_events(vec![delta(&s.id, "r", "x"), delta("missing", "r", "y")])
+        .await;
+    assert!(matches!(unknown, Err(StoreError::NotFound)), "{unknown:?}");
+    // A message whose session is not the event's.
+    let stray = message(&other.id, "r", Role::User, "stray");
+    let mut bad = message_entry(&stray);
+    bad.event.session_id = s.id.clone();
+    let mismatch = store.append_events(vec![bad]).await;
+    assert!(
+        matches!(mismatch, Err(StoreError::Other(_))),
+        "{mismatch:?}"
+    );
+    // A run whose session is not the event's.
+    let mut stray_run = run_started(&Run::queued(&other.id));
+    stray_run.event.session_id = s.id.clone();
+    let mismatch = store.append_events(vec![stray_run]).await;
+    assert!(
+        matches!(mismatch, Err(StoreError::Other(_))),
+        "{mismatch:?}"
+    );
+
+    // Mixed into a group with good batches, the bad one fails alone.
+    let (good_a, bad_b, good_c) = tokio::join!(
+        store.append_events(vec![delta(&s.id, "r", "2")]),
+        store.append_events(vec![
+            delta(&s.id, "r", "nope"),
+            delta("missing", "r", "nope")
+        ]),
+        store.append_events(vec![delta(&s.id, "r", "3")]),
+    );
+    assert!(bad_b.is_err());
+    let mut got = vec![good_a.unwrap()[0].seq(), good_c.unwrap()[0].seq()];
+    got.sort_unstable();
+    assert_eq!(got, vec![2, 3], "failed batches leave no gap");
+    let texts: Vec<String> = store
+        .read_events(&s.id, 0, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| text_of(e))
+        .collect();
+    assert_eq!(texts.len(), 3);
+    assert!(
+        !texts.iter().any(|t| t == "x" || t == "nope"),
+        "nothing of a failed batch is stored: {texts:?}"
+    );
+    assert!(store
+        .list_messages(&s.id, None, 0)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(store.list_runs(&s.id).await.unwrap().is_empty());
+    assert_eq!(store.log_bounds(&s.id).await.unwrap().last_seq, 3);
+    assert_eq!(store.log_bounds(&other.id).await.unwrap().last_seq, 0);
+}
+
+pub async fn many_concurrent_reads_all_get_their_answer(h: &dyn Harness) {
+    let store = h.open().await;
+    let s = new_session(&*store, "alice").await;
+    let batch = (0..20).map(|i| delta(&s.id, "r", &i.to_string())).collect();
+    store.append_events(batch).await.unwrap();
+
+    // Far more readers than any pool has connections: they queue and all get the right answer.
+    let mut reads = tokio::task::JoinSet::new();
+    for after in 0..100u64 {
+        let store: Arc<dyn Store> = Arc::clone(&store);
+        let sid = s.id.clone();
+        reads.spawn(async move {
+            (
+                after,
+                store.read_events(&sid, after % 20, 100).await.unwrap(),
+            )
+        });
+    }
+    let mut done = 0;
+    while let Some(result) = reads.join_next().await {
+        let (after, events) = result.unwrap();
+        assert_eq!(seqs(&events), ((after % 20 + 1)..=20).collect::<Vec<_>>());
+        done += 1;
+    }
+    assert_eq!(done, 100);
+}
