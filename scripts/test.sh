@@ -30,10 +30,12 @@ if ! wait "$setup_pid"; then
 fi
 cat "$setup_log"
 
-# setup.sh fetched the default model: tests that need it must run, never skip.
-export AGENTD_REQUIRE_MODEL=1
+# setup.sh fetched the default model and started PostgreSQL: tests that need them must run, never skip.
+export AGENTD_REQUIRE_MODEL=1 AGENTD_REQUIRE_PG=1
 step "tests"
 cargo test --workspace
+step "server suites on Postgres"
+AGENTD_TEST_STORE=postgres cargo test -p agentd --tests
 step "browser end-to-end"
 ./scripts/e2e.sh
 step "benchmark harness smoke run"
