@@ -13,6 +13,8 @@ dpkg -s libgomp1 >/dev/null 2>&1 || need+=(libgomp1)
 if [[ "${AGENTD_SETUP_BROWSER:-0}" == 1 ]]; then
     [[ -x /usr/bin/chromium ]] || need+=(chromium)
     command -v npm >/dev/null || need+=(npm)
+    # promtool, for the metrics test's `promtool check metrics` (crates/agentd/tests/metrics.rs).
+    command -v promtool >/dev/null || need+=(prometheus)
 fi
 if (( ${#need[@]} )); then
     echo "setup: installing ${need[*]} (apt)"

@@ -11,6 +11,7 @@
 //! - [`domain`]: sessions, messages, runs (the native API's shapes).
 //! - [`store`]: the storage seam (`Store`), implemented by `agentd-sqlite`.
 //! - [`provider`]: the model seam (`Provider`), implemented by `agentd-openai`, `agentd-llama`, [`scripted`].
+//! - [`metrics`]: the Prometheus registry and every metric's definition (rendered at `GET /metrics`).
 //! - [`config`]: the TOML configuration, parsed once and validated into typed settings.
 //!
 //! Invariant: nothing in this crate speaks HTTP or knows a wire dialect.
@@ -21,6 +22,7 @@ pub mod domain;
 pub mod event;
 pub mod event_log;
 pub mod memory;
+pub mod metrics;
 pub mod provider;
 pub mod runs;
 pub mod scripted;

@@ -15,6 +15,7 @@ use crate::config::{AgentSettings, Config, Multitask};
 use crate::domain::{new_id, now_rfc3339, Message, Role, Run, Session, SessionStatus};
 use crate::event::{EventKind, NewEvent};
 use crate::event_log::{EventLog, Subscription};
+use crate::metrics::Metrics;
 use crate::provider::Provider;
 use crate::runs::{RunManager, RunResult, TurnRequest};
 use crate::skills::{self, RoutingError};
@@ -119,6 +120,8 @@ pub struct Agentd {
     pub store: Arc<dyn Store>,
     pub log: Arc<EventLog>,
     pub runs: Arc<RunManager>,
+    /// Every metric (`GET /metrics`), shared with the runs, the agent loop and the log.
+    pub metrics: Arc<Metrics>,
 }
 
 impl Agentd {
@@ -128,11 +131,13 @@ impl Agentd {
         store: Arc<dyn Store>,
         providers: HashMap<String, Arc<dyn Provider>>,
     ) -> Result<Arc<Agentd>, String> {
-        let log = EventLog::start(store.clone());
+        let metrics = Arc::new(Metrics::new());
+        let log = EventLog::start_with_metrics(store.clone(), metrics.clone());
         let env = LoopEnv {
             config: config.clone(),
             log: log.clone(),
             providers: Arc::new(providers),
+            metrics: metrics.clone(),
         };
         let runs = RunManager::new(env);
         let n = runs
@@ -150,6 +155,7 @@ impl Agentd {
             store,
             log,
             runs,
+            metrics,
         }))
     }
 
