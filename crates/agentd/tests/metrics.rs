@@ -357,16 +357,23 @@ async fn a_recovered_run_is_counted() {
     let first = Server::start().await;
     let c = first.client();
     let id = c.session().await;
+    // A run a dead process left unfinished: stored, owned by no run manager.
     let run = agentd_core::domain::Run::queued(&id);
     first.app.store.create_run(&run, None).await.unwrap();
-    let dir = first.dir.clone();
-    first.shutdown().await.unwrap();
-    let second = Server::start_with(Options {
-        dir: Some(dir),
-        ..Default::default()
-    })
-    .await;
-    let s = scrape(&second.client()).await;
+    // A second service starting on the same store sweeps it (what `agentd serve` does at start-up).
+    let second = agentd_core::service::Agentd::start(
+        first.app.config.clone(),
+        first.app.store.clone(),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(agentd_server::serve(listener, second, std::future::pending()));
+    let mut c = first.client();
+    c.base = url;
+    let s = scrape(&c).await;
     assert_eq!(s.get("agentd_runs_recovered_total", &[]), 1.0);
     assert_eq!(
         s.get("agentd_runs_total", &[("status", "interrupted")]),
