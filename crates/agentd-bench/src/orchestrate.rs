@@ -832,7 +832,11 @@ where
     let Some(probe) = slot.probe(mock_pid) else {
         return Cell::NotRun("server not running".into());
     };
-    let base = slot.server.as_ref().map(|s| s.base.clone()).unwrap_or_default();
+    let base = slot
+        .server
+        .as_ref()
+        .map(|s| s.base.clone())
+        .unwrap_or_default();
     let result = match scraper {
         Some(scraper) => scraper.during(&base, f(probe)).await,
         None => f(probe).await,

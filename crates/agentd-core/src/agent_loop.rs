@@ -360,11 +360,15 @@ impl<'a> Turn<'a> {
             };
             let output = matches!(
                 &item,
-                Some(Ok(ModelEvent::Text(_) | ModelEvent::Thinking(_) | ModelEvent::ToolCall(_)))
+                Some(Ok(ModelEvent::Text(_)
+                    | ModelEvent::Thinking(_)
+                    | ModelEvent::ToolCall(_)))
             );
             if output && first_output.is_none() {
                 let now = Instant::now();
-                self.model_metrics.ttft.observe((now - started).as_secs_f64());
+                self.model_metrics
+                    .ttft
+                    .observe((now - started).as_secs_f64());
                 first_output = Some(now);
             }
             match item {

@@ -364,13 +364,31 @@ mod tests {
         let m = Metrics::new();
         m.run_finished(RunStatus::Completed);
         m.run_finished(RunStatus::Running);
-        m.upstream_error("p", &ProviderError::Status { status: 500, body: String::new() });
+        m.upstream_error(
+            "p",
+            &ProviderError::Status {
+                status: 500,
+                body: String::new(),
+            },
+        );
         m.tool_call("calculator", ToolOutcome::Success, 0.01);
         let text = m.render().expect("render");
-        assert!(text.contains("agentd_runs_total{status=\"completed\"} 1"), "{text}");
-        assert!(text.contains("agentd_runs_total{status=\"failed\"} 0"), "{text}");
+        assert!(
+            text.contains("agentd_runs_total{status=\"completed\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("agentd_runs_total{status=\"failed\"} 0"),
+            "{text}"
+        );
         assert!(!text.contains("status=\"running\""), "{text}");
-        assert!(text.contains("agentd_upstream_errors_total{code=\"500\",provider=\"p\"} 1"), "{text}");
-        assert!(text.contains("agentd_pending_inputs{kind=\"question\"} 0"), "{text}");
+        assert!(
+            text.contains("agentd_upstream_errors_total{code=\"500\",provider=\"p\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("agentd_pending_inputs{kind=\"question\"} 0"),
+            "{text}"
+        );
     }
 }

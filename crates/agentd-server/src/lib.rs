@@ -43,7 +43,10 @@ pub fn router(state: AppState) -> Router {
         .merge(navi::router())
         .merge(web::router())
         .merge(metrics::router())
-        .layer(axum::middleware::from_fn_with_state(counted, metrics::track))
+        .layer(axum::middleware::from_fn_with_state(
+            counted,
+            metrics::track,
+        ))
         .with_state(state)
 }
 

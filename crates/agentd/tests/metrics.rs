@@ -236,10 +236,7 @@ async fn real_turns_move_the_figures_and_promtool_finds_nothing() {
     assert_eq!(runs(&s2, "failed"), 1.0);
     assert_eq!(runs(&s2, "completed"), 2.0);
     assert_eq!(
-        s2.get(
-            "agentd_upstream_errors_total",
-            &[PROVIDER, ("code", "500")]
-        ),
+        s2.get("agentd_upstream_errors_total", &[PROVIDER, ("code", "500")]),
         1.0
     );
 
@@ -258,7 +255,10 @@ async fn real_turns_move_the_figures_and_promtool_finds_nothing() {
         .unwrap()
         .to_string();
     let s3 = scrape(&c).await;
-    assert_eq!(s3.get("agentd_pending_inputs", &[("kind", "question")]), 1.0);
+    assert_eq!(
+        s3.get("agentd_pending_inputs", &[("kind", "question")]),
+        1.0
+    );
     let ws_native = [("surface", "native")];
     assert_eq!(s3.get("agentd_open_websockets", &ws_native), 1.0);
     let (status, _) = c
@@ -276,7 +276,10 @@ async fn real_turns_move_the_figures_and_promtool_finds_nothing() {
         0.0,
         "the gauge goes down when the socket closes"
     );
-    assert_eq!(s4.get("agentd_pending_inputs", &[("kind", "question")]), 0.0);
+    assert_eq!(
+        s4.get("agentd_pending_inputs", &[("kind", "question")]),
+        0.0
+    );
     assert_eq!(
         s4.get(
             "agentd_tool_calls_total",
@@ -318,13 +321,24 @@ async fn real_turns_move_the_figures_and_promtool_finds_nothing() {
     assert_eq!(runs(&s6, "cancelled"), 1.0);
     assert_eq!(runs(&s6, "failed"), 1.0);
     assert_eq!(runs(&s6, "completed"), 3.0);
-    assert_eq!(s6.get("agentd_model_time_to_first_token_seconds_count", &[PROVIDER, MODEL]), 6.0);
+    assert_eq!(
+        s6.get(
+            "agentd_model_time_to_first_token_seconds_count",
+            &[PROVIDER, MODEL]
+        ),
+        6.0
+    );
 
     // Other surfaces and statuses.
     let (status, _) = c.get("/v1/sessions/does-not-exist").await;
     assert_eq!(status, 404);
-    assert_eq!(reqwest::get(format!("{}/", s.url)).await.unwrap().status(), 200);
-    let kit = reqwest::get(format!("{}/chat/sessions", s.url)).await.unwrap();
+    assert_eq!(
+        reqwest::get(format!("{}/", s.url)).await.unwrap().status(),
+        200
+    );
+    let kit = reqwest::get(format!("{}/chat/sessions", s.url))
+        .await
+        .unwrap();
     assert_eq!(kit.status(), 200);
     let s7 = scrape(&c).await;
     let http = |s: &Scrape, surface: &str, status: &str| {
@@ -370,7 +384,11 @@ async fn a_recovered_run_is_counted() {
     .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(agentd_server::serve(listener, second, std::future::pending()));
+    tokio::spawn(agentd_server::serve(
+        listener,
+        second,
+        std::future::pending(),
+    ));
     let mut c = first.client();
     c.base = url;
     let s = scrape(&c).await;
@@ -418,7 +436,9 @@ async fn metrics_need_a_key_unless_public() {
         ..Default::default()
     })
     .await;
-    let resp = reqwest::get(format!("{}/metrics", public.url)).await.unwrap();
+    let resp = reqwest::get(format!("{}/metrics", public.url))
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     let s = Scrape::parse(resp.text().await.unwrap());
     assert!(s.has_family("agentd_runs_total"));
