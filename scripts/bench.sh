@@ -6,6 +6,8 @@
 #   scripts/bench.sh                 # full run (about 5-10 minutes on 2 cores)
 #   scripts/bench.sh --quick         # CI-sized smoke run (under a minute once built; writes bench-results/tmp/)
 #   scripts/bench.sh --servers peer,floor --no-doc     # any `agentd-bench run` option passes through
+#   scripts/bench.sh --servers agentd --scenarios throughput,latency --scrape-metrics --no-doc
+#                                    # CPU per token with GET /metrics scraped every second vs. not at all
 #
 # Needs: cargo, python3 (with venv) for the peer, taskset (util-linux), and ../shared/bench beside the repo
 # (or --bench-dir DIR).

@@ -171,6 +171,10 @@ struct RunArgs {
     /// Scenarios to run, comma-separated: idle, throughput, latency, reattach (default: all).
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<String>,
+    /// Add a column: agentd's native WebSocket with GET /metrics scraped every second while measured, beside
+    /// the same without (CPU per token with and without metrics scraping, in one run).
+    #[arg(long)]
+    scrape_metrics: bool,
 }
 
 fn main() -> ExitCode {
@@ -344,6 +348,7 @@ fn run(args: RunArgs) -> ExitCode {
         command,
         idle_connections: args.idle_connections,
         scenarios,
+        scrape_metrics: args.scrape_metrics,
         paths,
     };
     let result = orchestrate::run(opts);

@@ -45,6 +45,9 @@ pub struct Options {
     pub idle_connections: Option<usize>,
     /// Which scenarios to run.
     pub scenarios: Scenarios,
+    /// Adds a column: agentd's native WebSocket again, with `GET /metrics` scraped every second during each
+    /// scenario, for the CPU-per-token cost of the metrics (same process, same run).
+    pub scrape_metrics: bool,
 }
 
 /// Which scenarios a run includes (all by default; fewer for a focused look).
@@ -294,6 +297,8 @@ struct Column {
     target: Target,
     slot: usize,
     with_tools: bool,
+    /// Scrape the server's `/metrics` every second while measuring this column.
+    scrape: bool,
 }
 
 /// Prepares, pins, runs; returns the results (also written to `out_dir`).
@@ -402,6 +407,7 @@ async fn run_scenarios(
     let own0 = procfs::own_total_cpu_seconds();
     let wall0 = Instant::now();
     let http = client::http_client()?;
+    let scraper = Scraper::new(http.clone());
     let mock = MockProcess::start(&opts.paths.logs)?;
     let mock_pid = mock.child.id();
     let mock_base = format!("http://{}", mock.addr);
@@ -482,6 +488,7 @@ async fn run_scenarios(
             let mut report = TargetReport::new(label, description);
             report.not_run = slot.not_run.clone();
             columns.push(Column {
+                scrape: label == report::AGENTD_SCRAPED,
                 report,
                 target,
                 slot: i,
@@ -514,6 +521,14 @@ async fn run_scenarios(
                     Target::agentd(report::AGENTD_NATIVE, &base, "assistant", Dialect::Native),
                     true,
                 );
+                if opts.scrape_metrics {
+                    add(
+                        report::AGENTD_SCRAPED,
+                        "agentd serve, native WebSocket, with GET /metrics scraped every second while measured",
+                        Target::agentd(report::AGENTD_SCRAPED, &base, "assistant", Dialect::Native),
+                        true,
+                    );
+                }
             }
         }
     }
@@ -556,7 +571,7 @@ async fn run_scenarios(
         }
         slot.idle_used = true;
         let p = plan.idle;
-        let cell = measure(slot, mock_pid, |probe| {
+        let cell = measure(slot, mock_pid, col.scrape.then_some(&scraper), |probe| {
             scenario::idle(&http, &col.target, probe, p)
         })
         .await;
@@ -581,7 +596,7 @@ async fn run_scenarios(
                     max_rounds: 1,
                     ..plan.throughput
                 };
-                let _ = measure(slot, mock_pid, |probe| {
+                let _ = measure(slot, mock_pid, col.scrape.then_some(&scraper), |probe| {
                     scenario::throughput(&http, &col.target, probe, warm)
                 })
                 .await;
@@ -590,7 +605,7 @@ async fn run_scenarios(
                 sessions: n,
                 ..plan.throughput
             };
-            let cell = measure(slot, mock_pid, |probe| {
+            let cell = measure(slot, mock_pid, col.scrape.then_some(&scraper), |probe| {
                 scenario::throughput(&http, &col.target, probe, p)
             })
             .await;
@@ -613,7 +628,7 @@ async fn run_scenarios(
                     + Duration::from_millis(plan.latency.delay_ms * u64::from(plan.latency.tokens)),
                 ..plan.latency
             };
-            let cell = measure(slot, mock_pid, |probe| {
+            let cell = measure(slot, mock_pid, col.scrape.then_some(&scraper), |probe| {
                 scenario::latency(&http, &col.target, probe, p)
             })
             .await;
@@ -650,7 +665,7 @@ async fn run_scenarios(
         }
         let slot = &mut slots[col.slot];
         let p = plan.reattach;
-        let cell = measure(slot, mock_pid, |_| {
+        let cell = measure(slot, mock_pid, col.scrape.then_some(&scraper), |_| {
             scenario::reattach(&http, &col.target, p)
         })
         .await;
@@ -674,6 +689,9 @@ async fn run_scenarios(
         }
         notes.push(note);
     }
+    if opts.scrape_metrics {
+        notes.push(scraper.note());
+    }
     drop(slots);
     drop(mock);
     Ok(Results {
@@ -687,6 +705,67 @@ async fn run_scenarios(
         notes: std::mem::take(notes),
         harness_latency,
     })
+}
+
+/// Scrapes a server's `GET /metrics` once a second while a scenario runs, and counts the answers.
+struct Scraper {
+    http: reqwest::Client,
+    ok: std::cell::Cell<u64>,
+    failed: std::cell::Cell<u64>,
+    bytes: std::cell::Cell<u64>,
+}
+
+impl Scraper {
+    fn new(http: reqwest::Client) -> Self {
+        Scraper {
+            http,
+            ok: Default::default(),
+            failed: Default::default(),
+            bytes: Default::default(),
+        }
+    }
+
+    /// Runs `work` with a scrape every second beside it (the first one a second in).
+    async fn during<T>(&self, base: &str, work: impl std::future::Future<Output = T>) -> T {
+        let url = format!("{base}/metrics");
+        let scrape = async {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let answer = match self.http.get(&url).send().await {
+                    Ok(r) if r.status().is_success() => r.bytes().await.ok(),
+                    _ => None,
+                };
+                match answer {
+                    Some(body) => {
+                        self.ok.set(self.ok.get() + 1);
+                        self.bytes.set(self.bytes.get() + body.len() as u64);
+                    }
+                    None => self.failed.set(self.failed.get() + 1),
+                }
+            }
+        };
+        tokio::select! {
+            out = work => out,
+            () = scrape => unreachable!("the scraper loops until the work is done"),
+        }
+    }
+
+    fn note(&self) -> String {
+        let ok = self.ok.get();
+        let mean_kb = if ok > 0 {
+            self.bytes.get() as f64 / ok as f64 / 1000.0
+        } else {
+            0.0
+        };
+        format!(
+            "{}: GET /metrics every second while measured: {ok} scrapes answered (about {mean_kb:.1} KB each), {} failed.",
+            report::AGENTD_SCRAPED,
+            self.failed.get()
+        )
+    }
 }
 
 /// Lets the previous server's trailing work finish before the next measurement.
@@ -727,7 +806,12 @@ async fn restart(
 }
 
 /// Runs one scenario against the slot's server, turning a dead server or a failure into a cell.
-async fn measure<T, F, Fut>(slot: &mut Slot, mock_pid: u32, f: F) -> Cell<T>
+async fn measure<T, F, Fut>(
+    slot: &mut Slot,
+    mock_pid: u32,
+    scraper: Option<&Scraper>,
+    f: F,
+) -> Cell<T>
 where
     F: FnOnce(Probe) -> Fut,
     Fut: std::future::Future<Output = Result<T>>,
@@ -748,7 +832,15 @@ where
     let Some(probe) = slot.probe(mock_pid) else {
         return Cell::NotRun("server not running".into());
     };
-    let result = f(probe).await;
+    let base = slot
+        .server
+        .as_ref()
+        .map(|s| s.base.clone())
+        .unwrap_or_default();
+    let result = match scraper {
+        Some(scraper) => scraper.during(&base, f(probe)).await,
+        None => f(probe).await,
+    };
     let died = slot.server.as_mut().is_some_and(|s| !s.running());
     match result {
         Ok(v) if !died => Cell::Ok(v),

@@ -17,6 +17,8 @@ pub const FLOOR: &str = "floor";
 pub const AGENTD_NAVI: &str = "agentd (navi)";
 /// agentd driven through its native WebSocket.
 pub const AGENTD_NATIVE: &str = "agentd (native)";
+/// The same, with `GET /metrics` scraped every second during each scenario (`--scrape-metrics`).
+pub const AGENTD_SCRAPED: &str = "agentd (native, /metrics 1/s)";
 
 /// The machine the run was on.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -657,6 +659,10 @@ pub fn goals(results: &Results) -> Vec<Goal> {
         met,
     });
 
+    if let (Some(plain), Some(scraped)) = (native, results.target(AGENTD_SCRAPED)) {
+        out.push(metrics_overhead(results, plain, scraped));
+    }
+
     let re = native.and_then(|t| t.reattach.as_ref()).and_then(Cell::ok);
     out.push(Goal {
         goal:
@@ -674,6 +680,44 @@ pub fn goals(results: &Results) -> Vec<Goal> {
             .map(|v| v.missed_events == 0 && v.duplicated_events == 0 && v.completed == v.clients),
     });
     out
+}
+
+/// CPU per token with `/metrics` scraped every second against none, same process, same run: the worst
+/// ratio over the throughput and latency levels.
+fn metrics_overhead(results: &Results, plain: &TargetReport, scraped: &TargetReport) -> Goal {
+    let mut measured = Vec::new();
+    let mut worst: Option<f64> = None;
+    let mut note = |what: String, a: Option<f64>, b: Option<f64>| {
+        if let Some(r) = ratio(b, a) {
+            measured.push(format!("{what} {r:.3}×"));
+            worst = Some(worst.map_or(r, |w: f64| w.max(r)));
+        }
+    };
+    for &n in &results.sizes.throughput_sessions {
+        let cpu = |t: &TargetReport| {
+            t.throughput_at(n)
+                .and_then(Cell::ok)
+                .map(|v| v.cpu_ms_per_1k_tokens)
+        };
+        note(format!("throughput {n}"), cpu(plain), cpu(scraped));
+    }
+    for &n in &results.sizes.latency_sessions {
+        let cpu = |t: &TargetReport| {
+            t.latency_at(n)
+                .and_then(Cell::ok)
+                .map(|v| v.cpu_ms_per_1k_tokens)
+        };
+        note(format!("latency {n}"), cpu(plain), cpu(scraped));
+    }
+    Goal {
+        goal: "CPU per token with /metrics scraped every second ≤ 1.02× without (native)".into(),
+        measured: if measured.is_empty() {
+            "not measured".into()
+        } else {
+            measured.join(", ")
+        },
+        met: worst.map(|w| w <= 1.02),
+    }
 }
 
 /// The markdown results: machine, command, table, goals, notes.

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Instant;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use serde_json::{json, Value};
@@ -18,6 +19,7 @@ use crate::domain::{
 };
 use crate::event::{EventKind, NewEvent};
 use crate::event_log::{EventLog, LogError};
+use crate::metrics::{Metrics, ModelMetrics, ToolOutcome};
 use crate::provider::{ModelEvent, ModelMessage, ModelRequest, Provider, ProviderError, ToolSpec};
 use crate::think::{Piece, ThinkSplitter};
 use crate::tools::{self, HumanInput, Tool, ToolContext, ToolOutput};
@@ -28,6 +30,7 @@ pub struct LoopEnv {
     pub config: Arc<Config>,
     pub log: Arc<EventLog>,
     pub providers: Arc<HashMap<String, Arc<dyn Provider>>>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// One turn to run.
@@ -172,6 +175,8 @@ struct Turn<'a> {
     context_tokens: u64,
     /// Context tokens of the last model call as reported, and how many prompt messages it covered.
     reported: Option<(u64, usize)>,
+    /// This turn's provider and model's metric handles.
+    model_metrics: ModelMetrics,
 }
 
 impl<'a> Turn<'a> {
@@ -183,6 +188,7 @@ impl<'a> Turn<'a> {
             agent: spec.agent.name.clone(),
             is_subagent: spec.is_subagent,
         };
+        let model_metrics = env.metrics.model(&spec.provider, &spec.model);
         Turn {
             env,
             spec,
@@ -194,6 +200,16 @@ impl<'a> Turn<'a> {
             usage: Usage::default(),
             context_tokens: 0,
             reported: None,
+            model_metrics,
+        }
+    }
+
+    /// The tool's name as a metric label: a configured name, or `unknown` for one the model made up.
+    fn tool_label<'n>(&self, name: &'n str, builtins: &HashMap<String, Arc<dyn Tool>>) -> &'n str {
+        if builtins.contains_key(name) || self.spec.subagents.iter().any(|s| s == name) {
+            name
+        } else {
+            "unknown"
         }
     }
 
@@ -317,11 +333,19 @@ impl<'a> Turn<'a> {
     ) -> Result<(String, Vec<ToolCall>), Stop> {
         let cancel = self.spec.cancel.clone();
         let estimate = estimate_tokens(&request.messages);
+        let metrics = self.env.metrics.clone();
+        let started = Instant::now();
         let mut stream = tokio::select! {
             biased;
             _ = cancel.cancelled() => return Err(Stop::Cancelled),
-            s = provider.stream(request) => s.map_err(|e| Stop::Failed(provider_error(&e)))?,
+            s = provider.stream(request) => s.map_err(|e| {
+                metrics.upstream_error(&self.spec.provider, &e);
+                Stop::Failed(provider_error(&e))
+            })?,
         };
+        // Time to first output, and the streamed deltas (output tokens when the call reports no usage).
+        let mut first_output: Option<Instant> = None;
+        let mut deltas = 0u64;
         let mut text = String::new();
         let mut thinking = String::new();
         let mut calls = Vec::new();
@@ -334,16 +358,34 @@ impl<'a> Turn<'a> {
                 _ = cancel.cancelled() => break Err(Stop::Cancelled),
                 item = stream.next() => item,
             };
+            let output = matches!(
+                &item,
+                Some(Ok(ModelEvent::Text(_)
+                    | ModelEvent::Thinking(_)
+                    | ModelEvent::ToolCall(_)))
+            );
+            if output && first_output.is_none() {
+                let now = Instant::now();
+                self.model_metrics
+                    .ttft
+                    .observe((now - started).as_secs_f64());
+                first_output = Some(now);
+            }
             match item {
                 None => break Ok(()),
-                Some(Err(e)) => break Err(Stop::Failed(provider_error(&e))),
+                Some(Err(e)) => {
+                    metrics.upstream_error(&self.spec.provider, &e);
+                    break Err(Stop::Failed(provider_error(&e)));
+                }
                 Some(Ok(ModelEvent::Text(chunk))) => {
+                    deltas += 1;
                     splitter.feed(&chunk, &mut pieces);
                     for p in pieces.drain(..) {
                         self.piece(p, &mut text, &mut thinking, step).await?;
                     }
                 }
                 Some(Ok(ModelEvent::Thinking(delta))) => {
+                    deltas += 1;
                     thinking.push_str(&delta);
                     self.emit
                         .send(EventKind::ThinkingDelta { delta, step })
@@ -356,6 +398,18 @@ impl<'a> Turn<'a> {
             }
         };
         drop(stream); // abandons the upstream request on cancel or error
+        let ended = Instant::now();
+        let (tokens_in, tokens_out) = match &call_usage {
+            Some(u) => (u.prompt_tokens, u.completion_tokens),
+            None => (estimate, deltas),
+        };
+        let m = &self.model_metrics;
+        m.input_tokens.inc_by(tokens_in);
+        m.output_tokens.inc_by(tokens_out);
+        if let Some(first) = first_output.filter(|_| deltas >= 2 && tokens_out >= 2) {
+            m.tpot
+                .observe((ended - first).as_secs_f64() / (tokens_out - 1) as f64);
+        }
         splitter.finish(&mut pieces);
         for p in pieces.drain(..) {
             self.piece(p, &mut text, &mut thinking, step).await?;
@@ -493,6 +547,8 @@ impl<'a> Turn<'a> {
         };
         let mut results: Vec<Option<ToolOutput>> = vec![None; calls.len()];
         let cancel = self.spec.cancel.clone();
+        let metrics = self.env.metrics.clone();
+        let started = Instant::now();
         let cancelled = {
             let mut running = FuturesUnordered::new();
             for (i, (call, args)) in calls.iter().zip(&parsed).enumerate() {
@@ -508,6 +564,13 @@ impl<'a> Turn<'a> {
                 };
                 let Some((i, out)) = next else { break false };
                 let call = &calls[i];
+                let outcome = if out.success {
+                    ToolOutcome::Success
+                } else {
+                    ToolOutcome::Error
+                };
+                let seconds = started.elapsed().as_secs_f64();
+                metrics.tool_call(self.tool_label(&call.name, builtins), outcome, seconds);
                 self.emit
                     .send(EventKind::ToolFinished {
                         call_id: call.id.clone(),
@@ -521,6 +584,15 @@ impl<'a> Turn<'a> {
                 results[i] = Some(out);
             }
         };
+        if cancelled {
+            let seconds = started.elapsed().as_secs_f64();
+            for (call, r) in calls.iter().zip(&results) {
+                if r.is_none() {
+                    let tool = self.tool_label(&call.name, builtins);
+                    metrics.tool_call(tool, ToolOutcome::Cancelled, seconds);
+                }
+            }
+        }
         let outputs: Vec<ToolOutput> = results
             .into_iter()
             .map(|r| r.unwrap_or_else(|| ToolOutput::err("cancelled before the tool finished")))
@@ -706,14 +778,20 @@ impl<'a> Turn<'a> {
             tools: Vec::new(),
         };
         let cancel = self.spec.cancel.clone();
+        let failed = |e: ProviderError| {
+            self.env.metrics.upstream_error(&self.spec.provider, &e);
+        };
         let work = async {
-            let mut stream = provider.stream(request).await.ok()?;
+            let mut stream = provider.stream(request).await.map_err(failed).ok()?;
             let mut out = String::new();
             while let Some(item) = stream.next().await {
                 match item {
                     Ok(ModelEvent::Text(t)) => out.push_str(&t),
                     Ok(_) => {}
-                    Err(_) => return None,
+                    Err(e) => {
+                        failed(e);
+                        return None;
+                    }
                 }
             }
             let out = out.trim().to_string();

@@ -102,6 +102,7 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawServer {
     listen: Option<Spanned<String>>,
+    metrics_public: Option<bool>,
     max_message_bytes: Option<usize>,
     max_upload_bytes: Option<usize>,
     max_image_bytes: Option<usize>,
@@ -211,6 +212,8 @@ pub struct Config {
 #[derive(Clone, Debug, PartialEq)]
 pub struct ServerSettings {
     pub listen: String,
+    /// `GET /metrics` without an API key (default false: auth as the API).
+    pub metrics_public: bool,
     pub max_message_bytes: usize,
     pub max_upload_bytes: usize,
     /// One image, decoded.
@@ -587,6 +590,7 @@ impl Validator<'_> {
             listen: s
                 .listen
                 .map_or_else(|| "127.0.0.1:8080".to_string(), Spanned::into_inner),
+            metrics_public: s.metrics_public.unwrap_or(false),
             max_message_bytes: s.max_message_bytes.unwrap_or(262_144),
             max_upload_bytes: s.max_upload_bytes.unwrap_or(20 * 1024 * 1024),
             max_image_bytes: s.max_image_bytes.unwrap_or(5 * 1024 * 1024),

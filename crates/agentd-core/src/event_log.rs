@@ -22,6 +22,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinSet;
 
 use crate::event::{LoggedEvent, NewEvent};
+use crate::metrics::Metrics;
 use crate::store::{LogEntry, Store, StoreError};
 
 /// Events waiting for the appender at most; producers wait (backpressure) beyond it.
@@ -89,6 +90,7 @@ pub struct EventLog {
     store: Arc<dyn Store>,
     fanout: Arc<Fanout>,
     stats: Arc<Mutex<LogStats>>,
+    metrics: Arc<Metrics>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,15 +106,27 @@ pub enum LogError {
 impl EventLog {
     /// Starts the appender task. It ends when every `EventLog` handle is dropped and the queue is drained.
     pub fn start(store: Arc<dyn Store>) -> Arc<EventLog> {
+        Self::start_with_metrics(store, Arc::new(Metrics::new()))
+    }
+
+    /// [`EventLog::start`], counting appends, batches, commit latency and catch-ups in `metrics`.
+    pub fn start_with_metrics(store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Arc<EventLog> {
         let (tx, rx) = mpsc::channel(APPEND_QUEUE);
         let fanout = Arc::new(Fanout::default());
         let stats = Arc::new(Mutex::new(LogStats::default()));
-        tokio::spawn(appender(rx, store.clone(), fanout.clone(), stats.clone()));
+        let this = Appender {
+            store: store.clone(),
+            fanout: fanout.clone(),
+            stats: stats.clone(),
+            metrics: metrics.clone(),
+        };
+        tokio::spawn(appender(rx, this));
         Arc::new(EventLog {
             tx,
             store,
             fanout,
             stats,
+            metrics,
         })
     }
 
@@ -170,6 +184,7 @@ impl EventLog {
             live,
             backlog: std::collections::VecDeque::new(),
             catching_up: true,
+            catchups: self.metrics.subscriber_catchups.clone(),
         }
     }
 }
@@ -179,11 +194,13 @@ struct Appender {
     store: Arc<dyn Store>,
     fanout: Arc<Fanout>,
     stats: Arc<Mutex<LogStats>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Appender {
     /// Hands a batch to the store, then publishes the committed events and answers the waiting producers.
-    async fn commit(&self, batch: Vec<Pending>) {
+    /// `rows` says which path it is (row changes or tokens only), for the commit-latency metric.
+    async fn commit(&self, batch: Vec<Pending>, rows: bool) {
         let mut acks: Vec<Option<Ack>> = Vec::with_capacity(batch.len());
         let mut entries = Vec::with_capacity(batch.len());
         for p in batch {
@@ -191,8 +208,19 @@ impl Appender {
             acks.push(p.ack);
         }
         let n = entries.len();
-        match self.store.append_events(entries).await {
+        let started = std::time::Instant::now();
+        let result = self.store.append_events(entries).await;
+        let m = &self.metrics;
+        let commit = if rows {
+            &m.log_commit_rows
+        } else {
+            &m.log_commit_tokens
+        };
+        commit.observe(started.elapsed().as_secs_f64());
+        m.log_batch.observe(n as f64);
+        match result {
             Ok(events) => {
+                m.log_events.inc_by(n as u64);
                 {
                     let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
                     s.batches += 1;
@@ -206,6 +234,7 @@ impl Appender {
                 }
             }
             Err(e) => {
+                m.log_failures.inc();
                 tracing::error!(error = %e, events = n, "event log batch failed");
                 let msg = e.to_string();
                 for ack in acks.into_iter().flatten() {
@@ -229,17 +258,8 @@ impl Appender {
 /// that call returns, later events of those sessions wait here, in order, un-numbered: so a session never has
 /// two calls outstanding (the store may number and undo a failed call as if alone), and its events are
 /// published in `seq` order.
-async fn appender(
-    mut rx: mpsc::Receiver<Pending>,
-    store: Arc<dyn Store>,
-    fanout: Arc<Fanout>,
-    stats: Arc<Mutex<LogStats>>,
-) {
-    let this = Arc::new(Appender {
-        store,
-        fanout,
-        stats,
-    });
+async fn appender(mut rx: mpsc::Receiver<Pending>, this: Appender) {
+    let this = Arc::new(this);
     // Entries free to go in the next batch, in arrival order.
     let mut ready: Vec<Pending> = Vec::with_capacity(64);
     // Entries of sessions with a row-changing call outstanding, per session in arrival order.
@@ -335,7 +355,7 @@ async fn appender(
             let this = Arc::clone(&this);
             slow.spawn(async move {
                 // Whatever happens to the call, its sessions must be freed afterwards.
-                if AssertUnwindSafe(this.commit(batch))
+                if AssertUnwindSafe(this.commit(batch, true))
                     .catch_unwind()
                     .await
                     .is_err()
@@ -346,7 +366,7 @@ async fn appender(
             });
         }
         if !tokens.is_empty() {
-            this.commit(tokens).await;
+            this.commit(tokens, false).await;
         }
     }
 }
@@ -372,6 +392,8 @@ pub struct Subscription {
     live: broadcast::Receiver<Arc<LoggedEvent>>,
     backlog: std::collections::VecDeque<Arc<LoggedEvent>>,
     catching_up: bool,
+    /// `agentd_subscriber_catchups_total`: counted each time this live subscriber has to read the store.
+    catchups: prometheus::IntCounter,
 }
 
 impl Subscription {
@@ -408,6 +430,7 @@ impl Subscription {
                     if ev.seq() > self.next {
                         // Missed something between the store read and now: read it, then retry this one.
                         self.catching_up = true;
+                        self.catchups.inc();
                         continue;
                     }
                     self.next = ev.seq() + 1;
@@ -415,6 +438,7 @@ impl Subscription {
                 }
                 Err(broadcast::error::RecvError::Lagged(_)) => {
                     self.catching_up = true;
+                    self.catchups.inc();
                 }
                 Err(broadcast::error::RecvError::Closed) => return Ok(None),
             }
@@ -439,6 +463,7 @@ impl Subscription {
                 }
                 Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_)) => {
                     self.catching_up = true;
+                    self.catchups.inc();
                     return None;
                 }
                 Err(_) => return None,

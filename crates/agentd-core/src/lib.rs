@@ -12,6 +12,7 @@
 //! - [`store`]: the storage seam (`Store`), implemented by `agentd-sqlite`.
 //! - [`provider`]: the model seam (`Provider`), implemented by `agentd-openai`, `agentd-llama`, [`scripted`].
 //! - [`limits`]: per-principal limits (messages per minute, open streams), for every surface.
+//! - [`metrics`]: the Prometheus registry and every metric's definition (rendered at `GET /metrics`).
 //! - [`config`]: the TOML configuration, parsed once and validated into typed settings.
 //!
 //! Invariant: nothing in this crate speaks HTTP or knows a wire dialect.
@@ -23,6 +24,7 @@ pub mod event;
 pub mod event_log;
 pub mod limits;
 pub mod memory;
+pub mod metrics;
 pub mod provider;
 pub mod runs;
 pub mod scripted;

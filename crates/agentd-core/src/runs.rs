@@ -20,6 +20,7 @@ use crate::agent_loop::{run_turn, LoopEnv, TurnSpec};
 use crate::config::AgentSettings;
 use crate::domain::{now_rfc3339, Message, Role, Run, RunError, RunErrorCode, RunStatus};
 use crate::event::{EventKind, NewEvent};
+use crate::metrics::GaugeGuard;
 use crate::provider::ModelMessage;
 use crate::skills::SkillMatch;
 use crate::store::{Store, StoreError};
@@ -152,8 +153,10 @@ impl RunManager {
             },
         ));
         let me = self.clone();
+        let accepted = std::time::Instant::now();
         self.tracker.spawn(async move {
-            me.run_task(sr, req, session_agent, cancel, done_tx).await;
+            me.run_task(sr, req, session_agent, cancel, done_tx, accepted)
+                .await;
         });
         done_rx
     }
@@ -214,6 +217,7 @@ impl RunManager {
         session_agent: String,
         cancel: CancellationToken,
         done_tx: watch::Sender<RunResult>,
+        accepted: std::time::Instant,
     ) {
         let TurnRequest {
             mut run,
@@ -231,6 +235,10 @@ impl RunManager {
         let mut content = String::new();
         let mut context_tokens = 0;
         if permit.is_some() && !cancel.is_cancelled() {
+            self.env
+                .metrics
+                .run_queue_wait
+                .observe(accepted.elapsed().as_secs_f64());
             sr.state().active = Some(run_id.clone());
             run.status = RunStatus::Running;
             run.started_at = Some(now_rfc3339());
@@ -265,6 +273,7 @@ impl RunManager {
             });
         }
         run.ended_at = Some(now_rfc3339());
+        self.env.metrics.run_finished(run.status);
         let finished = NewEvent {
             session_id: session_id.clone(),
             run_id: run_id.clone(),
@@ -456,6 +465,7 @@ impl RunManager {
                 .append_durable(ev, Some(run))
                 .await
                 .map_err(|e| StoreError::Other(e.to_string()))?;
+            self.env.metrics.runs_recovered.inc();
         }
         Ok(n)
     }
@@ -579,6 +589,7 @@ impl HumanInput for RunHuman {
         let (tx, rx) = oneshot::channel();
         let run = self.run_with(RunStatus::WaitingInput);
         let sr = self.manager.session(&self.session_id);
+        let _pending = GaugeGuard::new(self.manager.env.metrics.pending_questions.clone());
         sr.state().pending_inputs.insert(
             request_id.clone(),
             PendingInput {

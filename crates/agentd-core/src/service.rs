@@ -16,6 +16,7 @@ use crate::domain::{new_id, now_rfc3339, Message, Role, Run, Session, SessionSta
 use crate::event::{EventKind, NewEvent};
 use crate::event_log::{EventLog, Subscription};
 use crate::limits::{Limits, Refused, StreamGuard};
+use crate::metrics::Metrics;
 use crate::provider::Provider;
 use crate::runs::{RunManager, RunResult, TurnRequest};
 use crate::skills::{self, RoutingError};
@@ -151,6 +152,8 @@ pub struct Agentd {
     pub runs: Arc<RunManager>,
     /// Per-principal limits: sends per minute, open streams.
     pub limits: Limits,
+    /// Every metric (`GET /metrics`), shared with the runs, the agent loop and the log.
+    pub metrics: Arc<Metrics>,
 }
 
 impl Agentd {
@@ -160,11 +163,13 @@ impl Agentd {
         store: Arc<dyn Store>,
         providers: HashMap<String, Arc<dyn Provider>>,
     ) -> Result<Arc<Agentd>, String> {
-        let log = EventLog::start(store.clone());
+        let metrics = Arc::new(Metrics::new());
+        let log = EventLog::start_with_metrics(store.clone(), metrics.clone());
         let env = LoopEnv {
             config: config.clone(),
             log: log.clone(),
             providers: Arc::new(providers),
+            metrics: metrics.clone(),
         };
         let runs = RunManager::new(env);
         let n = runs
@@ -187,6 +192,7 @@ impl Agentd {
             store,
             log,
             runs,
+            metrics,
         }))
     }
 

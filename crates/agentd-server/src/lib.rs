@@ -6,6 +6,7 @@
 //! - [`relay`]: the writer half every WebSocket shares: events -> a dialect's frames -> batched flushes.
 //! - [`auth`]: API keys -> `Principal`, compared in constant time; [`error`]: the native JSON error shape.
 //! - [`listen`]: the accept loop: the connection cap, header and body timeouts, graceful shutdown.
+//! - [`metrics`]: `GET /metrics`, and the layer counting requests and open streams per surface.
 //!
 //! Invariant: surfaces only extract, call one `Agentd` method, and render. No surface holds run state.
 
@@ -13,6 +14,7 @@ pub mod agentkit;
 pub mod auth;
 pub mod error;
 pub mod listen;
+pub mod metrics;
 pub mod native;
 pub mod navi;
 pub mod relay;
@@ -34,13 +36,19 @@ pub struct AppState {
     pub closing: tokio_util::sync::CancellationToken,
 }
 
-/// All surfaces, merged in one place.
+/// All surfaces, merged in one place, counted by the metrics layer.
 pub fn router(state: AppState) -> Router {
+    let counted = state.app.metrics.clone();
     Router::new()
         .merge(native::router())
         .merge(agentkit::router())
         .merge(navi::router())
         .merge(web::router())
+        .merge(metrics::router())
+        .layer(axum::middleware::from_fn_with_state(
+            counted,
+            metrics::track,
+        ))
         .with_state(state)
 }
 

@@ -101,6 +101,7 @@ async fn open(
 }
 
 async fn connection(st: AppState, p: Option<Principal>, session_id: String, socket: WebSocket) {
+    let _open = crate::metrics::websocket_open(&st, "agentkit");
     let (mut sink, mut stream) = socket.split();
     let Some(p) = p else {
         refuse(&mut sink, "Invalid api_key", 4001, "Invalid api_key").await;

@@ -85,6 +85,7 @@ async fn connection(
     attached: Attached,
     socket: WebSocket,
 ) {
+    let _open = crate::metrics::websocket_open(&st, "native");
     let Attached {
         subscription,
         last_seq,

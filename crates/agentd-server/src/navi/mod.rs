@@ -83,6 +83,7 @@ async fn connection(
     attached: Attached,
     socket: WebSocket,
 ) {
+    let _open = crate::metrics::websocket_open(&st, "navi");
     let (mut sink, mut stream) = socket.split();
     let (ctrl_tx, ctrl_rx) = mpsc::channel::<String>(relay::CONTROL_QUEUE);
     let mut render = NaviRender::default();
