@@ -1260,10 +1260,30 @@ pub struct Sample {
     pub pid: u32,
     /// Its resident set, KiB (0 while it restarts).
     pub rss_kib: u64,
+    /// The anonymous part of it (heap, stacks), KiB.
+    pub anon_kib: u64,
+    /// The file-backed part (the binary, mapped database pages), KiB.
+    pub file_kib: u64,
     /// Its open file descriptors.
     pub fds: u64,
     /// Events received by all clients so far (replays included).
     pub events: u64,
+}
+
+/// `RssAnon` and `RssFile` of /proc/PID/status, KiB.
+fn rss_parts(pid: u32) -> (u64, u64) {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return (0, 0);
+    };
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("RssAnon:"), field("RssFile:"))
 }
 
 fn fd_count(pid: u32) -> u64 {
@@ -1285,10 +1305,13 @@ async fn sampler(
             _ = tick.tick() => {
                 let p = pid.load(Ordering::SeqCst);
                 let rss = if p == 0 { 0 } else { procfs::process_rss_kib(p).unwrap_or(0) };
+                let (anon, file) = if p == 0 { (0, 0) } else { rss_parts(p) };
                 out.push(Sample {
                     t_s: Instant::now().duration_since(sh.t0).as_secs_f64(),
                     pid: p,
                     rss_kib: rss,
+                    anon_kib: anon,
+                    file_kib: file,
                     fds: if p == 0 { 0 } else { fd_count(p) },
                     events: sh.counters.events_received.load(Ordering::Relaxed),
                 });
@@ -1309,6 +1332,8 @@ pub struct PeriodRss {
     pub end_s: f64,
     /// Median RSS after warm-up, MiB (0 without samples).
     pub median_mib: f64,
+    /// Median of its anonymous part (heap, stacks) after warm-up, MiB.
+    pub anon_median_mib: f64,
     /// Highest sample of the period (warm-up included), MiB.
     pub max_mib: f64,
     /// Least-squares slope after warm-up, MiB per minute.
@@ -1393,10 +1418,16 @@ pub fn judge_rss(
             .map(|s| (s.t_s, mib(s.rss_kib)))
             .collect();
         let mut values: Vec<f64> = settled.iter().map(|p| p.1).collect();
+        let mut anon: Vec<f64> = all
+            .iter()
+            .filter(|s| s.t_s >= start + warmup_s)
+            .map(|s| mib(s.anon_kib))
+            .collect();
         periods.push(PeriodRss {
             start_s: start,
             end_s: end,
             median_mib: median(&mut values),
+            anon_median_mib: median(&mut anon),
             max_mib: all.iter().map(|s| mib(s.rss_kib)).fold(0.0, f64::max),
             slope_mib_per_min: slope_per_min(&settled),
             samples: settled.len(),
@@ -1775,11 +1806,11 @@ impl Report {
         for (k, v) in rows {
             s.push_str(&format!("| {k} | {} |\n", if v.is_empty() { "-".into() } else { v }));
         }
-        s.push_str("\nRSS per restart period (median after warm-up / max / slope after warm-up):\n\n");
+        s.push_str("\nRSS per restart period (median after warm-up, of which anonymous / max / slope after warm-up):\n\n");
         for (i, p) in self.rss.periods.iter().enumerate() {
             s.push_str(&format!(
-                "- {i}: {:.0}-{:.0} s: {:.1} / {:.1} MiB, {:+.1} MiB/min\n",
-                p.start_s, p.end_s, p.median_mib, p.max_mib, p.slope_mib_per_min
+                "- {i}: {:.0}-{:.0} s: {:.1} MiB ({:.1} anon) / {:.1} MiB, {:+.1} MiB/min\n",
+                p.start_s, p.end_s, p.median_mib, p.anon_median_mib, p.max_mib, p.slope_mib_per_min
             ));
         }
         if !self.findings.is_empty() {
@@ -1815,11 +1846,11 @@ fn kv(m: &BTreeMap<String, u64>) -> String {
 }
 
 fn write_csv(samples: &[Sample], path: &Path) -> Result<()> {
-    let mut s = String::from("t_s,pid,rss_kib,fds,events_received\n");
+    let mut s = String::from("t_s,pid,rss_kib,rss_anon_kib,rss_file_kib,fds,events_received\n");
     for x in samples {
         s.push_str(&format!(
-            "{:.1},{},{},{},{}\n",
-            x.t_s, x.pid, x.rss_kib, x.fds, x.events
+            "{:.1},{},{},{},{},{},{}\n",
+            x.t_s, x.pid, x.rss_kib, x.anon_kib, x.file_kib, x.fds, x.events
         ));
     }
     std::fs::write(path, s)?;
@@ -1856,6 +1887,7 @@ fn plot(samples: &[Sample], report: &Report, end_s: f64, path: &Path) -> Result<
         .draw()
         .map_err(|e| err(&e))?;
     let blue = RGBColor(31, 119, 180);
+    let purple = RGBColor(148, 103, 189);
     // One line per process, so a restart is a break, not a dive to zero.
     let mut first_line = true;
     let mut start = 0;
@@ -1866,6 +1898,21 @@ fn plot(samples: &[Sample], report: &Report, end_s: f64, path: &Path) -> Result<
             end += 1;
         }
         if pid != 0 {
+            let anon: Vec<(f64, f64)> = samples[start..end]
+                .iter()
+                .filter(|s| s.anon_kib > 0)
+                .map(|s| (s.t_s, mib(s.anon_kib)))
+                .collect();
+            let series = chart
+                .draw_series(LineSeries::new(anon, purple.stroke_width(1)))
+                .map_err(|e| err(&e))?;
+            if first_line {
+                series
+                    .label("of which anonymous (heap, stacks)")
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 20, y)], purple.stroke_width(1))
+                    });
+            }
             let pts: Vec<(f64, f64)> = samples[start..end]
                 .iter()
                 .filter(|s| s.rss_kib > 0)
@@ -2423,6 +2470,8 @@ mod tests {
                     t_s: t,
                     pid: 1 + (t / 20.0) as u32,
                     rss_kib: f(t),
+                    anon_kib: 0,
+                    file_kib: 0,
                     fds: 10,
                     events: 0,
                 }
