@@ -267,7 +267,10 @@ fn directive(text: &str, key: &str) -> Option<u64> {
 /// `text` without a trailing `[tag]`.
 fn strip_tag(text: &str) -> &str {
     let trimmed = text.trim_end();
-    match trimmed.strip_suffix(']').and_then(|t| t.rfind('[').map(|i| &t[..i])) {
+    match trimmed
+        .strip_suffix(']')
+        .and_then(|t| t.rfind('[').map(|i| &t[..i]))
+    {
         Some(rest) => rest.trim_end(),
         None => trimmed,
     }
@@ -275,7 +278,10 @@ fn strip_tag(text: &str) -> &str {
 
 /// What one request is answered with.
 enum Reply {
-    Text { tokens: u32, delay: Duration },
+    Text {
+        tokens: u32,
+        delay: Duration,
+    },
     ToolResult(String),
     ToolCall {
         tool: &'static str,

@@ -671,11 +671,9 @@ impl Driver {
                 turn.question = f.request_id.as_deref().map(String::from);
                 turn.reply_at = Some(now + self.rng.ms(100, 2500));
             }
-            "input_received" => {
-                if turn.question.as_deref() == f.request_id.as_deref() {
-                    turn.question = None;
-                    turn.reply_at = None;
-                }
+            "input_received" if turn.question.as_deref() == f.request_id.as_deref() => {
+                turn.question = None;
+                turn.reply_at = None;
             }
             "run_finished" => {
                 let status = f.run.as_ref().map(|r| r.status.as_str()).unwrap_or("");
@@ -765,7 +763,8 @@ impl Driver {
             // Whatever happens, look again in 5 s: the question may still be pending then.
             turn.reply_at = Some(now + Duration::from_secs(5));
             if let (true, Some(ws)) = (use_ws, ws) {
-                let frame = json!({"type": "reply", "request_id": request_id, "content": turn.reply});
+                let frame =
+                    json!({"type": "reply", "request_id": request_id, "content": turn.reply});
                 if ws.send(Message::text(frame.to_string())).await.is_err() {
                     return Err(());
                 }
@@ -962,7 +961,8 @@ impl Driver {
         let mut wait_ms = 100;
         let mut stale = 0u32;
         while Instant::now() < limit {
-            let Ok((mut ws, hello)) = connect_ws(&sh, &self.session, self.log.cursor()).await else {
+            let Ok((mut ws, hello)) = connect_ws(&sh, &self.session, self.log.cursor()).await
+            else {
                 backoff(&mut self.rng, &mut wait_ms).await;
                 continue;
             };
@@ -1576,8 +1576,9 @@ async fn check_session(
             .push(format!("session {session}: fresh read with after=0: {a}"));
     }
     if fresh.log.cursor() > 0 && fresh.log.hashes.first() == Some(&0) {
-        c.findings
-            .push(format!("session {session}: the log does not start at seq 1"));
+        c.findings.push(format!(
+            "session {session}: the log does not start at seq 1"
+        ));
     }
     if let Some(run) = &fresh.active_run_id {
         c.findings.push(format!(
@@ -1596,11 +1597,13 @@ async fn check_session(
             ));
         }
         for a in &o.anomalies {
-            c.findings.push(format!("session {session}: SSE client: {a}"));
+            c.findings
+                .push(format!("session {session}: SSE client: {a}"));
         }
     }
     for a in &driver.log.anomalies {
-        c.findings.push(format!("session {session}: WebSocket client: {a}"));
+        c.findings
+            .push(format!("session {session}: WebSocket client: {a}"));
     }
     for (tag, n) in &fresh.tags {
         if *n > 1 {
@@ -1804,7 +1807,10 @@ impl Report {
             ),
         ];
         for (k, v) in rows {
-            s.push_str(&format!("| {k} | {} |\n", if v.is_empty() { "-".into() } else { v }));
+            s.push_str(&format!(
+                "| {k} | {} |\n",
+                if v.is_empty() { "-".into() } else { v }
+            ));
         }
         s.push_str("\nRSS per restart period (median after warm-up, of which anonymous / max / slope after warm-up):\n\n");
         for (i, p) in self.rss.periods.iter().enumerate() {
@@ -1922,9 +1928,11 @@ fn plot(samples: &[Sample], report: &Report, end_s: f64, path: &Path) -> Result<
                 .draw_series(LineSeries::new(pts, blue.stroke_width(2)))
                 .map_err(|e| err(&e))?;
             if first_line {
-                series.label("RSS (one line per process)").legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], blue.stroke_width(2))
-                });
+                series
+                    .label("RSS (one line per process)")
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 20, y)], blue.stroke_width(2))
+                    });
                 first_line = false;
             }
         }
@@ -1948,7 +1956,11 @@ fn plot(samples: &[Sample], report: &Report, end_s: f64, path: &Path) -> Result<
     let orange = RGBColor(255, 127, 14);
     let periods = &report.rss.periods;
     for (p, color, label) in [
-        (periods.first(), green, "first period's median after warm-up"),
+        (
+            periods.first(),
+            green,
+            "first period's median after warm-up",
+        ),
         (periods.last(), orange, "last period's median after warm-up"),
     ] {
         let Some(p) = p else { continue };
@@ -1960,7 +1972,9 @@ fn plot(samples: &[Sample], report: &Report, end_s: f64, path: &Path) -> Result<
             ))
             .map_err(|e| err(&e))?
             .label(format!("{label}: {:.1} MiB", p.median_mib))
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
+            });
     }
     let grey = RGBColor(90, 90, 90);
     chart
@@ -1969,7 +1983,10 @@ fn plot(samples: &[Sample], report: &Report, end_s: f64, path: &Path) -> Result<
             grey.stroke_width(1),
         ))
         .map_err(|e| err(&e))?
-        .label(format!("bound for the last median: {:.1} MiB", report.rss.bound_mib))
+        .label(format!(
+            "bound for the last median: {:.1} MiB",
+            report.rss.bound_mib
+        ))
         .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], grey.stroke_width(1)));
     chart
         .configure_series_labels()
@@ -1985,7 +2002,10 @@ fn plot(samples: &[Sample], report: &Report, end_s: f64, path: &Path) -> Result<
         .windows(2)
         .map(|w| {
             let dt = (w[1].t_s - w[0].t_s).max(0.001);
-            (w[1].t_s, w[1].events.saturating_sub(w[0].events) as f64 / dt)
+            (
+                w[1].t_s,
+                w[1].events.saturating_sub(w[0].events) as f64 / dt,
+            )
         })
         .collect();
     let r_max = rates.iter().map(|r| r.1).fold(1.0, f64::max) * 1.1;
@@ -2217,7 +2237,10 @@ async fn run(args: SoakArgs) -> Result<Report> {
     };
     let mut results = Vec::with_capacity(drivers.len());
     for d in drivers {
-        results.push(d.await.map_err(|e| Error::new(format!("a driver failed: {e}")))?);
+        results.push(
+            d.await
+                .map_err(|e| Error::new(format!("a driver failed: {e}")))?,
+        );
     }
     let mut observed: HashMap<usize, ClientLog> = HashMap::new();
     for (i, o) in observers {
@@ -2228,9 +2251,7 @@ async fn run(args: SoakArgs) -> Result<Report> {
         );
     }
     let load_end_s = Instant::now().duration_since(t0).as_secs_f64();
-    eprintln!(
-        "agentd-bench soak: clients done at t={load_end_s:.0}s; reading every log afresh"
-    );
+    eprintln!("agentd-bench soak: clients done at t={load_end_s:.0}s; reading every log afresh");
 
     // Every session's log, read afresh, against what its clients saw.
     let checks: Vec<SessionCheck> = futures_util::stream::iter(sessions.iter().enumerate())
@@ -2304,11 +2325,11 @@ async fn run(args: SoakArgs) -> Result<Report> {
     let c = &sh.counters;
     let load = |x: &AtomicU64| x.load(Ordering::Relaxed);
     let mut sanity = Vec::new();
-    let expected_restarts = if args.kill_every == 0 {
-        0
-    } else {
-        (args.duration.saturating_sub(1)) / args.kill_every
-    };
+    let expected_restarts = args
+        .duration
+        .saturating_sub(1)
+        .checked_div(args.kill_every)
+        .unwrap_or(0);
     if restarts.len() as u64 != expected_restarts {
         sanity.push(format!(
             "{} restarts, expected {expected_restarts}",
@@ -2316,9 +2337,18 @@ async fn run(args: SoakArgs) -> Result<Report> {
         ));
     }
     for (what, n) in [
-        ("completed plain turns", turns_by_kind.get("plain completed")),
-        ("completed calculator turns", turns_by_kind.get("calc completed")),
-        ("completed ask_human turns", turns_by_kind.get("ask completed")),
+        (
+            "completed plain turns",
+            turns_by_kind.get("plain completed"),
+        ),
+        (
+            "completed calculator turns",
+            turns_by_kind.get("calc completed"),
+        ),
+        (
+            "completed ask_human turns",
+            turns_by_kind.get("ask completed"),
+        ),
         ("cancelled turns", turns_by_kind.get("cancel cancelled")),
     ] {
         if n.copied().unwrap_or(0) == 0 {
@@ -2386,9 +2416,17 @@ async fn run(args: SoakArgs) -> Result<Report> {
         passed,
     };
     write_csv(&samples, &out.join("rss.csv"))?;
-    std::fs::write(out.join("soak.json"), serde_json::to_string_pretty(&report)?)?;
+    std::fs::write(
+        out.join("soak.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
     std::fs::write(out.join("soak.md"), report.markdown())?;
-    if let Err(e) = plot(&samples, &report, args.duration as f64, &out.join("rss.png")) {
+    if let Err(e) = plot(
+        &samples,
+        &report,
+        args.duration as f64,
+        &out.join("rss.png"),
+    ) {
         eprintln!("agentd-bench soak: no plot: {e}");
     }
     if report.passed {
@@ -2422,14 +2460,18 @@ mod tests {
         assert_eq!(log.cursor(), 5);
         assert_eq!(first_difference(&[1, 2, 3], &[1, 2, 3]), None);
         let d = first_difference(&[1, 2], &[1, 2, 3]).unwrap_or_default();
-        assert!(d.contains("seq 3") && d.contains("has 2 events, the log 3"), "{d}");
+        assert!(
+            d.contains("seq 3") && d.contains("has 2 events, the log 3"),
+            "{d}"
+        );
         let d = first_difference(&[1, 9, 3], &[1, 2, 3]).unwrap_or_default();
         assert!(d.contains("seq 2"), "{d}");
     }
 
     #[test]
     fn sse_blocks_are_parsed_across_chunks() {
-        let mut buf = b"id: 3\nevent: text_delta\ndata: {\"seq\":3}\n\n:keep-alive\n\nid: 4\nda".to_vec();
+        let mut buf =
+            b"id: 3\nevent: text_delta\ndata: {\"seq\":3}\n\n:keep-alive\n\nid: 4\nda".to_vec();
         let ev = take_sse_block(&mut buf).unwrap_or_default();
         assert_eq!(
             ev,
@@ -2441,10 +2483,16 @@ mod tests {
         );
         let comment = take_sse_block(&mut buf).unwrap_or_default();
         assert!(comment.data.is_empty());
-        assert!(take_sse_block(&mut buf).is_none(), "an incomplete block waits");
+        assert!(
+            take_sse_block(&mut buf).is_none(),
+            "an incomplete block waits"
+        );
         buf.extend_from_slice(b"ta:{\"seq\":4}\n\n");
         let ev = take_sse_block(&mut buf).unwrap_or_default();
-        assert_eq!((ev.id.as_deref(), ev.data.as_str()), (Some("4"), "{\"seq\":4}"));
+        assert_eq!(
+            (ev.id.as_deref(), ev.data.as_str()),
+            (Some("4"), "{\"seq\":4}")
+        );
     }
 
     #[test]
@@ -2482,12 +2530,21 @@ mod tests {
     #[test]
     fn memory_is_judged_after_warm_up_first_period_against_last() {
         // Flat at 100 MiB with a spike at each restart: passes.
-        let flat = samples(|t| if t % 20.0 < 3.0 { 300 * 1024 } else { 100 * 1024 });
+        let flat = samples(|t| {
+            if t % 20.0 < 3.0 {
+                300 * 1024
+            } else {
+                100 * 1024
+            }
+        });
         let v = judge_rss(&flat, &[20.0, 40.0], 60.0, 5.0, 25.0, 16.0);
         assert_eq!(v.periods.len(), 3);
         assert!((v.first_mib - 100.0).abs() < 1e-9 && (v.last_mib - 100.0).abs() < 1e-9);
         assert!(v.pass, "{v:?}");
-        assert!((v.max_mib - 300.0).abs() < 1e-9, "the spikes are in the max");
+        assert!(
+            (v.max_mib - 300.0).abs() < 1e-9,
+            "the spikes are in the max"
+        );
         // Growing by 2 MiB a second: the last median (204) is beyond 124 MiB + 25% + 16 MiB.
         let growing = samples(|t| (100 + 2 * t as u64) * 1024);
         let v = judge_rss(&growing, &[20.0, 40.0], 60.0, 5.0, 25.0, 16.0);
