@@ -12,6 +12,8 @@
 //! - [`plot`]: the PNG (throughput and p99 latency against concurrency).
 //! - [`orchestrate`]: the `run` command: mock, servers, scenarios in alternation, outputs.
 //! - [`llama`]: the `llama` command: the embedded model through agentd's WebSocket vs llama.cpp's llama-bench.
+//! - [`soak`]: the `soak` command: many sessions, reconnecting clients, cancels, `ask_human` and kill -9
+//!   restarts against the real binary; every client's stream checked against the log, memory sampled.
 //!
 //! The invariant the figures rest on: the server under test is the only process on its CPU (CPU 0); the
 //! mock and the load generator share the other one, and their own CPU use is reported beside every figure so
@@ -26,6 +28,7 @@ pub mod procfs;
 pub mod report;
 pub mod scenario;
 pub mod servers;
+pub mod soak;
 pub mod stamp;
 pub mod stats;
 

@@ -1,5 +1,5 @@
-//! The `agentd-bench` command: `mock` serves the mock upstream, `run` runs the whole benchmark
-//! (usually through `scripts/bench.sh`, documented in BENCHMARKS.md).
+//! The `agentd-bench` command: `mock` serves the mock upstream, `run` runs the whole benchmark (usually
+//! through `scripts/bench.sh`), `soak` the soak (`scripts/soak.sh`); both are documented in BENCHMARKS.md.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -65,6 +65,10 @@ enum Cmd {
         #[arg(long, default_value = "bench-results")]
         out: PathBuf,
     },
+    /// A soak: sessions with reconnecting clients, cancels and `ask_human` against the real agentd, killed
+    /// with SIGKILL and restarted every period; checks every client's stream against the log, every run for
+    /// one `run_finished`, and the server's RSS (usually through `scripts/soak.sh`, see BENCHMARKS.md).
+    Soak(agentd_bench::soak::SoakArgs),
     /// Re-render results.md and plot.png from a saved results.json (no measuring).
     Report {
         /// The results.json of an earlier run.
@@ -230,6 +234,7 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Probe(args) => probe(args),
+        Cmd::Soak(args) => agentd_bench::soak::main(args),
         Cmd::Report { results, out, doc } => {
             let out =
                 out.unwrap_or_else(|| results.parent().map(PathBuf::from).unwrap_or_default());

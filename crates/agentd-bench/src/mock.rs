@@ -6,10 +6,13 @@
 //! - the last message is a tool result -> the text `The result is <content>.`;
 //! - the last user message starts with `calc:` and the request has tools -> one `calculator` tool call
 //!   `{"expression": ...}`, sent in two fragments as real servers do;
+//! - the last user message starts with `ask:` and the request has tools -> one `ask_human` tool call
+//!   `{"question": ...}` (the soak answers it; the reply comes back as the tool result, answered as above);
 //! - otherwise `tokens` stamped tokens (see [`crate::stamp`]), with `delay_ms` before each.
 //!
 //! Directives in the last user message override the defaults: `tokens=N`, `delay_ms=D`, and `status=NNN`
-//! (answer that HTTP status with an error body). `GET /healthz` answers `ok` and `GET /stats` the number of
+//! (answer that HTTP status with an error body). A trailing `[tag]` (the soak marks each message with one) is
+//! not part of a `calc:` expression or an `ask:` question. `GET /healthz` answers `ok` and `GET /stats` the number of
 //! requests and tokens served so far.
 
 use std::net::SocketAddr;
@@ -261,11 +264,29 @@ fn directive(text: &str, key: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
+/// `text` without a trailing `[tag]`.
+fn strip_tag(text: &str) -> &str {
+    let trimmed = text.trim_end();
+    match trimmed
+        .strip_suffix(']')
+        .and_then(|t| t.rfind('[').map(|i| &t[..i]))
+    {
+        Some(rest) => rest.trim_end(),
+        None => trimmed,
+    }
+}
+
 /// What one request is answered with.
 enum Reply {
-    Text { tokens: u32, delay: Duration },
+    Text {
+        tokens: u32,
+        delay: Duration,
+    },
     ToolResult(String),
-    ToolCall { arguments: String },
+    ToolCall {
+        tool: &'static str,
+        arguments: String,
+    },
     Fail(u16),
 }
 
@@ -288,11 +309,21 @@ fn plan(req: &ChatRequest, config: MockConfig) -> Reply {
     if last.is_some_and(|m| m.role == "tool") {
         return Reply::ToolResult(text_of(last.and_then(|m| m.content.as_ref())));
     }
-    if let Some(expr) = last_user.strip_prefix("calc:") {
-        if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-            let arguments = serde_json::json!({ "expression": expr.trim() }).to_string();
-            return Reply::ToolCall { arguments };
-        }
+    let has_tools = req.tools.as_ref().is_some_and(|t| !t.is_empty());
+    let untagged = strip_tag(&last_user);
+    if let Some(expr) = untagged.strip_prefix("calc:").filter(|_| has_tools) {
+        let arguments = serde_json::json!({ "expression": expr.trim() }).to_string();
+        return Reply::ToolCall {
+            tool: "calculator",
+            arguments,
+        };
+    }
+    if let Some(question) = untagged.strip_prefix("ask:").filter(|_| has_tools) {
+        let arguments = serde_json::json!({ "question": question.trim() }).to_string();
+        return Reply::ToolCall {
+            tool: "ask_human",
+            arguments,
+        };
     }
     let tokens = directive(&last_user, "tokens=")
         .and_then(|n| u32::try_from(n).ok())
@@ -386,13 +417,13 @@ async fn chat(
             stream.write_all(&out).await?;
             (1, "stop")
         }
-        Reply::ToolCall { arguments } => {
+        Reply::ToolCall { tool, arguments } => {
             out.clear();
             event.clear();
             event.push_str(&open);
-            event.push_str(
-                "{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"id\":\"call_mock_1\",\"type\":\"function\",\"function\":{\"name\":\"calculator\",\"arguments\":\"\"}}]},\"finish_reason\":null}]}\n\n",
-            );
+            event.push_str(&format!(
+                "{{\"index\":0,\"delta\":{{\"tool_calls\":[{{\"index\":0,\"id\":\"call_mock_1\",\"type\":\"function\",\"function\":{{\"name\":\"{tool}\",\"arguments\":\"\"}}}}]}},\"finish_reason\":null}}]}}\n\n"
+            ));
             push_chunk(&mut out, event.as_bytes());
             event.clear();
             event.push_str(&open);
@@ -453,10 +484,10 @@ async fn whole(
             1,
             "stop",
         ),
-        Reply::ToolCall { arguments } => (
+        Reply::ToolCall { tool, arguments } => (
             serde_json::json!({"role": "assistant", "content": null, "tool_calls": [{
                 "id": "call_mock_1", "type": "function",
-                "function": {"name": "calculator", "arguments": arguments}}]}),
+                "function": {"name": tool, "arguments": arguments}}]}),
             1,
             "tool_calls",
         ),
@@ -505,5 +536,37 @@ mod tests {
             }
             _ => panic!("expected a text reply"),
         }
+    }
+
+    #[test]
+    fn tool_calls_are_planned_from_tagged_messages() {
+        assert_eq!(strip_tag("calc: 2+3 [s1-m2]"), "calc: 2+3");
+        assert_eq!(strip_tag("calc: 2+3"), "calc: 2+3");
+        let plan_of = |content: &str, tools: bool| {
+            let req = serde_json::json!({
+                "messages": [{"role": "user", "content": content}],
+                "tools": if tools { serde_json::json!([{"type": "function"}]) } else { serde_json::json!(null) },
+            });
+            let req: ChatRequest = serde_json::from_value(req).expect("valid request");
+            plan(&req, MockConfig::default())
+        };
+        match plan_of("ask: your name? [s3-m4]", true) {
+            Reply::ToolCall { tool, arguments } => {
+                assert_eq!(tool, "ask_human");
+                assert_eq!(arguments, r#"{"question":"your name?"}"#);
+            }
+            _ => panic!("expected an ask_human call"),
+        }
+        match plan_of("calc: 6*7 [s3-m5]", true) {
+            Reply::ToolCall { tool, arguments } => {
+                assert_eq!(tool, "calculator");
+                assert_eq!(arguments, r#"{"expression":"6*7"}"#);
+            }
+            _ => panic!("expected a calculator call"),
+        }
+        assert!(
+            matches!(plan_of("ask: no tools offered", false), Reply::Text { .. }),
+            "without tools the mock answers in text"
+        );
     }
 }

@@ -191,13 +191,14 @@ impl Plan {
 }
 
 /// The mock upstream as a child process (on the load generator's CPU); killed on drop.
-struct MockProcess {
+pub struct MockProcess {
     child: Child,
     addr: String,
 }
 
 impl MockProcess {
-    fn start(logs: &Path) -> Result<Self> {
+    /// Starts `agentd-bench mock --port 0` (this executable), its stderr in `logs/mock.log`.
+    pub fn start(logs: &Path) -> Result<Self> {
         let exe = std::env::current_exe()?;
         let log = std::fs::File::create(logs.join("mock.log"))?;
         let mut child = Command::new(exe)
@@ -221,6 +222,16 @@ impl MockProcess {
             .ok_or_else(|| Error::new(format!("the mock did not say where it listens: {line:?}")))?
             .to_string();
         Ok(MockProcess { child, addr })
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 }
 

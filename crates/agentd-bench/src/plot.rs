@@ -22,7 +22,7 @@ const FONT_PATHS: [&str; 4] = [
 ];
 
 /// Registers the font once per process; an error says which paths were tried.
-fn ensure_font() -> Result<()> {
+pub(crate) fn ensure_font() -> Result<()> {
     static REGISTERED: OnceLock<std::result::Result<(), String>> = OnceLock::new();
     REGISTERED
         .get_or_init(|| {
