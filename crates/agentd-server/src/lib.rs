@@ -4,6 +4,7 @@
 //! - [`agentkit`] and [`navi`]: the two seed dialects (SPEC.md section 5), thin adapters over the same events.
 //! - [`web`]: the embedded web chat page.
 //! - [`relay`]: the writer half every WebSocket shares: events -> a dialect's frames -> batched flushes.
+//! - [`socket`]: the WebSocket handshake and socket settings every surface shares.
 //! - [`auth`]: API keys -> `Principal`, compared in constant time; [`error`]: the native JSON error shape.
 //!
 //! Invariant: surfaces only extract, call one `Agentd` method, and render. No surface holds run state.
@@ -14,6 +15,7 @@ pub mod error;
 pub mod native;
 pub mod navi;
 pub mod relay;
+pub mod socket;
 pub mod web;
 
 use std::future::Future;

@@ -212,6 +212,16 @@ impl ChunkWriter {
                 steps.push(Step::Send(self.role("\"\"")));
                 self.contents(&mut steps, &chunks, Duration::ZERO);
             }
+            Reply::Repeated { chunk, count } => {
+                steps.reserve(count + 4);
+                steps.push(Step::Send(self.role("\"\"")));
+                if count > 0 {
+                    let delta = self.content(&chunk);
+                    self.completion_tokens += count as u64 - 1;
+                    steps.extend((0..count).map(|_| Step::Send(delta.clone())));
+                }
+                self.end(&mut steps, "stop");
+            }
             Reply::Raw { pieces, gap_ms } => {
                 for (i, piece) in pieces.into_iter().enumerate() {
                     if i > 0 && gap_ms > 0 {

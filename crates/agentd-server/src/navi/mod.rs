@@ -25,7 +25,6 @@
 pub mod render;
 
 use agentd_core::service::{Attached, Principal, SendMessage, ServiceError};
-use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
 use axum::response::Response;
 use axum::routing::get;
@@ -36,8 +35,8 @@ use tokio::sync::mpsc;
 
 use crate::auth::StreamCaller;
 use crate::error::{public_message, ApiError};
-use crate::native::ws::small_buffers;
-use crate::relay;
+use crate::relay::{self, ReadEnd};
+use crate::socket::{Message as WsMessage, Upgrade, WebSocket};
 use crate::AppState;
 use render::{error_frame, NaviRender};
 
@@ -54,7 +53,7 @@ pub async fn upgrade(
     State(st): State<AppState>,
     StreamCaller(p): StreamCaller,
     Path(id): Path<String>,
-    ws: WebSocketUpgrade,
+    ws: Upgrade,
 ) -> Result<Response, ApiError> {
     // Attached before the upgrade: no event of a run is missed, whatever the handshake's timing.
     let attached = match st.app.attach(&p, &id, None).await {
@@ -62,12 +61,14 @@ pub async fn upgrade(
         Err(ServiceError::NotFound(_)) => None,
         Err(e) => return Err(e.into()),
     };
-    Ok(small_buffers(ws).on_upgrade(move |socket| async move {
+    Ok(ws.on_upgrade(move |socket| async move {
         match attached {
             Some(attached) => connection(st, p, id, attached, socket).await,
             None => {
-                let (mut sink, _stream) = socket.split();
-                relay::close(&mut sink, 4004, "Session not found").await;
+                let (sink, _stream) = socket.split();
+                relay::Sink::new(sink)
+                    .close(4004, "Session not found")
+                    .await;
             }
         }
     }))
@@ -80,7 +81,8 @@ async fn connection(
     attached: Attached,
     socket: WebSocket,
 ) {
-    let (mut sink, mut stream) = socket.split();
+    let (sink, mut stream) = socket.split();
+    let mut sink = relay::Sink::new(sink);
     let (ctrl_tx, ctrl_rx) = mpsc::channel::<String>(relay::CONTROL_QUEUE);
     let mut render = NaviRender::default();
     let writer = relay::write_loop(
@@ -91,14 +93,19 @@ async fn connection(
         &mut render,
     );
     let reader = async {
-        while let Some(Ok(msg)) = stream.next().await {
+        loop {
+            let msg = match stream.next().await {
+                Some(Ok(msg)) => msg,
+                Some(Err(e)) => return relay::read_end(e),
+                None => return ReadEnd::Done,
+            };
             let reply = match msg {
                 // Boxed: an idle connection then holds a small future, not the largest state `send` can reach.
                 WsMessage::Text(t) => {
                     Box::pin(handle_frame(&st, &p, &session_id, t.as_str())).await
                 }
                 WsMessage::Binary(_) => Some(INVALID_JSON.to_string()),
-                WsMessage::Close(_) => break,
+                WsMessage::Close(_) => return ReadEnd::Done,
                 _ => None,
             };
             if let Some(message) = reply {
@@ -107,16 +114,27 @@ async fn connection(
                     .await
                     .is_err()
                 {
-                    break;
+                    return ReadEnd::Done;
                 }
             }
         }
     };
-    tokio::select! {
-        _ = writer => {}
-        _ = reader => {}
+    let end = tokio::select! {
+        _ = writer => ReadEnd::Done,
+        end = reader => end,
+    };
+    match end {
+        ReadEnd::Done => sink.shut().await,
+        ReadEnd::Refused {
+            close_code,
+            reason,
+            message,
+            size,
+        } => {
+            let frame = error_frame(&message).to_string();
+            relay::refuse_frame(sink, stream, frame, close_code, reason, size).await;
+        }
     }
-    let _ = futures_util::SinkExt::close(&mut sink).await;
 }
 
 /// The seed's truthiness of `content`: present, and not empty / null / false / 0.
