@@ -858,7 +858,13 @@ keywords = ["Calculate"]
     fn max_tool_result_bytes_defaults_and_is_checked() {
         let c = Config::parse_with_env(GOOD, "t.toml", &no_env).unwrap();
         assert_eq!(c.server.max_tool_result_bytes, 262_144);
-        let set = |v: &str| GOOD.replacen("[server]", &format!("[server]\nmax_tool_result_bytes = {v}"), 1);
+        let set = |v: &str| {
+            GOOD.replacen(
+                "[server]",
+                &format!("[server]\nmax_tool_result_bytes = {v}"),
+                1,
+            )
+        };
         let c = Config::parse_with_env(&set("4096"), "t.toml", &no_env).unwrap();
         assert_eq!(c.server.max_tool_result_bytes, 4096);
         let e = Config::parse_with_env(&set("10"), "t.toml", &no_env).unwrap_err();

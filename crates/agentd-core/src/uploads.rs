@@ -73,7 +73,20 @@ pub async fn cut_tool_result(
     if total <= max {
         return out;
     }
-    let file_name = format!("tool-result-{tool}-{call_id}.txt");
+    // Ids come from the model: only their plain characters make the name (a `/` must not pick a directory).
+    let plain = |s: &str| -> String {
+        s.chars()
+            .take(48)
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect()
+    };
+    let file_name = format!("tool-result-{}-{}.txt", plain(tool), plain(call_id));
     let kept = match store(workspace, &file_name, "text/plain", out.content.as_bytes()).await {
         Ok(up) => format!(
             "the whole result is the session's upload `{}` (file id `{}`, {} bytes)",
@@ -116,17 +129,40 @@ mod tests {
         let (head, note) = out.content.split_once("\n\n[tool result cut: ").unwrap();
         assert_eq!(head, "é".repeat(512));
         assert!(note.starts_with("4976 of 6000 bytes not shown"), "{note}");
-        let id = note.split("file id `").nth(1).unwrap().split('`').next().unwrap();
+        let id = note
+            .split("file id `")
+            .nth(1)
+            .unwrap()
+            .split('`')
+            .next()
+            .unwrap();
         let meta: Upload = serde_json::from_slice(
             &std::fs::read(dir.path().join(".uploads").join(format!("{id}.json"))).unwrap(),
         )
         .unwrap();
         assert_eq!(meta.path, "tool-result-t-c_2.txt");
-        assert_eq!(std::fs::read_to_string(dir.path().join(&meta.path)).unwrap(), long);
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join(&meta.path)).unwrap(),
+            long
+        );
         // The same call id again does not overwrite the first upload.
-        let again = cut_tool_result(ToolOutput::err("x".repeat(2000)), 1024, dir.path(), "c/2", "t").await;
+        let again = cut_tool_result(
+            ToolOutput::err("x".repeat(2000)),
+            1024,
+            dir.path(),
+            "c/2",
+            "t",
+        )
+        .await;
         assert!(!again.success);
-        assert!(again.content.contains("tool-result-t-c_2-1.txt"), "{}", again.content);
-        assert_eq!(std::fs::read_to_string(dir.path().join(&meta.path)).unwrap(), long);
+        assert!(
+            again.content.contains("tool-result-t-c_2-1.txt"),
+            "{}",
+            again.content
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join(&meta.path)).unwrap(),
+            long
+        );
     }
 }

@@ -127,7 +127,11 @@ impl Sink {
         while let Some(p) = pending.as_mut() {
             let end = fragment_end(&p.rest);
             let last = end == p.rest.len();
-            let opcode = OpCode::Data(if p.started { Data::Continue } else { Data::Text });
+            let opcode = OpCode::Data(if p.started {
+                Data::Continue
+            } else {
+                Data::Text
+            });
             let frame = Frame::message(p.rest.slice(..end), opcode, last);
             timed(inner.feed(WsMessage::Frame(frame))).await?;
             // Only once the frame is queued (a cancelled `feed` queued nothing): the state stays true.

@@ -128,9 +128,12 @@ impl Upgrade {
             let Ok(upgraded) = on_upgrade.await else {
                 return;
             };
-            let socket =
-                WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config()))
-                    .await;
+            let socket = WebSocketStream::from_raw_socket(
+                TokioIo::new(upgraded),
+                Role::Server,
+                Some(config()),
+            )
+            .await;
             callback(socket).await;
         });
         let accept = derive_accept_key(self.key.as_bytes());

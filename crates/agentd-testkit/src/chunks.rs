@@ -265,6 +265,29 @@ mod tests {
     }
 
     #[test]
+    fn a_repeated_reply_shares_one_chunk_and_counts_its_tokens() {
+        let w = ChunkWriter::new(1, "m", 1, true, 3);
+        let Plan::Stream(steps) = w.render(Reply::Repeated {
+            chunk: "abc".into(),
+            count: 5,
+        }) else {
+            panic!("a stream");
+        };
+        let sent: Vec<&Bytes> = steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Send(b) => Some(b),
+                _ => None,
+            })
+            .collect();
+        // role, five deltas, finish, usage, [DONE]
+        assert_eq!(sent.len(), 9);
+        assert!(sent[1..6].iter().all(|b| b.as_ptr() == sent[1].as_ptr()));
+        let usage = std::str::from_utf8(sent[7]).expect("utf-8");
+        assert!(usage.contains("\"completion_tokens\":5"), "{usage}");
+    }
+
+    #[test]
     fn chunks_are_valid_json_objects() {
         let mut w = ChunkWriter::new(7, "m\"odel", 1, true, 10);
         let chunks = [

@@ -103,7 +103,7 @@ async fn read_native(ws: &mut Socket) -> NativeTurn {
     loop {
         let mut v = next_json(ws).await;
         let seq = v["seq"].as_u64().expect("every event has a seq");
-        assert_eq!(seq, last_seq + 1, "gap-free, no duplicate") ;
+        assert_eq!(seq, last_seq + 1, "gap-free, no duplicate");
         last_seq = seq;
         let sub = v["is_subagent"] == true;
         match v["type"].as_str().unwrap_or("") {
@@ -185,7 +185,11 @@ async fn a_32_mb_answer_reaches_every_surface_and_a_reconnect_gets_past_it() {
     assert_eq!(n.delta_bytes, total, "native text deltas");
     assert_repeated("native message", &n.answer, ANSWER_DELTAS);
     let finished = n.finished.unwrap();
-    assert_eq!(finished["run"]["status"], "completed", "{}", finished["run"]);
+    assert_eq!(
+        finished["run"]["status"], "completed",
+        "{}",
+        finished["run"]
+    );
     assert_repeated(
         "native run_finished",
         finished["content"].as_str().unwrap(),
@@ -220,7 +224,10 @@ async fn a_32_mb_answer_reaches_every_surface_and_a_reconnect_gets_past_it() {
     assert_eq!(next_json(&mut kit).await["type"], "pong");
 
     // A client that reconnects just before the big message gets it and everything after it.
-    let mut again = c.ws(&id, &format!("after={}", n.answer_seq - 1)).await.socket;
+    let mut again = c
+        .ws(&id, &format!("after={}", n.answer_seq - 1))
+        .await
+        .socket;
     let hello = next_json(&mut again).await;
     assert_eq!(hello["type"], "hello");
     assert_eq!(hello["last_seq"], finished_seq);
@@ -355,7 +362,11 @@ async fn a_10_mb_tool_result_is_cut_with_a_note_and_kept_whole_as_an_upload() {
 
     // Native: the tool frames carry the cut result, and so does the stored tool message.
     let finished = n.finished.unwrap();
-    assert_eq!(finished["run"]["status"], "completed", "{}", finished["run"]);
+    assert_eq!(
+        finished["run"]["status"], "completed",
+        "{}",
+        finished["run"]
+    );
     assert_eq!(finished["content"], "Done.");
     assert_eq!(
         n.subagent_delta_bytes,
@@ -367,8 +378,15 @@ async fn a_10_mb_tool_result_is_cut_with_a_note_and_kept_whole_as_an_upload() {
     assert_eq!(tool_finished["success"], true);
     let result = tool_finished["result"].as_str().unwrap().to_string();
     let (head, _) = result.split_once("\n\n[tool result cut: ").unwrap();
-    assert!(head.len() <= 262_144 && head.len() > 262_000, "{}", head.len());
-    assert!(chunk().repeat(64).starts_with(head), "the head is the result's start");
+    assert!(
+        head.len() <= 262_144 && head.len() > 262_000,
+        "{}",
+        head.len()
+    );
+    assert!(
+        chunk().repeat(64).starts_with(head),
+        "the head is the result's start"
+    );
     let cut = 10_485_760 - head.len();
     assert!(
         result.contains(&format!("{cut} of 10485760 bytes not shown")),
