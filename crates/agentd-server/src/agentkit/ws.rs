@@ -6,7 +6,8 @@
 //! runs: `cancel` stops the running turn and `reply` reaches a waiting `ask_human` (the seed's two bugs, fixed).
 //! Client frames: `message {content}`, `reply {request_id, content}`, `cancel`, `ping` (-> `pong`); anything
 //! else, and text that is not JSON, is ignored as the seed ignored it. After 300 s without a client frame the
-//! server sends a `pong`, as the seed's receive timeout did.
+//! server sends a `pong`, as the seed's receive timeout did. A frame over the server's 64 MiB frame cap (the
+//! seed had uvicorn's 16 MiB) gets an `error` frame and a close 1009 (see `crate::relay::refuse_frame`).
 
 use std::time::Duration;
 

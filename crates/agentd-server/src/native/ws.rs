@@ -23,6 +23,8 @@ use crate::relay::{self, ReadEnd, Render};
 use crate::socket::{Message as WsMessage, Upgrade, WebSocket};
 use crate::AppState;
 
+pub use crate::socket::MAX_CLIENT_FRAME;
+
 #[derive(Deserialize)]
 pub struct AfterQuery {
     pub after: Option<u64>,

@@ -21,6 +21,9 @@
 //!   `\n\n[Uploaded files on disk:\n- name → path]`. Malformed `images`/`files` (where the seed crashed) and
 //!   refusals by the service (closed session, over-size content, ...) get an error frame with the reason.
 //!   Error frames are `{"type":"error","message"}` and the socket stays open.
+//! - **Frame size**: frames up to 64 MiB are read (over-size content is refused by the service, as above); a
+//!   larger one gets an error frame and a close 1009 instead of the seed's dropped connection. Frames the server
+//!   sends are fragmented past 1 MiB, so an answer of any size reaches the client.
 
 pub mod render;
 
