@@ -23,6 +23,7 @@ use crate::metrics::{Metrics, ModelMetrics, ToolOutcome};
 use crate::provider::{ModelEvent, ModelMessage, ModelRequest, Provider, ProviderError, ToolSpec};
 use crate::think::{Piece, ThinkSplitter};
 use crate::tools::{self, HumanInput, Tool, ToolContext, ToolOutput};
+use crate::uploads;
 
 /// What a turn needs from the server: shared, cheap to clone.
 #[derive(Clone)]
@@ -614,21 +615,26 @@ impl<'a> Turn<'a> {
         ctx: &'b ToolContext,
     ) -> futures_util::future::BoxFuture<'b, ToolOutput> {
         Box::pin(async move {
-            if args.is_null() {
-                return ToolOutput::err(format!(
-                    "arguments are not valid JSON: {}",
-                    call.arguments
-                ));
-            }
-            if let Some(tool) = builtins.get(&call.name) {
-                return tool.call(args, ctx).await;
-            }
-            if self.spec.subagents.contains(&call.name)
+            let out = if args.is_null() {
+                ToolOutput::err(format!("arguments are not valid JSON: {}", call.arguments))
+            } else if let Some(tool) = builtins.get(&call.name) {
+                tool.call(args, ctx).await
+            } else if self.spec.subagents.contains(&call.name)
                 && self.spec.depth < self.env.config.server.max_subagent_depth
             {
-                return self.run_subagent(&call.name, args).await;
-            }
-            ToolOutput::err(format!("unknown tool `{}`", call.name))
+                self.run_subagent(&call.name, args).await
+            } else {
+                ToolOutput::err(format!("unknown tool `{}`", call.name))
+            };
+            // Before the model, the log or any client sees it (SPEC.md section 4).
+            uploads::cut_tool_result(
+                out,
+                self.env.config.server.max_tool_result_bytes,
+                &self.spec.workspace,
+                &call.id,
+                &call.name,
+            )
+            .await
         })
     }
 

@@ -16,6 +16,9 @@ pub const BUILTIN_TOOLS: &[&str] = &[
     "list_files",
 ];
 
+/// The smallest `server.max_tool_result_bytes`: room for a useful head of a result and the note after it.
+pub const MIN_TOOL_RESULT_BYTES: usize = 1024;
+
 /// The configuration `agentd serve` runs with no `--config`: SPEC.md section 1.
 pub const DEFAULT_CONFIG: &str = r#"
 [server]
@@ -106,6 +109,7 @@ struct RawServer {
     max_message_bytes: Option<usize>,
     max_upload_bytes: Option<usize>,
     max_image_bytes: Option<usize>,
+    max_tool_result_bytes: Option<usize>,
     shutdown_grace_s: Option<u64>,
     ask_human_timeout_s: Option<u64>,
     workspace_dir: Option<String>,
@@ -218,6 +222,9 @@ pub struct ServerSettings {
     pub max_upload_bytes: usize,
     /// One image, decoded.
     pub max_image_bytes: usize,
+    /// A tool result longer than this is cut (with a note) before the model or a client sees it; the whole
+    /// result is kept as an upload of the session.
+    pub max_tool_result_bytes: usize,
     pub shutdown_grace_s: u64,
     /// How long an `ask_human` waits for a reply before the tool fails.
     pub ask_human_timeout_s: u64,
@@ -594,6 +601,7 @@ impl Validator<'_> {
             max_message_bytes: s.max_message_bytes.unwrap_or(262_144),
             max_upload_bytes: s.max_upload_bytes.unwrap_or(20 * 1024 * 1024),
             max_image_bytes: s.max_image_bytes.unwrap_or(5 * 1024 * 1024),
+            max_tool_result_bytes: s.max_tool_result_bytes.unwrap_or(262_144),
             shutdown_grace_s: s.shutdown_grace_s.unwrap_or(10),
             ask_human_timeout_s: s.ask_human_timeout_s.unwrap_or(600),
             workspace_dir: s
@@ -644,6 +652,13 @@ impl Validator<'_> {
                 "server.listen",
                 listen_at,
                 format!("`{}` is not an address like 127.0.0.1:8080", server.listen),
+            );
+        }
+        if server.max_tool_result_bytes < MIN_TOOL_RESULT_BYTES {
+            self.problem::<()>(
+                "server.max_tool_result_bytes",
+                None,
+                format!("must be at least {MIN_TOOL_RESULT_BYTES}"),
             );
         }
         if server.event_retention_runs < 20 {
@@ -1010,6 +1025,23 @@ keywords = ["Calculate"]
         assert!(
             matches!(&c.providers["upstream"], ProviderSettings::OpenAi { base_url, .. } if base_url == "http://127.0.0.1:9000/v1")
         );
+    }
+
+    #[test]
+    fn max_tool_result_bytes_defaults_and_is_checked() {
+        let c = Config::parse_with_env(GOOD, "t.toml", &no_env).unwrap();
+        assert_eq!(c.server.max_tool_result_bytes, 262_144);
+        let set = |v: &str| {
+            GOOD.replacen(
+                "[server]",
+                &format!("[server]\nmax_tool_result_bytes = {v}"),
+                1,
+            )
+        };
+        let c = Config::parse_with_env(&set("4096"), "t.toml", &no_env).unwrap();
+        assert_eq!(c.server.max_tool_result_bytes, 4096);
+        let e = Config::parse_with_env(&set("10"), "t.toml", &no_env).unwrap_err();
+        assert_eq!(e.problems[0].key, "server.max_tool_result_bytes", "{e}");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! - [`runs`]: the run manager; each turn is a server-owned task, queued per session, cancellable.
 //! - [`agent_loop`]: one turn's ReAct loop: model call, tools, results, until an answer.
 //! - [`tools`]: built-in tools; [`think`]: `<think>` splitting of streamed text.
+//! - [`uploads`]: files kept in a session's workspace (client uploads, tool results too long to show whole).
 //! - [`event_log`]: append with group commit, then fan-out to subscribers; replay from the store.
 //! - [`event`]: the one internal event model every surface renders.
 //! - [`domain`]: sessions, messages, runs (the native API's shapes).
@@ -33,3 +34,4 @@ pub mod skills;
 pub mod store;
 pub mod think;
 pub mod tools;
+pub mod uploads;

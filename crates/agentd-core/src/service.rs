@@ -624,40 +624,9 @@ impl Agentd {
             )));
         }
         let dir = self.runs.workspace(session_id);
-        let meta_dir = dir.join(".uploads");
-        tokio::fs::create_dir_all(&meta_dir)
+        crate::uploads::store(&dir, file_name, content_type, bytes)
             .await
-            .map_err(|e| ServiceError::Internal(format!("workspace: {e}")))?;
-        let name = sanitise_file_name(file_name);
-        let mut stored = name.clone();
-        let mut n = 1;
-        while tokio::fs::try_exists(dir.join(&stored))
-            .await
-            .unwrap_or(false)
-        {
-            stored = numbered(&name, n);
-            n += 1;
-        }
-        tokio::fs::write(dir.join(&stored), bytes)
-            .await
-            .map_err(|e| ServiceError::Internal(format!("write upload: {e}")))?;
-        let upload = Upload {
-            id: new_id(),
-            name: stored.clone(),
-            path: stored,
-            size: bytes.len() as u64,
-            content_type: if content_type.is_empty() {
-                "application/octet-stream".into()
-            } else {
-                content_type.to_string()
-            },
-        };
-        let meta =
-            serde_json::to_vec(&upload).map_err(|e| ServiceError::Internal(e.to_string()))?;
-        tokio::fs::write(meta_dir.join(format!("{}.json", upload.id)), meta)
-            .await
-            .map_err(|e| ServiceError::Internal(format!("write upload index: {e}")))?;
-        Ok(upload)
+            .map_err(|e| ServiceError::Internal(format!("write upload: {e}")))
     }
 
     async fn upload_meta(&self, session_id: &str, id: &str) -> ServiceResult<Upload> {
@@ -696,7 +665,7 @@ pub fn sanitise_file_name(raw: &str) -> String {
     name
 }
 
-fn numbered(name: &str, n: u32) -> String {
+pub(crate) fn numbered(name: &str, n: u32) -> String {
     match Path::new(name).extension().and_then(|e| e.to_str()) {
         Some(ext) => format!("{}-{n}.{ext}", &name[..name.len() - ext.len() - 1]),
         None => format!("{name}-{n}"),

@@ -4,6 +4,7 @@
 //! - [`agentkit`] and [`navi`]: the two seed dialects (SPEC.md section 5), thin adapters over the same events.
 //! - [`web`]: the embedded web chat page.
 //! - [`relay`]: the writer half every WebSocket shares: events -> a dialect's frames -> batched flushes.
+//! - [`socket`]: the WebSocket handshake and socket settings every surface shares.
 //! - [`auth`]: API keys -> `Principal`, compared in constant time; [`error`]: the native JSON error shape.
 //! - [`listen`]: the accept loop: the connection cap, header and body timeouts, graceful shutdown.
 //! - [`metrics`]: `GET /metrics`, and the layer counting requests and open streams per surface.
@@ -18,6 +19,7 @@ pub mod metrics;
 pub mod native;
 pub mod navi;
 pub mod relay;
+pub mod socket;
 pub mod web;
 
 use std::future::Future;

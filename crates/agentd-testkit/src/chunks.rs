@@ -212,6 +212,16 @@ impl ChunkWriter {
                 steps.push(Step::Send(self.role("\"\"")));
                 self.contents(&mut steps, &chunks, Duration::ZERO);
             }
+            Reply::Repeated { chunk, count } => {
+                steps.reserve(count + 4);
+                steps.push(Step::Send(self.role("\"\"")));
+                if count > 0 {
+                    let delta = self.content(&chunk);
+                    self.completion_tokens += count as u64 - 1;
+                    steps.extend((0..count).map(|_| Step::Send(delta.clone())));
+                }
+                self.end(&mut steps, "stop");
+            }
             Reply::Raw { pieces, gap_ms } => {
                 for (i, piece) in pieces.into_iter().enumerate() {
                     if i > 0 && gap_ms > 0 {
@@ -252,6 +262,29 @@ mod tests {
         for s in ["", "ab", "{\"expression\":\"1+2\"}", "ééééé"] {
             assert_eq!(thirds(s).concat(), s);
         }
+    }
+
+    #[test]
+    fn a_repeated_reply_shares_one_chunk_and_counts_its_tokens() {
+        let w = ChunkWriter::new(1, "m", 1, true, 3);
+        let Plan::Stream(steps) = w.render(Reply::Repeated {
+            chunk: "abc".into(),
+            count: 5,
+        }) else {
+            panic!("a stream");
+        };
+        let sent: Vec<&Bytes> = steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Send(b) => Some(b),
+                _ => None,
+            })
+            .collect();
+        // role, five deltas, finish, usage, [DONE]
+        assert_eq!(sent.len(), 9);
+        assert!(sent[1..6].iter().all(|b| b.as_ptr() == sent[1].as_ptr()));
+        let usage = std::str::from_utf8(sent[7]).expect("utf-8");
+        assert!(usage.contains("\"completion_tokens\":5"), "{usage}");
     }
 
     #[test]

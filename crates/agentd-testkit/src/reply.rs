@@ -73,6 +73,9 @@ pub enum Reply {
     Malformed,
     /// Sends these content deltas, then closes the stream without a finish_reason and without `[DONE]`.
     Truncated { chunks: Vec<String> },
+    /// Streams `chunk` as `count` content deltas, formatted once (a big answer costs the mock one chunk of
+    /// memory); finish_reason `stop`.
+    Repeated { chunk: String, count: usize },
     /// Sends each piece verbatim as its own body write, sleeping `gap_ms` between them. For parser tests:
     /// pieces may split lines, use `\r\n`, carry comments, and so on.
     Raw { pieces: Vec<String>, gap_ms: u64 },

@@ -6,18 +6,18 @@
 //! runs: `cancel` stops the running turn and `reply` reaches a waiting `ask_human` (the seed's two bugs, fixed).
 //! Client frames: `message {content}`, `reply {request_id, content}`, `cancel`, `ping` (-> `pong`); anything
 //! else, and text that is not JSON, is ignored as the seed ignored it. After 300 s without a client frame the
-//! server sends a `pong`, as the seed's receive timeout did.
+//! server sends a `pong`, as the seed's receive timeout did. A frame over the server's 64 MiB frame cap (the
+//! seed had uvicorn's 16 MiB) gets an `error` frame and a close 1009 (see `crate::relay::refuse_frame`).
 
 use std::time::Duration;
 
 use agentd_core::domain::{RunStatus, SessionStatus};
 use agentd_core::service::{Attached, Principal, SendMessage, ServiceError};
-use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{FromRequestParts, Path, State};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
@@ -25,8 +25,8 @@ use super::render::{cancelled_frame, error_frame, AgentkitRender};
 use super::KitError;
 use crate::auth::{bearer, query_key};
 use crate::error::public_message;
-use crate::native::ws::small_buffers;
-use crate::relay::{self, Sink};
+use crate::relay::{self, ReadEnd, Sink};
+use crate::socket::{Message as WsMessage, Upgrade, WebSocket};
 use crate::AppState;
 
 /// The seed's receive timeout, after which it sent a `pong` unasked.
@@ -52,7 +52,7 @@ pub async fn upgrade(
     State(st): State<AppState>,
     SocketKey(p): SocketKey,
     Path(id): Path<String>,
-    ws: WebSocketUpgrade,
+    ws: Upgrade,
 ) -> Response {
     // One of the principal's stream slots, held by the socket's task. Over the limit the handshake is refused
     // with 429 `{"detail": ...}` before the upgrade (a bad key is still refused in-band, as the seed did).
@@ -62,20 +62,16 @@ pub async fn upgrade(
             return KitError::new(StatusCode::TOO_MANY_REQUESTS, e.to_string()).into_response()
         }
     };
-    small_buffers(ws).on_upgrade(move |socket| async move {
+    ws.on_upgrade(move |socket| async move {
         connection(st, p, id, socket).await;
         drop(slot);
     })
 }
 
-fn text(v: &Value) -> WsMessage {
-    WsMessage::Text(v.to_string().into())
-}
-
 /// The seed's refusal after accepting: an error frame, then a close.
 async fn refuse(sink: &mut Sink, message: &str, code: u16, reason: &str) {
-    let _ = relay::timed(sink.send(text(&error_frame(message)))).await;
-    relay::close(sink, code, reason).await;
+    let _ = sink.send_text(error_frame(message).to_string()).await;
+    sink.close(code, reason).await;
 }
 
 /// Checks the session as the seed does, then attaches to its events.
@@ -102,7 +98,8 @@ async fn open(
 
 async fn connection(st: AppState, p: Option<Principal>, session_id: String, socket: WebSocket) {
     let _open = crate::metrics::websocket_open(&st, "agentkit");
-    let (mut sink, mut stream) = socket.split();
+    let (sink, mut stream) = socket.split();
+    let mut sink = Sink::new(sink);
     let Some(p) = p else {
         refuse(&mut sink, "Invalid api_key", 4001, "Invalid api_key").await;
         return;
@@ -115,7 +112,7 @@ async fn connection(st: AppState, p: Option<Principal>, session_id: String, sock
         }
     };
     let connected = json!({"type": "connected", "session_id": session_id});
-    if relay::timed(sink.send(text(&connected))).await.is_err() {
+    if sink.send_text(connected.to_string()).await.is_err() {
         return;
     }
     let (ctrl_tx, ctrl_rx) = mpsc::channel::<String>(relay::CONTROL_QUEUE);
@@ -135,21 +132,33 @@ async fn connection(st: AppState, p: Option<Principal>, session_id: String, sock
                     // Boxed: an idle connection then holds a small future, not the largest state `send` reaches.
                     Box::pin(handle_frame(&st, &p, &session_id, t.as_str())).await
                 }
-                Ok(Some(Ok(WsMessage::Close(_)))) | Ok(Some(Err(_))) | Ok(None) => break,
+                Ok(Some(Err(e))) => return relay::read_end(e),
+                Ok(Some(Ok(WsMessage::Close(_)))) | Ok(None) => return ReadEnd::Done,
                 Ok(Some(Ok(_))) => None,
             };
             if let Some(reply) = msg {
                 if ctrl_tx.send(reply.to_string()).await.is_err() {
-                    break;
+                    return ReadEnd::Done;
                 }
             }
         }
     };
-    tokio::select! {
-        _ = writer => {}
-        _ = reader => {}
+    let end = tokio::select! {
+        _ = writer => ReadEnd::Done,
+        end = reader => end,
+    };
+    match end {
+        ReadEnd::Done => sink.shut().await,
+        ReadEnd::Refused {
+            close_code,
+            reason,
+            message,
+            size,
+        } => {
+            let frame = error_frame(&message).to_string();
+            relay::refuse_frame(sink, stream, frame, close_code, reason, size).await;
+        }
     }
-    let _ = sink.close().await;
 }
 
 /// What a client sees when the service refuses a frame.

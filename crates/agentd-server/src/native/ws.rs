@@ -5,24 +5,26 @@
 //! live), batching whatever is ready into one flush, and control frames (pong, errors) from a small bounded
 //! channel. A client that stops reading only stalls its own writer, which reads from the log when it resumes.
 
+use std::sync::Arc;
+
 use agentd_core::event::LoggedEvent;
 use agentd_core::service::{Attached, Principal, SendMessage, ServiceError};
-use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::response::Response;
-use futures_util::{SinkExt, StreamExt};
+use bytes::Bytes;
+use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::auth::StreamCaller;
 use crate::error::{classify, public_message, ApiError};
-use crate::relay::{self, Render};
+use crate::relay::{self, ReadEnd, Render};
+use crate::socket::{Message as WsMessage, Upgrade, WebSocket};
 use crate::AppState;
 
-/// The largest client frame (images travel inline).
-pub const MAX_CLIENT_FRAME: usize = 64 * 1024 * 1024;
+pub use crate::socket::MAX_CLIENT_FRAME;
 
 /// `?after=N` of the native WebSocket and SSE: a seq (a whole number, 0 or more). Anything else is a 400 in the
 /// native error shape (`invalid_request`), like every other bad request.
@@ -54,24 +56,15 @@ pub async fn upgrade(
     StreamCaller(p): StreamCaller,
     Path(id): Path<String>,
     q: AfterQuery,
-    ws: WebSocketUpgrade,
+    ws: Upgrade,
 ) -> Result<Response, ApiError> {
     // One of the principal's stream slots, held by the socket's task (refused with 429 before the upgrade).
     let slot = st.app.open_stream(&p)?;
     let attached = st.app.attach(&p, &id, q.after).await?;
-    Ok(small_buffers(ws).on_upgrade(move |socket| async move {
+    Ok(ws.on_upgrade(move |socket| async move {
         connection(st, p, id, attached, socket).await;
         drop(slot);
     }))
-}
-
-/// Idle connections should cost little: a small read buffer (allocated up front), a write buffer that only
-/// grows when frames are batched (and is capped), large client frames still allowed.
-pub fn small_buffers(ws: WebSocketUpgrade) -> WebSocketUpgrade {
-    ws.read_buffer_size(2 * 1024)
-        .write_buffer_size(64 * 1024)
-        .max_write_buffer_size(4 * 1024 * 1024)
-        .max_message_size(MAX_CLIENT_FRAME)
 }
 
 fn error_frame(code: &str, message: &str) -> String {
@@ -92,13 +85,10 @@ async fn connection(
         active_run_id,
         cursor_expired,
     } = attached;
-    let (mut sink, mut stream) = socket.split();
+    let (sink, mut stream) = socket.split();
+    let mut sink = relay::Sink::new(sink);
     let hello = json!({"type": "hello", "session_id": session_id, "last_seq": last_seq, "active_run_id": active_run_id});
-    if sink
-        .send(WsMessage::Text(hello.to_string().into()))
-        .await
-        .is_err()
-    {
+    if sink.send_text(hello.to_string()).await.is_err() {
         return;
     }
     if cursor_expired {
@@ -106,7 +96,7 @@ async fn connection(
             "cursor_expired",
             "`after` is older than the retained log; replaying as if no cursor was given",
         );
-        if sink.send(WsMessage::Text(frame.into())).await.is_err() {
+        if sink.send_text(frame).await.is_err() {
             return;
         }
     }
@@ -115,7 +105,12 @@ async fn connection(
     let mut render = NativeRender;
     let writer = relay::write_loop(&mut sink, subscription, ctrl_rx, closing, &mut render);
     let reader = async {
-        while let Some(Ok(msg)) = stream.next().await {
+        loop {
+            let msg = match stream.next().await {
+                Some(Ok(msg)) => msg,
+                Some(Err(e)) => return relay::read_end(e),
+                None => return ReadEnd::Done,
+            };
             let reply = match msg {
                 // Boxed: an idle connection then holds a small future, not the largest state `send` can reach.
                 WsMessage::Text(text) => {
@@ -125,21 +120,37 @@ async fn connection(
                     "invalid_frame",
                     "binary frames are not supported; send JSON text",
                 )),
-                WsMessage::Close(_) => break,
+                WsMessage::Close(_) => return ReadEnd::Done,
                 _ => None,
             };
             if let Some(reply) = reply {
                 if ctrl_tx.send(reply).await.is_err() {
-                    break;
+                    return ReadEnd::Done;
                 }
             }
         }
     };
-    tokio::select! {
-        _ = writer => {}
-        _ = reader => {}
+    let end = tokio::select! {
+        _ = writer => ReadEnd::Done,
+        end = reader => end,
+    };
+    match end {
+        ReadEnd::Done => sink.shut().await,
+        ReadEnd::Refused {
+            close_code,
+            reason,
+            message,
+            size,
+        } => {
+            let code = if close_code == 1009 {
+                "too_large"
+            } else {
+                "invalid_frame"
+            };
+            let frame = error_frame(code, &message);
+            relay::refuse_frame(sink, stream, frame, close_code, reason, size).await;
+        }
     }
-    let _ = sink.close().await;
 }
 
 /// The native dialect: an event's frame is its stored JSON, as is.
@@ -148,6 +159,9 @@ struct NativeRender;
 impl Render for NativeRender {
     fn render(&mut self, event: &LoggedEvent, out: &mut Vec<String>) {
         out.push(event.json.clone());
+    }
+    fn shared(&mut self, event: &Arc<LoggedEvent>) -> Option<Bytes> {
+        Some(relay::stored_json(event))
     }
     fn failure(&self, message: &str) -> String {
         error_frame("internal", message)

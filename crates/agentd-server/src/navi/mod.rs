@@ -21,11 +21,13 @@
 //!   `\n\n[Uploaded files on disk:\n- name → path]`. Malformed `images`/`files` (where the seed crashed) and
 //!   refusals by the service (closed session, over-size content, ...) get an error frame with the reason.
 //!   Error frames are `{"type":"error","message"}` and the socket stays open.
+//! - **Frame size**: frames up to 64 MiB are read (over-size content is refused by the service, as above); a
+//!   larger one gets an error frame and a close 1009 instead of the seed's dropped connection. Frames the server
+//!   sends are fragmented past 1 MiB, so an answer of any size reaches the client.
 
 pub mod render;
 
 use agentd_core::service::{Attached, Principal, SendMessage, ServiceError};
-use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
 use axum::response::Response;
 use axum::routing::get;
@@ -36,8 +38,8 @@ use tokio::sync::mpsc;
 
 use crate::auth::StreamCaller;
 use crate::error::{public_message, ApiError};
-use crate::native::ws::small_buffers;
-use crate::relay;
+use crate::relay::{self, ReadEnd};
+use crate::socket::{Message as WsMessage, Upgrade, WebSocket};
 use crate::AppState;
 use render::{error_frame, NaviRender};
 
@@ -54,7 +56,7 @@ pub async fn upgrade(
     State(st): State<AppState>,
     StreamCaller(p): StreamCaller,
     Path(id): Path<String>,
-    ws: WebSocketUpgrade,
+    ws: Upgrade,
 ) -> Result<Response, ApiError> {
     // One of the principal's stream slots, held by the socket's task (refused with 429 before the upgrade).
     let slot = st.app.open_stream(&p)?;
@@ -64,12 +66,14 @@ pub async fn upgrade(
         Err(ServiceError::NotFound(_)) => None,
         Err(e) => return Err(e.into()),
     };
-    Ok(small_buffers(ws).on_upgrade(move |socket| async move {
+    Ok(ws.on_upgrade(move |socket| async move {
         match attached {
             Some(attached) => connection(st, p, id, attached, socket).await,
             None => {
-                let (mut sink, _stream) = socket.split();
-                relay::close(&mut sink, 4004, "Session not found").await;
+                let (sink, _stream) = socket.split();
+                relay::Sink::new(sink)
+                    .close(4004, "Session not found")
+                    .await;
             }
         }
         drop(slot);
@@ -84,7 +88,8 @@ async fn connection(
     socket: WebSocket,
 ) {
     let _open = crate::metrics::websocket_open(&st, "navi");
-    let (mut sink, mut stream) = socket.split();
+    let (sink, mut stream) = socket.split();
+    let mut sink = relay::Sink::new(sink);
     let (ctrl_tx, ctrl_rx) = mpsc::channel::<String>(relay::CONTROL_QUEUE);
     let mut render = NaviRender::default();
     let writer = relay::write_loop(
@@ -95,14 +100,19 @@ async fn connection(
         &mut render,
     );
     let reader = async {
-        while let Some(Ok(msg)) = stream.next().await {
+        loop {
+            let msg = match stream.next().await {
+                Some(Ok(msg)) => msg,
+                Some(Err(e)) => return relay::read_end(e),
+                None => return ReadEnd::Done,
+            };
             let reply = match msg {
                 // Boxed: an idle connection then holds a small future, not the largest state `send` can reach.
                 WsMessage::Text(t) => {
                     Box::pin(handle_frame(&st, &p, &session_id, t.as_str())).await
                 }
                 WsMessage::Binary(_) => Some(INVALID_JSON.to_string()),
-                WsMessage::Close(_) => break,
+                WsMessage::Close(_) => return ReadEnd::Done,
                 _ => None,
             };
             if let Some(message) = reply {
@@ -111,16 +121,27 @@ async fn connection(
                     .await
                     .is_err()
                 {
-                    break;
+                    return ReadEnd::Done;
                 }
             }
         }
     };
-    tokio::select! {
-        _ = writer => {}
-        _ = reader => {}
+    let end = tokio::select! {
+        _ = writer => ReadEnd::Done,
+        end = reader => end,
+    };
+    match end {
+        ReadEnd::Done => sink.shut().await,
+        ReadEnd::Refused {
+            close_code,
+            reason,
+            message,
+            size,
+        } => {
+            let frame = error_frame(&message).to_string();
+            relay::refuse_frame(sink, stream, frame, close_code, reason, size).await;
+        }
     }
-    let _ = futures_util::SinkExt::close(&mut sink).await;
 }
 
 /// The seed's truthiness of `content`: present, and not empty / null / false / 0.
