@@ -40,9 +40,9 @@ use crate::rows::{from_sql_int, Context};
 /// A segment file is closed, and a new one started, past this size.
 const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
 /// The largest record body accepted when reading a segment back (a longer length field means corruption).
-const MAX_RECORD: usize = 64 * 1024 * 1024;
+pub(crate) const MAX_RECORD: usize = 64 * 1024 * 1024;
 /// Record header: body length and CRC.
-const HEADER: usize = 8;
+pub(crate) const HEADER: usize = 8;
 
 /// One tail event and the segment file holding its record.
 pub(crate) struct TailEvent {
@@ -376,35 +376,40 @@ fn create_segment(prefix: &Path, id: u64) -> StoreResult<File> {
 }
 
 fn encode(buf: &mut Vec<u8>, ev: &LoggedEvent) {
-    let sid = ev.session_id.as_bytes();
-    let rid = ev.event.run_id.as_bytes();
+    encode_raw(buf, &ev.session_id, ev.seq(), &ev.event.run_id, &ev.json);
+}
+
+/// Appends one record: header (body length, CRC), then the body.
+pub(crate) fn encode_raw(buf: &mut Vec<u8>, session_id: &str, seq: u64, run_id: &str, json: &str) {
+    let sid = session_id.as_bytes();
+    let rid = run_id.as_bytes();
     // Ids are uuids or short names (the server checks them long before they get here); cut defensively.
     let sid = &sid[..sid.len().min(u16::MAX as usize)];
     let rid = &rid[..rid.len().min(u16::MAX as usize)];
-    let body_len = 8 + 2 + sid.len() + 2 + rid.len() + ev.json.len();
+    let body_len = 8 + 2 + sid.len() + 2 + rid.len() + json.len();
     let start = buf.len();
     buf.extend_from_slice(&(body_len as u32).to_le_bytes());
     buf.extend_from_slice(&[0; 4]);
-    buf.extend_from_slice(&ev.seq().to_le_bytes());
+    buf.extend_from_slice(&seq.to_le_bytes());
     buf.extend_from_slice(&(sid.len() as u16).to_le_bytes());
     buf.extend_from_slice(sid);
     buf.extend_from_slice(&(rid.len() as u16).to_le_bytes());
     buf.extend_from_slice(rid);
-    buf.extend_from_slice(ev.json.as_bytes());
+    buf.extend_from_slice(json.as_bytes());
     let crc = crc32fast::hash(&buf[start + HEADER..]);
     buf[start + 4..start + HEADER].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// A record read back from a segment.
-struct Record {
-    session_id: String,
-    seq: u64,
-    run_id: String,
-    json: String,
+pub(crate) struct Record {
+    pub(crate) session_id: String,
+    pub(crate) seq: u64,
+    pub(crate) run_id: String,
+    pub(crate) json: String,
 }
 
 /// Splits a segment's bytes into records; stops at the first torn or corrupt one and says where.
-fn decode(bytes: &[u8]) -> (Vec<Record>, Option<usize>) {
+pub(crate) fn decode(bytes: &[u8]) -> (Vec<Record>, Option<usize>) {
     let mut out = Vec::new();
     let mut at = 0;
     while at < bytes.len() {
