@@ -506,6 +506,13 @@ pub(crate) fn recover(conn: &mut Connection, db: &Path) -> StoreResult<Recovered
                 done.skipped += 1;
                 continue;
             }
+            // A record that passed its checksum but does not hold this event (corruption the CRC missed, a file
+            // of another version) would make the session's whole log unreadable: stop its replay there.
+            if !holds_event(&r) {
+                tracing::warn!(path = %path.display(), session = %r.session_id, seq = r.seq, "log tail record does not hold its event; not replayed");
+                done.skipped += 1;
+                continue;
+            }
             chunk::insert_row(&tx, &r.session_id, r.seq, r.seq, &r.run_id, &r.json)?;
             last.insert(r.session_id, Some(r.seq));
             done.inserted += 1;
@@ -524,6 +531,12 @@ pub(crate) fn recover(conn: &mut Connection, db: &Path) -> StoreResult<Recovered
         );
     }
     Ok(done)
+}
+
+/// The record's JSON is one event (one line, as a chunk row stores it) with the record's seq.
+fn holds_event(r: &Record) -> bool {
+    !r.json.contains('\n')
+        && serde_json::from_str::<agentd_core::event::Event>(&r.json).is_ok_and(|e| e.seq == r.seq)
 }
 
 /// The session's last seq as stored (its pruning floor or its newest event); None if there is no such session.
@@ -582,6 +595,42 @@ mod tests {
         assert_eq!(torn, Some(0));
         let (records, torn) = decode(&buf);
         assert_eq!((records.len(), torn), (3, None));
+    }
+
+    #[test]
+    fn recovery_skips_a_record_that_does_not_hold_its_event_and_the_log_stays_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("t.db");
+        let mut conn = Connection::open_in_memory().unwrap();
+        crate::schema::migrate(&mut conn).unwrap();
+        conn.execute_batch(
+            "INSERT INTO sessions (id, principal, agent, status, metadata, created_at, updated_at)
+             VALUES ('s1', 'p', 'a', 'active', '{}', 'now', 'now'), ('s2', 'p', 'a', 'active', '{}', 'now', 'now');",
+        )
+        .unwrap();
+        let mut segment = Vec::new();
+        encode(&mut segment, &ev("s1", 1, "fine"));
+        // Checksums match, contents do not: not JSON, another seq inside, two lines.
+        encode_raw(&mut segment, "s1", 2, "r1", "not json");
+        encode(&mut segment, &ev("s1", 3, "after the bad one"));
+        let two_lines = format!("{}\n{}", ev("s2", 1, "a").json, ev("s2", 2, "b").json);
+        encode_raw(&mut segment, "s2", 1, "r1", &ev("s2", 7, "x").json);
+        encode_raw(&mut segment, "s2", 1, "r1", &two_lines);
+        let mut path = prefix_of(&db).into_os_string();
+        path.push("00000001");
+        std::fs::write(&path, &segment).unwrap();
+
+        let done = recover(&mut conn, &db).unwrap();
+        assert_eq!(done, Recovered { inserted: 1, skipped: 4 });
+        let seqs = |id: &str| -> Vec<u64> {
+            crate::reader::read_events(&conn, id, 0, 100)
+                .unwrap()
+                .iter()
+                .map(|e| e.seq())
+                .collect()
+        };
+        assert_eq!(seqs("s1"), vec![1]);
+        assert!(seqs("s2").is_empty());
     }
 
     #[test]
