@@ -7,7 +7,12 @@ use libfuzzer_sys::fuzz_target;
 use serde_json::{json, Value};
 
 /// Every code an error frame of the native socket may carry for a frame it cannot act on.
-const CODES: &[&str] = &["invalid_json", "missing_field", "unknown_type", "invalid_frame"];
+const CODES: &[&str] = &[
+    "invalid_json",
+    "missing_field",
+    "unknown_type",
+    "invalid_frame",
+];
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {

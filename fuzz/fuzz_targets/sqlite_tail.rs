@@ -53,7 +53,10 @@ fuzz_target!(|data: &[u8]| {
     for r in &records {
         encode_record(&mut again, &r.session_id, r.seq, &r.run_id, &r.json);
     }
-    assert!(again == bytes[..end], "records do not re-encode to their bytes");
+    assert!(
+        again == bytes[..end],
+        "records do not re-encode to their bytes"
+    );
 
     REPLAY.with(|replay| {
         let mut replay = replay.borrow_mut();

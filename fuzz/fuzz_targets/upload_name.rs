@@ -29,7 +29,9 @@ fuzz_target!(|data: &[u8]| {
         && raw.len() <= 100
         && raw.trim() == raw
         && !raw.starts_with('.')
-        && raw.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ' '))
+        && raw
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ' '))
         && !raw.chars().all(|c| c == '.' || c == '_')
     {
         assert_eq!(name, raw, "a safe name was changed");

@@ -621,7 +621,13 @@ mod tests {
         std::fs::write(&path, &segment).unwrap();
 
         let done = recover(&mut conn, &db).unwrap();
-        assert_eq!(done, Recovered { inserted: 1, skipped: 4 });
+        assert_eq!(
+            done,
+            Recovered {
+                inserted: 1,
+                skipped: 4
+            }
+        );
         let seqs = |id: &str| -> Vec<u64> {
             crate::reader::read_events(&conn, id, 0, 100)
                 .unwrap()

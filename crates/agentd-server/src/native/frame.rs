@@ -36,9 +36,8 @@ impl FrameError {
 
 /// Reads one text frame.
 pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
-    let v: Value = serde_json::from_str(text).map_err(|e| {
-        FrameError::new("invalid_json", format!("frame is not valid JSON: {e}"))
-    })?;
+    let v: Value = serde_json::from_str(text)
+        .map_err(|e| FrameError::new("invalid_json", format!("frame is not valid JSON: {e}")))?;
     match v.get("type").and_then(Value::as_str).unwrap_or("") {
         "ping" => Ok(ClientFrame::Ping),
         "message" => message(&v).map(ClientFrame::Message),
@@ -145,7 +144,10 @@ mod tests {
         assert_eq!(code("{oops"), "invalid_json");
         assert_eq!(code("[]"), "missing_field");
         assert_eq!(code(r#"{"type":"message"}"#), "missing_field");
-        assert_eq!(code(r#"{"type":"reply","request_id":"q"}"#), "missing_field");
+        assert_eq!(
+            code(r#"{"type":"reply","request_id":"q"}"#),
+            "missing_field"
+        );
         assert_eq!(code(r#"{"type":"nope"}"#), "unknown_type");
         assert_eq!(
             code(r#"{"type":"message","content":"x","multitask":"later"}"#),

@@ -15,8 +15,8 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use crate::auth::StreamCaller;
 use super::frame::{self, ClientFrame};
+use crate::auth::StreamCaller;
 use crate::error::{classify, public_message, ApiError};
 use crate::relay::{self, Render};
 use crate::AppState;

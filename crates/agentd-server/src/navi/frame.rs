@@ -92,7 +92,12 @@ mod tests {
     #[test]
     fn text_that_is_not_json_is_refused_as_the_seed_refused_it() {
         assert_eq!(parse("{oops").unwrap_err(), INVALID_JSON);
-        assert_eq!(parse(r#"{"type":"message","content":"hi"}"#).unwrap().content, "hi");
+        assert_eq!(
+            parse(r#"{"type":"message","content":"hi"}"#)
+                .unwrap()
+                .content,
+            "hi"
+        );
     }
 
     #[test]
