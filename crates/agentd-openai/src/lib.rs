@@ -12,6 +12,10 @@
 //!
 //! Invariant: the API key only ever lives in a sensitive header value; nothing here logs or formats it.
 
+/// For the fuzz targets in `fuzz/` only.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod provider;
 mod sse;
 mod stream;

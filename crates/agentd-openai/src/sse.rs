@@ -110,7 +110,9 @@ impl SseDecoder {
                 continue;
             }
             let value = std::str::from_utf8(value).map_err(|_| SseError::NotUtf8)?;
-            if self.data.len() + value.len() > self.max_event_bytes {
+            // The `\n` joining it to the previous `data:` line counts too.
+            let joined = self.data.len() + usize::from(self.has_data) + value.len();
+            if joined > self.max_event_bytes {
                 return Err(SseError::TooLarge(self.max_event_bytes));
             }
             if self.has_data {
@@ -172,5 +174,11 @@ mod tests {
             decode_in_pieces(b"data: \xff\xfe\n\n", 3),
             Err(SseError::NotUtf8)
         );
+        // Several `data:` lines are joined with `\n`, which counts towards the limit.
+        let mut decoder = SseDecoder::new(8);
+        decoder.push(b"data: 1234\ndata: 567\n\n");
+        assert_eq!(decoder.next_event(), Ok(Some("1234\n567")));
+        decoder.push(b"data: 1234\ndata: 5678\n\n");
+        assert_eq!(decoder.next_event(), Err(SseError::TooLarge(8)));
     }
 }

@@ -267,7 +267,13 @@ impl ToolCallAssembler {
         let index = match fragment.index {
             Some(index) => index,
             None if fragment.id.is_some() || self.calls.is_empty() => {
-                self.calls.iter().map(|c| c.index + 1).max().unwrap_or(0)
+                match self.calls.iter().map(|c| c.index).max() {
+                    None => 0,
+                    // An index the upstream chose can be anything, usize::MAX included.
+                    Some(last) => last.checked_add(1).ok_or_else(|| {
+                        ProviderError::Malformed("tool call index out of range".into())
+                    })?,
+                }
             }
             None => self.calls.last().map_or(0, |c| c.index),
         };
@@ -473,6 +479,22 @@ mod tests {
             arguments: "{\"a\":2}".into(),
         };
         assert_eq!(events, vec![Ok(ModelEvent::ToolCall(call))]);
+    }
+
+    #[tokio::test]
+    async fn a_new_call_after_the_largest_index_is_malformed_not_a_panic() {
+        let events = collect(vec![
+            "data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"index\":18446744073709551615,\"id\":\"a\",\"function\":{\"name\":\"f\"}}]}}]}\n\n",
+            "data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"id\":\"b\",\"function\":{\"name\":\"g\"}}]}}]}\n\n",
+            "data: [DONE]\n\n",
+        ])
+        .await;
+        assert_eq!(
+            events,
+            vec![Err(ProviderError::Malformed(
+                "tool call index out of range".into()
+            ))]
+        );
     }
 
     #[tokio::test(start_paused = true)]

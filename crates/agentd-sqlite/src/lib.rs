@@ -25,6 +25,10 @@ mod append;
 mod background;
 mod checkpoint;
 mod chunk;
+/// For the fuzz targets in `fuzz/` only.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod reader;
 mod rows;
 mod schema;

@@ -40,9 +40,9 @@ use crate::rows::{from_sql_int, Context};
 /// A segment file is closed, and a new one started, past this size.
 const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
 /// The largest record body accepted when reading a segment back (a longer length field means corruption).
-const MAX_RECORD: usize = 64 * 1024 * 1024;
+pub(crate) const MAX_RECORD: usize = 64 * 1024 * 1024;
 /// Record header: body length and CRC.
-const HEADER: usize = 8;
+pub(crate) const HEADER: usize = 8;
 
 /// One tail event and the segment file holding its record.
 pub(crate) struct TailEvent {
@@ -376,35 +376,40 @@ fn create_segment(prefix: &Path, id: u64) -> StoreResult<File> {
 }
 
 fn encode(buf: &mut Vec<u8>, ev: &LoggedEvent) {
-    let sid = ev.session_id.as_bytes();
-    let rid = ev.event.run_id.as_bytes();
+    encode_raw(buf, &ev.session_id, ev.seq(), &ev.event.run_id, &ev.json);
+}
+
+/// Appends one record: header (body length, CRC), then the body.
+pub(crate) fn encode_raw(buf: &mut Vec<u8>, session_id: &str, seq: u64, run_id: &str, json: &str) {
+    let sid = session_id.as_bytes();
+    let rid = run_id.as_bytes();
     // Ids are uuids or short names (the server checks them long before they get here); cut defensively.
     let sid = &sid[..sid.len().min(u16::MAX as usize)];
     let rid = &rid[..rid.len().min(u16::MAX as usize)];
-    let body_len = 8 + 2 + sid.len() + 2 + rid.len() + ev.json.len();
+    let body_len = 8 + 2 + sid.len() + 2 + rid.len() + json.len();
     let start = buf.len();
     buf.extend_from_slice(&(body_len as u32).to_le_bytes());
     buf.extend_from_slice(&[0; 4]);
-    buf.extend_from_slice(&ev.seq().to_le_bytes());
+    buf.extend_from_slice(&seq.to_le_bytes());
     buf.extend_from_slice(&(sid.len() as u16).to_le_bytes());
     buf.extend_from_slice(sid);
     buf.extend_from_slice(&(rid.len() as u16).to_le_bytes());
     buf.extend_from_slice(rid);
-    buf.extend_from_slice(ev.json.as_bytes());
+    buf.extend_from_slice(json.as_bytes());
     let crc = crc32fast::hash(&buf[start + HEADER..]);
     buf[start + 4..start + HEADER].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// A record read back from a segment.
-struct Record {
-    session_id: String,
-    seq: u64,
-    run_id: String,
-    json: String,
+pub(crate) struct Record {
+    pub(crate) session_id: String,
+    pub(crate) seq: u64,
+    pub(crate) run_id: String,
+    pub(crate) json: String,
 }
 
 /// Splits a segment's bytes into records; stops at the first torn or corrupt one and says where.
-fn decode(bytes: &[u8]) -> (Vec<Record>, Option<usize>) {
+pub(crate) fn decode(bytes: &[u8]) -> (Vec<Record>, Option<usize>) {
     let mut out = Vec::new();
     let mut at = 0;
     while at < bytes.len() {
@@ -501,6 +506,13 @@ pub(crate) fn recover(conn: &mut Connection, db: &Path) -> StoreResult<Recovered
                 done.skipped += 1;
                 continue;
             }
+            // A record that passed its checksum but does not hold this event (corruption the CRC missed, a file
+            // of another version) would make the session's whole log unreadable: stop its replay there.
+            if !holds_event(&r) {
+                tracing::warn!(path = %path.display(), session = %r.session_id, seq = r.seq, "log tail record does not hold its event; not replayed");
+                done.skipped += 1;
+                continue;
+            }
             chunk::insert_row(&tx, &r.session_id, r.seq, r.seq, &r.run_id, &r.json)?;
             last.insert(r.session_id, Some(r.seq));
             done.inserted += 1;
@@ -519,6 +531,12 @@ pub(crate) fn recover(conn: &mut Connection, db: &Path) -> StoreResult<Recovered
         );
     }
     Ok(done)
+}
+
+/// The record's JSON is one event (one line, as a chunk row stores it) with the record's seq.
+fn holds_event(r: &Record) -> bool {
+    !r.json.contains('\n')
+        && serde_json::from_str::<agentd_core::event::Event>(&r.json).is_ok_and(|e| e.seq == r.seq)
 }
 
 /// The session's last seq as stored (its pruning floor or its newest event); None if there is no such session.
@@ -577,6 +595,48 @@ mod tests {
         assert_eq!(torn, Some(0));
         let (records, torn) = decode(&buf);
         assert_eq!((records.len(), torn), (3, None));
+    }
+
+    #[test]
+    fn recovery_skips_a_record_that_does_not_hold_its_event_and_the_log_stays_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("t.db");
+        let mut conn = Connection::open_in_memory().unwrap();
+        crate::schema::migrate(&mut conn).unwrap();
+        conn.execute_batch(
+            "INSERT INTO sessions (id, principal, agent, status, metadata, created_at, updated_at)
+             VALUES ('s1', 'p', 'a', 'active', '{}', 'now', 'now'), ('s2', 'p', 'a', 'active', '{}', 'now', 'now');",
+        )
+        .unwrap();
+        let mut segment = Vec::new();
+        encode(&mut segment, &ev("s1", 1, "fine"));
+        // Checksums match, contents do not: not JSON, another seq inside, two lines.
+        encode_raw(&mut segment, "s1", 2, "r1", "not json");
+        encode(&mut segment, &ev("s1", 3, "after the bad one"));
+        let two_lines = format!("{}\n{}", ev("s2", 1, "a").json, ev("s2", 2, "b").json);
+        encode_raw(&mut segment, "s2", 1, "r1", &ev("s2", 7, "x").json);
+        encode_raw(&mut segment, "s2", 1, "r1", &two_lines);
+        let mut path = prefix_of(&db).into_os_string();
+        path.push("00000001");
+        std::fs::write(&path, &segment).unwrap();
+
+        let done = recover(&mut conn, &db).unwrap();
+        assert_eq!(
+            done,
+            Recovered {
+                inserted: 1,
+                skipped: 4
+            }
+        );
+        let seqs = |id: &str| -> Vec<u64> {
+            crate::reader::read_events(&conn, id, 0, 100)
+                .unwrap()
+                .iter()
+                .map(|e| e.seq())
+                .collect()
+        };
+        assert_eq!(seqs("s1"), vec![1]);
+        assert!(seqs("s2").is_empty());
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! session's event log ([`render`]); no run state lives here.
 //!
 //! - [`rest`]: the REST routes and their wire types (`SessionResponse`, `MessageResponse`).
-//! - [`ws`]: the WebSocket (auth by `?api_key=`, `connected`, client frames `message`/`reply`/`cancel`/`ping`).
+//! - [`ws`]: the WebSocket (auth by `?api_key=`, `connected`, client frames `message`/`reply`/`cancel`/`ping`,
+//!   read by [`frame`]).
 //! - [`render`]: internal events -> agentkit frames, with the little per-connection state that needs.
 //!
 //! Dialect choices where the seed is silent or where agentd differs (documented once, here):
@@ -33,6 +34,7 @@
 //!   the session learns of it. A `cancel` with nothing to cancel is answered with `result` at once, as the seed
 //!   always answered. A `reply` with an unknown `request_id` is ignored, as in the seed.
 
+pub mod frame;
 pub mod render;
 pub mod rest;
 pub mod ws;

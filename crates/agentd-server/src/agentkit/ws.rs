@@ -21,6 +21,7 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
+use super::frame::{self, ClientFrame, FrameError};
 use super::render::{cancelled_frame, error_frame, AgentkitRender};
 use super::KitError;
 use crate::auth::{bearer, query_key};
@@ -174,16 +175,10 @@ fn refusal(e: &ServiceError) -> String {
 
 /// Handles one client frame; returns the frame to answer with, if any.
 async fn handle_frame(st: &AppState, p: &Principal, session_id: &str, raw: &str) -> Option<Value> {
-    let Ok(v) = serde_json::from_str::<Value>(raw) else {
-        return None; // the seed skips text that is not JSON
-    };
-    match v.get("type").and_then(Value::as_str) {
-        Some("message") => {
-            let content = match v.get("content") {
-                None | Some(Value::Null) => String::new(),
-                Some(Value::String(s)) => s.clone(),
-                Some(_) => return Some(error_frame("`content` must be a string")),
-            };
+    match frame::parse(raw) {
+        Ok(None) => None,
+        Err(FrameError(message)) => Some(error_frame(&message)),
+        Ok(Some(ClientFrame::Message { content })) => {
             let send = SendMessage {
                 content,
                 ..Default::default()
@@ -193,27 +188,23 @@ async fn handle_frame(st: &AppState, p: &Principal, session_id: &str, raw: &str)
                 Err(e) => Some(error_frame(&refusal(&e))),
             }
         }
-        Some("reply") => {
-            let request_id = v.get("request_id").and_then(Value::as_str)?;
-            let content = match v.get("content") {
-                None | Some(Value::Null) => String::new(),
-                Some(Value::String(s)) => s.clone(),
-                Some(other) => other.to_string(),
-            };
+        Ok(Some(ClientFrame::Reply {
+            request_id,
+            content,
+        })) => {
             // The seed ignores a reply nobody waits for; so does this. One over the size limit is refused.
-            match st.app.reply(p, session_id, request_id, content).await {
+            match st.app.reply(p, session_id, &request_id, content).await {
                 Err(e @ ServiceError::TooLarge(_)) => Some(error_frame(&refusal(&e))),
                 _ => None,
             }
         }
-        Some("cancel") => match st.app.cancel(p, session_id, None).await {
+        Ok(Some(ClientFrame::Cancel)) => match st.app.cancel(p, session_id, None).await {
             // The run's `run_finished` renders the `result` frame for every client of the session.
             Ok(Some(run)) if run.status == RunStatus::Cancelled => None,
             // Nothing was running (or it ended first): the seed answered every cancel all the same.
             Ok(_) => Some(cancelled_frame()),
             Err(e) => Some(error_frame(&refusal(&e))),
         },
-        Some("ping") => Some(json!({"type": "pong"})),
-        _ => None,
+        Ok(Some(ClientFrame::Ping)) => Some(json!({"type": "pong"})),
     }
 }

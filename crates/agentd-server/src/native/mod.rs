@@ -1,6 +1,7 @@
 //! The native API (SPEC.md section 3): REST handlers here, the WebSocket in [`ws`], SSE in [`sse`].
 //! Each handler extracts, calls one `Agentd` method, and renders JSON.
 
+pub mod frame;
 pub mod sse;
 pub mod ws;
 

@@ -8,16 +8,17 @@
 use std::sync::Arc;
 
 use agentd_core::event::LoggedEvent;
-use agentd_core::service::{Attached, Principal, SendMessage, ServiceError};
+use agentd_core::service::{Attached, Principal};
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::response::Response;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::sync::mpsc;
 
+use super::frame::{self, ClientFrame};
 use crate::auth::StreamCaller;
 use crate::error::{classify, public_message, ApiError};
 use crate::relay::{self, ReadEnd, Render};
@@ -175,111 +176,25 @@ async fn handle_frame(
     session_id: &str,
     text: &str,
 ) -> Option<String> {
-    let v: Value = match serde_json::from_str(text) {
-        Ok(v) => v,
-        Err(e) => {
-            return Some(error_frame(
-                "invalid_json",
-                &format!("frame is not valid JSON: {e}"),
-            ))
-        }
+    let result = match frame::parse(text) {
+        Err(e) => return Some(error_frame(e.code, &e.message)),
+        Ok(ClientFrame::Ping) => return Some(json!({"type": "pong"}).to_string()),
+        Ok(ClientFrame::Message(send)) => st.app.send(p, session_id, send).await.map(|_| ()),
+        Ok(ClientFrame::Cancel { run_id }) => st
+            .app
+            .cancel(p, session_id, run_id.as_deref())
+            .await
+            .map(|_| ()),
+        Ok(ClientFrame::Reply {
+            request_id,
+            content,
+        }) => st
+            .app
+            .reply(p, session_id, &request_id, content)
+            .await
+            .map(|_| ()),
     };
-    let kind = v.get("type").and_then(Value::as_str).unwrap_or("");
-    let result: Result<Option<String>, (String, String)> = match kind {
-        "ping" => Ok(Some(json!({"type": "pong"}).to_string())),
-        "message" => message_frame(st, p, session_id, &v).await,
-        "cancel" => {
-            let run_id = v.get("run_id").and_then(Value::as_str);
-            st.app
-                .cancel(p, session_id, run_id)
-                .await
-                .map(|_| None)
-                .map_err(service)
-        }
-        "reply" => {
-            let (Some(request_id), Some(content)) = (
-                v.get("request_id").and_then(Value::as_str),
-                v.get("content").and_then(Value::as_str),
-            ) else {
-                return Some(error_frame(
-                    "missing_field",
-                    "`reply` needs string fields `request_id` and `content`",
-                ));
-            };
-            st.app
-                .reply(p, session_id, request_id, content.to_string())
-                .await
-                .map(|_| None)
-                .map_err(service)
-        }
-        "" => Err((
-            "missing_field".into(),
-            "frame has no string field `type`".into(),
-        )),
-        other => Err((
-            "unknown_type".into(),
-            format!("unknown frame type `{other}` (message, cancel, reply, ping)"),
-        )),
-    };
-    match result {
-        Ok(reply) => reply,
-        Err((code, message)) => Some(error_frame(&code, &message)),
-    }
-}
-
-fn service(e: ServiceError) -> (String, String) {
+    let e = result.err()?;
     let (_, code) = classify(&e);
-    (code.to_string(), public_message(&e))
-}
-
-fn strings(v: &Value, field: &str) -> Result<Vec<String>, (String, String)> {
-    match v.get(field) {
-        None | Some(Value::Null) => Ok(Vec::new()),
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|i| {
-                i.as_str().map(String::from).ok_or_else(|| {
-                    (
-                        "invalid_frame".to_string(),
-                        format!("`{field}` must be an array of strings"),
-                    )
-                })
-            })
-            .collect(),
-        Some(_) => Err((
-            "invalid_frame".into(),
-            format!("`{field}` must be an array of strings"),
-        )),
-    }
-}
-
-async fn message_frame(
-    st: &AppState,
-    p: &Principal,
-    session_id: &str,
-    v: &Value,
-) -> Result<Option<String>, (String, String)> {
-    let Some(content) = v.get("content").and_then(Value::as_str) else {
-        return Err((
-            "missing_field".into(),
-            "`message` needs a string field `content`".into(),
-        ));
-    };
-    let multitask = super::parse_multitask(v.get("multitask").and_then(Value::as_str))
-        .map_err(|m| ("invalid_frame".to_string(), m))?;
-    let send = SendMessage {
-        content: content.to_string(),
-        images: strings(v, "images")?,
-        files: strings(v, "files")?,
-        client_message_id: v
-            .get("client_message_id")
-            .and_then(Value::as_str)
-            .map(String::from),
-        multitask,
-    };
-    st.app
-        .send(p, session_id, send)
-        .await
-        .map(|_| None)
-        .map_err(service)
+    Some(error_frame(code, &public_message(&e)))
 }
