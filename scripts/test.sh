@@ -36,8 +36,12 @@ step "tests"
 cargo test --workspace
 step "server suites on Postgres"
 AGENTD_TEST_STORE=postgres cargo test -p agentd --tests
+step "fuzz smoke run (each target a few seconds)"
+FUZZ_TARGET_DIR="$CARGO_TARGET_DIR/fuzz" ./scripts/fuzz.sh 5
 step "browser end-to-end"
 ./scripts/e2e.sh
 step "benchmark harness smoke run"
 ./scripts/bench.sh --quick
+step "soak (30 s)"
+./scripts/soak.sh --duration 30 --sessions 100 --kill-every 10
 step "all passed"
