@@ -130,6 +130,7 @@ fn codes_in(src: &str) -> BTreeSet<String> {
         let pair = before.ends_with('(')
             && (after.starts_with(".into(),") || after.starts_with(".to_string(),"));
         if before.ends_with("error_frame(")
+            || before.ends_with("FrameError::new(")
             || before.ends_with("code:")
             || before.ends_with("\"code\":")
             || status_arg
