@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use agentd_core::domain::Run;
 use common::{Options, Server};
-use futures_util::SinkExt;
 use serde_json::{json, Value};
+use tokio_tungstenite::MaybeTlsStream;
 
 fn run_finished_of(events: &[Arc<agentd_core::event::LoggedEvent>], run_id: &str) -> usize {
     events
@@ -106,8 +106,11 @@ async fn websocket_closed_right_after_a_send_leaves_no_run_queued() {
         let mut ws = c.ws(&id, "").await;
         ws.send(json!({"type": "message", "content": "tokens=3 delay_ms=5"}))
             .await;
-        // Gone at once: the server notices the close while it is storing the send.
-        let _ = ws.socket.close(None).await;
+        // Gone at once, with a reset (zero linger): the server's next write fails while it is storing the
+        // send, and its connection handler ends (dropping the reader's in-flight send).
+        if let MaybeTlsStream::Plain(tcp) = ws.socket.get_ref() {
+            tcp.set_zero_linger().unwrap();
+        }
         drop(ws);
         sessions.push(id);
     }
