@@ -130,6 +130,16 @@ impl Store for MemoryStore {
             .push((run.clone(), client_message_id.map(String::from)));
         Ok(())
     }
+    async fn release_client_message_id(&self, session_id: &str, run_id: &str) -> StoreResult<()> {
+        let mut inner = self.lock();
+        let (_, cmid) = inner
+            .runs
+            .iter_mut()
+            .find(|(r, _)| r.session_id == session_id && r.id == run_id)
+            .ok_or(StoreError::NotFound)?;
+        *cmid = None;
+        Ok(())
+    }
     async fn find_run_by_client_message_id(
         &self,
         session_id: &str,

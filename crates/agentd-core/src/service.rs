@@ -19,7 +19,7 @@ use crate::limits::{Limits, Refused, StreamGuard};
 use crate::metrics::Metrics;
 use crate::provider::Provider;
 use crate::runs::{RunManager, RunResult, TurnRequest};
-use crate::skills::{self, RoutingError};
+use crate::skills::{self, RoutingError, SkillMatch};
 use crate::store::{Store, StoreError};
 
 /// Who is calling. Without configured keys everyone is the principal `local`.
@@ -307,7 +307,7 @@ impl Agentd {
         session_id: &str,
         msg: SendMessage,
     ) -> ServiceResult<Accepted> {
-        let mut session = self.session(p, session_id).await?;
+        let session = self.session(p, session_id).await?;
         if session.status == SessionStatus::Closed {
             return Err(ServiceError::Conflict {
                 code: "session_closed",
@@ -373,26 +373,6 @@ impl Agentd {
             self.runs.cancel_all(session_id);
         }
         let run = Run::queued(session_id);
-        match self
-            .store
-            .create_run(&run, msg.client_message_id.as_deref())
-            .await
-        {
-            Ok(()) => {}
-            Err(StoreError::Conflict(_)) => {
-                // Two sends with one client_message_id raced; the first one won.
-                if let Some(cmid) = &msg.client_message_id {
-                    if let Some(existing) = self.repeat(session_id, cmid).await? {
-                        return Ok(existing);
-                    }
-                }
-                return Err(ServiceError::Conflict {
-                    code: "conflict",
-                    message: "duplicate send".into(),
-                });
-            }
-            Err(e) => return Err(e.into()),
-        }
         let message = Message {
             id: new_id(),
             session_id: session_id.to_string(),
@@ -405,38 +385,40 @@ impl Agentd {
             images,
             created_at: now_rfc3339(),
         };
-        let ev = NewEvent {
-            session_id: session_id.to_string(),
-            run_id: run.id.clone(),
-            agent: session.agent.clone(),
-            is_subagent: false,
-            kind: EventKind::Message {
-                message: message.clone(),
-            },
-        };
-        self.log
-            .append_durable(ev, None)
-            .await
-            .map_err(|e| ServiceError::Internal(e.to_string()))?;
-        if session.title.is_none() {
-            session.title = Some(message.content.chars().take(60).collect());
-            session.updated_at = now_rfc3339();
-            self.store.update_session(&session).await?;
-        }
-        let done = self.runs.start(
-            TurnRequest {
-                run: run.clone(),
+        // From the run row to the started run on a task of its own: a caller whose future is dropped (a
+        // WebSocket that closed, an HTTP client that hung up) must not leave a stored run `queued` forever.
+        let commit = tokio::spawn(commit_send(
+            self.store.clone(),
+            self.log.clone(),
+            self.runs.clone(),
+            PendingSend {
+                run,
+                client_message_id: msg.client_message_id.clone(),
+                message,
+                session,
                 agent,
                 skill: routing.skill,
             },
-            session.agent.clone(),
-        );
-        Ok(Accepted {
-            run,
-            message: Some(message),
-            done,
-            repeated: false,
-        })
+        ));
+        match commit.await {
+            Ok(Ok(accepted)) => Ok(accepted),
+            Ok(Err(CommitError::Duplicate)) => {
+                // Two sends with one client_message_id raced; the first one won.
+                if let Some(cmid) = &msg.client_message_id {
+                    if let Some(existing) = self.repeat(session_id, cmid).await? {
+                        return Ok(existing);
+                    }
+                }
+                Err(ServiceError::Conflict {
+                    code: "conflict",
+                    message: "duplicate send".into(),
+                })
+            }
+            Ok(Err(CommitError::Failed(e))) => Err(e),
+            Err(e) => Err(ServiceError::Internal(format!(
+                "storing the send failed: {e}"
+            ))),
+        }
     }
 
     async fn repeat(&self, session_id: &str, cmid: &str) -> ServiceResult<Option<Accepted>> {
@@ -453,7 +435,18 @@ impl Agentd {
             .await?
             .into_iter()
             .find(|m| m.role == Role::User && m.run_id.as_deref() == Some(run.id.as_str()));
-        let done = match self.runs.watch(session_id, &run.id) {
+        let live = self.runs.watch(session_id, &run.id);
+        if message.is_none() && live.is_none() && run.status.is_terminal() {
+            // The first send's run was stored but not its message: the process stopped in between, and the
+            // start-up sweep ended that run (`interrupted`, its one `run_finished`). That send was never
+            // acknowledged, so this is not a repeat: the orphan gives up the id and the message becomes a new
+            // turn.
+            self.store
+                .release_client_message_id(session_id, &run.id)
+                .await?;
+            return Ok(None);
+        }
+        let done = match live {
             Some(w) => w,
             None => {
                 let final_msg = self.final_message(session_id, &run.id).await?;
@@ -642,6 +635,86 @@ impl Agentd {
         let bytes = tokio::fs::read(&path).await.map_err(|_| unknown())?;
         serde_json::from_slice(&bytes).map_err(|_| unknown())
     }
+}
+
+/// What [`commit_send`] stores and starts.
+struct PendingSend {
+    run: Run,
+    client_message_id: Option<String>,
+    message: Message,
+    session: Session,
+    agent: AgentSettings,
+    skill: Option<SkillMatch>,
+}
+
+enum CommitError {
+    /// Another run holds the send's `client_message_id`; nothing was stored.
+    Duplicate,
+    Failed(ServiceError),
+}
+
+impl From<StoreError> for CommitError {
+    fn from(e: StoreError) -> CommitError {
+        CommitError::Failed(e.into())
+    }
+}
+
+/// The effects of a send, from the run row to the started run. Runs on a task of its own (see [`Agentd::send`]):
+/// once the run row is stored, the run is started (or, if the message cannot be stored, ended) whatever becomes
+/// of the caller.
+async fn commit_send(
+    store: Arc<dyn Store>,
+    log: Arc<EventLog>,
+    runs: Arc<RunManager>,
+    p: PendingSend,
+) -> Result<Accepted, CommitError> {
+    let PendingSend {
+        run,
+        client_message_id,
+        message,
+        mut session,
+        agent,
+        skill,
+    } = p;
+    match store.create_run(&run, client_message_id.as_deref()).await {
+        Ok(()) => {}
+        Err(StoreError::Conflict(_)) => return Err(CommitError::Duplicate),
+        Err(e) => return Err(e.into()),
+    }
+    let ev = NewEvent {
+        session_id: session.id.clone(),
+        run_id: run.id.clone(),
+        agent: session.agent.clone(),
+        is_subagent: false,
+        kind: EventKind::Message {
+            message: message.clone(),
+        },
+    };
+    log.append_durable(ev, None)
+        .await
+        .map_err(|e| CommitError::Failed(ServiceError::Internal(e.to_string())))?;
+    if session.title.is_none() {
+        session.title = Some(message.content.chars().take(60).collect());
+        session.updated_at = now_rfc3339();
+        // The message is stored: its run starts even if the title could not be.
+        if let Err(e) = store.update_session(&session).await {
+            tracing::warn!(session = %session.id, "storing the session title failed: {e}");
+        }
+    }
+    let done = runs.start(
+        TurnRequest {
+            run: run.clone(),
+            agent,
+            skill,
+        },
+        session.agent.clone(),
+    );
+    Ok(Accepted {
+        run,
+        message: Some(message),
+        done,
+        repeated: false,
+    })
 }
 
 /// Keeps a safe file name: the last path component, no leading dots, only `[A-Za-z0-9._ -]`, at most 100 chars.

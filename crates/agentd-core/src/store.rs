@@ -87,6 +87,9 @@ pub trait Store: Send + Sync + 'static {
     /// Inserts a queued run. With `client_message_id`, a second run with the same id in the same session is a
     /// `Conflict`.
     async fn create_run(&self, run: &Run, client_message_id: Option<&str>) -> StoreResult<()>;
+    /// Forgets the `client_message_id` of a run (an orphan whose user message was never stored), so a new run
+    /// may take it. A no-op for a run without one; `NotFound` for an unknown run.
+    async fn release_client_message_id(&self, session_id: &str, run_id: &str) -> StoreResult<()>;
     async fn find_run_by_client_message_id(
         &self,
         session_id: &str,

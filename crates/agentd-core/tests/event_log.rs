@@ -85,6 +85,11 @@ impl Store for GatedStore {
     async fn create_run(&self, run: &Run, client_message_id: Option<&str>) -> StoreResult<()> {
         self.inner.create_run(run, client_message_id).await
     }
+    async fn release_client_message_id(&self, session_id: &str, run_id: &str) -> StoreResult<()> {
+        self.inner
+            .release_client_message_id(session_id, run_id)
+            .await
+    }
     async fn find_run_by_client_message_id(
         &self,
         session_id: &str,

@@ -418,6 +418,21 @@ impl Store for PgStore {
         }
     }
 
+    async fn release_client_message_id(&self, session_id: &str, run_id: &str) -> StoreResult<()> {
+        let changed = self
+            .execute(
+                "releasing a client_message_id",
+                "UPDATE runs SET client_message_id = NULL WHERE session_id = $1 AND id = $2",
+                &[&session_id, &run_id],
+            )
+            .await
+            .map_err(|f| f.into_store("releasing a client_message_id"))?;
+        if changed == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
     async fn find_run_by_client_message_id(
         &self,
         session_id: &str,

@@ -341,6 +341,18 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn release_client_message_id(&self, session_id: &str, run_id: &str) -> StoreResult<()> {
+        let session_id = session_id.to_string();
+        let run_id = run_id.to_string();
+        self.writer
+            .call(|reply| Command::ReleaseClientMessageId {
+                session_id,
+                run_id,
+                reply,
+            })
+            .await
+    }
+
     async fn find_run_by_client_message_id(
         &self,
         session_id: &str,

@@ -61,6 +61,11 @@ pub(crate) enum Command {
         run: Run,
         reply: Reply<()>,
     },
+    ReleaseClientMessageId {
+        session_id: String,
+        run_id: String,
+        reply: Reply<()>,
+    },
     /// Table-changing events of an append, committed with their sessions' tails.
     CommitSync {
         work: SyncWork,
@@ -181,6 +186,13 @@ impl Writer {
             }
             Command::UpdateRun { run, reply } => {
                 let _ = reply.send(update_run(&self.conn, &run));
+            }
+            Command::ReleaseClientMessageId {
+                session_id,
+                run_id,
+                reply,
+            } => {
+                let _ = reply.send(release_client_message_id(&self.conn, &session_id, &run_id));
             }
             Command::Prune {
                 session_id,
@@ -504,6 +516,20 @@ fn create_run(conn: &Connection, run: &Run, client_message_id: Option<&str>) -> 
             None => Err(e).ctx("inserting run"),
         },
     }
+}
+
+fn release_client_message_id(conn: &Connection, session_id: &str, run_id: &str) -> StoreResult<()> {
+    let changed = conn
+        .prepare_cached(
+            "UPDATE runs SET client_message_id = NULL WHERE session_id = ?1 AND id = ?2",
+        )
+        .ctx("preparing client_message_id release")?
+        .execute(params![session_id, run_id])
+        .ctx("releasing a client_message_id")?;
+    if changed == 0 {
+        return Err(StoreError::NotFound);
+    }
+    Ok(())
 }
 
 fn update_run(conn: &Connection, run: &Run) -> StoreResult<()> {

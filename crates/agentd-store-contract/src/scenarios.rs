@@ -290,6 +290,38 @@ pub async fn runs_crud_and_client_message_id_conflict(h: &dyn Harness) {
         vec![running, failed, third]
     );
     assert!(store.list_runs("missing").await.unwrap().is_empty());
+
+    // A released client_message_id (an orphan run's) may be taken by a new run; the orphan stays.
+    let orphan = Run::queued(&s.id);
+    store.create_run(&orphan, Some("cm-3")).await.unwrap();
+    store
+        .release_client_message_id(&s.id, &orphan.id)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .find_run_by_client_message_id(&s.id, "cm-3")
+            .await
+            .unwrap(),
+        None
+    );
+    let retried = Run::queued(&s.id);
+    store.create_run(&retried, Some("cm-3")).await.unwrap();
+    assert_eq!(
+        store
+            .find_run_by_client_message_id(&s.id, "cm-3")
+            .await
+            .unwrap(),
+        Some(retried.clone())
+    );
+    assert_eq!(
+        store.get_run(&s.id, &orphan.id).await.unwrap(),
+        Some(orphan.clone())
+    );
+    let unknown = store
+        .release_client_message_id(&s.id, &Run::queued(&s.id).id)
+        .await;
+    assert!(matches!(unknown, Err(StoreError::NotFound)), "{unknown:?}");
 }
 
 pub async fn unfinished_runs_are_queued_running_or_waiting(h: &dyn Harness) {

@@ -1,0 +1,341 @@
+//! `Agentd::send` keeps its promises whatever happens around it: a caller that drops the send future mid-way
+//! (a closed WebSocket, an HTTP client that hung up) still gets its stored message run, and a send whose message
+//! a killed process never stored is stored and run on the client's retry with the same `client_message_id`.
+//! Driven with the scripted provider and the in-memory store (behind a store that can hold a commit).
+
+#![allow(clippy::unwrap_used)] // tests: a panic is a failed assertion
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentd_core::config::Config;
+use agentd_core::domain::{Message, Role, Run, RunStatus, Session};
+use agentd_core::event::{EventKind, LoggedEvent};
+use agentd_core::memory::MemoryStore;
+use agentd_core::provider::Provider;
+use agentd_core::scripted::{Scripted, ScriptedProvider};
+use agentd_core::service::{Agentd, Principal, SendMessage};
+use agentd_core::store::{LogBounds, LogEntry, Store, StoreResult};
+use async_trait::async_trait;
+use tokio::sync::{Notify, Semaphore};
+
+const CONFIG: &str = r#"
+[server]
+workspace_dir = "WORKSPACE"
+
+[providers.p]
+kind = "openai"
+base_url = "http://127.0.0.1:1/v1"
+
+[[agents]]
+name = "assistant"
+provider = "p"
+model = "m"
+"#;
+
+/// The in-memory store, except that the first commit of a user message can be held: `reached` is notified when
+/// it arrives, and it goes on once `release` has a permit.
+struct HoldStore {
+    inner: MemoryStore,
+    armed: AtomicBool,
+    reached: Notify,
+    release: Semaphore,
+}
+
+impl HoldStore {
+    fn new(armed: bool) -> HoldStore {
+        HoldStore {
+            inner: MemoryStore::default(),
+            armed: AtomicBool::new(armed),
+            reached: Notify::new(),
+            release: Semaphore::new(0),
+        }
+    }
+}
+
+fn is_user_message(e: &LogEntry) -> bool {
+    matches!(&e.event.kind, EventKind::Message { message } if message.role == Role::User)
+}
+
+#[async_trait]
+impl Store for HoldStore {
+    fn describe(&self) -> String {
+        "holding memory".into()
+    }
+    async fn create_session(&self, session: &Session) -> StoreResult<()> {
+        self.inner.create_session(session).await
+    }
+    async fn get_session(&self, id: &str) -> StoreResult<Option<Session>> {
+        self.inner.get_session(id).await
+    }
+    async fn list_sessions(
+        &self,
+        principal: Option<&str>,
+        limit: usize,
+        before: Option<&str>,
+    ) -> StoreResult<Vec<Session>> {
+        self.inner.list_sessions(principal, limit, before).await
+    }
+    async fn update_session(&self, session: &Session) -> StoreResult<()> {
+        self.inner.update_session(session).await
+    }
+    async fn list_messages(
+        &self,
+        session_id: &str,
+        limit: Option<usize>,
+        offset: usize,
+    ) -> StoreResult<Vec<Message>> {
+        self.inner.list_messages(session_id, limit, offset).await
+    }
+    async fn create_run(&self, run: &Run, client_message_id: Option<&str>) -> StoreResult<()> {
+        self.inner.create_run(run, client_message_id).await
+    }
+    async fn release_client_message_id(&self, session_id: &str, run_id: &str) -> StoreResult<()> {
+        self.inner
+            .release_client_message_id(session_id, run_id)
+            .await
+    }
+    async fn find_run_by_client_message_id(
+        &self,
+        session_id: &str,
+        client_message_id: &str,
+    ) -> StoreResult<Option<Run>> {
+        self.inner
+            .find_run_by_client_message_id(session_id, client_message_id)
+            .await
+    }
+    async fn get_run(&self, session_id: &str, run_id: &str) -> StoreResult<Option<Run>> {
+        self.inner.get_run(session_id, run_id).await
+    }
+    async fn list_runs(&self, session_id: &str) -> StoreResult<Vec<Run>> {
+        self.inner.list_runs(session_id).await
+    }
+    async fn update_run(&self, run: &Run) -> StoreResult<()> {
+        self.inner.update_run(run).await
+    }
+    async fn unfinished_runs(&self) -> StoreResult<Vec<Run>> {
+        self.inner.unfinished_runs().await
+    }
+    async fn append_events(&self, batch: Vec<LogEntry>) -> StoreResult<Vec<Arc<LoggedEvent>>> {
+        if batch.iter().any(is_user_message) && self.armed.swap(false, Ordering::SeqCst) {
+            self.reached.notify_one();
+            self.release.acquire().await.unwrap().forget();
+        }
+        self.inner.append_events(batch).await
+    }
+    async fn read_events(
+        &self,
+        session_id: &str,
+        after: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<Arc<LoggedEvent>>> {
+        self.inner.read_events(session_id, after, limit).await
+    }
+    async fn log_bounds(&self, session_id: &str) -> StoreResult<LogBounds> {
+        self.inner.log_bounds(session_id).await
+    }
+    async fn first_seq_of_run(&self, session_id: &str, run_id: &str) -> StoreResult<Option<u64>> {
+        self.inner.first_seq_of_run(session_id, run_id).await
+    }
+    async fn prune_events(&self, session_id: &str, keep_runs: usize) -> StoreResult<()> {
+        self.inner.prune_events(session_id, keep_runs).await
+    }
+}
+
+struct Harness {
+    app: Arc<Agentd>,
+    store: Arc<HoldStore>,
+    _dir: tempfile::TempDir,
+}
+
+async fn harness(replies: Vec<Scripted>, hold: bool) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let text = CONFIG.replace("WORKSPACE", &dir.path().display().to_string());
+    let config = Arc::new(Config::parse(&text, "test").unwrap());
+    let mut providers: HashMap<String, Arc<dyn Provider>> = HashMap::new();
+    providers.insert("p".into(), Arc::new(ScriptedProvider::new(replies)));
+    let store = Arc::new(HoldStore::new(hold));
+    let app = Agentd::start(config, store.clone(), providers)
+        .await
+        .unwrap();
+    Harness {
+        app,
+        store,
+        _dir: dir,
+    }
+}
+
+fn me() -> Principal {
+    Principal::local()
+}
+
+fn msg(content: &str, cmid: Option<&str>) -> SendMessage {
+    SendMessage {
+        content: content.into(),
+        client_message_id: cmid.map(String::from),
+        ..Default::default()
+    }
+}
+
+/// The session's runs once every one of them has ended (panics after 10 s: a run was left unfinished).
+async fn ended_runs(app: &Agentd, session: &str) -> Vec<Run> {
+    let wait = async {
+        loop {
+            let runs = app.store.list_runs(session).await.unwrap();
+            if !runs.is_empty() && runs.iter().all(|r| r.status.is_terminal()) {
+                return runs;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(10), wait).await {
+        Ok(runs) => runs,
+        Err(_) => panic!(
+            "a run never ended: {:?}",
+            app.store
+                .list_runs(session)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| (r.id.clone(), r.status))
+                .collect::<Vec<_>>()
+        ),
+    }
+}
+
+async fn run_finished_count(app: &Agentd, session: &str, run_id: &str) -> usize {
+    app.store
+        .read_events(session, 0, 10_000)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|e| {
+            e.event.run_id == run_id && matches!(e.event.kind, EventKind::RunFinished { .. })
+        })
+        .count()
+}
+
+async fn user_messages(app: &Agentd, session: &str) -> Vec<Message> {
+    app.store
+        .list_messages(session, None, 0)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.role == Role::User)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_send_dropped_while_its_message_commits_still_runs_to_the_end() {
+    let h = harness(vec![Scripted::text(&["fine"])], true).await;
+    let s = h
+        .app
+        .create_session(&me(), "assistant", None, None)
+        .await
+        .unwrap();
+    {
+        let p = me();
+        let send = h.app.send(&p, &s.id, msg("hi", None));
+        tokio::pin!(send);
+        tokio::select! {
+            r = &mut send => panic!("the send returned while its message was held: ok={}", r.is_ok()),
+            _ = h.store.reached.notified() => {}
+        }
+        // The worst point: the run row is stored and the message is on its way to the store. The caller
+        // goes away (its future is dropped here).
+    }
+    h.store.release.add_permits(1);
+    let runs = ended_runs(&h.app, &s.id).await;
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].status, RunStatus::Completed);
+    assert_eq!(run_finished_count(&h.app, &s.id, &runs[0].id).await, 1);
+    let users = user_messages(&h.app, &s.id).await;
+    assert_eq!(users.len(), 1);
+    assert_eq!(users[0].run_id.as_deref(), Some(runs[0].id.as_str()));
+}
+
+/// What a process killed between the run row and the user message leaves, after the next start's sweep.
+async fn orphan(h: &Harness, session: &str, cmid: &str) -> Run {
+    let orphan = Run::queued(session);
+    h.app.store.create_run(&orphan, Some(cmid)).await.unwrap();
+    assert_eq!(h.app.runs.interrupt_leftovers().await.unwrap(), 1);
+    let swept = h
+        .app
+        .store
+        .get_run(session, &orphan.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(swept.status, RunStatus::Interrupted);
+    swept
+}
+
+#[tokio::test]
+async fn a_retry_of_a_send_whose_message_was_never_stored_is_a_new_turn() {
+    let h = harness(vec![Scripted::text(&["fine"])], false).await;
+    let s = h
+        .app
+        .create_session(&me(), "assistant", None, None)
+        .await
+        .unwrap();
+    let orphan = orphan(&h, &s.id, "m-1").await;
+    let first = h
+        .app
+        .send(&me(), &s.id, msg("hi", Some("m-1")))
+        .await
+        .unwrap();
+    assert!(!first.repeated, "the first send was never acknowledged");
+    assert_ne!(first.run.id, orphan.id);
+    assert_eq!(first.message.as_ref().unwrap().content, "hi");
+    let (run, reply) = Agentd::wait(first.done).await.unwrap();
+    assert_eq!(run.status, RunStatus::Completed);
+    assert_eq!(reply.unwrap().content, "fine");
+    // Now it is stored, a repeat is a repeat.
+    let again = h
+        .app
+        .send(&me(), &s.id, msg("hi", Some("m-1")))
+        .await
+        .unwrap();
+    assert!(again.repeated);
+    assert_eq!(again.run.id, run.id);
+    assert_eq!(again.message.unwrap().content, "hi");
+    let users = user_messages(&h.app, &s.id).await;
+    assert_eq!(users.len(), 1, "stored once");
+    assert_eq!(users[0].run_id.as_deref(), Some(run.id.as_str()));
+    // The orphan keeps its one run_finished (from the sweep); the new run has its own.
+    assert_eq!(run_finished_count(&h.app, &s.id, &orphan.id).await, 1);
+    assert_eq!(run_finished_count(&h.app, &s.id, &run.id).await, 1);
+    let runs = ended_runs(&h.app, &s.id).await;
+    assert_eq!(runs.len(), 2);
+}
+
+#[tokio::test]
+async fn two_concurrent_retries_after_an_orphan_store_one_message() {
+    let h = harness(vec![Scripted::text(&["fine"])], false).await;
+    let s = h
+        .app
+        .create_session(&me(), "assistant", None, None)
+        .await
+        .unwrap();
+    let orphan = orphan(&h, &s.id, "m-1").await;
+    let p = me();
+    let (a, b) = tokio::join!(
+        h.app.send(&p, &s.id, msg("hi", Some("m-1"))),
+        h.app.send(&p, &s.id, msg("hi", Some("m-1"))),
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.run.id, b.run.id, "both answered with the one new run");
+    assert_ne!(a.run.id, orphan.id);
+    assert_eq!(
+        [a.repeated, b.repeated].iter().filter(|r| !**r).count(),
+        1,
+        "one send stored it, the other repeated it"
+    );
+    let runs = ended_runs(&h.app, &s.id).await;
+    assert_eq!(runs.len(), 2, "the orphan and one new run");
+    let users = user_messages(&h.app, &s.id).await;
+    assert_eq!(users.len(), 1, "stored once");
+    assert_eq!(users[0].run_id.as_deref(), Some(a.run.id.as_str()));
+}
