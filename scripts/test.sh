@@ -35,7 +35,9 @@ export AGENTD_REQUIRE_MODEL=1 AGENTD_REQUIRE_PG=1
 step "tests"
 cargo test --workspace
 step "server suites on Postgres"
-AGENTD_TEST_STORE=postgres cargo test -p agentd --tests
+# The whole workspace's test targets again (the server's suites are crates/agentd's; the others ignore the
+# variable): `-p agentd` alone would resolve features apart and compile twenty crates again.
+AGENTD_TEST_STORE=postgres cargo test --workspace --tests
 step "fuzz smoke run (each target a few seconds)"
 FUZZ_TARGET_DIR="$CARGO_TARGET_DIR/fuzz" ./scripts/fuzz.sh 5
 step "browser end-to-end"
