@@ -30,6 +30,13 @@ if ! wait "$setup_pid"; then
 fi
 cat "$setup_log"
 
+# The fuzz smoke run builds in a target dir of its own (instrumented), so it goes on beside the tests, which
+# wait on sockets more than they compute.
+fuzz_log="$(mktemp)"
+FUZZ_TARGET_DIR="$CARGO_TARGET_DIR/fuzz" ./scripts/fuzz.sh 5 >"$fuzz_log" 2>&1 &
+fuzz_pid=$!
+trap 'kill "$setup_pid" "$fuzz_pid" 2>/dev/null || true; rm -f "$setup_log" "$fuzz_log"' EXIT
+
 # setup.sh fetched the default model and started PostgreSQL: tests that need them must run, never skip.
 export AGENTD_REQUIRE_MODEL=1 AGENTD_REQUIRE_PG=1
 step "tests"
@@ -38,8 +45,14 @@ step "server suites on Postgres"
 # The whole workspace's test targets again (the server's suites are crates/agentd's; the others ignore the
 # variable): `-p agentd` alone would resolve features apart and compile twenty crates again.
 AGENTD_TEST_STORE=postgres cargo test --workspace --tests
-step "fuzz smoke run (each target a few seconds)"
-FUZZ_TARGET_DIR="$CARGO_TARGET_DIR/fuzz" ./scripts/fuzz.sh 5
+step "fuzz smoke run (each target a few seconds; started with the tests)"
+fuzz_status=0
+wait "$fuzz_pid" || fuzz_status=$?
+cat "$fuzz_log"
+if (( fuzz_status != 0 )); then
+    echo "fuzz smoke run failed" >&2
+    exit 1
+fi
 step "browser end-to-end"
 ./scripts/e2e.sh
 step "benchmark harness smoke run"
