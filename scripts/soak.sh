@@ -32,8 +32,8 @@ if [ "$profile" = release ]; then
 else
     # The agentd the workspace's tests build (as scripts/e2e.sh does): `cargo build -p agentd` would resolve
     # features differently and compile llama.cpp once more. After `cargo test --workspace` this is instant.
+    # agentd-bench too: `cargo build -p agentd-bench` would compile some forty crates again.
     cargo test --workspace --no-run --quiet
-    cargo build -p agentd-bench
 fi
 
 export AGENTD_SOAK_COMMAND="scripts/soak.sh${*:+ $*}"
