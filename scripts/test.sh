@@ -39,12 +39,41 @@ trap 'kill "$setup_pid" "$fuzz_pid" 2>/dev/null || true; rm -f "$setup_log" "$fu
 
 # setup.sh fetched the default model and started PostgreSQL: tests that need them must run, never skip.
 export AGENTD_REQUIRE_MODEL=1 AGENTD_REQUIRE_PG=1
+
+# The server's suites (crates/agentd's test binaries) also run on PostgreSQL, beside the main pass: each test
+# has its own server, port and database. The binaries are the ones just built (`cargo test -p agentd` would
+# resolve features apart and compile twenty crates again).
+mapfile -t server_suites < <(cargo test --workspace --no-run --message-format=json 2>/dev/null | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    t = m.get("target", {})
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and t.get("kind") == ["test"] \
+            and "/crates/agentd/tests/" in t.get("src_path", ""):
+        print(m["executable"])
+')
+(( ${#server_suites[@]} >= 10 )) || { echo "found only ${#server_suites[@]} server suites to run on Postgres" >&2; exit 1; }
+pg_log="$(mktemp)"
+(
+    cd crates/agentd
+    for suite in "${server_suites[@]}"; do
+        echo "== on Postgres: $(basename "$suite")"
+        AGENTD_TEST_STORE=postgres "$suite" || exit 1
+    done
+) >"$pg_log" 2>&1 &
+pg_pid=$!
+trap 'kill "$setup_pid" "$fuzz_pid" "$pg_pid" 2>/dev/null || true; rm -f "$setup_log" "$fuzz_log" "$pg_log"' EXIT
+
 step "tests"
 cargo test --workspace
-step "server suites on Postgres"
-# The whole workspace's test targets again (the server's suites are crates/agentd's; the others ignore the
-# variable): `-p agentd` alone would resolve features apart and compile twenty crates again.
-AGENTD_TEST_STORE=postgres cargo test --workspace --tests
+step "server suites on Postgres (started with the tests)"
+pg_status=0
+wait "$pg_pid" || pg_status=$?
+cat "$pg_log"
+if (( pg_status != 0 )); then
+    echo "the server suites failed on Postgres" >&2
+    exit 1
+fi
 step "fuzz smoke run (each target a few seconds; started with the tests)"
 fuzz_status=0
 wait "$fuzz_pid" || fuzz_status=$?
