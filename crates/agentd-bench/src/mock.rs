@@ -10,6 +10,9 @@
 //!   `{"question": ...}` (the soak answers it; the reply comes back as the tool result, answered as above);
 //! - otherwise `tokens` stamped tokens (see [`crate::stamp`]), with `delay_ms` before each.
 //!
+//! - the request is agentd's context-compression call (a system message `Summarise the conversation ...`) ->
+//!   8 stamped tokens at once, whatever the quoted transcript says.
+//!
 //! Directives in the last user message override the defaults: `tokens=N`, `delay_ms=D`, and `status=NNN`
 //! (answer that HTTP status with an error body). A trailing `[tag]` (the soak marks each message with one) is
 //! not part of a `calc:` expression or an `ask:` question. `GET /healthz` answers `ok` and `GET /stats` the number of
@@ -291,6 +294,18 @@ enum Reply {
 }
 
 fn plan(req: &ChatRequest, config: MockConfig) -> Reply {
+    // A context-compression request (agentd's summary call: a system instruction to summarise, the earlier
+    // transcript as the user message) gets a short summary at once, as a model would; the directives quoted
+    // in that transcript are the conversation's, not this request's.
+    let summarising = req.messages.first().is_some_and(|m| {
+        m.role == "system" && text_of(m.content.as_ref()).starts_with("Summarise the conversation")
+    });
+    if summarising {
+        return Reply::Text {
+            tokens: 8,
+            delay: Duration::ZERO,
+        };
+    }
     let last_user = req
         .messages
         .iter()
@@ -536,6 +551,19 @@ mod tests {
             }
             _ => panic!("expected a text reply"),
         }
+    }
+
+    #[test]
+    fn a_summary_request_gets_a_short_answer_whatever_the_transcript_says() {
+        let req: ChatRequest = serde_json::from_str(
+            r#"{"messages":[{"role":"system","content":"Summarise the conversation below in a few sentences."},
+               {"role":"user","content":"user: long tokens=600 delay_ms=50\nassistant: tok0 tok1"}]}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            plan(&req, MockConfig::default()),
+            Reply::Text { tokens: 8, delay } if delay == Duration::ZERO
+        ));
     }
 
     #[test]

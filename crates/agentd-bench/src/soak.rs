@@ -2066,6 +2066,10 @@ provider = "upstream"
 model = "mock"
 tools = ["calculator", "ask_human"]
 max_iterations = 4
+# A small window, so each session's history outgrows it in the first minute or two: from then on every turn
+# is compressed (a summary call first) and holds at most a window and a half of history, and memory is judged
+# in that steady state rather than while histories are still growing.
+max_context_tokens = 1024
 "#,
         workspaces = dir.join("workspaces").display(),
         db = dir.join("agentd.db").display()

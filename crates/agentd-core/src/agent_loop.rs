@@ -740,7 +740,7 @@ impl<'a> Turn<'a> {
             }
             transcript.drain(..cut);
         }
-        let summary = self.summarise(provider, transcript).await;
+        let summary = self.summarise(provider, transcript, budget_chars).await;
         if self.spec.cancel.is_cancelled() {
             return Err(Stop::Cancelled);
         }
@@ -772,7 +772,14 @@ impl<'a> Turn<'a> {
         Ok(())
     }
 
-    async fn summarise(&self, provider: &Arc<dyn Provider>, transcript: String) -> Option<String> {
+    /// The model's summary of `transcript`, at most `max_chars` of it (an upstream that rambles on is cut off:
+    /// the summary joins every later prompt of the turn), or `None` if the call fails or is cancelled.
+    async fn summarise(
+        &self,
+        provider: &Arc<dyn Provider>,
+        transcript: String,
+        max_chars: usize,
+    ) -> Option<String> {
         let request = ModelRequest {
             model: self.spec.model.clone(),
             messages: vec![
@@ -792,7 +799,18 @@ impl<'a> Turn<'a> {
             let mut out = String::new();
             while let Some(item) = stream.next().await {
                 match item {
-                    Ok(ModelEvent::Text(t)) => out.push_str(&t),
+                    Ok(ModelEvent::Text(t)) => {
+                        let room = max_chars.saturating_sub(out.len());
+                        if t.len() >= room {
+                            let mut cut = room;
+                            while !t.is_char_boundary(cut) {
+                                cut -= 1;
+                            }
+                            out.push_str(&t[..cut]);
+                            break;
+                        }
+                        out.push_str(&t);
+                    }
                     Ok(_) => {}
                     Err(e) => {
                         failed(e);

@@ -365,7 +365,7 @@ impl RunManager {
             }
         }
         let history = self
-            .history(&run.session_id, &run.id)
+            .history(&run.session_id, &run.id, agent.max_context_tokens)
             .await
             .map_err(|e| e.to_string())?;
         let human = Arc::new(RunHuman {
@@ -401,11 +401,14 @@ impl RunManager {
         PathBuf::from(&self.env.config.server.workspace_dir).join(session_id)
     }
 
-    /// The conversation for a run's model calls: messages in run order, up to and including this run's own.
+    /// The conversation for a run's model calls: messages in run order, up to and including this run's own,
+    /// cut to what the agent's context window can use ([`window_start`]), so a turn holds at most about one
+    /// window of history however long the session has grown.
     async fn history(
         &self,
         session_id: &str,
         run_id: &str,
+        max_context_tokens: u64,
     ) -> Result<Vec<ModelMessage>, StoreError> {
         let store = self.store();
         let runs = store.list_runs(session_id).await?;
@@ -424,7 +427,8 @@ impl RunManager {
         };
         messages.retain(|m| pos(m) <= mine);
         messages.sort_by_key(|m| pos(m)); // stable: insertion order within a run
-        Ok(to_model_messages(&messages))
+        let start = window_start(&messages, max_context_tokens);
+        Ok(to_model_messages(&messages[start..]))
     }
 
     /// Ends runs a previous process left unfinished: status `interrupted` and a `run_finished` event each.
@@ -498,6 +502,33 @@ impl RunManager {
 
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::SeqCst)
+    }
+}
+
+/// Where the part of a conversation a turn can use starts. The prompt is compressed when it exceeds the
+/// window (`compress_at * max_context_tokens`), and the summary then sees at most half a window of the
+/// transcript before the latest user message (`Turn::maybe_compress`), so messages further back than a window
+/// and a half can never reach the model: a turn need not hold them. The cut is at a user message, so a tool
+/// call is never parted from its result; when the latest turn alone is longer than that, it starts at the
+/// latest user message. Tokens are estimated as `estimate_tokens` does.
+pub fn window_start(messages: &[Message], max_context_tokens: u64) -> usize {
+    let keep = max_context_tokens.saturating_add((max_context_tokens / 2).max(64));
+    let mut tokens = 0u64;
+    let mut fits = 0; // the first index of the longest suffix within `keep`
+    for (i, m) in messages.iter().enumerate().rev() {
+        tokens += 4 + (m.content.len() as u64).div_ceil(4);
+        if tokens > keep {
+            fits = i + 1;
+            break;
+        }
+    }
+    if fits == 0 {
+        return 0;
+    }
+    let is_user = |m: &Message| m.role == Role::User;
+    match messages[fits..].iter().position(is_user) {
+        Some(k) => fits + k,
+        None => messages[..fits].iter().rposition(is_user).unwrap_or(0),
     }
 }
 

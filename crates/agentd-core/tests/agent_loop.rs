@@ -100,6 +100,27 @@ fn types(evs: &[Arc<LoggedEvent>]) -> Vec<&'static str> {
     evs.iter().map(|e| e.event.kind.type_name()).collect()
 }
 
+/// A new session of the agent with the 100-token window.
+async fn tiny_session(h: &Harness) -> agentd_core::domain::Session {
+    h.app
+        .create_session(&me(), "tiny", None, None)
+        .await
+        .unwrap()
+}
+
+/// A "tiny" session whose second turn is compressed: a long first message, then "second question" (which
+/// must complete). The replies script both turns' model calls, the summary call included.
+async fn compress_on_second_turn(
+    replies: Vec<Scripted>,
+) -> (Harness, agentd_core::domain::Session) {
+    let h = harness(replies).await;
+    let s = tiny_session(&h).await;
+    send_and_wait(&h, &s.id, &"word ".repeat(40)).await;
+    let (run, _) = send_and_wait(&h, &s.id, "second question").await;
+    assert_eq!(run.status, RunStatus::Completed);
+    (h, s)
+}
+
 async fn send_and_wait(
     h: &Harness,
     session: &str,
@@ -410,7 +431,7 @@ async fn think_tags_and_reasoning_become_thinking_events() {
 #[tokio::test]
 async fn compression_triggers_keeps_latest_user_message_and_survives_summary_failure() {
     let long = "word ".repeat(40);
-    let h = harness(vec![
+    let (h, s) = compress_on_second_turn(vec![
         Scripted::text(&[&long]),
         Scripted::text(&["The user talked at length."]), // summary call of turn 2
         Scripted::text(&["ok"]),
@@ -418,14 +439,6 @@ async fn compression_triggers_keeps_latest_user_message_and_survives_summary_fai
         Scripted::text(&["ok again"]),
     ])
     .await;
-    let s = h
-        .app
-        .create_session(&me(), "tiny", None, None)
-        .await
-        .unwrap();
-    send_and_wait(&h, &s.id, &long).await;
-    let (run, _) = send_and_wait(&h, &s.id, "second question").await;
-    assert_eq!(run.status, RunStatus::Completed);
     let reqs = h.provider.requests();
     let main = &reqs[2];
     assert!(
@@ -476,6 +489,75 @@ async fn compression_triggers_keeps_latest_user_message_and_survives_summary_fai
     assert_eq!(
         h.app.messages(&me(), &s.id, None, 0).await.unwrap().len(),
         6
+    );
+}
+
+/// A summary is bounded like the transcript it summarises (half a window): an upstream that answers the
+/// summary call at length does not grow every later prompt of the turn.
+#[tokio::test]
+async fn a_rambling_summary_is_cut_to_half_a_window() {
+    let rambling = "blah ".repeat(400); // 2,000 characters; "tiny"'s half window is 64 tokens = 256
+    let (h, _) = compress_on_second_turn(vec![
+        Scripted::text(&["ok"]),
+        Scripted::text(&[&rambling]),
+        Scripted::text(&["ok"]),
+    ])
+    .await;
+    let reqs = h.provider.requests();
+    let ModelMessage::System { content } = &reqs[2].messages[0] else {
+        panic!("no summary message: {:?}", reqs[2].messages);
+    };
+    let summary = content
+        .strip_prefix("Summary of the earlier conversation:\n")
+        .unwrap();
+    assert!(summary.starts_with("blah blah"));
+    assert!(summary.len() <= 256, "summary of {} bytes", summary.len());
+}
+
+/// A turn holds only the part of a long session's history its context window can use: the prompt it starts
+/// from (what `context_compressed` counts as `messages_before`) stays the same size however many turns came
+/// before, rather than growing with the session.
+#[tokio::test]
+async fn a_turn_loads_only_the_history_its_window_can_use() {
+    let long = "word ".repeat(40); // ~54 estimated tokens; "tiny" has a 100-token window
+    let turns = 12;
+    let mut replies = vec![Scripted::text(&["ok"])];
+    for _ in 1..turns {
+        replies.push(Scripted::text(&["summary"]));
+        replies.push(Scripted::text(&["ok"]));
+    }
+    let h = harness(replies).await;
+    let s = tiny_session(&h).await;
+    for i in 0..turns {
+        let (run, _) = send_and_wait(&h, &s.id, &format!("{i} {long}")).await;
+        assert_eq!(run.status, RunStatus::Completed);
+    }
+    let before: Vec<usize> = events(&h.app, &s.id)
+        .await
+        .iter()
+        .filter_map(|e| match &e.event.kind {
+            EventKind::ContextCompressed {
+                messages_before, ..
+            } => Some(*messages_before),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(before.len(), turns - 1);
+    // A window and a half (100 + 64 tokens) holds the latest user message, the answer and user message
+    // before it, and one more answer at most; the cut is at a user message.
+    assert!(
+        before.iter().all(|&n| n <= 3),
+        "prompt sizes before compression: {before:?}"
+    );
+    // The latest user message always reaches the model, and stored history is complete.
+    let last = h.provider.requests().last().unwrap().clone();
+    assert!(matches!(
+        last.messages.last(),
+        Some(ModelMessage::User { content, .. }) if content.starts_with(&format!("{} ", turns - 1))
+    ));
+    assert_eq!(
+        h.app.messages(&me(), &s.id, None, 0).await.unwrap().len(),
+        2 * turns
     );
 }
 
