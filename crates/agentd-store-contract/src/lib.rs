@@ -57,6 +57,9 @@ macro_rules! store_contract {
             pruning_keeps_the_latest_runs_and_seq_continues,
             a_failing_batch_fails_alone_and_consumes_no_seq,
             many_concurrent_reads_all_get_their_answer,
+            uploads_are_kept_with_their_bytes,
+            an_imported_session_reads_the_same_and_its_seq_continues,
+            an_imported_session_whose_log_was_pruned_away_numbers_on,
         );
     };
 }
