@@ -5,6 +5,7 @@
 //!   `Store` impl: each call is a few pipelined statements on a pooled connection.
 //! - `append`: the append path: numbering in the commit, one transaction per group, two round trips.
 //! - `rows`: storage rows and their mapping to domain types; error helpers.
+//! - `copy`: uploads (record and bytes), and the exports and imports `agentd copy-store` uses.
 //! - `schema`: embedded migrations (`migrations/*.sql`, versioned in `agentd_schema`), applied under an
 //!   advisory lock so nodes starting together are safe.
 //!

@@ -9,6 +9,7 @@
 //!   into the `events` table in bulk; replayed at start-up after a crash.
 //! - `reader`: a few read-only connections used from tokio's blocking pool, and the read queries.
 //! - `rows`: storage rows and their mapping to domain types; error helpers.
+//! - `copy`: uploads (record and bytes), and the exports and imports `agentd copy-store` uses.
 //! - `schema`: embedded migrations (`migrations/*.sql`, versioned by `PRAGMA user_version`) and pragmas.
 //!
 //! Why rusqlite and not an async pool (sqlx): SQLite allows one writer at a time anyway, so the store funnels
