@@ -72,11 +72,15 @@ async fn copy_store(from: &str, to: &str) -> (Option<i32>, String, String) {
         .await
         .expect("copy-store ends within 120 s")
         .unwrap();
-    (
-        out.status.code(),
+    let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    );
+    eprintln!(
+        "agentd copy-store {from} {to}: {:?}\n{stdout}{stderr}",
+        out.status.code()
+    );
+    (out.status.code(), stdout, stderr)
 }
 
 /// The whole stored log of a session, as the native WebSocket replays it: from `after=0`, or, when retention
