@@ -70,16 +70,10 @@ async fn a_version_1_database_gains_the_uploads_table() {
         .unwrap();
     let store = PgStore::open(db.url(), 1).await.unwrap();
     assert_eq!(store.get_session(&s.id).await.unwrap(), Some(s.clone()));
-    let up = agentd_core::domain::Upload {
-        id: "u1".into(),
-        name: "a.txt".into(),
-        path: "a.txt".into(),
-        size: 2,
-        content_type: "text/plain".into(),
-    };
+    let up = agentd_store_contract::upload("a.txt", 2);
     store.put_upload(&s.id, &up, b"hi").await.unwrap();
     assert_eq!(
-        store.read_upload(&s.id, "u1").await.unwrap(),
+        store.read_upload(&s.id, &up.id).await.unwrap(),
         Some(b"hi".to_vec())
     );
 }

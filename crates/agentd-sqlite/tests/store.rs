@@ -702,13 +702,7 @@ async fn a_version_3_database_gains_the_uploads_table() {
     let store = SqliteStore::open(&path).unwrap();
     assert!(store.get_session("s1").await.unwrap().is_some());
     assert!(store.list_uploads("s1").await.unwrap().is_empty());
-    let up = agentd_core::domain::Upload {
-        id: "u1".into(),
-        name: "a.txt".into(),
-        path: "a.txt".into(),
-        size: 2,
-        content_type: "text/plain".into(),
-    };
+    let up = agentd_store_contract::upload("a.txt", 2);
     store.put_upload("s1", &up, b"hi").await.unwrap();
-    assert_eq!(store.get_upload("s1", "u1").await.unwrap(), Some(up));
+    assert_eq!(store.get_upload("s1", &up.id).await.unwrap(), Some(up));
 }

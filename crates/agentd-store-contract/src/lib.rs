@@ -21,7 +21,9 @@
 
 use std::sync::Arc;
 
-use agentd_core::domain::{new_id, now_rfc3339, Message, Role, Run, Session, SessionStatus};
+use agentd_core::domain::{
+    new_id, now_rfc3339, Message, Role, Run, Session, SessionStatus, Upload,
+};
 use agentd_core::event::{EventKind, LoggedEvent, NewEvent};
 use agentd_core::store::{LogEntry, Store};
 use async_trait::async_trait;
@@ -169,6 +171,17 @@ pub fn run_finished(run: &Run) -> LogEntry {
     LogEntry {
         run: Some(run.clone()),
         ..entry(&run.session_id, &run.id, kind)
+    }
+}
+
+/// An upload record named `name` (its path too) of `size` bytes, with a fresh id.
+pub fn upload(name: &str, size: usize) -> Upload {
+    Upload {
+        id: new_id(),
+        name: name.into(),
+        path: name.into(),
+        size: size as u64,
+        content_type: "application/octet-stream".into(),
     }
 }
 

@@ -14,7 +14,7 @@ use serde_json::json;
 
 use crate::{
     append_run, delta, message, message_entry, new_session, run_finished, run_started, seqs,
-    session, text_of, Harness,
+    session, text_of, upload, Harness,
 };
 
 pub async fn sessions_crud_and_pagination(h: &dyn Harness) {
@@ -811,16 +811,6 @@ pub async fn many_concurrent_reads_all_get_their_answer(h: &dyn Harness) {
         done += 1;
     }
     assert_eq!(done, 100);
-}
-
-fn upload(name: &str, size: usize) -> Upload {
-    Upload {
-        id: agentd_core::domain::new_id(),
-        name: name.into(),
-        path: name.into(),
-        size: size as u64,
-        content_type: "application/octet-stream".into(),
-    }
 }
 
 pub async fn uploads_are_kept_with_their_bytes(h: &dyn Harness) {
