@@ -630,6 +630,8 @@ impl<'a> Turn<'a> {
             uploads::cut_tool_result(
                 out,
                 self.env.config.server.max_tool_result_bytes,
+                self.env.log.store().as_ref(),
+                &self.spec.session_id,
                 &self.spec.workspace,
                 &call.id,
                 &call.name,

@@ -15,6 +15,18 @@ pub fn now_rfc3339() -> String {
     format!("{ts:.3}")
 }
 
+/// A file uploaded to a session (or a tool result kept whole): the store holds this record and the bytes;
+/// the session's workspace holds the file at `path` for file tools (see `core/uploads.rs`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Upload {
+    pub id: String,
+    pub name: String,
+    /// Relative to the session workspace; what file tools take. One sanitised file name, unique in the session.
+    pub path: String,
+    pub size: u64,
+    pub content_type: String,
+}
+
 /// A conversation between one principal and one agent.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Session {

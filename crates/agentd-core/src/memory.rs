@@ -6,9 +6,12 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 
-use crate::domain::{Message, Run, Session};
+use crate::domain::{Message, Run, Session, Upload};
 use crate::event::{Event, EventKind, LoggedEvent};
-use crate::store::{LogBounds, LogEntry, Store, StoreError, StoreResult};
+use crate::store::{
+    check_import, check_session_rows, LogBounds, LogEntry, Store, StoreError, StoreResult,
+    StoredRun,
+};
 
 #[derive(Default)]
 struct Inner {
@@ -17,7 +20,12 @@ struct Inner {
     runs: Vec<(Run, Option<String>)>,
     events: HashMap<String, Vec<Arc<LoggedEvent>>>,
     last_seq: HashMap<String, u64>,
+    /// Per session, oldest first.
+    uploads: HashMap<String, Vec<StoredUpload>>,
 }
+
+/// An upload's record and bytes.
+type StoredUpload = (Upload, Arc<Vec<u8>>);
 
 #[derive(Default)]
 pub struct MemoryStore {
@@ -27,6 +35,12 @@ pub struct MemoryStore {
 impl MemoryStore {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Inner {
+    fn has_session(&self, id: &str) -> bool {
+        self.sessions.iter().any(|s| s.id == id)
     }
 }
 
@@ -307,6 +321,104 @@ impl Store for MemoryStore {
                 .unwrap_or(v.len());
             v.drain(..first);
         }
+        Ok(())
+    }
+    async fn put_upload(&self, session_id: &str, upload: &Upload, bytes: &[u8]) -> StoreResult<()> {
+        let mut inner = self.lock();
+        if !inner.has_session(session_id) {
+            return Err(StoreError::NotFound);
+        }
+        let list = inner.uploads.entry(session_id.to_string()).or_default();
+        if list
+            .iter()
+            .any(|(u, _)| u.id == upload.id || u.path == upload.path)
+        {
+            return Err(StoreError::Conflict(format!(
+                "session {session_id} already has an upload {} or a file {}",
+                upload.id, upload.path
+            )));
+        }
+        list.push((upload.clone(), Arc::new(bytes.to_vec())));
+        Ok(())
+    }
+    async fn get_upload(&self, session_id: &str, id: &str) -> StoreResult<Option<Upload>> {
+        Ok(self
+            .lock()
+            .uploads
+            .get(session_id)
+            .and_then(|l| l.iter().find(|(u, _)| u.id == id))
+            .map(|(u, _)| u.clone()))
+    }
+    async fn read_upload(&self, session_id: &str, id: &str) -> StoreResult<Option<Vec<u8>>> {
+        let bytes = self
+            .lock()
+            .uploads
+            .get(session_id)
+            .and_then(|l| l.iter().find(|(u, _)| u.id == id))
+            .map(|(_, b)| Arc::clone(b));
+        Ok(bytes.map(|b| b.as_ref().clone()))
+    }
+    async fn list_uploads(&self, session_id: &str) -> StoreResult<Vec<Upload>> {
+        Ok(self
+            .lock()
+            .uploads
+            .get(session_id)
+            .map(|l| l.iter().map(|(u, _)| u.clone()).collect())
+            .unwrap_or_default())
+    }
+    async fn export_runs(&self, session_id: &str) -> StoreResult<Vec<StoredRun>> {
+        Ok(self
+            .lock()
+            .runs
+            .iter()
+            .filter(|(r, _)| r.session_id == session_id)
+            .map(|(r, c)| StoredRun {
+                run: r.clone(),
+                client_message_id: c.clone(),
+            })
+            .collect())
+    }
+    async fn import_session(
+        &self,
+        session: &Session,
+        messages: &[Message],
+        runs: &[StoredRun],
+    ) -> StoreResult<()> {
+        let mut inner = self.lock();
+        if inner.has_session(&session.id) {
+            return Err(StoreError::Conflict(format!(
+                "session {} already exists",
+                session.id
+            )));
+        }
+        check_session_rows(session, messages, runs)?;
+        inner.sessions.push(session.clone());
+        inner.messages.extend(messages.iter().cloned());
+        inner.runs.extend(
+            runs.iter()
+                .map(|r| (r.run.clone(), r.client_message_id.clone())),
+        );
+        Ok(())
+    }
+    async fn import_events(
+        &self,
+        session_id: &str,
+        events: &[Arc<LoggedEvent>],
+        last_seq: u64,
+    ) -> StoreResult<()> {
+        let mut inner = self.lock();
+        if !inner.has_session(session_id) {
+            return Err(StoreError::NotFound);
+        }
+        let current = inner.last_seq.get(session_id).copied().unwrap_or(0);
+        let has_events = inner.events.get(session_id).is_some_and(|v| !v.is_empty());
+        let last = check_import(session_id, current, has_events, events, last_seq)?;
+        inner
+            .events
+            .entry(session_id.to_string())
+            .or_default()
+            .extend(events.iter().cloned());
+        inner.last_seq.insert(session_id.to_string(), last);
         Ok(())
     }
 }

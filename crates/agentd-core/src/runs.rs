@@ -368,6 +368,14 @@ impl RunManager {
             .history(&run.session_id, &run.id, agent.max_context_tokens)
             .await
             .map_err(|e| e.to_string())?;
+        // The session's uploads may have been made on another node, or the workspace wiped: file tools find them.
+        let workspace = self.workspace(&run.session_id);
+        if let Err(e) =
+            crate::uploads::materialise_all(self.store().as_ref(), &run.session_id, &workspace)
+                .await
+        {
+            tracing::warn!(session = %run.session_id, error = %e, "could not put the session's uploads into its workspace");
+        }
         let human = Arc::new(RunHuman {
             manager: self.clone(),
             log: log.clone(),
@@ -389,7 +397,7 @@ impl RunManager {
             is_subagent: false,
             depth: 0,
             history,
-            workspace: self.workspace(&run.session_id),
+            workspace,
             human: human.clone(),
             cancel: cancel.clone(),
         };

@@ -6,7 +6,6 @@ use std::path::Path;
 use std::sync::Arc;
 
 use base64::Engine;
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::watch;
 
@@ -125,16 +124,7 @@ pub struct Accepted {
     pub repeated: bool,
 }
 
-/// A file stored in a session's workspace.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct Upload {
-    pub id: String,
-    pub name: String,
-    /// Relative to the session workspace; what file tools take.
-    pub path: String,
-    pub size: u64,
-    pub content_type: String,
-}
+pub use crate::domain::Upload;
 
 /// What a subscriber gets besides its cursor.
 pub struct Attached {
@@ -599,7 +589,8 @@ impl Agentd {
         Ok(s)
     }
 
-    /// Stores an upload in the session's workspace under a sanitised name; a closed session takes none.
+    /// Stores an upload (in the store, and in the session's workspace under a sanitised name); a closed session
+    /// takes none.
     pub async fn upload(
         &self,
         p: &Principal,
@@ -617,23 +608,26 @@ impl Agentd {
             )));
         }
         let dir = self.runs.workspace(session_id);
-        crate::uploads::store(&dir, file_name, content_type, bytes)
-            .await
-            .map_err(|e| ServiceError::Internal(format!("write upload: {e}")))
+        crate::uploads::store(
+            self.store.as_ref(),
+            session_id,
+            &dir,
+            file_name,
+            content_type,
+            bytes,
+        )
+        .await
+        .map_err(|e| ServiceError::Internal(format!("write upload: {e}")))
     }
 
+    /// Resolves a file id of the session from the store, giving the workspace the file if it lacks it.
     async fn upload_meta(&self, session_id: &str, id: &str) -> ServiceResult<Upload> {
-        let unknown = || ServiceError::Invalid(format!("unknown file id `{id}`"));
-        if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric()) {
-            return Err(unknown());
+        let dir = self.runs.workspace(session_id);
+        match crate::uploads::resolve(self.store.as_ref(), session_id, &dir, id).await {
+            Ok(Some(up)) => Ok(up),
+            Ok(None) => Err(ServiceError::Invalid(format!("unknown file id `{id}`"))),
+            Err(e) => Err(ServiceError::Internal(format!("file id `{id}`: {e}"))),
         }
-        let path = self
-            .runs
-            .workspace(session_id)
-            .join(".uploads")
-            .join(format!("{id}.json"));
-        let bytes = tokio::fs::read(&path).await.map_err(|_| unknown())?;
-        serde_json::from_slice(&bytes).map_err(|_| unknown())
     }
 }
 

@@ -9,11 +9,15 @@
 //!   carry run changes in [`LogEntry::run`], upserted in the same transaction. So the log and the tables never
 //!   disagree, also across a crash.
 //! - A call that returns `Ok` has been committed: a process killed right after loses nothing of it.
+//! - Uploads (record and bytes) live in the store, so a file id resolves on any node sharing it; a session's
+//!   uploads have distinct ids and distinct paths.
+//! - The `export_*`/`import_*` methods exist for `agentd copy-store`: an import writes rows as given (ids,
+//!   order, `seq`) and leaves the store as if they had been appended there, so numbering goes on after them.
 
 use async_trait::async_trait;
 use std::sync::Arc;
 
-use crate::domain::{Message, Run, Session};
+use crate::domain::{Message, Run, Session, Upload};
 use crate::event::{LoggedEvent, NewEvent};
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +56,13 @@ pub struct LogBounds {
     pub first_seq: u64,
     /// The largest `seq` ever assigned (0 when nothing was ever appended).
     pub last_seq: u64,
+}
+
+/// A run as stored, with the `client_message_id` it holds (which [`Run`] does not show): what a copy carries.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredRun {
+    pub run: Run,
+    pub client_message_id: Option<String>,
 }
 
 #[async_trait]
@@ -120,4 +131,92 @@ pub trait Store: Send + Sync + 'static {
     async fn first_seq_of_run(&self, session_id: &str, run_id: &str) -> StoreResult<Option<u64>>;
     /// Deletes the events of all but the latest `keep_runs` runs of the session (by run creation order).
     async fn prune_events(&self, session_id: &str, keep_runs: usize) -> StoreResult<()>;
+
+    // --- uploads ---
+    /// Stores an upload of a session, its record and its bytes. `NotFound` for an unknown session; `Conflict`
+    /// when the session already has an upload with this id or this path.
+    async fn put_upload(&self, session_id: &str, upload: &Upload, bytes: &[u8]) -> StoreResult<()>;
+    /// An upload's record, if the session has it.
+    async fn get_upload(&self, session_id: &str, id: &str) -> StoreResult<Option<Upload>>;
+    /// An upload's bytes, if the session has it.
+    async fn read_upload(&self, session_id: &str, id: &str) -> StoreResult<Option<Vec<u8>>>;
+    /// The records of a session's uploads, oldest first.
+    async fn list_uploads(&self, session_id: &str) -> StoreResult<Vec<Upload>>;
+
+    // --- copying a store (`agentd copy-store`) ---
+    /// A session's runs with their `client_message_id`, oldest first.
+    async fn export_runs(&self, session_id: &str) -> StoreResult<Vec<StoredRun>>;
+    /// Creates `session` with its `messages` and `runs`, as given and in the given order (oldest first), in one
+    /// transaction. `Conflict` if the session exists.
+    async fn import_session(
+        &self,
+        session: &Session,
+        messages: &[Message],
+        runs: &[StoredRun],
+    ) -> StoreResult<()>;
+    /// Adds `events` (of `session_id`, with consecutive seqs, the first after the session's last) to its log
+    /// with their seq as given, and raises the session's last seq to `last_seq` if that is larger than the last
+    /// event's (a copy passes 0 with its batches, then the source's last seq with a final empty call: it may
+    /// lie past the last stored event), so the next append continues right after it, as on the source. A run's first event recorded here
+    /// is its first seq (re-attach). No message or run row is touched. `NotFound` for an unknown session;
+    /// `Conflict` when a seq does not continue the log.
+    async fn import_events(
+        &self,
+        session_id: &str,
+        events: &[Arc<LoggedEvent>],
+        last_seq: u64,
+    ) -> StoreResult<()>;
+}
+
+/// The check every `import_session` makes before writing: its messages and runs belong to the session.
+pub fn check_session_rows(
+    session: &Session,
+    messages: &[Message],
+    runs: &[StoredRun],
+) -> StoreResult<()> {
+    if let Some(m) = messages.iter().find(|m| m.session_id != session.id) {
+        return Err(StoreError::Other(format!(
+            "message {} belongs to session {}, not {}",
+            m.id, m.session_id, session.id
+        )));
+    }
+    if let Some(r) = runs.iter().find(|r| r.run.session_id != session.id) {
+        return Err(StoreError::Other(format!(
+            "run {} belongs to session {}, not {}",
+            r.run.id, r.run.session_id, session.id
+        )));
+    }
+    Ok(())
+}
+
+/// The checks every `import_events` makes before writing: the events belong to the session, their seqs are
+/// consecutive and continue the log (`current_last`, the session's last seq; after a gap only when the session
+/// stores no event yet, as a copied log whose start was pruned begins), and `last_seq` is not behind them.
+/// Returns the session's last seq after the import.
+pub fn check_import(
+    session_id: &str,
+    current_last: u64,
+    has_events: bool,
+    events: &[Arc<LoggedEvent>],
+    last_seq: u64,
+) -> StoreResult<u64> {
+    let mut last = current_last;
+    for (i, e) in events.iter().enumerate() {
+        if e.session_id != session_id {
+            return Err(StoreError::Other(format!(
+                "event {} belongs to session {}, not {session_id}",
+                e.seq(),
+                e.session_id
+            )));
+        }
+        let continues = e.seq() == last + 1 || (i == 0 && !has_events && e.seq() > last);
+        if !continues {
+            return Err(StoreError::Conflict(format!(
+                "event {} does not continue the log of session {session_id} (its last seq is {last})",
+                e.seq()
+            )));
+        }
+        last = e.seq();
+    }
+    Ok(last_seq.max(last))
 }

@@ -6,11 +6,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentd_core::domain::{Message, Run, Session};
+use agentd_core::domain::{Message, Run, Session, Upload};
 use agentd_core::event::{EventKind, LoggedEvent, NewEvent};
 use agentd_core::event_log::{EventLog, Subscription};
 use agentd_core::memory::MemoryStore;
-use agentd_core::store::{LogBounds, LogEntry, Store, StoreError, StoreResult};
+use agentd_core::store::{LogBounds, LogEntry, Store, StoreError, StoreResult, StoredRun};
 use async_trait::async_trait;
 use tokio::sync::Semaphore;
 
@@ -142,6 +142,37 @@ impl Store for GatedStore {
     }
     async fn prune_events(&self, session_id: &str, keep_runs: usize) -> StoreResult<()> {
         self.inner.prune_events(session_id, keep_runs).await
+    }
+    async fn put_upload(&self, session_id: &str, upload: &Upload, bytes: &[u8]) -> StoreResult<()> {
+        self.inner.put_upload(session_id, upload, bytes).await
+    }
+    async fn get_upload(&self, session_id: &str, id: &str) -> StoreResult<Option<Upload>> {
+        self.inner.get_upload(session_id, id).await
+    }
+    async fn read_upload(&self, session_id: &str, id: &str) -> StoreResult<Option<Vec<u8>>> {
+        self.inner.read_upload(session_id, id).await
+    }
+    async fn list_uploads(&self, session_id: &str) -> StoreResult<Vec<Upload>> {
+        self.inner.list_uploads(session_id).await
+    }
+    async fn export_runs(&self, session_id: &str) -> StoreResult<Vec<StoredRun>> {
+        self.inner.export_runs(session_id).await
+    }
+    async fn import_session(
+        &self,
+        session: &Session,
+        messages: &[Message],
+        runs: &[StoredRun],
+    ) -> StoreResult<()> {
+        self.inner.import_session(session, messages, runs).await
+    }
+    async fn import_events(
+        &self,
+        session_id: &str,
+        events: &[Arc<LoggedEvent>],
+        last_seq: u64,
+    ) -> StoreResult<()> {
+        self.inner.import_events(session_id, events, last_seq).await
     }
 }
 

@@ -35,12 +35,12 @@ WITH wanted AS (SELECT * FROM unnest($1::text[], $2::int8[]) AS w (session_id, n
 UPDATE session_seqs c SET last_seq = c.last_seq + l.n FROM locked l WHERE c.session_id = l.session_id
 RETURNING c.session_id, c.last_seq";
 
-const INSERT_EVENTS: &str = "
+pub(crate) const INSERT_EVENTS: &str = "
 INSERT INTO events (session_id, seq, run_id, payload)
 SELECT * FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[])";
 
 /// On conflict the row keeps its `ord` (its place in the history) and `created_at`.
-const UPSERT_MESSAGE: &str = "
+pub(crate) const UPSERT_MESSAGE: &str = "
 INSERT INTO messages (session_id, id, run_id, role, content, tool_calls, tool_call_id, agent, images, created_at)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
 ON CONFLICT (session_id, id) DO UPDATE SET
@@ -57,7 +57,7 @@ ON CONFLICT (session_id, id) DO UPDATE SET
     error = EXCLUDED.error, prompt_tokens = EXCLUDED.prompt_tokens,
     completion_tokens = EXCLUDED.completion_tokens";
 
-const RECORD_FIRST_SEQ: &str =
+pub(crate) const RECORD_FIRST_SEQ: &str =
     "UPDATE runs SET first_seq = $3 WHERE session_id = $1 AND id = $2 AND first_seq IS NULL";
 
 type Op<'a> = Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'a>>;

@@ -5,6 +5,7 @@
 //!   `Store` impl: each call is a few pipelined statements on a pooled connection.
 //! - `append`: the append path: numbering in the commit, one transaction per group, two round trips.
 //! - `rows`: storage rows and their mapping to domain types; error helpers.
+//! - `copy`: uploads (record and bytes), and the exports and imports `agentd copy-store` uses.
 //! - `schema`: embedded migrations (`migrations/*.sql`, versioned in `agentd_schema`), applied under an
 //!   advisory lock so nodes starting together are safe.
 //!
@@ -20,9 +21,9 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentd_core::domain::{Message, Run, Session};
+use agentd_core::domain::{Message, Run, Session, Upload};
 use agentd_core::event::LoggedEvent;
-use agentd_core::store::{LogBounds, LogEntry, Store, StoreError, StoreResult};
+use agentd_core::store::{LogBounds, LogEntry, Store, StoreError, StoreResult, StoredRun};
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::config::Host;
@@ -30,6 +31,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::NoTls;
 
 mod append;
+mod copy;
 mod rows;
 mod schema;
 
@@ -229,34 +231,8 @@ impl Store for PgStore {
     }
 
     async fn create_session(&self, session: &Session) -> StoreResult<()> {
-        let metadata = to_json(&session.metadata, "metadata")?;
-        let result = self
-            .execute(
-                "inserting a session",
-                "WITH s AS (
-                     INSERT INTO sessions (id, principal, agent, title, status, metadata, created_at, updated_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id)
-                 INSERT INTO session_seqs (session_id) SELECT id FROM s",
-                &[
-                    &session.id,
-                    &session.principal,
-                    &session.agent,
-                    &session.title,
-                    &session.status.as_str(),
-                    &metadata,
-                    &session.created_at,
-                    &session.updated_at,
-                ],
-            )
-            .await;
-        match result {
-            Ok(_) => Ok(()),
-            Err(Failure::Pg(e)) if matches!(violation(&e), Some(Violation::Unique(_))) => Err(
-                StoreError::Conflict(format!("session {} already exists", session.id)),
-            ),
-            Err(Failure::Pg(e)) => Err(pg("inserting a session", e)),
-            Err(Failure::Store(e)) => Err(e),
-        }
+        let client = self.client().await?;
+        copy::insert_session(&client, session).await
     }
 
     async fn get_session(&self, id: &str) -> StoreResult<Option<Session>> {
@@ -646,6 +622,98 @@ impl Store for PgStore {
             .map_err(|f| f.into_store("pruning events"))?;
         tracing::debug!(session_id, deleted, keep_runs, "pruned events");
         Ok(())
+    }
+
+    async fn put_upload(&self, session_id: &str, upload: &Upload, bytes: &[u8]) -> StoreResult<()> {
+        let size = to_sql_int(upload.size, "upload size")?;
+        let result = self
+            .execute(
+                "inserting an upload",
+                copy::PUT_UPLOAD,
+                &[
+                    &session_id,
+                    &upload.id,
+                    &upload.name,
+                    &upload.path,
+                    &size,
+                    &upload.content_type,
+                    &bytes,
+                ],
+            )
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(Failure::Pg(e)) => Err(copy::put_upload_error(session_id, upload, e)),
+            Err(Failure::Store(e)) => Err(e),
+        }
+    }
+
+    async fn get_upload(&self, session_id: &str, id: &str) -> StoreResult<Option<Upload>> {
+        let sql = format!(
+            "SELECT {} FROM uploads WHERE session_id = $1 AND id = $2",
+            copy::UPLOAD_COLUMNS
+        );
+        let rows = self
+            .query("reading an upload", &sql, &[&session_id, &id])
+            .await?;
+        rows.first().map(copy::upload_from_row).transpose()
+    }
+
+    async fn read_upload(&self, session_id: &str, id: &str) -> StoreResult<Option<Vec<u8>>> {
+        let rows = self
+            .query(
+                "reading an upload's bytes",
+                "SELECT bytes FROM uploads WHERE session_id = $1 AND id = $2",
+                &[&session_id, &id],
+            )
+            .await?;
+        rows.first().map(|row| col(row, 0)).transpose()
+    }
+
+    async fn list_uploads(&self, session_id: &str) -> StoreResult<Vec<Upload>> {
+        let sql = format!(
+            "SELECT {} FROM uploads WHERE session_id = $1 ORDER BY ord",
+            copy::UPLOAD_COLUMNS
+        );
+        let rows = self.query("listing uploads", &sql, &[&session_id]).await?;
+        rows.iter().map(copy::upload_from_row).collect()
+    }
+
+    async fn export_runs(&self, session_id: &str) -> StoreResult<Vec<StoredRun>> {
+        let rows = self
+            .query("listing runs", copy::EXPORT_RUNS, &[&session_id])
+            .await?;
+        rows.iter().map(copy::stored_run_from_row).collect()
+    }
+
+    async fn import_session(
+        &self,
+        session: &Session,
+        messages: &[Message],
+        runs: &[StoredRun],
+    ) -> StoreResult<()> {
+        copy::import_session(
+            &self.pool,
+            session.clone(),
+            messages.to_vec(),
+            runs.to_vec(),
+        )
+        .await
+    }
+
+    async fn import_events(
+        &self,
+        session_id: &str,
+        events: &[Arc<LoggedEvent>],
+        last_seq: u64,
+    ) -> StoreResult<()> {
+        copy::import_events(
+            &self.pool,
+            session_id.to_string(),
+            events.to_vec(),
+            last_seq,
+        )
+        .await
     }
 }
 

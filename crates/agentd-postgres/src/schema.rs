@@ -11,7 +11,10 @@ use tokio_postgres::Client;
 use crate::rows::pg;
 
 /// The migrations, oldest first. Append only: a released migration never changes.
-const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("migrations/0001_init.sql"),
+    include_str!("migrations/0002_uploads.sql"),
+];
 
 /// The advisory lock every node takes to migrate ("agentd" in ASCII, then 1). Any other client of the database
 /// using this key would only delay start-up.

@@ -36,7 +36,7 @@ async fn nodes_starting_at_once_apply_the_schema_once() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(versions, vec![1]);
+    assert_eq!(versions, vec![2]);
     // They share one database: what one writes, the others read, and numbering is shared.
     let s = new_session(&stores[0], "alice").await;
     assert_eq!(stores[5].get_session(&s.id).await.unwrap(), Some(s.clone()));
@@ -51,6 +51,30 @@ async fn nodes_starting_at_once_apply_the_schema_once() {
         stores[3].describe().ends_with(db.name()),
         "{}",
         stores[3].describe()
+    );
+}
+
+#[tokio::test]
+async fn a_version_1_database_gains_the_uploads_table() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let store = PgStore::open(db.url(), 1).await.unwrap();
+    let s = new_session(&store, "alice").await;
+    drop(store);
+    // As the previous binary left it: no uploads table, version 1.
+    raw(&db)
+        .await
+        .batch_execute("DROP TABLE uploads; UPDATE agentd_schema SET version = 1")
+        .await
+        .unwrap();
+    let store = PgStore::open(db.url(), 1).await.unwrap();
+    assert_eq!(store.get_session(&s.id).await.unwrap(), Some(s.clone()));
+    let up = agentd_store_contract::upload("a.txt", 2);
+    store.put_upload(&s.id, &up, b"hi").await.unwrap();
+    assert_eq!(
+        store.read_upload(&s.id, &up.id).await.unwrap(),
+        Some(b"hi".to_vec())
     );
 }
 

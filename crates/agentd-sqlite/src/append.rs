@@ -62,6 +62,13 @@ impl AppendState {
     }
 }
 
+impl AppendState {
+    /// Forgets a session's cached last seq: the next append reads it from the database (after an import).
+    pub(crate) fn forget(&mut self, session_id: &str) {
+        self.last_seq.remove(session_id);
+    }
+}
+
 /// The shared parts the append path works with.
 pub(crate) struct Appender {
     pub(crate) state: tokio::sync::Mutex<AppendState>,

@@ -9,6 +9,7 @@
 //!   into the `events` table in bulk; replayed at start-up after a crash.
 //! - `reader`: a few read-only connections used from tokio's blocking pool, and the read queries.
 //! - `rows`: storage rows and their mapping to domain types; error helpers.
+//! - `copy`: uploads (record and bytes), and the exports and imports `agentd copy-store` uses.
 //! - `schema`: embedded migrations (`migrations/*.sql`, versioned by `PRAGMA user_version`) and pragmas.
 //!
 //! Why rusqlite and not an async pool (sqlx): SQLite allows one writer at a time anyway, so the store funnels
@@ -25,6 +26,7 @@ mod append;
 mod background;
 mod checkpoint;
 mod chunk;
+mod copy;
 /// For the fuzz targets in `fuzz/` only.
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
@@ -40,9 +42,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use agentd_core::domain::{Message, Run, Session};
+use agentd_core::domain::{Message, Run, Session, Upload};
 use agentd_core::event::LoggedEvent;
-use agentd_core::store::{LogBounds, LogEntry, Store, StoreError, StoreResult};
+use agentd_core::store::{LogBounds, LogEntry, Store, StoreError, StoreResult, StoredRun};
 use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{mpsc, oneshot};
@@ -464,6 +466,85 @@ impl Store for SqliteStore {
                 reply,
             })
             .await
+    }
+
+    async fn put_upload(&self, session_id: &str, upload: &Upload, bytes: &[u8]) -> StoreResult<()> {
+        let (session_id, upload, bytes) = (session_id.to_string(), upload.clone(), bytes.to_vec());
+        self.writer
+            .call(|reply| Command::PutUpload {
+                session_id,
+                upload,
+                bytes,
+                reply,
+            })
+            .await
+    }
+
+    async fn get_upload(&self, session_id: &str, id: &str) -> StoreResult<Option<Upload>> {
+        let (session_id, id) = (session_id.to_string(), id.to_string());
+        self.readers
+            .run(move |conn| copy::get_upload(conn, &session_id, &id))
+            .await
+    }
+
+    async fn read_upload(&self, session_id: &str, id: &str) -> StoreResult<Option<Vec<u8>>> {
+        let (session_id, id) = (session_id.to_string(), id.to_string());
+        self.readers
+            .run(move |conn| copy::read_upload(conn, &session_id, &id))
+            .await
+    }
+
+    async fn list_uploads(&self, session_id: &str) -> StoreResult<Vec<Upload>> {
+        let session_id = session_id.to_string();
+        self.readers
+            .run(move |conn| copy::list_uploads(conn, &session_id))
+            .await
+    }
+
+    async fn export_runs(&self, session_id: &str) -> StoreResult<Vec<StoredRun>> {
+        let session_id = session_id.to_string();
+        self.readers
+            .run(move |conn| copy::export_runs(conn, &session_id))
+            .await
+    }
+
+    async fn import_session(
+        &self,
+        session: &Session,
+        messages: &[Message],
+        runs: &[StoredRun],
+    ) -> StoreResult<()> {
+        let (session, messages, runs) = (session.clone(), messages.to_vec(), runs.to_vec());
+        self.writer
+            .call(|reply| Command::ImportSession {
+                session,
+                messages,
+                runs,
+                reply,
+            })
+            .await
+    }
+
+    async fn import_events(
+        &self,
+        session_id: &str,
+        events: &[Arc<LoggedEvent>],
+        last_seq: u64,
+    ) -> StoreResult<()> {
+        // Holding the append state keeps appends out while the log changes under its cache; the session's
+        // cached last seq is then forgotten, so its next append numbers on from the imported log.
+        let mut state = self.appender.state.lock().await;
+        let result = self
+            .writer
+            .call(|reply| Command::ImportEvents {
+                session_id: session_id.to_string(),
+                events: events.to_vec(),
+                last_seq,
+                reply,
+            })
+            .await;
+        state.forget(session_id);
+        result
     }
 }
 

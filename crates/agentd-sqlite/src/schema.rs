@@ -16,6 +16,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_init.sql"),
     include_str!("migrations/0002_lean_events.sql"),
     include_str!("migrations/0003_event_chunks.sql"),
+    include_str!("migrations/0004_uploads.sql"),
 ];
 
 /// How long a statement waits for a lock another connection holds before failing with "database is locked".

@@ -14,16 +14,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agentd_core::domain::{Message, Run, Session};
+use agentd_core::domain::{Message, Run, Session, Upload};
 use agentd_core::event::{EventKind, LoggedEvent};
-use agentd_core::store::{StoreError, StoreResult};
+use agentd_core::store::{StoreError, StoreResult, StoredRun};
 use rusqlite::{params, Connection, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::append::{Numbered, SyncWork};
-use crate::chunk;
 use crate::rows::{to_json, to_sql_int, violation, Context, MessageJson, RunValues, Violation};
 use crate::tail::{SegmentBook, SessionTail, Tail};
+use crate::{chunk, copy};
 
 /// Commands waiting for the writer. Senders wait (asynchronously) when it is full, which is the back-pressure
 /// that keeps a slow disk from turning into unbounded memory.
@@ -74,6 +74,24 @@ pub(crate) enum Command {
     Prune {
         session_id: String,
         keep_runs: usize,
+        reply: Reply<()>,
+    },
+    PutUpload {
+        session_id: String,
+        upload: Upload,
+        bytes: Vec<u8>,
+        reply: Reply<()>,
+    },
+    ImportSession {
+        session: Session,
+        messages: Vec<Message>,
+        runs: Vec<StoredRun>,
+        reply: Reply<()>,
+    },
+    ImportEvents {
+        session_id: String,
+        events: Vec<Arc<LoggedEvent>>,
+        last_seq: u64,
         reply: Reply<()>,
     },
 }
@@ -203,6 +221,41 @@ impl Writer {
                 let result = self
                     .ingest(|id, _| id == session_id, usize::MAX)
                     .and_then(|_| prune_events(&mut self.conn, &session_id, keep_runs));
+                let _ = reply.send(result);
+            }
+            Command::PutUpload {
+                session_id,
+                upload,
+                bytes,
+                reply,
+            } => {
+                let _ = reply.send(copy::put_upload(&self.conn, &session_id, &upload, &bytes));
+            }
+            Command::ImportSession {
+                session,
+                messages,
+                runs,
+                reply,
+            } => {
+                let _ = reply.send(copy::import_session(
+                    &mut self.conn,
+                    &session,
+                    &messages,
+                    &runs,
+                ));
+            }
+            Command::ImportEvents {
+                session_id,
+                events,
+                last_seq,
+                reply,
+            } => {
+                // The session's tail goes into the table first, so the log there is the whole log.
+                let result = self
+                    .ingest(|id, _| id == session_id, usize::MAX)
+                    .and_then(|_| {
+                        copy::import_events(&mut self.conn, &session_id, &events, last_seq)
+                    });
                 let _ = reply.send(result);
             }
         }
@@ -376,7 +429,7 @@ fn write_entry(conn: &Connection, n: &Numbered) -> StoreResult<()> {
     Ok(())
 }
 
-fn upsert_message(conn: &Connection, message: &Message) -> StoreResult<()> {
+pub(crate) fn upsert_message(conn: &Connection, message: &Message) -> StoreResult<()> {
     let json = MessageJson::of(message)?;
     // On conflict the row keeps its `ord` (its place in the history) and `created_at`.
     conn.prepare_cached(
@@ -431,7 +484,7 @@ fn upsert_run(conn: &Connection, run: &Run) -> StoreResult<()> {
     Ok(())
 }
 
-fn create_session(conn: &Connection, session: &Session) -> StoreResult<()> {
+pub(crate) fn create_session(conn: &Connection, session: &Session) -> StoreResult<()> {
     let metadata = to_json(&session.metadata, "metadata")?;
     let result = conn
         .prepare_cached(
@@ -472,7 +525,11 @@ fn update_session(conn: &Connection, session: &Session) -> StoreResult<()> {
     Ok(())
 }
 
-fn create_run(conn: &Connection, run: &Run, client_message_id: Option<&str>) -> StoreResult<()> {
+pub(crate) fn create_run(
+    conn: &Connection,
+    run: &Run,
+    client_message_id: Option<&str>,
+) -> StoreResult<()> {
     let values = RunValues::of(run)?;
     let result = conn
         .prepare_cached(

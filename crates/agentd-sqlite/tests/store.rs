@@ -676,3 +676,33 @@ fn background_priority_is_relative_to_a_niced_process() {
         );
     }
 }
+
+/// A database of schema version 3 (before uploads were stored) opens with its sessions, and takes uploads.
+#[tokio::test]
+async fn a_version_3_database_gains_the_uploads_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v3.db");
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    for sql in [
+        include_str!("../src/migrations/0001_init.sql"),
+        include_str!("../src/migrations/0002_lean_events.sql"),
+        include_str!("../src/migrations/0003_event_chunks.sql"),
+    ] {
+        raw.execute_batch(sql).unwrap();
+    }
+    raw.pragma_update(None, "user_version", 3).unwrap();
+    raw.execute(
+        "INSERT INTO sessions (id, principal, agent, status, metadata, created_at, updated_at)
+         VALUES ('s1', 'alice', 'assistant', 'active', '{}', '2026-01-01T00:00:00Z', '2026-01-01T00:00:00Z')",
+        [],
+    )
+    .unwrap();
+    drop(raw);
+
+    let store = SqliteStore::open(&path).unwrap();
+    assert!(store.get_session("s1").await.unwrap().is_some());
+    assert!(store.list_uploads("s1").await.unwrap().is_empty());
+    let up = agentd_store_contract::upload("a.txt", 2);
+    store.put_upload("s1", &up, b"hi").await.unwrap();
+    assert_eq!(store.get_upload("s1", &up.id).await.unwrap(), Some(up));
+}

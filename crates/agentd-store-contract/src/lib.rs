@@ -21,7 +21,9 @@
 
 use std::sync::Arc;
 
-use agentd_core::domain::{new_id, now_rfc3339, Message, Role, Run, Session, SessionStatus};
+use agentd_core::domain::{
+    new_id, now_rfc3339, Message, Role, Run, Session, SessionStatus, Upload,
+};
 use agentd_core::event::{EventKind, LoggedEvent, NewEvent};
 use agentd_core::store::{LogEntry, Store};
 use async_trait::async_trait;
@@ -57,6 +59,9 @@ macro_rules! store_contract {
             pruning_keeps_the_latest_runs_and_seq_continues,
             a_failing_batch_fails_alone_and_consumes_no_seq,
             many_concurrent_reads_all_get_their_answer,
+            uploads_are_kept_with_their_bytes,
+            an_imported_session_reads_the_same_and_its_seq_continues,
+            an_imported_session_whose_log_was_pruned_away_numbers_on,
         );
     };
 }
@@ -166,6 +171,17 @@ pub fn run_finished(run: &Run) -> LogEntry {
     LogEntry {
         run: Some(run.clone()),
         ..entry(&run.session_id, &run.id, kind)
+    }
+}
+
+/// An upload record named `name` (its path too) of `size` bytes, with a fresh id.
+pub fn upload(name: &str, size: usize) -> Upload {
+    Upload {
+        id: new_id(),
+        name: name.into(),
+        path: name.into(),
+        size: size as u64,
+        content_type: "application/octet-stream".into(),
     }
 }
 

@@ -3,17 +3,18 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use agentd_core::domain::Upload;
 use agentd_core::domain::{
     now_rfc3339, Role, Run, RunError, RunErrorCode, RunStatus, Session, SessionStatus, ToolCall,
     Usage,
 };
-use agentd_core::event::EventKind;
-use agentd_core::store::{LogBounds, Store, StoreError};
+use agentd_core::event::{EventKind, LoggedEvent};
+use agentd_core::store::{LogBounds, Store, StoreError, StoredRun};
 use serde_json::json;
 
 use crate::{
     append_run, delta, message, message_entry, new_session, run_finished, run_started, seqs,
-    session, text_of, Harness,
+    session, text_of, upload, Harness,
 };
 
 pub async fn sessions_crud_and_pagination(h: &dyn Harness) {
@@ -810,4 +811,295 @@ pub async fn many_concurrent_reads_all_get_their_answer(h: &dyn Harness) {
         done += 1;
     }
     assert_eq!(done, 100);
+}
+
+pub async fn uploads_are_kept_with_their_bytes(h: &dyn Harness) {
+    let (s, a, b, bytes) = {
+        let store = h.open().await;
+        let s = new_session(&*store, "alice").await;
+        let other = new_session(&*store, "bob").await;
+        // Every byte value, and more than a page or a packet.
+        let bytes: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let a = upload("a.bin", bytes.len());
+        let b = Upload {
+            content_type: "text/plain".into(),
+            ..upload("b.txt", 0)
+        };
+        store.put_upload(&s.id, &a, &bytes).await.unwrap();
+        store.put_upload(&s.id, &b, b"").await.unwrap();
+        assert_eq!(
+            store.get_upload(&s.id, &a.id).await.unwrap(),
+            Some(a.clone())
+        );
+        assert_eq!(
+            store.read_upload(&s.id, &a.id).await.unwrap(),
+            Some(bytes.clone())
+        );
+        assert_eq!(
+            store.read_upload(&s.id, &b.id).await.unwrap(),
+            Some(Vec::new())
+        );
+        assert_eq!(
+            store.list_uploads(&s.id).await.unwrap(),
+            vec![a.clone(), b.clone()],
+            "oldest first"
+        );
+        // Another session's id is not this session's; an unknown id is nothing.
+        assert_eq!(store.get_upload(&other.id, &a.id).await.unwrap(), None);
+        assert_eq!(store.read_upload(&other.id, &a.id).await.unwrap(), None);
+        assert_eq!(store.get_upload(&s.id, "nope").await.unwrap(), None);
+        assert!(store.list_uploads(&other.id).await.unwrap().is_empty());
+        // The same id, or the same path, twice in a session is a conflict; the same path elsewhere is fine.
+        let same_id = Upload {
+            path: "c.txt".into(),
+            ..a.clone()
+        };
+        let r = store.put_upload(&s.id, &same_id, b"x").await;
+        assert!(matches!(r, Err(StoreError::Conflict(_))), "{r:?}");
+        let same_path = upload("a.bin", 1);
+        let r = store.put_upload(&s.id, &same_path, b"x").await;
+        assert!(matches!(r, Err(StoreError::Conflict(_))), "{r:?}");
+        store.put_upload(&other.id, &same_path, b"x").await.unwrap();
+        let r = store.put_upload("missing", &upload("z", 1), b"x").await;
+        assert!(matches!(r, Err(StoreError::NotFound)), "{r:?}");
+        (s, a, b, bytes)
+    };
+    let store = h.open().await;
+    assert_eq!(store.list_uploads(&s.id).await.unwrap(), vec![a.clone(), b]);
+    assert_eq!(store.read_upload(&s.id, &a.id).await.unwrap(), Some(bytes));
+}
+
+/// A session as a copy sees it: rows, runs with their client_message_id, the whole stored log and its bounds.
+struct Dump {
+    messages: Vec<agentd_core::domain::Message>,
+    runs: Vec<StoredRun>,
+    events: Vec<Arc<LoggedEvent>>,
+    bounds: LogBounds,
+    first_seqs: Vec<Option<u64>>,
+}
+
+async fn dump(store: &dyn Store, id: &str) -> Dump {
+    let runs = store.export_runs(id).await.unwrap();
+    let mut first_seqs = Vec::new();
+    for r in &runs {
+        first_seqs.push(store.first_seq_of_run(id, &r.run.id).await.unwrap());
+    }
+    Dump {
+        messages: store.list_messages(id, None, 0).await.unwrap(),
+        runs,
+        events: store.read_events(id, 0, 10_000).await.unwrap(),
+        bounds: store.log_bounds(id).await.unwrap(),
+        first_seqs,
+    }
+}
+
+/// Imports `d` as session `to` (a copy under another id, so one store can hold both).
+async fn import_as(store: &dyn Store, from: &Session, d: &Dump, to: &str, batch: usize) {
+    let session = Session {
+        id: to.into(),
+        ..from.clone()
+    };
+    let messages: Vec<_> = d
+        .messages
+        .iter()
+        .map(|m| agentd_core::domain::Message {
+            session_id: to.into(),
+            ..m.clone()
+        })
+        .collect();
+    let runs: Vec<StoredRun> = d
+        .runs
+        .iter()
+        .map(|r| StoredRun {
+            run: Run {
+                session_id: to.into(),
+                ..r.run.clone()
+            },
+            client_message_id: r.client_message_id.clone(),
+        })
+        .collect();
+    store
+        .import_session(&session, &messages, &runs)
+        .await
+        .unwrap();
+    let events: Vec<Arc<LoggedEvent>> = d
+        .events
+        .iter()
+        .map(|e| Arc::new(LoggedEvent::from_json(to.into(), e.json.clone()).unwrap()))
+        .collect();
+    // The batches as they come, then the last seq (which may lie past the last stored event).
+    for part in events.chunks(batch.max(1)) {
+        store.import_events(to, part, 0).await.unwrap();
+    }
+    store
+        .import_events(to, &[], d.bounds.last_seq)
+        .await
+        .unwrap();
+}
+
+fn same(a: &Dump, b: &Dump) {
+    assert_eq!(a.messages.len(), b.messages.len());
+    for (x, y) in a.messages.iter().zip(&b.messages) {
+        assert_eq!(
+            (&x.id, &x.content, &x.role, &x.created_at),
+            (&y.id, &y.content, &y.role, &y.created_at)
+        );
+        assert_eq!(
+            (&x.tool_calls, &x.tool_call_id, &x.images),
+            (&y.tool_calls, &y.tool_call_id, &y.images)
+        );
+    }
+    assert_eq!(a.runs.len(), b.runs.len());
+    for (x, y) in a.runs.iter().zip(&b.runs) {
+        assert_eq!(x.client_message_id, y.client_message_id);
+        assert_eq!(
+            x.run,
+            Run {
+                session_id: x.run.session_id.clone(),
+                ..y.run.clone()
+            }
+        );
+    }
+    assert_eq!(seqs(&a.events), seqs(&b.events));
+    for (x, y) in a.events.iter().zip(&b.events) {
+        assert_eq!(x.json, y.json, "an imported event is stored as given");
+    }
+    assert_eq!(a.bounds, b.bounds);
+    assert_eq!(a.first_seqs, b.first_seqs);
+}
+
+pub async fn an_imported_session_reads_the_same_and_its_seq_continues(h: &dyn Harness) {
+    let store = h.open().await;
+    // A session with messages, runs (one holding a client_message_id) and a log whose start was pruned.
+    let s = new_session(&*store, "alice").await;
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        runs.push(append_run(&*store, &s.id).await);
+    }
+    let mut asked = Run::queued(&s.id);
+    store.create_run(&asked, Some("client-1")).await.unwrap();
+    let user = message(&s.id, &asked.id, Role::User, "hello");
+    let mut answer = message(&s.id, &asked.id, Role::Assistant, "calling");
+    answer.tool_calls = Some(vec![ToolCall {
+        id: "c1".into(),
+        name: "calculator".into(),
+        arguments: "{\"expression\":\"1+1\"}".into(),
+    }]);
+    store
+        .append_events(vec![message_entry(&user), message_entry(&answer)])
+        .await
+        .unwrap();
+    asked.status = RunStatus::Completed;
+    asked.ended_at = Some(now_rfc3339());
+    store
+        .append_events(vec![run_finished(&asked)])
+        .await
+        .unwrap();
+    store.prune_events(&s.id, 2).await.unwrap();
+    let source = dump(&*store, &s.id).await;
+    assert_eq!(
+        source.bounds,
+        LogBounds {
+            first_seq: 9,
+            last_seq: 15
+        }
+    );
+    assert_eq!(
+        source.runs[3].client_message_id.as_deref(),
+        Some("client-1")
+    );
+
+    // Imported in batches of 3 (the log continues across calls) under another id.
+    let copy = agentd_core::domain::new_id();
+    import_as(&*store, &s, &source, &copy, 3).await;
+    same(&source, &dump(&*store, &copy).await);
+    assert_eq!(
+        store
+            .find_run_by_client_message_id(&copy, "client-1")
+            .await
+            .unwrap()
+            .map(|r| r.id),
+        Some(asked.id.clone())
+    );
+    let got = store.get_session(&copy).await.unwrap().unwrap();
+    assert_eq!(
+        (got.principal, got.metadata),
+        (s.principal.clone(), s.metadata.clone())
+    );
+
+    // What does not continue the log, an unknown session, an existing session: refused.
+    let renamed: Vec<Arc<LoggedEvent>> = source
+        .events
+        .iter()
+        .map(|e| Arc::new(LoggedEvent::from_json(copy.clone(), e.json.clone()).unwrap()))
+        .collect();
+    let r = store.import_events(&copy, &renamed[..1], 15).await;
+    assert!(matches!(r, Err(StoreError::Conflict(_))), "{r:?}");
+    let r = store.import_events("missing", &[], 3).await;
+    assert!(matches!(r, Err(StoreError::NotFound)), "{r:?}");
+    let r = store
+        .import_session(&got_session(&*store, &copy).await, &[], &[])
+        .await;
+    assert!(matches!(r, Err(StoreError::Conflict(_))), "{r:?}");
+
+    // Numbering goes on right after the copied last seq, also after a restart.
+    let next = store
+        .append_events(vec![delta(&copy, &asked.id, "more")])
+        .await
+        .unwrap();
+    assert_eq!(next[0].seq(), 16);
+    drop(store);
+    let store = h.open().await;
+    let reread = dump(&*store, &copy).await;
+    assert_eq!(seqs(&reread.events), (9..=16).collect::<Vec<_>>());
+    assert_eq!(
+        reread.bounds,
+        LogBounds {
+            first_seq: 9,
+            last_seq: 16
+        }
+    );
+    let next = store
+        .append_events(vec![delta(&copy, &asked.id, "again")])
+        .await
+        .unwrap();
+    assert_eq!(next[0].seq(), 17);
+}
+
+async fn got_session(store: &dyn Store, id: &str) -> Session {
+    store.get_session(id).await.unwrap().unwrap()
+}
+
+pub async fn an_imported_session_whose_log_was_pruned_away_numbers_on(h: &dyn Harness) {
+    let store = h.open().await;
+    let s = new_session(&*store, "alice").await;
+    append_run(&*store, &s.id).await;
+    append_run(&*store, &s.id).await;
+    store.prune_events(&s.id, 0).await.unwrap();
+    let source = dump(&*store, &s.id).await;
+    assert_eq!(
+        source.bounds,
+        LogBounds {
+            first_seq: 0,
+            last_seq: 8
+        }
+    );
+    let copy = agentd_core::domain::new_id();
+    import_as(&*store, &s, &source, &copy, 100).await;
+    same(&source, &dump(&*store, &copy).await);
+    let run = Run::queued(&copy);
+    store.create_run(&run, None).await.unwrap();
+    let next = store
+        .append_events(vec![delta(&copy, &run.id, "x")])
+        .await
+        .unwrap();
+    assert_eq!(next[0].seq(), 9);
+    // A session with no log at all imports as one.
+    let empty = new_session(&*store, "bob").await;
+    let copy2 = agentd_core::domain::new_id();
+    import_as(&*store, &empty, &dump(&*store, &empty.id).await, &copy2, 10).await;
+    assert_eq!(
+        store.log_bounds(&copy2).await.unwrap(),
+        LogBounds::default()
+    );
 }

@@ -3,6 +3,7 @@
 //! so they run exactly what `agentd serve` runs.
 
 pub mod chat;
+pub mod copy_store;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -65,20 +66,28 @@ pub async fn providers(config: &Config) -> Result<HashMap<String, Arc<dyn Provid
     Ok(out)
 }
 
-/// Opens the store named by `store.url`: PostgreSQL for `postgres://` (and `postgresql://`) URLs, SQLite
-/// otherwise. An error is one line naming the database (never a password) and the cause.
+/// Opens the store named by `store.url` (see [`open_store`]).
 pub async fn store(config: &Config) -> Result<Arc<dyn Store>, String> {
-    let url = config.store_url.clone();
-    if agentd_postgres::is_postgres_url(&url) {
-        let store = agentd_postgres::PgStore::open(&url, config.store_max_connections)
+    open_store(&config.store_url, config.store_max_connections)
+        .await
+        .map_err(|e| format!("store.url: {e}"))
+}
+
+/// Opens a store from its URL: PostgreSQL for `postgres://` (and `postgresql://`) URLs, with at most
+/// `max_connections`; SQLite otherwise. An error is one line naming the database (never a password) and the
+/// cause.
+pub async fn open_store(url: &str, max_connections: usize) -> Result<Arc<dyn Store>, String> {
+    if agentd_postgres::is_postgres_url(url) {
+        let store = agentd_postgres::PgStore::open(url, max_connections)
             .await
-            .map_err(|e| format!("store.url: {e}"))?;
+            .map_err(|e| e.to_string())?;
         return Ok(Arc::new(store));
     }
+    let url = url.to_string();
     let store = tokio::task::spawn_blocking(move || agentd_sqlite::SqliteStore::open_url(&url))
         .await
-        .map_err(|e| format!("store: opening crashed: {e}"))?
-        .map_err(|e| format!("store.url: {e}"))?;
+        .map_err(|e| format!("opening the store crashed: {e}"))?
+        .map_err(|e| e.to_string())?;
     Ok(Arc::new(store))
 }
 

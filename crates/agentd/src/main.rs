@@ -50,11 +50,25 @@ enum Command {
         /// The TOML config file.
         file: PathBuf,
     },
+    /// Copy everything (sessions of every principal, messages, runs, the event log with its seqs, uploads) from
+    /// one store into another, empty one, e.g. from SQLite to PostgreSQL; then check counts and every session's
+    /// last seq. Stop the servers using either store first. Exit 1 if the target is not empty or the check fails.
+    CopyStore {
+        /// The store to copy, as `store.url` names it (sqlite://PATH, postgres://...).
+        from_url: String,
+        /// The empty store to copy into.
+        to_url: String,
+    },
 }
 
 fn init_logging() {
+    init_logging_at("info");
+}
+
+/// Logs to stderr at `RUST_LOG`'s level, or `default`.
+fn init_logging_at(default: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -116,14 +130,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig { file } => check_config(&file),
+        Command::CopyStore { from_url, to_url } => copy_store(&from_url, &to_url),
         Command::Serve { config, listen } => {
             init_logging();
-            let runtime = match serve_runtime().enable_all().build() {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("agentd: cannot start the async runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
+            let Some(runtime) = runtime(serve_runtime()) else {
+                return ExitCode::FAILURE;
             };
             match runtime.block_on(serve(config, listen)) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -139,15 +150,8 @@ fn main() -> ExitCode {
             session,
             api_key,
         } => {
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("agentd: cannot start the async runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
+            let Some(runtime) = runtime(tokio::runtime::Builder::new_current_thread()) else {
+                return ExitCode::FAILURE;
             };
             let code = runtime.block_on(agentd::chat::run(agentd::chat::ChatOptions {
                 url,
@@ -156,6 +160,35 @@ fn main() -> ExitCode {
                 api_key,
             }));
             ExitCode::from(u8::try_from(code).unwrap_or(1))
+        }
+    }
+}
+
+/// Builds a runtime (all drivers on), or says on stderr why it cannot.
+fn runtime(mut builder: tokio::runtime::Builder) -> Option<tokio::runtime::Runtime> {
+    match builder.enable_all().build() {
+        Ok(r) => Some(r),
+        Err(e) => {
+            eprintln!("agentd: cannot start the async runtime: {e}");
+            None
+        }
+    }
+}
+
+/// `copy-store`: progress on stderr, the result on stdout; exit 1 on any failure, with one line saying why.
+fn copy_store(from_url: &str, to_url: &str) -> ExitCode {
+    init_logging_at("warn");
+    let Some(runtime) = runtime(tokio::runtime::Builder::new_multi_thread()) else {
+        return ExitCode::FAILURE;
+    };
+    match runtime.block_on(agentd::copy_store::run(from_url, to_url)) {
+        Ok(line) => {
+            println!("{line}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("agentd copy-store: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -446,6 +446,99 @@ async fn a_client_that_stops_reading_slows_nobody_and_catches_up_from_the_log() 
     assert_gap_free(&caught_up, 1);
 }
 
+/// The store holds uploads: a file id resolves, and file tools read the file, after the session's workspace
+/// was wiped (as on another node, or a new machine with the same database).
+#[tokio::test]
+async fn a_file_id_works_after_the_workspace_is_wiped() {
+    let s = Server::start().await;
+    let c = s.client();
+    let id = c.session().await;
+    let part = reqwest::multipart::Part::bytes(b"kept in the store".to_vec())
+        .file_name("notes.txt")
+        .mime_str("text/plain")
+        .unwrap();
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/sessions/{id}/files", s.url))
+        .multipart(reqwest::multipart::Form::new().part("file", part))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let up: Value = resp.json().await.unwrap();
+    let workspace = s.dir.path().join("workspaces").join(&id);
+    assert!(workspace.join("notes.txt").is_file());
+    std::fs::remove_dir_all(&workspace).unwrap();
+
+    s.upstream.push(Reply::tool_call(
+        "r1",
+        "read_file",
+        r#"{"path":"notes.txt"}"#,
+    ));
+    s.upstream.push(Reply::text("ok"));
+    let (status, v) = c
+        .post(
+            &format!("/v1/sessions/{id}/messages"),
+            json!({"content": "read it", "files": [up["id"]]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let msgs = c.messages(&id).await;
+    assert!(
+        msgs[0]["content"]
+            .as_str()
+            .unwrap()
+            .contains("- notes.txt → notes.txt"),
+        "{}",
+        msgs[0]["content"]
+    );
+    let tool = msgs.iter().find(|m| m["role"] == "tool").unwrap();
+    assert_eq!(tool["content"], "kept in the store");
+    // The workspace has the file and its record again, as the upload left them.
+    assert_eq!(
+        std::fs::read_to_string(workspace.join("notes.txt")).unwrap(),
+        "kept in the store"
+    );
+    let record: Value = serde_json::from_slice(
+        &std::fs::read(
+            workspace
+                .join(".uploads")
+                .join(format!("{}.json", up["id"].as_str().unwrap())),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(record, up);
+
+    // A new upload of the same name is numbered: the session has the name, though the workspace lost it.
+    std::fs::remove_dir_all(&workspace).unwrap();
+    let part = reqwest::multipart::Part::bytes(b"second".to_vec()).file_name("notes.txt");
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/sessions/{id}/files", s.url))
+        .multipart(reqwest::multipart::Form::new().part("file", part))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let second: Value = resp.json().await.unwrap();
+    assert_eq!(second["path"], "notes-1.txt");
+    // A turn puts every upload of the session back into its workspace.
+    s.upstream.push(Reply::text("fine"));
+    let (status, v) = c.send(&id, "hello").await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        std::fs::read_to_string(workspace.join("notes.txt")).unwrap(),
+        "kept in the store"
+    );
+    // An unknown id is still refused.
+    let (status, v) = c
+        .post(
+            &format!("/v1/sessions/{id}/messages"),
+            json!({"content": "x", "files": ["0123abcd"]}),
+        )
+        .await;
+    assert_eq!(status, 400, "{v}");
+}
+
 #[tokio::test]
 async fn uploads_are_sanitised_limited_and_usable_by_file_tools() {
     let s = Server::start().await;

@@ -64,6 +64,8 @@ pub struct Options {
     pub server_extra: String,
     pub timeout_s: u64,
     pub dir: Option<Arc<tempfile::TempDir>>,
+    /// `store.url`, instead of the test's own store in `dir` (see `store::url_for`).
+    pub store_url: Option<String>,
 }
 
 impl Default for Options {
@@ -73,6 +75,7 @@ impl Default for Options {
             server_extra: String::new(),
             timeout_s: 30,
             dir: None,
+            store_url: None,
         }
     }
 }
@@ -88,8 +91,27 @@ pub fn config_text_with(
     extra: &str,
     server_extra: &str,
 ) -> String {
+    config_text_on(
+        &store::url_for(dir),
+        upstream,
+        dir,
+        timeout_s,
+        extra,
+        server_extra,
+    )
+}
+
+/// [`config_text_with`] on the store `store_url`.
+pub fn config_text_on(
+    store_url: &str,
+    upstream: &str,
+    dir: &std::path::Path,
+    timeout_s: u64,
+    extra: &str,
+    server_extra: &str,
+) -> String {
     let base = BASE_CONFIG
-        .replace("{store_url}", &store::url_for(dir))
+        .replace("{store_url}", store_url)
         .replace("{server_extra}", server_extra)
         .replace("{upstream}", upstream)
         .replace("{dir}", &dir.display().to_string())
@@ -107,7 +129,9 @@ impl Server {
         let dir = opts
             .dir
             .unwrap_or_else(|| Arc::new(tempfile::tempdir().expect("tempdir")));
-        let text = config_text_with(
+        let store_url = opts.store_url.unwrap_or_else(|| store::url_for(dir.path()));
+        let text = config_text_on(
+            &store_url,
             &upstream.base_url(),
             dir.path(),
             opts.timeout_s,
