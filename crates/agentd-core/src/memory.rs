@@ -115,6 +115,19 @@ impl Store for MemoryStore {
             .cloned()
             .collect())
     }
+    async fn recent_messages(&self, session_id: &str, limit: usize) -> StoreResult<Vec<Message>> {
+        let inner = self.lock();
+        let mut out: Vec<Message> = inner
+            .messages
+            .iter()
+            .rev()
+            .filter(|m| m.session_id == session_id)
+            .take(limit)
+            .cloned()
+            .collect();
+        out.reverse();
+        Ok(out)
+    }
     async fn create_run(&self, run: &Run, client_message_id: Option<&str>) -> StoreResult<()> {
         let mut inner = self.lock();
         if !inner.sessions.iter().any(|s| s.id == run.session_id) {

@@ -426,17 +426,30 @@ impl RunManager {
             .map(|(i, r)| (r.id.as_str(), i))
             .collect();
         let mine = order.get(run_id).copied().unwrap_or(usize::MAX);
-        let mut messages = store.list_messages(session_id, None, 0).await?;
         let pos = |m: &Message| {
             m.run_id
                 .as_deref()
                 .and_then(|r| order.get(r).copied())
                 .unwrap_or(0)
         };
-        messages.retain(|m| pos(m) <= mine);
-        messages.sort_by_key(|m| pos(m)); // stable: insertion order within a run
-        let start = window_start(&messages, max_context_tokens);
-        Ok(to_model_messages(&messages[start..]))
+        // Newest messages first, more of them until the window is filled (or there are no more) and the run's
+        // own user message is among them (a message sent while the previous turn ran is stored before that
+        // turn's answers), so a long session's whole history is never read for a turn.
+        let mut limit = HISTORY_PAGE;
+        loop {
+            let mut messages = store.recent_messages(session_id, limit).await?;
+            let complete = messages.len() < limit;
+            messages.retain(|m| pos(m) <= mine);
+            messages.sort_by_key(|m| pos(m)); // stable: insertion order within a run
+            let start = window_start(&messages, max_context_tokens);
+            let own = messages
+                .iter()
+                .any(|m| m.role == Role::User && m.run_id.as_deref() == Some(run_id));
+            if complete || (start > 0 && own) {
+                return Ok(to_model_messages(&messages[start..]));
+            }
+            limit = limit.saturating_mul(4);
+        }
     }
 
     /// Ends runs a previous process left unfinished: status `interrupted` and a `run_finished` event each.
@@ -512,6 +525,9 @@ impl RunManager {
         self.shutting_down.load(Ordering::SeqCst)
     }
 }
+
+/// Messages a turn's history is first read in; four times as many each time more are needed.
+const HISTORY_PAGE: usize = 64;
 
 /// Where the part of a conversation a turn can use starts. The prompt is compressed when it exceeds the
 /// window (`compress_at * max_context_tokens`), and the summary then sees at most half a window of the

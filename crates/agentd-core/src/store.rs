@@ -94,6 +94,10 @@ pub trait Store: Send + Sync + 'static {
         offset: usize,
     ) -> StoreResult<Vec<Message>>;
 
+    /// The newest `limit` messages of a session, oldest first (what a turn's prompt is built from, without
+    /// reading a long session's whole history).
+    async fn recent_messages(&self, session_id: &str, limit: usize) -> StoreResult<Vec<Message>>;
+
     // --- runs ---
     /// Inserts a queued run. With `client_message_id`, a second run with the same id in the same session is a
     /// `Conflict`.

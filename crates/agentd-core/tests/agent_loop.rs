@@ -492,6 +492,35 @@ async fn compression_triggers_keeps_latest_user_message_and_survives_summary_fai
     );
 }
 
+/// A history longer than one page of recent messages is read on until it is whole (here it all fits the
+/// window), in run order.
+#[tokio::test]
+async fn a_long_history_that_fits_the_window_reaches_the_model_whole() {
+    let turns = 90; // 180 messages: more than the first page of 64
+    let replies = (0..turns).map(|_| Scripted::text(&["ok"])).collect();
+    let h = harness(replies).await;
+    let s = h
+        .app
+        .create_session(&me(), "researcher", None, None)
+        .await
+        .unwrap();
+    for i in 0..turns {
+        send_and_wait(&h, &s.id, &format!("q{i}")).await;
+    }
+    let last = h.provider.requests().last().unwrap().clone();
+    let users: Vec<&str> = last
+        .messages
+        .iter()
+        .filter_map(|m| match m {
+            ModelMessage::User { content, .. } => Some(content.as_str()),
+            _ => None,
+        })
+        .collect();
+    let expected: Vec<String> = (0..turns).map(|i| format!("q{i}")).collect();
+    assert_eq!(users, expected);
+    assert_eq!(last.messages.len(), 1 + 2 * turns - 1); // system, 90 questions, 89 answers
+}
+
 /// A summary is bounded like the transcript it summarises (half a window): an upstream that answers the
 /// summary call at length does not grow every later prompt of the turn.
 #[tokio::test]

@@ -89,6 +89,9 @@ impl Store for HoldStore {
     ) -> StoreResult<Vec<Message>> {
         self.inner.list_messages(session_id, limit, offset).await
     }
+    async fn recent_messages(&self, session_id: &str, limit: usize) -> StoreResult<Vec<Message>> {
+        self.inner.recent_messages(session_id, limit).await
+    }
     async fn create_run(&self, run: &Run, client_message_id: Option<&str>) -> StoreResult<()> {
         self.inner.create_run(run, client_message_id).await
     }

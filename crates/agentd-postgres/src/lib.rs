@@ -352,6 +352,21 @@ impl Store for PgStore {
         rows.iter().map(message_from_row).collect()
     }
 
+    async fn recent_messages(&self, session_id: &str, limit: usize) -> StoreResult<Vec<Message>> {
+        let rows = self
+            .query(
+                "listing recent messages",
+                concat!(
+                    "SELECT ",
+                    message_columns!(),
+                    " FROM messages WHERE session_id = $1 ORDER BY ord DESC LIMIT $2"
+                ),
+                &[&session_id, &sql_limit(Some(limit))],
+            )
+            .await?;
+        rows.iter().rev().map(message_from_row).collect()
+    }
+
     async fn create_run(&self, run: &Run, client_message_id: Option<&str>) -> StoreResult<()> {
         let values = RunValues::of(run)?;
         let result = self

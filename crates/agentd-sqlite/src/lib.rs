@@ -331,6 +331,13 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn recent_messages(&self, session_id: &str, limit: usize) -> StoreResult<Vec<Message>> {
+        let session_id = session_id.to_string();
+        self.readers
+            .run(move |conn| reader::recent_messages(conn, &session_id, limit))
+            .await
+    }
+
     async fn create_run(&self, run: &Run, client_message_id: Option<&str>) -> StoreResult<()> {
         let run = run.clone();
         let client_message_id = client_message_id.map(str::to_string);

@@ -178,6 +178,27 @@ pub(crate) fn list_messages(
     rows.into_iter().map(MessageRow::into_message).collect()
 }
 
+pub(crate) fn recent_messages(
+    conn: &Connection,
+    session_id: &str,
+    limit: usize,
+) -> StoreResult<Vec<Message>> {
+    let rows = collect(
+        conn,
+        concat!(
+            "SELECT ",
+            message_columns!(),
+            " FROM messages WHERE session_id = ?1 ORDER BY ord DESC LIMIT ?2"
+        ),
+        params![session_id, sql_limit(Some(limit))],
+        MessageRow::read,
+    )?;
+    rows.into_iter()
+        .rev()
+        .map(MessageRow::into_message)
+        .collect()
+}
+
 pub(crate) fn find_run_by_client_message_id(
     conn: &Connection,
     session_id: &str,

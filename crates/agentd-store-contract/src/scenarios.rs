@@ -176,6 +176,13 @@ pub async fn messages_are_upserted_by_message_events_and_listed_in_order(h: &dyn
         .await
         .unwrap()
         .is_empty());
+    // The newest ones, oldest first.
+    assert_eq!(
+        store.recent_messages(&s.id, 2).await.unwrap(),
+        all[2..].to_vec()
+    );
+    assert_eq!(store.recent_messages(&s.id, 10).await.unwrap(), all);
+    assert!(store.recent_messages("other", 5).await.unwrap().is_empty());
 
     // The log holds the message events too, as the native frames.
     let events = store.read_events(&s.id, 0, 100).await.unwrap();
