@@ -14,7 +14,7 @@ use crate::agent_loop::LoopEnv;
 use crate::config::{AgentSettings, Config, Multitask};
 use crate::domain::{new_id, now_rfc3339, Message, Role, Run, Session, SessionStatus};
 use crate::event::{EventKind, NewEvent};
-use crate::event_log::{EventLog, Subscription};
+use crate::event_log::{EventLog, LogError, Subscription};
 use crate::limits::{Limits, Refused, StreamGuard};
 use crate::metrics::Metrics;
 use crate::provider::Provider;
@@ -68,6 +68,7 @@ impl From<StoreError> for ServiceError {
                 code: "conflict",
                 message: m,
             },
+            StoreError::Unavailable(m) => ServiceError::Unavailable(m),
             StoreError::Other(m) => ServiceError::Internal(m),
         }
     }
@@ -690,9 +691,14 @@ async fn commit_send(
             message: message.clone(),
         },
     };
-    log.append_durable(ev, None)
-        .await
-        .map_err(|e| CommitError::Failed(ServiceError::Internal(e.to_string())))?;
+    log.append_durable(ev, None).await.map_err(|e| {
+        CommitError::Failed(match e {
+            LogError::Unavailable(m) | LogError::Store(StoreError::Unavailable(m)) => {
+                ServiceError::Unavailable(m)
+            }
+            other => ServiceError::Internal(other.to_string()),
+        })
+    })?;
     if session.title.is_none() {
         session.title = Some(message.content.chars().take(60).collect());
         session.updated_at = now_rfc3339();

@@ -9,6 +9,11 @@
 //!   carry run changes in [`LogEntry::run`], upserted in the same transaction. So the log and the tables never
 //!   disagree, also across a crash.
 //! - A call that returns `Ok` has been committed: a process killed right after loses nothing of it.
+//! - [`StoreError::Unavailable`] means the database cannot be reached right now (a connection refused, lost or
+//!   timed out), not that the request was wrong: surfaces answer 503 and the same call may succeed later. From
+//!   `append_events` it also promises that nothing of the batch was committed, so the event log may hand the
+//!   same batch over again (a store that cannot tell whether a lost commit went through must find out first,
+//!   or answer `Other`).
 
 use async_trait::async_trait;
 use std::sync::Arc;
@@ -22,6 +27,9 @@ pub enum StoreError {
     NotFound,
     #[error("conflict: {0}")]
     Conflict(String),
+    /// The database cannot be reached now (connection refused, lost or timed out); a retry may succeed.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
     #[error("storage error: {0}")]
     Other(String),
 }

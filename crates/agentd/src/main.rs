@@ -52,9 +52,14 @@ enum Command {
     },
 }
 
+/// `info`, but deadpool's line per broken pooled connection only at `error`: a database that goes away is
+/// logged once by the store (and once when it is back), not once per connection.
+const DEFAULT_LOG_FILTER: &str = "info,deadpool.postgres=error";
+
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
