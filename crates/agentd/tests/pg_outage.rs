@@ -12,63 +12,13 @@
 mod common;
 
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use agentd_store_contract::pg::TestDatabase;
+use agentd_store_contract::proxy::Proxy;
 use agentd_testkit::MockUpstream;
 use serde_json::{json, Value};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::AbortHandle;
-
-/// A TCP proxy to one address that can be cut and restored.
-struct Proxy {
-    addr: std::net::SocketAddr,
-    cut: Arc<AtomicBool>,
-    conns: Arc<Mutex<Vec<AbortHandle>>>,
-}
-
-impl Proxy {
-    async fn start(target: String) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let cut = Arc::new(AtomicBool::new(false));
-        let conns: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
-        let (c, k) = (cut.clone(), conns.clone());
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut client, _)) = listener.accept().await else {
-                    continue;
-                };
-                if c.load(Ordering::SeqCst) {
-                    drop(client); // refused: closed at once
-                    continue;
-                }
-                let target = target.clone();
-                let task = tokio::spawn(async move {
-                    if let Ok(mut server) = TcpStream::connect(&target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                    }
-                });
-                k.lock().unwrap().push(task.abort_handle());
-            }
-        });
-        Proxy { addr, cut, conns }
-    }
-
-    /// Drops every connection (both ends see it closed) and closes new ones at once.
-    fn cut(&self) {
-        self.cut.store(true, Ordering::SeqCst);
-        for c in self.conns.lock().unwrap().drain(..) {
-            c.abort();
-        }
-    }
-
-    fn restore(&self) {
-        self.cut.store(false, Ordering::SeqCst);
-    }
-}
 
 /// Everything the server logs at WARN and above (deadpool's per-connection lines at ERROR, as `agentd serve`
 /// does by default), for the whole test binary.
@@ -126,13 +76,7 @@ async fn a_database_that_goes_away_answers_503_and_the_server_recovers_losing_no
         return;
     };
     logs();
-    // postgres://user@host:port/name -> the same through the proxy.
-    let url = db.url().to_string();
-    let rest = url.strip_prefix("postgres://").unwrap();
-    let (userhost, name) = rest.rsplit_once('/').unwrap();
-    let (user, hostport) = userhost.rsplit_once('@').unwrap();
-    let proxy = Proxy::start(hostport.to_string()).await;
-    let proxied = format!("postgres://{user}@{}/{name}", proxy.addr);
+    let (proxy, proxied) = Proxy::in_front_of(db.url()).await;
 
     let upstream = MockUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
