@@ -691,14 +691,23 @@ async fn commit_send(
             message: message.clone(),
         },
     };
-    log.append_durable(ev, None).await.map_err(|e| {
-        CommitError::Failed(match e {
+    if let Err(e) = log.append_durable(ev, None).await {
+        // The run row is stored, its message is not: end the run (its one `run_finished`), so a retry with the
+        // same client_message_id becomes a new turn (see `repeat`) rather than waiting on a run that never
+        // starts; if the store is away, as soon as it is back.
+        tokio::spawn(end_orphan(
+            log.clone(),
+            run.clone(),
+            session.agent.clone(),
+            agent.max_context_tokens,
+        ));
+        return Err(CommitError::Failed(match e {
             LogError::Unavailable(m) | LogError::Store(StoreError::Unavailable(m)) => {
                 ServiceError::Unavailable(m)
             }
             other => ServiceError::Internal(other.to_string()),
-        })
-    })?;
+        }));
+    }
     if session.title.is_none() {
         session.title = Some(message.content.chars().take(60).collect());
         session.updated_at = now_rfc3339();
@@ -721,6 +730,35 @@ async fn commit_send(
         done,
         repeated: false,
     })
+}
+
+/// How long [`end_orphan`] keeps trying; past it, the next start-up's sweep ends the run.
+const ORPHAN_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Ends a run whose user message could not be stored (`failed`, with its one `run_finished`), trying again
+/// every few seconds while the store cannot take it.
+async fn end_orphan(log: Arc<EventLog>, mut run: Run, agent: String, max_context_tokens: u64) {
+    run.status = crate::domain::RunStatus::Failed;
+    run.ended_at = Some(now_rfc3339());
+    run.error = Some(crate::domain::RunError {
+        code: crate::domain::RunErrorCode::Internal,
+        message: "the message could not be stored".into(),
+    });
+    let started = std::time::Instant::now();
+    let mut wait = std::time::Duration::from_millis(200);
+    loop {
+        let ev = crate::runs::lone_run_finished(&run, agent.clone(), max_context_tokens);
+        match log.append_durable(ev, Some(run.clone())).await {
+            Ok(_) | Err(LogError::Closed) => return,
+            Err(e) if started.elapsed() > ORPHAN_RETRY_FOR => {
+                tracing::error!(run_id = %run.id, error = %e, "could not end a run whose message was lost");
+                return;
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(std::time::Duration::from_secs(5));
+    }
 }
 
 /// Keeps a safe file name: the last path component, no leading dots, only `[A-Za-z0-9._ -]`, at most 100 chars.
