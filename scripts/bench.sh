@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs the benchmark harness (crates/agentd-bench): agentd against the Python peer and the floor relay,
-# all on one mock upstream. Writes bench-results/{results.md,results.json,plot.png} and, for a full run,
+# Runs the benchmark harness (crates/agentd-bench): agentd (on SQLite, and on a fresh PostgreSQL database of
+# the server AGENTD_BENCH_PG names, default postgres://postgres@127.0.0.1:5432) against the Python peer and
+# the floor relay, all on one mock upstream. Writes bench-results/{results.md,results.json,plot.png} and, for a full run,
 # the results section of BENCHMARKS.md. See BENCHMARKS.md for what is measured and how.
 #
 #   scripts/bench.sh                 # full run (about 5-10 minutes on 2 cores)
@@ -35,9 +36,10 @@ else
     # `cargo build -p agentd-bench` / `-p agentd` resolve features apart from the test build and would compile
     # some forty crates again on a cold machine. It runs agentd alone unless --servers says otherwise: the
     # floor's release build and the peer's venv are minutes on a cold machine and prove nothing in a smoke run.
+    # agentd on Postgres runs too (a column that says "not run" when no Postgres is reachable).
     cargo test --workspace --no-run --quiet
     case " $* " in *" --agentd-bin "*) ;; *) extra+=(--agentd-bin "$CARGO_TARGET_DIR/debug/agentd") ;; esac
-    case " $* " in *" --servers "*) ;; *) extra+=(--servers agentd) ;; esac
+    case " $* " in *" --servers "*) ;; *) extra+=(--servers agentd,agentd-pg) ;; esac
 fi
 
 export AGENTD_BENCH_COMMAND="scripts/bench.sh${*:+ $*}"

@@ -10,6 +10,7 @@
 //! - [`servers`]: building and starting the peer, the floor and agentd, pinned to a CPU.
 //! - [`report`]: the results model, the markdown table and the goals check.
 //! - [`plot`]: the PNG (throughput and p99 latency against concurrency).
+//! - [`pg`]: agentd on PostgreSQL: a fresh database per run, its settings, PostgreSQL's own CPU.
 //! - [`orchestrate`]: the `run` command: mock, servers, scenarios in alternation, outputs.
 //! - [`llama`]: the `llama` command: the embedded model through agentd's WebSocket vs llama.cpp's llama-bench.
 //! - [`soak`]: the `soak` command: many sessions, reconnecting clients, cancels, `ask_human` and kill -9
@@ -23,6 +24,7 @@ pub mod client;
 pub mod llama;
 pub mod mock;
 pub mod orchestrate;
+pub mod pg;
 pub mod plot;
 pub mod procfs;
 pub mod report;

@@ -154,8 +154,13 @@ struct RunArgs {
     /// Cache for the peer's venv, the floor's build and logs (default: ~/.cache/agentd-bench).
     #[arg(long)]
     cache: Option<PathBuf>,
-    /// Servers to run, comma-separated: peer, floor, agentd.
-    #[arg(long, default_value = "peer,floor,agentd", value_delimiter = ',')]
+    /// Servers to run, comma-separated: peer, floor, agentd, agentd-pg (agentd on a fresh PostgreSQL database
+    /// of the server AGENTD_BENCH_PG names, default postgres://postgres@127.0.0.1:5432).
+    #[arg(
+        long,
+        default_value = "peer,floor,agentd,agentd-pg",
+        value_delimiter = ','
+    )]
     servers: Vec<String>,
     /// Use this agentd binary instead of building one.
     #[arg(long)]
@@ -284,7 +289,7 @@ fn run(args: RunArgs) -> ExitCode {
             Some(k) if !servers.contains(&k) => servers.push(k),
             Some(_) => {}
             None => {
-                eprintln!("agentd-bench: unknown server {name:?} (peer, floor, agentd)");
+                eprintln!("agentd-bench: unknown server {name:?} (peer, floor, agentd, agentd-pg)");
                 return ExitCode::from(2);
             }
         }
@@ -391,6 +396,7 @@ fn probe(args: ProbeArgs) -> ExitCode {
     let probe = Probe {
         server_pid: args.pid.unwrap_or(0),
         mock_pid: args.mock_pid,
+        pg_database: None,
     };
     let limit =
         Duration::from_millis(args.delay_ms * u64::from(args.tokens)) + Duration::from_secs(120);

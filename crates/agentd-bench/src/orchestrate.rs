@@ -291,6 +291,8 @@ struct Slot {
     not_run: Option<String>,
     /// The idle scenario has run on this process (a second one needs a fresh process).
     idle_used: bool,
+    /// agentd on Postgres: the run's database (its name leaked once, for the `Copy` probe).
+    pg: Option<(crate::pg::BenchDatabase, &'static str)>,
 }
 
 impl Slot {
@@ -298,6 +300,7 @@ impl Slot {
         self.server.as_ref().map(|s| Probe {
             server_pid: s.pid,
             mock_pid: Some(mock_pid),
+            pg_database: self.pg.as_ref().map(|(_, name)| *name),
         })
     }
 }
@@ -328,7 +331,7 @@ pub fn run(opts: Options) -> Result<Results> {
         let r = match kind {
             Kind::Peer => servers::prepare_peer(&opts.paths),
             Kind::Floor => servers::prepare_floor(&opts.paths),
-            Kind::Agentd => servers::prepare_agentd(
+            Kind::Agentd | Kind::AgentdPg => servers::prepare_agentd(
                 &opts.paths,
                 opts.agentd_profile,
                 opts.agentd_bin.as_deref(),
@@ -346,7 +349,7 @@ pub fn run(opts: Options) -> Result<Results> {
         }
         prepared.push((kind, r));
     }
-    if opts.servers.contains(&Kind::Agentd)
+    if (opts.servers.contains(&Kind::Agentd) || opts.servers.contains(&Kind::AgentdPg))
         && opts.agentd_profile == Profile::Debug
         && opts.agentd_bin.is_none()
     {
@@ -437,8 +440,24 @@ async fn run_scenarios(
             server: None,
             not_run: None,
             idle_used: false,
+            pg: None,
         };
-        let launch = prepared.and_then(|program| {
+        if kind == Kind::AgentdPg {
+            match crate::pg::create().await {
+                Ok(db) => {
+                    notes.push(crate::pg::settings_note(&db));
+                    let name: &'static str = Box::leak(db.name.clone().into_boxed_str());
+                    slot.pg = Some((db, name));
+                }
+                Err(e) => slot.not_run = Some(format!("no Postgres database: {e}")),
+            }
+        }
+        let store = slot.pg.as_ref().map(|(db, _)| db.url.clone());
+        let launch = match &slot.not_run {
+            Some(reason) => Err(Error::new(reason.clone())),
+            None => prepared,
+        };
+        let launch = launch.and_then(|program| {
             let port = servers::free_port()?;
             match kind {
                 Kind::Peer => Ok(servers::peer_launch(
@@ -460,6 +479,14 @@ async fn run_scenarios(
                     &opts.paths.work.join("agentd"),
                     port,
                     &upstream,
+                    None,
+                ),
+                Kind::AgentdPg => servers::agentd_launch(
+                    &program,
+                    &opts.paths.work.join("agentd-pg"),
+                    port,
+                    &upstream,
+                    store.as_deref(),
                 ),
             }
         });
@@ -541,6 +568,12 @@ async fn run_scenarios(
                     );
                 }
             }
+            Kind::AgentdPg => add(
+                report::AGENTD_PG,
+                "agentd serve on a PostgreSQL store (a fresh database; synchronous_commit as the server has it), native WebSocket; its CPU includes PostgreSQL's for it",
+                Target::agentd(report::AGENTD_PG, &base, "assistant", Dialect::Native),
+                true,
+            ),
         }
     }
 
@@ -703,7 +736,14 @@ async fn run_scenarios(
     if opts.scrape_metrics {
         notes.push(scraper.note());
     }
+    let databases: Vec<crate::pg::BenchDatabase> = slots
+        .iter()
+        .filter_map(|s| s.pg.as_ref().map(|(db, _)| db.clone()))
+        .collect();
     drop(slots);
+    for db in &databases {
+        crate::pg::drop_database(db).await;
+    }
     drop(mock);
     Ok(Results {
         machine: Machine::default(),

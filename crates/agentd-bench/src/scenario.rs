@@ -29,6 +29,9 @@ pub struct Probe {
     pub server_pid: u32,
     /// The mock upstream, when it runs as its own process.
     pub mock_pid: Option<u32>,
+    /// The server's PostgreSQL database, when it has one: the database server's CPU for it counts as the
+    /// server's (see [`crate::pg`]).
+    pub pg_database: Option<&'static str>,
 }
 
 /// CPU seconds of the server, the mock and the load generator at one instant.
@@ -42,7 +45,8 @@ struct CpuSnapshot {
 impl Probe {
     fn snapshot(&self) -> CpuSnapshot {
         CpuSnapshot {
-            server: procfs::cpu_seconds(self.server_pid),
+            server: procfs::cpu_seconds(self.server_pid)
+                + self.pg_database.map(crate::pg::cpu_seconds).unwrap_or(0.0),
             mock: self.mock_pid.map(procfs::cpu_seconds),
             // Only this process: its descendants are the mock and the servers.
             loadgen: procfs::process_cpu_seconds(std::process::id()).unwrap_or(0.0),

@@ -25,6 +25,8 @@ pub enum Kind {
     Floor,
     /// agentd itself.
     Agentd,
+    /// agentd on a PostgreSQL store (a fresh database of the run, see [`crate::pg`]).
+    AgentdPg,
 }
 
 impl Kind {
@@ -34,6 +36,7 @@ impl Kind {
             Kind::Peer => "peer",
             Kind::Floor => "floor",
             Kind::Agentd => "agentd",
+            Kind::AgentdPg => "agentd-pg",
         }
     }
 
@@ -43,6 +46,7 @@ impl Kind {
             "peer" => Some(Kind::Peer),
             "floor" => Some(Kind::Floor),
             "agentd" => Some(Kind::Agentd),
+            "agentd-pg" | "agentd-postgres" => Some(Kind::AgentdPg),
             _ => None,
         }
     }
@@ -288,15 +292,16 @@ pub fn floor_launch(bin: &Path, port: u16, upstream: &str, db: &Path, cwd: &Path
     }
 }
 
-/// The agentd config the bench uses (SPEC section 2): one agent on the mock, with the calculator.
-pub fn agentd_config(port: u16, upstream: &str, db: &Path) -> String {
+/// The agentd config the bench uses (SPEC section 2): one agent on the mock, with the calculator; `store` is
+/// the `store.url` (`sqlite://<path>` or `postgres://...`).
+pub fn agentd_config(port: u16, upstream: &str, store: &str) -> String {
     format!(
         r#"# Written by agentd-bench for one benchmark run.
 [server]
 listen = "127.0.0.1:{port}"
 
 [store]
-url = "sqlite://{db}"
+url = "{store}"
 
 [providers.upstream]
 kind = "openai"
@@ -308,21 +313,32 @@ name = "assistant"
 provider = "upstream"
 model = "mock"
 tools = ["calculator"]
-"#,
-        db = db.display()
+"#
     )
 }
 
-/// agentd on `port` with a fresh config and database in `dir`.
-pub fn agentd_launch(bin: &Path, dir: &Path, port: u16, upstream: &str) -> Result<Launch> {
+/// agentd on `port` with a fresh config in `dir`, and its database there too (SQLite) unless `store` names
+/// one (a `postgres://` URL).
+pub fn agentd_launch(
+    bin: &Path,
+    dir: &Path,
+    port: u16,
+    upstream: &str,
+    store: Option<&str>,
+) -> Result<Launch> {
     std::fs::create_dir_all(dir)?;
     let config = dir.join("agentd.toml");
+    let sqlite = format!("sqlite://{}", dir.join("agentd.db").display());
     std::fs::write(
         &config,
-        agentd_config(port, upstream, &dir.join("agentd.db")),
+        agentd_config(port, upstream, store.unwrap_or(&sqlite)),
     )?;
     Ok(Launch {
-        kind: Kind::Agentd,
+        kind: if store.is_some() {
+            Kind::AgentdPg
+        } else {
+            Kind::Agentd
+        },
         program: bin.to_path_buf(),
         args: vec!["serve".into(), "--config".into(), config.into()],
         env: Vec::new(),

@@ -271,6 +271,7 @@ fn probe() -> Probe {
     Probe {
         server_pid: std::process::id(),
         mock_pid: None,
+        pg_database: None,
     }
 }
 

@@ -12,6 +12,21 @@
 //! Nothing here grows with a slow client.
 //!
 //! Multi-node later: the broadcast becomes a bus (NATS / Postgres LISTEN) behind [`Fanout`]'s two methods.
+//!
+//! **When the store cannot be reached** (a database that went away): a store keeps trying a batch itself for a
+//! bounded time (PostgreSQL: 60 s, finding out first whether a commit whose connection was lost went through,
+//! so a retry never duplicates). Meanwhile the appender waits for that call: nothing is published, later
+//! events queue up behind it, and once the bounded queue is full the producers wait in `append` too. So a turn
+//! in flight during a short outage pauses and then goes on, its log complete and gap-free; nothing a producer
+//! was told is queued is dropped while the store may still take it. If the store gives up (the outage outlasted
+//! its grace), the batch is lost: producers waiting for an acknowledgement get the error
+//! ([`LogError::Unavailable`] when the store says the database is unreachable, so surfaces answer 503), and the
+//! runs whose un-acknowledged events (tokens) were in it are marked *broken*: their next `append` fails with
+//! [`LogError::Broken`], which ends the turn `failed` with that reason, and its `run_finished` (a durable
+//! append, allowed for a broken run) records it once the store takes writes again. Their log then has no gap in
+//! `seq` (numbers are given in the commit) but lacks the lost tokens; the run's stored messages and final
+//! answer are complete. If the store is still down when the `run_finished` is written, that fails too (logged),
+//! and the run stays `running` in the store until the next start-up's sweep marks it interrupted.
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
@@ -38,7 +53,7 @@ const BROADCAST_CAPACITY: usize = 128;
 /// Page size when a subscriber reads from the store.
 const READ_PAGE: usize = 512;
 
-type Ack = oneshot::Sender<Result<Arc<LoggedEvent>, String>>;
+type Ack = oneshot::Sender<Result<Arc<LoggedEvent>, LogError>>;
 
 struct Pending {
     entry: LogEntry,
@@ -91,6 +106,7 @@ pub struct EventLog {
     fanout: Arc<Fanout>,
     stats: Arc<Mutex<LogStats>>,
     metrics: Arc<Metrics>,
+    broken: Arc<Broken>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -99,8 +115,65 @@ pub enum LogError {
     Closed,
     #[error("event log write failed: {0}")]
     Write(String),
+    /// The store could not be reached (nothing of the write was committed); a later write may succeed.
+    #[error("the store is unavailable: {0}")]
+    Unavailable(String),
+    /// Events of this run were lost: the store stayed unreachable past its grace (see the module docs).
+    #[error("events of this run could not be stored: the database stayed unreachable")]
+    Broken,
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl LogError {
+    /// What a failed commit tells each producer that waits for it.
+    fn of(e: &StoreError) -> LogError {
+        match e {
+            StoreError::Unavailable(m) => LogError::Unavailable(m.clone()),
+            other => LogError::Write(other.to_string()),
+        }
+    }
+}
+
+/// Runs that lost events to a failed commit (see the module docs). Checked on every `append`: one relaxed load
+/// while there are none.
+#[derive(Default)]
+struct Broken {
+    any: std::sync::atomic::AtomicBool,
+    runs: Mutex<std::collections::HashSet<String>>,
+}
+
+impl Broken {
+    fn contains(&self, run_id: &str) -> bool {
+        self.any.load(std::sync::atomic::Ordering::Relaxed)
+            && self
+                .runs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(run_id)
+    }
+
+    fn add(&self, run_ids: impl IntoIterator<Item = String>) {
+        let mut runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
+        runs.extend(run_ids);
+        self.any
+            .store(!runs.is_empty(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Forgets the runs whose end was just recorded.
+    fn ended(&self, events: &[Arc<LoggedEvent>]) {
+        if !self.any.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let mut runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
+        for ev in events {
+            if matches!(ev.event.kind, crate::event::EventKind::RunFinished { .. }) {
+                runs.remove(&ev.event.run_id);
+            }
+        }
+        self.any
+            .store(!runs.is_empty(), std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl EventLog {
@@ -114,11 +187,13 @@ impl EventLog {
         let (tx, rx) = mpsc::channel(APPEND_QUEUE);
         let fanout = Arc::new(Fanout::default());
         let stats = Arc::new(Mutex::new(LogStats::default()));
+        let broken = Arc::new(Broken::default());
         let this = Appender {
             store: store.clone(),
             fanout: fanout.clone(),
             stats: stats.clone(),
             metrics: metrics.clone(),
+            broken: broken.clone(),
         };
         tokio::spawn(appender(rx, this));
         Arc::new(EventLog {
@@ -127,6 +202,7 @@ impl EventLog {
             fanout,
             stats,
             metrics,
+            broken,
         })
     }
 
@@ -138,12 +214,16 @@ impl EventLog {
         *self.stats.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Appends without waiting for the commit (the hot path: text deltas). Order per producer is kept.
+    /// Appends without waiting for the commit (the hot path: text deltas). Order per producer is kept. Fails
+    /// with [`LogError::Broken`] for a run that already lost events (see the module docs).
     pub async fn append(
         &self,
         event: NewEvent,
         run: Option<crate::domain::Run>,
     ) -> Result<(), LogError> {
+        if self.broken.contains(&event.run_id) {
+            return Err(LogError::Broken);
+        }
         self.tx
             .send(Pending {
                 entry: LogEntry { event, run },
@@ -168,8 +248,7 @@ impl EventLog {
             .await
             .map_err(|_| LogError::Closed)?;
         match ack_rx.await {
-            Ok(Ok(ev)) => Ok(ev),
-            Ok(Err(e)) => Err(LogError::Write(e)),
+            Ok(result) => result,
             Err(_) => Err(LogError::Closed),
         }
     }
@@ -195,6 +274,7 @@ struct Appender {
     fanout: Arc<Fanout>,
     stats: Arc<Mutex<LogStats>>,
     metrics: Arc<Metrics>,
+    broken: Arc<Broken>,
 }
 
 impl Appender {
@@ -203,12 +283,20 @@ impl Appender {
     async fn commit(&self, batch: Vec<Pending>, rows: bool) {
         let mut acks: Vec<Option<Ack>> = Vec::with_capacity(batch.len());
         let mut entries = Vec::with_capacity(batch.len());
+        // The runs of un-acknowledged entries, known only if the commit fails.
+        let mut unacked: Vec<String> = Vec::new();
         for p in batch {
             entries.push(p.entry);
             acks.push(p.ack);
         }
         let n = entries.len();
         let started = std::time::Instant::now();
+        // Kept only for a failure's report: the run ids of the entries nobody waits for.
+        for (entry, ack) in entries.iter().zip(&acks) {
+            if ack.is_none() && unacked.last() != Some(&entry.event.run_id) {
+                unacked.push(entry.event.run_id.clone());
+            }
+        }
         let result = self.store.append_events(entries).await;
         let m = &self.metrics;
         let commit = if rows {
@@ -227,6 +315,7 @@ impl Appender {
                     s.events += n as u64;
                 }
                 self.fanout.publish(&events);
+                self.broken.ended(&events);
                 for (ev, ack) in events.into_iter().zip(acks) {
                     if let Some(ack) = ack {
                         let _ = ack.send(Ok(ev));
@@ -235,10 +324,13 @@ impl Appender {
             }
             Err(e) => {
                 m.log_failures.inc();
-                tracing::error!(error = %e, events = n, "event log batch failed");
-                let msg = e.to_string();
+                unacked.sort_unstable();
+                unacked.dedup();
+                tracing::error!(error = %e, events = n, broken_runs = unacked.len(),
+                    "event log batch failed; runs that lost events in it end failed");
+                self.broken.add(unacked);
                 for ack in acks.into_iter().flatten() {
-                    let _ = ack.send(Err(msg.clone()));
+                    let _ = ack.send(Err(LogError::of(&e)));
                 }
             }
         }

@@ -473,18 +473,7 @@ impl RunManager {
                 code: RunErrorCode::Interrupted,
                 message: "the server stopped before the run finished".into(),
             });
-            let ev = NewEvent {
-                session_id: run.session_id.clone(),
-                run_id: run.id.clone(),
-                agent: agent_name,
-                is_subagent: false,
-                kind: EventKind::RunFinished {
-                    run: run.clone(),
-                    content: String::new(),
-                    context_tokens: 0,
-                    max_context_tokens,
-                },
-            };
+            let ev = lone_run_finished(&run, agent_name, max_context_tokens);
             self.env
                 .log
                 .append_durable(ev, Some(run))
@@ -678,5 +667,22 @@ impl HumanInput for RunHuman {
             let _ = self.manager.store().update_run(&run).await;
         }
         answer
+    }
+}
+
+/// The `run_finished` of a run that ends without a turn (nothing streamed, no answer): the start-up sweep's, or
+/// a send's whose message could not be stored.
+pub(crate) fn lone_run_finished(run: &Run, agent: String, max_context_tokens: u64) -> NewEvent {
+    NewEvent {
+        session_id: run.session_id.clone(),
+        run_id: run.id.clone(),
+        agent,
+        is_subagent: false,
+        kind: EventKind::RunFinished {
+            run: run.clone(),
+            content: String::new(),
+            context_tokens: 0,
+            max_context_tokens,
+        },
     }
 }

@@ -13,7 +13,7 @@ use crate::agent_loop::LoopEnv;
 use crate::config::{AgentSettings, Config, Multitask};
 use crate::domain::{new_id, now_rfc3339, Message, Role, Run, Session, SessionStatus};
 use crate::event::{EventKind, NewEvent};
-use crate::event_log::{EventLog, Subscription};
+use crate::event_log::{EventLog, LogError, Subscription};
 use crate::limits::{Limits, Refused, StreamGuard};
 use crate::metrics::Metrics;
 use crate::provider::Provider;
@@ -67,6 +67,7 @@ impl From<StoreError> for ServiceError {
                 code: "conflict",
                 message: m,
             },
+            StoreError::Unavailable(m) => ServiceError::Unavailable(m),
             StoreError::Other(m) => ServiceError::Internal(m),
         }
     }
@@ -617,7 +618,7 @@ impl Agentd {
             bytes,
         )
         .await
-        .map_err(|e| ServiceError::Internal(format!("write upload: {e}")))
+        .map_err(|e| upload_error("write upload", e))
     }
 
     /// Resolves a file id of the session from the store, giving the workspace the file if it lacks it.
@@ -626,8 +627,20 @@ impl Agentd {
         match crate::uploads::resolve(self.store.as_ref(), session_id, &dir, id).await {
             Ok(Some(up)) => Ok(up),
             Ok(None) => Err(ServiceError::Invalid(format!("unknown file id `{id}`"))),
-            Err(e) => Err(ServiceError::Internal(format!("file id `{id}`: {e}"))),
+            Err(e) => Err(upload_error(&format!("file id `{id}`"), e)),
         }
+    }
+}
+
+/// An upload's I/O error as the service's: a store that cannot be reached is `Unavailable` (503), as
+/// everywhere else; the rest is internal.
+fn upload_error(context: &str, e: std::io::Error) -> ServiceError {
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<StoreError>())
+    {
+        Some(StoreError::Unavailable(m)) => ServiceError::Unavailable(m.clone()),
+        _ => ServiceError::Internal(format!("{context}: {e}")),
     }
 }
 
@@ -684,9 +697,23 @@ async fn commit_send(
             message: message.clone(),
         },
     };
-    log.append_durable(ev, None)
-        .await
-        .map_err(|e| CommitError::Failed(ServiceError::Internal(e.to_string())))?;
+    if let Err(e) = log.append_durable(ev, None).await {
+        // The run row is stored, its message is not: end the run (its one `run_finished`), so a retry with the
+        // same client_message_id becomes a new turn (see `repeat`) rather than waiting on a run that never
+        // starts; if the store is away, as soon as it is back.
+        tokio::spawn(end_orphan(
+            log.clone(),
+            run.clone(),
+            session.agent.clone(),
+            agent.max_context_tokens,
+        ));
+        return Err(CommitError::Failed(match e {
+            LogError::Unavailable(m) | LogError::Store(StoreError::Unavailable(m)) => {
+                ServiceError::Unavailable(m)
+            }
+            other => ServiceError::Internal(other.to_string()),
+        }));
+    }
     if session.title.is_none() {
         session.title = Some(message.content.chars().take(60).collect());
         session.updated_at = now_rfc3339();
@@ -709,6 +736,35 @@ async fn commit_send(
         done,
         repeated: false,
     })
+}
+
+/// How long [`end_orphan`] keeps trying; past it, the next start-up's sweep ends the run.
+const ORPHAN_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Ends a run whose user message could not be stored (`failed`, with its one `run_finished`), trying again
+/// every few seconds while the store cannot take it.
+async fn end_orphan(log: Arc<EventLog>, mut run: Run, agent: String, max_context_tokens: u64) {
+    run.status = crate::domain::RunStatus::Failed;
+    run.ended_at = Some(now_rfc3339());
+    run.error = Some(crate::domain::RunError {
+        code: crate::domain::RunErrorCode::Internal,
+        message: "the message could not be stored".into(),
+    });
+    let started = std::time::Instant::now();
+    let mut wait = std::time::Duration::from_millis(200);
+    loop {
+        let ev = crate::runs::lone_run_finished(&run, agent.clone(), max_context_tokens);
+        match log.append_durable(ev, Some(run.clone())).await {
+            Ok(_) | Err(LogError::Closed) => return,
+            Err(e) if started.elapsed() > ORPHAN_RETRY_FOR => {
+                tracing::error!(run_id = %run.id, error = %e, "could not end a run whose message was lost");
+                return;
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(std::time::Duration::from_secs(5));
+    }
 }
 
 /// Keeps a safe file name: the last path component, no leading dots, only `[A-Za-z0-9._ -]`, at most 100 chars.
@@ -796,6 +852,20 @@ fn sniff_image(b: &[u8]) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unreachable_store_under_an_upload_is_unavailable() {
+        let down = std::io::Error::other(StoreError::Unavailable("connection refused".into()));
+        assert!(matches!(
+            upload_error("write upload", down),
+            ServiceError::Unavailable(m) if m == "connection refused"
+        ));
+        let broken = std::io::Error::other(StoreError::Other("disk full".into()));
+        assert!(matches!(
+            upload_error("write upload", broken),
+            ServiceError::Internal(m) if m.contains("disk full")
+        ));
+    }
 
     #[test]
     fn file_names_are_sanitised() {

@@ -13,6 +13,11 @@
 //!   uploads have distinct ids and distinct paths.
 //! - The `export_*`/`import_*` methods exist for `agentd copy-store`: an import writes rows as given (ids,
 //!   order, `seq`) and leaves the store as if they had been appended there, so numbering goes on after them.
+//! - [`StoreError::Unavailable`] means the database cannot be reached right now (a connection refused, lost or
+//!   timed out), not that the request was wrong: surfaces answer 503 and the same call may succeed later. From
+//!   `append_events` it also promises that nothing of the batch was committed, so the event log may hand the
+//!   same batch over again (a store that cannot tell whether a lost commit went through must find out first,
+//!   or answer `Other`).
 
 use async_trait::async_trait;
 use std::sync::Arc;
@@ -26,6 +31,9 @@ pub enum StoreError {
     NotFound,
     #[error("conflict: {0}")]
     Conflict(String),
+    /// The database cannot be reached now (connection refused, lost or timed out); a retry may succeed.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
     #[error("storage error: {0}")]
     Other(String),
 }

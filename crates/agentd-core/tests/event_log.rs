@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use agentd_core::domain::{Message, Run, Session, Upload};
 use agentd_core::event::{EventKind, LoggedEvent, NewEvent};
-use agentd_core::event_log::{EventLog, Subscription};
+use agentd_core::event_log::{EventLog, LogError, Subscription};
 use agentd_core::memory::MemoryStore;
 use agentd_core::store::{LogBounds, LogEntry, Store, StoreError, StoreResult, StoredRun};
 use async_trait::async_trait;
@@ -22,6 +22,8 @@ struct GatedStore {
     fail_next_row_call: AtomicBool,
     /// Row-changing calls that have started waiting at the gate.
     row_calls: AtomicUsize,
+    /// Every call fails as a database that cannot be reached would (`StoreError::Unavailable`).
+    unavailable: AtomicBool,
 }
 
 impl GatedStore {
@@ -48,6 +50,7 @@ impl GatedStore {
             gate: Semaphore::new(0),
             fail_next_row_call: AtomicBool::new(false),
             row_calls: AtomicUsize::new(0),
+            unavailable: AtomicBool::new(false),
         })
     }
 }
@@ -115,6 +118,11 @@ impl Store for GatedStore {
         self.inner.unfinished_runs().await
     }
     async fn append_events(&self, batch: Vec<LogEntry>) -> StoreResult<Vec<Arc<LoggedEvent>>> {
+        if self.unavailable.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable(
+                "injected: connection refused".into(),
+            ));
+        }
         if batch.iter().any(LogEntry::changes_rows) {
             self.row_calls.fetch_add(1, Ordering::SeqCst);
             let permit = self
@@ -306,6 +314,72 @@ async fn a_failed_row_change_leaves_no_gap_and_frees_its_session() {
     let (ev, run) = started("a");
     assert_eq!(log.append_durable(ev, run).await.unwrap().seq(), 3);
     assert_eq!(next(&mut sub).await, (3, "run_started".to_string()));
+}
+
+/// A store that gave up on a batch (the database stayed away past its grace): a producer waiting for its
+/// commit hears `Unavailable`; a run whose queued tokens were lost cannot go on appending as if nothing
+/// happened (its next `append` fails, so the turn ends), but its `run_finished` is still recorded once the
+/// store takes writes again, and the log has no gap.
+#[tokio::test]
+async fn a_batch_the_store_gave_up_on_breaks_its_run_and_fails_its_waiters_as_unavailable() {
+    let store = GatedStore::new(&["a"]).await;
+    let log = EventLog::start(store.clone());
+    let mut sub = log.subscribe("a", 0);
+    log.append(token("a", "t1"), None).await.unwrap();
+    assert_eq!(next(&mut sub).await, (1, "t1".to_string()));
+
+    store.unavailable.store(true, Ordering::SeqCst);
+    let durable = log.append_durable(token("a", "acked"), None).await;
+    assert!(
+        matches!(durable, Err(LogError::Unavailable(_))),
+        "{durable:?}"
+    );
+    // A token nobody waits for is lost with its batch: its run is broken from then on.
+    log.append(token("a", "lost"), None).await.unwrap();
+    let mut broken = false;
+    for _ in 0..200 {
+        if matches!(
+            log.append(token("a", "after"), None).await,
+            Err(LogError::Broken)
+        ) {
+            broken = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        broken,
+        "the run that lost a token is refused further tokens"
+    );
+
+    // The database is back: the run's end is recorded, right after what was committed, and the run is
+    // forgotten.
+    store.unavailable.store(false, Ordering::SeqCst);
+    store.gate.add_permits(1);
+    let run = Run::queued("a");
+    let finished = event(
+        "a",
+        EventKind::RunFinished {
+            run: run.clone(),
+            content: String::new(),
+            context_tokens: 0,
+            max_context_tokens: 0,
+        },
+    );
+    let ended = log.append_durable(finished, Some(run)).await.unwrap();
+    let mut seen = vec![next(&mut sub).await];
+    while seen.last().map(|(_, w)| w.as_str()) != Some("run_finished") {
+        seen.push(next(&mut sub).await);
+    }
+    let last = seen.last().unwrap().0;
+    assert_eq!(ended.seq(), last);
+    let seqs: Vec<u64> = seen.iter().map(|(s, _)| *s).collect();
+    assert_eq!(seqs, (2..=last).collect::<Vec<_>>(), "gap-free: {seen:?}");
+    assert!(
+        seen.iter().all(|(_, w)| w != "lost" && w != "acked"),
+        "{seen:?}"
+    );
+    log.append(token("a", "next run"), None).await.unwrap();
 }
 
 #[tokio::test]

@@ -42,6 +42,8 @@ struct HoldStore {
     armed: AtomicBool,
     reached: Notify,
     release: Semaphore,
+    /// The next commit of a user message fails as a database that went away would (nothing stored).
+    fail_message: AtomicBool,
 }
 
 impl HoldStore {
@@ -51,6 +53,7 @@ impl HoldStore {
             armed: AtomicBool::new(armed),
             reached: Notify::new(),
             release: Semaphore::new(0),
+            fail_message: AtomicBool::new(false),
         }
     }
 }
@@ -122,6 +125,11 @@ impl Store for HoldStore {
         self.inner.unfinished_runs().await
     }
     async fn append_events(&self, batch: Vec<LogEntry>) -> StoreResult<Vec<Arc<LoggedEvent>>> {
+        if batch.iter().any(is_user_message) && self.fail_message.swap(false, Ordering::SeqCst) {
+            return Err(agentd_core::store::StoreError::Unavailable(
+                "injected: connection refused".into(),
+            ));
+        }
         if batch.iter().any(is_user_message) && self.armed.swap(false, Ordering::SeqCst) {
             self.reached.notify_one();
             self.release.acquire().await.unwrap().forget();
@@ -372,4 +380,43 @@ async fn two_concurrent_retries_after_an_orphan_store_one_message() {
     let users = user_messages(&h.app, &s.id).await;
     assert_eq!(users.len(), 1, "stored once");
     assert_eq!(users[0].run_id.as_deref(), Some(a.run.id.as_str()));
+}
+
+/// The database goes away between a send's run row and its message: the send answers `Unavailable` (503),
+/// the run whose message was lost is ended (`failed`, one `run_finished`) rather than left queued, and the
+/// client's retry with the same `client_message_id` is a new turn.
+#[tokio::test]
+async fn a_send_whose_message_cannot_be_stored_ends_its_run_and_its_retry_is_a_new_turn() {
+    let h = harness(vec![Scripted::text(&["fine"])], false).await;
+    let s = h
+        .app
+        .create_session(&me(), "assistant", None, None)
+        .await
+        .unwrap();
+    h.store.fail_message.store(true, Ordering::SeqCst);
+    let refused = h.app.send(&me(), &s.id, msg("hi", Some("m-1"))).await;
+    assert!(
+        matches!(
+            refused,
+            Err(agentd_core::service::ServiceError::Unavailable(_))
+        ),
+        "{:?}",
+        refused.err()
+    );
+    let runs = ended_runs(&h.app, &s.id).await;
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].status, RunStatus::Failed);
+    assert_eq!(run_finished_count(&h.app, &s.id, &runs[0].id).await, 1);
+
+    let retry = h
+        .app
+        .send(&me(), &s.id, msg("hi", Some("m-1")))
+        .await
+        .unwrap();
+    assert!(!retry.repeated, "the first send was never acknowledged");
+    assert_ne!(retry.run.id, runs[0].id);
+    let (run, reply) = Agentd::wait(retry.done).await.unwrap();
+    assert_eq!(run.status, RunStatus::Completed);
+    assert_eq!(reply.unwrap().content, "fine");
+    assert_eq!(user_messages(&h.app, &s.id).await.len(), 1);
 }

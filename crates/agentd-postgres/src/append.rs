@@ -10,21 +10,41 @@
 //! A failure anywhere rolls the whole transaction back, counters included: a failed batch uses up no seq.
 //! Each append runs on a task of its own, so a caller that stops waiting cannot leave a connection inside an
 //! open transaction (the task finishes, commit or rollback, and returns the connection to the pool).
+//!
+//! **When the database goes away.** An append whose connection fails (refused, lost, timed out) is tried
+//! again, with back-off (50 ms doubling to 1 s), for up to [`OUTAGE_GRACE`]; meanwhile the event log waits for
+//! it, so its bounded queue fills and holds the producers (a running turn pauses rather than losing events).
+//! A connection lost during the second round trip leaves the outcome unknown: the `COMMIT` may have reached
+//! the server. Before trying again, the append finds out: on a new connection it takes the lock on the
+//! counter row of the batch's first session (`FOR NO KEY UPDATE`, as the lost transaction did, so this waits
+//! until the server has finished that transaction either way), then looks, with a fresh snapshot, for the
+//! batch's first event at the seq it was given. Found with the same payload: it was committed, and the
+//! append succeeds without writing again. Missing: nothing of it was (one transaction), and it is numbered
+//! afresh. So a retry never duplicates or reorders events. An append that gives up answers
+//! `StoreError::Unavailable` only when nothing of the batch was committed; one whose outcome it could not
+//! learn within the grace answers `Other` (see `agentd_core::store`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use agentd_core::domain::Run;
-use agentd_core::event::{Event, EventKind, LoggedEvent};
+use agentd_core::event::{Event, EventKind, LoggedEvent, NewEvent};
 use agentd_core::store::{LogEntry, StoreError, StoreResult};
 use deadpool_postgres::{Object, Pool};
 use futures_util::future::{join, join_all};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
-use crate::rows::{from_sql_int, pg, to_sql_int, MessageJson, RunValues};
+use crate::health::Health;
+use crate::rows::{from_sql_int, is_connection_error, pg, to_sql_int, MessageJson, RunValues};
+
+/// How long an append keeps trying while the database cannot be reached (see the module docs).
+pub(crate) const OUTAGE_GRACE: Duration = Duration::from_secs(60);
+const RETRY_FIRST: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(1);
 
 /// Locks the counters of the sessions in `$1` (ascending) and adds `$2[i]` to each: `(session_id, last_seq)`
 /// after the addition. A session that does not exist has no row, so it is missing from the result.
@@ -62,19 +82,185 @@ pub(crate) const RECORD_FIRST_SEQ: &str =
 
 type Op<'a> = Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'a>>;
 
-/// Appends `batch` in one transaction on a task of its own (see the module docs).
+/// Appends `batch` in one transaction on a task of its own, trying again while the database is unreachable
+/// (see the module docs).
 pub(crate) async fn append(
     pool: &Pool,
+    health: &Arc<Health>,
     batch: Vec<LogEntry>,
 ) -> StoreResult<Vec<Arc<LoggedEvent>>> {
     check(&batch)?;
     let pool = pool.clone();
-    tokio::spawn(async move {
-        let client = pool.get().await.map_err(crate::rows::pool)?;
-        commit(&client, batch).await
-    })
-    .await
-    .map_err(|e| StoreError::Other(format!("postgres: the append task failed: {e}")))?
+    let health = health.clone();
+    tokio::spawn(async move { append_retrying(&pool, &health, batch).await })
+        .await
+        .map_err(|e| StoreError::Other(format!("postgres: the append task failed: {e}")))?
+}
+
+/// What one attempt at a commit came to.
+enum Attempt {
+    /// Committed, or failed for a reason a retry would not change.
+    Done(StoreResult<Vec<Arc<LoggedEvent>>>),
+    /// The connection failed before anything could be committed: the batch, to try again.
+    NotCommitted(Vec<LogEntry>, StoreError),
+    /// The connection failed while the rows and `COMMIT` were out: the numbered events and their runs.
+    Unknown(Vec<Arc<LoggedEvent>>, Vec<Option<Run>>, StoreError),
+}
+
+async fn append_retrying(
+    pool: &Pool,
+    health: &Health,
+    mut batch: Vec<LogEntry>,
+) -> StoreResult<Vec<Arc<LoggedEvent>>> {
+    let deadline = Instant::now() + OUTAGE_GRACE;
+    let mut wait = RETRY_FIRST;
+    loop {
+        let attempt = match pool.get().await {
+            Ok(client) => commit(&client, batch).await,
+            Err(e) => match crate::rows::pool(e) {
+                e @ StoreError::Unavailable(_) => Attempt::NotCommitted(batch, e),
+                e => Attempt::Done(Err(e)),
+            },
+        };
+        let error = match attempt {
+            Attempt::Done(result) => return health.note(result),
+            Attempt::NotCommitted(again, e) => {
+                batch = again;
+                health.failed(e)
+            }
+            Attempt::Unknown(logged, runs, e) => {
+                let e = health.failed(e);
+                match committed(pool, health, &logged, deadline).await {
+                    Ok(true) => {
+                        tracing::info!(
+                            events = logged.len(),
+                            "postgres: an append whose connection was lost had been committed"
+                        );
+                        return Ok(logged);
+                    }
+                    Ok(false) => {
+                        batch = unlog(logged, runs);
+                        e
+                    }
+                    Err(unknown) => {
+                        return Err(StoreError::Other(format!(
+                            "{e}; whether it was committed is unknown ({unknown})"
+                        )))
+                    }
+                }
+            }
+        };
+        if Instant::now() + wait > deadline {
+            tracing::error!(
+                events = batch.len(),
+                grace_s = OUTAGE_GRACE.as_secs(),
+                "postgres: an append gave up: the database stayed unreachable"
+            );
+            return Err(error);
+        }
+        tracing::debug!(error = %error, retry_in_ms = wait.as_millis() as u64, "postgres: append retrying");
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(RETRY_MAX);
+    }
+}
+
+/// Was a batch whose connection was lost mid-commit committed? Asks on a new connection, trying until
+/// `deadline` (see the module docs); an error when it could not find out.
+async fn committed(
+    pool: &Pool,
+    health: &Health,
+    logged: &[Arc<LoggedEvent>],
+    deadline: Instant,
+) -> StoreResult<bool> {
+    let Some(probe) = logged.first() else {
+        return Ok(false);
+    };
+    let seq = to_sql_int(probe.seq(), "seq")?;
+    let mut wait = RETRY_FIRST;
+    loop {
+        let asked = async {
+            let client = pool.get().await.map_err(crate::rows::pool)?;
+            let answer = ask_committed(&client, &probe.session_id, seq).await;
+            if answer.is_err() {
+                rollback(&client).await;
+            }
+            answer
+        }
+        .await;
+        match asked {
+            Ok(payload) => {
+                health.reachable();
+                return Ok(payload.as_deref() == Some(probe.json.as_str()));
+            }
+            Err(e) => {
+                let e = health.failed(e);
+                if Instant::now() + wait > deadline {
+                    return Err(e);
+                }
+            }
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(RETRY_MAX);
+    }
+}
+
+/// The stored payload of `(session, seq)`, once any transaction holding the session's counter has ended.
+async fn ask_committed(client: &Object, session: &str, seq: i64) -> StoreResult<Option<String>> {
+    // A lost connection's server side may still hold the lock a while; past the timeout this is asked again.
+    client
+        .batch_execute("BEGIN; SET LOCAL lock_timeout = '2s'")
+        .await
+        .map_err(|e| pg("checking a lost commit", e))?;
+    client
+        .query(
+            "SELECT 1 FROM session_seqs WHERE session_id = $1 FOR NO KEY UPDATE",
+            &[&session],
+        )
+        .await
+        .map_err(|e| pg("waiting for a lost commit", e))?;
+    // A statement of its own: READ COMMITTED gives it a snapshot taken after the lock was granted.
+    let rows = client
+        .query(
+            "SELECT payload FROM events WHERE session_id = $1 AND seq = $2",
+            &[&session, &seq],
+        )
+        .await
+        .map_err(|e| pg("reading a lost commit's first event", e))?;
+    client
+        .batch_execute("ROLLBACK")
+        .await
+        .map_err(|e| pg("checking a lost commit", e))?;
+    match rows.first() {
+        Some(row) => row
+            .try_get::<_, String>(0)
+            .map(Some)
+            .map_err(|e| pg("reading a lost commit's first event", e)),
+        None => Ok(None),
+    }
+}
+
+/// Numbered events back into the entries they came from, to be numbered again.
+fn unlog(logged: Vec<Arc<LoggedEvent>>, runs: Vec<Option<Run>>) -> Vec<LogEntry> {
+    logged
+        .into_iter()
+        .zip(runs)
+        .map(|(ev, run)| {
+            let (session_id, event) = match Arc::try_unwrap(ev) {
+                Ok(ev) => (ev.session_id, ev.event),
+                Err(shared) => (shared.session_id.clone(), shared.event.clone()),
+            };
+            LogEntry {
+                event: NewEvent {
+                    session_id,
+                    run_id: event.run_id,
+                    agent: event.agent,
+                    is_subagent: event.is_subagent,
+                    kind: event.kind,
+                },
+                run,
+            }
+        })
+        .collect()
 }
 
 /// A message or run an entry carries must belong to the event's session.
@@ -101,9 +287,24 @@ fn same_session(what: &str, id: &str, row_session: &str, event_session: &str) ->
     }
 }
 
-async fn commit(client: &Object, batch: Vec<LogEntry>) -> StoreResult<Vec<Arc<LoggedEvent>>> {
+/// The statements an append binds, prepared on its connection.
+struct Statements {
+    insert: tokio_postgres::Statement,
+    rows: Option<(
+        tokio_postgres::Statement,
+        tokio_postgres::Statement,
+        tokio_postgres::Statement,
+    )>,
+}
+
+/// Round trip 1 (and the statements, cached per connection): opens the transaction and takes each session's
+/// first seq. Nothing is committed if this fails.
+async fn number(
+    client: &Object,
+    batch: &[LogEntry],
+) -> StoreResult<(Statements, HashMap<String, u64>)> {
     let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
-    for entry in &batch {
+    for entry in batch {
         *counts.entry(entry.event.session_id.as_str()).or_insert(0) += 1;
     }
     let ids: Vec<&str> = counts.keys().copied().collect();
@@ -119,7 +320,7 @@ async fn commit(client: &Object, batch: Vec<LogEntry>) -> StoreResult<Vec<Arc<Lo
         .prepare_cached(INSERT_EVENTS)
         .await
         .map_err(|e| pg("preparing the event insert", e))?;
-    let row_statements = if changes_rows {
+    let rows = if changes_rows {
         Some((
             client
                 .prepare_cached(UPSERT_MESSAGE)
@@ -138,21 +339,20 @@ async fn commit(client: &Object, batch: Vec<LogEntry>) -> StoreResult<Vec<Arc<Lo
         None
     };
 
-    // Round trip 1: open the transaction and take the numbers.
     let (begun, bumped) = join(
         client.batch_execute("BEGIN"),
         client.query(&bump, &[&ids, &ns]),
     )
     .await;
-    let rows = match begun.and(bumped) {
+    let rows_back = match begun.and(bumped) {
         Ok(rows) => rows,
         Err(e) => {
             rollback(client).await;
             return Err(pg("numbering events", e));
         }
     };
-    let mut next: HashMap<String, u64> = HashMap::with_capacity(rows.len());
-    for row in &rows {
+    let mut next: HashMap<String, u64> = HashMap::with_capacity(rows_back.len());
+    for row in &rows_back {
         let parsed = row
             .try_get::<_, String>(0)
             .and_then(|id| Ok((id, row.try_get::<_, i64>(1)?)));
@@ -178,6 +378,19 @@ async fn commit(client: &Object, batch: Vec<LogEntry>) -> StoreResult<Vec<Arc<Lo
         rollback(client).await;
         return Err(StoreError::NotFound);
     }
+    Ok((Statements { insert, rows }, next))
+}
+
+async fn commit(client: &Object, batch: Vec<LogEntry>) -> Attempt {
+    let (statements, mut next) = match number(client, &batch).await {
+        Ok(numbered) => numbered,
+        Err(e @ StoreError::Unavailable(_)) => return Attempt::NotCommitted(batch, e),
+        Err(e) => return Attempt::Done(Err(e)),
+    };
+    let Statements {
+        insert,
+        rows: row_statements,
+    } = statements;
 
     // Number the events in input order, and serialise each once (the stored payload is the native frame).
     let mut logged: Vec<Arc<LoggedEvent>> = Vec::with_capacity(batch.len());
@@ -192,7 +405,7 @@ async fn commit(client: &Object, batch: Vec<LogEntry>) -> StoreResult<Vec<Arc<Lo
             }
             None => {
                 rollback(client).await;
-                return Err(StoreError::NotFound);
+                return Attempt::Done(Err(StoreError::NotFound));
             }
         };
         logged.push(Arc::new(LoggedEvent::new(
@@ -213,7 +426,7 @@ async fn commit(client: &Object, batch: Vec<LogEntry>) -> StoreResult<Vec<Arc<Lo
         Ok(p) => p,
         Err(e) => {
             rollback(client).await;
-            return Err(e);
+            return Attempt::Done(Err(e));
         }
     };
     let mut ops: Vec<Op<'_>> = Vec::with_capacity(1 + prepared.rows.len());
@@ -274,22 +487,37 @@ async fn commit(client: &Object, batch: Vec<LogEntry>) -> StoreResult<Vec<Arc<Lo
     // gets them in this order, in one write. If a statement fails, the transaction is aborted and the COMMIT
     // rolls it back.
     let (results, committed) = join(join_all(ops), client.batch_execute("COMMIT")).await;
+    drop(prepared);
     let failed = results
         .into_iter()
         .filter_map(Result::err)
         .min_by_key(|e| e.code() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION));
-    if let Some(e) = failed {
-        return Err(pg("appending events", e));
-    }
-    committed.map_err(|e| pg("committing appended events", e))?;
-    Ok(logged)
+    let lost = match (failed, committed) {
+        (None, Ok(())) => return Attempt::Done(Ok(logged)),
+        // A statement's own error: the transaction was aborted, and COMMIT rolled it back.
+        (Some(e), _) if !is_connection_error(&e) => {
+            return Attempt::Done(Err(pg("appending events", e)))
+        }
+        (Some(e), _) => pg("appending events", e),
+        (None, Err(e)) if !is_connection_error(&e) => {
+            return Attempt::Done(Err(pg("committing appended events", e)))
+        }
+        (None, Err(e)) => pg("committing appended events", e),
+    };
+    // The connection went while the rows and COMMIT were out: committed or not, the server alone knows.
+    Attempt::Unknown(logged, runs, lost)
 }
 
 /// Ends a failed transaction so the connection goes back to the pool clean. A connection that cannot even do
 /// that is broken, and the pool drops it when it is next checked out.
 async fn rollback(client: &Object) {
-    if let Err(e) = client.batch_execute("ROLLBACK").await {
-        tracing::warn!(error = %e, "postgres: rolling back a failed append failed");
+    match client.batch_execute("ROLLBACK").await {
+        Ok(()) => {}
+        // The connection is gone, and its transaction with it (the append is tried again elsewhere).
+        Err(e) if is_connection_error(&e) => {
+            tracing::debug!(error = %e, "postgres: rolling back a failed append failed")
+        }
+        Err(e) => tracing::warn!(error = %e, "postgres: rolling back a failed append failed"),
     }
 }
 

@@ -32,6 +32,7 @@ use tokio_postgres::NoTls;
 
 mod append;
 mod copy;
+mod health;
 mod rows;
 mod schema;
 
@@ -62,6 +63,8 @@ pub struct PgStore {
     pool: Pool,
     /// The URL without its password.
     name: String,
+    /// Reachable or not, and the log lines an outage gets.
+    health: Arc<health::Health>,
 }
 
 /// A parsed store URL and its printable form (user, hosts, ports and database; never the password).
@@ -166,6 +169,7 @@ impl PgStore {
         Ok(PgStore {
             pool,
             name: target.name.clone(),
+            health: Arc::new(health::Health::new(target.name.clone())),
         })
     }
 
@@ -175,7 +179,10 @@ impl PgStore {
     }
 
     async fn client(&self) -> StoreResult<Object> {
-        self.pool.get().await.map_err(rows::pool)
+        self.pool
+            .get()
+            .await
+            .map_err(|e| self.health.failed(rows::pool(e)))
     }
 
     /// Runs one cached statement and returns its rows.
@@ -186,11 +193,11 @@ impl PgStore {
         params: &[&(dyn ToSql + Sync)],
     ) -> StoreResult<Vec<tokio_postgres::Row>> {
         let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(sql)
-            .await
-            .map_err(|e| pg(&format!("preparing {what}"), e))?;
-        client.query(&stmt, params).await.map_err(|e| pg(what, e))
+        let rows = match client.prepare_cached(sql).await {
+            Ok(stmt) => client.query(&stmt, params).await.map_err(|e| pg(what, e)),
+            Err(e) => Err(pg(&format!("preparing {what}"), e)),
+        };
+        self.health.note(rows)
     }
 
     /// Runs one cached statement and returns the number of rows it changed.
@@ -201,11 +208,28 @@ impl PgStore {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<u64, Failure> {
         let client = self.client().await.map_err(Failure::Store)?;
-        let stmt = client
-            .prepare_cached(sql)
-            .await
-            .map_err(|e| Failure::Store(pg(&format!("preparing {what}"), e)))?;
-        client.execute(&stmt, params).await.map_err(Failure::Pg)
+        let stmt = match client.prepare_cached(sql).await {
+            Ok(stmt) => stmt,
+            Err(e) => {
+                return Err(Failure::Store(
+                    self.health.failed(pg(&format!("preparing {what}"), e)),
+                ))
+            }
+        };
+        match client.execute(&stmt, params).await {
+            Ok(n) => {
+                self.health.reachable();
+                Ok(n)
+            }
+            Err(e) => {
+                if rows::is_connection_error(&e) {
+                    // As `Unavailable`, whatever the caller would make of its SQLSTATE.
+                    return Err(Failure::Store(self.health.failed(pg(what, e))));
+                }
+                self.health.reachable();
+                Err(Failure::Pg(e))
+            }
+        }
     }
 }
 
@@ -520,7 +544,7 @@ impl Store for PgStore {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        append::append(&self.pool, batch).await
+        append::append(&self.pool, &self.health, batch).await
     }
 
     async fn read_events(

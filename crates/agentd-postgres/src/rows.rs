@@ -12,9 +12,42 @@ use serde_json::Value;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Row;
 
-/// A driver error as a `StoreError`, naming what was being done.
+/// A driver error as a `StoreError`, naming what was being done: `Unavailable` when the database could not be
+/// reached or the connection was lost ([`is_connection_error`]), `Other` for everything else.
 pub(crate) fn pg(what: &str, e: tokio_postgres::Error) -> StoreError {
-    StoreError::Other(format!("postgres: {what}: {}", chain(&e)))
+    let text = format!("postgres: {what}: {}", chain(&e));
+    if is_connection_error(&e) {
+        StoreError::Unavailable(text)
+    } else {
+        StoreError::Other(text)
+    }
+}
+
+/// Is this the connection's failure rather than the statement's? A closed connection, an I/O error (refused,
+/// reset, broken pipe), a timeout reaching the server, or one of the server's own "go away" answers:
+/// SQLSTATE class 08 (connection exception), 57P01-57P03 (administrator / crash shutdown, cannot connect now),
+/// 53300 (too many connections). Everything else (a constraint, a syntax or type error, a missing database) is
+/// a real error.
+pub(crate) fn is_connection_error(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    if let Some(db) = e.as_db_error() {
+        let code = db.code().code();
+        return code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300");
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        if cause.is::<std::io::Error>() {
+            return true;
+        }
+        source = cause.source();
+    }
+    // The driver's own kinds without a source: `Kind::Connect` / `Kind::Timeout` / `Kind::Closed` (not public).
+    let text = e.to_string();
+    text.starts_with("error connecting to server")
+        || text.starts_with("timeout waiting for server")
+        || text.starts_with("connection closed")
 }
 
 /// An error and its causes, `outer: inner: innermost` (the driver's own text for a connection failure is only
@@ -34,9 +67,21 @@ pub(crate) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
-/// A pool error (no connection could be had) as a `StoreError`.
+/// A pool error (no connection could be had) as a `StoreError`: `Unavailable` unless the pool itself is
+/// misconfigured.
 pub(crate) fn pool(e: deadpool_postgres::PoolError) -> StoreError {
-    StoreError::Other(format!("postgres: no database connection: {}", chain(&e)))
+    use deadpool_postgres::PoolError;
+    let text = format!("postgres: no database connection: {}", chain(&e));
+    let unavailable = match &e {
+        PoolError::Timeout(_) | PoolError::Closed => true,
+        PoolError::Backend(inner) => is_connection_error(inner),
+        PoolError::NoRuntimeSpecified | PoolError::PostCreateHook(_) => false,
+    };
+    if unavailable {
+        StoreError::Unavailable(text)
+    } else {
+        StoreError::Other(text)
+    }
 }
 
 /// Which constraint a statement broke, if that is why it failed.

@@ -1,5 +1,6 @@
 //! The Postgres store's own behaviour beyond the shared contract: nodes starting together migrate once, a
-//! newer schema is refused, corrupt rows are errors (never panics). Each test has a database of its own;
+//! newer schema is refused, corrupt rows are errors (never panics), a lost connection is `Unavailable` and an
+//! append whose connection is lost around its `COMMIT` is committed exactly once. Each test has a database of its own;
 //! skipped without a reachable Postgres unless CI=true or AGENTD_REQUIRE_PG=1.
 
 // Tests may unwrap: a panic is the failure report.
@@ -9,6 +10,7 @@ use agentd_core::domain::Run;
 use agentd_core::store::{Store, StoreError};
 use agentd_postgres::PgStore;
 use agentd_store_contract::pg::TestDatabase;
+use agentd_store_contract::proxy::{Proxy, Trap};
 use agentd_store_contract::{delta, new_session, run_started};
 use tokio_postgres::NoTls;
 
@@ -155,4 +157,68 @@ async fn bad_urls_are_refused_without_showing_the_password() {
         .unwrap()
         .to_string();
     assert!(err.contains("postgres://"), "{err}");
+}
+
+#[tokio::test]
+async fn an_append_whose_connection_is_lost_at_commit_is_stored_exactly_once() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let (proxy, url) = Proxy::in_front_of(db.url()).await;
+    let store = PgStore::open(&url, 2).await.unwrap();
+    let s = new_session(&store, "alice").await;
+    let mut expected = Vec::new();
+    for (i, trap) in [
+        Trap::BeforeCommit,
+        Trap::AfterCommit,
+        Trap::BeforeCommit,
+        Trap::AfterCommit,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        proxy.trap_next_commit(trap);
+        let texts: Vec<String> = (0..3).map(|j| format!("g{i}e{j}")).collect();
+        let batch = texts.iter().map(|t| delta(&s.id, "r", t)).collect();
+        let logged = store.append_events(batch).await.unwrap();
+        assert!(proxy.sprung(), "{trap:?}: the commit's connection was lost");
+        let seqs: Vec<u64> = logged.iter().map(|e| e.seq()).collect();
+        let first = expected.len() as u64 + 1;
+        assert_eq!(seqs, (first..first + 3).collect::<Vec<_>>(), "{trap:?}");
+        expected.extend(texts);
+    }
+    let stored = store.read_events(&s.id, 0, 100).await.unwrap();
+    let texts: Vec<String> = stored
+        .iter()
+        .map(|e| match &e.event.kind {
+            agentd_core::event::EventKind::TextDelta { delta } => delta.clone(),
+            other => other.type_name().to_string(),
+        })
+        .collect();
+    assert_eq!(texts, expected, "every event once, in order");
+    let seqs: Vec<u64> = stored.iter().map(|e| e.seq()).collect();
+    assert_eq!(seqs, (1..=expected.len() as u64).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn a_database_that_cannot_be_reached_is_unavailable_not_an_error() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let (proxy, url) = Proxy::in_front_of(db.url()).await;
+    let store = PgStore::open(&url, 2).await.unwrap();
+    let s = new_session(&store, "alice").await;
+    proxy.cut();
+    let got = store.get_session(&s.id).await;
+    assert!(matches!(got, Err(StoreError::Unavailable(_))), "{got:?}");
+    let listed = store.list_runs(&s.id).await;
+    assert!(
+        matches!(listed, Err(StoreError::Unavailable(_))),
+        "{listed:?}"
+    );
+    proxy.restore();
+    // A real error is still one.
+    let dup = store.create_session(&s).await;
+    assert!(matches!(dup, Err(StoreError::Conflict(_))), "{dup:?}");
+    assert!(store.get_session(&s.id).await.unwrap().is_some());
 }

@@ -249,7 +249,12 @@ pub(crate) async fn write_loop<R: Render>(
                 }
                 Ok(None) => return,
                 Err(e) => {
-                    tracing::warn!(error = %e, "event log read failed for a subscriber");
+                    if matches!(e, agentd_core::store::StoreError::Unavailable(_)) {
+                        // The store logs the outage once; a line per subscriber would drown it.
+                        tracing::debug!(error = %e, "event log read failed for a subscriber");
+                    } else {
+                        tracing::warn!(error = %e, "event log read failed for a subscriber");
+                    }
                     let frame = render.failure("event log read failed; reconnect");
                     let _ = sink.send_text(frame).await;
                     return;

@@ -30,6 +30,7 @@ use async_trait::async_trait;
 use serde_json::json;
 
 pub mod pg;
+pub mod proxy;
 pub mod scenarios;
 
 /// Where a scenario's store lives.

@@ -61,8 +61,12 @@ enum Command {
     },
 }
 
+/// `info`, but deadpool's line per broken pooled connection only at `error`: a database that goes away is
+/// logged once by the store (and once when it is back), not once per connection.
+const DEFAULT_LOG_FILTER: &str = "info,deadpool.postgres=error";
+
 fn init_logging() {
-    init_logging_at("info");
+    init_logging_at(DEFAULT_LOG_FILTER);
 }
 
 /// Logs to stderr at `RUST_LOG`'s level, or `default`.

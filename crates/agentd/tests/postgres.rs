@@ -14,20 +14,6 @@ use std::time::Duration;
 use agentd_store_contract::pg::{self, TestDatabase};
 use agentd_testkit::MockUpstream;
 
-/// `text` with its `[store]` url set to `url`.
-fn with_store_url(text: &str, url: &str) -> String {
-    text.lines()
-        .map(|l| {
-            if l.starts_with("url = \"sqlite://") || l.starts_with("url = \"postgres://") {
-                format!("url = \"{url}\"")
-            } else {
-                l.to_string()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 /// Runs `agentd serve` on `config_text` and returns its exit code and standard error.
 async fn serve_fails(config_text: &str) -> (Option<i32>, String) {
     let dir = tempfile::tempdir().unwrap();
@@ -63,7 +49,7 @@ async fn serve_with_an_unreachable_database_exits_1_with_one_line_naming_it() {
         .unwrap()
         .port();
     let url = format!("postgres://agentd:s3cret-pw@127.0.0.1:{port}/agentd_prod");
-    let text = with_store_url(
+    let text = common::with_store_url(
         &common::config_text(&upstream.base_url(), dir.path(), 30, ""),
         &url,
     );
@@ -89,7 +75,7 @@ async fn serve_with_a_refusing_database_exits_1_with_the_servers_reason() {
     let upstream = MockUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let url = format!("{}/agentd_no_such_database", pg::base_url());
-    let text = with_store_url(
+    let text = common::with_store_url(
         &common::config_text(&upstream.base_url(), dir.path(), 30, ""),
         &url,
     );
@@ -109,24 +95,15 @@ async fn the_server_runs_on_postgres_and_keeps_everything_across_a_restart() {
     let dir = Arc::new(tempfile::tempdir().unwrap());
     // The common kit picks the store from AGENTD_TEST_STORE; this test always uses its own database.
     let upstream = MockUpstream::start().await;
-    let text = with_store_url(
+    let text = common::with_store_url(
         &common::config_text(&upstream.base_url(), dir.path(), 30, ""),
         db.url(),
     );
     let config = agentd_core::config::Config::parse(&text, "t.toml").unwrap();
     assert_eq!(config.store_url, db.url());
     let app = agentd::build(config.clone()).await.unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let served = tokio::spawn(agentd_server::serve(listener, app.clone(), async move {
-        let _ = stopped.await;
-    }));
-    let c = common::Client {
-        base: base.clone(),
-        key: None,
-        http: reqwest::Client::new(),
-    };
+    let server = common::InProcess::start(app.clone()).await;
+    let c = server.client.clone();
     let id = c.session().await;
     let (status, body) = c.send(&id, "tokens=5").await;
     assert_eq!(status, 200, "{body}");
@@ -136,22 +113,13 @@ async fn the_server_runs_on_postgres_and_keeps_everything_across_a_restart() {
     let first = ws.until_finished().await;
     common::assert_gap_free(&first, 1);
     drop(ws);
-    let _ = stop.send(());
-    served.await.unwrap().unwrap();
+    server.stop().await;
     drop(app);
 
     // A new server on the same database: the history and the log are there, and numbering goes on.
     let app = agentd::build(config).await.unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let c = common::Client {
-        base: format!("http://{}", listener.local_addr().unwrap()),
-        key: None,
-        http: reqwest::Client::new(),
-    };
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let served = tokio::spawn(agentd_server::serve(listener, app.clone(), async move {
-        let _ = stopped.await;
-    }));
+    let server = common::InProcess::start(app.clone()).await;
+    let c = server.client.clone();
     let messages = c.messages(&id).await;
     assert_eq!(messages.len(), 2, "{messages:?}");
     let (status, body) = c.send(&id, "tokens=3").await;
@@ -172,6 +140,5 @@ async fn the_server_runs_on_postgres_and_keeps_everything_across_a_restart() {
         &first[..],
         "the first turn's log is unchanged"
     );
-    let _ = stop.send(());
-    served.await.unwrap().unwrap();
+    server.stop().await;
 }

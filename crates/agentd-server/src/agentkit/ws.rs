@@ -87,6 +87,8 @@ async fn open(
             1000,
             "Session not found",
         ),
+        // 1013 "try again later": the database is away for now.
+        e @ ServiceError::Unavailable(_) => (public_message(&e), 1013, "unavailable"),
         other => (public_message(&other), 1011, "internal error"),
     };
     let session = st.app.session(p, id).await.map_err(refused)?;

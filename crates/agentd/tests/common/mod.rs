@@ -80,6 +80,57 @@ impl Default for Options {
     }
 }
 
+/// An app served in this process on a port of its own (for tests that build the app themselves).
+pub struct InProcess {
+    pub client: Client,
+    stop: tokio::sync::oneshot::Sender<()>,
+    served: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl InProcess {
+    pub async fn start(app: Arc<Agentd>) -> InProcess {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = Client {
+            base: format!("http://{}", listener.local_addr().unwrap()),
+            key: None,
+            http: reqwest::Client::new(),
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let served = tokio::spawn(agentd_server::serve(listener, app, async move {
+            let _ = stopped.await;
+        }));
+        InProcess {
+            client,
+            stop,
+            served,
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        !self.served.is_finished()
+    }
+
+    /// Shuts the server down gracefully and waits for it.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        self.served.await.unwrap().unwrap();
+    }
+}
+
+/// `text` with its `[store]` url set to `url`.
+pub fn with_store_url(text: &str, url: &str) -> String {
+    text.lines()
+        .map(|l| {
+            if l.starts_with("url = \"sqlite://") || l.starts_with("url = \"postgres://") {
+                format!("url = \"{url}\"")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 pub fn config_text(upstream: &str, dir: &std::path::Path, timeout_s: u64, extra: &str) -> String {
     config_text_with(upstream, dir, timeout_s, extra, "")
 }
