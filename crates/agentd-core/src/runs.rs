@@ -286,6 +286,16 @@ impl RunManager {
                 max_context_tokens: agent.max_context_tokens,
             },
         };
+        // No longer the session's active run once its end can be in the log: a client attaching from here on
+        // must not be told the run is active while its `run_finished` is already below the `last_seq` it gets
+        // (it receives the end live if it attached just before the commit). The queued runs and the turn's
+        // permit stay until after the commit, so the next turn still starts after this one's end.
+        {
+            let mut state = sr.state();
+            if state.active.as_deref() == Some(run_id.as_str()) {
+                state.active = None;
+            }
+        }
         if let Err(e) = self
             .env
             .log
@@ -300,9 +310,6 @@ impl RunManager {
         }
         {
             let mut state = sr.state();
-            if state.active.as_deref() == Some(run_id.as_str()) {
-                state.active = None;
-            }
             state.runs.retain(|(id, _)| *id != run_id);
             state.pending_inputs.retain(|_, p| p.run_id != run_id);
         }

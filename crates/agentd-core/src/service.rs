@@ -542,9 +542,11 @@ impl Agentd {
         session_id: &str,
         after: Option<u64>,
     ) -> ServiceResult<Attached> {
-        let session = self.session(p, session_id).await?;
+        self.session(p, session_id).await?;
+        // The log's bounds first, then the active run: a run stops being active before its `run_finished` is
+        // committed, so a hello never names a run whose end is already at or below its `last_seq`.
         let bounds = self.store.log_bounds(session_id).await?;
-        let active_run_id = session.active_run_id.clone();
+        let active_run_id = self.runs.active_run_id(session_id);
         let mut cursor_expired = false;
         let from = match after {
             Some(n)
