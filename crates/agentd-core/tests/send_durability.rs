@@ -1,7 +1,8 @@
 //! `Agentd::send` keeps its promises whatever happens around it: a caller that drops the send future mid-way
 //! (a closed WebSocket, an HTTP client that hung up) still gets its stored message run, and a send whose message
 //! a killed process never stored is stored and run on the client's retry with the same `client_message_id`.
-//! Driven with the scripted provider and the in-memory store (behind a store that can hold a commit).
+//! And a hello taken right after a run's end is committed never names that run as active. Driven with the
+//! scripted provider and the in-memory store (behind a store that can hold a commit).
 
 #![allow(clippy::unwrap_used)] // tests: a panic is a failed assertion
 
@@ -44,6 +45,8 @@ struct HoldStore {
     release: Semaphore,
     /// The next commit of a user message fails as a database that went away would (nothing stored).
     fail_message: AtomicBool,
+    /// The next retention prune (which follows a run's committed end) waits like a held commit.
+    hold_prune: AtomicBool,
 }
 
 impl HoldStore {
@@ -54,6 +57,7 @@ impl HoldStore {
             reached: Notify::new(),
             release: Semaphore::new(0),
             fail_message: AtomicBool::new(false),
+            hold_prune: AtomicBool::new(false),
         }
     }
 }
@@ -151,6 +155,10 @@ impl Store for HoldStore {
         self.inner.first_seq_of_run(session_id, run_id).await
     }
     async fn prune_events(&self, session_id: &str, keep_runs: usize) -> StoreResult<()> {
+        if self.hold_prune.swap(false, Ordering::SeqCst) {
+            self.reached.notify_one();
+            self.release.acquire().await.unwrap().forget();
+        }
         self.inner.prune_events(session_id, keep_runs).await
     }
     async fn put_upload(&self, session_id: &str, upload: &Upload, bytes: &[u8]) -> StoreResult<()> {
@@ -207,6 +215,17 @@ async fn harness(replies: Vec<Scripted>, hold: bool) -> Harness {
         store,
         _dir: dir,
     }
+}
+
+/// A harness that holds nothing yet, and a session of the assistant.
+async fn with_session(replies: Vec<Scripted>) -> (Harness, Session) {
+    let h = harness(replies, false).await;
+    let s = h
+        .app
+        .create_session(&me(), "assistant", None, None)
+        .await
+        .unwrap();
+    (h, s)
 }
 
 fn me() -> Principal {
@@ -316,12 +335,7 @@ async fn orphan(h: &Harness, session: &str, cmid: &str) -> Run {
 
 #[tokio::test]
 async fn a_retry_of_a_send_whose_message_was_never_stored_is_a_new_turn() {
-    let h = harness(vec![Scripted::text(&["fine"])], false).await;
-    let s = h
-        .app
-        .create_session(&me(), "assistant", None, None)
-        .await
-        .unwrap();
+    let (h, s) = with_session(vec![Scripted::text(&["fine"])]).await;
     let orphan = orphan(&h, &s.id, "m-1").await;
     let first = h
         .app
@@ -355,12 +369,7 @@ async fn a_retry_of_a_send_whose_message_was_never_stored_is_a_new_turn() {
 
 #[tokio::test]
 async fn two_concurrent_retries_after_an_orphan_store_one_message() {
-    let h = harness(vec![Scripted::text(&["fine"])], false).await;
-    let s = h
-        .app
-        .create_session(&me(), "assistant", None, None)
-        .await
-        .unwrap();
+    let (h, s) = with_session(vec![Scripted::text(&["fine"])]).await;
     let orphan = orphan(&h, &s.id, "m-1").await;
     let p = me();
     let (a, b) = tokio::join!(
@@ -387,12 +396,7 @@ async fn two_concurrent_retries_after_an_orphan_store_one_message() {
 /// client's retry with the same `client_message_id` is a new turn.
 #[tokio::test]
 async fn a_send_whose_message_cannot_be_stored_ends_its_run_and_its_retry_is_a_new_turn() {
-    let h = harness(vec![Scripted::text(&["fine"])], false).await;
-    let s = h
-        .app
-        .create_session(&me(), "assistant", None, None)
-        .await
-        .unwrap();
+    let (h, s) = with_session(vec![Scripted::text(&["fine"])]).await;
     h.store.fail_message.store(true, Ordering::SeqCst);
     let refused = h.app.send(&me(), &s.id, msg("hi", Some("m-1"))).await;
     assert!(
@@ -419,4 +423,34 @@ async fn a_send_whose_message_cannot_be_stored_ends_its_run_and_its_retry_is_a_n
     assert_eq!(run.status, RunStatus::Completed);
     assert_eq!(reply.unwrap().content, "fine");
     assert_eq!(user_messages(&h.app, &s.id).await.len(), 1);
+}
+
+/// A client attaching right after a run's end is committed (here: while the retention prune that follows it
+/// is held) is not told the run is active: its hello's `last_seq` already covers the `run_finished`.
+#[tokio::test]
+async fn a_hello_after_a_runs_end_is_committed_names_no_active_run() {
+    let (h, s) = with_session(vec![Scripted::text(&["done"])]).await;
+    h.store.hold_prune.store(true, Ordering::SeqCst);
+    let acc = h.app.send(&me(), &s.id, msg("hi", None)).await.unwrap();
+    let run_id = acc.run.id.clone();
+    tokio::time::timeout(Duration::from_secs(5), h.store.reached.notified())
+        .await
+        .expect("the run's end was never committed");
+    assert_eq!(run_finished_count(&h.app, &s.id, &run_id).await, 1);
+    let attached = h.app.attach(&me(), &s.id, Some(0)).await.unwrap();
+    let end = h
+        .app
+        .store
+        .read_events(&s.id, 0, 100)
+        .await
+        .unwrap()
+        .iter()
+        .find(|e| matches!(e.event.kind, EventKind::RunFinished { .. }))
+        .map(|e| e.seq())
+        .unwrap();
+    assert!(attached.last_seq >= end);
+    assert_eq!(attached.active_run_id, None);
+    h.store.release.add_permits(1);
+    let (run, _) = Agentd::wait(acc.done).await.unwrap();
+    assert_eq!(run.status, RunStatus::Completed);
 }
