@@ -13,7 +13,7 @@ use tokio_postgres::Row;
 use crate::append::{INSERT_EVENTS, RECORD_FIRST_SEQ, UPSERT_MESSAGE};
 use crate::rows::{
     col, from_sql_int, pg, run_columns, run_from_row, to_json, to_sql_int, violation, MessageJson,
-    RunValues, Violation,
+    RunValues, Violation, INSERT_RUN,
 };
 
 pub(crate) const UPLOAD_COLUMNS: &str = "id, name, path, size, content_type";
@@ -140,11 +140,7 @@ pub(crate) async fn import_session(
             .map_err(|e| pg("importing a message", e))?;
         }
         let insert_run = tx
-            .prepare_cached(
-                "INSERT INTO runs (session_id, id, status, created_at, started_at, ended_at, error, prompt_tokens,
-                                   completion_tokens, client_message_id)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-            )
+            .prepare_cached(INSERT_RUN)
             .await
             .map_err(|e| pg("preparing the run insert", e))?;
         for StoredRun {
@@ -153,23 +149,9 @@ pub(crate) async fn import_session(
         } in &runs
         {
             let values = RunValues::of(run)?;
-            tx.execute(
-                &insert_run,
-                &[
-                    &run.session_id,
-                    &run.id,
-                    &run.status.as_str(),
-                    &run.created_at,
-                    &run.started_at,
-                    &run.ended_at,
-                    &values.error,
-                    &values.prompt_tokens,
-                    &values.completion_tokens,
-                    client_message_id,
-                ],
-            )
-            .await
-            .map_err(|e| pg("importing a run", e))?;
+            tx.execute(&insert_run, &values.insert_params(run, client_message_id))
+                .await
+                .map_err(|e| pg("importing a run", e))?;
         }
         tx.commit()
             .await

@@ -39,7 +39,7 @@ mod schema;
 use rows::{
     col, from_sql_int, message_columns, message_from_row, pg, run_columns, run_from_row,
     session_columns, session_from_row, sql_limit, to_json, to_sql_int, violation, RunValues,
-    Violation,
+    Violation, INSERT_RUN,
 };
 
 /// How long opening a connection may take before it counts as failed (unless the URL sets `connect_timeout`).
@@ -396,21 +396,8 @@ impl Store for PgStore {
         let result = self
             .execute(
                 "inserting a run",
-                "INSERT INTO runs (session_id, id, status, created_at, started_at, ended_at, error, prompt_tokens,
-                                   completion_tokens, client_message_id)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-                &[
-                    &run.session_id,
-                    &run.id,
-                    &run.status.as_str(),
-                    &run.created_at,
-                    &run.started_at,
-                    &run.ended_at,
-                    &values.error,
-                    &values.prompt_tokens,
-                    &values.completion_tokens,
-                    &client_message_id,
-                ],
+                INSERT_RUN,
+                &values.insert_params(run, &client_message_id),
             )
             .await;
         match result {

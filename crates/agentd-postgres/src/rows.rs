@@ -10,6 +10,7 @@ use agentd_core::domain::{
 use agentd_core::store::{StoreError, StoreResult};
 use serde_json::Value;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
 /// A driver error as a `StoreError`, naming what was being done: `Unavailable` when the database could not be
@@ -261,18 +262,46 @@ pub(crate) fn run_from_row(row: &Row) -> StoreResult<Run> {
 
 /// The run's converted columns, ready to bind.
 pub(crate) struct RunValues {
+    pub(crate) status: &'static str,
     pub(crate) error: Option<String>,
     pub(crate) prompt_tokens: i64,
     pub(crate) completion_tokens: i64,
 }
 
+/// A new run row, as `Store::create_run` writes it and a copy imports it: bind [`RunValues::insert_params`].
+pub(crate) const INSERT_RUN: &str =
+    "INSERT INTO runs (session_id, id, status, created_at, started_at, ended_at,
+                                   error, prompt_tokens, completion_tokens, client_message_id)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
+
 impl RunValues {
+    /// The parameters of [`INSERT_RUN`] for `run` (whose values these are).
+    pub(crate) fn insert_params<'a>(
+        &'a self,
+        run: &'a Run,
+        client_message_id: &'a (dyn ToSql + Sync),
+    ) -> [&'a (dyn ToSql + Sync); 10] {
+        [
+            &run.session_id,
+            &run.id,
+            &self.status,
+            &run.created_at,
+            &run.started_at,
+            &run.ended_at,
+            &self.error,
+            &self.prompt_tokens,
+            &self.completion_tokens,
+            client_message_id,
+        ]
+    }
+
     pub(crate) fn of(run: &Run) -> StoreResult<RunValues> {
         let error = match &run.error {
             Some(e) => Some(to_json(e, "run error")?),
             None => None,
         };
         Ok(RunValues {
+            status: run.status.as_str(),
             error,
             prompt_tokens: to_sql_int(run.usage.prompt_tokens, "prompt_tokens")?,
             completion_tokens: to_sql_int(run.usage.completion_tokens, "completion_tokens")?,
