@@ -51,7 +51,14 @@ max_len() {
     esac
 }
 
-if ! cargo fuzz --version >/dev/null 2>&1; then
+# Runs of a minute or more go through cargo-fuzz (installed when missing). Smoke runs (under 60 s, the test
+# command's) build the targets with cargo directly, with the flags `cargo fuzz build --dev --sanitizer none`
+# gives (libFuzzer's coverage instrumentation, `--cfg fuzzing`, debug assertions), and run the binaries as
+# cargo-fuzz would: on a cold machine that spares the install of cargo-fuzz, about a minute of compiling.
+direct=0
+if [[ $secs -lt 60 && -z ${FUZZ_SANITIZER:-} ]]; then
+    direct=1
+elif ! cargo fuzz --version >/dev/null 2>&1; then
     echo "== installing cargo-fuzz"
     # A debug build: cargo-fuzz only drives cargo and libFuzzer, and this halves its cold install.
     cargo install cargo-fuzz --locked --debug
@@ -78,9 +85,18 @@ else
     build_flags=(--fuzz-dir "$root/fuzz" --dev --sanitizer "$sanitizer")
 fi
 
-echo "== building the fuzz targets (sanitizer: $sanitizer)"
+triple=$(rustc -vV | sed -n 's/^host: //p')
+echo "== building the fuzz targets (sanitizer: $sanitizer$( ((direct)) && echo ', cargo directly'))"
 start=$(date +%s)
-cargo fuzz build "${build_flags[@]}"
+if ((direct)); then
+    RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
+-Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
+-Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing -Clink-dead-code -Cdebug-assertions \
+-Cllvm-args=-sanitizer-coverage-stack-depth" \
+        cargo build --manifest-path "$root/fuzz/Cargo.toml" --target "$triple" --bins --quiet
+else
+    cargo fuzz build "${build_flags[@]}"
+fi
 echo "   built in $(($(date +%s) - start)) s"
 
 passed=0
@@ -100,9 +116,14 @@ for t in "${targets[@]}"; do
     log=$log_dir/$t.log
     echo "== $t: ${secs} s"
     status=0
-    cargo fuzz run "${build_flags[@]}" "$t" "${dirs[@]}" -- \
-        -max_total_time="$secs" -max_len="$(max_len "$t")" -rss_limit_mb="$rss_mb" -timeout=10 \
-        -print_final_stats=1 >"$log" 2>&1 || status=$?
+    fuzz_args=(-max_total_time="$secs" -max_len="$(max_len "$t")" -rss_limit_mb="$rss_mb" -timeout=10
+        -print_final_stats=1)
+    if ((direct)); then
+        "$CARGO_TARGET_DIR/$triple/debug/$t" -artifact_prefix="$root/fuzz/artifacts/$t/" "${fuzz_args[@]}" \
+            "${dirs[@]}" >"$log" 2>&1 || status=$?
+    else
+        cargo fuzz run "${build_flags[@]}" "$t" "${dirs[@]}" -- "${fuzz_args[@]}" >"$log" 2>&1 || status=$?
+    fi
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n1)
     rss=$(sed -n 's/^stat::peak_rss_mb: *//p' "$log" | tail -n1)
     cov=$(grep -E '^#[0-9]+' "$log" | tail -n1 | grep -oE 'cov: [0-9]+ ft: [0-9]+ corp: [0-9]+/[^ ]+' || true)
