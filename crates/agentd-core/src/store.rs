@@ -131,6 +131,13 @@ pub trait Store: Send + Sync + 'static {
     /// call to return before it hands over that session's next events, so an implementation may number a call's
     /// events and give the numbers back if it fails, as if it were alone.
     async fn append_events(&self, batch: Vec<LogEntry>) -> StoreResult<Vec<Arc<LoggedEvent>>>;
+    /// How long the event log may hold token events to commit more of them at once: it starts a batch of
+    /// them at most once per this interval, so under a steady flow each commit carries what came in over it,
+    /// while an event that follows a quiet spell goes at once. Zero (the default): never held. A store whose
+    /// commit has a high fixed cost (a database transaction with its round trips and WAL flush) sets it.
+    fn commit_gather(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
     /// Events with `seq > after`, in order, at most `limit`.
     async fn read_events(
         &self,

@@ -24,6 +24,8 @@ struct GatedStore {
     row_calls: AtomicUsize,
     /// Every call fails as a database that cannot be reached would (`StoreError::Unavailable`).
     unavailable: AtomicBool,
+    /// What [`Store::commit_gather`] answers.
+    gather: Duration,
 }
 
 impl GatedStore {
@@ -51,7 +53,15 @@ impl GatedStore {
             fail_next_row_call: AtomicBool::new(false),
             row_calls: AtomicUsize::new(0),
             unavailable: AtomicBool::new(false),
+            gather: Duration::ZERO,
         })
+    }
+
+    /// The same, with a gather interval.
+    async fn gathering(ids: &[&str], gather: Duration) -> Arc<GatedStore> {
+        let mut store = Arc::into_inner(Self::new(ids).await).expect("the only handle");
+        store.gather = gather;
+        Arc::new(store)
     }
 }
 
@@ -116,6 +126,9 @@ impl Store for GatedStore {
     }
     async fn unfinished_runs(&self) -> StoreResult<Vec<Run>> {
         self.inner.unfinished_runs().await
+    }
+    fn commit_gather(&self) -> Duration {
+        self.gather
     }
     async fn append_events(&self, batch: Vec<LogEntry>) -> StoreResult<Vec<Arc<LoggedEvent>>> {
         if self.unavailable.load(Ordering::SeqCst) {
@@ -430,4 +443,68 @@ async fn many_sessions_mixing_row_changes_and_tokens_keep_each_stream_in_order()
             );
         }
     }
+}
+
+/// Tokens appended one every 10 ms, then one durably: how many batches they took and how long the durable
+/// one waited.
+async fn trickle(log: &Arc<EventLog>, session_id: &str, n: usize) -> (u64, Duration) {
+    let before = log.stats().batches;
+    for i in 0..n {
+        log.append(token(session_id, &format!("t{i}")), None)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let t = std::time::Instant::now();
+    log.append_durable(token(session_id, "last"), None)
+        .await
+        .unwrap();
+    (log.stats().batches - before, t.elapsed())
+}
+
+#[tokio::test]
+async fn a_store_with_a_gather_interval_gets_a_steady_flow_in_groups_and_a_lone_event_at_once() {
+    let gather = Duration::from_millis(600);
+    let store = GatedStore::gathering(&["s"], gather).await;
+    let log = EventLog::start(store.clone());
+    let mut sub = log.subscribe("s", 0);
+
+    // After a quiet spell an event goes at once, not after the interval.
+    let t = std::time::Instant::now();
+    let first = log.append_durable(token("s", "first"), None).await.unwrap();
+    assert_eq!(first.seq(), 1);
+    assert!(
+        t.elapsed() < gather / 2,
+        "a lone event was held {:?}",
+        t.elapsed()
+    );
+
+    // Twenty tokens 10 ms apart (200 ms, inside one interval) and a durable one: one batch for all of them,
+    // which waits for the interval that began with the first event's commit.
+    let (batches, waited) = trickle(&log, "s", 20).await;
+    assert_eq!(batches, 1, "the flow inside one interval is one commit");
+    assert!(
+        waited >= Duration::from_millis(200),
+        "the durable event waited out the interval ({waited:?})"
+    );
+    // Every event, once and in order.
+    assert_eq!(next(&mut sub).await, (1, "first".to_string()));
+    for i in 0..20 {
+        assert_eq!(next(&mut sub).await, (i + 2, format!("t{i}")));
+    }
+    assert_eq!(next(&mut sub).await, (22, "last".to_string()));
+}
+
+#[tokio::test]
+async fn a_store_without_a_gather_interval_commits_each_trickled_event_at_once() {
+    let store = GatedStore::new(&["s"]).await;
+    let log = EventLog::start(store.clone());
+    let (batches, waited) = trickle(&log, "s", 20).await;
+    // 10 ms apart, each event finds the appender idle: a batch of its own (a few may share one on a slow
+    // machine), and nothing waits for a timer.
+    assert!(
+        batches >= 15,
+        "only {batches} batches for 21 trickled events"
+    );
+    assert!(waited < Duration::from_millis(300), "waited {waited:?}");
 }

@@ -67,6 +67,13 @@ pub struct PgStore {
     health: Arc<health::Health>,
 }
 
+/// How long the event log may gather token events into one Postgres commit. A commit costs this store a
+/// transaction (two round trips, the backend's work, a WAL flush) whatever it carries, so a light steady flow
+/// committed as it comes (an event or two per transaction) cost several times SQLite's CPU per token. Two
+/// milliseconds groups 200 streams of 20 tokens/s into about eight events a commit, and adds at most that to
+/// a token's delivery (BENCHMARKS.md, "agentd on PostgreSQL").
+pub const COMMIT_GATHER: std::time::Duration = std::time::Duration::from_millis(2);
+
 /// A parsed store URL and its printable form (user, hosts, ports and database; never the password).
 struct Target {
     config: tokio_postgres::Config,
@@ -525,6 +532,10 @@ impl Store for PgStore {
             )
             .await?;
         rows.iter().map(run_from_row).collect()
+    }
+
+    fn commit_gather(&self) -> std::time::Duration {
+        COMMIT_GATHER
     }
 
     async fn append_events(&self, batch: Vec<LogEntry>) -> StoreResult<Vec<Arc<LoggedEvent>>> {
