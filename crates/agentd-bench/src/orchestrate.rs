@@ -863,7 +863,7 @@ impl Pair {
 
     /// Round `r`'s order: `(0, plain)` and `(1, scraped)`, the plain one first in even rounds.
     fn order(&self, r: u32) -> [(usize, usize); 2] {
-        if r % 2 == 0 {
+        if r.is_multiple_of(2) {
             [(0, self.plain), (1, self.scraped)]
         } else {
             [(1, self.scraped), (0, self.plain)]

@@ -452,13 +452,13 @@ async fn trickle(log: &Arc<EventLog>, session_id: &str, n: usize) -> (u64, Durat
     for i in 0..n {
         log.append(token(session_id, &format!("t{i}")), None)
             .await
-            .unwrap();
+            .expect("appended");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let t = std::time::Instant::now();
     log.append_durable(token(session_id, "last"), None)
         .await
-        .unwrap();
+        .expect("committed");
     (log.stats().batches - before, t.elapsed())
 }
 

@@ -577,13 +577,18 @@ impl<'a> Prepared<'a> {
                 });
             }
             // A run's first event is always one of these (its user message, its start, or its end when it never
-            // started), never a delta: recording it here costs nothing on the token path.
+            // started), never a delta: recording it here costs nothing on the token path. Only the first of
+            // each run in the batch can be the run's first event (a turn's user message and its start, or its
+            // answer and its end, usually share a batch): one statement per run, not per event.
             if matches!(
                 event.event.kind,
                 EventKind::Message { .. }
                     | EventKind::RunStarted { .. }
                     | EventKind::RunFinished { .. }
-            ) {
+            ) && !p.rows.iter().any(|r| {
+                matches!(r, RowChange::FirstSeq { event: e, .. }
+                    if e.session_id == event.session_id && e.event.run_id == event.event.run_id)
+            }) {
                 p.rows.push(RowChange::FirstSeq { event, seq });
             }
         }
