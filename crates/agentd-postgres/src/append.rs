@@ -68,15 +68,21 @@ ON CONFLICT (session_id, id) DO UPDATE SET
     tool_calls = EXCLUDED.tool_calls, tool_call_id = EXCLUDED.tool_call_id, agent = EXCLUDED.agent,
     images = EXCLUDED.images";
 
-/// On conflict the row keeps its `ord`, `created_at` and `client_message_id`.
+/// On conflict the row keeps its `ord`, `created_at` and `client_message_id`, and its `first_seq` once set
+/// (`$10` is the seq of the run's first event in this batch, recorded here rather than by a statement of its
+/// own: see [`RECORD_FIRST_SEQ`]).
 const UPSERT_RUN: &str = "
-INSERT INTO runs (session_id, id, status, created_at, started_at, ended_at, error, prompt_tokens, completion_tokens)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+INSERT INTO runs (session_id, id, status, created_at, started_at, ended_at, error, prompt_tokens, completion_tokens,
+                  first_seq)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
 ON CONFLICT (session_id, id) DO UPDATE SET
     status = EXCLUDED.status, started_at = EXCLUDED.started_at, ended_at = EXCLUDED.ended_at,
     error = EXCLUDED.error, prompt_tokens = EXCLUDED.prompt_tokens,
-    completion_tokens = EXCLUDED.completion_tokens";
+    completion_tokens = EXCLUDED.completion_tokens,
+    first_seq = COALESCE(runs.first_seq, EXCLUDED.first_seq)";
 
+/// A run's first seq, for a batch that has one of the run's first-event candidates (see [`Prepared::of`]) but
+/// no change of the run's row to carry it.
 pub(crate) const RECORD_FIRST_SEQ: &str =
     "UPDATE runs SET first_seq = $3 WHERE session_id = $1 AND id = $2 AND first_seq IS NULL";
 
@@ -461,6 +467,7 @@ async fn commit(client: &Object, batch: Vec<LogEntry>) -> Attempt {
                     run,
                     values,
                     status,
+                    first_seq,
                 } => {
                     let params: Vec<&(dyn ToSql + Sync)> = vec![
                         &run.session_id,
@@ -472,6 +479,7 @@ async fn commit(client: &Object, batch: Vec<LogEntry>) -> Attempt {
                         &values.error,
                         &values.prompt_tokens,
                         &values.completion_tokens,
+                        first_seq,
                     ];
                     ops.push(Box::pin(client.execute_raw(upsert_run, params)));
                 }
@@ -540,6 +548,8 @@ enum RowChange<'a> {
         run: &'a Run,
         values: RunValues,
         status: &'static str,
+        /// The seq of the run's first first-event candidate in the batch, if any.
+        first_seq: Option<i64>,
     },
     FirstSeq {
         event: &'a LoggedEvent,
@@ -556,8 +566,32 @@ impl<'a> Prepared<'a> {
             payloads: Vec::with_capacity(logged.len()),
             rows: Vec::new(),
         };
+        // A run's first event is always one of the candidates (its user message, its start, or its end when it
+        // never started), never a delta: recording it costs nothing on the token path. Only a run's first
+        // candidate in the batch can be its first event; a batch that also changes the run's row (its start or
+        // end) records it in that upsert, any other batch with a candidate by one `RECORD_FIRST_SEQ`.
+        let candidate = |event: &LoggedEvent| {
+            matches!(
+                event.event.kind,
+                EventKind::Message { .. }
+                    | EventKind::RunStarted { .. }
+                    | EventKind::RunFinished { .. }
+            )
+        };
+        let mut first_of_run: HashMap<(&str, &str), i64> = HashMap::new();
+        let mut run_rows: Vec<(&str, &str)> = Vec::new();
+        for (event, run) in logged.iter().zip(runs) {
+            let key = (event.session_id.as_str(), event.event.run_id.as_str());
+            if candidate(event) && !first_of_run.contains_key(&key) {
+                first_of_run.insert(key, to_sql_int(event.seq(), "seq")?);
+            }
+            if run.is_some() {
+                run_rows.push(key);
+            }
+        }
         for (event, run) in logged.iter().zip(runs) {
             let seq = to_sql_int(event.seq(), "seq")?;
+            let key = (event.session_id.as_str(), event.event.run_id.as_str());
             p.session_ids.push(&event.session_id);
             p.seqs.push(seq);
             p.run_ids.push(&event.event.run_id);
@@ -574,21 +608,10 @@ impl<'a> Prepared<'a> {
                     run,
                     values: RunValues::of(run)?,
                     status: run.status.as_str(),
+                    first_seq: first_of_run.get(&key).copied(),
                 });
             }
-            // A run's first event is always one of these (its user message, its start, or its end when it never
-            // started), never a delta: recording it here costs nothing on the token path. Only the first of
-            // each run in the batch can be the run's first event (a turn's user message and its start, or its
-            // answer and its end, usually share a batch): one statement per run, not per event.
-            if matches!(
-                event.event.kind,
-                EventKind::Message { .. }
-                    | EventKind::RunStarted { .. }
-                    | EventKind::RunFinished { .. }
-            ) && !p.rows.iter().any(|r| {
-                matches!(r, RowChange::FirstSeq { event: e, .. }
-                    if e.session_id == event.session_id && e.event.run_id == event.event.run_id)
-            }) {
+            if first_of_run.get(&key) == Some(&seq) && !run_rows.contains(&key) {
                 p.rows.push(RowChange::FirstSeq { event, seq });
             }
         }

@@ -58,6 +58,7 @@ macro_rules! store_contract {
             the_event_log_group_commits_many_queued_events_in_few_batches,
             reopening_keeps_everything_and_seq_continues,
             pruning_keeps_the_latest_runs_and_seq_continues,
+            a_runs_first_seq_is_its_first_event_whatever_shares_its_batch,
             a_failing_batch_fails_alone_and_consumes_no_seq,
             many_concurrent_reads_all_get_their_answer,
             uploads_are_kept_with_their_bytes,

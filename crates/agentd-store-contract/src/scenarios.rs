@@ -722,6 +722,93 @@ pub async fn pruning_keeps_the_latest_runs_and_seq_continues(h: &dyn Harness) {
     );
 }
 
+/// A run's first seq (what retention and re-attach go by) is the seq of its first event, however the turn's
+/// events are grouped into batches: its user message and its start together, its user message alone before
+/// its start, its end alone (a run that never started), with other sessions' events in between.
+pub async fn a_runs_first_seq_is_its_first_event_whatever_shares_its_batch(h: &dyn Harness) {
+    let store = h.open().await;
+    let s = new_session(&*store, "alice").await;
+    let other = new_session(&*store, "alice").await;
+    let begin = |run: &mut Run| {
+        run.status = RunStatus::Running;
+        run.started_at = Some(now_rfc3339());
+    };
+    let end = |run: &mut Run| {
+        run.status = RunStatus::Completed;
+        run.ended_at = Some(now_rfc3339());
+    };
+
+    // 1. The user message and the start in one batch, behind another session's token; the answer and the end
+    // in one batch later.
+    let mut a = Run::queued(&s.id);
+    store.create_run(&a, None).await.unwrap();
+    begin(&mut a);
+    store
+        .append_events(vec![
+            delta(&other.id, "x", "elsewhere"),
+            delta(&s.id, "earlier", "an earlier run's last token"),
+            message_entry(&message(&s.id, &a.id, Role::User, "hi")),
+            run_started(&a),
+        ])
+        .await
+        .unwrap();
+    store
+        .append_events(vec![delta(&s.id, &a.id, "tok")])
+        .await
+        .unwrap();
+    end(&mut a);
+    store
+        .append_events(vec![
+            message_entry(&message(&s.id, &a.id, Role::Assistant, "tok")),
+            run_finished(&a),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(store.first_seq_of_run(&s.id, &a.id).await.unwrap(), Some(2));
+
+    // 2. The user message alone, then the start: the message's seq.
+    let mut b = Run::queued(&s.id);
+    store.create_run(&b, None).await.unwrap();
+    let user = store
+        .append_events(vec![message_entry(&message(
+            &s.id,
+            &b.id,
+            Role::User,
+            "again",
+        ))])
+        .await
+        .unwrap();
+    begin(&mut b);
+    store.append_events(vec![run_started(&b)]).await.unwrap();
+    end(&mut b);
+    store.append_events(vec![run_finished(&b)]).await.unwrap();
+    assert_eq!(
+        store.first_seq_of_run(&s.id, &b.id).await.unwrap(),
+        Some(user[0].seq())
+    );
+
+    // 3. A run that never started: its end is its first event, also in a batch with another run's start.
+    let mut c = Run::queued(&s.id);
+    store.create_run(&c, None).await.unwrap();
+    c.status = RunStatus::Cancelled;
+    c.ended_at = Some(now_rfc3339());
+    let mut d = Run::queued(&s.id);
+    store.create_run(&d, None).await.unwrap();
+    begin(&mut d);
+    let logged = store
+        .append_events(vec![run_finished(&c), run_started(&d)])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.first_seq_of_run(&s.id, &c.id).await.unwrap(),
+        Some(logged[0].seq())
+    );
+    assert_eq!(
+        store.first_seq_of_run(&s.id, &d.id).await.unwrap(),
+        Some(logged[1].seq())
+    );
+}
+
 pub async fn a_failing_batch_fails_alone_and_consumes_no_seq(h: &dyn Harness) {
     let store = h.open().await;
     let s = new_session(&*store, "alice").await;
