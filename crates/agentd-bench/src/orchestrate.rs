@@ -652,104 +652,62 @@ async fn run_scenarios(
             .await;
         }
     }
-    for &n in &plan.throughput_sessions {
-        let p = ThroughputParams {
-            sessions: n,
-            ..plan.throughput
-        };
-        for (ci, col) in columns.iter_mut().enumerate() {
-            if col.report.not_run.is_some() || !opts.scenarios.throughput {
-                continue;
-            }
-            if pair.is_some_and(|p| p.has(ci)) {
-                continue;
-            }
-            let slot = &mut slots[col.slot];
-            let cell = measure(slot, mock_pid, col.scrape.then_some(&scraper), |probe| {
-                scenario::throughput(&http, &col.target, probe, p)
-            })
-            .await;
-            log_cell(&col.report.label, &format!("throughput {n}"), &cell);
-            col.report.throughput.push((n, cell));
-            pause().await;
-        }
-        if let (Some(pair), true) = (pair, opts.scenarios.throughput) {
+    if opts.scenarios.throughput {
+        for &n in &plan.throughput_sessions {
+            let p = ThroughputParams {
+                sessions: n,
+                ..plan.throughput
+            };
+            let run = |target: Target, probe| {
+                let http = http.clone();
+                async move { scenario::throughput(&http, &target, probe, p).await }
+            };
             let what = format!("throughput {n}");
-            let rounds = pair
-                .alternate(
-                    &columns,
-                    &mut slots,
-                    mock_pid,
-                    &scraper,
-                    &what,
-                    |target, probe| {
-                        let http = http.clone();
-                        async move { scenario::throughput(&http, &target, probe, p).await }
-                    },
-                )
-                .await;
-            notes.push(pair.note(&what, &rounds, |v| v.cpu_ms_per_1k_tokens));
-            let [plain, scraped] = rounds;
-            columns[pair.plain]
-                .report
-                .throughput
-                .push((n, pool(plain, merge_throughput)));
-            columns[pair.scraped]
-                .report
-                .throughput
-                .push((n, pool(scraped, merge_throughput)));
+            let (cells, note) = level(
+                &columns,
+                &mut slots,
+                pair,
+                (mock_pid, &scraper),
+                &what,
+                merge_throughput,
+                run,
+            )
+            .await;
+            notes.extend(note);
+            for (ci, cell) in cells {
+                columns[ci].report.throughput.push((n, cell));
+            }
         }
     }
 
     // 3. Latency.
-    for &n in &plan.latency_sessions {
-        let p = LatencyParams {
-            sessions: n,
-            turn_limit: plan.latency.turn_limit
-                + Duration::from_millis(plan.latency.delay_ms * u64::from(plan.latency.tokens)),
-            ..plan.latency
-        };
-        for (ci, col) in columns.iter_mut().enumerate() {
-            if col.report.not_run.is_some() || !opts.scenarios.latency {
-                continue;
-            }
-            if pair.is_some_and(|p| p.has(ci)) {
-                continue;
-            }
-            let slot = &mut slots[col.slot];
-            let cell = measure(slot, mock_pid, col.scrape.then_some(&scraper), |probe| {
-                scenario::latency(&http, &col.target, probe, p)
-            })
-            .await;
-            log_cell(&col.report.label, &format!("latency {n}"), &cell);
-            col.report.latency.push((n, cell));
-            pause().await;
-        }
-        if let (Some(pair), true) = (pair, opts.scenarios.latency) {
+    if opts.scenarios.latency {
+        for &n in &plan.latency_sessions {
+            let p = LatencyParams {
+                sessions: n,
+                turn_limit: plan.latency.turn_limit
+                    + Duration::from_millis(plan.latency.delay_ms * u64::from(plan.latency.tokens)),
+                ..plan.latency
+            };
+            let run = |target: Target, probe| {
+                let http = http.clone();
+                async move { scenario::latency(&http, &target, probe, p).await }
+            };
             let what = format!("latency {n}");
-            let rounds = pair
-                .alternate(
-                    &columns,
-                    &mut slots,
-                    mock_pid,
-                    &scraper,
-                    &what,
-                    |target, probe| {
-                        let http = http.clone();
-                        async move { scenario::latency(&http, &target, probe, p).await }
-                    },
-                )
-                .await;
-            notes.push(pair.note(&what, &rounds, |v| v.cpu_ms_per_1k_tokens));
-            let [plain, scraped] = rounds;
-            columns[pair.plain]
-                .report
-                .latency
-                .push((n, pool(plain, merge_latency)));
-            columns[pair.scraped]
-                .report
-                .latency
-                .push((n, pool(scraped, merge_latency)));
+            let (cells, note) = level(
+                &columns,
+                &mut slots,
+                pair,
+                (mock_pid, &scraper),
+                &what,
+                merge_latency,
+                run,
+            )
+            .await;
+            notes.extend(note);
+            for (ci, cell) in cells {
+                columns[ci].report.latency.push((n, cell));
+            }
         }
     }
 
@@ -829,6 +787,46 @@ async fn run_scenarios(
     })
 }
 
+/// One throughput or latency level: every column that runs measured once with `run`, in order, except the
+/// alternating pair (if any), measured in rounds after them. The cells by column index, and the pair's note.
+async fn level<T, F, Fut>(
+    columns: &[Column],
+    slots: &mut [Slot],
+    pair: Option<Pair>,
+    (mock_pid, scraper): (u32, &Scraper),
+    what: &str,
+    merge: fn(Vec<T>) -> T,
+    mut run: F,
+) -> (Vec<(usize, Cell<T>)>, Option<String>)
+where
+    T: std::fmt::Debug + CpuPerToken,
+    F: FnMut(Target, Probe) -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut cells = Vec::new();
+    for (ci, col) in columns.iter().enumerate() {
+        if col.report.not_run.is_some() || pair.is_some_and(|p| p.has(ci)) {
+            continue;
+        }
+        let slot = &mut slots[col.slot];
+        let cell = measure(slot, mock_pid, col.scrape.then_some(scraper), |probe| {
+            run(col.target.clone(), probe)
+        })
+        .await;
+        log_cell(&col.report.label, what, &cell);
+        cells.push((ci, cell));
+        pause().await;
+    }
+    let Some(pair) = pair else {
+        return (cells, None);
+    };
+    let (pooled, note) = pair
+        .alternate(columns, slots, (mock_pid, scraper), what, merge, run)
+        .await;
+    cells.extend([pair.plain, pair.scraped].into_iter().zip(pooled));
+    (cells, Some(note))
+}
+
 /// The native column and its scraped twin (same process), when `--metrics-rounds` asks for more than one
 /// round: each throughput and latency level measures them `rounds` times each, alternately (plain then
 /// scraped, then scraped then plain, ...), so what drifts during a run (the database growing, the machine's
@@ -870,19 +868,19 @@ impl Pair {
         }
     }
 
-    /// Measures the pair `rounds` times each with `run`, alternately: the plain column's cells, then the
-    /// scraped one's, in round order.
+    /// Measures the pair `rounds` times each with `run`, alternately; gives the plain and the scraped column's
+    /// rounds pooled by `merge`, and the report's line on them ([`Pair::note`]).
     async fn alternate<T, F, Fut>(
         &self,
         columns: &[Column],
         slots: &mut [Slot],
-        mock_pid: u32,
-        scraper: &Scraper,
+        (mock_pid, scraper): (u32, &Scraper),
         what: &str,
+        merge: fn(Vec<T>) -> T,
         mut run: F,
-    ) -> [Vec<Cell<T>>; 2]
+    ) -> ([Cell<T>; 2], String)
     where
-        T: std::fmt::Debug,
+        T: std::fmt::Debug + CpuPerToken,
         F: FnMut(Target, Probe) -> Fut,
         Fut: std::future::Future<Output = Result<T>>,
     {
@@ -904,7 +902,9 @@ impl Pair {
                 pause().await;
             }
         }
-        rounds
+        let note = self.note(what, &rounds, T::cpu_ms_per_1k_tokens);
+        let [plain, scraped] = rounds;
+        ([pool(plain, merge), pool(scraped, merge)], note)
     }
 
     /// One line for the report: each round's ratio (scraped ÷ plain CPU per token) and their median.
@@ -923,6 +923,23 @@ impl Pair {
             self.rounds,
             listed.join(", ")
         )
+    }
+}
+
+/// A measured level's CPU per token (for the alternating rounds' note).
+trait CpuPerToken {
+    fn cpu_ms_per_1k_tokens(&self) -> f64;
+}
+
+impl CpuPerToken for ThroughputResult {
+    fn cpu_ms_per_1k_tokens(&self) -> f64 {
+        self.cpu_ms_per_1k_tokens
+    }
+}
+
+impl CpuPerToken for LatencyResult {
+    fn cpu_ms_per_1k_tokens(&self) -> f64 {
+        self.cpu_ms_per_1k_tokens
     }
 }
 
