@@ -591,7 +591,6 @@ impl<'a> Prepared<'a> {
         }
         for (event, run) in logged.iter().zip(runs) {
             let seq = to_sql_int(event.seq(), "seq")?;
-            let key = (event.session_id.as_str(), event.event.run_id.as_str());
             p.session_ids.push(&event.session_id);
             p.seqs.push(seq);
             p.run_ids.push(&event.event.run_id);
@@ -603,6 +602,11 @@ impl<'a> Prepared<'a> {
                     role: message.role.as_str(),
                 });
             }
+            // Tokens (no run row, not a candidate) skip the lookups below: nothing per token on the hot path.
+            if run.is_none() && !candidate(event) {
+                continue;
+            }
+            let key = (event.session_id.as_str(), event.event.run_id.as_str());
             if let Some(run) = run {
                 p.rows.push(RowChange::Run {
                     run,
