@@ -314,29 +314,37 @@ impl Sampling {
             self.chain.accept(token);
             return Ok(token);
         };
-        let first_choice = candidates.selected_token().filter(|token| {
-            let mut single =
-                LlamaTokenDataArray::new(vec![LlamaTokenData::new(*token, 0.0, 0.0)], false);
-            single.apply_sampler(grammar);
-            single.data.first().is_some_and(|d| d.logit().is_finite())
-        });
+        let first_choice = candidates
+            .selected_token()
+            .filter(|token| grammar_allows(grammar, *token));
         let token = match first_choice {
             Some(token) => token,
             None => {
                 let mut candidates = ctx.token_data_array_ith(at);
                 candidates.apply_sampler(grammar);
                 candidates.apply_sampler(&mut self.chain);
-                candidates.selected_token().ok_or_else(|| {
-                    ProviderError::Other("no token satisfies the tool grammar".to_string())
-                })?
+                candidates
+                    .selected_token()
+                    .filter(|token| grammar_allows(grammar, *token))
+                    .ok_or_else(|| {
+                        ProviderError::Other("no token satisfies the tool grammar".to_string())
+                    })?
             }
         };
-        grammar.try_accept(token).map_err(|e| {
-            ProviderError::Other(format!("the tool grammar rejected a sampled token: {e}"))
-        })?;
+        // Allowed by the grammar (checked on both paths): accepting it cannot fail. llama.cpp's grammar throws
+        // on a token its state does not allow, and a throw cannot cross into Rust, hence the check first.
+        grammar.accept(token);
         self.chain.accept(token);
         Ok(token)
     }
+}
+
+/// Whether `grammar`, in its current state, allows `token` next: the grammar applied to that one token leaves
+/// its logit finite.
+fn grammar_allows(grammar: &mut LlamaSampler, token: LlamaToken) -> bool {
+    let mut single = LlamaTokenDataArray::new(vec![LlamaTokenData::new(token, 0.0, 0.0)], false);
+    single.apply_sampler(grammar);
+    single.data.first().is_some_and(|d| d.logit().is_finite())
 }
 
 /// The `keep` tokens with the highest logits, none of them in `bans`, found in one pass over the vocabulary.

@@ -3,7 +3,7 @@
 //!
 //! With tools, the output is constrained to *either* a plain-text answer *or* exactly one
 //! `<tool_call>{"name": "<tool>", "arguments": {...}}</tool_call>`, where the name is one of the request's tools
-//! and the arguments match that tool's JSON schema (llama.cpp converts the schemas to grammar rules). The model's
+//! and the arguments match that tool's JSON schema ([`crate::schema`] turns the schemas into grammar rules). The model's
 //! judgement about *whether* to call a tool may be weak; the shape of what it produces is not up to it.
 //!
 //! The two branches are told apart by the first non-blank character: a text answer may not begin with `<`, a
@@ -11,19 +11,15 @@
 
 use agentd_core::provider::ToolSpec;
 
+use crate::schema::{self, Rules};
 use crate::ToolChoice;
 
 pub(crate) const TOOL_CALL_OPEN: &str = "<tool_call>";
 pub(crate) const TOOL_CALL_CLOSE: &str = "</tool_call>";
 
-/// Name of our top rule. The schema converter's own top rule is `root`, so ours is named apart; every rule we
-/// add has the `agentd-` prefix for the same reason.
+/// Name of our top rule. The calls' rule is `root` (the schema rules' own naming), so ours is named apart;
+/// every rule around it has the `agentd-` prefix for the same reason.
 pub(crate) const GRAMMAR_ROOT: &str = "agentd-root";
-
-/// The start of the converter's rule for one character of a JSON string, and our replacement that also
-/// excludes `<`, `{` and `}` (see [`tool_grammar`]).
-const STRING_CHAR_RULE: &str = r#"char ::= [^"\\"#;
-const STRING_CHAR_RULE_NO_TAGS: &str = r#"char ::= [^<{}"\\"#;
 
 /// Leading blanks are allowed (and dropped) before either branch, but only a few, so a model cannot spend its
 /// whole budget on whitespace.
@@ -33,20 +29,9 @@ agentd-call ::= "<tool_call>" "\n"? root "\n"? "</tool_call>"
 agentd-text ::= [^< \t\r\n] .*
 "#;
 
-/// A JSON string literal (quotes and escapes), for splicing a name into schema text.
+/// A JSON string literal (quotes and escapes): a tool's name as the model writes it.
 fn json_string(s: &str) -> String {
     serde_json::Value::String(s.to_string()).to_string()
-}
-
-/// The schema of one tool call. Written out by hand rather than built as a `serde_json::Value` because property
-/// order matters: the converter keeps it, and `name` must come before `arguments` so the model commits to a tool
-/// before writing its arguments (a `Value` map would sort `arguments` first).
-fn call_schema(name: &str, arguments_schema: &str) -> String {
-    format!(
-        r#"{{"type":"object","properties":{{"name":{{"const":{}}},"arguments":{}}},"required":["name","arguments"],"additionalProperties":false}}"#,
-        json_string(name),
-        arguments_schema
-    )
 }
 
 /// Longest argument string the grammar allows when the schema sets no `maxLength`, in characters.
@@ -87,48 +72,60 @@ fn bound_lengths(schema: &mut serde_json::Value) {
     }
 }
 
-/// The arguments schema of `tool`, or "any object" when its schema cannot be turned into a grammar (then the
-/// call is still valid JSON with a known name; the tool itself validates its arguments).
-fn arguments_schema(tool: &ToolSpec) -> String {
-    let fallback = r#"{"type":"object"}"#.to_string();
-    if !tool.parameters.is_object() {
-        return fallback;
-    }
-    let mut bounded = tool.parameters.clone();
-    bound_lengths(&mut bounded);
-    let schema = bounded.to_string();
-    match llama_cpp_2::json_schema_to_grammar(&call_schema(&tool.name, &schema)) {
-        Ok(_) => schema,
-        Err(e) => {
-            tracing::warn!(tool = %tool.name, error = %e, "tool schema not expressible as a grammar; allowing any object");
-            fallback
+/// The rule for `tool`'s arguments (the `i`th tool), from its schema with bounds added, or "any object" when
+/// the schema cannot be turned into a grammar (then the call is still valid JSON with a known name; the tool
+/// itself validates its arguments).
+fn arguments_rule(rules: &mut Rules, tool: &ToolSpec, i: usize) -> String {
+    let name = format!("call-{i}-arguments");
+    if tool.parameters.is_object() {
+        let mut bounded = tool.parameters.clone();
+        bound_lengths(&mut bounded);
+        // On a copy: a schema that fails halfway leaves no rules behind.
+        let mut trial = rules.clone();
+        match trial.add_schema(&name, &bounded) {
+            Ok(rule) => {
+                *rules = trial;
+                return rule;
+            }
+            Err(e) => {
+                tracing::warn!(tool = %tool.name, error = %e, "tool schema not expressible as a grammar; allowing any object");
+            }
         }
     }
+    let object = rules.add_primitive("object", "object");
+    rules.add_rule(&name, object)
 }
 
 /// The GBNF grammar (start rule [`GRAMMAR_ROOT`]) for a request with `tools` (at least one).
+///
+/// A call is `{"name": <a tool's name>, "arguments": <that tool's arguments>}`, `name` first so the model
+/// commits to a tool before writing its arguments. Argument strings cannot contain `<`, `{` or `}`
+/// ([`schema::CHAR_RULE`]): a small model that wants to finish tends to write `}}` or `</tool_call>` *inside*
+/// the string instead of closing the string first, and then rambles on inside it (measured with
+/// SmolLM2-135M: most calls never closed). Without those characters it has to write the `"` first. The cost:
+/// such a character in an argument must be written as a JSON escape (`\u003c`, `\u007b`).
 pub(crate) fn tool_grammar(tools: &[ToolSpec], choice: ToolChoice) -> Result<String, String> {
-    let calls: Vec<String> = tools
-        .iter()
-        .map(|t| call_schema(&t.name, &arguments_schema(t)))
-        .collect();
-    let schema = match calls.as_slice() {
-        [] => return Err("a tool grammar needs at least one tool".to_string()),
-        [one] => one.clone(),
-        many => format!(r#"{{"oneOf":[{}]}}"#, many.join(",")),
-    };
-    let converted = llama_cpp_2::json_schema_to_grammar(&schema)
-        .map_err(|e| format!("cannot build the tool grammar: {e}"))?;
-    // No `<`, `{` or `}` inside argument strings. A small model that wants to finish tends to write `}}` or
-    // `</tool_call>` *inside* the string instead of closing the string first, and then rambles on inside it
-    // (measured with SmolLM2-135M: most calls never closed). Without those characters it has to write the `"`
-    // first. The cost: such a character in an argument must be written as a JSON escape (`\u003c`, `\u007b`).
-    let converted = converted.replace(STRING_CHAR_RULE, STRING_CHAR_RULE_NO_TAGS);
+    if tools.is_empty() {
+        return Err("a tool grammar needs at least one tool".to_string());
+    }
+    let mut rules = Rules::new();
+    let mut calls = Vec::with_capacity(tools.len());
+    for (i, tool) in tools.iter().enumerate() {
+        let arguments = arguments_rule(&mut rules, tool, i);
+        let name = schema::literal(&json_string(&tool.name));
+        calls.push(rules.add_rule(
+            &format!("call-{i}"),
+            format!(
+                r#""{{" space "\"name\"" space ":" space {name} "," space "\"arguments\"" space ":" space {arguments} space "}}""#
+            ),
+        ));
+    }
+    rules.add_rule("root", calls.join(" | "));
     let top = match choice {
         ToolChoice::Auto => "agentd-root ::= agentd-ws ( agentd-call | agentd-text )",
         ToolChoice::Required => "agentd-root ::= agentd-ws agentd-call",
     };
-    Ok(format!("{converted}\n{top}\n{RULES_COMMON}"))
+    Ok(format!("{}\n{top}\n{RULES_COMMON}", rules.to_gbnf()))
 }
 
 /// The JSON inside a complete `<tool_call>...</tool_call>`.
@@ -285,8 +282,8 @@ mod tests {
     fn argument_strings_cannot_contain_tag_or_brace_characters() {
         let grammar = tool_grammar(&[calculator()], ToolChoice::Auto).unwrap();
         assert!(
-            grammar.contains(STRING_CHAR_RULE_NO_TAGS),
-            "the converter's string rule changed: {grammar}"
+            grammar.contains(r#"char ::= [^<{}"\\"#),
+            "the string rule lets tags and braces in: {grammar}"
         );
     }
 
@@ -328,6 +325,24 @@ mod tests {
         assert!(grammar.contains(r#""\"calculator\"""#));
         assert!(grammar.contains(r#""\"current_time\"""#));
         assert!(tool_grammar(&[], ToolChoice::Auto).is_err());
+    }
+
+    #[test]
+    fn a_schema_the_grammar_cannot_express_allows_any_object_for_that_tool_only() {
+        let dated =
+            json!({"type": "object", "properties": {"when": {"type": "string", "format": "date"}}});
+        let grammar =
+            tool_grammar(&[tool("dated", dated), calculator()], ToolChoice::Auto).unwrap();
+        assert!(
+            grammar.contains("call-0-arguments ::= object\n"),
+            "{grammar}"
+        );
+        assert!(
+            grammar.contains(r#"call-1-arguments ::= "{" space"#),
+            "{grammar}"
+        );
+        assert!(!grammar.contains("when"), "{grammar}");
+        assert!(grammar.contains("root ::= call-0 | call-1\n"), "{grammar}");
     }
 
     #[test]

@@ -21,6 +21,7 @@ mod engine;
 mod grammar;
 mod model_file;
 mod prompt;
+mod schema;
 mod utf8;
 
 use std::path::{Path, PathBuf};
