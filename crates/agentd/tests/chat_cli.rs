@@ -179,7 +179,15 @@ async fn streams_answers_with_thinking_and_tool_calls_then_quits() {
     let early = chat.wait_for("tok2").await;
     assert!(!early.contains("tok39"), "printed all at once:\n{early}");
     chat.wait_for(&tokens(40)).await;
-    let stored = s.client().messages(&id).await;
+    // The client prints the deltas as they come; the answer's `message` is committed just after them.
+    let mut stored = s.client().messages(&id).await;
+    for _ in 0..100 {
+        if stored.last().is_some_and(|m| m["role"] == "assistant") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        stored = s.client().messages(&id).await;
+    }
     assert_eq!(stored.last().unwrap()["content"], tokens(40));
 
     chat.line("think tokens=2").await;
