@@ -257,16 +257,52 @@ impl EventLog {
 
     /// Events of `session_id` with `seq > after`, then live ones, each exactly once and in order.
     pub fn subscribe(&self, session_id: &str, after: u64) -> Subscription {
-        let live = self.fanout.subscribe(session_id);
-        Subscription {
+        self.listen(session_id).after(after)
+    }
+
+    /// Starts listening to `session_id`'s live events, before the caller reads where the log ends: an event is
+    /// published only after its commit, so every event the caller's read does not see reaches the listener, and
+    /// a subscriber that starts at the end it read needs no read of the store ([`Listener::at_end`]).
+    pub fn listen(&self, session_id: &str) -> Listener {
+        Listener {
             store: self.store.clone(),
             session_id: session_id.to_string(),
-            next: after + 1,
-            live,
-            backlog: std::collections::VecDeque::new(),
-            catching_up: true,
+            live: self.fanout.subscribe(session_id),
             catchups: self.metrics.subscriber_catchups.clone(),
         }
+    }
+}
+
+/// A session's live events from a moment on, not yet a [`Subscription`] (see [`EventLog::listen`]).
+pub struct Listener {
+    store: Arc<dyn Store>,
+    session_id: String,
+    live: broadcast::Receiver<Arc<LoggedEvent>>,
+    catchups: prometheus::IntCounter,
+}
+
+impl Listener {
+    fn subscription(self, after: u64, catching_up: bool) -> Subscription {
+        Subscription {
+            store: self.store,
+            session_id: self.session_id,
+            next: after + 1,
+            live: self.live,
+            backlog: std::collections::VecDeque::new(),
+            catching_up,
+            catchups: self.catchups,
+        }
+    }
+
+    /// Events with `seq > after`: read from the store first, then live.
+    pub fn after(self, after: u64) -> Subscription {
+        self.subscription(after, true)
+    }
+
+    /// Events after `last_seq`, where the log ended when read after this listener started: all of them come
+    /// live, so the store is not read (unless the subscriber falls behind).
+    pub fn at_end(self, last_seq: u64) -> Subscription {
+        self.subscription(last_seq, false)
     }
 }
 

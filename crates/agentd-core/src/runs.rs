@@ -234,6 +234,8 @@ impl RunManager {
         let mut result: Option<Message> = None;
         let mut content = String::new();
         let mut context_tokens = 0;
+        // How many runs the session had when this one started (this one included), once its history is read.
+        let mut session_runs: Option<usize> = None;
         if permit.is_some() && !cancel.is_cancelled() {
             self.env
                 .metrics
@@ -243,7 +245,14 @@ impl RunManager {
             run.status = RunStatus::Running;
             run.started_at = Some(now_rfc3339());
             let outcome = self
-                .execute(&mut run, &agent, skill, &session_agent, &cancel)
+                .execute(
+                    &mut run,
+                    &agent,
+                    skill,
+                    &session_agent,
+                    &cancel,
+                    &mut session_runs,
+                )
                 .await;
             match outcome {
                 Ok(o) => {
@@ -304,9 +313,13 @@ impl RunManager {
         {
             tracing::error!(run_id = %run_id, error = %e, "could not record the end of a run");
         }
+        // Pruning is a statement per run; a session with no more runs than the log keeps has nothing to prune.
+        // (A run queued while this one ran is counted at its own end: the log keeps at least `retention` runs.)
         let retention = self.env.config.server.event_retention_runs;
-        if let Err(e) = self.store().prune_events(&session_id, retention).await {
-            tracing::warn!(session_id = %session_id, error = %e, "event retention pruning failed");
+        if session_runs.is_none_or(|n| n > retention) {
+            if let Err(e) = self.store().prune_events(&session_id, retention).await {
+                tracing::warn!(session_id = %session_id, error = %e, "event retention pruning failed");
+            }
         }
         {
             let mut state = sr.state();
@@ -324,6 +337,7 @@ impl RunManager {
         skill: Option<SkillMatch>,
         session_agent: &str,
         cancel: &CancellationToken,
+        session_runs: &mut Option<usize>,
     ) -> Result<crate::agent_loop::TurnOutcome, String> {
         let log = &self.env.log;
         let envelope = |kind: EventKind| NewEvent {
@@ -371,10 +385,11 @@ impl RunManager {
                 model = md.clone();
             }
         }
-        let history = self
+        let (history, runs) = self
             .history(&run.session_id, &run.id, agent.max_context_tokens)
             .await
             .map_err(|e| e.to_string())?;
+        *session_runs = Some(runs);
         // The session's uploads may have been made on another node, or the workspace wiped: file tools find them.
         let workspace = self.workspace(&run.session_id);
         if let Err(e) =
@@ -418,13 +433,13 @@ impl RunManager {
 
     /// The conversation for a run's model calls: messages in run order, up to and including this run's own,
     /// cut to what the agent's context window can use ([`window_start`]), so a turn holds at most about one
-    /// window of history however long the session has grown.
+    /// window of history however long the session has grown. Also returns how many runs the session has.
     async fn history(
         &self,
         session_id: &str,
         run_id: &str,
         max_context_tokens: u64,
-    ) -> Result<Vec<ModelMessage>, StoreError> {
+    ) -> Result<(Vec<ModelMessage>, usize), StoreError> {
         let store = self.store();
         let runs = store.list_runs(session_id).await?;
         let order: HashMap<&str, usize> = runs
@@ -453,7 +468,7 @@ impl RunManager {
                 .iter()
                 .any(|m| m.role == Role::User && m.run_id.as_deref() == Some(run_id));
             if complete || (start > 0 && own) {
-                return Ok(to_model_messages(&messages[start..]));
+                return Ok((to_model_messages(&messages[start..]), runs.len()));
             }
             limit = limit.saturating_mul(4);
         }

@@ -543,6 +543,8 @@ impl Agentd {
         after: Option<u64>,
     ) -> ServiceResult<Attached> {
         self.session(p, session_id).await?;
+        // Listening before the bounds are read: what they do not include reaches the listener.
+        let listener = self.log.listen(session_id);
         // The log's bounds first, then the active run: a run stops being active before its `run_finished` is
         // committed, so a hello never names a run whose end is already at or below its `last_seq`.
         let bounds = self.store.log_bounds(session_id).await?;
@@ -570,7 +572,12 @@ impl Agentd {
                 None => bounds.last_seq,
             },
         };
-        let subscription = self.log.subscribe(session_id, from);
+        // At the end of the log (a live attach, or a cursor that is up to date) nothing is read from the store.
+        let subscription = if from == bounds.last_seq {
+            listener.at_end(from)
+        } else {
+            listener.after(from)
+        };
         Ok(Attached {
             subscription,
             last_seq: bounds.last_seq,

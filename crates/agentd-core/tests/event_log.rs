@@ -26,6 +26,8 @@ struct GatedStore {
     unavailable: AtomicBool,
     /// What [`Store::commit_gather`] answers.
     gather: Duration,
+    /// Calls of `read_events`.
+    reads: AtomicUsize,
 }
 
 impl GatedStore {
@@ -54,6 +56,7 @@ impl GatedStore {
             row_calls: AtomicUsize::new(0),
             unavailable: AtomicBool::new(false),
             gather: Duration::ZERO,
+            reads: AtomicUsize::new(0),
         })
     }
 
@@ -156,6 +159,7 @@ impl Store for GatedStore {
         after: u64,
         limit: usize,
     ) -> StoreResult<Vec<Arc<LoggedEvent>>> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
         self.inner.read_events(session_id, after, limit).await
     }
     async fn log_bounds(&self, session_id: &str) -> StoreResult<LogBounds> {
@@ -507,4 +511,34 @@ async fn a_store_without_a_gather_interval_commits_each_trickled_event_at_once()
         "only {batches} batches for 21 trickled events"
     );
     assert!(waited < Duration::from_millis(300), "waited {waited:?}");
+}
+
+#[tokio::test]
+async fn a_subscriber_at_the_end_of_the_log_gets_what_follows_live_without_reading_the_store() {
+    let store = GatedStore::new(&["s"]).await;
+    let log = EventLog::start(store.clone());
+    for t in ["a", "b"] {
+        log.append_durable(token("s", t), None).await.unwrap();
+    }
+    // As an attach does it: listen, then read where the log ends. An event committed after that read but
+    // before the subscription is made (the window a store read used to close) still arrives.
+    let listener = log.listen("s");
+    let bounds = store.log_bounds("s").await.unwrap();
+    assert_eq!(bounds.last_seq, 2);
+    log.append_durable(token("s", "c"), None).await.unwrap();
+    let mut sub = listener.at_end(bounds.last_seq);
+    log.append_durable(token("s", "d"), None).await.unwrap();
+    assert_eq!(next(&mut sub).await, (3, "c".to_string()));
+    assert_eq!(next(&mut sub).await, (4, "d".to_string()));
+    assert_eq!(store.reads.load(Ordering::SeqCst), 0, "the store was read");
+
+    // From an earlier point the store is read, then the rest comes live, each event once.
+    let mut older = log.listen("s").after(1);
+    assert_eq!(next(&mut older).await, (2, "b".to_string()));
+    assert_eq!(next(&mut older).await, (3, "c".to_string()));
+    assert_eq!(next(&mut older).await, (4, "d".to_string()));
+    assert!(store.reads.load(Ordering::SeqCst) >= 1);
+    log.append_durable(token("s", "e"), None).await.unwrap();
+    assert_eq!(next(&mut older).await, (5, "e".to_string()));
+    assert_eq!(next(&mut sub).await, (5, "e".to_string()));
 }

@@ -7,7 +7,7 @@
 #![allow(clippy::unwrap_used)] // tests: a panic is a failed assertion
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,6 +47,8 @@ struct HoldStore {
     fail_message: AtomicBool,
     /// The next retention prune (which follows a run's committed end) waits like a held commit.
     hold_prune: AtomicBool,
+    /// Calls of `prune_events`.
+    prunes: AtomicUsize,
 }
 
 impl HoldStore {
@@ -58,6 +60,7 @@ impl HoldStore {
             release: Semaphore::new(0),
             fail_message: AtomicBool::new(false),
             hold_prune: AtomicBool::new(false),
+            prunes: AtomicUsize::new(0),
         }
     }
 }
@@ -155,6 +158,7 @@ impl Store for HoldStore {
         self.inner.first_seq_of_run(session_id, run_id).await
     }
     async fn prune_events(&self, session_id: &str, keep_runs: usize) -> StoreResult<()> {
+        self.prunes.fetch_add(1, Ordering::SeqCst);
         if self.hold_prune.swap(false, Ordering::SeqCst) {
             self.reached.notify_one();
             self.release.acquire().await.unwrap().forget();
@@ -426,10 +430,12 @@ async fn a_send_whose_message_cannot_be_stored_ends_its_run_and_its_retry_is_a_n
 }
 
 /// A client attaching right after a run's end is committed (here: while the retention prune that follows it
-/// is held) is not told the run is active: its hello's `last_seq` already covers the `run_finished`.
+/// is held; the session's 21st run, so that there is something to prune past the 20 the log keeps) is not
+/// told the run is active: its hello's `last_seq` already covers the `run_finished`.
 #[tokio::test]
 async fn a_hello_after_a_runs_end_is_committed_names_no_active_run() {
-    let (h, s) = with_session(vec![Scripted::text(&["done"])]).await;
+    let (h, s) = with_session((0..21).map(|_| Scripted::text(&["done"])).collect()).await;
+    turns(&h, &s, 20).await;
     h.store.hold_prune.store(true, Ordering::SeqCst);
     let acc = h.app.send(&me(), &s.id, msg("hi", None)).await.unwrap();
     let run_id = acc.run.id.clone();
@@ -441,11 +447,11 @@ async fn a_hello_after_a_runs_end_is_committed_names_no_active_run() {
     let end = h
         .app
         .store
-        .read_events(&s.id, 0, 100)
+        .read_events(&s.id, 0, 10_000)
         .await
         .unwrap()
         .iter()
-        .find(|e| matches!(e.event.kind, EventKind::RunFinished { .. }))
+        .find(|e| e.event.run_id == run_id && matches!(e.event.kind, EventKind::RunFinished { .. }))
         .map(|e| e.seq())
         .unwrap();
     assert!(attached.last_seq >= end);
@@ -453,4 +459,34 @@ async fn a_hello_after_a_runs_end_is_committed_names_no_active_run() {
     h.store.release.add_permits(1);
     let (run, _) = Agentd::wait(acc.done).await.unwrap();
     assert_eq!(run.status, RunStatus::Completed);
+}
+
+/// `n` turns, one after the other, each waited for.
+async fn turns(h: &Harness, s: &Session, n: usize) {
+    for i in 0..n {
+        let acc = h
+            .app
+            .send(&me(), &s.id, msg(&format!("turn {i}"), None))
+            .await
+            .unwrap();
+        Agentd::wait(acc.done).await.unwrap();
+    }
+}
+
+/// Pruning follows a run's end only when the session has more runs than the log keeps (20, the least
+/// `server.event_retention_runs` can be): a statement per run saved for every session still within
+/// retention, and the log still pruned once past it.
+#[tokio::test]
+async fn the_log_is_pruned_only_once_a_session_has_more_runs_than_it_keeps() {
+    let (h, s) = with_session((0..22).map(|_| Scripted::text(&["ok"])).collect()).await;
+    turns(&h, &s, 20).await;
+    assert_eq!(h.store.prunes.load(Ordering::SeqCst), 0);
+    assert_eq!(h.app.store.log_bounds(&s.id).await.unwrap().first_seq, 1);
+    turns(&h, &s, 1).await;
+    assert_eq!(h.store.prunes.load(Ordering::SeqCst), 1);
+    let first_kept = h.app.store.log_bounds(&s.id).await.unwrap().first_seq;
+    assert!(first_kept > 1, "the first run's events were pruned");
+    turns(&h, &s, 1).await;
+    assert_eq!(h.store.prunes.load(Ordering::SeqCst), 2);
+    assert!(h.app.store.log_bounds(&s.id).await.unwrap().first_seq > first_kept);
 }
