@@ -30,7 +30,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agentd_core::domain::Run;
+use agentd_core::domain::{Role, Run};
 use agentd_core::event::{Event, EventKind, LoggedEvent, NewEvent};
 use agentd_core::store::{LogEntry, StoreError, StoreResult};
 use deadpool_postgres::{Object, Pool};
@@ -567,16 +567,14 @@ impl<'a> Prepared<'a> {
             rows: Vec::new(),
         };
         // A run's first event is always one of the candidates (its user message, its start, or its end when it
-        // never started), never a delta: recording it costs nothing on the token path. Only a run's first
+        // never started), never a delta or an answer (the model's and the tools' messages come after the start):
+        // recording it costs nothing on the token path, and nothing for a turn's answer. Only a run's first
         // candidate in the batch can be its first event; a batch that also changes the run's row (its start or
         // end) records it in that upsert, any other batch with a candidate by one `RECORD_FIRST_SEQ`.
-        let candidate = |event: &LoggedEvent| {
-            matches!(
-                event.event.kind,
-                EventKind::Message { .. }
-                    | EventKind::RunStarted { .. }
-                    | EventKind::RunFinished { .. }
-            )
+        let candidate = |event: &LoggedEvent| match &event.event.kind {
+            EventKind::Message { message } => message.role == Role::User,
+            EventKind::RunStarted { .. } | EventKind::RunFinished { .. } => true,
+            _ => false,
         };
         let mut first_of_run: HashMap<(&str, &str), i64> = HashMap::new();
         let mut run_rows: Vec<(&str, &str)> = Vec::new();
