@@ -15,7 +15,16 @@ step "setup"
 setup_log="$(mktemp)"
 ./scripts/setup.sh model test >"$setup_log" 2>&1 &
 setup_pid=$!
-trap 'kill "$setup_pid" 2>/dev/null || true; rm -f "$setup_log"' EXIT
+
+# The fuzz smoke run builds in a target dir of its own (instrumented) and needs nothing but a C++ compiler, so
+# it starts now, at the lowest priority: it takes what CPU the workspace's build and the tests leave (a cold
+# build has idle stretches, and the tests, browser and soak wait on sockets more than they compute), and is
+# waited for at the end. Without clippy's wrapper: the fuzz crate is a workspace of its own.
+fuzz_log="$(mktemp)"
+FUZZ_TARGET_DIR="$CARGO_TARGET_DIR/fuzz" nice -n 19 \
+    env -u RUSTC_WORKSPACE_WRAPPER -u CLIPPY_ARGS ./scripts/fuzz.sh 5 >"$fuzz_log" 2>&1 &
+fuzz_pid=$!
+trap 'kill "$setup_pid" "$fuzz_pid" 2>/dev/null || true; rm -f "$setup_log" "$fuzz_log"' EXIT
 
 step "fmt"
 cargo fmt --all -- --check
@@ -40,13 +49,6 @@ if ! wait "$setup_pid"; then
     exit 1
 fi
 cat "$setup_log"
-
-# The fuzz smoke run builds in a target dir of its own (instrumented), so it goes on beside the tests, which
-# wait on sockets more than they compute. Without clippy's wrapper: the fuzz crate is a workspace of its own.
-fuzz_log="$(mktemp)"
-env -u RUSTC_WORKSPACE_WRAPPER -u CLIPPY_ARGS FUZZ_TARGET_DIR="$CARGO_TARGET_DIR/fuzz" ./scripts/fuzz.sh 5 >"$fuzz_log" 2>&1 &
-fuzz_pid=$!
-trap 'kill "$setup_pid" "$fuzz_pid" 2>/dev/null || true; rm -f "$setup_log" "$fuzz_log"' EXIT
 
 # setup.sh fetched the default model and started PostgreSQL: tests that need them must run, never skip.
 export AGENTD_REQUIRE_MODEL=1 AGENTD_REQUIRE_PG=1
@@ -85,7 +87,13 @@ if (( pg_status != 0 )); then
     echo "the server suites failed on Postgres" >&2
     exit 1
 fi
-step "fuzz smoke run (each target a few seconds; started with the tests)"
+step "browser end-to-end"
+./scripts/e2e.sh
+step "benchmark harness smoke run"
+./scripts/bench.sh --quick
+step "soak (30 s)"
+./scripts/soak.sh --duration 30 --sessions 100 --kill-every 10
+step "fuzz smoke run (each target a few seconds; started at the beginning)"
 fuzz_status=0
 wait "$fuzz_pid" || fuzz_status=$?
 cat "$fuzz_log"
@@ -93,10 +101,4 @@ if (( fuzz_status != 0 )); then
     echo "fuzz smoke run failed" >&2
     exit 1
 fi
-step "browser end-to-end"
-./scripts/e2e.sh
-step "benchmark harness smoke run"
-./scripts/bench.sh --quick
-step "soak (30 s)"
-./scripts/soak.sh --duration 30 --sessions 100 --kill-every 10
 step "all passed"
