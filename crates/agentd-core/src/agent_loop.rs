@@ -66,6 +66,9 @@ pub struct TurnOutcome {
     pub content: String,
     /// The last assistant message stored, if any.
     pub final_message: Option<Message>,
+    /// The turn's answer when it is not in the log yet: the caller appends it together with the run's end, in
+    /// one commit (a completed top-level turn's last message).
+    pub unsent_answer: Option<Message>,
     pub usage: Usage,
     pub context_tokens: u64,
 }
@@ -148,6 +151,7 @@ pub async fn run_turn(env: &LoopEnv, spec: TurnSpec) -> TurnOutcome {
         error: t.error,
         content: t.content,
         final_message: t.final_message,
+        unsent_answer: t.unsent_answer,
         usage: t.usage,
         context_tokens: t.context_tokens,
     }
@@ -172,6 +176,7 @@ struct Turn<'a> {
     error: Option<RunError>,
     content: String,
     final_message: Option<Message>,
+    unsent_answer: Option<Message>,
     usage: Usage,
     context_tokens: u64,
     /// Context tokens of the last model call as reported, and how many prompt messages it covered.
@@ -198,6 +203,7 @@ impl<'a> Turn<'a> {
             error: None,
             content: String::new(),
             final_message: None,
+            unsent_answer: None,
             usage: Usage::default(),
             context_tokens: 0,
             reported: None,
@@ -289,11 +295,12 @@ impl<'a> Turn<'a> {
                 .model_call(&provider, request, step, prompt.len())
                 .await?;
             if calls.is_empty() {
-                let msg = self.store_assistant(text, None).await?;
-                prompt.push(ModelMessage::Assistant {
-                    content: msg.content,
-                    tool_calls: Vec::new(),
-                });
+                // The answer ends the turn: the caller commits it with the run's end (one write, not two).
+                let msg = self.new_message(Role::Assistant, text);
+                if !self.spec.is_subagent {
+                    self.unsent_answer = Some(msg.clone());
+                }
+                self.final_message = Some(msg);
                 return Ok(());
             }
             if rounds >= max_rounds {

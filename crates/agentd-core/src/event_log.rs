@@ -60,6 +60,8 @@ type Ack = oneshot::Sender<Result<Arc<LoggedEvent>, LogError>>;
 struct Pending {
     entry: LogEntry,
     ack: Option<Ack>,
+    /// An entry of the same session that must share this one's commit ([`EventLog::append_durable_pair`]).
+    then: Option<Box<Pending>>,
 }
 
 /// Live delivery of committed events to the subscribers of each session, in this process.
@@ -230,6 +232,7 @@ impl EventLog {
             .send(Pending {
                 entry: LogEntry { event, run },
                 ack: None,
+                then: None,
             })
             .await
             .map_err(|_| LogError::Closed)
@@ -246,6 +249,38 @@ impl EventLog {
             .send(Pending {
                 entry: LogEntry { event, run },
                 ack: Some(ack_tx),
+                then: None,
+            })
+            .await
+            .map_err(|_| LogError::Closed)?;
+        match ack_rx.await {
+            Ok(result) => result,
+            Err(_) => Err(LogError::Closed),
+        }
+    }
+
+    /// Appends two entries of one session in one commit (consecutive seqs, both or neither) and waits for it;
+    /// returns the second with its `seq`. A turn's answer and its end go this way: one transaction, not two.
+    pub async fn append_durable_pair(
+        &self,
+        first: LogEntry,
+        second: LogEntry,
+    ) -> Result<Arc<LoggedEvent>, LogError> {
+        if first.event.session_id != second.event.session_id {
+            return Err(LogError::Write(
+                "a pair of log entries must belong to one session".into(),
+            ));
+        }
+        let (ack_tx, ack_rx) = oneshot::channel();
+        self.tx
+            .send(Pending {
+                entry: first,
+                ack: None,
+                then: Some(Box::new(Pending {
+                    entry: second,
+                    ack: Some(ack_tx),
+                    then: None,
+                })),
             })
             .await
             .map_err(|_| LogError::Closed)?;
@@ -407,16 +442,23 @@ async fn appender(mut rx: mpsc::Receiver<Pending>, this: Appender) {
     let mut open = true;
 
     // Routes a received entry: behind its session's outstanding call, or into the next batch.
-    let route = |p: Pending,
+    // A pair goes in as two adjacent entries of one session: whichever way they are routed, they stay
+    // together in one call to the store (a session's entries of a batch are never split).
+    let route = |mut p: Pending,
                  ready: &mut Vec<Pending>,
                  held: &mut HashMap<String, Vec<Pending>>,
                  held_count: &mut usize| {
-        match held.get_mut(&p.entry.event.session_id) {
+        let then = p.then.take();
+        let queue = match held.get_mut(&p.entry.event.session_id) {
             Some(waiting) => {
-                waiting.push(p);
-                *held_count += 1;
+                *held_count += 1 + usize::from(then.is_some());
+                waiting
             }
-            None => ready.push(p),
+            None => ready,
+        };
+        queue.push(p);
+        if let Some(then) = then {
+            queue.push(*then);
         }
     };
     // A row-changing call returned: its sessions' waiting entries are free again, in order.

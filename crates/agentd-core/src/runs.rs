@@ -23,7 +23,7 @@ use crate::event::{EventKind, NewEvent};
 use crate::metrics::GaugeGuard;
 use crate::provider::ModelMessage;
 use crate::skills::SkillMatch;
-use crate::store::{Store, StoreError};
+use crate::store::{LogEntry, Store, StoreError};
 use crate::tools::HumanInput;
 
 /// A finished run and its final assistant message.
@@ -232,6 +232,8 @@ impl RunManager {
             p = sr.turn.clone().acquire_owned() => p.ok(),
         };
         let mut result: Option<Message> = None;
+        // The answer the loop left for the run's end to carry (one commit for both).
+        let mut unsent: Option<Message> = None;
         let mut content = String::new();
         let mut context_tokens = 0;
         // How many runs the session had when this one started (this one included), once its history is read.
@@ -262,6 +264,7 @@ impl RunManager {
                     content = o.content;
                     context_tokens = o.context_tokens;
                     result = o.final_message;
+                    unsent = o.unsent_answer;
                 }
                 Err(e) => {
                     run.status = RunStatus::Failed;
@@ -305,12 +308,32 @@ impl RunManager {
                 state.active = None;
             }
         }
-        if let Err(e) = self
-            .env
-            .log
-            .append_durable(finished, Some(run.clone()))
-            .await
-        {
+        let finished = LogEntry {
+            event: finished,
+            run: Some(run.clone()),
+        };
+        let recorded = match unsent {
+            Some(message) => {
+                let answer = LogEntry {
+                    event: NewEvent {
+                        session_id: session_id.clone(),
+                        run_id: run_id.clone(),
+                        agent: session_agent.clone(),
+                        is_subagent: false,
+                        kind: EventKind::Message { message },
+                    },
+                    run: None,
+                };
+                self.env.log.append_durable_pair(answer, finished).await
+            }
+            None => {
+                self.env
+                    .log
+                    .append_durable(finished.event, finished.run)
+                    .await
+            }
+        };
+        if let Err(e) = recorded {
             tracing::error!(run_id = %run_id, error = %e, "could not record the end of a run");
         }
         // Pruning is a statement per run; a session with no more runs than the log keeps has nothing to prune.

@@ -692,11 +692,20 @@ async fn commit_send(
         agent,
         skill,
     } = p;
-    match store.create_run(&run, client_message_id.as_deref()).await {
-        Ok(()) => {}
-        Err(StoreError::Conflict(_)) => return Err(CommitError::Duplicate),
-        Err(e) => return Err(e.into()),
-    }
+    // A send with a client_message_id creates its run row first: the store's unique key on that id is what
+    // tells a repeat. Without one, the run row is written by the message's own commit (one transaction).
+    let run_with_message = match client_message_id.as_deref() {
+        Some(id) => {
+            match store.create_run(&run, Some(id)).await {
+                Ok(()) => {}
+                Err(StoreError::Conflict(_)) => return Err(CommitError::Duplicate),
+                Err(e) => return Err(e.into()),
+            }
+            None
+        }
+        None => Some(run.clone()),
+    };
+    let row_first = run_with_message.is_some();
     let ev = NewEvent {
         session_id: session.id.clone(),
         run_id: run.id.clone(),
@@ -706,16 +715,24 @@ async fn commit_send(
             message: message.clone(),
         },
     };
-    if let Err(e) = log.append_durable(ev, None).await {
-        // The run row is stored, its message is not: end the run (its one `run_finished`), so a retry with the
-        // same client_message_id becomes a new turn (see `repeat`) rather than waiting on a run that never
-        // starts; if the store is away, as soon as it is back.
-        tokio::spawn(end_orphan(
-            log.clone(),
-            run.clone(),
-            session.agent.clone(),
-            agent.max_context_tokens,
-        ));
+    if let Err(e) = log.append_durable(ev, run_with_message).await {
+        // The run row may be stored, its message is not: end the run (its one `run_finished`), so a retry with
+        // the same client_message_id becomes a new turn (see `repeat`) rather than waiting on a run that never
+        // starts; if the store is away, as soon as it is back. (A run written by the message's own commit is
+        // not there when the store says nothing was committed.)
+        let nothing_stored = row_first
+            && matches!(
+                e,
+                LogError::Unavailable(_) | LogError::Store(StoreError::Unavailable(_))
+            );
+        if !nothing_stored {
+            tokio::spawn(end_orphan(
+                log.clone(),
+                run.clone(),
+                session.agent.clone(),
+                agent.max_context_tokens,
+            ));
+        }
         return Err(CommitError::Failed(match e {
             LogError::Unavailable(m) | LogError::Store(StoreError::Unavailable(m)) => {
                 ServiceError::Unavailable(m)

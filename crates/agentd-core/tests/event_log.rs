@@ -542,3 +542,89 @@ async fn a_subscriber_at_the_end_of_the_log_gets_what_follows_live_without_readi
     assert_eq!(next(&mut older).await, (5, "e".to_string()));
     assert_eq!(next(&mut sub).await, (5, "e".to_string()));
 }
+
+/// A turn's answer and its end are one commit: the pair reaches the store in one call (the gate lets one
+/// row-changing call through, and both entries are committed by it, numbered consecutively), also when it
+/// queues behind its session's outstanding call, and never split by another session's tokens.
+#[tokio::test]
+async fn a_pair_of_entries_is_committed_in_one_call() {
+    let store = GatedStore::new(&["a", "b"]).await;
+    let log = EventLog::start(store.clone());
+    let mut sub = log.subscribe("a", 0);
+    let answer = |session: &str| {
+        let m = Message {
+            id: agentd_core::domain::new_id(),
+            session_id: session.into(),
+            run_id: Some("r".into()),
+            role: agentd_core::domain::Role::Assistant,
+            content: "the answer".into(),
+            tool_calls: None,
+            tool_call_id: None,
+            agent: Some("assistant".into()),
+            images: Vec::new(),
+            created_at: agentd_core::domain::now_rfc3339(),
+        };
+        LogEntry {
+            event: event(session, EventKind::Message { message: m }),
+            run: None,
+        }
+    };
+    let finished = |session: &str| {
+        let (ev, run) = started(session);
+        LogEntry { event: ev, run }
+    };
+
+    // Alone: one permit, one call, both committed.
+    let pair = {
+        let log = log.clone();
+        let (first, second) = (answer("a"), finished("a"));
+        tokio::spawn(async move { log.append_durable_pair(first, second).await })
+    };
+    row_calls_reach(&store, 1).await;
+    store.gate.add_permits(1);
+    let second = tokio::time::timeout(Duration::from_secs(5), pair)
+        .await
+        .expect("the pair is committed by the one call the gate let through")
+        .unwrap()
+        .unwrap();
+    assert_eq!(second.seq(), 2, "the second entry follows the first");
+    assert_eq!(next(&mut sub).await, (1, "message".to_string()));
+    assert_eq!(next(&mut sub).await, (2, "run_started".to_string()));
+
+    // Behind the session's outstanding call, with another session's tokens flowing: still one call.
+    let held = start_turn_in_background(&log, "a");
+    row_calls_reach(&store, 2).await;
+    let pair = {
+        let log = log.clone();
+        let (first, second) = (answer("a"), finished("a"));
+        tokio::spawn(async move { log.append_durable_pair(first, second).await })
+    };
+    for i in 0..20 {
+        log.append(token("b", &format!("b{i}")), None)
+            .await
+            .unwrap();
+    }
+    store.gate.add_permits(1);
+    assert_eq!(held.await.unwrap().unwrap().seq(), 3);
+    row_calls_reach(&store, 3).await;
+    store.gate.add_permits(1);
+    let second = tokio::time::timeout(Duration::from_secs(5), pair)
+        .await
+        .expect("the queued pair is committed by one more call")
+        .unwrap()
+        .unwrap();
+    assert_eq!(second.seq(), 5);
+    assert_eq!(store.row_calls.load(Ordering::SeqCst), 3);
+
+    // Entries of two sessions are refused as a pair, and nothing of them is stored.
+    let err = log
+        .append_durable_pair(answer("a"), finished("b"))
+        .await
+        .expect_err("a pair spans one session");
+    assert!(matches!(err, LogError::Write(_)), "{err:?}");
+    assert_eq!(
+        store.inner.log_bounds("a").await.unwrap().last_seq,
+        5,
+        "nothing of a refused pair is stored"
+    );
+}
