@@ -244,19 +244,7 @@ impl EventLog {
         event: NewEvent,
         run: Option<crate::domain::Run>,
     ) -> Result<Arc<LoggedEvent>, LogError> {
-        let (ack_tx, ack_rx) = oneshot::channel();
-        self.tx
-            .send(Pending {
-                entry: LogEntry { event, run },
-                ack: Some(ack_tx),
-                then: None,
-            })
-            .await
-            .map_err(|_| LogError::Closed)?;
-        match ack_rx.await {
-            Ok(result) => result,
-            Err(_) => Err(LogError::Closed),
-        }
+        self.committed(LogEntry { event, run }, None).await
     }
 
     /// Appends two entries of one session in one commit (consecutive seqs, both or neither) and waits for it;
@@ -271,19 +259,30 @@ impl EventLog {
                 "a pair of log entries must belong to one session".into(),
             ));
         }
+        self.committed(second, Some(first)).await
+    }
+
+    /// Queues `entry` (after `before`, in the same commit) and waits for `entry`'s commit.
+    async fn committed(
+        &self,
+        entry: LogEntry,
+        before: Option<LogEntry>,
+    ) -> Result<Arc<LoggedEvent>, LogError> {
         let (ack_tx, ack_rx) = oneshot::channel();
-        self.tx
-            .send(Pending {
+        let last = Pending {
+            entry,
+            ack: Some(ack_tx),
+            then: None,
+        };
+        let pending = match before {
+            None => last,
+            Some(first) => Pending {
                 entry: first,
                 ack: None,
-                then: Some(Box::new(Pending {
-                    entry: second,
-                    ack: Some(ack_tx),
-                    then: None,
-                })),
-            })
-            .await
-            .map_err(|_| LogError::Closed)?;
+                then: Some(Box::new(last)),
+            },
+        };
+        self.tx.send(pending).await.map_err(|_| LogError::Closed)?;
         match ack_rx.await {
             Ok(result) => result,
             Err(_) => Err(LogError::Closed),
