@@ -251,6 +251,7 @@
       this.cur = null;
     }
 
+    // Returns where the delta went (its text node and offset), so a resumed run can take it back.
     text(delta) {
       if (!this.cur || this.cur.kind !== 'text') {
         const div = el('div', 'text');
@@ -258,8 +259,10 @@
         div.append(t);
         this.add(div, 'text').t = t;
       }
+      const at = { t: this.cur.t, start: this.cur.t.length, len: delta.length };
       this.cur.t.appendData(delta);
       follow();
+      return at;
     }
 
     thinking(delta) {
@@ -279,8 +282,10 @@
           seg.touched = true;
         });
       }
+      const at = { t: this.cur.t, start: this.cur.t.length, len: delta.length };
       this.cur.t.appendData(delta);
       follow();
+      return at;
     }
 
     thinkingEnd() {
@@ -355,8 +360,24 @@
       this.openTools = []; // unfinished tool segments, innermost last
       this.asks = new Map();
       this.ownText = '';
+      // Deltas since the run's last stored message: a `run_resumed` may supersede them (SPEC.md section 4).
+      this.deltas = [];
       this.orphans = new Map();
       append(this.el);
+    }
+
+    // Takes back the deltas with seq >= `from` (an interrupted model call's), newest first so every earlier
+    // offset stays right; segments left empty go.
+    supersede(from) {
+      while (this.deltas.length && this.deltas[this.deltas.length - 1].seq >= from) {
+        const d = this.deltas.pop();
+        d.at.t.deleteData(d.at.start, d.at.len);
+        if (d.own) this.ownText = this.ownText.slice(0, this.ownText.length - d.at.len);
+        const seg = d.at.t.parentNode;
+        const box = seg && seg.classList.contains('body') ? seg.parentNode : seg;
+        if (d.at.t.length === 0 && box) box.remove();
+      }
+      for (const f of [this.main, ...this.openTools.map((t) => t.subFlow).filter(Boolean)]) f.break();
     }
 
     // Subagent events go into the innermost unfinished call named after that agent.
@@ -480,7 +501,9 @@
     switch (ev.type) {
       case 'message':
         if (ev.message && ev.message.role === 'user') userBubble(ev.message);
-        // Assistant and tool messages were already drawn from their deltas and tool events.
+        // Assistant and tool messages were already drawn from their deltas and tool events; the deltas
+        // before a stored message can no longer be superseded.
+        if (st.runs.has(runId)) st.runs.get(runId).deltas = [];
         return;
       case 'run_started': {
         const rv = liveRun(runId);
@@ -496,12 +519,21 @@
     if (rv.el.dataset.status === 'starting') rv.setStatus('running');
     const flow = rv.flowFor(ev);
     switch (ev.type) {
-      case 'text_delta':
-        flow.text(ev.delta || '');
+      case 'text_delta': {
+        const at = flow.text(ev.delta || '');
         if (!ev.is_subagent) rv.ownText += ev.delta || '';
+        rv.deltas.push({ seq: ev.seq, at, own: !ev.is_subagent });
         break;
+      }
       case 'thinking_delta':
-        flow.thinking(ev.delta || '');
+        rv.deltas.push({ seq: ev.seq, at: flow.thinking(ev.delta || ''), own: false });
+        break;
+      case 'run_resumed':
+        // The run goes on after its process was lost: the interrupted model call's text is superseded.
+        rv.supersede(ev.discard_from_seq);
+        rv.main.note(`resumed after an interruption (attempt ${ev.attempt})`);
+        rv.setStatus('running');
+        setActiveRun(runId);
         break;
       case 'thinking_end':
         flow.thinkingEnd();

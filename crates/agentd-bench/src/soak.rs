@@ -284,6 +284,8 @@ struct Frame<'a> {
     active_run_id: Option<String>,
     #[serde(default, borrow)]
     code: Option<Cow<'a, str>>,
+    #[serde(default)]
+    discard_from_seq: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -482,6 +484,8 @@ struct Turn {
     needs_send: bool,
     sent_once: bool,
     text: String,
+    /// Each text delta's seq and where it starts in `text`: a `run_resumed` drops the superseded ones.
+    marks: Vec<(u64, usize)>,
     question: Option<String>,
     reply: String,
     reply_at: Option<Instant>,
@@ -575,6 +579,7 @@ impl Driver {
             needs_send: true,
             sent_once: false,
             text: String::new(),
+            marks: Vec::new(),
             question: None,
             reply_at: None,
             cancel_at: None,
@@ -666,7 +671,19 @@ impl Driver {
             return;
         }
         match f.ty.as_ref() {
-            "text_delta" => turn.text.push_str(f.delta.as_deref().unwrap_or("")),
+            "text_delta" => {
+                turn.marks.push((f.seq.unwrap_or(0), turn.text.len()));
+                turn.text.push_str(f.delta.as_deref().unwrap_or(""));
+            }
+            // The interrupted model call's text is superseded (SPEC.md section 4, recovery).
+            "run_resumed" => {
+                let from = f.discard_from_seq.unwrap_or(u64::MAX);
+                if let Some(i) = turn.marks.iter().position(|(seq, _)| *seq >= from) {
+                    turn.text.truncate(turn.marks[i].1);
+                    turn.marks.truncate(i);
+                }
+                *self.tally.entry("resumed".into()).or_insert(0) += 1;
+            }
             "input_requested" => {
                 turn.question = f.request_id.as_deref().map(String::from);
                 turn.reply_at = Some(now + self.rng.ms(100, 2500));
@@ -1166,11 +1183,11 @@ pub struct Restart {
     pub pid: u32,
     /// Milliseconds from the kill until the new process answered /healthz.
     pub down_ms: u64,
-    /// Runs the new process marked interrupted at start (from its log).
+    /// Runs the new process took over at start, resumed or ended (from its log).
     pub interrupted_at_start: Option<u64>,
 }
 
-/// The `runs=N` of the start-up sweep's log line, if the process logged one.
+/// The `runs=N` of the start-up recovery's log line, if the process logged one.
 fn interrupted_in_log(log: &Path) -> Option<u64> {
     let text = strip_ansi(&std::fs::read_to_string(log).ok()?);
     let line = text.lines().find(|l| l.contains("left unfinished"))?;
@@ -1767,7 +1784,7 @@ impl Report {
             (
                 "restarts (kill -9)".into(),
                 format!(
-                    "{} (down until /healthz: median {:.0} ms, max {} ms; {} runs interrupted at start)",
+                    "{} (down until /healthz: median {:.0} ms, max {} ms; {} runs taken over at start)",
                     self.restarts.len(),
                     median(&mut downs),
                     down.iter().max().copied().unwrap_or(0),

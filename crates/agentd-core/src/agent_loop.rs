@@ -55,7 +55,39 @@ pub struct TurnSpec {
     pub workspace: PathBuf,
     pub human: Arc<dyn HumanInput>,
     pub cancel: CancellationToken,
+    /// A run a dead process left unfinished, going on from its last durable step (None: a new turn).
+    pub resumed: Option<Resumed>,
 }
+
+/// Where a resumed turn picks up, as its log and stored messages show (SPEC.md section 4, recovery). Its
+/// history (`TurnSpec::history`) already holds the turn's own stored messages.
+#[derive(Clone, Debug, Default)]
+pub struct Resumed {
+    /// The turn's own text before the interrupted model call (whose deltas are superseded).
+    pub content: String,
+    /// Model calls that completed (each stored its assistant message).
+    pub steps: u32,
+    /// Tool rounds used.
+    pub rounds: u32,
+    /// Calls of the turn's last assistant message that have no stored result: they were in flight, or
+    /// finished without their round's results being stored.
+    pub pending_calls: Vec<ToolCall>,
+    /// Results of pending calls that are in the log (`tool_finished`): those calls are not made again.
+    pub logged_results: HashMap<String, ToolOutput>,
+}
+
+/// The result a tool call that was in flight when its process died gets, when the tool is not safe to repeat.
+pub const INTERRUPTED_TOOL_RESULT: &str = "interrupted: the tool may or may not have run";
+
+/// Built-in tools whose call may be made again after a crash: reading only (and `ask_human`, whose pending
+/// question keeps waiting under its request id).
+const SAFE_TO_REPEAT: [&str; 5] = [
+    "calculator",
+    "current_time",
+    "read_file",
+    "list_files",
+    "ask_human",
+];
 
 /// How a turn ended.
 #[derive(Clone, Debug)]
@@ -283,6 +315,22 @@ impl<'a> Turn<'a> {
         let max_rounds = self.spec.agent.max_iterations;
         let mut rounds = 0u32;
         let mut step = 0u32;
+        if let Some(mut r) = self.spec.resumed.take() {
+            self.content = r.content;
+            step = r.steps;
+            rounds = r.rounds;
+            if !r.pending_calls.is_empty() {
+                let mut logged = std::mem::take(&mut r.logged_results);
+                self.settle_interrupted_calls(
+                    &r.pending_calls,
+                    &mut logged,
+                    &builtins,
+                    step,
+                    &mut prompt,
+                )
+                .await?;
+            }
+        }
         loop {
             step += 1;
             self.maybe_compress(&mut prompt, &provider).await?;
@@ -524,6 +572,64 @@ impl<'a> Turn<'a> {
         Ok(())
     }
 
+    /// A resumed turn's calls that were in flight when its process died: each tool safe to repeat runs again,
+    /// every other call gets [`INTERRUPTED_TOOL_RESULT`] (`success: false`) and the model decides; a call whose
+    /// result is in the log keeps it. Their results
+    /// are stored and join the prompt, so the next model call sees every call answered.
+    async fn settle_interrupted_calls(
+        &mut self,
+        calls: &[ToolCall],
+        logged: &mut HashMap<String, ToolOutput>,
+        builtins: &HashMap<String, Arc<dyn Tool>>,
+        step: u32,
+        prompt: &mut Vec<ModelMessage>,
+    ) -> Result<(), Stop> {
+        let retry = |c: &&ToolCall| {
+            SAFE_TO_REPEAT.contains(&c.name.as_str())
+                || self.spec.agent.retry_tools.contains(&c.name)
+        };
+        let mut outputs = std::mem::take(logged);
+        let again: Vec<ToolCall> = calls
+            .iter()
+            .filter(|c| !outputs.contains_key(&c.id))
+            .filter(retry)
+            .cloned()
+            .collect();
+        if !again.is_empty() {
+            let results = self.run_tools(&again, builtins, step).await?;
+            outputs.extend(again.iter().map(|c| c.id.clone()).zip(results));
+        }
+        for call in calls {
+            if outputs.contains_key(&call.id) {
+                continue;
+            }
+            let out = ToolOutput::err(INTERRUPTED_TOOL_RESULT);
+            let args = serde_json::from_str(&call.arguments).unwrap_or(Value::Null);
+            self.emit
+                .send(EventKind::ToolFinished {
+                    call_id: call.id.clone(),
+                    tool: call.name.clone(),
+                    args,
+                    result: out.content.clone(),
+                    success: false,
+                    step,
+                })
+                .await?;
+            outputs.insert(call.id.clone(), out);
+        }
+        for call in calls {
+            let out = outputs
+                .remove(&call.id)
+                .unwrap_or_else(|| ToolOutput::err(INTERRUPTED_TOOL_RESULT));
+            self.store_tool_result(call, &out).await?;
+            prompt.push(ModelMessage::Tool {
+                tool_call_id: call.id.clone(),
+                content: out.content,
+            });
+        }
+        Ok(())
+    }
+
     /// Runs a round's tool calls concurrently. On cancel, unfinished calls get a "cancelled" result so the
     /// stored history never holds a call without its result.
     async fn run_tools(
@@ -672,6 +778,7 @@ impl<'a> Turn<'a> {
             workspace: self.spec.workspace.clone(),
             human: self.spec.human.clone(),
             cancel: self.spec.cancel.child_token(),
+            resumed: None,
         };
         let outcome = Box::pin(run_turn(self.env, spec)).await;
         match outcome.status {

@@ -111,6 +111,8 @@ struct RawServer {
     max_image_bytes: Option<usize>,
     max_tool_result_bytes: Option<usize>,
     shutdown_grace_s: Option<u64>,
+    recovery: Option<Spanned<String>>,
+    max_resumes: Option<u32>,
     ask_human_timeout_s: Option<u64>,
     workspace_dir: Option<String>,
     max_subagent_depth: Option<u32>,
@@ -180,6 +182,8 @@ struct RawAgent {
     skills: Vec<Spanned<String>>,
     #[serde(default)]
     subagents: Vec<Spanned<String>>,
+    #[serde(default)]
+    retry_tools: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -226,6 +230,10 @@ pub struct ServerSettings {
     /// result is kept as an upload of the session.
     pub max_tool_result_bytes: usize,
     pub shutdown_grace_s: u64,
+    /// What becomes of a run a dead process left unfinished (SPEC.md section 4, recovery).
+    pub recovery: Recovery,
+    /// A run resumed this many times ends `interrupted` at its next recovery instead.
+    pub max_resumes: u32,
     /// How long an `ask_human` waits for a reply before the tool fails.
     pub ask_human_timeout_s: u64,
     /// Root of the per-session workspaces (uploads, file tools).
@@ -334,6 +342,23 @@ impl Multitask {
     }
 }
 
+/// `server.recovery`: a run left unfinished goes on from its last durable step, or ends `interrupted`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Recovery {
+    Resume,
+    Interrupt,
+}
+
+impl Recovery {
+    pub fn parse(s: &str) -> Option<Recovery> {
+        match s {
+            "resume" => Some(Recovery::Resume),
+            "interrupt" => Some(Recovery::Interrupt),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct AgentSettings {
     pub name: String,
@@ -348,6 +373,9 @@ pub struct AgentSettings {
     pub multitask: Multitask,
     pub skills: Vec<String>,
     pub subagents: Vec<String>,
+    /// Tools besides the built-in read-only ones that a resumed run may call again when their call was in
+    /// flight (their effect is safe to repeat).
+    pub retry_tools: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -603,6 +631,18 @@ impl Validator<'_> {
             max_image_bytes: s.max_image_bytes.unwrap_or(5 * 1024 * 1024),
             max_tool_result_bytes: s.max_tool_result_bytes.unwrap_or(262_144),
             shutdown_grace_s: s.shutdown_grace_s.unwrap_or(10),
+            recovery: match &s.recovery {
+                None => Recovery::Resume,
+                Some(r) => Recovery::parse(r.get_ref()).unwrap_or_else(|| {
+                    self.problem(
+                        "server.recovery",
+                        Some(r),
+                        format!("`{}` is not one of resume, interrupt", r.get_ref()),
+                    );
+                    Recovery::Resume
+                }),
+            },
+            max_resumes: s.max_resumes.unwrap_or(3),
             ask_human_timeout_s: s.ask_human_timeout_s.unwrap_or(600),
             workspace_dir: s
                 .workspace_dir
@@ -934,6 +974,7 @@ impl Validator<'_> {
                 multitask,
                 skills: r.skills.iter().map(|s| s.get_ref().clone()).collect(),
                 subagents: r.subagents.iter().map(|s| s.get_ref().clone()).collect(),
+                retry_tools: r.retry_tools.clone(),
             });
         }
         if agents.is_empty() && self.problems.is_empty() {

@@ -21,6 +21,15 @@ pub enum EventKind {
     RunStarted {
         run: Run,
     },
+    /// A run that a dead process (or a lost node) left unfinished goes on from its last durable step (SPEC.md
+    /// section 4, recovery). The run's `text_delta` and `thinking_delta` events with `seq >= discard_from_seq`
+    /// (the interrupted model call's) are superseded; every other event stands.
+    RunResumed {
+        run: Run,
+        node: String,
+        attempt: u32,
+        discard_from_seq: u64,
+    },
     SkillMatched {
         skill: String,
         method: String,
@@ -79,6 +88,7 @@ impl EventKind {
         match self {
             EventKind::Message { .. } => "message",
             EventKind::RunStarted { .. } => "run_started",
+            EventKind::RunResumed { .. } => "run_resumed",
             EventKind::SkillMatched { .. } => "skill_matched",
             EventKind::ThinkingDelta { .. } => "thinking_delta",
             EventKind::ThinkingEnd { .. } => "thinking_end",
@@ -98,6 +108,7 @@ impl EventKind {
             self,
             EventKind::Message { .. }
                 | EventKind::RunStarted { .. }
+                | EventKind::RunResumed { .. }
                 | EventKind::RunFinished { .. }
         )
     }

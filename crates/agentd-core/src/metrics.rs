@@ -44,7 +44,8 @@ pub struct Metrics {
     runs: [IntCounter; 4],
     /// `agentd_run_queue_wait_seconds`: from a run's acceptance to its turn starting.
     pub run_queue_wait: Histogram,
-    /// `agentd_runs_recovered_total`: runs a previous process left unfinished, marked `interrupted` at start.
+    /// `agentd_runs_recovered_total`: runs a previous process left unfinished, taken over at start (resumed, queued
+    /// again, or ended `interrupted`).
     pub runs_recovered: IntCounter,
     ttft: HistogramVec,
     tpot: HistogramVec,
@@ -179,7 +180,7 @@ impl Metrics {
             ),
             runs_recovered: reg.counter(
                 "agentd_runs_recovered_total",
-                "Runs a previous process left unfinished, marked interrupted at start-up.",
+                "Runs a previous process left unfinished, taken over at start-up (resumed, queued again or ended interrupted).",
             ),
             ttft: reg.histograms(
                 "agentd_model_time_to_first_token_seconds",

@@ -12,19 +12,23 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::{oneshot, watch, Semaphore};
+use std::future::Future;
+use std::pin::Pin;
+
+use tokio::sync::{oneshot, watch, AcquireError, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::agent_loop::{run_turn, LoopEnv, TurnSpec};
+use crate::agent_loop::{run_turn, LoopEnv, Resumed, TurnSpec};
 use crate::config::AgentSettings;
-use crate::domain::{now_rfc3339, Message, Role, Run, RunError, RunErrorCode, RunStatus};
-use crate::event::{EventKind, NewEvent};
+use crate::config::Recovery;
+use crate::domain::{now_rfc3339, Message, Role, Run, RunError, RunErrorCode, RunStatus, ToolCall};
+use crate::event::{EventKind, LoggedEvent, NewEvent};
 use crate::metrics::GaugeGuard;
 use crate::provider::ModelMessage;
 use crate::skills::SkillMatch;
 use crate::store::{LogEntry, Store, StoreError};
-use crate::tools::HumanInput;
+use crate::tools::{HumanInput, ToolOutput};
 
 /// A finished run and its final assistant message.
 pub type RunResult = Option<(Run, Option<Message>)>;
@@ -59,11 +63,148 @@ impl SessionRuns {
     }
 }
 
+/// A turn's place in its session's queue, taken when the turn is accepted, so turns start in that order.
+enum Ticket {
+    /// The session was free: the turn holds it.
+    Now(Result<OwnedSemaphorePermit, AcquireError>),
+    /// Queued behind the session's turn (already registered as a waiter, in order).
+    Queued(Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>),
+}
+
+impl Ticket {
+    fn take(turn: &Arc<Semaphore>) -> Ticket {
+        let mut wait: Pin<
+            Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>,
+        > = Box::pin(turn.clone().acquire_owned());
+        // The first poll puts the waiter in the semaphore's FIFO queue; the task polls it again later.
+        match wait
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+        {
+            std::task::Poll::Ready(permit) => Ticket::Now(permit),
+            std::task::Poll::Pending => Ticket::Queued(wait),
+        }
+    }
+}
+
+/// A new turn's place in its session's queue ([`RunManager::reserve`]).
+pub struct TurnTicket(Ticket);
+
+impl TurnTicket {
+    /// The session was free: this turn holds it and starts at once.
+    pub fn starts_now(&self) -> bool {
+        matches!(self.0, Ticket::Now(Ok(_)))
+    }
+}
+
 /// Everything a new turn needs, decided when the message was accepted.
 pub struct TurnRequest {
     pub run: Run,
     pub agent: AgentSettings,
     pub skill: Option<SkillMatch>,
+    /// A run left unfinished by a dead process, going on (None: a new turn).
+    pub resume: Option<ResumePlan>,
+    /// Its `run_started` is already in the log, committed with its user message (the run is `running`).
+    pub started: bool,
+}
+
+/// Where a run left unfinished goes on from, as its log shows (SPEC.md section 4, recovery).
+#[derive(Clone, Debug, Default)]
+pub struct ResumePlan {
+    /// This resumption's number (1 for the first).
+    pub attempt: u32,
+    /// The first seq of the interrupted model call's deltas (superseded), or the log's next seq.
+    pub discard_from_seq: u64,
+    /// The skill the run matched at its start (its `skill_matched`).
+    pub skill: Option<String>,
+    /// The question the run was waiting on, unanswered: it keeps waiting under this request id.
+    pub open_question: Option<String>,
+    pub resumed: Resumed,
+}
+
+impl ResumePlan {
+    /// Reads where a run stopped from its events (in `seq` order; other runs' events are skipped).
+    pub fn from_log(run_id: &str, events: &[Arc<LoggedEvent>]) -> ResumePlan {
+        let mut plan = ResumePlan::default();
+        // The last event after which the run's deltas belong to a model call that did not finish: its start,
+        // a resumption, or a stored message (a model call that finished stored its assistant message).
+        let mut anchor = 0u64;
+        let mut deltas: Vec<(u64, &str)> = Vec::new();
+        let mut last_calls: Vec<ToolCall> = Vec::new();
+        let mut answered: std::collections::HashSet<&str> = Default::default();
+        let mut finished: HashMap<String, ToolOutput> = HashMap::new();
+        for ev in events.iter().filter(|e| e.event.run_id == run_id) {
+            let seq = ev.seq();
+            if ev.event.is_subagent {
+                continue;
+            }
+            match &ev.event.kind {
+                EventKind::RunStarted { .. } => anchor = seq,
+                EventKind::RunResumed { .. } => {
+                    anchor = seq;
+                    plan.attempt += 1;
+                }
+                EventKind::SkillMatched { skill, .. } => plan.skill = Some(skill.clone()),
+                EventKind::Message { message } => {
+                    anchor = seq;
+                    match message.role {
+                        Role::Assistant => {
+                            plan.resumed.steps += 1;
+                            let calls = message.tool_calls.clone().unwrap_or_default();
+                            if !calls.is_empty() {
+                                plan.resumed.rounds += 1;
+                            }
+                            last_calls = calls;
+                            answered.clear();
+                            finished.clear();
+                        }
+                        Role::Tool => {
+                            if let Some(id) = &message.tool_call_id {
+                                answered.insert(id.as_str());
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                EventKind::ToolFinished {
+                    call_id,
+                    result,
+                    success,
+                    ..
+                } => {
+                    finished.insert(
+                        call_id.clone(),
+                        ToolOutput {
+                            content: result.clone(),
+                            success: *success,
+                        },
+                    );
+                }
+                EventKind::TextDelta { delta } => deltas.push((seq, delta)),
+                EventKind::InputRequested { request_id, .. } => {
+                    plan.open_question = Some(request_id.clone())
+                }
+                EventKind::InputReceived { .. } => plan.open_question = None,
+                _ => {}
+            }
+        }
+        plan.attempt += 1;
+        plan.discard_from_seq = anchor + 1;
+        plan.resumed.content = deltas
+            .iter()
+            .filter(|(seq, _)| *seq < plan.discard_from_seq)
+            .map(|(_, d)| *d)
+            .collect();
+        plan.resumed.pending_calls = last_calls
+            .into_iter()
+            .filter(|c| !answered.contains(c.id.as_str()))
+            .collect();
+        plan.resumed.logged_results = finished
+            .into_iter()
+            .filter(|(id, _)| plan.resumed.pending_calls.iter().any(|c| c.id == *id))
+            .collect();
+        plan
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,11 +218,27 @@ pub struct RunManager {
     sessions: Mutex<HashMap<String, Arc<SessionRuns>>>,
     shutting_down: AtomicBool,
     tracker: TaskTracker,
+    /// This process's name in `run_resumed` (and, in a cluster, among the nodes): `hostname:port`.
+    node_id: String,
+}
+
+/// `hostname:port` of the listen address (the port alone when the address has none).
+pub fn default_node_id(listen: &str) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    let port = listen.rsplit(':').next().unwrap_or(listen);
+    format!("{host}:{port}")
 }
 
 impl RunManager {
     pub fn new(env: LoopEnv) -> Arc<RunManager> {
+        let node_id = default_node_id(&env.config.server.listen);
         Arc::new(RunManager {
+            node_id,
             env,
             sessions: Mutex::new(HashMap::new()),
             shutting_down: AtomicBool::new(false),
@@ -142,6 +299,38 @@ impl RunManager {
         req: TurnRequest,
         session_agent: String,
     ) -> watch::Receiver<RunResult> {
+        let ticket = self.reserve(&req.run.session_id);
+        self.start_reserved(req, session_agent, ticket)
+    }
+
+    /// Takes a new turn's place in its session's queue now: turns start in the order they were reserved. A
+    /// ticket that [`TurnTicket::starts_now`] holds the session's turn: its `run_started` may go into the
+    /// user message's commit (`TurnRequest::started`), and the session shows the run active meanwhile.
+    pub fn reserve(&self, session_id: &str) -> TurnTicket {
+        TurnTicket(Ticket::take(&self.session(session_id).turn))
+    }
+
+    /// Shows `run_id` as the session's active run before its turn task starts (its `run_started` is being
+    /// committed with its message); undone by [`RunManager::unmark_active`] if that commit fails.
+    pub fn mark_active(&self, session_id: &str, run_id: &str) {
+        self.session(session_id).state().active = Some(run_id.to_string());
+    }
+
+    pub fn unmark_active(&self, session_id: &str, run_id: &str) {
+        let sr = self.session(session_id);
+        let mut state = sr.state();
+        if state.active.as_deref() == Some(run_id) {
+            state.active = None;
+        }
+    }
+
+    /// [`RunManager::start`] with a place taken earlier.
+    pub fn start_reserved(
+        self: &Arc<Self>,
+        req: TurnRequest,
+        session_agent: String,
+        ticket: TurnTicket,
+    ) -> watch::Receiver<RunResult> {
         let sr = self.session(&req.run.session_id);
         let cancel = CancellationToken::new();
         let (done_tx, done_rx) = watch::channel(None);
@@ -154,8 +343,9 @@ impl RunManager {
         ));
         let me = self.clone();
         let accepted = std::time::Instant::now();
+        let ticket = ticket.0;
         self.tracker.spawn(async move {
-            me.run_task(sr, req, session_agent, cancel, done_tx, accepted)
+            me.run_task(sr, req, session_agent, cancel, ticket, done_tx, accepted)
                 .await;
         });
         done_rx
@@ -210,12 +400,14 @@ impl RunManager {
         Ok(run_id)
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn run_task(
         self: Arc<Self>,
         sr: Arc<SessionRuns>,
         req: TurnRequest,
         session_agent: String,
         cancel: CancellationToken,
+        ticket: Ticket,
         done_tx: watch::Sender<RunResult>,
         accepted: std::time::Instant,
     ) {
@@ -223,13 +415,18 @@ impl RunManager {
             mut run,
             agent,
             skill,
+            resume,
+            started,
         } = req;
         let run_id = run.id.clone();
         let session_id = run.session_id.clone();
-        let permit = tokio::select! {
-            biased;
-            _ = cancel.cancelled() => None,
-            p = sr.turn.clone().acquire_owned() => p.ok(),
+        let permit = match ticket {
+            Ticket::Now(p) => p.ok(),
+            Ticket::Queued(wait) => tokio::select! {
+                biased;
+                _ = cancel.cancelled() => None,
+                p = wait => p.ok(),
+            },
         };
         let mut result: Option<Message> = None;
         // The answer the loop left for the run's end to carry (one commit for both).
@@ -245,12 +442,15 @@ impl RunManager {
                 .observe(accepted.elapsed().as_secs_f64());
             sr.state().active = Some(run_id.clone());
             run.status = RunStatus::Running;
-            run.started_at = Some(now_rfc3339());
+            // A resumed run keeps the time it first started, a started one the time in its `run_started`.
+            if (resume.is_none() && !started) || run.started_at.is_none() {
+                run.started_at = Some(now_rfc3339());
+            }
             let outcome = self
                 .execute(
                     &mut run,
                     &agent,
-                    skill,
+                    (skill, resume, started),
                     &session_agent,
                     &cancel,
                     &mut session_runs,
@@ -357,7 +557,7 @@ impl RunManager {
         self: &Arc<Self>,
         run: &mut Run,
         agent: &AgentSettings,
-        skill: Option<SkillMatch>,
+        (skill, resume, started): (Option<SkillMatch>, Option<ResumePlan>, bool),
         session_agent: &str,
         cancel: &CancellationToken,
         session_runs: &mut Option<usize>,
@@ -370,12 +570,32 @@ impl RunManager {
             is_subagent: false,
             kind,
         };
-        log.append_durable(
-            envelope(EventKind::RunStarted { run: run.clone() }),
-            Some(run.clone()),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+        let start = match &resume {
+            None if started => None,
+            None => Some(EventKind::RunStarted { run: run.clone() }),
+            Some(plan) => Some(EventKind::RunResumed {
+                run: run.clone(),
+                node: self.node_id.clone(),
+                attempt: plan.attempt,
+                discard_from_seq: plan.discard_from_seq,
+            }),
+        };
+        if let Some(start) = start {
+            log.append_durable(envelope(start), Some(run.clone()))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        // A resumed run has its skill from its start (already in its log as `skill_matched`).
+        let skill = match &resume {
+            None => skill,
+            Some(plan) => plan.skill.as_deref().and_then(|name| {
+                self.env.config.skill(name).map(|s| SkillMatch {
+                    skill: s.clone(),
+                    method: "resumed",
+                    confidence: 1.0,
+                })
+            }),
+        };
         let (mut system_prompt, mut tools, mut provider, mut model) = (
             agent.system_prompt.clone(),
             agent.tools.clone(),
@@ -384,16 +604,18 @@ impl RunManager {
         );
         let mut subagents = agent.subagents.clone();
         if let Some(m) = &skill {
-            log.append(
-                envelope(EventKind::SkillMatched {
-                    skill: m.skill.name.clone(),
-                    method: m.method.to_string(),
-                    confidence: m.confidence,
-                }),
-                None,
-            )
-            .await
-            .map_err(|e| e.to_string())?;
+            if resume.is_none() {
+                log.append(
+                    envelope(EventKind::SkillMatched {
+                        skill: m.skill.name.clone(),
+                        method: m.method.to_string(),
+                        confidence: m.confidence,
+                    }),
+                    None,
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            }
             if !m.skill.system_prompt.is_empty() {
                 system_prompt = m.skill.system_prompt.clone();
             }
@@ -409,17 +631,25 @@ impl RunManager {
             }
         }
         let (history, runs) = self
-            .history(&run.session_id, &run.id, agent.max_context_tokens)
+            .history(
+                &run.session_id,
+                &run.id,
+                agent.max_context_tokens,
+                resume.is_none(),
+            )
             .await
             .map_err(|e| e.to_string())?;
         *session_runs = Some(runs);
-        // The session's uploads may have been made on another node, or the workspace wiped: file tools find them.
+        // The session's uploads may have been made on another node, or the workspace wiped: file tools find them
+        // (a turn whose agents have no file tool reads none, so it does not look for them).
         let workspace = self.workspace(&run.session_id);
-        if let Err(e) =
-            crate::uploads::materialise_all(self.store().as_ref(), &run.session_id, &workspace)
-                .await
-        {
-            tracing::warn!(session = %run.session_id, error = %e, "could not put the session's uploads into its workspace");
+        if reads_files(&self.env.config, &tools, &subagents) {
+            if let Err(e) =
+                crate::uploads::materialise_all(self.store().as_ref(), &run.session_id, &workspace)
+                    .await
+            {
+                tracing::warn!(session = %run.session_id, error = %e, "could not put the session's uploads into its workspace");
+            }
         }
         let human = Arc::new(RunHuman {
             manager: self.clone(),
@@ -429,6 +659,7 @@ impl RunManager {
             agent: session_agent.to_string(),
             timeout: Duration::from_secs(self.env.config.server.ask_human_timeout_s),
             cancel: cancel.clone(),
+            open_question: Mutex::new(resume.as_ref().and_then(|p| p.open_question.clone())),
         });
         let spec = TurnSpec {
             session_id: run.session_id.clone(),
@@ -445,6 +676,7 @@ impl RunManager {
             workspace,
             human: human.clone(),
             cancel: cancel.clone(),
+            resumed: resume.map(|plan| plan.resumed),
         };
         Ok(run_turn(&self.env, spec).await)
     }
@@ -462,6 +694,7 @@ impl RunManager {
         session_id: &str,
         run_id: &str,
         max_context_tokens: u64,
+        close_tail: bool,
     ) -> Result<(Vec<ModelMessage>, usize), StoreError> {
         let store = self.store();
         let runs = store.list_runs(session_id).await?;
@@ -491,42 +724,155 @@ impl RunManager {
                 .iter()
                 .any(|m| m.role == Role::User && m.run_id.as_deref() == Some(run_id));
             if complete || (start > 0 && own) {
-                return Ok((to_model_messages(&messages[start..]), runs.len()));
+                let prompt = prompt_messages(&messages[start..], close_tail);
+                return Ok((prompt, runs.len()));
             }
             limit = limit.saturating_mul(4);
         }
     }
 
-    /// Ends runs a previous process left unfinished: status `interrupted` and a `run_finished` event each.
-    pub async fn interrupt_leftovers(&self) -> Result<usize, StoreError> {
+    /// This process's node id (in `run_resumed`).
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// Takes over the runs a previous process left unfinished (SPEC.md section 4, recovery). With
+    /// `server.recovery = "resume"` a started run goes on from its last durable step (`run_resumed`), unless it
+    /// was resumed `server.max_resumes` times already, and a queued run is queued again, in order; with
+    /// `"interrupt"`, or when the run's session or agent is gone, it ends `interrupted`. Returns how many runs
+    /// were resumed (or queued again) and how many were ended.
+    pub async fn recover_leftovers(self: &Arc<Self>) -> Result<(usize, usize), StoreError> {
         let runs = self.store().unfinished_runs().await?;
-        let n = runs.len();
-        for mut run in runs {
-            let agent_name = match self.store().get_session(&run.session_id).await? {
-                Some(s) => s.agent,
-                None => String::new(),
+        let (mut resumed, mut ended) = (0, 0);
+        let server = &self.env.config.server;
+        for run in runs {
+            let session = self.store().get_session(&run.session_id).await?;
+            let agent = session
+                .as_ref()
+                .and_then(|s| self.env.config.agent(&s.agent).cloned());
+            let session_agent = session.map(|s| s.agent).unwrap_or_default();
+            let reason = match (&agent, server.recovery) {
+                (None, _) => Some("the run's agent is no longer configured".to_string()),
+                (Some(_), Recovery::Interrupt) => {
+                    Some("the server stopped before the run finished".to_string())
+                }
+                (Some(_), Recovery::Resume) => None,
             };
-            let max_context_tokens = self
-                .env
-                .config
-                .agent(&agent_name)
-                .map(|a| a.max_context_tokens)
-                .unwrap_or(0);
-            run.status = RunStatus::Interrupted;
-            run.ended_at = Some(now_rfc3339());
-            run.error = Some(RunError {
-                code: RunErrorCode::Interrupted,
-                message: "the server stopped before the run finished".into(),
+            let (Some(agent), None) = (agent, reason.clone()) else {
+                let reason = reason.unwrap_or_default();
+                self.end_leftover(run, &session_agent, reason).await?;
+                ended += 1;
+                continue;
+            };
+            let events = self.run_events(&run).await?;
+            let has_message = events.iter().any(|e| {
+                matches!(&e.event.kind, EventKind::Message { message } if message.role == Role::User)
             });
-            let ev = lone_run_finished(&run, agent_name, max_context_tokens);
-            self.env
-                .log
-                .append_durable(ev, Some(run))
-                .await
-                .map_err(|e| StoreError::Other(e.to_string()))?;
+            if !has_message {
+                // Its send never stored the user message (the process died in between): nothing to run.
+                let reason = "the server stopped before the run's message was stored".to_string();
+                self.end_leftover(run, &session_agent, reason).await?;
+                ended += 1;
+                continue;
+            }
+            let resume = if run.status == RunStatus::Queued {
+                None
+            } else {
+                let plan = ResumePlan::from_log(&run.id, &events);
+                if plan.attempt > server.max_resumes {
+                    let reason = format!(
+                        "the run was resumed {} times without finishing (server.max_resumes)",
+                        server.max_resumes
+                    );
+                    self.end_leftover(run, &session_agent, reason).await?;
+                    ended += 1;
+                    continue;
+                }
+                Some(plan)
+            };
+            let skill = match &resume {
+                // A queued run has not matched its skill yet: its stored message is routed again.
+                None => self.skill_of_queued(&run, &agent).await,
+                Some(_) => None,
+            };
+            let mut run = run;
+            run.status = RunStatus::Queued;
+            self.start(
+                TurnRequest {
+                    run,
+                    agent,
+                    skill,
+                    resume,
+                    started: false,
+                },
+                session_agent,
+            );
             self.env.metrics.runs_recovered.inc();
+            resumed += 1;
         }
-        Ok(n)
+        Ok((resumed, ended))
+    }
+
+    /// Ends a run left unfinished: status `interrupted` and its one `run_finished`.
+    async fn end_leftover(
+        &self,
+        mut run: Run,
+        session_agent: &str,
+        reason: String,
+    ) -> Result<(), StoreError> {
+        let max_context_tokens = self
+            .env
+            .config
+            .agent(session_agent)
+            .map(|a| a.max_context_tokens)
+            .unwrap_or(0);
+        run.status = RunStatus::Interrupted;
+        run.ended_at = Some(now_rfc3339());
+        run.error = Some(RunError {
+            code: RunErrorCode::Interrupted,
+            message: reason,
+        });
+        let ev = lone_run_finished(&run, session_agent.to_string(), max_context_tokens);
+        self.env
+            .log
+            .append_durable(ev, Some(run))
+            .await
+            .map_err(|e| StoreError::Other(e.to_string()))?;
+        self.env.metrics.runs_recovered.inc();
+        Ok(())
+    }
+
+    /// Every event of `run` in its session's log, from its first.
+    async fn run_events(&self, run: &Run) -> Result<Vec<Arc<LoggedEvent>>, StoreError> {
+        let store = self.store();
+        let mut after = store
+            .first_seq_of_run(&run.session_id, &run.id)
+            .await?
+            .unwrap_or(1)
+            .saturating_sub(1);
+        let mut out = Vec::new();
+        loop {
+            let page = store.read_events(&run.session_id, after, 512).await?;
+            let Some(last) = page.last() else { break };
+            after = last.seq();
+            out.extend(page.into_iter().filter(|e| e.event.run_id == run.id));
+        }
+        Ok(out)
+    }
+
+    /// The skill a queued run's stored user message routes to.
+    async fn skill_of_queued(&self, run: &Run, agent: &AgentSettings) -> Option<SkillMatch> {
+        let messages = self
+            .store()
+            .recent_messages(&run.session_id, 64)
+            .await
+            .ok()?;
+        let message = messages
+            .iter()
+            .find(|m| m.role == Role::User && m.run_id.as_deref() == Some(run.id.as_str()))?;
+        crate::skills::route(&self.env.config, agent, &message.content)
+            .ok()
+            .and_then(|r| r.skill)
     }
 
     /// Graceful shutdown: lets running turns finish for up to `grace`, then interrupts the rest and waits for
@@ -590,9 +936,41 @@ pub fn window_start(messages: &[Message], max_context_tokens: u64) -> usize {
     }
 }
 
+/// The built-in tools that read a session's workspace.
+const FILE_TOOLS: [&str; 2] = ["read_file", "list_files"];
+
+/// Whether a turn with `tools` and `subagents` (and theirs, at any depth) can read the session's workspace.
+fn reads_files(config: &crate::config::Config, tools: &[String], subagents: &[String]) -> bool {
+    let mut seen: Vec<&str> = Vec::new();
+    let mut todo: Vec<&str> = subagents.iter().map(String::as_str).collect();
+    if tools.iter().any(|t| FILE_TOOLS.contains(&t.as_str())) {
+        return true;
+    }
+    while let Some(name) = todo.pop() {
+        if seen.contains(&name) {
+            continue;
+        }
+        seen.push(name);
+        let Some(agent) = config.agent(name) else {
+            continue;
+        };
+        if agent.tools.iter().any(|t| FILE_TOOLS.contains(&t.as_str())) {
+            return true;
+        }
+        todo.extend(agent.subagents.iter().map(String::as_str));
+    }
+    false
+}
+
 /// Stored messages -> prompt messages. An assistant tool call whose result never got stored (a crash mid-tool)
 /// gets a placeholder result, so the prompt always pairs every call with a result.
 pub fn to_model_messages(messages: &[Message]) -> Vec<ModelMessage> {
+    prompt_messages(messages, true)
+}
+
+/// [`to_model_messages`]; with `close_tail` false the last assistant message's unanswered calls stay open (a
+/// resumed run settles them itself).
+fn prompt_messages(messages: &[Message], close_tail: bool) -> Vec<ModelMessage> {
     let mut out: Vec<ModelMessage> = Vec::with_capacity(messages.len());
     let mut open_calls: Vec<String> = Vec::new();
     let close = |out: &mut Vec<ModelMessage>, open: &mut Vec<String>| {
@@ -639,7 +1017,9 @@ pub fn to_model_messages(messages: &[Message]) -> Vec<ModelMessage> {
             }
         }
     }
-    close(&mut out, &mut open_calls);
+    if close_tail {
+        close(&mut out, &mut open_calls);
+    }
     out
 }
 
@@ -652,6 +1032,8 @@ struct RunHuman {
     agent: String,
     timeout: Duration,
     cancel: CancellationToken,
+    /// A resumed run's unanswered question: its next `ask` waits under this request id (already in the log).
+    open_question: Mutex<Option<String>>,
 }
 
 impl RunHuman {
@@ -674,7 +1056,13 @@ impl RunHuman {
 #[async_trait]
 impl HumanInput for RunHuman {
     async fn ask(&self, question: &str) -> Result<String, String> {
-        let request_id = crate::domain::new_id();
+        let reused = self
+            .open_question
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let asked_before = reused.is_some();
+        let request_id = reused.unwrap_or_else(crate::domain::new_id);
         let (tx, rx) = oneshot::channel();
         let run = self.run_with(RunStatus::WaitingInput);
         let sr = self.manager.session(&self.session_id);
@@ -693,7 +1081,12 @@ impl HumanInput for RunHuman {
                 question: question.to_string(),
             },
         );
-        if let Err(e) = self.log.append_durable(asked, Some(run.clone())).await {
+        if asked_before {
+            // The question is in the log (a resumed run): it keeps waiting under its request id.
+            if let Err(e) = self.manager.store().update_run(&run).await {
+                tracing::warn!(run_id = %run.id, error = %e, "could not record waiting_input");
+            }
+        } else if let Err(e) = self.log.append_durable(asked, Some(run.clone())).await {
             sr.state().pending_inputs.remove(&request_id);
             return Err(format!("could not record the question: {e}"));
         }

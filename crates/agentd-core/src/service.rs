@@ -19,7 +19,7 @@ use crate::metrics::Metrics;
 use crate::provider::Provider;
 use crate::runs::{RunManager, RunResult, TurnRequest};
 use crate::skills::{self, RoutingError, SkillMatch};
-use crate::store::{Store, StoreError};
+use crate::store::{LogEntry, Store, StoreError};
 
 /// Who is calling. Without configured keys everyone is the principal `local`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -163,14 +163,16 @@ impl Agentd {
             metrics: metrics.clone(),
         };
         let runs = RunManager::new(env);
-        let n = runs
-            .interrupt_leftovers()
+        let (resumed, ended) = runs
+            .recover_leftovers()
             .await
-            .map_err(|e| format!("start-up sweep failed: {e}"))?;
-        if n > 0 {
+            .map_err(|e| format!("start-up recovery failed: {e}"))?;
+        if resumed + ended > 0 {
             tracing::info!(
-                runs = n,
-                "marked runs left unfinished by the previous process as interrupted"
+                runs = resumed + ended,
+                resumed,
+                ended,
+                "took over runs the previous process left unfinished"
             );
         }
         let limits = Limits::new(
@@ -706,16 +708,42 @@ async fn commit_send(
         None => Some(run.clone()),
     };
     let row_first = run_with_message.is_some();
-    let ev = NewEvent {
+    let envelope = |kind: EventKind| NewEvent {
         session_id: session.id.clone(),
         run_id: run.id.clone(),
         agent: session.agent.clone(),
         is_subagent: false,
-        kind: EventKind::Message {
-            message: message.clone(),
-        },
+        kind,
     };
-    if let Err(e) = log.append_durable(ev, run_with_message).await {
+    let said = LogEntry {
+        event: envelope(EventKind::Message {
+            message: message.clone(),
+        }),
+        run: run_with_message,
+    };
+    // A session with no turn running starts this one at once: its `run_started` goes into the same commit as
+    // the message (one transaction, not two), and the session shows it active from then on.
+    let ticket = runs.reserve(&session.id);
+    let mut started = run.clone();
+    let committed = if ticket.starts_now() {
+        started.status = crate::domain::RunStatus::Running;
+        started.started_at = Some(now_rfc3339());
+        let start = LogEntry {
+            event: envelope(EventKind::RunStarted {
+                run: started.clone(),
+            }),
+            run: Some(started.clone()),
+        };
+        runs.mark_active(&session.id, &run.id);
+        let r = log.append_durable_pair(said, start).await;
+        if r.is_err() {
+            runs.unmark_active(&session.id, &run.id);
+        }
+        r
+    } else {
+        log.append_durable(said.event, said.run).await
+    };
+    if let Err(e) = committed {
         // The run row may be stored, its message is not: end the run (its one `run_finished`), so a retry with
         // the same client_message_id becomes a new turn (see `repeat`) rather than waiting on a run that never
         // starts; if the store is away, as soon as it is back. (A run written by the message's own commit is
@@ -748,13 +776,17 @@ async fn commit_send(
             tracing::warn!(session = %session.id, "storing the session title failed: {e}");
         }
     }
-    let done = runs.start(
+    let starts_now = ticket.starts_now();
+    let done = runs.start_reserved(
         TurnRequest {
-            run: run.clone(),
+            run: if starts_now { started } else { run.clone() },
             agent,
             skill,
+            resume: None,
+            started: starts_now,
         },
         session.agent.clone(),
+        ticket,
     );
     Ok(Accepted {
         run,

@@ -838,3 +838,89 @@ async fn other_principals_sessions_are_not_found() {
     );
     assert!(h.app.session(&admin, &s.id).await.is_ok());
 }
+
+/// An event of run `r` in session `s` at `seq`, from its JSON without the envelope.
+fn logged_at(seq: u64, body: &str) -> Arc<LoggedEvent> {
+    let mut v: serde_json::Value = serde_json::from_str(body).unwrap();
+    v["seq"] = seq.into();
+    v["run_id"] = "r".into();
+    v["agent"] = "assistant".into();
+    if v.get("is_subagent").is_none() {
+        v["is_subagent"] = false.into();
+    }
+    Arc::new(LoggedEvent::from_json("s".into(), v.to_string()).unwrap())
+}
+
+/// Where a run left unfinished goes on from, read off its log: the interrupted model call's deltas are
+/// superseded from the event after the last stored message (or start, or resumption); the text before stays
+/// the turn's; calls of the last assistant message without a stored result are pending, keeping a result the
+/// log has; an unanswered question stays open; the attempt counts earlier resumptions.
+#[test]
+fn a_resume_plan_is_read_off_the_runs_log() {
+    let events: Vec<Arc<LoggedEvent>> = [
+        r#"{"type":"message","message":{"id":"u","session_id":"s","run_id":"r","role":"user","content":"hi","agent":"assistant","created_at":"t"}}"#,
+        r#"{"type":"run_started","run":{"id":"r","session_id":"s","status":"running","created_at":"t","usage":{"prompt_tokens":0,"completion_tokens":0}}}"#,
+        r#"{"type":"skill_matched","skill":"math","method":"keyword","confidence":0.5}"#,
+        r#"{"type":"text_delta","delta":"Let me "}"#,
+        r#"{"type":"text_delta","delta":"check."}"#,
+        r#"{"type":"message","message":{"id":"a1","session_id":"s","run_id":"r","role":"assistant","content":"Let me check.","tool_calls":[{"id":"c1","name":"calculator","arguments":"{}"},{"id":"c2","name":"researcher","arguments":"{}"},{"id":"c3","name":"ask_human","arguments":"{}"}],"agent":"assistant","created_at":"t"}}"#,
+        r#"{"type":"tool_started","call_id":"c1","tool":"calculator","args":{},"step":1}"#,
+        r#"{"type":"tool_finished","call_id":"c1","tool":"calculator","args":{},"result":"42","success":true,"step":1}"#,
+        r#"{"type":"input_requested","request_id":"q1","question":"?"}"#,
+        r#"{"type":"text_delta","delta":"sub text","is_subagent":true}"#,
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, body)| logged_at(i as u64 + 1, body))
+    .collect();
+    let plan = agentd_core::runs::ResumePlan::from_log("r", &events);
+    assert_eq!(plan.attempt, 1);
+    assert_eq!(
+        plan.discard_from_seq, 7,
+        "after the assistant message (seq 6)"
+    );
+    assert_eq!(plan.skill.as_deref(), Some("math"));
+    assert_eq!(plan.open_question.as_deref(), Some("q1"));
+    assert_eq!(plan.resumed.content, "Let me check.");
+    assert_eq!(plan.resumed.steps, 1);
+    assert_eq!(plan.resumed.rounds, 1);
+    let pending: Vec<&str> = plan
+        .resumed
+        .pending_calls
+        .iter()
+        .map(|c| c.id.as_str())
+        .collect();
+    assert_eq!(pending, ["c1", "c2", "c3"]);
+    assert_eq!(plan.resumed.logged_results.len(), 1);
+    assert_eq!(plan.resumed.logged_results["c1"].content, "42");
+
+    // A resumption later, with deltas of a new model call and the question answered: attempt 2, the deltas
+    // after the resumption are the ones superseded, and the open question is gone.
+    let mut more = events.clone();
+    for (i, body) in [
+        r#"{"type":"run_resumed","run":{"id":"r","session_id":"s","status":"running","created_at":"t","usage":{"prompt_tokens":0,"completion_tokens":0}},"node":"n:1","attempt":1,"discard_from_seq":7}"#,
+        r#"{"type":"input_received","request_id":"q1"}"#,
+        r#"{"type":"message","message":{"id":"t1","session_id":"s","run_id":"r","role":"tool","content":"42","tool_call_id":"c1","agent":"assistant","created_at":"t"}}"#,
+        r#"{"type":"text_delta","delta":"partial"}"#,
+    ]
+    .iter()
+    .enumerate()
+    {
+        more.push(logged_at(events.len() as u64 + i as u64 + 1, body));
+    }
+    let plan = agentd_core::runs::ResumePlan::from_log("r", &more);
+    assert_eq!(plan.attempt, 2);
+    assert_eq!(
+        plan.discard_from_seq, 14,
+        "after the stored tool result (seq 13)"
+    );
+    assert_eq!(plan.open_question, None);
+    assert_eq!(plan.resumed.content, "Let me check.");
+    let pending: Vec<&str> = plan
+        .resumed
+        .pending_calls
+        .iter()
+        .map(|c| c.id.as_str())
+        .collect();
+    assert_eq!(pending, ["c2", "c3"]);
+}

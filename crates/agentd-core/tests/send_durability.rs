@@ -308,8 +308,8 @@ async fn a_send_dropped_while_its_message_commits_still_runs_to_the_end() {
             r = &mut send => panic!("the send returned while its message was held: ok={}", r.is_ok()),
             _ = h.store.reached.notified() => {}
         }
-        // The worst point: the run row is stored and the message is on its way to the store. The caller
-        // goes away (its future is dropped here).
+        // The worst point: the message (with its run row: a send without client_message_id writes both in
+        // one commit) is on its way to the store. The caller goes away (its future is dropped here).
     }
     h.store.release.add_permits(1);
     let runs = ended_runs(&h.app, &s.id).await;
@@ -325,7 +325,7 @@ async fn a_send_dropped_while_its_message_commits_still_runs_to_the_end() {
 async fn orphan(h: &Harness, session: &str, cmid: &str) -> Run {
     let orphan = Run::queued(session);
     h.app.store.create_run(&orphan, Some(cmid)).await.unwrap();
-    assert_eq!(h.app.runs.interrupt_leftovers().await.unwrap(), 1);
+    assert_eq!(h.app.runs.recover_leftovers().await.unwrap(), (0, 1));
     let swept = h
         .app
         .store

@@ -459,7 +459,7 @@ impl Chat {
                 }
                 return None;
             }
-            "run_started" => {
+            "run_started" | "run_resumed" => {
                 self.active_run = run_id.clone();
                 self.awaiting_start = false;
             }

@@ -1,5 +1,5 @@
 //! Live runs (SPEC.md section 4) through real WebSocket and SSE connections: the event log, replay, re-attach,
-//! cancel, ask_human, slow clients, uploads, restart after kill -9, and graceful shutdown.
+//! cancel, ask_human, slow clients, uploads and graceful shutdown (kill -9 and recovery: tests/recovery.rs).
 
 #![allow(clippy::unwrap_used)] // tests: a panic is a failed assertion
 
@@ -752,114 +752,8 @@ async fn graceful_shutdown_lets_short_turns_finish_and_interrupts_long_ones() {
     assert_eq!(frames.last().unwrap()["run"]["status"], "interrupted");
 }
 
-// ---------------------------------------------------------------- a real process, killed ----
-
-struct Process {
-    child: std::process::Child,
-    url: String,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn spawn_agentd(config: &std::path::Path) -> Process {
-    let port = free_port();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_agentd"))
-        .args(["serve", "--config"])
-        .arg(config)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .unwrap();
-    let url = format!("http://127.0.0.1:{port}");
-    for _ in 0..200 {
-        if reqwest::get(format!("{url}/healthz"))
-            .await
-            .is_ok_and(|r| r.status() == 200)
-        {
-            return Process { child, url };
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    panic!("agentd did not start");
-}
-
-#[tokio::test]
-async fn kill_9_loses_no_seen_event_and_the_run_ends_interrupted() {
-    let upstream = MockUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("agentd.toml");
-    std::fs::write(
-        &config,
-        common::config_text(&upstream.base_url(), dir.path(), 30, ""),
-    )
-    .unwrap();
-    let mut p = spawn_agentd(&config).await;
-    let c = common::Client {
-        base: p.url.clone(),
-        key: None,
-        http: reqwest::Client::new(),
-    };
-    let id = c.session().await;
-    let (status, _) = c.send(&id, "tokens=3").await;
-    assert_eq!(status, 200);
-    let mut ws = c.ws(&id, "after=0").await;
-    ws.next().await;
-    ws.send(json!({"type": "message", "content": "tokens=1000 delay_ms=10"}))
-        .await;
-    let mut seen = Vec::new();
-    loop {
-        let f = ws.next().await;
-        let deltas = seen
-            .iter()
-            .filter(|f: &&Value| f["type"] == "text_delta")
-            .count();
-        seen.push(f);
-        if deltas >= 20 {
-            break;
-        }
-    }
-    p.child.kill().unwrap(); // SIGKILL
-    p.child.wait().unwrap();
-    drop(ws);
-    let mut p2 = spawn_agentd(&config).await;
-    let c2 = common::Client {
-        base: p2.url.clone(),
-        key: None,
-        http: reqwest::Client::new(),
-    };
-    let mut ws = c2.ws(&id, "after=0").await;
-    let hello = ws.next().await;
-    assert!(hello["active_run_id"].is_null());
-    let mut replay = Vec::new();
-    for _ in 0..seen.len() {
-        replay.push(ws.next().await);
-    }
-    assert_eq!(
-        replay, seen,
-        "every event a client saw is in the log with the same seq"
-    );
-    let rest = ws.until_finished().await;
-    let finished = rest.last().unwrap();
-    // The earlier run finished normally; the killed one ends interrupted.
-    assert_eq!(finished["run"]["status"], "interrupted");
-    assert_eq!(finished["run"]["error"]["code"], "interrupted");
-    let mut all = replay.clone();
-    all.extend(rest);
-    assert_gap_free(&all, 1);
-    // Every message whose request was answered is still there.
-    let msgs = c2.messages(&id).await;
-    assert_eq!(msgs.iter().filter(|m| m["role"] == "user").count(), 2);
-    p2.child.kill().unwrap();
-    p2.child.wait().unwrap();
-}
+// ---------------------------------------------------------------- a real process ----
+// (killed mid-run: tests/recovery.rs)
 
 #[tokio::test]
 async fn sigterm_exits_zero() {
@@ -871,7 +765,7 @@ async fn sigterm_exits_zero() {
         common::config_text(&upstream.base_url(), dir.path(), 30, ""),
     )
     .unwrap();
-    let mut p = spawn_agentd(&config).await;
+    let mut p = common::spawn_agentd(&config).await;
     let status = std::process::Command::new("kill")
         .args(["-TERM", &p.child.id().to_string()])
         .status()

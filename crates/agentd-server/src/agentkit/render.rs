@@ -140,6 +140,7 @@ impl AgentkitRender {
             },
             EventKind::Message { .. }
             | EventKind::RunStarted { .. }
+            | EventKind::RunResumed { .. }
             | EventKind::ThinkingDelta { .. }
             | EventKind::InputReceived { .. } => return Vec::new(),
         };

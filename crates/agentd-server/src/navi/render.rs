@@ -45,7 +45,9 @@ impl NaviRender {
     pub fn frames(&mut self, ev: &Event) -> Vec<Value> {
         let sub = ev.is_subagent;
         match &ev.kind {
-            EventKind::RunStarted { .. } => {
+            // A resumed run starts its answer afresh: the seed's client begins a new answer on `stream_start`,
+            // and `stream_end.content` is the whole answer without the superseded text.
+            EventKind::RunStarted { .. } | EventKind::RunResumed { .. } => {
                 self.open_run = Some(ev.run_id.clone());
                 vec![stream_start()]
             }

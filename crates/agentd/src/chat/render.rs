@@ -179,6 +179,21 @@ impl Renderer {
                 "{indent}[context compressed: {} → {} messages]",
                 ev["messages_before"], ev["messages_after"]
             )),
+            // A run that goes on after its process was lost: the text of the model call that was interrupted is
+            // superseded. A terminal cannot take printed text back, so it says so, and the answer goes on below.
+            "run_resumed" => {
+                self.own_text = false;
+                let attempt = ev["attempt"].as_u64().unwrap_or(1);
+                let mut out = self.break_line();
+                out.push_str(&self.paint(
+                    YELLOW,
+                    &format!(
+                        "[resumed after an interruption (attempt {attempt}): the partial text above is superseded]"
+                    ),
+                ));
+                out.push('\n');
+                out
+            }
             "run_finished" => self.finished(ev),
             _ => String::new(),
         }
@@ -319,6 +334,42 @@ mod tests {
             o.extend(e);
         }
         v
+    }
+
+    #[test]
+    fn a_resumed_run_marks_the_superseded_text_and_goes_on_below_it() {
+        let mut r = Renderer::new(false);
+        let mut out = String::new();
+        for ev in [
+            own("run_started", json!({})),
+            own("text_delta", json!({"delta": "Half an ans"})),
+            own("run_resumed", json!({"attempt": 1, "discard_from_seq": 3})),
+            own("text_delta", json!({"delta": "The answer."})),
+            own(
+                "run_finished",
+                json!({"run": {"status": "completed"}, "content": "The answer."}),
+            ),
+        ] {
+            out.push_str(&r.event(&ev));
+        }
+        assert_eq!(
+            out,
+            "Half an ans\n[resumed after an interruption (attempt 1): the partial text above is superseded]\nThe answer.\n"
+        );
+        // Nothing streamed after the resumption: the answer is printed from `run_finished`.
+        let mut r = Renderer::new(false);
+        let mut out = String::new();
+        for ev in [
+            own("text_delta", json!({"delta": "Half"})),
+            own("run_resumed", json!({"attempt": 2, "discard_from_seq": 3})),
+            own(
+                "run_finished",
+                json!({"run": {"status": "completed"}, "content": "Whole."}),
+            ),
+        ] {
+            out.push_str(&r.event(&ev));
+        }
+        assert!(out.ends_with("superseded]\nWhole.\n"), "{out:?}");
     }
 
     #[test]

@@ -440,3 +440,58 @@ pub fn assert_gap_free(frames: &[Value], first: u64) {
     let expected: Vec<u64> = (first..first + seqs.len() as u64).collect();
     assert_eq!(seqs, expected, "seqs not gap-free from {first}");
 }
+
+/// A real `agentd serve` process (for kill -9, SIGSTOP, SIGTERM).
+pub struct Process {
+    pub child: std::process::Child,
+    pub url: String,
+}
+
+impl Process {
+    pub fn client(&self) -> Client {
+        Client {
+            base: self.url.clone(),
+            key: None,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// SIGKILL, then reaped.
+    pub fn kill_9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts the binary on `config` and a free port; returns once /healthz answers.
+pub async fn spawn_agentd(config: &std::path::Path) -> Process {
+    let port = free_port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_agentd"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    for _ in 0..200 {
+        if reqwest::get(format!("{url}/healthz"))
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
+            return Process { child, url };
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("agentd did not start");
+}
