@@ -1347,6 +1347,33 @@ keywords = ["Calculate"]
     }
 
     #[test]
+    fn recovery_keys_default_parse_and_name_a_bad_value() {
+        let c = Config::parse_with_env(GOOD, "t.toml", &no_env).unwrap();
+        assert_eq!(c.server.recovery, Recovery::Resume);
+        assert_eq!(c.server.max_resumes, 3);
+        assert!(c.agents[0].retry_tools.is_empty());
+        let text = GOOD
+            .replace(
+                "listen = \"127.0.0.1:0\"",
+                "listen = \"127.0.0.1:0\"\nrecovery = \"interrupt\"\nmax_resumes = 5",
+            )
+            .replace("model = \"m\"", "model = \"m\"\nretry_tools = [\"send_mail\"]");
+        let c = Config::parse_with_env(&text, "t.toml", &no_env).unwrap();
+        assert_eq!(c.server.recovery, Recovery::Interrupt);
+        assert_eq!(c.server.max_resumes, 5);
+        assert_eq!(c.agents[0].retry_tools, ["send_mail"]);
+        let bad = GOOD.replace(
+            "listen = \"127.0.0.1:0\"",
+            "listen = \"127.0.0.1:0\"\nrecovery = \"retry\"",
+        );
+        let e = Config::parse_with_env(&bad, "t.toml", &no_env).unwrap_err();
+        assert_eq!(e.problems.len(), 1, "{e}");
+        assert_eq!(e.problems[0].key, "server.recovery");
+        assert_eq!(e.problems[0].line, Some(4));
+        assert!(e.problems[0].message.contains("resume, interrupt"), "{e}");
+    }
+
+    #[test]
     fn postgres_store_and_its_connection_cap() {
         let c = Config::parse_with_env(GOOD, "t.toml", &no_env).unwrap();
         assert_eq!(c.store_url, "sqlite://data/agentd.db");
