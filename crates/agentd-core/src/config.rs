@@ -1357,7 +1357,10 @@ keywords = ["Calculate"]
                 "listen = \"127.0.0.1:0\"",
                 "listen = \"127.0.0.1:0\"\nrecovery = \"interrupt\"\nmax_resumes = 5",
             )
-            .replace("model = \"m\"", "model = \"m\"\nretry_tools = [\"send_mail\"]");
+            .replace(
+                "model = \"m\"",
+                "model = \"m\"\nretry_tools = [\"send_mail\"]",
+            );
         let c = Config::parse_with_env(&text, "t.toml", &no_env).unwrap();
         assert_eq!(c.server.recovery, Recovery::Interrupt);
         assert_eq!(c.server.max_resumes, 5);
