@@ -32,6 +32,16 @@ pub struct LoopEnv {
     pub log: Arc<EventLog>,
     pub providers: Arc<HashMap<String, Arc<dyn Provider>>>,
     pub metrics: Arc<Metrics>,
+    /// Set when the process stops with turns still running and the next process will resume them
+    /// (`server.recovery = "resume"`): a turn cancelled now records nothing of its cut step (no partial answer,
+    /// no "cancelled" tool results), so the resumed run redoes that step.
+    pub handing_over: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl LoopEnv {
+    fn handing_over(&self) -> bool {
+        self.handing_over.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 /// One turn to run.
@@ -492,7 +502,9 @@ impl<'a> Turn<'a> {
         }
         if let Err(stop) = outcome {
             // Keep the partial answer: on cancel it is the assistant message; on failure it is not lost either.
-            if !text.is_empty() {
+            // (Not when the run is handed over: the next process makes this model call again.)
+            let handover = matches!(stop, Stop::Cancelled) && self.env.handing_over();
+            if !text.is_empty() && !handover {
                 self.store_assistant(text, None).await?;
             }
             return Err(stop);
@@ -712,8 +724,11 @@ impl<'a> Turn<'a> {
             .map(|r| r.unwrap_or_else(|| ToolOutput::err("cancelled before the tool finished")))
             .collect();
         if cancelled {
-            for (call, out) in calls.iter().zip(&outputs) {
-                self.store_tool_result(call, out).await?;
+            // Handed over, the calls stay unanswered: the next process settles them as in-flight calls.
+            if !self.env.handing_over() {
+                for (call, out) in calls.iter().zip(&outputs) {
+                    self.store_tool_result(call, out).await?;
+                }
             }
             return Err(Stop::Cancelled);
         }

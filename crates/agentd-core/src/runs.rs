@@ -477,6 +477,22 @@ impl RunManager {
         } else {
             run.status = RunStatus::Cancelled;
         }
+        if run.status == RunStatus::Cancelled && self.env.handing_over.load(Ordering::SeqCst) {
+            // The process stops with this run unfinished and the next one resumes it: no `run_finished`, the
+            // run stays `running` in the store (its step in progress recorded nothing, see `LoopEnv`).
+            tracing::info!(run_id = %run_id, "run left for the next process to resume");
+            {
+                let mut state = sr.state();
+                if state.active.as_deref() == Some(run_id.as_str()) {
+                    state.active = None;
+                }
+                state.runs.retain(|(id, _)| *id != run_id);
+                state.pending_inputs.retain(|_, p| p.run_id != run_id);
+            }
+            drop(permit);
+            let _ = done_tx.send(Some((run, None)));
+            return;
+        }
         if run.status == RunStatus::Cancelled && self.shutting_down.load(Ordering::SeqCst) {
             run.status = RunStatus::Interrupted;
             run.error = Some(RunError {
@@ -893,6 +909,11 @@ impl RunManager {
             .values()
             .cloned()
             .collect();
+        // Past the grace: with recovery = resume the turns are handed to the next process (they stop without
+        // recording their cut step or an end); otherwise they end `interrupted`.
+        if self.env.config.server.recovery == Recovery::Resume {
+            self.env.handing_over.store(true, Ordering::SeqCst);
+        }
         for s in sessions {
             for (_, h) in &s.state().runs {
                 h.cancel.cancel();

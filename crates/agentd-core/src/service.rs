@@ -157,6 +157,7 @@ impl Agentd {
         let metrics = Arc::new(Metrics::new());
         let log = EventLog::start_with_metrics(store.clone(), metrics.clone());
         let env = LoopEnv {
+            handing_over: Arc::default(),
             config: config.clone(),
             log: log.clone(),
             providers: Arc::new(providers),

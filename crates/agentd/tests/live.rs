@@ -719,8 +719,15 @@ async fn cursor_older_than_retention_is_reported_then_replays_as_without_cursor(
 }
 
 #[tokio::test]
-async fn graceful_shutdown_lets_short_turns_finish_and_interrupts_long_ones() {
-    let s = Server::start().await; // shutdown_grace_s = 2
+async fn graceful_shutdown_lets_short_turns_finish_and_interrupts_long_ones_under_recovery_interrupt(
+) {
+    // shutdown_grace_s = 2; with recovery = "resume" (the default) the long run is left to the next process
+    // instead (tests/recovery.rs).
+    let s = Server::start_with(common::Options {
+        server_extra: "recovery = \"interrupt\"".into(),
+        ..Default::default()
+    })
+    .await;
     let c = s.client();
     let short_session = c.session().await;
     let long_session = c.session().await;

@@ -442,3 +442,41 @@ async fn a_question_pending_at_the_kill_keeps_waiting_under_its_request_id() {
     assert_gap_free(&all, 1);
     p2.kill_9();
 }
+
+/// A graceful stop whose grace runs out with a turn still running hands the run to the next process: it ends
+/// nothing and records nothing of the step it cut (no partial answer), and the next start resumes it.
+#[tokio::test]
+async fn a_run_still_going_when_the_shutdown_grace_runs_out_is_resumed_by_the_next_process() {
+    let (setup, mut p) = Setup::new("", "").await; // shutdown_grace_s = 2
+    let c = p.client();
+    let id = c.session().await;
+    let mut ws = c.ws(&id, "").await;
+    ws.next().await;
+    let (run, _) = send_and_read(&mut ws, "tokens=600 delay_ms=10", 5).await;
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &p.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = p.child.wait().unwrap();
+    assert_eq!(exit.code(), Some(0), "a graceful stop");
+
+    let mut p2 = setup.restart().await;
+    let c2 = p2.client();
+    let all = whole_log(&c2, &id, &run).await;
+    assert_gap_free(&all, 1);
+    assert_eq!(of_type(&all, &run, "run_resumed").len(), 1);
+    let finished = of_type(&all, &run, "run_finished");
+    assert_eq!(finished.len(), 1, "no end was recorded at the stop");
+    assert_eq!(finished[0]["run"]["status"], "completed");
+    assert_eq!(finished[0]["content"], tokens(600).as_str());
+    assert_eq!(shown_text(&all, &run), tokens(600));
+    let answers = c2
+        .messages(&id)
+        .await
+        .into_iter()
+        .filter(|m| m["role"] == "assistant")
+        .count();
+    assert_eq!(answers, 1, "no partial answer was stored at the stop");
+    p2.kill_9();
+}
