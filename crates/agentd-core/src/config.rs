@@ -92,6 +92,8 @@ struct RawConfig {
     #[serde(default)]
     store: RawStore,
     #[serde(default)]
+    cluster: RawCluster,
+    #[serde(default)]
     auth: RawAuth,
     #[serde(default)]
     providers: BTreeMap<String, Spanned<RawProvider>>,
@@ -121,6 +123,13 @@ struct RawServer {
     max_streams_per_principal: Option<Spanned<u32>>,
     header_timeout_s: Option<Spanned<u64>>,
     max_connections: Option<Spanned<usize>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    node_id: Option<Spanned<String>>,
+    lease_s: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -210,11 +219,22 @@ pub struct Config {
     pub store_url: String,
     /// `store.max_connections`: the most database connections a postgres store opens (default 16, 1..=1000).
     pub store_max_connections: usize,
+    /// `[cluster]` (SPEC.md section 6).
+    pub cluster: ClusterSettings,
     /// Empty means no auth.
     pub auth_keys: Vec<ApiKey>,
     pub providers: BTreeMap<String, ProviderSettings>,
     pub agents: Vec<AgentSettings>,
     pub skills: Vec<SkillSettings>,
+}
+
+/// `[cluster]`: this node's name and the lease on the runs it executes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClusterSettings {
+    /// None: `hostname:port` of the address the server listens on.
+    pub node_id: Option<String>,
+    /// A node not seen for this long is gone; it renews its presence every third of it (2..=300).
+    pub lease_s: u64,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -723,6 +743,23 @@ impl Validator<'_> {
             },
         };
 
+        let lease_s = match &raw.cluster.lease_s {
+            None => 10,
+            Some(v) if (2..=300).contains(v.get_ref()) => *v.get_ref(),
+            Some(v) => {
+                self.problem("cluster.lease_s", Some(v), "must be 2..=300 seconds");
+                10
+            }
+        };
+        let node_id = match &raw.cluster.node_id {
+            Some(v) if v.get_ref().trim().is_empty() => {
+                self.problem("cluster.node_id", Some(v), "must not be empty");
+                None
+            }
+            v => v.as_ref().map(|v| v.get_ref().clone()),
+        };
+        let cluster = ClusterSettings { node_id, lease_s };
+
         let mut auth_keys = Vec::new();
         let mut seen_keys = HashSet::new();
         for (i, k) in raw.auth.keys.iter().enumerate() {
@@ -984,6 +1021,7 @@ impl Validator<'_> {
             server,
             store_url,
             store_max_connections,
+            cluster,
             auth_keys,
             providers,
             agents,

@@ -208,6 +208,9 @@ pub struct Run {
     pub ended_at: Option<String>,
     pub error: Option<RunError>,
     pub usage: Usage,
+    /// The node executing the run (SPEC.md section 6): set while it runs, null when none.
+    #[serde(default)]
+    pub node: Option<String>,
 }
 
 impl Run {
@@ -222,6 +225,20 @@ impl Run {
             ended_at: None,
             error: None,
             usage: Usage::default(),
+            node: None,
         }
     }
+}
+
+/// A node of the cluster as its registry holds it (`GET /v1/cluster`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct NodeInfo {
+    pub node_id: String,
+    /// The address it serves on.
+    pub listen: String,
+    pub started_at: String,
+    /// Its latest heartbeat (RFC 3339).
+    pub last_seen: String,
+    /// Unfinished runs it executes.
+    pub runs: u64,
 }

@@ -218,7 +218,8 @@ pub struct RunManager {
     sessions: Mutex<HashMap<String, Arc<SessionRuns>>>,
     shutting_down: AtomicBool,
     tracker: TaskTracker,
-    /// This process's name in `run_resumed` (and, in a cluster, among the nodes): `hostname:port`.
+    /// This process's name in `run_resumed` and `Run.node` (and, in a cluster, among the nodes):
+    /// `cluster.node_id`, by default `hostname:port`.
     node_id: String,
 }
 
@@ -236,7 +237,12 @@ pub fn default_node_id(listen: &str) -> String {
 
 impl RunManager {
     pub fn new(env: LoopEnv) -> Arc<RunManager> {
-        let node_id = default_node_id(&env.config.server.listen);
+        let node_id = env
+            .config
+            .cluster
+            .node_id
+            .clone()
+            .unwrap_or_else(|| default_node_id(&env.config.server.listen));
         Arc::new(RunManager {
             node_id,
             env,
@@ -501,6 +507,7 @@ impl RunManager {
             });
         }
         run.ended_at = Some(now_rfc3339());
+        run.node = None;
         self.env.metrics.run_finished(run.status);
         let finished = NewEvent {
             session_id: session_id.clone(),
@@ -747,9 +754,15 @@ impl RunManager {
         }
     }
 
-    /// This process's node id (in `run_resumed`).
+    /// This process's node id (in `run_resumed` and `Run.node`).
     pub fn node_id(&self) -> &str {
         &self.node_id
+    }
+
+    /// Runs queued or running here.
+    pub fn unfinished_count(&self) -> usize {
+        let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        sessions.values().map(|s| s.state().runs.len()).sum()
     }
 
     /// Takes over the runs a previous process left unfinished (SPEC.md section 4, recovery). With
@@ -759,9 +772,25 @@ impl RunManager {
     /// were resumed (or queued again) and how many were ended.
     pub async fn recover_leftovers(self: &Arc<Self>) -> Result<(usize, usize), StoreError> {
         let runs = self.store().unfinished_runs().await?;
+        // Other nodes that are alive keep their runs (this node's id names this process now: a run under it
+        // is a previous process's).
+        let lease = Duration::from_secs(self.env.config.cluster.lease_s);
+        let live: Vec<String> = self
+            .store()
+            .live_nodes(lease)
+            .await?
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(n, _)| n.node_id)
+            .filter(|id| *id != self.node_id)
+            .collect();
         let (mut resumed, mut ended) = (0, 0);
         let server = &self.env.config.server;
-        for run in runs {
+        for mut run in runs {
+            if run.node.as_ref().is_some_and(|n| live.contains(n)) {
+                continue;
+            }
+            run.node = Some(self.node_id.clone());
             let session = self.store().get_session(&run.session_id).await?;
             let agent = session
                 .as_ref()
@@ -811,7 +840,6 @@ impl RunManager {
                 None => self.skill_of_queued(&run, &agent).await,
                 Some(_) => None,
             };
-            let mut run = run;
             run.status = RunStatus::Queued;
             self.start(
                 TurnRequest {
@@ -844,6 +872,7 @@ impl RunManager {
             .unwrap_or(0);
         run.status = RunStatus::Interrupted;
         run.ended_at = Some(now_rfc3339());
+        run.node = None;
         run.error = Some(RunError {
             code: RunErrorCode::Interrupted,
             message: reason,

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use crate::agent_loop::LoopEnv;
 use crate::config::{AgentSettings, Config, Multitask};
-use crate::domain::{new_id, now_rfc3339, Message, Role, Run, Session, SessionStatus};
+use crate::domain::{new_id, now_rfc3339, Message, NodeInfo, Role, Run, Session, SessionStatus};
 use crate::event::{EventKind, NewEvent};
 use crate::event_log::{EventLog, LogError, Subscription};
 use crate::limits::{Limits, Refused, StreamGuard};
@@ -19,7 +19,7 @@ use crate::metrics::Metrics;
 use crate::provider::Provider;
 use crate::runs::{RunManager, RunResult, TurnRequest};
 use crate::skills::{self, RoutingError, SkillMatch};
-use crate::store::{LogEntry, Store, StoreError};
+use crate::store::{LogEntry, NodeBeat, Store, StoreError};
 
 /// Who is calling. Without configured keys everyone is the principal `local`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -145,6 +145,23 @@ pub struct Agentd {
     pub limits: Limits,
     /// Every metric (`GET /metrics`), shared with the runs, the agent loop and the log.
     pub metrics: Arc<Metrics>,
+    /// When this process started (its node's `started_at`).
+    started_at: String,
+}
+
+/// Renews the node's heartbeat every `every` while the store is in use (a failed beat is logged; the next
+/// one tries again).
+async fn heartbeats(store: std::sync::Weak<dyn Store>, beat: NodeBeat, every: std::time::Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(store) = store.upgrade() else { return };
+        if let Err(e) = store.heartbeat(&beat).await {
+            tracing::warn!(node = %beat.node_id, error = %e, "node heartbeat failed");
+        }
+    }
 }
 
 impl Agentd {
@@ -164,6 +181,24 @@ impl Agentd {
             metrics: metrics.clone(),
         };
         let runs = RunManager::new(env);
+        // This node's presence in the cluster's registry (a store for one process keeps none), before it
+        // takes over anything, then every third of the lease.
+        let beat = NodeBeat {
+            node_id: runs.node_id().to_string(),
+            instance: new_id(),
+            listen: config.server.listen.clone(),
+            started_at: now_rfc3339(),
+        };
+        store
+            .heartbeat(&beat)
+            .await
+            .map_err(|e| format!("registering the node: {e}"))?;
+        let started_at = beat.started_at.clone();
+        tokio::spawn(heartbeats(
+            Arc::downgrade(&store),
+            beat,
+            std::time::Duration::from_secs(config.cluster.lease_s) / 3,
+        ));
         let (resumed, ended) = runs
             .recover_leftovers()
             .await
@@ -181,6 +216,7 @@ impl Agentd {
             config.server.max_streams_per_principal,
         );
         Ok(Arc::new(Agentd {
+            started_at,
             limits,
             config,
             store,
@@ -188,6 +224,25 @@ impl Agentd {
             runs,
             metrics,
         }))
+    }
+
+    /// The live nodes (`GET /v1/cluster`, admin; with no API keys configured, anyone who can reach the
+    /// server): the store's registry, or this node alone for a store one process owns.
+    pub async fn cluster(&self, p: &Principal) -> ServiceResult<Vec<NodeInfo>> {
+        if !p.admin && !self.config.auth_keys.is_empty() {
+            return Err(ServiceError::NotFound("no such resource".into()));
+        }
+        let lease = std::time::Duration::from_secs(self.config.cluster.lease_s);
+        if let Some(nodes) = self.store.live_nodes(lease).await? {
+            return Ok(nodes.into_iter().map(|(n, _)| n).collect());
+        }
+        Ok(vec![NodeInfo {
+            node_id: self.runs.node_id().to_string(),
+            listen: self.config.server.listen.clone(),
+            started_at: self.started_at.clone(),
+            last_seen: now_rfc3339(),
+            runs: self.runs.unfinished_count() as u64,
+        }])
     }
 
     pub fn agents(&self) -> &[AgentSettings] {
@@ -688,13 +743,15 @@ async fn commit_send(
     p: PendingSend,
 ) -> Result<Accepted, CommitError> {
     let PendingSend {
-        run,
+        mut run,
         client_message_id,
         message,
         mut session,
         agent,
         skill,
     } = p;
+    // The run is this node's from its acceptance (queued here, it runs here).
+    run.node = Some(runs.node_id().to_string());
     // A send with a client_message_id creates its run row first: the store's unique key on that id is what
     // tells a repeat. Without one, the run row is written by the message's own commit (one transaction).
     let run_with_message = match client_message_id.as_deref() {
@@ -805,6 +862,7 @@ const ORPHAN_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(360
 async fn end_orphan(log: Arc<EventLog>, mut run: Run, agent: String, max_context_tokens: u64) {
     run.status = crate::domain::RunStatus::Failed;
     run.ended_at = Some(now_rfc3339());
+    run.node = None;
     run.error = Some(crate::domain::RunError {
         code: crate::domain::RunErrorCode::Internal,
         message: "the message could not be stored".into(),

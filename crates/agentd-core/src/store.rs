@@ -22,7 +22,7 @@
 use async_trait::async_trait;
 use std::sync::Arc;
 
-use crate::domain::{Message, Run, Session, Upload};
+use crate::domain::{Message, NodeInfo, Run, Session, Upload};
 use crate::event::{LoggedEvent, NewEvent};
 
 #[derive(Debug, thiserror::Error)]
@@ -185,6 +185,31 @@ pub trait Store: Send + Sync + 'static {
         events: &[Arc<LoggedEvent>],
         last_seq: u64,
     ) -> StoreResult<()>;
+
+    // --- the nodes of a cluster (SPEC.md section 6) ---
+    /// Records that `beat`'s node is alive. A store one process owns keeps no registry: the default does
+    /// nothing.
+    async fn heartbeat(&self, _beat: &NodeBeat) -> StoreResult<()> {
+        Ok(())
+    }
+    /// The nodes whose last heartbeat is at most `within` old, each with its unfinished runs counted, and each
+    /// with its instance (see [`NodeBeat`]). None: the store keeps no registry (it serves one process).
+    async fn live_nodes(
+        &self,
+        _within: std::time::Duration,
+    ) -> StoreResult<Option<Vec<(NodeInfo, String)>>> {
+        Ok(None)
+    }
+}
+
+/// A node's heartbeat: who it is, which process (`instance`, new at every start, so a node restarted under the
+/// same id is told from its previous process), where it listens, since when.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NodeBeat {
+    pub node_id: String,
+    pub instance: String,
+    pub listen: String,
+    pub started_at: String,
 }
 
 /// The check every `import_session` makes before writing: its messages and runs belong to the session.

@@ -73,12 +73,12 @@ ON CONFLICT (session_id, id) DO UPDATE SET
 /// own: see [`RECORD_FIRST_SEQ`]).
 const UPSERT_RUN: &str = "
 INSERT INTO runs (session_id, id, status, created_at, started_at, ended_at, error, prompt_tokens, completion_tokens,
-                  first_seq)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                  first_seq, node)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
 ON CONFLICT (session_id, id) DO UPDATE SET
     status = EXCLUDED.status, started_at = EXCLUDED.started_at, ended_at = EXCLUDED.ended_at,
     error = EXCLUDED.error, prompt_tokens = EXCLUDED.prompt_tokens,
-    completion_tokens = EXCLUDED.completion_tokens,
+    completion_tokens = EXCLUDED.completion_tokens, node = EXCLUDED.node,
     first_seq = COALESCE(runs.first_seq, EXCLUDED.first_seq)";
 
 /// A run's first seq, for a batch that has one of the run's first-event candidates (see [`Prepared::of`]) but
@@ -480,6 +480,7 @@ async fn commit(client: &Object, batch: Vec<LogEntry>) -> Attempt {
                         &values.prompt_tokens,
                         &values.completion_tokens,
                         first_seq,
+                        &run.node,
                     ];
                     ops.push(Box::pin(client.execute_raw(upsert_run, params)));
                 }

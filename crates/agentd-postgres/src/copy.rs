@@ -40,7 +40,7 @@ pub(crate) fn upload_from_row(row: &Row) -> StoreResult<Upload> {
 pub(crate) fn stored_run_from_row(row: &Row) -> StoreResult<StoredRun> {
     Ok(StoredRun {
         run: run_from_row(row)?,
-        client_message_id: col(row, 9)?,
+        client_message_id: col(row, 10)?,
     })
 }
 

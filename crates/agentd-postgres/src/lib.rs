@@ -21,9 +21,11 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentd_core::domain::{Message, Run, Session, Upload};
+use agentd_core::domain::{Message, NodeInfo, Run, Session, Upload};
 use agentd_core::event::LoggedEvent;
-use agentd_core::store::{LogBounds, LogEntry, Store, StoreError, StoreResult, StoredRun};
+use agentd_core::store::{
+    LogBounds, LogEntry, NodeBeat, Store, StoreError, StoreResult, StoredRun,
+};
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::config::Host;
@@ -497,7 +499,7 @@ impl Store for PgStore {
             .execute(
                 "updating a run",
                 "UPDATE runs SET status = $3, started_at = $4, ended_at = $5, error = $6, prompt_tokens = $7,
-                                 completion_tokens = $8
+                                 completion_tokens = $8, node = $9
                  WHERE session_id = $1 AND id = $2",
                 &[
                     &run.session_id,
@@ -508,6 +510,7 @@ impl Store for PgStore {
                     &values.error,
                     &values.prompt_tokens,
                     &values.completion_tokens,
+                    &run.node,
                 ],
             )
             .await
@@ -751,6 +754,50 @@ impl Store for PgStore {
             last_seq,
         )
         .await
+    }
+
+    async fn heartbeat(&self, beat: &NodeBeat) -> StoreResult<()> {
+        self.execute(
+            "recording a heartbeat",
+            "INSERT INTO nodes (node_id, instance, listen, started_at, last_seen) VALUES ($1, $2, $3, $4, now())
+             ON CONFLICT (node_id) DO UPDATE SET instance = EXCLUDED.instance, listen = EXCLUDED.listen,
+                 started_at = EXCLUDED.started_at, last_seen = now()",
+            &[&beat.node_id, &beat.instance, &beat.listen, &beat.started_at],
+        )
+        .await
+        .map_err(|f| f.into_store("recording a heartbeat"))?;
+        Ok(())
+    }
+
+    async fn live_nodes(&self, within: Duration) -> StoreResult<Option<Vec<(NodeInfo, String)>>> {
+        let secs = within.as_secs_f64();
+        let rows = self
+            .query(
+                "listing the live nodes",
+                "SELECT n.node_id, n.instance, n.listen, n.started_at,
+                        to_char(n.last_seen AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),
+                        (SELECT count(*) FROM runs r
+                          WHERE r.node = n.node_id AND r.status IN ('queued', 'running', 'waiting_input'))
+                 FROM nodes n WHERE n.last_seen > now() - make_interval(secs => $1)
+                 ORDER BY n.node_id",
+                &[&secs],
+            )
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let runs: i64 = col(row, 5)?;
+            out.push((
+                NodeInfo {
+                    node_id: col(row, 0)?,
+                    listen: col(row, 2)?,
+                    started_at: col(row, 3)?,
+                    last_seen: col(row, 4)?,
+                    runs: from_sql_int(runs, "runs")?,
+                },
+                col(row, 1)?,
+            ));
+        }
+        Ok(Some(out))
     }
 }
 

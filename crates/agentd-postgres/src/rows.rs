@@ -230,7 +230,7 @@ impl MessageJson {
 /// The run columns, in the order [`run_from_row`] expects.
 macro_rules! run_columns {
     () => {
-        "id, session_id, status, created_at, started_at, ended_at, error, prompt_tokens, completion_tokens"
+        "id, session_id, status, created_at, started_at, ended_at, error, prompt_tokens, completion_tokens, node"
     };
 }
 pub(crate) use run_columns;
@@ -256,6 +256,7 @@ pub(crate) fn run_from_row(row: &Row) -> StoreResult<Run> {
         ended_at: col(row, 5)?,
         error,
         usage,
+        node: col(row, 9)?,
         id,
     })
 }
@@ -271,8 +272,8 @@ pub(crate) struct RunValues {
 /// A new run row, as `Store::create_run` writes it and a copy imports it: bind [`RunValues::insert_params`].
 pub(crate) const INSERT_RUN: &str =
     "INSERT INTO runs (session_id, id, status, created_at, started_at, ended_at,
-                                   error, prompt_tokens, completion_tokens, client_message_id)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
+                                   error, prompt_tokens, completion_tokens, client_message_id, node)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
 
 impl RunValues {
     /// The parameters of [`INSERT_RUN`] for `run` (whose values these are).
@@ -280,7 +281,7 @@ impl RunValues {
         &'a self,
         run: &'a Run,
         client_message_id: &'a (dyn ToSql + Sync),
-    ) -> [&'a (dyn ToSql + Sync); 10] {
+    ) -> [&'a (dyn ToSql + Sync); 11] {
         [
             &run.session_id,
             &run.id,
@@ -292,6 +293,7 @@ impl RunValues {
             &self.prompt_tokens,
             &self.completion_tokens,
             client_message_id,
+            &run.node,
         ]
     }
 

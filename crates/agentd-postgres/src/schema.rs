@@ -14,6 +14,7 @@ use crate::rows::pg;
 const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_init.sql"),
     include_str!("migrations/0002_uploads.sql"),
+    include_str!("migrations/0003_cluster.sql"),
 ];
 
 /// The advisory lock every node takes to migrate ("agentd" in ASCII, then 1). Any other client of the database

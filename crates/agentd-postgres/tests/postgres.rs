@@ -38,7 +38,7 @@ async fn nodes_starting_at_once_apply_the_schema_once() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(versions, vec![2]);
+    assert_eq!(versions, vec![3]);
     // They share one database: what one writes, the others read, and numbering is shared.
     let s = new_session(&stores[0], "alice").await;
     assert_eq!(stores[5].get_session(&s.id).await.unwrap(), Some(s.clone()));
@@ -57,17 +57,20 @@ async fn nodes_starting_at_once_apply_the_schema_once() {
 }
 
 #[tokio::test]
-async fn a_version_1_database_gains_the_uploads_table() {
+async fn a_version_1_database_gains_the_uploads_table_and_the_node_registry() {
     let Some(db) = TestDatabase::create().await else {
         return;
     };
     let store = PgStore::open(db.url(), 1).await.unwrap();
     let s = new_session(&store, "alice").await;
     drop(store);
-    // As the previous binary left it: no uploads table, version 1.
+    // As the binary of version 1 left it: no uploads table, no node registry, no `runs.node`.
     raw(&db)
         .await
-        .batch_execute("DROP TABLE uploads; UPDATE agentd_schema SET version = 1")
+        .batch_execute(
+            "DROP TABLE uploads; DROP TABLE nodes; ALTER TABLE runs DROP COLUMN node;
+             UPDATE agentd_schema SET version = 1",
+        )
         .await
         .unwrap();
     let store = PgStore::open(db.url(), 1).await.unwrap();
@@ -77,6 +80,24 @@ async fn a_version_1_database_gains_the_uploads_table() {
     assert_eq!(
         store.read_upload(&s.id, &up.id).await.unwrap(),
         Some(b"hi".to_vec())
+    );
+    // The node registry is back: a heartbeat is listed among the live nodes.
+    let beat = agentd_core::store::NodeBeat {
+        node_id: "n1".into(),
+        instance: "i1".into(),
+        listen: "127.0.0.1:1".into(),
+        started_at: "t".into(),
+    };
+    store.heartbeat(&beat).await.unwrap();
+    let nodes = store
+        .live_nodes(std::time::Duration::from_secs(10))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(nodes.len(), 1);
+    assert_eq!(
+        (nodes[0].0.node_id.as_str(), nodes[0].1.as_str()),
+        ("n1", "i1")
     );
 }
 

@@ -188,7 +188,7 @@ pub(crate) fn export_runs(conn: &Connection, session_id: &str) -> StoreResult<Ve
         .ctx("preparing export_runs")?;
     let rows = stmt
         .query_map([session_id], |row| {
-            Ok((RunRow::read(row)?, row.get::<_, Option<String>>(9)?))
+            Ok((RunRow::read(row)?, row.get::<_, Option<String>>(10)?))
         })
         .ctx("listing runs")?
         .collect::<rusqlite::Result<Vec<_>>>()

@@ -209,7 +209,7 @@ impl MessageJson {
 /// The run columns, in the order [`RunRow::read`] expects.
 macro_rules! run_columns {
     () => {
-        "id, session_id, status, created_at, started_at, ended_at, error, prompt_tokens, completion_tokens"
+        "id, session_id, status, created_at, started_at, ended_at, error, prompt_tokens, completion_tokens, node"
     };
 }
 pub(crate) use run_columns;
@@ -225,6 +225,7 @@ pub(crate) struct RunRow {
     error: Option<String>,
     prompt_tokens: i64,
     completion_tokens: i64,
+    node: Option<String>,
 }
 
 impl RunRow {
@@ -239,6 +240,7 @@ impl RunRow {
             error: row.get(6)?,
             prompt_tokens: row.get(7)?,
             completion_tokens: row.get(8)?,
+            node: row.get(9)?,
         })
     }
 
@@ -262,6 +264,7 @@ impl RunRow {
             ended_at: self.ended_at,
             error,
             usage,
+            node: self.node,
         })
     }
 }

@@ -17,6 +17,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0002_lean_events.sql"),
     include_str!("migrations/0003_event_chunks.sql"),
     include_str!("migrations/0004_uploads.sql"),
+    include_str!("migrations/0005_run_node.sql"),
 ];
 
 /// How long a statement waits for a lock another connection holds before failing with "database is locked".

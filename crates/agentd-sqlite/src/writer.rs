@@ -461,12 +461,13 @@ fn upsert_run(conn: &Connection, run: &Run) -> StoreResult<()> {
     let values = RunValues::of(run)?;
     // On conflict the row keeps its `ord`, `created_at` and `client_message_id`.
     conn.prepare_cached(
-        "INSERT INTO runs (id, session_id, status, created_at, started_at, ended_at, error, prompt_tokens, completion_tokens)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+        "INSERT INTO runs (id, session_id, status, created_at, started_at, ended_at, error, prompt_tokens, completion_tokens,
+                           node)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
          ON CONFLICT (session_id, id) DO UPDATE SET
              status = excluded.status, started_at = excluded.started_at, ended_at = excluded.ended_at,
              error = excluded.error, prompt_tokens = excluded.prompt_tokens,
-             completion_tokens = excluded.completion_tokens",
+             completion_tokens = excluded.completion_tokens, node = excluded.node",
     )
     .ctx("preparing run upsert")?
     .execute(params![
@@ -479,6 +480,7 @@ fn upsert_run(conn: &Connection, run: &Run) -> StoreResult<()> {
         values.error,
         values.prompt_tokens,
         values.completion_tokens,
+        run.node,
     ])
     .ctx("upserting run")?;
     Ok(())
@@ -534,8 +536,8 @@ pub(crate) fn create_run(
     let result = conn
         .prepare_cached(
             "INSERT INTO runs (id, session_id, status, created_at, started_at, ended_at, error, prompt_tokens,
-                               completion_tokens, client_message_id)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                               completion_tokens, client_message_id, node)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
         )
         .ctx("preparing run insert")?
         .execute(params![
@@ -549,6 +551,7 @@ pub(crate) fn create_run(
             values.prompt_tokens,
             values.completion_tokens,
             client_message_id,
+            run.node,
         ]);
     match result {
         Ok(_) => Ok(()),
@@ -594,7 +597,7 @@ fn update_run(conn: &Connection, run: &Run) -> StoreResult<()> {
     let changed = conn
         .prepare_cached(
             "UPDATE runs SET status = ?3, started_at = ?4, ended_at = ?5, error = ?6, prompt_tokens = ?7,
-                             completion_tokens = ?8
+                             completion_tokens = ?8, node = ?9
              WHERE session_id = ?1 AND id = ?2",
         )
         .ctx("preparing run update")?
@@ -607,6 +610,7 @@ fn update_run(conn: &Connection, run: &Run) -> StoreResult<()> {
             values.error,
             values.prompt_tokens,
             values.completion_tokens,
+            run.node,
         ])
         .ctx("updating run")?;
     if changed == 0 {

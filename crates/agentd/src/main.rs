@@ -215,11 +215,13 @@ async fn serve(config_path: Option<PathBuf>, listen: Option<String>) -> Result<(
         tracing::warn!(%addr, "no [[auth.keys]] configured and listening beyond loopback: anyone who can reach it can use it");
     }
     let agents: Vec<String> = config.agents.iter().map(|a| a.name.clone()).collect();
-    let app = agentd::build(config).await?;
+    // Bound first, so the node's name and its registry entry carry the port it really serves on.
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| format!("server.listen: cannot bind {addr}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
+    config.server.listen = local.to_string();
+    let app = agentd::build(config).await?;
     tracing::info!(
         "agentd listening on http://{local} (store {}; agents: {}; config: {})",
         app.store.describe(),

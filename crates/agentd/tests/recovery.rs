@@ -52,7 +52,10 @@ fn write_config(
     server_extra: &str,
 ) -> std::path::PathBuf {
     let config = dir.join("agentd.toml");
-    let text = common::config_text_with(&upstream.base_url(), dir, 30, extra, server_extra);
+    // Each process listens on a port of its own; one node name makes the next process the same node, which
+    // takes over its runs at once (on a shared database another node's wait for its lease to lapse).
+    let extra = format!("{extra}\n[cluster]\nnode_id = \"the-node\"\n");
+    let text = common::config_text_with(&upstream.base_url(), dir, 30, &extra, server_extra);
     std::fs::write(&config, text).unwrap();
     config
 }

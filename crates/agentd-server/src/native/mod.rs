@@ -30,6 +30,7 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/v1/agents", get(agents))
+        .route("/v1/cluster", get(cluster))
         .route("/v1/sessions", post(create_session).get(list_sessions))
         .route("/v1/sessions/{id}", get(get_session).delete(close_session))
         .route(
@@ -74,6 +75,14 @@ async fn agents(State(st): State<AppState>, Caller(_): Caller) -> Json<Value> {
         })
         .collect();
     Json(json!(list))
+}
+
+/// The live nodes (SPEC.md section 6; admin).
+async fn cluster(
+    State(st): State<AppState>,
+    Caller(p): Caller,
+) -> ApiResult<Json<Vec<agentd_core::domain::NodeInfo>>> {
+    Ok(Json(st.app.cluster(&p).await?))
 }
 
 #[derive(Deserialize)]

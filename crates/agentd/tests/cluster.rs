@@ -1,0 +1,160 @@
+//! Several `agentd serve` processes on one PostgreSQL database (SPEC.md section 6), as far as they go today:
+//! every node is in the registry (`GET /v1/cluster`), a run names the node executing it (`Run.node`), and a
+//! node's start-up takes over only the runs of nodes that are gone, never a live node's. Real processes, a
+//! real PostgreSQL database of the test's own, the mock upstream over HTTP. (A single node on SQLite lists
+//! itself.)
+
+#![allow(clippy::unwrap_used)] // tests: a panic is a failed assertion
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use agentd_store_contract::pg::TestDatabase;
+use agentd_testkit::MockUpstream;
+use common::{spawn_agentd, Client, Process};
+use serde_json::Value;
+
+/// A config for node `node_id` on `store_url`, with a 2 s lease.
+fn node_config(
+    dir: &std::path::Path,
+    store_url: &str,
+    upstream: &MockUpstream,
+    node_id: &str,
+) -> std::path::PathBuf {
+    let path = dir.join(format!("{node_id}.toml"));
+    let extra = format!("[cluster]\nnode_id = \"{node_id}\"\nlease_s = 2\n");
+    let text = common::config_text_on(store_url, &upstream.base_url(), dir, 30, &extra, "");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+async fn run_of(c: &Client, session: &str, run: &str) -> Value {
+    c.get(&format!("/v1/sessions/{session}/runs/{run}")).await.1
+}
+
+/// Waits until the run's status is `status` (30 s at most); returns the run.
+async fn wait_status(c: &Client, session: &str, run: &str, status: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = run_of(c, session, run).await;
+        if r["status"] == status {
+            return r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "run {run} never became {status}: {r}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn node_ids(nodes: &Value) -> Vec<String> {
+    nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["node_id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+async fn events_of(c: &Client, session: &str, run: &str) -> Vec<Value> {
+    let mut ws = c.ws(session, "after=0").await;
+    ws.next().await;
+    let run = run.to_string();
+    ws.until(move |f| f["type"] == "run_finished" && f["run_id"] == run)
+        .await
+}
+
+#[tokio::test]
+async fn a_node_starting_beside_a_live_run_leaves_it_and_one_starting_after_a_lost_node_takes_it_over(
+) {
+    let db = TestDatabase::try_create()
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL: {e}"));
+    let upstream = MockUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = spawn_agentd(&node_config(dir.path(), db.url(), &upstream, "a")).await;
+    let ca = a.client();
+    let session = ca.session().await;
+    let run = ca.send_bg(&session, "tokens=300 delay_ms=10").await;
+    let running = wait_status(&ca, &session, &run, "running").await;
+    assert_eq!(
+        running["node"], "a",
+        "the run names the node executing it: {running}"
+    );
+
+    // Node b starts while a's run is live: it leaves it alone, and both nodes are in the registry.
+    let mut b = spawn_agentd(&node_config(dir.path(), db.url(), &upstream, "b")).await;
+    let cb = b.client();
+    let (status, nodes) = cb.get("/v1/cluster").await;
+    assert_eq!(status, 200, "{nodes}");
+    assert_eq!(node_ids(&nodes), ["a", "b"]);
+    let a_entry = &nodes.as_array().unwrap()[0];
+    assert_eq!(a_entry["runs"], 1, "a executes one run: {nodes}");
+    assert!(
+        a_entry["listen"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:"),
+        "{nodes}"
+    );
+    assert!(a_entry["last_seen"].as_str().is_some() && a_entry["started_at"].as_str().is_some());
+    let done = wait_status(&ca, &session, &run, "completed").await;
+    assert!(done["node"].is_null(), "a finished run has no node: {done}");
+    let events = events_of(&cb, &session, &run).await;
+    assert!(
+        events.iter().all(|f| f["type"] != "run_resumed"),
+        "nobody took over a live node's run"
+    );
+
+    // A long run on a, then a is lost: a node starting after a's lease has lapsed takes the run over.
+    let run = ca.send_bg(&session, "tokens=400 delay_ms=10").await;
+    wait_status(&ca, &session, &run, "running").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.kill_9();
+    // Within the lease, b still counts a as alive.
+    let (_, nodes) = cb.get("/v1/cluster").await;
+    assert_eq!(node_ids(&nodes), ["a", "b"]);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (_, nodes) = cb.get("/v1/cluster").await;
+    assert_eq!(node_ids(&nodes), ["b"], "a's lease has lapsed");
+    let mut c = spawn_agentd(&node_config(dir.path(), db.url(), &upstream, "c")).await;
+    let cc = c.client();
+    let done = wait_status(&cc, &session, &run, "completed").await;
+    assert!(done["node"].is_null());
+    let events = events_of(&cc, &session, &run).await;
+    let resumed: Vec<&Value> = events
+        .iter()
+        .filter(|f| f["type"] == "run_resumed")
+        .collect();
+    assert_eq!(resumed.len(), 1, "one takeover");
+    assert_eq!(resumed[0]["node"], "c");
+    assert_eq!(resumed[0]["run"]["node"], "c");
+    common::assert_gap_free(&events, 1);
+    b.kill_9();
+    c.kill_9();
+}
+
+#[tokio::test]
+async fn a_single_node_on_sqlite_lists_itself() {
+    let upstream = MockUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agentd.toml");
+    let text = common::config_text_with(&upstream.base_url(), dir.path(), 30, "", "");
+    std::fs::write(&path, text).unwrap();
+    let mut p: Process = spawn_agentd(&path).await;
+    let c = p.client();
+    let (status, nodes) = c.get("/v1/cluster").await;
+    assert_eq!(status, 200, "{nodes}");
+    let nodes = nodes.as_array().unwrap().clone();
+    assert_eq!(nodes.len(), 1);
+    let port = p.url.rsplit(':').next().unwrap().to_string();
+    let id = nodes[0]["node_id"].as_str().unwrap();
+    assert!(
+        id.ends_with(&format!(":{port}")),
+        "hostname:port of the address it serves on: {id}"
+    );
+    assert_eq!(nodes[0]["listen"], p.url.trim_start_matches("http://"));
+    p.kill_9();
+}
