@@ -221,6 +221,8 @@ pub struct RunManager {
     /// This process's name in `run_resumed` and `Run.node` (and, in a cluster, among the nodes):
     /// `cluster.node_id`, by default `hostname:port`.
     node_id: String,
+    /// This process among the node's (new at every start).
+    instance: String,
 }
 
 /// `hostname:port` of the listen address (the port alone when the address has none).
@@ -245,6 +247,7 @@ impl RunManager {
             .unwrap_or_else(|| default_node_id(&env.config.server.listen));
         Arc::new(RunManager {
             node_id,
+            instance: crate::domain::new_id(),
             env,
             sessions: Mutex::new(HashMap::new()),
             shutting_down: AtomicBool::new(false),
@@ -759,6 +762,11 @@ impl RunManager {
         &self.node_id
     }
 
+    /// This process among the node's (in the registry).
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
     /// Runs queued or running here.
     pub fn unfinished_count(&self) -> usize {
         let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
@@ -771,6 +779,19 @@ impl RunManager {
     /// `"interrupt"`, or when the run's session or agent is gone, it ends `interrupted`. Returns how many runs
     /// were resumed (or queued again) and how many were ended.
     pub async fn recover_leftovers(self: &Arc<Self>) -> Result<(usize, usize), StoreError> {
+        self.take_over(true).await
+    }
+
+    /// Takes over the unfinished runs of nodes that are gone (their heartbeat older than `cluster.lease_s`),
+    /// as at start-up; run every third of the lease by each node of a cluster, so a lost node's runs go on
+    /// elsewhere within about `lease_s`. Each run is claimed first (`Store::claim_run`): of several nodes
+    /// sweeping at once, one takes it.
+    pub async fn sweep_lost_nodes(self: &Arc<Self>) -> Result<(usize, usize), StoreError> {
+        self.take_over(false).await
+    }
+
+    /// `startup`: this process just started, so a run under its own node id is a previous process's.
+    async fn take_over(self: &Arc<Self>, startup: bool) -> Result<(usize, usize), StoreError> {
         let runs = self.store().unfinished_runs().await?;
         // Other nodes that are alive keep their runs (this node's id names this process now: a run under it
         // is a previous process's).
@@ -789,6 +810,22 @@ impl RunManager {
         for mut run in runs {
             if run.node.as_ref().is_some_and(|n| live.contains(n)) {
                 continue;
+            }
+            if !startup
+                && (run.node.is_none() || run.node.as_deref() == Some(self.node_id.as_str()))
+            {
+                // Ours, or being accepted by a node that has not named itself on it yet.
+                continue;
+            }
+            if !self
+                .store()
+                .claim_run(&run.session_id, &run.id, run.node.as_deref(), &self.node_id)
+                .await?
+            {
+                continue; // another node took it first
+            }
+            if !startup {
+                tracing::info!(run_id = %run.id, from = ?run.node, "taking over a run of a lost node");
             }
             run.node = Some(self.node_id.clone());
             let session = self.store().get_session(&run.session_id).await?;
@@ -929,6 +966,7 @@ impl RunManager {
             .await
             .is_ok()
         {
+            self.leave().await;
             return;
         }
         let sessions: Vec<Arc<SessionRuns>> = self
@@ -949,6 +987,14 @@ impl RunManager {
             }
         }
         let _ = tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await;
+        self.leave().await;
+    }
+
+    /// Gone from the registry: in a cluster the runs handed over go on elsewhere at once.
+    async fn leave(&self) {
+        if let Err(e) = self.store().leave(&self.node_id, &self.instance).await {
+            tracing::warn!(error = %e, "could not leave the node registry");
+        }
     }
 
     pub fn is_shutting_down(&self) -> bool {

@@ -149,14 +149,44 @@ pub struct Agentd {
     started_at: String,
 }
 
-/// Renews the node's heartbeat every `every` while the store is in use (a failed beat is logged; the next
-/// one tries again).
-async fn heartbeats(store: std::sync::Weak<dyn Store>, beat: NodeBeat, every: std::time::Duration) {
+/// Takes over the runs of lost nodes every `every` while the run manager is in use.
+async fn sweeps(runs: std::sync::Weak<RunManager>, every: std::time::Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
         tick.tick().await;
+        let Some(runs) = runs.upgrade() else { return };
+        if runs.is_shutting_down() {
+            return;
+        }
+        match runs.sweep_lost_nodes().await {
+            Ok((0, 0)) => {}
+            Ok((resumed, ended)) => {
+                tracing::info!(resumed, ended, "took over runs of a lost node")
+            }
+            Err(e) => tracing::warn!(error = %e, "sweeping for lost nodes' runs failed"),
+        }
+    }
+}
+
+/// Renews the node's heartbeat every `every` while the store is in use (a failed beat is logged; the next
+/// one tries again).
+async fn heartbeats(
+    store: std::sync::Weak<dyn Store>,
+    runs: std::sync::Weak<RunManager>,
+    beat: NodeBeat,
+    every: std::time::Duration,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        // A stopping node leaves the registry (`RunManager::shutdown`) and beats no more.
+        if runs.upgrade().is_none_or(|r| r.is_shutting_down()) {
+            return;
+        }
         let Some(store) = store.upgrade() else { return };
         if let Err(e) = store.heartbeat(&beat).await {
             tracing::warn!(node = %beat.node_id, error = %e, "node heartbeat failed");
@@ -185,7 +215,7 @@ impl Agentd {
         // takes over anything, then every third of the lease.
         let beat = NodeBeat {
             node_id: runs.node_id().to_string(),
-            instance: new_id(),
+            instance: runs.instance().to_string(),
             listen: config.server.listen.clone(),
             started_at: now_rfc3339(),
         };
@@ -196,6 +226,7 @@ impl Agentd {
         let started_at = beat.started_at.clone();
         tokio::spawn(heartbeats(
             Arc::downgrade(&store),
+            Arc::downgrade(&runs),
             beat,
             std::time::Duration::from_secs(config.cluster.lease_s) / 3,
         ));
@@ -203,6 +234,11 @@ impl Agentd {
             .recover_leftovers()
             .await
             .map_err(|e| format!("start-up recovery failed: {e}"))?;
+        // In a cluster, the runs of nodes lost later are taken over by whichever node sweeps first.
+        let lease = std::time::Duration::from_secs(config.cluster.lease_s);
+        if store.live_nodes(lease).await.ok().flatten().is_some() {
+            tokio::spawn(sweeps(Arc::downgrade(&runs), lease / 3));
+        }
         if resumed + ended > 0 {
             tracing::info!(
                 runs = resumed + ended,

@@ -200,6 +200,23 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Option<Vec<(NodeInfo, String)>>> {
         Ok(None)
     }
+    /// Takes the node's process `instance` out of the registry (a graceful stop): other nodes take over what it
+    /// leaves at their next sweep instead of waiting for its lease to lapse.
+    async fn leave(&self, _node_id: &str, _instance: &str) -> StoreResult<()> {
+        Ok(())
+    }
+    /// Makes node `to` the one executing the unfinished run `run_id`, if its node is still `from`: true when
+    /// this call took it (of several nodes trying at once, one does). A store one process owns has nobody to
+    /// race: the default takes it.
+    async fn claim_run(
+        &self,
+        _session_id: &str,
+        _run_id: &str,
+        _from: Option<&str>,
+        _to: &str,
+    ) -> StoreResult<bool> {
+        Ok(true)
+    }
 }
 
 /// A node's heartbeat: who it is, which process (`instance`, new at every start, so a node restarted under the

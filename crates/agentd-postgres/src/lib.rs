@@ -769,6 +769,37 @@ impl Store for PgStore {
         Ok(())
     }
 
+    async fn leave(&self, node_id: &str, instance: &str) -> StoreResult<()> {
+        self.execute(
+            "leaving the registry",
+            "DELETE FROM nodes WHERE node_id = $1 AND instance = $2",
+            &[&node_id, &instance],
+        )
+        .await
+        .map_err(|f| f.into_store("leaving the registry"))?;
+        Ok(())
+    }
+
+    async fn claim_run(
+        &self,
+        session_id: &str,
+        run_id: &str,
+        from: Option<&str>,
+        to: &str,
+    ) -> StoreResult<bool> {
+        let changed = self
+            .execute(
+                "claiming a run",
+                "UPDATE runs SET node = $4
+                 WHERE session_id = $1 AND id = $2 AND node IS NOT DISTINCT FROM $3
+                   AND status IN ('queued', 'running', 'waiting_input')",
+                &[&session_id, &run_id, &from, &to],
+            )
+            .await
+            .map_err(|f| f.into_store("claiming a run"))?;
+        Ok(changed == 1)
+    }
+
     async fn live_nodes(&self, within: Duration) -> StoreResult<Option<Vec<(NodeInfo, String)>>> {
         let secs = within.as_secs_f64();
         let rows = self

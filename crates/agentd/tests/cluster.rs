@@ -1,6 +1,7 @@
 //! Several `agentd serve` processes on one PostgreSQL database (SPEC.md section 6), as far as they go today:
 //! every node is in the registry (`GET /v1/cluster`), a run names the node executing it (`Run.node`), and a
-//! node's start-up takes over only the runs of nodes that are gone, never a live node's. Real processes, a
+//! node's start-up takes over only the runs of nodes that are gone, never a live node's, and the runs of a node
+//! lost later are taken over by another node once its lease has lapsed. Real processes, a
 //! real PostgreSQL database of the test's own, the mock upstream over HTTP. (A single node on SQLite lists
 //! itself.)
 
@@ -67,7 +68,7 @@ async fn events_of(c: &Client, session: &str, run: &str) -> Vec<Value> {
 }
 
 #[tokio::test]
-async fn a_node_starting_beside_a_live_run_leaves_it_and_one_starting_after_a_lost_node_takes_it_over(
+async fn a_node_starting_beside_a_live_run_leaves_it_and_a_lost_nodes_run_is_taken_over_within_the_lease(
 ) {
     let db = TestDatabase::try_create()
         .await
@@ -108,32 +109,114 @@ async fn a_node_starting_beside_a_live_run_leaves_it_and_one_starting_after_a_lo
         "nobody took over a live node's run"
     );
 
-    // A long run on a, then a is lost: a node starting after a's lease has lapsed takes the run over.
+    // A long run on a, then a is lost: b, sweeping every third of the lease, takes the run over once a's
+    // lease has lapsed, and it goes on from its last durable step.
     let run = ca.send_bg(&session, "tokens=400 delay_ms=10").await;
     wait_status(&ca, &session, &run, "running").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     a.kill_9();
-    // Within the lease, b still counts a as alive.
+    let lost = Instant::now();
     let (_, nodes) = cb.get("/v1/cluster").await;
-    assert_eq!(node_ids(&nodes), ["a", "b"]);
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        node_ids(&nodes),
+        ["a", "b"],
+        "within the lease, a still counts as alive"
+    );
+    let events = {
+        let mut ws = cb.ws(&session, "after=0").await;
+        ws.next().await;
+        let r = run.clone();
+        ws.until(move |f| f["type"] == "run_resumed" && f["run_id"] == r)
+            .await
+    };
+    let took = lost.elapsed();
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(10),
+        "taken over after the 2 s lease lapsed, well within 10 s: {took:?}"
+    );
+    let resumed = events.last().unwrap();
+    assert_eq!(resumed["node"], "b");
+    assert_eq!(resumed["run"]["node"], "b");
     let (_, nodes) = cb.get("/v1/cluster").await;
     assert_eq!(node_ids(&nodes), ["b"], "a's lease has lapsed");
-    let mut c = spawn_agentd(&node_config(dir.path(), db.url(), &upstream, "c")).await;
-    let cc = c.client();
-    let done = wait_status(&cc, &session, &run, "completed").await;
+    let done = wait_status(&cb, &session, &run, "completed").await;
     assert!(done["node"].is_null());
-    let events = events_of(&cc, &session, &run).await;
+    let events = events_of(&cb, &session, &run).await;
     let resumed: Vec<&Value> = events
         .iter()
         .filter(|f| f["type"] == "run_resumed")
         .collect();
     assert_eq!(resumed.len(), 1, "one takeover");
-    assert_eq!(resumed[0]["node"], "c");
-    assert_eq!(resumed[0]["run"]["node"], "c");
     common::assert_gap_free(&events, 1);
+
+    // A node starting later finds nothing to take over, and the registry has it beside b.
+    let mut c = spawn_agentd(&node_config(dir.path(), db.url(), &upstream, "c")).await;
+    let (_, nodes) = c.client().get("/v1/cluster").await;
+    assert_eq!(node_ids(&nodes), ["b", "c"]);
+    let events = events_of(&c.client(), &session, &run).await;
+    assert_eq!(
+        events.iter().filter(|f| f["type"] == "run_resumed").count(),
+        1
+    );
     b.kill_9();
     c.kill_9();
+}
+
+/// A node stopped gracefully with a run still going (its grace, 2 s, runs out) hands the run over at once:
+/// it leaves the registry, and another node takes the run at its next sweep instead of after the lease.
+#[tokio::test]
+async fn a_graceful_stop_hands_a_running_run_to_another_node_at_once() {
+    let db = TestDatabase::try_create()
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL: {e}"));
+    let upstream = MockUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    // A long lease: only the hand-over can make the takeover quick.
+    let config = |node: &str| {
+        let path = dir.join(format!("{node}.toml"));
+        let extra = format!("[cluster]\nnode_id = \"{node}\"\nlease_s = 30\n");
+        let text = common::config_text_on(db.url(), &upstream.base_url(), dir, 30, &extra, "");
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let mut a = spawn_agentd(&config("a")).await;
+    let mut b = spawn_agentd(&config("b")).await;
+    let ca = a.client();
+    let session = ca.session().await;
+    let run = ca.send_bg(&session, "tokens=800 delay_ms=10").await;
+    wait_status(&ca, &session, &run, "running").await;
+    let stopped = Instant::now();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &a.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(a.child.wait().unwrap().code(), Some(0));
+    let cb = b.client();
+    let (_, nodes) = cb.get("/v1/cluster").await;
+    assert_eq!(node_ids(&nodes), ["b"], "a left the registry");
+    let done = wait_status(&cb, &session, &run, "completed").await;
+    assert!(
+        stopped.elapsed() < Duration::from_secs(25),
+        "taken over long before a's 30 s lease would have lapsed: {:?}",
+        stopped.elapsed()
+    );
+    assert!(done["node"].is_null());
+    let events = events_of(&cb, &session, &run).await;
+    let resumed: Vec<&Value> = events
+        .iter()
+        .filter(|f| f["type"] == "run_resumed")
+        .collect();
+    assert_eq!(resumed.len(), 1);
+    assert_eq!(resumed[0]["node"], "b");
+    let finished: Vec<&Value> = events
+        .iter()
+        .filter(|f| f["type"] == "run_finished")
+        .collect();
+    assert_eq!(finished.len(), 1);
+    common::assert_gap_free(&events, 1);
+    b.kill_9();
 }
 
 #[tokio::test]
