@@ -59,6 +59,10 @@ fn node_ids(nodes: &Value) -> Vec<String> {
         .collect()
 }
 
+fn of_type<'a>(events: &'a [Value], ty: &str) -> Vec<&'a Value> {
+    events.iter().filter(|f| f["type"] == ty).collect()
+}
+
 async fn events_of(c: &Client, session: &str, run: &str) -> Vec<Value> {
     let mut ws = c.ws(session, "after=0").await;
     ws.next().await;
@@ -142,10 +146,7 @@ async fn a_node_starting_beside_a_live_run_leaves_it_and_a_lost_nodes_run_is_tak
     let done = wait_status(&cb, &session, &run, "completed").await;
     assert!(done["node"].is_null());
     let events = events_of(&cb, &session, &run).await;
-    let resumed: Vec<&Value> = events
-        .iter()
-        .filter(|f| f["type"] == "run_resumed")
-        .collect();
+    let resumed = of_type(&events, "run_resumed");
     assert_eq!(resumed.len(), 1, "one takeover");
     common::assert_gap_free(&events, 1);
 
@@ -204,16 +205,10 @@ async fn a_graceful_stop_hands_a_running_run_to_another_node_at_once() {
     );
     assert!(done["node"].is_null());
     let events = events_of(&cb, &session, &run).await;
-    let resumed: Vec<&Value> = events
-        .iter()
-        .filter(|f| f["type"] == "run_resumed")
-        .collect();
+    let resumed = of_type(&events, "run_resumed");
     assert_eq!(resumed.len(), 1);
     assert_eq!(resumed[0]["node"], "b");
-    let finished: Vec<&Value> = events
-        .iter()
-        .filter(|f| f["type"] == "run_finished")
-        .collect();
+    let finished = of_type(&events, "run_finished");
     assert_eq!(finished.len(), 1);
     common::assert_gap_free(&events, 1);
     b.kill_9();
