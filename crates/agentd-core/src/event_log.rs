@@ -83,6 +83,14 @@ impl Fanout {
         }
     }
 
+    /// Whether this process has live subscribers of `session_id`.
+    fn has(&self, session_id: &str) -> bool {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(session_id)
+    }
+
     fn publish(&self, events: &[Arc<LoggedEvent>]) {
         let mut map = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         for ev in events {
@@ -200,6 +208,9 @@ impl EventLog {
             broken: broken.clone(),
         };
         tokio::spawn(appender(rx, this));
+        if let Some(remote) = store.remote_appends() {
+            tokio::spawn(relay_remote(remote, store.clone(), fanout.clone()));
+        }
         Arc::new(EventLog {
             tx,
             store,
@@ -561,6 +572,41 @@ async fn appender(mut rx: mpsc::Receiver<Pending>, this: Appender) {
         if !tokens.is_empty() {
             last_start = Some(tokio::time::Instant::now());
             this.commit(tokens, false).await;
+        }
+    }
+}
+
+/// Publishes what other nodes commit to the sessions this process has subscribers of: each announced range is
+/// read from the log (so it is durable) and published like a local commit. Subscribers drop what they already
+/// have and read any gap from the store, so the order in which local and remote commits are published does
+/// not matter; a notification missed (lagging) is made up by the next event's gap read.
+async fn relay_remote(
+    mut remote: broadcast::Receiver<crate::store::RemoteAppend>,
+    store: Arc<dyn Store>,
+    fanout: Arc<Fanout>,
+) {
+    loop {
+        let ra = match remote.recv().await {
+            Ok(ra) => ra,
+            Err(broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        if !fanout.has(&ra.session_id) || ra.last_seq < ra.first_seq {
+            continue;
+        }
+        let want = usize::try_from(ra.last_seq - ra.first_seq + 1).unwrap_or(READ_PAGE);
+        match store
+            .read_events(
+                &ra.session_id,
+                ra.first_seq.saturating_sub(1),
+                want.min(READ_PAGE),
+            )
+            .await
+        {
+            Ok(events) => fanout.publish(&events),
+            Err(e) => {
+                tracing::debug!(session = %ra.session_id, error = %e, "reading another node's events failed")
+            }
         }
     }
 }

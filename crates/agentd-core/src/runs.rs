@@ -805,6 +805,8 @@ impl RunManager {
             .map(|(n, _)| n.node_id)
             .filter(|id| *id != self.node_id)
             .collect();
+        // Commits announce themselves while other nodes may have subscribers.
+        self.store().set_peers(!live.is_empty());
         let (mut resumed, mut ended) = (0, 0);
         let server = &self.env.config.server;
         for mut run in runs {

@@ -187,6 +187,13 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<()>;
 
     // --- the nodes of a cluster (SPEC.md section 6) ---
+    /// What other nodes commit to the log, as it happens (None: a store one process owns). The event log
+    /// reads those ranges and publishes them to its subscribers.
+    fn remote_appends(&self) -> Option<tokio::sync::broadcast::Receiver<RemoteAppend>> {
+        None
+    }
+    /// Whether other nodes are alive (so this node's commits must announce themselves to them).
+    fn set_peers(&self, _peers: bool) {}
     /// Records that `beat`'s node is alive. A store one process owns keeps no registry: the default does
     /// nothing.
     async fn heartbeat(&self, _beat: &NodeBeat) -> StoreResult<()> {
@@ -217,6 +224,14 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<bool> {
         Ok(true)
     }
+}
+
+/// Events another node committed to a session's log: seqs `first_seq..=last_seq`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteAppend {
+    pub session_id: String,
+    pub first_seq: u64,
+    pub last_seq: u64,
 }
 
 /// A node's heartbeat: who it is, which process (`instance`, new at every start, so a node restarted under the

@@ -39,6 +39,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
 use crate::health::Health;
+use crate::notify::Notifier;
 use crate::rows::{from_sql_int, is_connection_error, pg, to_sql_int, MessageJson, RunValues};
 
 /// How long an append keeps trying while the database cannot be reached (see the module docs).
@@ -86,6 +87,9 @@ ON CONFLICT (session_id, id) DO UPDATE SET
 pub(crate) const RECORD_FIRST_SEQ: &str =
     "UPDATE runs SET first_seq = $3 WHERE session_id = $1 AND id = $2 AND first_seq IS NULL";
 
+/// Tells the other nodes what a commit added (see `notify`).
+const NOTIFY: &str = "SELECT pg_notify('agentd_log', $1)";
+
 type Op<'a> = Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'a>>;
 
 /// Appends `batch` in one transaction on a task of its own, trying again while the database is unreachable
@@ -93,12 +97,14 @@ type Op<'a> = Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + 
 pub(crate) async fn append(
     pool: &Pool,
     health: &Arc<Health>,
+    notifier: &Arc<Notifier>,
     batch: Vec<LogEntry>,
 ) -> StoreResult<Vec<Arc<LoggedEvent>>> {
     check(&batch)?;
     let pool = pool.clone();
     let health = health.clone();
-    tokio::spawn(async move { append_retrying(&pool, &health, batch).await })
+    let notifier = notifier.clone();
+    tokio::spawn(async move { append_retrying(&pool, &health, &notifier, batch).await })
         .await
         .map_err(|e| StoreError::Other(format!("postgres: the append task failed: {e}")))?
 }
@@ -116,13 +122,14 @@ enum Attempt {
 async fn append_retrying(
     pool: &Pool,
     health: &Health,
+    notifier: &Notifier,
     mut batch: Vec<LogEntry>,
 ) -> StoreResult<Vec<Arc<LoggedEvent>>> {
     let deadline = Instant::now() + OUTAGE_GRACE;
     let mut wait = RETRY_FIRST;
     loop {
         let attempt = match pool.get().await {
-            Ok(client) => commit(&client, batch).await,
+            Ok(client) => commit(&client, notifier, batch).await,
             Err(e) => match crate::rows::pool(e) {
                 e @ StoreError::Unavailable(_) => Attempt::NotCommitted(batch, e),
                 e => Attempt::Done(Err(e)),
@@ -387,7 +394,7 @@ async fn number(
     Ok((Statements { insert, rows }, next))
 }
 
-async fn commit(client: &Object, batch: Vec<LogEntry>) -> Attempt {
+async fn commit(client: &Object, notifier: &Notifier, batch: Vec<LogEntry>) -> Attempt {
     let (statements, mut next) = match number(client, &batch).await {
         Ok(numbered) => numbered,
         Err(e @ StoreError::Unavailable(_)) => return Attempt::NotCommitted(batch, e),
@@ -433,6 +440,19 @@ async fn commit(client: &Object, batch: Vec<LogEntry>) -> Attempt {
         Err(e) => {
             rollback(client).await;
             return Attempt::Done(Err(e));
+        }
+    };
+    // Other nodes hear of the new events when (and only if) the transaction commits.
+    let payloads = notifier.payloads(&logged);
+    let notify = if payloads.is_empty() {
+        None
+    } else {
+        match client.prepare_cached(NOTIFY).await {
+            Ok(stmt) => Some(stmt),
+            Err(e) => {
+                rollback(client).await;
+                return Attempt::Done(Err(pg("preparing the notification", e)));
+            }
         }
     };
     let mut ops: Vec<Op<'_>> = Vec::with_capacity(1 + prepared.rows.len());
@@ -495,6 +515,12 @@ async fn commit(client: &Object, batch: Vec<LogEntry>) -> Attempt {
     // `join` polls the statements first (each sends its request when first polled), then COMMIT: the server
     // gets them in this order, in one write. If a statement fails, the transaction is aborted and the COMMIT
     // rolls it back.
+    if let Some(stmt) = &notify {
+        for payload in &payloads {
+            let params: Vec<&(dyn ToSql + Sync)> = vec![payload];
+            ops.push(Box::pin(client.execute_raw(stmt, params)));
+        }
+    }
     let (results, committed) = join(join_all(ops), client.batch_execute("COMMIT")).await;
     drop(prepared);
     let failed = results

@@ -24,7 +24,7 @@ use std::time::Duration;
 use agentd_core::domain::{Message, NodeInfo, Run, Session, Upload};
 use agentd_core::event::LoggedEvent;
 use agentd_core::store::{
-    LogBounds, LogEntry, NodeBeat, Store, StoreError, StoreResult, StoredRun,
+    LogBounds, LogEntry, NodeBeat, RemoteAppend, Store, StoreError, StoreResult, StoredRun,
 };
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
@@ -35,6 +35,7 @@ use tokio_postgres::NoTls;
 mod append;
 mod copy;
 mod health;
+mod notify;
 mod rows;
 mod schema;
 
@@ -67,6 +68,8 @@ pub struct PgStore {
     name: String,
     /// Reachable or not, and the log lines an outage gets.
     health: Arc<health::Health>,
+    /// Live events across nodes: what this store's commits announce and what it hears of others'.
+    notifier: Arc<notify::Notifier>,
 }
 
 /// How long the event log may gather token events into one Postgres commit. A commit costs this store a
@@ -175,10 +178,13 @@ impl PgStore {
             .build()
             .map_err(|e| StoreError::Other(format!("creating the connection pool: {e}")))?;
         tracing::debug!(database = %target.name, version = schema::latest_version(), max_connections, "postgres store open");
+        let notifier = notify::Notifier::new();
+        notify::listen(target.config.clone(), &notifier);
         Ok(PgStore {
             pool,
             name: target.name.clone(),
             health: Arc::new(health::Health::new(target.name.clone())),
+            notifier,
         })
     }
 
@@ -545,7 +551,7 @@ impl Store for PgStore {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        append::append(&self.pool, &self.health, batch).await
+        append::append(&self.pool, &self.health, &self.notifier, batch).await
     }
 
     async fn read_events(
@@ -754,6 +760,14 @@ impl Store for PgStore {
             last_seq,
         )
         .await
+    }
+
+    fn remote_appends(&self) -> Option<tokio::sync::broadcast::Receiver<RemoteAppend>> {
+        Some(self.notifier.subscribe())
+    }
+
+    fn set_peers(&self, peers: bool) {
+        self.notifier.set_peers(peers);
     }
 
     async fn heartbeat(&self, beat: &NodeBeat) -> StoreResult<()> {

@@ -214,6 +214,55 @@ async fn a_graceful_stop_hands_a_running_run_to_another_node_at_once() {
     b.kill_9();
 }
 
+/// A client on node b gets, live, every event of a run executing on node a: in order, gap-free, the answer
+/// whole, without reconnecting (a's commits announce themselves; b reads and publishes them).
+#[tokio::test]
+async fn a_subscriber_on_another_node_gets_the_run_live() {
+    let db = TestDatabase::try_create()
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL: {e}"));
+    let upstream = MockUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = spawn_agentd(&node_config(dir.path(), db.url(), &upstream, "a")).await;
+    let mut b = spawn_agentd(&node_config(dir.path(), db.url(), &upstream, "b")).await;
+    // a learns of b at its next sweep (every third of the 2 s lease).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (ca, cb) = (a.client(), b.client());
+    let session = ca.session().await;
+    let mut ws = cb.ws(&session, "").await;
+    let hello = ws.next().await;
+    assert_eq!(hello["type"], "hello");
+    let run = ca.send_bg(&session, "tokens=200 delay_ms=5").await;
+    let r = run.clone();
+    let frames = tokio::time::timeout(
+        Duration::from_secs(20),
+        ws.until(move |f| f["type"] == "run_finished" && f["run_id"] == r),
+    )
+    .await
+    .expect("b's subscriber gets the run's end live");
+    common::assert_gap_free(&frames, 1);
+    assert_eq!(
+        frames[0]["type"], "message",
+        "from the user message on: {}",
+        frames[0]
+    );
+    let finished = frames.last().unwrap();
+    assert_eq!(finished["run"]["status"], "completed");
+    let text: String = frames
+        .iter()
+        .filter(|f| f["type"] == "text_delta")
+        .filter_map(|f| f["delta"].as_str())
+        .collect();
+    assert_eq!(finished["content"].as_str(), Some(text.as_str()));
+    assert_eq!(
+        frames.iter().filter(|f| f["type"] == "text_delta").count(),
+        200,
+        "every delta, live"
+    );
+    a.kill_9();
+    b.kill_9();
+}
+
 #[tokio::test]
 async fn a_single_node_on_sqlite_lists_itself() {
     let upstream = MockUpstream::start().await;
