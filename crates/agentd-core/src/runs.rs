@@ -52,6 +52,21 @@ struct SessionState {
     pending_inputs: HashMap<String, PendingInput>,
 }
 
+impl SessionState {
+    /// `run_id` no longer holds the turn (if it did).
+    fn release_active(&mut self, run_id: &str) {
+        if self.active.as_deref() == Some(run_id) {
+            self.active = None;
+        }
+    }
+
+    /// `run_id` has ended (or left this process): neither queued nor asking any more.
+    fn forget(&mut self, run_id: &str) {
+        self.runs.retain(|(id, _)| id != run_id);
+        self.pending_inputs.retain(|_, p| p.run_id != run_id);
+    }
+}
+
 struct SessionRuns {
     turn: Arc<Semaphore>,
     state: Mutex<SessionState>,
@@ -326,11 +341,7 @@ impl RunManager {
     }
 
     pub fn unmark_active(&self, session_id: &str, run_id: &str) {
-        let sr = self.session(session_id);
-        let mut state = sr.state();
-        if state.active.as_deref() == Some(run_id) {
-            state.active = None;
-        }
+        self.session(session_id).state().release_active(run_id);
     }
 
     /// [`RunManager::start`] with a place taken earlier.
@@ -492,11 +503,8 @@ impl RunManager {
             tracing::info!(run_id = %run_id, "run left for the next process to resume");
             {
                 let mut state = sr.state();
-                if state.active.as_deref() == Some(run_id.as_str()) {
-                    state.active = None;
-                }
-                state.runs.retain(|(id, _)| *id != run_id);
-                state.pending_inputs.retain(|_, p| p.run_id != run_id);
+                state.release_active(&run_id);
+                state.forget(&run_id);
             }
             drop(permit);
             let _ = done_tx.send(Some((run, None)));
@@ -528,12 +536,7 @@ impl RunManager {
         // must not be told the run is active while its `run_finished` is already below the `last_seq` it gets
         // (it receives the end live if it attached just before the commit). The queued runs and the turn's
         // permit stay until after the commit, so the next turn still starts after this one's end.
-        {
-            let mut state = sr.state();
-            if state.active.as_deref() == Some(run_id.as_str()) {
-                state.active = None;
-            }
-        }
+        sr.state().release_active(&run_id);
         let finished = LogEntry {
             event: finished,
             run: Some(run.clone()),
@@ -570,11 +573,7 @@ impl RunManager {
                 tracing::warn!(session_id = %session_id, error = %e, "event retention pruning failed");
             }
         }
-        {
-            let mut state = sr.state();
-            state.runs.retain(|(id, _)| *id != run_id);
-            state.pending_inputs.retain(|_, p| p.run_id != run_id);
-        }
+        sr.state().forget(&run_id);
         drop(permit);
         let _ = done_tx.send(Some((run, result)));
     }

@@ -16,6 +16,18 @@ use agentd_testkit::MockUpstream;
 use common::{spawn_agentd, Client, Process};
 use serde_json::Value;
 
+/// A database, a mock upstream and a directory for configs, shared by the nodes of one test.
+async fn shared() -> (TestDatabase, MockUpstream, tempfile::TempDir) {
+    let db = TestDatabase::try_create()
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL: {e}"));
+    (
+        db,
+        MockUpstream::start().await,
+        tempfile::tempdir().unwrap(),
+    )
+}
+
 /// A config for node `node_id` on `store_url`, with a 2 s lease.
 fn node_config(
     dir: &std::path::Path,
@@ -23,8 +35,18 @@ fn node_config(
     upstream: &MockUpstream,
     node_id: &str,
 ) -> std::path::PathBuf {
+    node_config_leased(dir, store_url, upstream, node_id, 2)
+}
+
+fn node_config_leased(
+    dir: &std::path::Path,
+    store_url: &str,
+    upstream: &MockUpstream,
+    node_id: &str,
+    lease_s: u64,
+) -> std::path::PathBuf {
     let path = dir.join(format!("{node_id}.toml"));
-    let extra = format!("[cluster]\nnode_id = \"{node_id}\"\nlease_s = 2\n");
+    let extra = format!("[cluster]\nnode_id = \"{node_id}\"\nlease_s = {lease_s}\n");
     let text = common::config_text_on(store_url, &upstream.base_url(), dir, 30, &extra, "");
     std::fs::write(&path, text).unwrap();
     path
@@ -74,11 +96,7 @@ async fn events_of(c: &Client, session: &str, run: &str) -> Vec<Value> {
 #[tokio::test]
 async fn a_node_starting_beside_a_live_run_leaves_it_and_a_lost_nodes_run_is_taken_over_within_the_lease(
 ) {
-    let db = TestDatabase::try_create()
-        .await
-        .unwrap_or_else(|e| panic!("PostgreSQL: {e}"));
-    let upstream = MockUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
+    let (db, upstream, dir) = shared().await;
     let mut a = spawn_agentd(&node_config(dir.path(), db.url(), &upstream, "a")).await;
     let ca = a.client();
     let session = ca.session().await;
@@ -167,20 +185,9 @@ async fn a_node_starting_beside_a_live_run_leaves_it_and_a_lost_nodes_run_is_tak
 /// it leaves the registry, and another node takes the run at its next sweep instead of after the lease.
 #[tokio::test]
 async fn a_graceful_stop_hands_a_running_run_to_another_node_at_once() {
-    let db = TestDatabase::try_create()
-        .await
-        .unwrap_or_else(|e| panic!("PostgreSQL: {e}"));
-    let upstream = MockUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let dir = dir.path();
+    let (db, upstream, dir) = shared().await;
     // A long lease: only the hand-over can make the takeover quick.
-    let config = |node: &str| {
-        let path = dir.join(format!("{node}.toml"));
-        let extra = format!("[cluster]\nnode_id = \"{node}\"\nlease_s = 30\n");
-        let text = common::config_text_on(db.url(), &upstream.base_url(), dir, 30, &extra, "");
-        std::fs::write(&path, text).unwrap();
-        path
-    };
+    let config = |node: &str| node_config_leased(dir.path(), db.url(), &upstream, node, 30);
     let mut a = spawn_agentd(&config("a")).await;
     let mut b = spawn_agentd(&config("b")).await;
     let ca = a.client();
@@ -218,11 +225,7 @@ async fn a_graceful_stop_hands_a_running_run_to_another_node_at_once() {
 /// whole, without reconnecting (a's commits announce themselves; b reads and publishes them).
 #[tokio::test]
 async fn a_subscriber_on_another_node_gets_the_run_live() {
-    let db = TestDatabase::try_create()
-        .await
-        .unwrap_or_else(|e| panic!("PostgreSQL: {e}"));
-    let upstream = MockUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
+    let (db, upstream, dir) = shared().await;
     let mut a = spawn_agentd(&node_config(dir.path(), db.url(), &upstream, "a")).await;
     let mut b = spawn_agentd(&node_config(dir.path(), db.url(), &upstream, "b")).await;
     // a learns of b at its next sweep (every third of the 2 s lease).
