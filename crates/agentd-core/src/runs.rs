@@ -605,6 +605,23 @@ impl RunManager {
                 discard_from_seq: plan.discard_from_seq,
             }),
         };
+        // A resumed run's open question takes replies from before `run_resumed` is published: a client that
+        // sees the resume may answer at once, before the turn has come back round to `ask_human`.
+        let open_question =
+            resume
+                .as_ref()
+                .and_then(|p| p.open_question.clone())
+                .map(|request_id| {
+                    let (tx, rx) = oneshot::channel();
+                    self.session(&run.session_id).state().pending_inputs.insert(
+                        request_id.clone(),
+                        PendingInput {
+                            run_id: run.id.clone(),
+                            reply: tx,
+                        },
+                    );
+                    (request_id, rx)
+                });
         if let Some(start) = start {
             log.append_durable(envelope(start), Some(run.clone()))
                 .await
@@ -684,7 +701,7 @@ impl RunManager {
             agent: session_agent.to_string(),
             timeout: Duration::from_secs(self.env.config.server.ask_human_timeout_s),
             cancel: cancel.clone(),
-            open_question: Mutex::new(resume.as_ref().and_then(|p| p.open_question.clone())),
+            open_question: Mutex::new(open_question),
         });
         let spec = TurnSpec {
             session_id: run.session_id.clone(),
@@ -791,10 +808,13 @@ impl RunManager {
 
     /// `startup`: this process just started, so a run under its own node id is a previous process's.
     async fn take_over(self: &Arc<Self>, startup: bool) -> Result<(usize, usize), StoreError> {
+        // Nodes whose lease lapsed are fenced before anything of theirs is read: what they still had in flight
+        // is committed before this (their appends hold the registry row) or refused after it.
+        let lease = Duration::from_secs(self.env.config.cluster.lease_s);
+        self.store().expel_lapsed(lease).await?;
         let runs = self.store().unfinished_runs().await?;
         // Other nodes that are alive keep their runs (this node's id names this process now: a run under it
         // is a previous process's).
-        let lease = Duration::from_secs(self.env.config.cluster.lease_s);
         let live: Vec<String> = self
             .store()
             .live_nodes(lease)
@@ -1129,8 +1149,9 @@ struct RunHuman {
     agent: String,
     timeout: Duration,
     cancel: CancellationToken,
-    /// A resumed run's unanswered question: its next `ask` waits under this request id (already in the log).
-    open_question: Mutex<Option<String>>,
+    /// A resumed run's unanswered question, registered before the resume was published: its next `ask` waits
+    /// on this receiver under this request id (already in the log).
+    open_question: Mutex<Option<(String, oneshot::Receiver<String>)>>,
 }
 
 impl RunHuman {
@@ -1159,18 +1180,24 @@ impl HumanInput for RunHuman {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         let asked_before = reused.is_some();
-        let request_id = reused.unwrap_or_else(crate::domain::new_id);
-        let (tx, rx) = oneshot::channel();
         let run = self.run_with(RunStatus::WaitingInput);
         let sr = self.manager.session(&self.session_id);
         let _pending = GaugeGuard::new(self.manager.env.metrics.pending_questions.clone());
-        sr.state().pending_inputs.insert(
-            request_id.clone(),
-            PendingInput {
-                run_id: run.id.clone(),
-                reply: tx,
-            },
-        );
+        let (request_id, rx) = match reused {
+            Some(open) => open,
+            None => {
+                let request_id = crate::domain::new_id();
+                let (tx, rx) = oneshot::channel();
+                sr.state().pending_inputs.insert(
+                    request_id.clone(),
+                    PendingInput {
+                        run_id: run.id.clone(),
+                        reply: tx,
+                    },
+                );
+                (request_id, rx)
+            }
+        };
         let asked = self.event(
             &run.id,
             EventKind::InputRequested {

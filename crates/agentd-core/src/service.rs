@@ -68,6 +68,7 @@ impl From<StoreError> for ServiceError {
                 message: m,
             },
             StoreError::Unavailable(m) => ServiceError::Unavailable(m),
+            e @ StoreError::Fenced(_) => ServiceError::Unavailable(e.to_string()),
             StoreError::Other(m) => ServiceError::Internal(m),
         }
     }
@@ -188,8 +189,11 @@ async fn heartbeats(
             return;
         }
         let Some(store) = store.upgrade() else { return };
-        if let Err(e) = store.heartbeat(&beat).await {
-            tracing::warn!(node = %beat.node_id, error = %e, "node heartbeat failed");
+        match store.heartbeat(&beat).await {
+            Ok(()) => {}
+            // The store has told the process (`Store::fenced`), which stops.
+            Err(StoreError::Fenced(_)) => return,
+            Err(e) => tracing::warn!(node = %beat.node_id, error = %e, "node heartbeat failed"),
         }
     }
 }
@@ -260,6 +264,17 @@ impl Agentd {
             runs,
             metrics,
         }))
+    }
+
+    /// Resolves once this node has been fenced (SPEC.md section 6): another node found its lease lapsed (it
+    /// was frozen, or cut off from the database) and took its runs over, and the store refuses everything it
+    /// writes. The process must stop; started again, it joins as a new process. Never, on a store one
+    /// process owns.
+    pub async fn lost_lease(&self) {
+        match self.store.fenced() {
+            Some(token) => token.cancelled().await,
+            None => std::future::pending().await,
+        }
     }
 
     /// The live nodes (`GET /v1/cluster`, admin; with no API keys configured, anyone who can reach the

@@ -36,6 +36,10 @@ pub enum StoreError {
     Unavailable(String),
     #[error("storage error: {0}")]
     Other(String),
+    /// This node no longer holds its lease (another node found it lapsed and took its runs over): the store
+    /// refuses everything it writes from then on (fencing, SPEC.md section 6).
+    #[error("this node lost its lease: {0}")]
+    Fenced(String),
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -194,10 +198,24 @@ pub trait Store: Send + Sync + 'static {
     }
     /// Whether other nodes are alive (so this node's commits must announce themselves to them).
     fn set_peers(&self, _peers: bool) {}
-    /// Records that `beat`'s node is alive. A store one process owns keeps no registry: the default does
-    /// nothing.
+    /// Records that `beat`'s node is alive. The first beat of a process registers it (and so fences any
+    /// earlier process under the same node id); a later one renews it, or answers [`StoreError::Fenced`] if
+    /// the registry no longer holds this process (another node expelled it, [`Store::expel_lapsed`]). From
+    /// the first beat on, every append of this store is fenced: it commits only while the registry holds
+    /// the process, checked in the append's own transaction. A store one process owns keeps no registry: the
+    /// default does nothing.
     async fn heartbeat(&self, _beat: &NodeBeat) -> StoreResult<()> {
         Ok(())
+    }
+    /// Takes out of the registry every node whose last heartbeat is older than `within`: from then on their
+    /// writes are refused, so their runs may be taken over. Waits for their appends in flight to end.
+    async fn expel_lapsed(&self, _within: std::time::Duration) -> StoreResult<()> {
+        Ok(())
+    }
+    /// Cancelled once this store learns that its process was fenced (a beat or an append refused): the
+    /// process can write nothing more and must stop. None: a store one process owns, never fenced.
+    fn fenced(&self) -> Option<tokio_util::sync::CancellationToken> {
+        None
     }
     /// The nodes whose last heartbeat is at most `within` old, each with its unfinished runs counted, and each
     /// with its instance (see [`NodeBeat`]). None: the store keeps no registry (it serves one process).

@@ -1,7 +1,7 @@
 //! The append path: a group of events (any sessions) numbered and committed in one transaction.
 //!
 //! Two round trips, each one pipelined write of several statements:
-//! 1. `BEGIN`, then one statement that locks the batch's sessions' counters (in session id order, so two
+//! 1. `BEGIN`, the fence (the registry row of this node's process, locked: see `lease`), then one statement that locks the batch's sessions' counters (in session id order, so two
 //!    appends that share sessions never deadlock) and adds each session's event count: `RETURNING` gives the
 //!    new last seq, so the seqs are assigned inside the transaction, from the database's own counter.
 //! 2. One multi-row insert of every event (`unnest` of arrays: one statement however many sessions and
@@ -39,6 +39,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
 use crate::health::Health;
+use crate::lease::{Lease, FENCE};
 use crate::notify::Notifier;
 use crate::rows::{from_sql_int, is_connection_error, pg, to_sql_int, MessageJson, RunValues};
 
@@ -98,13 +99,15 @@ pub(crate) async fn append(
     pool: &Pool,
     health: &Arc<Health>,
     notifier: &Arc<Notifier>,
+    lease: &Arc<Lease>,
     batch: Vec<LogEntry>,
 ) -> StoreResult<Vec<Arc<LoggedEvent>>> {
     check(&batch)?;
     let pool = pool.clone();
     let health = health.clone();
     let notifier = notifier.clone();
-    tokio::spawn(async move { append_retrying(&pool, &health, &notifier, batch).await })
+    let lease = lease.clone();
+    tokio::spawn(async move { append_retrying(&pool, &health, &notifier, &lease, batch).await })
         .await
         .map_err(|e| StoreError::Other(format!("postgres: the append task failed: {e}")))?
 }
@@ -123,13 +126,14 @@ async fn append_retrying(
     pool: &Pool,
     health: &Health,
     notifier: &Notifier,
+    lease: &Lease,
     mut batch: Vec<LogEntry>,
 ) -> StoreResult<Vec<Arc<LoggedEvent>>> {
     let deadline = Instant::now() + OUTAGE_GRACE;
     let mut wait = RETRY_FIRST;
     loop {
         let attempt = match pool.get().await {
-            Ok(client) => commit(&client, notifier, batch).await,
+            Ok(client) => commit(&client, notifier, lease, batch).await,
             Err(e) => match crate::rows::pool(e) {
                 e @ StoreError::Unavailable(_) => Attempt::NotCommitted(batch, e),
                 e => Attempt::Done(Err(e)),
@@ -314,6 +318,7 @@ struct Statements {
 /// first seq. Nothing is committed if this fails.
 async fn number(
     client: &Object,
+    lease: &Lease,
     batch: &[LogEntry],
 ) -> StoreResult<(Statements, HashMap<String, u64>)> {
     let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
@@ -352,13 +357,40 @@ async fn number(
         None
     };
 
-    let (begun, bumped) = join(
-        client.batch_execute("BEGIN"),
+    // Fenced (see `lease`): the registry row of this process, locked in the same transaction.
+    let holder = lease.holder();
+    let fence = match &holder {
+        Some(_) => Some(
+            client
+                .prepare_cached(FENCE)
+                .await
+                .map_err(|e| pg("preparing the fence", e))?,
+        ),
+        None => None,
+    };
+    let fenced = async {
+        match (&fence, &holder) {
+            (Some(fence), Some((node, instance))) => client
+                .query(fence, &[node, instance])
+                .await
+                .map(|r| !r.is_empty()),
+            _ => Ok(true),
+        }
+    };
+    let ((begun, held), bumped) = join(
+        join(client.batch_execute("BEGIN"), fenced),
         client.query(&bump, &[&ids, &ns]),
     )
     .await;
-    let rows_back = match begun.and(bumped) {
-        Ok(rows) => rows,
+    let rows_back = match begun
+        .and(held)
+        .and_then(|held| bumped.map(|rows| (held, rows)))
+    {
+        Ok((true, rows)) => rows,
+        Ok((false, _)) => {
+            rollback(client).await;
+            return Err(lease.lost("an append"));
+        }
         Err(e) => {
             rollback(client).await;
             return Err(pg("numbering events", e));
@@ -394,8 +426,13 @@ async fn number(
     Ok((Statements { insert, rows }, next))
 }
 
-async fn commit(client: &Object, notifier: &Notifier, batch: Vec<LogEntry>) -> Attempt {
-    let (statements, mut next) = match number(client, &batch).await {
+async fn commit(
+    client: &Object,
+    notifier: &Notifier,
+    lease: &Lease,
+    batch: Vec<LogEntry>,
+) -> Attempt {
+    let (statements, mut next) = match number(client, lease, &batch).await {
         Ok(numbered) => numbered,
         Err(e @ StoreError::Unavailable(_)) => return Attempt::NotCommitted(batch, e),
         Err(e) => return Attempt::Done(Err(e)),

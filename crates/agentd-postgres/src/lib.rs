@@ -35,6 +35,7 @@ use tokio_postgres::NoTls;
 mod append;
 mod copy;
 mod health;
+mod lease;
 mod notify;
 mod rows;
 mod schema;
@@ -47,6 +48,9 @@ use rows::{
 
 /// How long opening a connection may take before it counts as failed (unless the URL sets `connect_timeout`).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest a pooled connection may sit inside a transaction waiting for its client (an append's two round
+/// trips are one network round trip apart).
+const IDLE_IN_TRANSACTION_MS: u64 = 3000;
 /// How long a call waits for a free pooled connection before it fails.
 const POOL_WAIT: Duration = Duration::from_secs(30);
 /// How long the pool waits for a fresh connection or a check of an idle one.
@@ -70,6 +74,8 @@ pub struct PgStore {
     health: Arc<health::Health>,
     /// Live events across nodes: what this store's commits announce and what it hears of others'.
     notifier: Arc<notify::Notifier>,
+    /// The registered process every append is fenced on (see `lease`).
+    lease: Arc<lease::Lease>,
 }
 
 /// How long the event log may gather token events into one Postgres commit. A commit costs this store a
@@ -160,8 +166,18 @@ impl PgStore {
         let _ = driver.await;
         migrated?;
 
+        // A transaction left open by a node that froze between an append's two round trips would hold its
+        // sessions' counters and its registry row (so its expulsion) until it woke: the server ends it.
+        let mut pooled = target.config.clone();
+        let options = match pooled.get_options() {
+            Some(o) => {
+                format!("{o} -c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_MS}")
+            }
+            None => format!("-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_MS}"),
+        };
+        pooled.options(&options);
         let manager = Manager::from_config(
-            target.config.clone(),
+            pooled,
             NoTls,
             ManagerConfig {
                 // A connection the server closed is noticed here; a transaction is never left open on one (the
@@ -185,6 +201,7 @@ impl PgStore {
             name: target.name.clone(),
             health: Arc::new(health::Health::new(target.name.clone())),
             notifier,
+            lease: Arc::default(),
         })
     }
 
@@ -551,7 +568,7 @@ impl Store for PgStore {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        append::append(&self.pool, &self.health, &self.notifier, batch).await
+        append::append(&self.pool, &self.health, &self.notifier, &self.lease, batch).await
     }
 
     async fn read_events(
@@ -771,16 +788,53 @@ impl Store for PgStore {
     }
 
     async fn heartbeat(&self, beat: &NodeBeat) -> StoreResult<()> {
+        if self.lease.is(&beat.node_id, &beat.instance) {
+            let renewed = self
+                .execute(
+                    "renewing the node's lease",
+                    lease::RENEW,
+                    &[&beat.node_id, &beat.instance],
+                )
+                .await
+                .map_err(|f| f.into_store("renewing the node's lease"))?;
+            if renewed == 0 {
+                return Err(self.lease.lost("renewing the node's lease"));
+            }
+            return Ok(());
+        }
         self.execute(
-            "recording a heartbeat",
-            "INSERT INTO nodes (node_id, instance, listen, started_at, last_seen) VALUES ($1, $2, $3, $4, now())
-             ON CONFLICT (node_id) DO UPDATE SET instance = EXCLUDED.instance, listen = EXCLUDED.listen,
-                 started_at = EXCLUDED.started_at, last_seen = now()",
-            &[&beat.node_id, &beat.instance, &beat.listen, &beat.started_at],
+            "registering the node",
+            lease::JOIN,
+            &[
+                &beat.node_id,
+                &beat.instance,
+                &beat.listen,
+                &beat.started_at,
+            ],
         )
         .await
-        .map_err(|f| f.into_store("recording a heartbeat"))?;
+        .map_err(|f| f.into_store("registering the node"))?;
+        self.lease.joined(&beat.node_id, &beat.instance);
         Ok(())
+    }
+
+    async fn expel_lapsed(&self, within: Duration) -> StoreResult<()> {
+        let rows = self
+            .query(
+                "expelling lapsed nodes",
+                lease::EXPEL_LAPSED,
+                &[&within.as_secs_f64()],
+            )
+            .await?;
+        for row in &rows {
+            let node: String = col(row, 0)?;
+            tracing::warn!(node = %node, "postgres: a node's lease lapsed; it is fenced and its runs go to live nodes");
+        }
+        Ok(())
+    }
+
+    fn fenced(&self) -> Option<tokio_util::sync::CancellationToken> {
+        Some(self.lease.token())
     }
 
     async fn leave(&self, node_id: &str, instance: &str) -> StoreResult<()> {

@@ -243,3 +243,69 @@ async fn a_database_that_cannot_be_reached_is_unavailable_not_an_error() {
     assert!(matches!(dup, Err(StoreError::Conflict(_))), "{dup:?}");
     assert!(store.get_session(&s.id).await.unwrap().is_some());
 }
+
+/// Fencing (SPEC.md section 6): once another node has expelled a node whose lease lapsed, every append and
+/// renewal of that node is refused (`Fenced`), and nothing of its batch reaches the log; a node that renews
+/// in time is never expelled, and the next process under the same node id joins afresh.
+#[tokio::test]
+async fn an_expelled_node_can_append_nothing() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let a = PgStore::open(db.url(), 2).await.unwrap();
+    let b = PgStore::open(db.url(), 2).await.unwrap();
+    let beat = |node: &str, instance: &str| agentd_core::store::NodeBeat {
+        node_id: node.into(),
+        instance: instance.into(),
+        listen: "127.0.0.1:1".into(),
+        started_at: "t".into(),
+    };
+    a.heartbeat(&beat("a", "a1")).await.unwrap();
+    b.heartbeat(&beat("b", "b1")).await.unwrap();
+    let s = new_session(&a, "alice").await;
+    a.append_events(vec![delta(&s.id, "r", "one")])
+        .await
+        .unwrap();
+    // Within its lease a is kept: b's sweep expels nobody, and a renews.
+    b.expel_lapsed(std::time::Duration::from_secs(10))
+        .await
+        .unwrap();
+    a.heartbeat(&beat("a", "a1")).await.unwrap();
+    assert!(!a.fenced().unwrap().is_cancelled());
+    // a's lease lapses (a lease of 0 s: every beat is old), b expels it: from then on a writes nothing.
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    b.heartbeat(&beat("b", "b1")).await.unwrap();
+    b.expel_lapsed(std::time::Duration::from_millis(10))
+        .await
+        .unwrap();
+    let refused = a.append_events(vec![delta(&s.id, "r", "two")]).await;
+    assert!(matches!(refused, Err(StoreError::Fenced(_))), "{refused:?}");
+    assert!(a.fenced().unwrap().is_cancelled(), "the process is told");
+    assert!(matches!(
+        a.heartbeat(&beat("a", "a1")).await,
+        Err(StoreError::Fenced(_))
+    ));
+    // A process that joins after the expulsion writes.
+    let b2 = PgStore::open(db.url(), 1).await.unwrap();
+    b2.heartbeat(&beat("b", "b2")).await.unwrap();
+    b2.append_events(vec![delta(&s.id, "r", "three")])
+        .await
+        .unwrap();
+    let stored: Vec<String> = b2
+        .read_events(&s.id, 0, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| match &e.event.kind {
+            agentd_core::event::EventKind::TextDelta { delta } => delta.clone(),
+            other => other.type_name().to_string(),
+        })
+        .collect();
+    assert_eq!(stored, ["one", "three"], "nothing of the fenced append");
+    // A new process under a's node id joins afresh and writes again.
+    let a2 = PgStore::open(db.url(), 1).await.unwrap();
+    a2.heartbeat(&beat("a", "a2")).await.unwrap();
+    a2.append_events(vec![delta(&s.id, "r", "four")])
+        .await
+        .unwrap();
+}

@@ -230,9 +230,19 @@ async fn serve(config_path: Option<PathBuf>, listen: Option<String>) -> Result<(
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| "built-in default".into())
     );
-    agentd_server::serve(listener, app, shutdown_signal())
-        .await
-        .map_err(|e| format!("server error: {e}"))?;
+    // A node fenced out of its cluster (its lease lapsed while it was frozen or cut off, and another node
+    // took its runs over) can write nothing more: it stops at once, without a graceful shutdown (which would
+    // try to record the end of runs that are no longer its own). Started again, it rejoins as a new process.
+    let fenced = app.clone();
+    tokio::select! {
+        served = agentd_server::serve(listener, app, shutdown_signal()) => {
+            served.map_err(|e| format!("server error: {e}"))?;
+        }
+        _ = fenced.lost_lease() => {
+            return Err("this node's lease lapsed and another node took its runs over (fenced): stopping; \
+                        start it again to rejoin the cluster".into());
+        }
+    }
     tracing::info!("agentd stopped");
     Ok(())
 }

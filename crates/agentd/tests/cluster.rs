@@ -266,6 +266,71 @@ async fn a_subscriber_on_another_node_gets_the_run_live() {
     b.kill_9();
 }
 
+/// A node frozen (SIGSTOP) past its lease is fenced: another node takes its run over, and when the frozen node
+/// wakes (SIGCONT) nothing it still had in flight reaches the log (the tokens its upstream sent meanwhile, its
+/// end of the run): the store refuses its writes, and it stops rather than go on.
+#[tokio::test]
+async fn a_node_frozen_past_its_lease_adds_nothing_to_the_log_when_it_wakes() {
+    let (db, upstream, dir) = shared().await;
+    let mut a = spawn_agentd(&node_config(dir.path(), db.url(), &upstream, "a")).await;
+    let mut b = spawn_agentd(&node_config(dir.path(), db.url(), &upstream, "b")).await;
+    let (ca, cb) = (a.client(), b.client());
+    let session = ca.session().await;
+    let run = ca.send_bg(&session, "tokens=300 delay_ms=20").await;
+    wait_status(&ca, &session, &run, "running").await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    a.signal("STOP");
+    let frozen = Instant::now();
+    {
+        let mut ws = cb.ws(&session, "after=0").await;
+        ws.next().await;
+        let r = run.clone();
+        ws.until(move |f| f["type"] == "run_resumed" && f["run_id"] == r)
+            .await;
+    }
+    assert!(
+        frozen.elapsed() < Duration::from_secs(10),
+        "b took the frozen node's run over: {:?}",
+        frozen.elapsed()
+    );
+    // a wakes with its upstream's tokens waiting in its socket and its run, as it thinks, still its own.
+    a.signal("CONT");
+    let done = wait_status(&cb, &session, &run, "completed").await;
+    assert!(done["node"].is_null());
+    let events = events_of(&cb, &session, &run).await;
+    common::assert_gap_free(&events, 1);
+    let resumed = of_type(&events, "run_resumed");
+    assert_eq!(resumed.len(), 1);
+    assert_eq!(resumed[0]["node"], "b");
+    assert_eq!(of_type(&events, "run_finished").len(), 1, "one end: b's");
+    // Everything after the takeover is b's: its model call's deltas, exactly the answer, and nothing of a's.
+    let at = events
+        .iter()
+        .position(|f| f["type"] == "run_resumed")
+        .unwrap();
+    let after: String = events[at..]
+        .iter()
+        .filter(|f| f["type"] == "text_delta")
+        .filter_map(|f| f["delta"].as_str())
+        .collect();
+    let finished = of_type(&events, "run_finished")[0];
+    assert_eq!(finished["content"].as_str(), Some(after.as_str()));
+    assert_eq!(
+        events[at..]
+            .iter()
+            .filter(|f| f["type"] == "text_delta")
+            .count(),
+        300,
+        "b's call, whole, and not one delta of a's"
+    );
+    assert_eq!(
+        a.exited_within(Duration::from_secs(10)),
+        Some(Some(1)),
+        "a fenced node stops"
+    );
+    b.kill_9();
+}
+
 #[tokio::test]
 async fn a_single_node_on_sqlite_lists_itself() {
     let upstream = MockUpstream::start().await;

@@ -456,6 +456,29 @@ impl Process {
         }
     }
 
+    /// Sends `signal` (`STOP`, `CONT`, `TERM`...) with kill(1).
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal}");
+    }
+
+    /// The exit code once the process has exited by itself, waiting up to `within`; None if it still runs.
+    pub fn exited_within(&mut self, within: Duration) -> Option<Option<i32>> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status.code());
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// SIGKILL, then reaped.
     pub fn kill_9(&mut self) {
         self.child.kill().unwrap();
