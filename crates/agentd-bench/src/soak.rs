@@ -25,6 +25,22 @@
 //! `run_started`/`run_finished` events. Completed turns are checked for content too (the final answer is the
 //! concatenated text, a plain turn has every stamped token, an answer contains the human's reply).
 //!
+//! Several nodes (`--nodes N`, issue 15's chaos run, `scripts/chaos.sh`): N agentd processes on one fresh
+//! PostgreSQL database (`pg::create`, dropped when the run passes; a failed run's is renamed
+//! `agentd_chaos_kept_*` and kept), each with `[cluster] node_id = "n<i>"` and `lease_s = --lease-s`. Every
+//! WebSocket and SSE connection and every REST call goes to a node chosen at random (a reconnect to another
+//! node; a refused connection tries another node at once, and backs off only once every node has refused in a
+//! row); the fresh read of session i goes to node i mod N and its runs are listed by the next node. The killer
+//! kills a random node every period and starts it again (same node id, port and database) after a pause drawn
+//! from `--down-min-s..--down-max-s` (default 1 s to 2 x lease_s, at most half the period), so a killed node's
+//! runs are taken back either by itself at start (the pause ended before its lease lapsed) or by another node.
+//! Every client follows which node executes each run (`run_started.run.node`, then each `run_resumed.node`)
+//! and notes when it received each `run_resumed`; each resume is matched with the last kill of the node that
+//! executed the run before it: the takeover time is kill -> first receipt by any client (p50/p99/max, against
+//! `lease_s`), and a resume of a run whose node had not been killed (or not within a kill period) is a finding.
+//! Memory is judged per node (its samples split at its own kills; the first and last periods with at least
+//! ten samples after warm-up); the run fails if any node's heap grew past the bound.
+//!
 //! Memory: the RSS after warm-up (the first quarter of each restart period is left out, so the restart's
 //! reconnect storm and replay are not counted) of the first period is compared with the last one's; the
 //! soak fails when the last median exceeds the first by more than `--rss-growth-pct` percent plus
@@ -49,6 +65,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::client::{self, Dialect, Target, Ws};
 use crate::orchestrate::MockProcess;
+use crate::pg;
 use crate::procfs;
 use crate::servers::{self, Kind, Launch, Paths, Profile, Server};
 use crate::stamp::StampParser;
@@ -93,6 +110,25 @@ pub struct SoakArgs {
     /// Seconds the clients get after the load to finish their turns and catch up.
     #[arg(long, default_value_t = 120)]
     pub wind_down: u64,
+    /// agentd nodes on one PostgreSQL database (SPEC.md section 6); more than one needs `--store postgres`
+    /// (the default then). Clients use a node chosen at random for each connection and each REST call, and
+    /// the killer kills a random node.
+    #[arg(long, default_value_t = 1)]
+    pub nodes: usize,
+    /// `cluster.lease_s` of every node (with a Postgres store).
+    #[arg(long, default_value_t = 10)]
+    pub lease_s: u64,
+    /// `sqlite` (one node only) or `postgres` (a fresh database on `AGENTD_BENCH_PG`, dropped at the end).
+    /// Default: sqlite for one node, postgres for several.
+    #[arg(long)]
+    pub store: Option<String>,
+    /// With several nodes: a killed node is started again after a pause drawn from this many seconds ...
+    #[arg(long, default_value_t = 1.0)]
+    pub down_min_s: f64,
+    /// ... to this many (default: 2 x lease_s, at most half of --kill-every), so some restarts come before the
+    /// lease lapses (the node takes its own runs back at start) and some after (another node takes them).
+    #[arg(long)]
+    pub down_max_s: Option<f64>,
 }
 
 /// Runs the soak; prints the summary; the exit status says whether everything held.
@@ -180,6 +216,23 @@ fn hash_of(text: &str) -> u64 {
 /// Most anomalies kept as text per client (all are counted).
 const KEPT_ANOMALIES: usize = 8;
 
+/// A `run_resumed` a client received (SPEC.md section 4, recovery; section 6, takeover).
+#[derive(Debug, Clone)]
+pub struct SeenResume {
+    /// Its `seq`.
+    pub seq: u64,
+    /// The run.
+    pub run: String,
+    /// The node that executed the run until then, from the run's `run_started` (`run.node`) or its previous
+    /// `run_resumed` (`node`), as this client read them.
+    pub from: Option<String>,
+    /// The node that resumed it.
+    pub to: String,
+    pub attempt: u64,
+    /// When this client received it.
+    pub at: Instant,
+}
+
 /// What one client saw of its session's log: a hash of each event by `seq`, and what went wrong as it read.
 #[derive(Debug, Default, Clone)]
 pub struct ClientLog {
@@ -189,6 +242,10 @@ pub struct ClientLog {
     pub anomalies: Vec<String>,
     /// Every anomaly.
     pub anomaly_count: u64,
+    /// The node executing each run, as far as the log has said so far.
+    pub executing: HashMap<String, String>,
+    /// Every `run_resumed` this client received, with when.
+    pub resumes: Vec<SeenResume>,
 }
 
 impl ClientLog {
@@ -201,6 +258,39 @@ impl ClientLog {
         self.anomaly_count += 1;
         if self.anomalies.len() < KEPT_ANOMALIES {
             self.anomalies.push(what);
+        }
+    }
+
+    /// Follows which node executes which run (from a new event), and notes each `run_resumed` with the time.
+    fn track_nodes(&mut self, f: &Frame<'_>, seq: u64) {
+        if f.is_subagent {
+            return;
+        }
+        let Some(run) = f.run_id.as_deref() else {
+            return;
+        };
+        match f.ty.as_ref() {
+            "run_started" => {
+                if let Some(node) = f.run.as_ref().and_then(|r| r.node.clone()) {
+                    self.executing.insert(run.to_string(), node);
+                }
+            }
+            "run_resumed" => {
+                let to = f.node.as_deref().unwrap_or("").to_string();
+                let from = self.executing.insert(run.to_string(), to.clone());
+                self.resumes.push(SeenResume {
+                    seq,
+                    run: run.to_string(),
+                    from,
+                    to,
+                    attempt: f.attempt.unwrap_or(0),
+                    at: Instant::now(),
+                });
+            }
+            "run_finished" => {
+                self.executing.remove(run);
+            }
+            _ => {}
         }
     }
 
@@ -286,12 +376,18 @@ struct Frame<'a> {
     code: Option<Cow<'a, str>>,
     #[serde(default)]
     discard_from_seq: Option<u64>,
+    #[serde(default, borrow)]
+    node: Option<Cow<'a, str>>,
+    #[serde(default)]
+    attempt: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
 struct RunPart {
     #[serde(default)]
     status: String,
+    #[serde(default)]
+    node: Option<String>,
 }
 
 impl Frame<'_> {
@@ -366,6 +462,8 @@ struct Counters {
     restarts: AtomicU64,
     stale_active: AtomicU64,
     error_frames: Mutex<BTreeMap<String, u64>>,
+    /// REST calls (replies, cancels) answered with an error status, by call and status.
+    rest_refusals: Mutex<BTreeMap<String, u64>>,
 }
 
 fn bump(c: &AtomicU64) {
@@ -373,8 +471,10 @@ fn bump(c: &AtomicU64) {
 }
 
 struct Shared {
-    base: String,
-    ws_base: String,
+    /// `http://127.0.0.1:<port>` of each node.
+    bases: Vec<String>,
+    /// `ws://127.0.0.1:<port>` of each node.
+    ws_bases: Vec<String>,
     http: reqwest::Client,
     sse_http: reqwest::Client,
     t0: Instant,
@@ -384,6 +484,29 @@ struct Shared {
 }
 
 impl Shared {
+    /// A node at random (no draw with one node, so a single node's run is what it always was).
+    fn pick(&self, rng: &mut Rng) -> usize {
+        rng.range(0, self.bases.len().saturating_sub(1) as u64) as usize
+    }
+
+    /// A node other than `not`, at random (node 0 when there is only one).
+    fn pick_other(&self, rng: &mut Rng, not: usize) -> usize {
+        let n = self.bases.len();
+        if n <= 1 {
+            return 0;
+        }
+        (not + 1 + rng.range(0, n as u64 - 2) as usize) % n
+    }
+
+    fn rest_refused(&self, what: &str, status: reqwest::StatusCode) {
+        let mut m = self
+            .counters
+            .rest_refusals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *m.entry(format!("{what} {}", status.as_u16())).or_insert(0) += 1;
+    }
+
     fn error_frame(&self, code: &str) {
         let mut m = self
             .counters
@@ -407,9 +530,12 @@ struct Hello {
     active_run_id: Option<String>,
 }
 
-/// Opens the session's native WebSocket with `after` and reads its hello frame.
-async fn connect_ws(sh: &Shared, session: &str, after: u64) -> Result<(Ws, Hello)> {
-    let url = format!("{}/v1/sessions/{session}/ws?after={after}", sh.ws_base);
+/// Opens the session's native WebSocket on `node` with `after` and reads its hello frame.
+async fn connect_ws(sh: &Shared, node: usize, session: &str, after: u64) -> Result<(Ws, Hello)> {
+    let url = format!(
+        "{}/v1/sessions/{session}/ws?after={after}",
+        sh.ws_bases[node]
+    );
     let (mut ws, _) = tokio::time::timeout(
         Duration::from_secs(10),
         tokio_tungstenite::connect_async_with_config(url.as_str(), Some(ws_config()), true),
@@ -437,6 +563,14 @@ async fn connect_ws(sh: &Shared, session: &str, after: u64) -> Result<(Ws, Hello
         Some(Err(e)) => Err(e.into()),
         None => Err(Error::new("closed before hello")),
     }
+}
+
+/// Keeps the latest few commands a turn sent.
+fn note_attempt(list: &mut Vec<String>, what: String) {
+    if list.len() >= 12 {
+        list.remove(0);
+    }
+    list.push(what);
 }
 
 async fn backoff(rng: &mut Rng, ms: &mut u64) {
@@ -492,6 +626,12 @@ struct Turn {
     cancel_at: Option<Instant>,
     /// A cancel went out (the time above is then only a retry, in case the run goes on).
     cancel_sent: bool,
+    /// When the first cancel went out (over either path).
+    cancel_first: Option<Instant>,
+    /// When the first reply to the open question went out.
+    reply_first: Option<Instant>,
+    /// The latest replies and cancels sent (time, path, node, answer), for a finding's evidence.
+    attempts: Vec<String>,
     created: Instant,
     restarts_at_start: u64,
 }
@@ -507,6 +647,10 @@ impl Turn {
 
 /// What a driver hands back.
 struct DriverResult {
+    /// Seconds from a cancel turn's first cancel to its run_finished.
+    cancel_waits: Vec<f64>,
+    /// Seconds from the first reply to a question to its input_received.
+    reply_waits: Vec<f64>,
     log: ClientLog,
     tally: BTreeMap<String, u64>,
     final_seq: Option<u64>,
@@ -523,6 +667,10 @@ struct Driver {
     msgs: u32,
     next_turn_at: Instant,
     conn: u32,
+    /// The node of the current (or next) connection.
+    node: usize,
+    cancel_waits: Vec<f64>,
+    reply_waits: Vec<f64>,
     tally: BTreeMap<String, u64>,
     slow_turns: Vec<String>,
 }
@@ -584,6 +732,9 @@ impl Driver {
             reply_at: None,
             cancel_at: None,
             cancel_sent: false,
+            cancel_first: None,
+            reply_first: None,
+            attempts: Vec::new(),
             created: Instant::now(),
             restarts_at_start: self.sh.counters.restarts.load(Ordering::Relaxed),
         }
@@ -593,12 +744,14 @@ impl Driver {
         match &self.turn {
             None => "no turn".into(),
             Some(t) => format!(
-                "{} turn {} run {:?} question {:?}, at seq {}",
+                "{} turn {} run {:?} question {:?}, at seq {}; executing node per the log {:?}; last commands: [{}]",
                 t.kind.name(),
                 t.tag,
                 t.run_id,
                 t.question,
-                self.log.cursor()
+                self.log.cursor(),
+                t.run_id.as_ref().and_then(|r| self.log.executing.get(r)),
+                t.attempts.join("; ")
             ),
         }
     }
@@ -642,6 +795,7 @@ impl Driver {
         };
         bump(&self.sh.counters.events_received);
         if self.log.record(seq, hash_of(text), self.conn) {
+            self.log.track_nodes(&f, seq);
             self.apply(&f);
         }
     }
@@ -691,6 +845,10 @@ impl Driver {
             "input_received" if turn.question.as_deref() == f.request_id.as_deref() => {
                 turn.question = None;
                 turn.reply_at = None;
+                if let Some(first) = turn.reply_first.take() {
+                    self.reply_waits
+                        .push(now.saturating_duration_since(first).as_secs_f64());
+                }
             }
             "run_finished" => {
                 let status = f.run.as_ref().map(|r| r.status.as_str()).unwrap_or("");
@@ -703,6 +861,10 @@ impl Driver {
 
     fn finish_turn(&mut self, status: &str, content: &str, now: Instant) {
         let Some(turn) = self.turn.take() else { return };
+        if let Some(first) = turn.cancel_first {
+            self.cancel_waits
+                .push(now.saturating_duration_since(first).as_secs_f64());
+        }
         *self
             .tally
             .entry(format!("{} {status}", turn.kind.name()))
@@ -763,6 +925,7 @@ impl Driver {
     async fn do_actions(&mut self, ws: Option<&mut Ws>) -> std::result::Result<(), ()> {
         let now = Instant::now();
         let use_ws = ws.is_some() && self.rng.chance(0.7);
+        let rest_node = self.sh.pick(&mut self.rng);
         let Some(turn) = self.turn.as_mut() else {
             return Ok(());
         };
@@ -779,9 +942,15 @@ impl Driver {
             };
             // Whatever happens, look again in 5 s: the question may still be pending then.
             turn.reply_at = Some(now + Duration::from_secs(5));
+            turn.reply_first.get_or_insert(now);
+            let at = now.duration_since(sh.t0).as_secs_f64();
             if let (true, Some(ws)) = (use_ws, ws) {
                 let frame =
                     json!({"type": "reply", "request_id": request_id, "content": turn.reply});
+                note_attempt(
+                    &mut turn.attempts,
+                    format!("t={at:.1}s reply ws n{}", self.node + 1),
+                );
                 if ws.send(Message::text(frame.to_string())).await.is_err() {
                     return Err(());
                 }
@@ -789,12 +958,25 @@ impl Driver {
             } else {
                 let url = format!(
                     "{}/v1/sessions/{}/runs/{run_id}/input",
-                    sh.base, self.session
+                    sh.bases[rest_node], self.session
                 );
                 let body = json!({"request_id": request_id, "content": turn.reply});
-                match sh.http.post(url).json(&body).send().await {
+                let answer = sh.http.post(url).json(&body).send().await;
+                note_attempt(
+                    &mut turn.attempts,
+                    format!(
+                        "t={at:.1}s reply rest n{} {}",
+                        rest_node + 1,
+                        answer
+                            .as_ref()
+                            .map_or("failed".to_string(), |r| r.status().as_u16().to_string())
+                    ),
+                );
+                match answer {
                     Ok(r) if r.status().is_success() => bump(&sh.counters.replies_rest),
-                    Ok(_) => {} // the run ended meanwhile; its run_finished will come
+                    // The run ended meanwhile (its run_finished will come), or the question is not (yet) open
+                    // where the reply went: looked at again in 5 s.
+                    Ok(r) => sh.rest_refused("reply", r.status()),
                     Err(_) => {
                         bump(&sh.counters.rest_failures);
                         turn.reply_at = Some(now + Duration::from_secs(1));
@@ -804,8 +986,14 @@ impl Driver {
         } else if turn.cancel_at.is_some_and(|t| t <= now) {
             turn.cancel_at = Some(now + Duration::from_secs(5));
             turn.cancel_sent = true;
+            turn.cancel_first.get_or_insert(now);
+            let at = now.duration_since(sh.t0).as_secs_f64();
             if let (true, Some(ws)) = (use_ws, ws) {
                 let frame = json!({"type": "cancel", "run_id": run_id});
+                note_attempt(
+                    &mut turn.attempts,
+                    format!("t={at:.1}s cancel ws n{}", self.node + 1),
+                );
                 if ws.send(Message::text(frame.to_string())).await.is_err() {
                     return Err(());
                 }
@@ -813,11 +1001,22 @@ impl Driver {
             } else {
                 let url = format!(
                     "{}/v1/sessions/{}/runs/{run_id}/cancel",
-                    sh.base, self.session
+                    sh.bases[rest_node], self.session
                 );
-                match sh.http.post(url).send().await {
+                let answer = sh.http.post(url).send().await;
+                note_attempt(
+                    &mut turn.attempts,
+                    format!(
+                        "t={at:.1}s cancel rest n{} {}",
+                        rest_node + 1,
+                        answer
+                            .as_ref()
+                            .map_or("failed".to_string(), |r| r.status().as_u16().to_string())
+                    ),
+                );
+                match answer {
                     Ok(r) if r.status().is_success() => bump(&sh.counters.cancels_rest),
-                    Ok(_) => {}
+                    Ok(r) => sh.rest_refused("cancel", r.status()),
                     Err(_) => {
                         turn.cancel_sent = false;
                         bump(&sh.counters.rest_failures);
@@ -833,20 +1032,29 @@ impl Driver {
         let sh = Arc::clone(&self.sh);
         self.next_turn_at = Instant::now() + self.rng.ms(0, 2000);
         let mut wait_ms = 100;
+        let mut failures = 0usize;
+        self.node = sh.pick(&mut self.rng);
         loop {
             let now = Instant::now();
             if now >= sh.hard || (now >= sh.deadline && self.turn.is_none()) {
                 break;
             }
-            let (mut ws, hello) = match connect_ws(&sh, &self.session, self.log.cursor()).await {
-                Ok(c) => c,
-                Err(_) => {
-                    bump(&sh.counters.failed_connects);
-                    backoff(&mut self.rng, &mut wait_ms).await;
-                    continue;
-                }
-            };
+            let (mut ws, hello) =
+                match connect_ws(&sh, self.node, &self.session, self.log.cursor()).await {
+                    Ok(c) => c,
+                    Err(_) => {
+                        bump(&sh.counters.failed_connects);
+                        // Another node at once; back-off only once every node has refused in a row.
+                        failures += 1;
+                        if failures.is_multiple_of(sh.bases.len()) {
+                            backoff(&mut self.rng, &mut wait_ms).await;
+                        }
+                        self.node = sh.pick_other(&mut self.rng, self.node);
+                        continue;
+                    }
+                };
             wait_ms = 100;
+            failures = 0;
             self.conn += 1;
             bump(&sh.counters.ws_connects);
             self.check_hello(&hello);
@@ -889,6 +1097,8 @@ impl Driver {
                     t.needs_send = true;
                 }
             }
+            // Every reconnect goes to another node.
+            self.node = sh.pick_other(&mut self.rng, self.node);
         }
         if self.turn.is_some() {
             let what = format!(
@@ -901,6 +1111,8 @@ impl Driver {
         let final_seq = self.catch_up().await;
         let _ = final_tx.send(final_seq);
         DriverResult {
+            cancel_waits: self.cancel_waits,
+            reply_waits: self.reply_waits,
             log: self.log,
             tally: self.tally,
             final_seq,
@@ -978,7 +1190,9 @@ impl Driver {
         let mut wait_ms = 100;
         let mut stale = 0u32;
         while Instant::now() < limit {
-            let Ok((mut ws, hello)) = connect_ws(&sh, &self.session, self.log.cursor()).await
+            self.node = sh.pick(&mut self.rng);
+            let Ok((mut ws, hello)) =
+                connect_ws(&sh, self.node, &self.session, self.log.cursor()).await
             else {
                 backoff(&mut self.rng, &mut wait_ms).await;
                 continue;
@@ -1046,6 +1260,8 @@ async fn observe(
     let mut conn = 0u32;
     let mut wait_ms = 100;
     let mut fin_open = true;
+    let mut node = sh.pick(&mut rng);
+    let mut failures = 0usize;
     loop {
         let target = *fin.borrow();
         if target.is_some_and(|t| log.cursor() >= t) {
@@ -1062,7 +1278,7 @@ async fn observe(
             ));
             break;
         }
-        let base = format!("{}/v1/sessions/{session}/events", sh.base);
+        let base = format!("{}/v1/sessions/{session}/events", sh.bases[node]);
         let req = if rng.chance(0.3) {
             sh.sse_http
                 .get(base)
@@ -1076,15 +1292,21 @@ async fn observe(
                 sh.error_frame(&format!("sse http {}", r.status().as_u16()));
                 bump(&sh.counters.failed_connects);
                 backoff(&mut rng, &mut wait_ms).await;
+                node = sh.pick_other(&mut rng, node);
                 continue;
             }
             _ => {
                 bump(&sh.counters.failed_connects);
-                backoff(&mut rng, &mut wait_ms).await;
+                failures += 1;
+                if failures.is_multiple_of(sh.bases.len()) {
+                    backoff(&mut rng, &mut wait_ms).await;
+                }
+                node = sh.pick_other(&mut rng, node);
                 continue;
             }
         };
         wait_ms = 100;
+        failures = 0;
         conn += 1;
         bump(&sh.counters.sse_connects);
         let disconnect_at = if target.is_none() && Instant::now() < sh.deadline {
@@ -1125,6 +1347,7 @@ async fn observe(
             bump(&sh.counters.voluntary_disconnects);
             tokio::time::sleep(rng.ms(0, 3000)).await;
         }
+        node = sh.pick_other(&mut rng, node);
     }
     log
 }
@@ -1167,7 +1390,9 @@ fn sse_event(sh: &Shared, log: &mut ClientLog, ev: &SseEvent, conn: u32) {
         ));
     }
     bump(&sh.counters.events_received);
-    log.record(seq, hash_of(&ev.data), conn);
+    if log.record(seq, hash_of(&ev.data), conn) {
+        log.track_nodes(&f, seq);
+    }
 }
 
 // ---------------------------------------------------------------------------- killer and sampler --
@@ -1175,8 +1400,12 @@ fn sse_event(sh: &Shared, log: &mut ClientLog, ev: &SseEvent, conn: u32) {
 /// One kill -9 and restart.
 #[derive(Debug, Clone, Serialize)]
 pub struct Restart {
+    /// The node killed (0-based; with several nodes its `cluster.node_id` is `n<node + 1>`).
+    pub node: usize,
     /// Seconds since the load started, at the kill.
     pub at_s: f64,
+    /// Milliseconds the node was left down on purpose before it was started again (0 with one node).
+    pub pause_ms: u64,
     /// The killed process.
     pub killed_pid: u32,
     /// The new process.
@@ -1217,32 +1446,54 @@ fn strip_ansi(text: &str) -> String {
     out
 }
 
+/// The killer's settings.
+struct KillPlan {
+    every: Duration,
+    /// Pause before a killed node is started again: drawn from `min..=max` milliseconds.
+    pause_ms: (u64, u64),
+    seed: u64,
+}
+
+/// Kills a random node every period and starts it again (same config, so the same port, database and node id)
+/// after the plan's pause, until the load's deadline.
 async fn killer(
     sh: Arc<Shared>,
-    mut server: Server,
-    every: Duration,
-    pid: Arc<AtomicU32>,
+    mut servers: Vec<Server>,
+    plan: KillPlan,
+    pids: Arc<Vec<AtomicU32>>,
     logs: PathBuf,
-) -> Result<(Server, Vec<Restart>)> {
+) -> Result<(Vec<Server>, Vec<Restart>)> {
     let mut restarts = Vec::new();
-    if every.is_zero() {
-        return Ok((server, restarts));
+    if plan.every.is_zero() {
+        return Ok((servers, restarts));
     }
+    let mut rng = Rng::new(plan.seed ^ 0x4b11_4b11);
+    let several = servers.len() > 1;
     let mut k = 1u32;
     loop {
-        let at = sh.t0 + every * k;
+        let at = sh.t0 + plan.every * k;
         if at >= sh.deadline {
             break;
         }
         tokio::time::sleep_until(at).await;
+        let node = rng.range(0, servers.len().saturating_sub(1) as u64) as usize;
+        let pause = Duration::from_millis(rng.range(plan.pause_ms.0, plan.pause_ms.1));
+        let server = &mut servers[node];
         let killed_pid = server.pid;
         let launch: Launch = server.launch.clone();
-        pid.store(0, Ordering::SeqCst);
+        pids[node].store(0, Ordering::SeqCst);
         let t_kill = Instant::now();
         server.stop(); // SIGKILL, then reaped
-        let log = logs.join(format!("agentd-{k}.log"));
-        server = Server::spawn(launch, None, log.clone())?;
-        pid.store(server.pid, Ordering::SeqCst);
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
+        let log = if several {
+            logs.join(format!("agentd-n{}-{k}.log", node + 1))
+        } else {
+            logs.join(format!("agentd-{k}.log"))
+        };
+        *server = Server::spawn(launch, None, log.clone())?;
+        pids[node].store(server.pid, Ordering::SeqCst);
         sh.counters.restarts.fetch_add(1, Ordering::Relaxed);
         let http = client::http_client()?;
         server
@@ -1251,26 +1502,32 @@ async fn killer(
             .map_err(|e| Error::new(format!("restart {k}: {e}")))?;
         let down = t_kill.elapsed();
         restarts.push(Restart {
+            node,
             at_s: t_kill.duration_since(sh.t0).as_secs_f64(),
+            pause_ms: u64::try_from(pause.as_millis()).unwrap_or(u64::MAX),
             killed_pid,
             pid: server.pid,
             down_ms: u64::try_from(down.as_millis()).unwrap_or(u64::MAX),
             interrupted_at_start: interrupted_in_log(&log),
         });
         eprintln!(
-            "agentd-bench soak: t={:.0}s kill -9 {killed_pid}, restarted as {} (up after {} ms)",
+            "agentd-bench soak: t={:.0}s kill -9 {killed_pid}{}, restarted as {} after a pause of {} ms (up after {} ms)",
             t_kill.duration_since(sh.t0).as_secs_f64(),
+            if several { format!(" (node n{})", node + 1) } else { String::new() },
             server.pid,
+            pause.as_millis(),
             down.as_millis()
         );
         k += 1;
     }
-    Ok((server, restarts))
+    Ok((servers, restarts))
 }
 
-/// One sample of the server process.
+/// One sample of a server process.
 #[derive(Debug, Clone, Serialize)]
 pub struct Sample {
+    /// The node (0-based).
+    pub node: usize,
     /// Seconds since the load started.
     pub t_s: f64,
     /// The server's pid (0 while it restarts).
@@ -1311,7 +1568,7 @@ fn fd_count(pid: u32) -> u64 {
 
 async fn sampler(
     sh: Arc<Shared>,
-    pid: Arc<AtomicU32>,
+    pids: Arc<Vec<AtomicU32>>,
     mut stop: watch::Receiver<bool>,
 ) -> Vec<Sample> {
     let mut out = Vec::new();
@@ -1319,11 +1576,12 @@ async fn sampler(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = tick.tick() => {
+            _ = tick.tick() => { for (node, pid) in pids.iter().enumerate() {
                 let p = pid.load(Ordering::SeqCst);
                 let rss = if p == 0 { 0 } else { procfs::process_rss_kib(p).unwrap_or(0) };
                 let (anon, file) = if p == 0 { (0, 0) } else { rss_parts(p) };
                 out.push(Sample {
+                    node,
                     t_s: Instant::now().duration_since(sh.t0).as_secs_f64(),
                     pid: p,
                     rss_kib: rss,
@@ -1332,7 +1590,7 @@ async fn sampler(
                     fds: if p == 0 { 0 } else { fd_count(p) },
                     events: sh.counters.events_received.load(Ordering::Relaxed),
                 });
-            }
+            }}
             r = stop.changed() => if r.is_err() || *stop.borrow() { break },
         }
     }
@@ -1410,6 +1668,9 @@ fn slope_per_min(points: &[(f64, f64)]) -> f64 {
     }
 }
 
+/// Samples after warm-up a period needs to be the first or last one judged.
+const MIN_JUDGED: usize = 10;
+
 /// Splits the samples at the kills, leaves out each period's warm-up, compares the first period with the last.
 pub fn judge_rss(
     samples: &[Sample],
@@ -1460,8 +1721,16 @@ pub fn judge_rss(
             p.median_mib
         }
     };
-    let first = periods.first().map_or(0.0, judged);
-    let last = periods.last().map_or(0.0, judged);
+    // A period with few samples after its warm-up (a node killed again soon after its restart, or just
+    // before the end) is not judged: the first and last periods with at least `MIN_JUDGED` samples are.
+    let judgeable: Vec<&PeriodRss> = periods.iter().filter(|p| p.samples >= MIN_JUDGED).collect();
+    let (first, last) = match (judgeable.first(), judgeable.last()) {
+        (Some(f), Some(l)) => (judged(f), judged(l)),
+        _ => (
+            periods.first().map_or(0.0, judged),
+            periods.last().map_or(0.0, judged),
+        ),
+    };
     let bound = first * (1.0 + growth_pct / 100.0) + slack_mib;
     let max = samples
         .iter()
@@ -1484,6 +1753,185 @@ pub fn judge_rss(
     }
 }
 
+// ------------------------------------------------------------------------------------------ takeovers --
+
+/// A `run_resumed` as the clients saw it, against the kills of the node that executed the run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Takeover {
+    pub session: String,
+    /// The `run_resumed` event's seq.
+    pub seq: u64,
+    pub run: String,
+    pub attempt: u64,
+    /// The node that executed the run until then.
+    pub from: Option<String>,
+    /// The node that resumed it.
+    pub to: String,
+    /// Seconds since the load started when a client (driver or observer) first received it.
+    pub seen_s: f64,
+    /// The last kill of `from` before that, seconds since the load started.
+    pub kill_s: Option<f64>,
+    /// `seen_s - kill_s`: from the kill of the executing node to the first client's receipt of the resume.
+    pub takeover_s: Option<f64>,
+}
+
+/// Count and percentiles of durations, seconds (nearest rank).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Secs {
+    pub count: usize,
+    pub p50_s: f64,
+    pub p99_s: f64,
+    pub max_s: f64,
+}
+
+impl Secs {
+    fn of(values: &[f64]) -> Secs {
+        let mut v = values.to_vec();
+        v.sort_by(f64::total_cmp);
+        let q = |q: f64| {
+            if v.is_empty() {
+                return 0.0;
+            }
+            let rank = (q * v.len() as f64).ceil() as usize;
+            v[rank.clamp(1, v.len()) - 1]
+        };
+        Secs {
+            count: v.len(),
+            p50_s: q(0.5),
+            p99_s: q(0.99),
+            max_s: v.last().copied().unwrap_or(0.0),
+        }
+    }
+
+    fn text(&self) -> String {
+        if self.count == 0 {
+            return "none".into();
+        }
+        format!(
+            "{}: p50 {:.2} s, p99 {:.2} s, max {:.2} s",
+            self.count, self.p50_s, self.p99_s, self.max_s
+        )
+    }
+}
+
+/// The takeovers of a run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TakeoverStats {
+    /// `cluster.lease_s` (None without a cluster).
+    pub lease_s: Option<u64>,
+    /// Distinct `run_resumed` events the clients saw.
+    pub count: usize,
+    /// Kill -> first receipt, every takeover that answers a kill.
+    pub all: Secs,
+    /// Of those, resumed by another node (the killed node's lease lapsed before it came back).
+    pub by_other_node: Secs,
+    /// Of those, resumed by the killed node itself after its restart (its start-up takes back its own runs).
+    pub by_restarted_node: Secs,
+    /// Every takeover, in the order first seen.
+    pub takeovers: Vec<Takeover>,
+}
+
+/// Matches every `run_resumed` the clients saw (`(session, what)`, several clients may have seen one event)
+/// with the last kill of the node that executed the run before the first receipt. Findings: a resume of a run
+/// whose node was not killed (no kill before, or the last kill longer ago than a kill period), or whose node
+/// is unknown.
+pub fn judge_takeovers(
+    seen: Vec<(String, SeenResume)>,
+    t0: Instant,
+    node_of: &dyn Fn(&str) -> Option<usize>,
+    restarts: &[Restart],
+    kill_every_s: u64,
+    lease_s: Option<u64>,
+) -> (TakeoverStats, Vec<String>) {
+    let mut first: BTreeMap<(String, u64), SeenResume> = BTreeMap::new();
+    for (session, r) in seen {
+        match first.entry((session, r.seq)) {
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(r);
+            }
+            std::collections::btree_map::Entry::Occupied(mut o) => {
+                if r.at < o.get().at {
+                    o.insert(r);
+                }
+            }
+        }
+    }
+    let mut list: Vec<Takeover> = first
+        .into_iter()
+        .map(|((session, seq), r)| {
+            let seen_s = r.at.saturating_duration_since(t0).as_secs_f64();
+            let kill_s = r.from.as_deref().and_then(node_of).and_then(|node| {
+                restarts
+                    .iter()
+                    .filter(|k| k.node == node && k.at_s <= seen_s)
+                    .map(|k| k.at_s)
+                    .max_by(f64::total_cmp)
+            });
+            Takeover {
+                session,
+                seq,
+                run: r.run,
+                attempt: r.attempt,
+                from: r.from,
+                to: r.to,
+                seen_s,
+                kill_s,
+                takeover_s: kill_s.map(|k| seen_s - k),
+            }
+        })
+        .collect();
+    list.sort_by(|a, b| a.seen_s.total_cmp(&b.seen_s));
+    let mut findings = Vec::new();
+    let (mut all, mut other, mut same) = (Vec::new(), Vec::new(), Vec::new());
+    for t in &list {
+        let what = format!(
+            "session {}: run_resumed (seq {}, attempt {}) of run {} by node {:?}, first seen at t={:.1}s",
+            t.session, t.seq, t.attempt, t.run, t.to, t.seen_s
+        );
+        let Some(from) = t.from.as_deref() else {
+            findings.push(format!(
+                "{what}: no run_started or run_resumed before it named the node executing the run"
+            ));
+            continue;
+        };
+        if node_of(from).is_none() {
+            findings.push(format!(
+                "{what}: the run was executing on {from:?}, not a node of this run"
+            ));
+            continue;
+        }
+        let Some(took) = t.takeover_s else {
+            findings.push(format!(
+                "{what}: the run was executing on {from}, which had not been killed"
+            ));
+            continue;
+        };
+        if kill_every_s > 0 && took > kill_every_s as f64 {
+            findings.push(format!(
+                "{what}: the run was executing on {from}, last killed {took:.1} s before (more than a kill period): not a takeover of a killed node's run, or one far beyond the lease"
+            ));
+            continue;
+        }
+        all.push(took);
+        if from == t.to {
+            same.push(took);
+        } else {
+            other.push(took);
+        }
+    }
+    (
+        TakeoverStats {
+            lease_s,
+            count: list.len(),
+            all: Secs::of(&all),
+            by_other_node: Secs::of(&other),
+            by_restarted_node: Secs::of(&same),
+            takeovers: list,
+        },
+        findings,
+    )
+}
+
 // -------------------------------------------------------------------------------------- verification --
 
 #[derive(Default)]
@@ -1502,11 +1950,11 @@ struct Fresh {
     types: BTreeMap<String, u64>,
 }
 
-/// The session's whole log, read with `after=0` over a new WebSocket.
-async fn fresh_read(sh: &Shared, session: &str) -> Result<Fresh> {
+/// The session's whole log, read with `after=0` over a new WebSocket (on `node`, then the next ones).
+async fn fresh_read(sh: &Shared, node: usize, session: &str) -> Result<Fresh> {
     let mut last_err = Error::new("no attempt");
-    for _ in 0..5 {
-        match fresh_read_once(sh, session).await {
+    for attempt in 0..5 {
+        match fresh_read_once(sh, (node + attempt) % sh.bases.len(), session).await {
             Ok(f) => return Ok(f),
             Err(e) => last_err = e,
         }
@@ -1515,8 +1963,8 @@ async fn fresh_read(sh: &Shared, session: &str) -> Result<Fresh> {
     Err(last_err)
 }
 
-async fn fresh_read_once(sh: &Shared, session: &str) -> Result<Fresh> {
-    let (mut ws, hello) = connect_ws(sh, session, 0).await?;
+async fn fresh_read_once(sh: &Shared, node: usize, session: &str) -> Result<Fresh> {
+    let (mut ws, hello) = connect_ws(sh, node, session, 0).await?;
     let mut out = Fresh {
         log: ClientLog::default(),
         last_seq: hello.last_seq,
@@ -1581,14 +2029,17 @@ struct SessionCheck {
     types: BTreeMap<String, u64>,
 }
 
+/// Session `idx`'s log is read on node `idx % nodes` and its runs listed by the next node.
 async fn check_session(
     sh: &Shared,
+    idx: usize,
     session: &str,
     driver: &DriverResult,
     observer: Option<&ClientLog>,
 ) -> SessionCheck {
     let mut c = SessionCheck::default();
-    let fresh = match fresh_read(sh, session).await {
+    let node = idx % sh.bases.len();
+    let fresh = match fresh_read(sh, node, session).await {
         Ok(f) => f,
         Err(e) => {
             c.findings
@@ -1640,7 +2091,10 @@ async fn check_session(
         }
     }
     // The runs, as the REST API lists them, against the log.
-    let url = format!("{}/v1/sessions/{session}/runs", sh.base);
+    let url = format!(
+        "{}/v1/sessions/{session}/runs",
+        sh.bases[(node + 1) % sh.bases.len()]
+    );
     let rows: Vec<RunRow> = match sh.http.get(url).send().await {
         Ok(r) if r.status().is_success() => match r.json().await {
             Ok(rows) => rows,
@@ -1718,6 +2172,16 @@ pub struct Report {
     pub command: String,
     pub agentd_bin: String,
     pub profile: String,
+    /// agentd processes (nodes of one cluster when more than one).
+    pub nodes: usize,
+    /// `sqlite` or `postgres`.
+    pub store: String,
+    /// `cluster.lease_s` (with a Postgres store).
+    pub lease_s: Option<u64>,
+    /// The range a killed node's pause before its restart was drawn from, seconds.
+    pub down_s: (f64, f64),
+    /// The PostgreSQL server's settings.
+    pub database: Option<String>,
     pub sessions: usize,
     pub observers: usize,
     pub duration_s: u64,
@@ -1732,6 +2196,12 @@ pub struct Report {
     pub turns_by_kind: BTreeMap<String, u64>,
     pub event_types: BTreeMap<String, u64>,
     pub restarts: Vec<Restart>,
+    /// Every `run_resumed` the clients saw, against the kills.
+    pub takeovers: TakeoverStats,
+    /// A cancel turn's first cancel (over the WebSocket or REST, to whichever node) -> its run_finished.
+    pub cancel_to_end: Secs,
+    /// The first reply to a question (either path, any node) -> its input_received.
+    pub reply_to_received: Secs,
     pub ws_connects: u64,
     pub sse_connects: u64,
     pub voluntary_disconnects: u64,
@@ -1743,11 +2213,17 @@ pub struct Report {
     pub cancels_ws: u64,
     pub cancels_rest: u64,
     pub rest_failures: u64,
+    /// REST replies and cancels answered with an error status (e.g. sent to a node that does not execute the
+    /// run), by call and status.
+    pub rest_refusals: BTreeMap<String, u64>,
     /// Sessions whose hello still named their last run active after its run_finished had been read.
     pub stale_active: u64,
     pub error_frames: BTreeMap<String, u64>,
     pub slow_turns: Vec<String>,
+    /// The memory verdict of the node that grew most (the only node's with one).
     pub rss: RssVerdict,
+    /// Each node's memory verdict (each judged on its own: its samples split at its own kills).
+    pub rss_by_node: Vec<RssVerdict>,
     pub fds_max: u64,
     pub findings: Vec<String>,
     pub findings_total: usize,
@@ -1760,10 +2236,26 @@ impl Report {
     pub fn markdown(&self) -> String {
         let mut s = String::new();
         let verdict = if self.passed { "PASSED" } else { "FAILED" };
-        s.push_str(&format!(
-            "Soak {verdict}: {} sessions ({} with an SSE observer), {} s of load, kill -9 every {} s; agentd {} build; {}.\n\n",
-            self.sessions, self.observers, self.duration_s, self.kill_every_s, self.profile, self.started_utc
-        ));
+        if self.nodes > 1 {
+            s.push_str(&format!(
+                "Chaos soak {verdict}: {} agentd nodes on one PostgreSQL database (lease_s = {}), {} sessions ({} with an SSE observer), {} s of load, kill -9 of a random node every {} s, started again after {:.0}-{:.0} s; agentd {} build; {}.\n\n",
+                self.nodes,
+                self.lease_s.unwrap_or(0),
+                self.sessions,
+                self.observers,
+                self.duration_s,
+                self.kill_every_s,
+                self.down_s.0,
+                self.down_s.1,
+                self.profile,
+                self.started_utc
+            ));
+        } else {
+            s.push_str(&format!(
+                "Soak {verdict}: {} sessions ({} with an SSE observer), {} s of load, kill -9 every {} s; agentd {} build ({}); {}.\n\n",
+                self.sessions, self.observers, self.duration_s, self.kill_every_s, self.profile, self.store, self.started_utc
+            ));
+        }
         s.push_str(&format!("Command: `{}`\n\n", self.command));
         s.push_str("| figure | value |\n| --- | --- |\n");
         let down: Vec<u64> = self.restarts.iter().map(|r| r.down_ms).collect();
@@ -1773,7 +2265,24 @@ impl Report {
             .iter()
             .filter_map(|r| r.interrupted_at_start)
             .sum();
-        let rows: Vec<(String, String)> = vec![
+        let mut per_node = String::new();
+        if self.nodes > 1 {
+            let counts: Vec<String> = (0..self.nodes)
+                .map(|n| {
+                    format!(
+                        "n{}: {}",
+                        n + 1,
+                        self.restarts.iter().filter(|r| r.node == n).count()
+                    )
+                })
+                .collect();
+            per_node = format!("; per node {}", counts.join(", "));
+        }
+        let t = &self.takeovers;
+        let lease = t
+            .lease_s
+            .map_or(String::new(), |l| format!(" (lease_s = {l})"));
+        let mut rows: Vec<(String, String)> = vec![
             ("events in the logs".into(), self.events_in_logs.to_string()),
             (
                 "events delivered to clients (replays included)".into(),
@@ -1784,7 +2293,7 @@ impl Report {
             (
                 "restarts (kill -9)".into(),
                 format!(
-                    "{} (down until /healthz: median {:.0} ms, max {} ms; {} runs taken over at start)",
+                    "{} (down until /healthz: median {:.0} ms, max {} ms; {} runs taken over at start{per_node})",
                     self.restarts.len(),
                     median(&mut downs),
                     down.iter().max().copied().unwrap_or(0),
@@ -1805,6 +2314,18 @@ impl Report {
             (
                 "cancels".into(),
                 format!("{} over the WebSocket, {} over REST", self.cancels_ws, self.cancels_rest),
+            ),
+            (
+                "cancel turns: first cancel sent -> run_finished".into(),
+                self.cancel_to_end.text(),
+            ),
+            (
+                "questions: first reply sent -> input_received".into(),
+                self.reply_to_received.text(),
+            ),
+            (
+                "REST replies and cancels refused, by status".into(),
+                kv(&self.rest_refusals),
             ),
             (
                 "sends repeated with their client_message_id".into(),
@@ -1833,18 +2354,101 @@ impl Report {
                 self.findings_total.to_string(),
             ),
         ];
+        let takeover_rows = [
+            (
+                "run_resumed seen by clients".into(),
+                format!(
+                    "{} ({} answer a kill of the node executing the run)",
+                    t.count, t.all.count
+                ),
+            ),
+            (
+                format!("takeover: kill -> first client receipt of run_resumed{lease}"),
+                t.all.text(),
+            ),
+            (
+                "of which resumed by another node".into(),
+                t.by_other_node.text(),
+            ),
+            (
+                "of which resumed by the killed node after its restart".into(),
+                t.by_restarted_node.text(),
+            ),
+        ];
+        rows.splice(5..5, takeover_rows);
+        if self.nodes > 1 {
+            let verdicts: Vec<String> = self
+                .rss_by_node
+                .iter()
+                .enumerate()
+                .map(|(n, v)| {
+                    format!(
+                        "n{}: {:.1} -> {:.1} MiB ({:+.1}%, bound {:.1}) {}",
+                        n + 1,
+                        v.first_mib,
+                        v.last_mib,
+                        v.growth_pct,
+                        v.bound_mib,
+                        if v.pass { "ok" } else { "EXCEEDED" }
+                    )
+                })
+                .collect();
+            rows.push((
+                "anonymous RSS per node, first judged period -> last (median after warm-up)".into(),
+                verdicts.join("; "),
+            ));
+        }
         for (k, v) in rows {
             s.push_str(&format!(
                 "| {k} | {} |\n",
                 if v.is_empty() { "-".into() } else { v }
             ));
         }
-        s.push_str("\nRSS per restart period (median after warm-up, of which anonymous / max / slope after warm-up):\n\n");
-        for (i, p) in self.rss.periods.iter().enumerate() {
-            s.push_str(&format!(
-                "- {i}: {:.0}-{:.0} s: {:.1} MiB ({:.1} anon) / {:.1} MiB, {:+.1} MiB/min\n",
-                p.start_s, p.end_s, p.median_mib, p.anon_median_mib, p.max_mib, p.slope_mib_per_min
-            ));
+        for (n, v) in self.rss_by_node.iter().enumerate() {
+            let whose = if self.nodes > 1 {
+                format!(" of node n{}", n + 1)
+            } else {
+                String::new()
+            };
+            s.push_str(&format!("\nRSS{whose} per restart period (median after warm-up, of which anonymous / max / slope after warm-up):\n\n"));
+            for (i, p) in v.periods.iter().enumerate() {
+                s.push_str(&format!(
+                    "- {i}: {:.0}-{:.0} s: {:.1} MiB ({:.1} anon) / {:.1} MiB, {:+.1} MiB/min ({} samples)\n",
+                    p.start_s, p.end_s, p.median_mib, p.anon_median_mib, p.max_mib, p.slope_mib_per_min, p.samples
+                ));
+            }
+        }
+        if self.nodes > 1 && !self.restarts.is_empty() {
+            s.push_str("\nKills:\n\n");
+            for r in &self.restarts {
+                let resumed: Vec<&Takeover> = self
+                    .takeovers
+                    .takeovers
+                    .iter()
+                    .filter(|t| {
+                        t.kill_s == Some(r.at_s)
+                            && t.from.as_deref() == Some(node_name(r.node).as_str())
+                    })
+                    .collect();
+                let by_other = resumed
+                    .iter()
+                    .filter(|t| t.from.as_deref() != Some(t.to.as_str()))
+                    .count();
+                let slowest = resumed
+                    .iter()
+                    .filter_map(|t| t.takeover_s)
+                    .fold(0.0, f64::max);
+                s.push_str(&format!(
+                    "- t={:.0}s n{}: down {:.1} s (pause {:.1} s), {} runs resumed ({} by another node), slowest seen after {:.1} s\n",
+                    r.at_s,
+                    r.node + 1,
+                    r.down_ms as f64 / 1000.0,
+                    r.pause_ms as f64 / 1000.0,
+                    resumed.len(),
+                    by_other,
+                    slowest
+                ));
+            }
         }
         if !self.findings.is_empty() {
             s.push_str("\nFindings (first ones):\n\n");
@@ -1879,11 +2483,12 @@ fn kv(m: &BTreeMap<String, u64>) -> String {
 }
 
 fn write_csv(samples: &[Sample], path: &Path) -> Result<()> {
-    let mut s = String::from("t_s,pid,rss_kib,rss_anon_kib,rss_file_kib,fds,events_received\n");
+    let mut s =
+        String::from("t_s,node,pid,rss_kib,rss_anon_kib,rss_file_kib,fds,events_received\n");
     for x in samples {
         s.push_str(&format!(
-            "{:.1},{},{},{},{},{},{}\n",
-            x.t_s, x.pid, x.rss_kib, x.anon_kib, x.file_kib, x.fds, x.events
+            "{:.1},{},{},{},{},{},{},{}\n",
+            x.t_s, x.node, x.pid, x.rss_kib, x.anon_kib, x.file_kib, x.fds, x.events
         ));
     }
     std::fs::write(path, s)?;
@@ -1898,15 +2503,26 @@ fn plot(samples: &[Sample], report: &Report, end_s: f64, path: &Path) -> Result<
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let (top, bottom) = root.split_vertically(540);
     let t_max = samples.last().map_or(1.0, |s| s.t_s).max(1.0);
-    let y_max = (report.rss.max_mib.max(report.rss.bound_mib) * 1.15).max(1.0);
-    let mut chart = ChartBuilder::on(&top)
-        .caption(
-            format!(
-                "agentd RSS during the soak: {} sessions, kill -9 every {} s ({} build)",
-                report.sessions, report.kill_every_s, report.profile
-            ),
-            ("sans-serif", 20),
+    let several = report.nodes > 1;
+    let y_top = report
+        .rss_by_node
+        .iter()
+        .map(|v| v.max_mib.max(v.bound_mib))
+        .fold(report.rss.max_mib.max(report.rss.bound_mib), f64::max);
+    let y_max = (y_top * 1.15).max(1.0);
+    let caption = if several {
+        format!(
+            "agentd RSS per node during the chaos soak: {} nodes, {} sessions, a random node killed every {} s ({} build)",
+            report.nodes, report.sessions, report.kill_every_s, report.profile
         )
+    } else {
+        format!(
+            "agentd RSS during the soak: {} sessions, kill -9 every {} s ({} build)",
+            report.sessions, report.kill_every_s, report.profile
+        )
+    };
+    let mut chart = ChartBuilder::on(&top)
+        .caption(caption, ("sans-serif", 20))
         .margin(16)
         .x_label_area_size(40)
         .y_label_area_size(70)
@@ -1921,49 +2537,78 @@ fn plot(samples: &[Sample], report: &Report, end_s: f64, path: &Path) -> Result<
         .map_err(|e| err(&e))?;
     let blue = RGBColor(31, 119, 180);
     let purple = RGBColor(148, 103, 189);
-    // One line per process, so a restart is a break, not a dive to zero.
-    let mut first_line = true;
-    let mut start = 0;
-    while start < samples.len() {
-        let pid = samples[start].pid;
-        let mut end = start;
-        while end < samples.len() && samples[end].pid == pid {
-            end += 1;
-        }
-        if pid != 0 {
-            let anon: Vec<(f64, f64)> = samples[start..end]
-                .iter()
-                .filter(|s| s.anon_kib > 0)
-                .map(|s| (s.t_s, mib(s.anon_kib)))
-                .collect();
-            let series = chart
-                .draw_series(LineSeries::new(anon, purple.stroke_width(1)))
-                .map_err(|e| err(&e))?;
-            if first_line {
-                series
-                    .label("of which anonymous (heap, stacks)")
-                    .legend(move |(x, y)| {
-                        PathElement::new(vec![(x, y), (x + 20, y)], purple.stroke_width(1))
-                    });
+    let palette = [
+        blue,
+        RGBColor(140, 86, 75),
+        RGBColor(23, 190, 207),
+        RGBColor(188, 189, 34),
+        RGBColor(227, 119, 194),
+        RGBColor(127, 127, 127),
+    ];
+    // One line per process, so a restart is a break, not a dive to zero; one colour per node.
+    let mut first_anon = true;
+    for node in 0..report.nodes.max(1) {
+        let samples: Vec<&Sample> = samples.iter().filter(|s| s.node == node).collect();
+        let (blue, purple) = if several {
+            let c = palette[node % palette.len()];
+            (c, c)
+        } else {
+            (blue, purple)
+        };
+        let rss_label = if several {
+            format!("n{} RSS (one line per process)", node + 1)
+        } else {
+            "RSS (one line per process)".to_string()
+        };
+        let mut first_line = true;
+        let mut start = 0;
+        while start < samples.len() {
+            let pid = samples[start].pid;
+            let mut end = start;
+            while end < samples.len() && samples[end].pid == pid {
+                end += 1;
             }
-            let pts: Vec<(f64, f64)> = samples[start..end]
-                .iter()
-                .filter(|s| s.rss_kib > 0)
-                .map(|s| (s.t_s, mib(s.rss_kib)))
-                .collect();
-            let series = chart
-                .draw_series(LineSeries::new(pts, blue.stroke_width(2)))
-                .map_err(|e| err(&e))?;
-            if first_line {
-                series
-                    .label("RSS (one line per process)")
-                    .legend(move |(x, y)| {
+            if pid != 0 {
+                let anon: Vec<(f64, f64)> = samples[start..end]
+                    .iter()
+                    .filter(|s| s.anon_kib > 0)
+                    .map(|s| (s.t_s, mib(s.anon_kib)))
+                    .collect();
+                let series = chart
+                    .draw_series(LineSeries::new(
+                        anon,
+                        purple.mix(if several { 0.5 } else { 1.0 }).stroke_width(1),
+                    ))
+                    .map_err(|e| err(&e))?;
+                if first_line && first_anon {
+                    first_anon = false;
+                    series
+                        .label(if several {
+                            "of which anonymous (heap, stacks): the thin lines"
+                        } else {
+                            "of which anonymous (heap, stacks)"
+                        })
+                        .legend(move |(x, y)| {
+                            PathElement::new(vec![(x, y), (x + 20, y)], purple.stroke_width(1))
+                        });
+                }
+                let pts: Vec<(f64, f64)> = samples[start..end]
+                    .iter()
+                    .filter(|s| s.rss_kib > 0)
+                    .map(|s| (s.t_s, mib(s.rss_kib)))
+                    .collect();
+                let series = chart
+                    .draw_series(LineSeries::new(pts, blue.stroke_width(2)))
+                    .map_err(|e| err(&e))?;
+                if first_line {
+                    series.label(rss_label.clone()).legend(move |(x, y)| {
                         PathElement::new(vec![(x, y), (x + 20, y)], blue.stroke_width(2))
                     });
-                first_line = false;
+                    first_line = false;
+                }
             }
+            start = end;
         }
-        start = end;
     }
     let red = RGBColor(214, 39, 40);
     for (i, r) in report.restarts.iter().enumerate() {
@@ -1981,7 +2626,7 @@ fn plot(samples: &[Sample], report: &Report, end_s: f64, path: &Path) -> Result<
     }
     let green = RGBColor(44, 160, 44);
     let orange = RGBColor(255, 127, 14);
-    let periods = &report.rss.periods;
+    let periods: &[PeriodRss] = if several { &[] } else { &report.rss.periods };
     for (p, color, label) in [
         (
             periods.first(),
@@ -2004,17 +2649,21 @@ fn plot(samples: &[Sample], report: &Report, end_s: f64, path: &Path) -> Result<
             });
     }
     let grey = RGBColor(90, 90, 90);
-    chart
-        .draw_series(LineSeries::new(
-            vec![(0.0, report.rss.bound_mib), (end_s, report.rss.bound_mib)],
-            grey.stroke_width(1),
-        ))
-        .map_err(|e| err(&e))?
-        .label(format!(
-            "bound for the last median: {:.1} MiB",
-            report.rss.bound_mib
-        ))
-        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], grey.stroke_width(1)));
+    if !several {
+        chart
+            .draw_series(LineSeries::new(
+                vec![(0.0, report.rss.bound_mib), (end_s, report.rss.bound_mib)],
+                grey.stroke_width(1),
+            ))
+            .map_err(|e| err(&e))?
+            .label(format!(
+                "bound for the last median: {:.1} MiB",
+                report.rss.bound_mib
+            ))
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], grey.stroke_width(1))
+            });
+    }
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::LowerRight)
@@ -2024,8 +2673,9 @@ fn plot(samples: &[Sample], report: &Report, end_s: f64, path: &Path) -> Result<
         .draw()
         .map_err(|e| err(&e))?;
 
-    // Events per second delivered to the clients.
-    let rates: Vec<(f64, f64)> = samples
+    // Events per second delivered to the clients (one tick samples every node: node 0's samples count).
+    let ticks: Vec<&Sample> = samples.iter().filter(|s| s.node == 0).collect();
+    let rates: Vec<(f64, f64)> = ticks
         .windows(2)
         .map(|w| {
             let dt = (w[1].t_s - w[0].t_s).max(0.001);
@@ -2058,7 +2708,32 @@ fn plot(samples: &[Sample], report: &Report, end_s: f64, path: &Path) -> Result<
 
 // ---------------------------------------------------------------------------------------------- run --
 
-fn soak_config(port: u16, upstream: &str, dir: &Path) -> String {
+/// A node's place in a cluster: `cluster.node_id` and `cluster.lease_s`.
+struct ClusterPart<'a> {
+    node_id: &'a str,
+    lease_s: u64,
+}
+
+/// The config of one node: SQLite in `dir` unless `store` names a database URL; a `[cluster]` section with one.
+fn soak_config(
+    port: u16,
+    upstream: &str,
+    dir: &Path,
+    store: Option<&str>,
+    cluster: Option<ClusterPart<'_>>,
+) -> String {
+    let sqlite = format!("sqlite://{}", dir.join("agentd.db").display());
+    let mut config = soak_config_base(port, upstream, dir, store.unwrap_or(&sqlite));
+    if let Some(c) = cluster {
+        config.push_str(&format!(
+            "\n[cluster]\nnode_id = \"{}\"\nlease_s = {}\n",
+            c.node_id, c.lease_s
+        ));
+    }
+    config
+}
+
+fn soak_config_base(port: u16, upstream: &str, dir: &Path, store: &str) -> String {
     format!(
         r#"# Written by agentd-bench soak.
 [server]
@@ -2070,7 +2745,7 @@ event_retention_runs = 1000000
 workspace_dir = "{workspaces}"
 
 [store]
-url = "sqlite://{db}"
+url = "{store}"
 
 [providers.upstream]
 kind = "openai"
@@ -2089,7 +2764,6 @@ max_iterations = 4
 max_context_tokens = 1024
 "#,
         workspaces = dir.join("workspaces").display(),
-        db = dir.join("agentd.db").display()
     )
 }
 
@@ -2124,12 +2798,36 @@ async fn run(args: SoakArgs) -> Result<Report> {
     let started_utc = utc_now();
     let wall = std::time::Instant::now();
     let repo = std::fs::canonicalize(&args.repo).unwrap_or(args.repo.clone());
-    let full = args.duration >= 600 && args.sessions >= 1000;
+    if args.nodes == 0 {
+        return Err(Error::new("--nodes must be at least 1"));
+    }
+    let postgres = match args.store.as_deref() {
+        None => args.nodes > 1,
+        Some("postgres") => true,
+        Some("sqlite") if args.nodes > 1 => {
+            return Err(Error::new(
+                "several nodes share one PostgreSQL database: --store postgres",
+            ))
+        }
+        Some("sqlite") => false,
+        Some(other) => {
+            return Err(Error::new(format!(
+                "--store {other}: expected sqlite or postgres"
+            )))
+        }
+    };
+    let several = args.nodes > 1;
+    // A chaos run (several nodes) is full at ten minutes whatever its sessions; a single node's soak at 1,000.
+    let (full, folder) = if several {
+        (args.duration >= 600, "chaos")
+    } else {
+        (args.duration >= 600 && args.sessions >= 1000, "soak")
+    };
     let out = args.out.clone().unwrap_or_else(|| {
         if full {
-            repo.join("bench-results").join("soak")
+            repo.join("bench-results").join(folder)
         } else {
-            repo.join("bench-results").join("tmp").join("soak")
+            repo.join("bench-results").join("tmp").join(folder)
         }
     });
     let work = std::env::temp_dir().join(format!("agentd-soak-{}", std::process::id()));
@@ -2160,7 +2858,7 @@ async fn run(args: SoakArgs) -> Result<Report> {
     } else {
         "unknown"
     };
-    let needed_fds = (args.sessions as u64) * 3 + 512;
+    let needed_fds = (args.sessions as u64) * 3 + 512 * args.nodes as u64;
     if let Some(limit) = procfs::open_files_limit() {
         if limit < needed_fds {
             eprintln!(
@@ -2168,40 +2866,187 @@ async fn run(args: SoakArgs) -> Result<Report> {
             );
         }
     }
+    // The pause before a killed node comes back: none with one node (today's soak), else drawn per kill.
+    let down_max_s = args.down_max_s.unwrap_or_else(|| {
+        (2.0 * args.lease_s as f64)
+            .min(args.kill_every as f64 / 2.0)
+            .max(args.down_min_s)
+    });
+    let pause_ms = if several {
+        (
+            (args.down_min_s.max(0.0) * 1000.0) as u64,
+            (down_max_s.max(args.down_min_s).max(0.0) * 1000.0) as u64,
+        )
+    } else {
+        (0, 0)
+    };
 
+    let database = if postgres {
+        let db = pg::create().await?;
+        eprintln!("agentd-bench soak: database {} created", db.name);
+        Some(db)
+    } else {
+        None
+    };
+    let result = run_on(
+        &args,
+        RunSetup {
+            started_utc,
+            wall,
+            bin,
+            profile_name,
+            out,
+            work: work.clone(),
+            logs,
+            database: database.as_ref(),
+            pause_ms,
+        },
+    )
+    .await;
+    let passed = result.as_ref().is_ok_and(|r| r.passed);
+    if let Some(db) = &database {
+        if passed {
+            pg::drop_database(db).await;
+        } else {
+            keep_database(db).await;
+        }
+    }
+    if passed {
+        let _ = std::fs::remove_dir_all(&work);
+    } else {
+        eprintln!(
+            "agentd-bench soak: kept the server logs (and a SQLite database) in {}",
+            work.display()
+        );
+    }
+    result
+}
+
+/// A failed run's database, renamed out of the `agentd_bench_` prefix so the next benchmark run does not drop
+/// it (its pid is gone): kept for a look, to be dropped by hand.
+async fn keep_database(db: &pg::BenchDatabase) {
+    let kept = db.name.replacen("agentd_bench_", "agentd_chaos_kept_", 1);
+    let renamed = async {
+        let (client, connection) = tokio_postgres::connect(
+            &format!("{}/postgres", pg::base_url()),
+            tokio_postgres::NoTls,
+        )
+        .await?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        client
+            .batch_execute(&format!("ALTER DATABASE {} RENAME TO {kept}", db.name))
+            .await
+    };
+    match renamed.await {
+        Ok(()) => eprintln!(
+            "agentd-bench soak: kept the database as {kept} (drop it by hand: DROP DATABASE {kept})"
+        ),
+        Err(e) => eprintln!(
+            "agentd-bench soak: could not keep the database {} ({e}); the next benchmark run drops it",
+            db.name
+        ),
+    }
+}
+
+/// What `run` prepared for `run_on`.
+struct RunSetup<'a> {
+    started_utc: String,
+    wall: std::time::Instant,
+    bin: PathBuf,
+    profile_name: &'static str,
+    out: PathBuf,
+    work: PathBuf,
+    logs: PathBuf,
+    database: Option<&'a pg::BenchDatabase>,
+    pause_ms: (u64, u64),
+}
+
+/// The node id of node `i` (0-based) of a cluster.
+fn node_name(i: usize) -> String {
+    format!("n{}", i + 1)
+}
+
+async fn run_on(args: &SoakArgs, setup: RunSetup<'_>) -> Result<Report> {
+    let RunSetup {
+        started_utc,
+        wall,
+        bin,
+        profile_name,
+        out,
+        work,
+        logs,
+        database,
+        pause_ms,
+    } = setup;
+    let several = args.nodes > 1;
     let mock = MockProcess::start(&logs)?;
     let upstream = format!("http://{}/v1", mock.addr());
-    let port = servers::free_port()?;
-    let dir = work.join("server");
-    std::fs::create_dir_all(&dir)?;
-    let config = dir.join("agentd.toml");
-    std::fs::write(&config, soak_config(port, &upstream, &dir))?;
-    let launch = Launch {
-        kind: Kind::Agentd,
-        program: bin.clone(),
-        args: vec!["serve".into(), "--config".into(), config.into()],
-        env: Vec::new(),
-        cwd: dir.clone(),
-        port,
-    };
-    let mut server = Server::spawn(launch, None, logs.join("agentd-0.log"))?;
+    let mut servers = Vec::with_capacity(args.nodes);
+    for i in 0..args.nodes {
+        let port = servers::free_port()?;
+        let dir = if several {
+            work.join(format!("server-{}", node_name(i)))
+        } else {
+            work.join("server")
+        };
+        std::fs::create_dir_all(&dir)?;
+        let config = dir.join("agentd.toml");
+        let name = node_name(i);
+        let cluster = database.map(|_| ClusterPart {
+            node_id: &name,
+            lease_s: args.lease_s,
+        });
+        std::fs::write(
+            &config,
+            soak_config(
+                port,
+                &upstream,
+                &dir,
+                database.map(|d| d.url.as_str()),
+                cluster,
+            ),
+        )?;
+        let launch = Launch {
+            kind: if database.is_some() {
+                Kind::AgentdPg
+            } else {
+                Kind::Agentd
+            },
+            program: bin.clone(),
+            args: vec!["serve".into(), "--config".into(), config.into()],
+            env: Vec::new(),
+            cwd: dir.clone(),
+            port,
+        };
+        let log = if several {
+            logs.join(format!("agentd-{name}-0.log"))
+        } else {
+            logs.join("agentd-0.log")
+        };
+        servers.push(Server::spawn(launch, None, log)?);
+    }
     let http = client::http_client()?;
-    server.wait_healthy(&http, Duration::from_secs(120)).await?;
+    for server in &mut servers {
+        server.wait_healthy(&http, Duration::from_secs(120)).await?;
+    }
+    let bases: Vec<String> = servers.iter().map(|s| s.base.clone()).collect();
     eprintln!(
-        "agentd-bench soak: agentd ({profile_name}) pid {} on {}, mock on {}; creating {} sessions",
-        server.pid,
-        server.base,
+        "agentd-bench soak: agentd ({profile_name}) pids {:?} on {}, mock on {}; creating {} sessions",
+        servers.iter().map(|s| s.pid).collect::<Vec<_>>(),
+        bases.join(", "),
         mock.addr(),
         args.sessions
     );
-    let target = Target::agentd("soak", &server.base, "assistant", Dialect::Native);
+    let target = Target::agentd("soak", &bases[0], "assistant", Dialect::Native);
     let sessions = client::create_sessions(&http, &target, args.sessions, 16).await?;
 
     let t0 = Instant::now();
     let deadline = t0 + Duration::from_secs(args.duration);
     let sh = Arc::new(Shared {
-        base: server.base.clone(),
-        ws_base: server.base.replacen("http", "ws", 1),
+        ws_bases: bases.iter().map(|b| b.replacen("http", "ws", 1)).collect(),
+        bases,
         http: reqwest::Client::builder()
             .no_proxy()
             .timeout(Duration::from_secs(15))
@@ -2215,14 +3060,19 @@ async fn run(args: SoakArgs) -> Result<Report> {
         hard: deadline + Duration::from_secs(args.wind_down),
         counters: Counters::default(),
     });
-    let pid = Arc::new(AtomicU32::new(server.pid));
+    let pids: Arc<Vec<AtomicU32>> =
+        Arc::new(servers.iter().map(|s| AtomicU32::new(s.pid)).collect());
     let (stop_tx, stop_rx) = watch::channel(false);
-    let sampler_task = tokio::spawn(sampler(Arc::clone(&sh), Arc::clone(&pid), stop_rx));
+    let sampler_task = tokio::spawn(sampler(Arc::clone(&sh), Arc::clone(&pids), stop_rx));
     let killer_task = tokio::spawn(killer(
         Arc::clone(&sh),
-        server,
-        Duration::from_secs(args.kill_every),
-        Arc::clone(&pid),
+        servers,
+        KillPlan {
+            every: Duration::from_secs(args.kill_every),
+            pause_ms,
+            seed: args.seed,
+        },
+        Arc::clone(&pids),
         logs.clone(),
     ));
     let mut drivers = Vec::with_capacity(sessions.len());
@@ -2240,6 +3090,9 @@ async fn run(args: SoakArgs) -> Result<Report> {
             msgs: 0,
             next_turn_at: t0,
             conn: 0,
+            node: 0,
+            cancel_waits: Vec::new(),
+            reply_waits: Vec::new(),
             tally: BTreeMap::new(),
             slow_turns: Vec::new(),
         };
@@ -2262,7 +3115,7 @@ async fn run(args: SoakArgs) -> Result<Report> {
         observers.len(),
         args.duration
     );
-    let (server, restarts) = match killer_task.await {
+    let (servers, restarts) = match killer_task.await {
         Ok(r) => r?,
         Err(e) => return Err(Error::new(format!("the killer task failed: {e}"))),
     };
@@ -2290,7 +3143,7 @@ async fn run(args: SoakArgs) -> Result<Report> {
             let sh = Arc::clone(&sh);
             let d = &results[i];
             let o = observed.get(&i);
-            async move { check_session(&sh, s, d, o).await }
+            async move { check_session(&sh, i, s, d, o).await }
         })
         .buffered(8)
         .collect()
@@ -2299,7 +3152,7 @@ async fn run(args: SoakArgs) -> Result<Report> {
     let samples = sampler_task
         .await
         .map_err(|e| Error::new(format!("the sampler failed: {e}")))?;
-    drop(server);
+    drop(servers);
     drop(mock);
 
     let mut findings = Vec::new();
@@ -2328,6 +3181,38 @@ async fn run(args: SoakArgs) -> Result<Report> {
             findings.push(format!("server panic: {p}"));
         }
     }
+    // Takeovers: every run_resumed the clients saw, against the kills of the node that executed the run.
+    let mut seen: Vec<(String, SeenResume)> = Vec::new();
+    for (i, r) in results.iter().enumerate() {
+        for x in &r.log.resumes {
+            seen.push((sessions[i].clone(), x.clone()));
+        }
+        if let Some(o) = observed.get(&i) {
+            for x in &o.resumes {
+                seen.push((sessions[i].clone(), x.clone()));
+            }
+        }
+    }
+    let node_of = |name: &str| -> Option<usize> {
+        if !several {
+            return Some(0);
+        }
+        (0..args.nodes).find(|i| node_name(*i) == name)
+    };
+    let (takeovers, takeover_findings) = judge_takeovers(
+        seen,
+        t0,
+        &node_of,
+        &restarts,
+        args.kill_every,
+        database.map(|_| args.lease_s),
+    );
+    for f in takeover_findings {
+        findings_total += 1;
+        if findings.len() < 40 {
+            findings.push(f);
+        }
+    }
     let mut turns_by_kind: BTreeMap<String, u64> = BTreeMap::new();
     let mut slow_turns = Vec::new();
     for r in &results {
@@ -2337,20 +3222,41 @@ async fn run(args: SoakArgs) -> Result<Report> {
         slow_turns.extend(r.slow_turns.iter().cloned());
         let _ = r.final_seq;
     }
-    let kills: Vec<f64> = restarts.iter().map(|r| r.at_s).collect();
     let warmup_s = if args.kill_every > 0 {
         (args.kill_every as f64 * 0.25).max(2.0)
     } else {
         (args.duration as f64 * 0.25).max(2.0)
     };
-    let rss = judge_rss(
-        &samples,
-        &kills,
-        args.duration as f64,
-        warmup_s,
-        args.rss_growth_pct,
-        args.rss_slack_mib,
-    );
+    // Memory: each node on its own (its samples split at its own kills), first judged period against last.
+    let rss_by_node: Vec<RssVerdict> = (0..args.nodes)
+        .map(|node| {
+            let mine: Vec<Sample> = samples.iter().filter(|s| s.node == node).cloned().collect();
+            let kills: Vec<f64> = restarts
+                .iter()
+                .filter(|r| r.node == node)
+                .map(|r| r.at_s)
+                .collect();
+            judge_rss(
+                &mine,
+                &kills,
+                args.duration as f64,
+                warmup_s,
+                args.rss_growth_pct,
+                args.rss_slack_mib,
+            )
+        })
+        .collect();
+    // The headline verdict: the node that grew most (the only one with one node).
+    let rss = rss_by_node
+        .iter()
+        .max_by(|a, b| {
+            (!a.pass, a.growth_pct)
+                .partial_cmp(&(!b.pass, b.growth_pct))
+                .unwrap_or(std::cmp::Ordering::Equal)
+        })
+        .cloned()
+        .unwrap_or_else(|| judge_rss(&[], &[], 0.0, warmup_s, 0.0, 0.0));
+    let rss_pass = rss_by_node.iter().all(|v| v.pass);
 
     // The soak must have exercised what it claims to.
     let c = &sh.counters;
@@ -2392,25 +3298,49 @@ async fn run(args: SoakArgs) -> Result<Report> {
     if load(&c.replies_ws) == 0 || load(&c.replies_rest) == 0 {
         sanity.push("replies did not go over both the WebSocket and REST".into());
     }
+    if several && !restarts.is_empty() && takeovers.count == 0 {
+        sanity.push("nodes were killed but no client saw a run_resumed".into());
+    }
     let fds_max = samples.iter().map(|s| s.fds).max().unwrap_or(0);
     let error_frames = c
         .error_frames
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone();
+    let rest_refusals = c
+        .rest_refusals
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     let runs = runs_by_status.values().sum();
     let command = std::env::var("AGENTD_SOAK_COMMAND").unwrap_or_else(|_| {
         format!(
-            "agentd-bench soak --duration {} --sessions {} --kill-every {}",
-            args.duration, args.sessions, args.kill_every
+            "agentd-bench soak --duration {} --sessions {} --kill-every {}{}",
+            args.duration,
+            args.sessions,
+            args.kill_every,
+            if several {
+                format!(" --nodes {} --lease-s {}", args.nodes, args.lease_s)
+            } else {
+                String::new()
+            }
         )
     });
-    let passed = findings_total == 0 && sanity.is_empty() && rss.pass;
+    let passed = findings_total == 0 && sanity.is_empty() && rss_pass;
     let report = Report {
         started_utc,
         command,
         agentd_bin: bin.display().to_string(),
         profile: profile_name.to_string(),
+        nodes: args.nodes,
+        store: if database.is_some() {
+            "postgres".into()
+        } else {
+            "sqlite".into()
+        },
+        lease_s: database.map(|_| args.lease_s),
+        down_s: (pause_ms.0 as f64 / 1000.0, pause_ms.1 as f64 / 1000.0),
+        database: database.map(pg::settings_note),
         sessions: args.sessions,
         observers: observed.len(),
         duration_s: args.duration,
@@ -2425,6 +3355,19 @@ async fn run(args: SoakArgs) -> Result<Report> {
         turns_by_kind,
         event_types,
         restarts,
+        takeovers,
+        cancel_to_end: Secs::of(
+            &results
+                .iter()
+                .flat_map(|r| r.cancel_waits.iter().copied())
+                .collect::<Vec<_>>(),
+        ),
+        reply_to_received: Secs::of(
+            &results
+                .iter()
+                .flat_map(|r| r.reply_waits.iter().copied())
+                .collect::<Vec<_>>(),
+        ),
         ws_connects: load(&c.ws_connects),
         sse_connects: load(&c.sse_connects),
         voluntary_disconnects: load(&c.voluntary_disconnects),
@@ -2436,10 +3379,12 @@ async fn run(args: SoakArgs) -> Result<Report> {
         cancels_ws: load(&c.cancels_ws),
         cancels_rest: load(&c.cancels_rest),
         rest_failures: load(&c.rest_failures),
+        rest_refusals,
         stale_active: load(&c.stale_active),
         error_frames,
         slow_turns,
         rss,
+        rss_by_node,
         fds_max,
         findings,
         findings_total,
@@ -2459,14 +3404,6 @@ async fn run(args: SoakArgs) -> Result<Report> {
         &out.join("rss.png"),
     ) {
         eprintln!("agentd-bench soak: no plot: {e}");
-    }
-    if report.passed {
-        let _ = std::fs::remove_dir_all(&work);
-    } else {
-        eprintln!(
-            "agentd-bench soak: kept the database and server logs in {}",
-            work.display()
-        );
     }
     eprintln!("agentd-bench soak: wrote {}", out.display());
     Ok(report)
@@ -2541,11 +3478,73 @@ mod tests {
         assert_eq!(interrupted_in_log(&log), Some(21));
     }
 
+    #[test]
+    fn takeovers_are_timed_from_the_kill_of_the_executing_node() {
+        let t0 = Instant::now();
+        let resume = |seq: u64, from: Option<&str>, to: &str, at_s: u64| SeenResume {
+            seq,
+            run: format!("r{seq}"),
+            from: from.map(String::from),
+            to: to.to_string(),
+            attempt: 1,
+            at: t0 + Duration::from_secs(at_s),
+        };
+        let kill = |node: usize, at_s: f64| Restart {
+            node,
+            at_s,
+            pause_ms: 0,
+            killed_pid: 1,
+            pid: 2,
+            down_ms: 0,
+            interrupted_at_start: None,
+        };
+        let seen = vec![
+            // Seen by two clients: the first receipt counts.
+            ("a".to_string(), resume(5, Some("n3"), "n1", 26)),
+            ("a".to_string(), resume(5, Some("n3"), "n1", 25)),
+            // By the killed node itself after its restart.
+            ("b".to_string(), resume(8, Some("n3"), "n3", 23)),
+            // n2 was never killed: a finding.
+            ("b".to_string(), resume(9, Some("n2"), "n1", 30)),
+            // n3's last kill is two periods back: a finding.
+            ("c".to_string(), resume(3, Some("n3"), "n1", 90)),
+            // No node known: a finding.
+            ("c".to_string(), resume(4, None, "n1", 91)),
+        ];
+        let node_of = |name: &str| (0..3).find(|i| node_name(*i) == name);
+        let (stats, findings) = judge_takeovers(
+            seen,
+            t0,
+            &node_of,
+            &[kill(2, 20.0), kill(0, 50.0)],
+            30,
+            Some(10),
+        );
+        assert_eq!(stats.count, 5);
+        assert_eq!(stats.all.count, 2);
+        assert!((stats.by_other_node.max_s - 5.0).abs() < 1e-6, "{stats:?}");
+        assert!(
+            (stats.by_restarted_node.max_s - 3.0).abs() < 1e-6,
+            "{stats:?}"
+        );
+        assert_eq!(findings.len(), 3, "{findings:?}");
+        assert!(findings
+            .iter()
+            .any(|f| f.contains("n2, which had not been killed")));
+        assert!(findings
+            .iter()
+            .any(|f| f.contains("more than a kill period")));
+        assert!(findings.iter().any(|f| f.contains("no run_started")));
+        let p = Secs::of(&[1.0, 2.0, 3.0, 4.0]);
+        assert_eq!((p.count, p.p50_s, p.p99_s, p.max_s), (4, 2.0, 4.0, 4.0));
+    }
+
     fn samples(f: impl Fn(f64) -> u64) -> Vec<Sample> {
         (0..60)
             .map(|i| {
                 let t = i as f64;
                 Sample {
+                    node: 0,
                     t_s: t,
                     pid: 1 + (t / 20.0) as u32,
                     rss_kib: f(t),
