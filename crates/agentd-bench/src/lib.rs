@@ -21,6 +21,7 @@
 //! a reader can see they were not the bottleneck.
 
 pub mod client;
+pub mod cluster;
 pub mod llama;
 pub mod mock;
 pub mod orchestrate;

@@ -69,6 +69,10 @@ enum Cmd {
     /// with SIGKILL and restarted every period; checks every client's stream against the log, every run for
     /// one `run_finished`, and the server's RSS (usually through `scripts/soak.sh`, see BENCHMARKS.md).
     Soak(agentd_bench::soak::SoakArgs),
+    /// Two agentd nodes on one PostgreSQL database (issue #15): added latency of a subscriber on the other
+    /// node than the run vs the same node, tokens/s and CPU per token of two nodes vs one (usually through
+    /// `scripts/bench-cluster.sh`); writes bench-results/cluster/cluster.{md,json}.
+    Cluster(agentd_bench::cluster::ClusterArgs),
     /// Re-render results.md and plot.png from a saved results.json (no measuring).
     Report {
         /// The results.json of an earlier run.
@@ -244,6 +248,7 @@ fn main() -> ExitCode {
         }
         Cmd::Probe(args) => probe(args),
         Cmd::Soak(args) => agentd_bench::soak::main(args),
+        Cmd::Cluster(args) => agentd_bench::cluster::main(args),
         Cmd::Report { results, out, doc } => {
             let out =
                 out.unwrap_or_else(|| results.parent().map(PathBuf::from).unwrap_or_default());
