@@ -4,6 +4,7 @@
 //! - [`service`]: the facade every surface calls (`Agentd`): validation, ownership, sends, uploads, attach.
 //! - [`skills`]: picks a skill for a message (`@skill:` prefix or keywords).
 //! - [`runs`]: the run manager; each turn is a server-owned task, queued per session, cancellable.
+//! - [`remote`]: run control across nodes: cancels, replies and `multitask` for runs other nodes execute.
 //! - [`agent_loop`]: one turn's ReAct loop: model call, tools, results, until an answer.
 //! - [`tools`]: built-in tools; [`think`]: `<think>` splitting of streamed text.
 //! - [`uploads`]: files kept in a session's workspace (client uploads, tool results too long to show whole).
@@ -27,6 +28,7 @@ pub mod limits;
 pub mod memory;
 pub mod metrics;
 pub mod provider;
+pub mod remote;
 pub mod runs;
 pub mod scripted;
 pub mod service;

@@ -238,6 +238,10 @@ pub struct RunManager {
     node_id: String,
     /// This process among the node's (new at every start).
     instance: String,
+    /// Runs being adopted ([`RunManager::adopt`]) right now, so a start command and a sweep never both start one.
+    adopting: Mutex<std::collections::HashSet<String>>,
+    /// Runs queued under this node's name that it was not executing at the last sweep (see `take_over`).
+    strays: Mutex<std::collections::HashSet<String>>,
 }
 
 /// `hostname:port` of the listen address (the port alone when the address has none).
@@ -267,6 +271,8 @@ impl RunManager {
             sessions: Mutex::new(HashMap::new()),
             shutting_down: AtomicBool::new(false),
             tracker: TaskTracker::new(),
+            adopting: Mutex::default(),
+            strays: Mutex::default(),
         })
     }
 
@@ -789,6 +795,67 @@ impl RunManager {
         sessions.values().map(|s| s.state().runs.len()).sum()
     }
 
+    /// Starts a queued run another node accepted for a session whose turn this node holds (SPEC.md section 6:
+    /// one turn per session across the cluster): its row and user message are stored, naming this node. A run
+    /// that is no longer queued here (already started, ended, or taken over) is left alone.
+    pub async fn adopt(self: &Arc<Self>, session_id: &str, run_id: &str) -> Result<(), StoreError> {
+        if self.watch(session_id, run_id).is_some()
+            || !self
+                .adopting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(run_id.to_string())
+        {
+            return Ok(());
+        }
+        let adopted = self.adopt_inner(session_id, run_id).await;
+        self.adopting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(run_id);
+        adopted
+    }
+
+    async fn adopt_inner(
+        self: &Arc<Self>,
+        session_id: &str,
+        run_id: &str,
+    ) -> Result<(), StoreError> {
+        if self.watch(session_id, run_id).is_some() {
+            return Ok(());
+        }
+        let Some(run) = self.store().get_run(session_id, run_id).await? else {
+            return Ok(());
+        };
+        if run.status != RunStatus::Queued || run.node.as_deref() != Some(self.node_id.as_str()) {
+            return Ok(());
+        }
+        let Some(session) = self.store().get_session(session_id).await? else {
+            return Ok(());
+        };
+        let Some(agent) = self.env.config.agent(&session.agent).cloned() else {
+            self.end_leftover(
+                run,
+                &session.agent,
+                "the run's agent is not configured on the node holding the session's turn".into(),
+            )
+            .await?;
+            return Ok(());
+        };
+        let skill = self.skill_of_queued(&run, &agent).await;
+        self.start(
+            TurnRequest {
+                run,
+                agent,
+                skill,
+                resume: None,
+                started: false,
+            },
+            session.agent,
+        );
+        Ok(())
+    }
+
     /// Takes over the runs a previous process left unfinished (SPEC.md section 4, recovery). With
     /// `server.recovery = "resume"` a started run goes on from its last durable step (`run_resumed`), unless it
     /// was resumed `server.max_resumes` times already, and a queued run is queued again, in order; with
@@ -828,6 +895,8 @@ impl RunManager {
         self.store().set_peers(!live.is_empty());
         let (mut resumed, mut ended) = (0, 0);
         let server = &self.env.config.server;
+        let strays = std::mem::take(&mut *self.strays.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut seen_strays = std::collections::HashSet::new();
         for mut run in runs {
             if run.node.as_ref().is_some_and(|n| live.contains(n)) {
                 continue;
@@ -835,7 +904,19 @@ impl RunManager {
             if !startup
                 && (run.node.is_none() || run.node.as_deref() == Some(self.node_id.as_str()))
             {
-                // Ours, or being accepted by a node that has not named itself on it yet.
+                // Ours, or being accepted by a node that has not named itself on it yet. A run another node
+                // queued here whose start command never arrived (still unknown here a sweep later, so not one
+                // this node is accepting right now) is started now.
+                if run.status == RunStatus::Queued
+                    && run.node.is_some()
+                    && self.watch(&run.session_id, &run.id).is_none()
+                {
+                    if strays.contains(&run.id) {
+                        self.adopt(&run.session_id, &run.id).await?;
+                    } else {
+                        seen_strays.insert(run.id.clone());
+                    }
+                }
                 continue;
             }
             if !self
@@ -912,6 +993,7 @@ impl RunManager {
             self.env.metrics.runs_recovered.inc();
             resumed += 1;
         }
+        *self.strays.lock().unwrap_or_else(|p| p.into_inner()) = seen_strays;
         Ok((resumed, ended))
     }
 

@@ -142,6 +142,8 @@ pub struct Agentd {
     pub store: Arc<dyn Store>,
     pub log: Arc<EventLog>,
     pub runs: Arc<RunManager>,
+    /// Run control across nodes (None: a store one process owns).
+    pub remote: Option<Arc<crate::remote::Remote>>,
     /// Per-principal limits: sends per minute, open streams.
     pub limits: Limits,
     /// Every metric (`GET /metrics`), shared with the runs, the agent loop and the log.
@@ -251,6 +253,7 @@ impl Agentd {
                 "took over runs the previous process left unfinished"
             );
         }
+        let remote = crate::remote::Remote::start(store.clone(), runs.clone());
         let limits = Limits::new(
             config.server.rate_limit_per_min,
             config.server.max_streams_per_principal,
@@ -262,6 +265,7 @@ impl Agentd {
             store,
             log,
             runs,
+            remote,
             metrics,
         }))
     }
@@ -458,7 +462,7 @@ impl Agentd {
             );
         }
         let multitask = msg.multitask.unwrap_or(agent.multitask);
-        if multitask == Multitask::Reject && self.runs.is_busy(session_id) {
+        if multitask == Multitask::Reject && self.busy(session_id).await? {
             return Err(ServiceError::Conflict {
                 code: "run_active",
                 message: "a run is already active in this session".into(),
@@ -471,6 +475,9 @@ impl Agentd {
             .map_err(ServiceError::Limited)?;
         if multitask == Multitask::Interrupt {
             self.runs.cancel_all(session_id);
+            if let Some(remote) = &self.remote {
+                remote.cancel_all(session_id).await?;
+            }
         }
         let run = Run::queued(session_id);
         let message = Message {
@@ -491,6 +498,7 @@ impl Agentd {
             self.store.clone(),
             self.log.clone(),
             self.runs.clone(),
+            self.remote.clone(),
             PendingSend {
                 run,
                 client_message_id: msg.client_message_id.clone(),
@@ -607,6 +615,14 @@ impl Agentd {
             self.run(p, session_id, id).await?;
         }
         let cancelled = self.runs.cancel(session_id, run_id).await;
+        if cancelled.is_none() {
+            // Executed by another node: the command goes there, and the run is returned once it has ended.
+            if let Some(remote) = &self.remote {
+                if let Some(run) = remote.cancel(session_id, run_id).await? {
+                    return Ok(Some(run));
+                }
+            }
+        }
         match cancelled.as_deref().or(run_id) {
             Some(id) => Ok(self.store.get_run(session_id, id).await?),
             None => Ok(None),
@@ -630,9 +646,40 @@ impl Agentd {
                 content.len()
             )));
         }
-        self.runs
-            .reply(session_id, request_id, content)
-            .map_err(|e| ServiceError::NotFound(e.to_string()))
+        let Some(remote) = &self.remote else {
+            return self
+                .runs
+                .reply(session_id, request_id, content)
+                .map_err(|e| ServiceError::NotFound(e.to_string()));
+        };
+        match self.runs.reply(session_id, request_id, content.clone()) {
+            Ok(run_id) => Ok(run_id),
+            // Pending on another node, perhaps.
+            Err(e) => remote
+                .reply(session_id, request_id, &content)
+                .await?
+                .ok_or_else(|| ServiceError::NotFound(e.to_string())),
+        }
+    }
+
+    /// The run holding the session's turn, on this node or (read from the store) another.
+    async fn active_run_id(&self, session_id: &str) -> ServiceResult<Option<String>> {
+        let local = self.runs.active_run_id(session_id);
+        match (&local, &self.remote) {
+            (None, Some(remote)) => Ok(remote.active_run(session_id).await?),
+            _ => Ok(local),
+        }
+    }
+
+    /// Whether a run of the session is queued or going, on this node or another.
+    async fn busy(&self, session_id: &str) -> ServiceResult<bool> {
+        if self.runs.is_busy(session_id) {
+            return Ok(true);
+        }
+        match &self.remote {
+            Some(remote) => Ok(remote.busy(session_id).await?),
+            None => Ok(false),
+        }
     }
 
     /// Takes one of the principal's stream slots (`server.max_streams_per_principal`) for a WebSocket or SSE
@@ -657,7 +704,7 @@ impl Agentd {
         // The log's bounds first, then the active run: a run stops being active before its `run_finished` is
         // committed, so a hello never names a run whose end is already at or below its `last_seq`.
         let bounds = self.store.log_bounds(session_id).await?;
-        let active_run_id = self.runs.active_run_id(session_id);
+        let active_run_id = self.active_run_id(session_id).await?;
         let mut cursor_expired = false;
         let from = match after {
             Some(n)
@@ -791,6 +838,7 @@ async fn commit_send(
     store: Arc<dyn Store>,
     log: Arc<EventLog>,
     runs: Arc<RunManager>,
+    remote: Option<Arc<crate::remote::Remote>>,
     p: PendingSend,
 ) -> Result<Accepted, CommitError> {
     let PendingSend {
@@ -801,12 +849,19 @@ async fn commit_send(
         agent,
         skill,
     } = p;
-    // The run is this node's from its acceptance (queued here, it runs here).
+    // The run is this node's from its acceptance (queued here, it runs here), unless, in a cluster, another
+    // node holds the session's turn: then the store names that node, and the run is started there.
     run.node = Some(runs.node_id().to_string());
+    let routed = match store.route_run(&run, client_message_id.as_deref()).await {
+        Ok(routed) => routed,
+        Err(StoreError::Conflict(_)) => return Err(CommitError::Duplicate),
+        Err(e) => return Err(e.into()),
+    };
     // A send with a client_message_id creates its run row first: the store's unique key on that id is what
     // tells a repeat. Without one, the run row is written by the message's own commit (one transaction).
-    let run_with_message = match client_message_id.as_deref() {
-        Some(id) => {
+    let run_with_message = match (&routed, client_message_id.as_deref()) {
+        (Some(_), _) => None,
+        (None, Some(id)) => {
             match store.create_run(&run, Some(id)).await {
                 Ok(()) => {}
                 Err(StoreError::Conflict(_)) => return Err(CommitError::Duplicate),
@@ -814,8 +869,12 @@ async fn commit_send(
             }
             None
         }
-        None => Some(run.clone()),
+        (None, None) => Some(run.clone()),
     };
+    let elsewhere = routed.filter(|node| node != runs.node_id());
+    if let Some(node) = &elsewhere {
+        run.node = Some(node.clone());
+    }
     let row_first = run_with_message.is_some();
     let envelope = |kind: EventKind| NewEvent {
         session_id: session.id.clone(),
@@ -832,9 +891,12 @@ async fn commit_send(
     };
     // A session with no turn running starts this one at once: its `run_started` goes into the same commit as
     // the message (one transaction, not two), and the session shows it active from then on.
-    let ticket = runs.reserve(&session.id);
+    let ticket = match elsewhere {
+        None => Some(runs.reserve(&session.id)),
+        Some(_) => None,
+    };
     let mut started = run.clone();
-    let committed = if ticket.starts_now() {
+    let committed = if ticket.as_ref().is_some_and(|t| t.starts_now()) {
         started.status = crate::domain::RunStatus::Running;
         started.started_at = Some(now_rfc3339());
         let start = LogEntry {
@@ -885,18 +947,33 @@ async fn commit_send(
             tracing::warn!(session = %session.id, "storing the session title failed: {e}");
         }
     }
-    let starts_now = ticket.starts_now();
-    let done = runs.start_reserved(
-        TurnRequest {
-            run: if starts_now { started } else { run.clone() },
-            agent,
-            skill,
-            resume: None,
-            started: starts_now,
-        },
-        session.agent.clone(),
-        ticket,
-    );
+    let done = match (ticket, elsewhere, remote) {
+        (Some(ticket), _, _) => {
+            let starts_now = ticket.starts_now();
+            runs.start_reserved(
+                TurnRequest {
+                    run: if starts_now { started } else { run.clone() },
+                    agent,
+                    skill,
+                    resume: None,
+                    started: starts_now,
+                },
+                session.agent.clone(),
+                ticket,
+            )
+        }
+        // Queued on the node holding the session's turn (if the command is lost, that node's next sweep
+        // finds the run queued under its name and starts it).
+        (None, Some(node), Some(remote)) => remote
+            .start_elsewhere(&node, &session.id, &run.id)
+            .await
+            .map_err(|e| CommitError::Failed(e.into()))?,
+        (None, _, _) => {
+            return Err(CommitError::Failed(ServiceError::Internal(
+                "a run routed to another node without commands across nodes".into(),
+            )))
+        }
+    };
     Ok(Accepted {
         run,
         message: Some(message),

@@ -230,6 +230,29 @@ pub trait Store: Send + Sync + 'static {
     async fn leave(&self, _node_id: &str, _instance: &str) -> StoreResult<()> {
         Ok(())
     }
+    /// Where a new turn of a session executes while other nodes are alive (SPEC.md section 6: one turn per
+    /// session across the cluster): inserts the queued `run` as [`Store::create_run`] does, naming as its node
+    /// the node of the session's oldest unfinished run, if any, else `run.node`, decided with the session's log
+    /// locked (so nodes accepting turns of one session at once agree), and returns that node. None: no other
+    /// node is alive, nothing was written, the caller goes on as if alone (a store one process owns: always).
+    async fn route_run(
+        &self,
+        _run: &Run,
+        _client_message_id: Option<&str>,
+    ) -> StoreResult<Option<String>> {
+        Ok(None)
+    }
+    /// Sends `command` to node `to`, which receives it from its own store's [`Store::commands`]. A store one
+    /// process owns has no other node: the default refuses.
+    async fn send_command(&self, _to: &str, _command: &NodeCommand) -> StoreResult<()> {
+        Err(StoreError::Other(
+            "this store serves one process: no other node".into(),
+        ))
+    }
+    /// The commands other nodes send this one (None: a store one process owns).
+    fn commands(&self) -> Option<tokio::sync::broadcast::Receiver<NodeCommand>> {
+        None
+    }
     /// Makes node `to` the one executing the unfinished run `run_id`, if its node is still `from`: true when
     /// this call took it (of several nodes trying at once, one does). A store one process owns has nobody to
     /// race: the default takes it.
@@ -242,6 +265,30 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<bool> {
         Ok(true)
     }
+}
+
+/// A command for the node executing a run (SPEC.md section 6: commands reach a run wherever it executes):
+/// what a client asked of another node.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case")]
+pub enum NodeCommand {
+    /// Cancel the run.
+    Cancel { session_id: String, run_id: String },
+    /// Start the queued run (another node accepted it; this node holds the session's turn).
+    Start { session_id: String, run_id: String },
+    /// Answer the run's pending `ask_human`; the receiver answers `Replied` to node `from`.
+    Reply {
+        session_id: String,
+        request_id: String,
+        content: String,
+        from: String,
+        ticket: String,
+    },
+    /// How a `Reply` went: the run it answered, or None when no question with that request id was pending.
+    Replied {
+        ticket: String,
+        run_id: Option<String>,
+    },
 }
 
 /// Events another node committed to a session's log: seqs `first_seq..=last_seq`.

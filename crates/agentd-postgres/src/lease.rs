@@ -25,6 +25,9 @@ INSERT INTO nodes (node_id, instance, listen, started_at, last_seen) VALUES ($1,
 ON CONFLICT (node_id) DO UPDATE SET instance = EXCLUDED.instance, listen = EXCLUDED.listen,
     started_at = EXCLUDED.started_at, last_seen = now()";
 
+/// Tells the other nodes that node `$1` joined (see `notify`).
+pub(crate) const ANNOUNCE: &str = "SELECT pg_notify('agentd_cmd', '* ' || $1::text)";
+
 /// Renews a registered process's row; no row changed: it was expelled.
 pub(crate) const RENEW: &str =
     "UPDATE nodes SET last_seen = now() WHERE node_id = $1 AND instance = $2";

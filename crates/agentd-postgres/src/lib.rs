@@ -24,15 +24,18 @@ use std::time::Duration;
 use agentd_core::domain::{Message, NodeInfo, Run, Session, Upload};
 use agentd_core::event::LoggedEvent;
 use agentd_core::store::{
-    LogBounds, LogEntry, NodeBeat, RemoteAppend, Store, StoreError, StoreResult, StoredRun,
+    LogBounds, LogEntry, NodeBeat, NodeCommand, RemoteAppend, Store, StoreError, StoreResult,
+    StoredRun,
 };
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use futures_util::future::join;
 use tokio_postgres::config::Host;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::NoTls;
 
 mod append;
+mod commands;
 mod copy;
 mod health;
 mod lease;
@@ -76,7 +79,20 @@ pub struct PgStore {
     notifier: Arc<notify::Notifier>,
     /// The registered process every append is fenced on (see `lease`).
     lease: Arc<lease::Lease>,
+    /// Commands other nodes sent this one (see `commands`).
+    commands: tokio::sync::broadcast::Sender<NodeCommand>,
 }
+
+/// [`rows::INSERT_RUN`] with the node of the session's oldest unfinished run, if any, in place of `$11`.
+const ROUTE_RUN: &str = "
+INSERT INTO runs (session_id, id, status, created_at, started_at, ended_at,
+                  error, prompt_tokens, completion_tokens, client_message_id, node)
+SELECT $1::text, $2::text, $3::text, $4::text, $5::text, $6::text, $7::text, $8::int8, $9::int8, $10::text,
+       COALESCE((SELECT r.node FROM runs r
+                 WHERE r.session_id = $1::text AND r.node IS NOT NULL
+                   AND r.status IN ('queued', 'running', 'waiting_input')
+                 ORDER BY r.ord LIMIT 1), $11::text)
+RETURNING node";
 
 /// How long the event log may gather token events into one Postgres commit. A commit costs this store a
 /// transaction (two round trips, the backend's work, a WAL flush) whatever it carries, so a light steady flow
@@ -194,14 +210,19 @@ impl PgStore {
             .build()
             .map_err(|e| StoreError::Other(format!("creating the connection pool: {e}")))?;
         tracing::debug!(database = %target.name, version = schema::latest_version(), max_connections, "postgres store open");
-        let notifier = notify::Notifier::new();
+        let (notes, noted) = tokio::sync::mpsc::channel(commands::QUEUE);
+        let notifier = notify::Notifier::new(notes);
+        let lease: Arc<lease::Lease> = Arc::default();
+        let (commands, _) = tokio::sync::broadcast::channel(commands::QUEUE);
+        commands::take(pool.clone(), lease.clone(), noted, commands.clone());
         notify::listen(target.config.clone(), &notifier);
         Ok(PgStore {
             pool,
             name: target.name.clone(),
             health: Arc::new(health::Health::new(target.name.clone())),
             notifier,
-            lease: Arc::default(),
+            lease,
+            commands,
         })
     }
 
@@ -449,6 +470,67 @@ impl Store for PgStore {
                 None => Err(pg("inserting a run", e)),
             },
             Err(Failure::Store(e)) => Err(e),
+        }
+    }
+
+    async fn route_run(
+        &self,
+        run: &Run,
+        client_message_id: Option<&str>,
+    ) -> StoreResult<Option<String>> {
+        if !self.notifier.has_peers() {
+            return Ok(None);
+        }
+        let values = RunValues::of(run)?;
+        let client = self.client().await?;
+        // Pipelined, one round trip: the session's counter locked (as an append locks it), then, in a statement
+        // of its own (so its snapshot is taken once the lock is held), the row inserted with its node.
+        let lock = client
+            .prepare_cached("SELECT 1 FROM session_seqs WHERE session_id = $1 FOR NO KEY UPDATE")
+            .await
+            .map_err(|e| pg("routing a run", e))?;
+        let insert = client
+            .prepare_cached(ROUTE_RUN)
+            .await
+            .map_err(|e| pg("routing a run", e))?;
+        let params = values.insert_params(run, &client_message_id);
+        let (((begun, locked), inserted), committed) = join(
+            join(
+                join(
+                    client.batch_execute("BEGIN"),
+                    client.query(&lock, &[&run.session_id]),
+                ),
+                client.query(&insert, &params),
+            ),
+            client.batch_execute("COMMIT"),
+        )
+        .await;
+        let outcome = begun
+            .and(locked)
+            .and(inserted)
+            .and_then(|rows| committed.map(|()| rows));
+        match outcome {
+            Ok(rows) => match rows.first() {
+                Some(row) => Ok(Some(col(row, 0)?)),
+                None => Err(StoreError::Other("routing a run returned no node".into())),
+            },
+            Err(e) => {
+                let _ = client.batch_execute("ROLLBACK").await;
+                Err(match violation(&e) {
+                    Some(Violation::Unique(c)) if c.contains("client_message_id") => {
+                        StoreError::Conflict(format!(
+                            "a run with this client_message_id already exists in session {}",
+                            run.session_id
+                        ))
+                    }
+                    Some(Violation::Unique(_)) => StoreError::Conflict(format!(
+                        "run {} already exists in session {}",
+                        run.id, run.session_id
+                    )),
+                    Some(Violation::ForeignKey) => StoreError::NotFound,
+                    None => pg("routing a run", e),
+                })
+            }
         }
     }
 
@@ -815,6 +897,8 @@ impl Store for PgStore {
         .await
         .map_err(|f| f.into_store("registering the node"))?;
         self.lease.joined(&beat.node_id, &beat.instance);
+        self.query("announcing the node", lease::ANNOUNCE, &[&beat.node_id])
+            .await?;
         Ok(())
     }
 
@@ -835,6 +919,22 @@ impl Store for PgStore {
 
     fn fenced(&self) -> Option<tokio_util::sync::CancellationToken> {
         Some(self.lease.token())
+    }
+
+    async fn send_command(&self, to: &str, command: &NodeCommand) -> StoreResult<()> {
+        let body = serde_json::to_string(command)
+            .map_err(|e| StoreError::Other(format!("encoding a command: {e}")))?;
+        self.query(
+            "sending a command to another node",
+            commands::SEND,
+            &[&to, &body],
+        )
+        .await?;
+        Ok(())
+    }
+
+    fn commands(&self) -> Option<tokio::sync::broadcast::Receiver<NodeCommand>> {
+        Some(self.commands.subscribe())
     }
 
     async fn leave(&self, node_id: &str, instance: &str) -> StoreResult<()> {

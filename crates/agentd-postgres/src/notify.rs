@@ -19,6 +19,10 @@ use tokio_postgres::{AsyncMessage, NoTls};
 
 /// The channel every node listens on.
 pub(crate) const CHANNEL: &str = "agentd_log";
+/// The channel of commands across nodes (see `commands`): `<node> <id>` payloads.
+pub(crate) const COMMANDS: &str = "agentd_cmd";
+/// The payload on [`COMMANDS`] that a node sends when it joins (`* <node>`): every node has peers from then on.
+pub(crate) const JOINED: &str = "* ";
 /// `pg_notify` refuses payloads of 8000 bytes or more.
 const MAX_PAYLOAD: usize = 7900;
 /// Notifications waiting for the event log at most (a lagging reader skips; subscribers catch up from the
@@ -32,20 +36,36 @@ pub(crate) struct Notifier {
     /// Tells this store's own notifications from others'.
     instance: String,
     tx: broadcast::Sender<RemoteAppend>,
+    /// Commands announced on [`COMMANDS`], for the store to take (see `commands`).
+    commands: tokio::sync::mpsc::Sender<CommandNote>,
+}
+
+/// What the listening connection tells the command taker.
+#[derive(Debug)]
+pub(crate) enum CommandNote {
+    /// Command `id` was written for node `node`.
+    One { node: String, id: i64 },
+    /// The connection was (re)opened: commands written meanwhile were not announced to this node.
+    Missed,
 }
 
 impl Notifier {
-    pub(crate) fn new() -> Arc<Notifier> {
+    pub(crate) fn new(commands: tokio::sync::mpsc::Sender<CommandNote>) -> Arc<Notifier> {
         let (tx, _) = broadcast::channel(QUEUE);
         Arc::new(Notifier {
             peers: AtomicBool::new(false),
             instance: agentd_core::domain::new_id(),
             tx,
+            commands,
         })
     }
 
     pub(crate) fn set_peers(&self, peers: bool) {
         self.peers.store(peers, Ordering::Relaxed);
+    }
+
+    pub(crate) fn has_peers(&self) -> bool {
+        self.peers.load(Ordering::Relaxed)
     }
 
     pub(crate) fn subscribe(&self) -> broadcast::Receiver<RemoteAppend> {
@@ -79,6 +99,27 @@ impl Notifier {
         out
     }
 
+    /// Hands a command's announcement to the command taker (a full queue drops it: commands are few, and a
+    /// sender that hears nothing back times out).
+    fn command(&self, payload: &str) {
+        if payload.starts_with(JOINED) {
+            // Another node just joined: commits announce themselves from now on (not from this node's next
+            // sweep, which would leave a subscriber on the new node without a run's events meanwhile).
+            self.set_peers(true);
+            return;
+        }
+        let mut parts = payload.split(' ');
+        if let (Some(node), Some(Ok(id))) = (parts.next(), parts.next().map(str::parse)) {
+            let note = CommandNote::One {
+                node: node.to_string(),
+                id,
+            };
+            if self.commands.try_send(note).is_err() {
+                tracing::warn!("postgres: a command from another node was dropped (queue full)");
+            }
+        }
+    }
+
     /// Hands another store's announcement to the event log.
     fn received(&self, payload: &str) {
         for line in payload.lines() {
@@ -103,7 +144,7 @@ impl Notifier {
     }
 }
 
-/// Keeps a connection listening on [`CHANNEL`] for as long as `notifier` is in use, connecting again (after a
+/// Keeps a connection listening on [`CHANNEL`] and [`COMMANDS`] for as long as `notifier` is in use, connecting again (after a
 /// second, then up to ten) when it is lost.
 pub(crate) fn listen(config: tokio_postgres::Config, notifier: &Arc<Notifier>) {
     let weak = Arc::downgrade(notifier);
@@ -115,31 +156,39 @@ pub(crate) fn listen(config: tokio_postgres::Config, notifier: &Arc<Notifier>) {
             }
             match config.connect(NoTls).await {
                 Ok((client, mut connection)) => {
-                    let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(QUEUE);
+                    let (tx, mut rx) = tokio::sync::mpsc::channel::<(bool, String)>(QUEUE);
                     // Polling the connection drives the client's requests and yields the notifications.
                     let driver = tokio::spawn(async move {
                         let mut messages =
                             futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
                         while let Some(Ok(message)) = messages.next().await {
                             if let AsyncMessage::Notification(n) = message {
-                                if tx.send(n.payload().to_string()).await.is_err() {
+                                let command = n.channel() == COMMANDS;
+                                if tx.send((command, n.payload().to_string())).await.is_err() {
                                     return;
                                 }
                             }
                         }
                     });
                     if client
-                        .batch_execute(&format!("LISTEN {CHANNEL}"))
+                        .batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {COMMANDS}"))
                         .await
                         .is_ok()
                     {
                         wait = Duration::from_secs(1);
-                        while let Some(payload) = rx.recv().await {
+                        if let Some(notifier) = weak.upgrade() {
+                            let _ = notifier.commands.try_send(CommandNote::Missed);
+                        }
+                        while let Some((command, payload)) = rx.recv().await {
                             let Some(notifier) = weak.upgrade() else {
                                 driver.abort();
                                 return;
                             };
-                            notifier.received(&payload);
+                            if command {
+                                notifier.command(&payload);
+                            } else {
+                                notifier.received(&payload);
+                            }
                         }
                     }
                     driver.abort();

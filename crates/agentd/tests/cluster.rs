@@ -1,9 +1,9 @@
-//! Several `agentd serve` processes on one PostgreSQL database (SPEC.md section 6), as far as they go today:
-//! every node is in the registry (`GET /v1/cluster`), a run names the node executing it (`Run.node`), and a
-//! node's start-up takes over only the runs of nodes that are gone, never a live node's, and the runs of a node
-//! lost later are taken over by another node once its lease has lapsed. Real processes, a
-//! real PostgreSQL database of the test's own, the mock upstream over HTTP. (A single node on SQLite lists
-//! itself.)
+//! Several `agentd serve` processes on one PostgreSQL database (SPEC.md section 6): the registry
+//! (`GET /v1/cluster`), `Run.node`, start-up that leaves a live node's runs alone, takeover of a lost node's runs
+//! within the lease, a graceful hand-over, fencing of a node frozen past its lease, a node that loses its
+//! database connections, live events, cancels, replies and `multitask` across nodes, and one turn per session
+//! across the cluster. Real processes, a real PostgreSQL database of the test's own, the mock upstream over
+//! HTTP. (A single node on SQLite lists itself.)
 
 #![allow(clippy::unwrap_used)] // tests: a panic is a failed assertion
 
@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use agentd_store_contract::pg::TestDatabase;
 use agentd_testkit::MockUpstream;
 use common::{spawn_agentd, Client, Process};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// A database, a mock upstream and a directory for configs, shared by the nodes of one test.
 async fn shared() -> (TestDatabase, MockUpstream, tempfile::TempDir) {
@@ -328,6 +328,219 @@ async fn a_node_frozen_past_its_lease_adds_nothing_to_the_log_when_it_wakes() {
         Some(Some(1)),
         "a fenced node stops"
     );
+    b.kill_9();
+}
+
+/// Commands reach a run wherever it executes: with a run going on a, a client of b sees it active in its
+/// hello, is refused a `multitask = reject` send, answers the run's question, and cancels it, each through b.
+#[tokio::test]
+async fn cancels_replies_and_multitask_reach_a_run_on_another_node() {
+    let (db, upstream, dir) = shared().await;
+    let mut a = spawn_agentd(&node_config(dir.path(), db.url(), &upstream, "a")).await;
+    let mut b = spawn_agentd(&node_config(dir.path(), db.url(), &upstream, "b")).await;
+    let (ca, cb) = (a.client(), b.client());
+    let session = ca.session().await;
+
+    // A question asked on a, answered through b.
+    let (_asking, run, request_id) = common::ask_colour(&ca, &upstream, &session).await;
+    let input = format!("/v1/sessions/{session}/runs/{run}/input");
+    let (status, body) = cb
+        .post(&input, json!({"request_id": "nope", "content": "red"}))
+        .await;
+    assert_eq!(status, 404, "no such question on any node: {body}");
+    let (status, body) = cb
+        .post(
+            &input,
+            json!({"request_id": request_id.as_str(), "content": "blue"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let done = wait_status(&ca, &session, &run, "completed").await;
+    assert!(done["node"].is_null());
+    let messages = ca.messages(&session).await;
+    assert_eq!(
+        messages.last().unwrap()["content"],
+        "The result is blue.",
+        "a's run got b's answer"
+    );
+
+    // A long run on a: b's hello names it, b refuses a rejecting send, and b cancels it.
+    let run = ca.send_bg(&session, "tokens=2000 delay_ms=10").await;
+    wait_status(&ca, &session, &run, "running").await;
+    let mut ws = cb.ws(&session, "").await;
+    let hello = ws.next().await;
+    assert_eq!(hello["active_run_id"], run.as_str(), "{hello}");
+    let (status, body) = cb
+        .post(
+            &format!("/v1/sessions/{session}/messages"),
+            json!({"content": "me too", "multitask": "reject", "wait": false}),
+        )
+        .await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "run_active");
+    let asked = Instant::now();
+    let (status, cancelled) = cb
+        .post(
+            &format!("/v1/sessions/{session}/runs/{run}/cancel"),
+            json!({}),
+        )
+        .await;
+    let took = asked.elapsed();
+    assert_eq!(status, 200, "{cancelled}");
+    assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
+    assert!(took < Duration::from_secs(2), "cancelled in {took:?}");
+    let mut frames = Vec::new();
+    while let Some(f) = ws.next_within(Duration::from_secs(10)).await {
+        let end = f["type"] == "run_finished" && f["run_id"] == run.as_str();
+        frames.push(f);
+        if end {
+            break;
+        }
+    }
+    let kinds: Vec<String> = frames
+        .iter()
+        .rev()
+        .take(5)
+        .map(|f| format!("{} {}", f["seq"], f["type"]))
+        .collect();
+    assert_eq!(
+        frames.last().unwrap()["run"]["status"],
+        "cancelled",
+        "{} frames, last {kinds:?}",
+        frames.len()
+    );
+    let events = events_of(&cb, &session, &run).await;
+    let ends = of_type(&events, "run_finished");
+    assert_eq!(
+        ends.iter().filter(|f| f["run_id"] == run.as_str()).count(),
+        1
+    );
+    common::assert_gap_free(&events, 1);
+    a.kill_9();
+    b.kill_9();
+}
+
+/// One turn per session across the cluster: turns of one session sent at once to two nodes run one after the
+/// other, never two at once (in the session's log no run starts while another is between its start and its
+/// end), and each completes.
+#[tokio::test]
+async fn turns_sent_to_two_nodes_at_once_for_one_session_never_run_together() {
+    let (db, upstream, dir) = shared().await;
+    let mut a = spawn_agentd(&node_config(dir.path(), db.url(), &upstream, "a")).await;
+    let mut b = spawn_agentd(&node_config(dir.path(), db.url(), &upstream, "b")).await;
+    let (ca, cb) = (a.client(), b.client());
+    let session = ca.session().await;
+    let mut runs = Vec::new();
+    for _ in 0..4 {
+        let (x, y) = tokio::join!(
+            ca.send_bg(&session, "tokens=20 delay_ms=10"),
+            cb.send_bg(&session, "tokens=20 delay_ms=10")
+        );
+        runs.extend([x, y]);
+    }
+    for run in &runs {
+        wait_status(&cb, &session, run, "completed").await;
+    }
+    let mut ws = cb.ws(&session, "after=0").await;
+    ws.next().await;
+    let mut events = Vec::new();
+    while events
+        .iter()
+        .filter(|f: &&Value| f["type"] == "run_finished")
+        .count()
+        < runs.len()
+    {
+        events.push(ws.next().await);
+    }
+    common::assert_gap_free(&events, 1);
+    let mut going: Option<String> = None;
+    let mut started = 0;
+    for f in &events {
+        let run = f["run_id"].as_str().unwrap_or_default().to_string();
+        match f["type"].as_str() {
+            Some("run_started") => {
+                assert!(
+                    going.is_none(),
+                    "run {run} started at seq {} while {going:?} was going",
+                    f["seq"]
+                );
+                going = Some(run);
+                started += 1;
+            }
+            Some("run_finished") => {
+                assert_eq!(going.as_deref(), Some(run.as_str()), "at seq {}", f["seq"]);
+                going = None;
+            }
+            Some("text_delta") => {
+                assert_eq!(
+                    going.as_deref(),
+                    Some(run.as_str()),
+                    "a delta of a run not going, seq {}",
+                    f["seq"]
+                );
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(started, runs.len(), "every turn ran");
+    a.kill_9();
+    b.kill_9();
+}
+
+/// A node whose database connections are all cut mid-run (the server terminates them) reconnects and goes on:
+/// its run completes there, every delta once and in order, and no other node takes it over (the node's lease
+/// never lapsed).
+#[tokio::test]
+async fn a_node_that_loses_its_database_connections_goes_on_with_its_run() {
+    let (db, upstream, dir) = shared().await;
+    // Node a's connections carry a name of their own, so the test can cut exactly those.
+    let a_url = format!("{}?application_name=agentd-node-a", db.url());
+    let mut a = spawn_agentd(&node_config(dir.path(), &a_url, &upstream, "a")).await;
+    let mut b = spawn_agentd(&node_config(dir.path(), db.url(), &upstream, "b")).await;
+    let (ca, cb) = (a.client(), b.client());
+    let session = ca.session().await;
+    let mut ws = cb.ws(&session, "").await;
+    ws.next().await;
+    let run = ca.send_bg(&session, "tokens=300 delay_ms=10").await;
+    wait_status(&ca, &session, &run, "running").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (admin, connection) = tokio_postgres::connect(db.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let cut = admin
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE application_name = 'agentd-node-a'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(cut.len() >= 2, "a had connections to cut: {}", cut.len());
+    let done = wait_status(&cb, &session, &run, "completed").await;
+    assert!(done["node"].is_null());
+    let r = run.clone();
+    let frames = ws
+        .until(move |f| f["type"] == "run_finished" && f["run_id"] == r)
+        .await;
+    common::assert_gap_free(&frames, frames[0]["seq"].as_u64().unwrap());
+    assert!(
+        frames.iter().all(|f| f["type"] != "run_resumed"),
+        "not taken over"
+    );
+    let deltas: Vec<&str> = frames
+        .iter()
+        .filter(|f| f["type"] == "text_delta")
+        .filter_map(|f| f["delta"].as_str())
+        .collect();
+    assert_eq!(deltas.len(), 300, "every delta once, live on b");
+    assert_eq!(
+        frames.last().unwrap()["content"].as_str(),
+        Some(deltas.concat().as_str())
+    );
+    let (_, nodes) = cb.get("/v1/cluster").await;
+    assert_eq!(node_ids(&nodes), ["a", "b"], "a is still a node");
+    a.kill_9();
     b.kill_9();
 }
 

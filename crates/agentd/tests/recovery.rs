@@ -402,19 +402,7 @@ async fn a_question_pending_at_the_kill_keeps_waiting_under_its_request_id() {
     let upstream = &setup.upstream;
     let c = p.client();
     let id = c.session().await;
-    upstream.push(Reply::tool_call(
-        "call_q",
-        "ask_human",
-        r#"{"question": "Which colour?"}"#,
-    ));
-    let mut ws = c.ws(&id, "").await;
-    ws.next().await;
-    ws.send(json!({"type": "message", "content": "ask me"}))
-        .await;
-    let frames = ws.until(|f| f["type"] == "input_requested").await;
-    let asked = frames.last().unwrap().clone();
-    let run = asked["run_id"].as_str().unwrap().to_string();
-    let request_id = asked["request_id"].as_str().unwrap().to_string();
+    let (_asking, run, request_id) = common::ask_colour(&c, upstream, &id).await;
     p.kill_9();
 
     let mut p2 = setup.restart().await;

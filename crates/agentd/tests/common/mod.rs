@@ -486,6 +486,37 @@ impl Process {
     }
 }
 
+/// A test that fails part-way leaves no server behind (it would go on beating against a dropped database).
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Has the agent ask "Which colour?" through `ask_human` in a turn sent over a WebSocket of `c`: returns that
+/// socket, the run and the question's request id once `input_requested` has arrived.
+pub async fn ask_colour(
+    c: &Client,
+    upstream: &MockUpstream,
+    session: &str,
+) -> (Ws, String, String) {
+    upstream.push(agentd_testkit::Reply::tool_call(
+        "call_q",
+        "ask_human",
+        r#"{"question": "Which colour?"}"#,
+    ));
+    let mut ws = c.ws(session, "").await;
+    ws.next().await;
+    ws.send(json!({"type": "message", "content": "ask me"}))
+        .await;
+    let frames = ws.until(|f| f["type"] == "input_requested").await;
+    let asked = frames.last().unwrap();
+    let run = asked["run_id"].as_str().unwrap().to_string();
+    let request_id = asked["request_id"].as_str().unwrap().to_string();
+    (ws, run, request_id)
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -501,7 +532,10 @@ pub async fn spawn_agentd(config: &std::path::Path) -> Process {
         .args(["serve", "--config"])
         .arg(config)
         .args(["--listen", &format!("127.0.0.1:{port}")])
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("AGENTD_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .spawn()
         .unwrap();
     let url = format!("http://127.0.0.1:{port}");
