@@ -32,7 +32,7 @@ use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 
-use futures_util::FutureExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinSet;
 
@@ -52,6 +52,10 @@ const GATHER_ENOUGH: usize = 256;
 /// Events buffered per session for live subscribers; a subscriber further behind reads the store. Each slot
 /// is preallocated, so this is also most of what an idle session's fan-out costs.
 const BROADCAST_CAPACITY: usize = 128;
+/// Sessions whose announced events the relay reads in one round (more wait for the next).
+const RELAY_SESSIONS: usize = 1024;
+/// Reads of other nodes' events the relay has going at once.
+const RELAY_READS: usize = 8;
 /// Page size when a subscriber reads from the store.
 const READ_PAGE: usize = 512;
 
@@ -89,6 +93,16 @@ impl Fanout {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .contains_key(session_id)
+    }
+
+    /// The sessions this process has live subscribers of.
+    fn sessions(&self) -> Vec<String> {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
     }
 
     fn publish(&self, events: &[Arc<LoggedEvent>]) {
@@ -586,26 +600,92 @@ async fn relay_remote(
     fanout: Arc<Fanout>,
 ) {
     loop {
-        let ra = match remote.recv().await {
-            Ok(ra) => ra,
-            Err(broadcast::error::RecvError::Lagged(_)) => continue,
-            Err(broadcast::error::RecvError::Closed) => return,
-        };
-        if !fanout.has(&ra.session_id) || ra.last_seq < ra.first_seq {
-            continue;
+        // Everything announced meanwhile, merged per session (a session's ranges from consecutive commits
+        // become one read), then read concurrently: one round trip per session and wake-up, not per commit.
+        let mut ranges: HashMap<String, (u64, u64)> = HashMap::new();
+        let mut missed = false;
+        let mut next = remote.recv().await;
+        loop {
+            match next {
+                Ok(ra) if ra.is_resync() => missed = true,
+                Ok(ra) => {
+                    if ra.last_seq >= ra.first_seq && fanout.has(&ra.session_id) {
+                        let r = ranges
+                            .entry(ra.session_id)
+                            .or_insert((ra.first_seq, ra.last_seq));
+                        r.0 = r.0.min(ra.first_seq);
+                        r.1 = r.1.max(ra.last_seq);
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::debug!(
+                        missed = n,
+                        "announcements of other nodes' commits were skipped"
+                    );
+                    missed = true;
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+            if ranges.len() >= RELAY_SESSIONS {
+                break;
+            }
+            next = match remote.try_recv() {
+                Ok(ra) => Ok(ra),
+                Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                    Err(broadcast::error::RecvError::Lagged(n))
+                }
+                Err(broadcast::error::TryRecvError::Closed) => {
+                    Err(broadcast::error::RecvError::Closed)
+                }
+                Err(broadcast::error::TryRecvError::Empty) => break,
+            };
         }
-        let want = usize::try_from(ra.last_seq - ra.first_seq + 1).unwrap_or(READ_PAGE);
-        match store
-            .read_events(
-                &ra.session_id,
-                ra.first_seq.saturating_sub(1),
-                want.min(READ_PAGE),
-            )
-            .await
-        {
+        if missed {
+            resync(&store, &fanout).await;
+        }
+        let reads = futures_util::stream::iter(ranges)
+            .map(|(session, (first, last))| {
+                let store = store.clone();
+                async move {
+                    // The tail of a long range: a subscriber missing what comes before reads it itself.
+                    let after = first
+                        .saturating_sub(1)
+                        .max(last.saturating_sub(READ_PAGE as u64));
+                    let want = usize::try_from(last - after).unwrap_or(READ_PAGE);
+                    let read = store.read_events(&session, after, want).await;
+                    (session, read)
+                }
+            })
+            .buffer_unordered(RELAY_READS);
+        futures_util::pin_mut!(reads);
+        while let Some((session, read)) = reads.next().await {
+            match read {
+                Ok(events) => fanout.publish(&events),
+                Err(e) => {
+                    tracing::debug!(session = %session, error = %e, "reading another node's events failed")
+                }
+            }
+        }
+    }
+}
+
+/// After announcements were missed: publishes the latest event of every session this process has subscribers
+/// of. A subscriber that lacks events before it reads them from the store, one that has it drops it, so nobody
+/// waits for an announcement that will never come.
+async fn resync(store: &Arc<dyn Store>, fanout: &Fanout) {
+    for session in fanout.sessions() {
+        let last = match store.log_bounds(&session).await {
+            Ok(bounds) if bounds.last_seq > 0 => bounds.last_seq,
+            Ok(_) => continue,
+            Err(e) => {
+                tracing::debug!(session = %session, error = %e, "reading a session's bounds to resync failed");
+                continue;
+            }
+        };
+        match store.read_events(&session, last - 1, 1).await {
             Ok(events) => fanout.publish(&events),
             Err(e) => {
-                tracing::debug!(session = %ra.session_id, error = %e, "reading another node's events failed")
+                tracing::debug!(session = %session, error = %e, "reading a session's latest event to resync failed")
             }
         }
     }

@@ -921,7 +921,13 @@ impl RunManager {
             }
             if !self
                 .store()
-                .claim_run(&run.session_id, &run.id, run.node.as_deref(), &self.node_id)
+                .claim_run(
+                    &run.session_id,
+                    &run.id,
+                    run.node.as_deref(),
+                    &self.node_id,
+                    lease,
+                )
                 .await?
             {
                 continue; // another node took it first

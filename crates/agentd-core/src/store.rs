@@ -253,15 +253,19 @@ pub trait Store: Send + Sync + 'static {
     fn commands(&self) -> Option<tokio::sync::broadcast::Receiver<NodeCommand>> {
         None
     }
-    /// Makes node `to` the one executing the unfinished run `run_id`, if its node is still `from`: true when
-    /// this call took it (of several nodes trying at once, one does). A store one process owns has nobody to
-    /// race: the default takes it.
+    /// Makes node `to` the one executing the unfinished run `run_id`, if its node is still `from` and `from`
+    /// is `to` itself (a restarted node's previous process) or no node live within `within`: true when the
+    /// run is `to`'s after the call. Claims are taken one at a time across the cluster, each deciding on what
+    /// the ones before it did, so of several nodes trying at once (a restarted node among them), one wins.
+    /// Every unfinished run of the session under `from` moves with it, so a session's turns stay on one node.
+    /// A store one process owns has nobody to race: the default takes it.
     async fn claim_run(
         &self,
         _session_id: &str,
         _run_id: &str,
         _from: Option<&str>,
         _to: &str,
+        _within: std::time::Duration,
     ) -> StoreResult<bool> {
         Ok(true)
     }
@@ -291,12 +295,28 @@ pub enum NodeCommand {
     },
 }
 
-/// Events another node committed to a session's log: seqs `first_seq..=last_seq`.
+/// Events another node committed to a session's log: seqs `first_seq..=last_seq`; or, with an empty session id
+/// ([`RemoteAppend::resync`]), word that announcements may have been missed (the store's listening connection
+/// was lost), so every session with subscribers must be read again.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RemoteAppend {
     pub session_id: String,
     pub first_seq: u64,
     pub last_seq: u64,
+}
+
+impl RemoteAppend {
+    pub fn resync() -> RemoteAppend {
+        RemoteAppend {
+            session_id: String::new(),
+            first_seq: 0,
+            last_seq: 0,
+        }
+    }
+
+    pub fn is_resync(&self) -> bool {
+        self.session_id.is_empty()
+    }
 }
 
 /// A node's heartbeat: who it is, which process (`instance`, new at every start, so a node restarted under the

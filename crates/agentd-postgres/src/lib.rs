@@ -83,6 +83,23 @@ pub struct PgStore {
     commands: tokio::sync::broadcast::Sender<NodeCommand>,
 }
 
+/// Claims are taken one at a time across the cluster (the lock is the transaction's).
+const CLAIM_LOCK: &str = "SELECT pg_advisory_xact_lock(7401590317262415)";
+
+/// Moves every unfinished run of session `$1` under node `$2` to node `$3`, if `$2` is `$3` (a restarted node's
+/// previous process) or no node that beat within `$4` seconds.
+const CLAIM_RUNS: &str = "
+UPDATE runs SET node = $3::text
+WHERE session_id = $1 AND node IS NOT DISTINCT FROM $2::text
+  AND status IN ('queued', 'running', 'waiting_input')
+  AND ($2::text IS NULL OR $2::text = $3::text
+       OR NOT EXISTS (SELECT 1 FROM nodes
+                      WHERE node_id = $2::text AND last_seen > now() - make_interval(secs => $4)))";
+
+/// Which node a run is under, once unfinished (no row: ended).
+const CLAIMED: &str = "
+SELECT node FROM runs WHERE session_id = $1 AND id = $2 AND status IN ('queued', 'running', 'waiting_input')";
+
 /// [`rows::INSERT_RUN`] with the node of the session's oldest unfinished run, if any, in place of `$11`.
 const ROUTE_RUN: &str = "
 INSERT INTO runs (session_id, id, status, created_at, started_at, ended_at,
@@ -954,18 +971,48 @@ impl Store for PgStore {
         run_id: &str,
         from: Option<&str>,
         to: &str,
+        within: Duration,
     ) -> StoreResult<bool> {
-        let changed = self
-            .execute(
-                "claiming a run",
-                "UPDATE runs SET node = $4
-                 WHERE session_id = $1 AND id = $2 AND node IS NOT DISTINCT FROM $3
-                   AND status IN ('queued', 'running', 'waiting_input')",
-                &[&session_id, &run_id, &from, &to],
-            )
-            .await
-            .map_err(|f| f.into_store("claiming a run"))?;
-        Ok(changed == 1)
+        let client = self.client().await?;
+        let (lock, claim, mine) = (
+            client.prepare_cached(CLAIM_LOCK).await,
+            client.prepare_cached(CLAIM_RUNS).await,
+            client.prepare_cached(CLAIMED).await,
+        );
+        let (lock, claim, mine) = match (lock, claim, mine) {
+            (Ok(l), Ok(c), Ok(m)) => (l, c, m),
+            (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+                return Err(pg("claiming a run", e))
+            }
+        };
+        let secs = within.as_secs_f64();
+        // Pipelined, one round trip; each statement after the lock sees every claim committed before it.
+        let ((((begun, locked), claimed), owner), committed) = join(
+            join(
+                join(
+                    join(client.batch_execute("BEGIN"), client.query(&lock, &[])),
+                    client.query(&claim, &[&session_id, &from, &to, &secs]),
+                ),
+                client.query(&mine, &[&session_id, &run_id]),
+            ),
+            client.batch_execute("COMMIT"),
+        )
+        .await;
+        let outcome = begun
+            .and(locked)
+            .and(claimed)
+            .and(owner)
+            .and_then(|rows| committed.map(|()| rows));
+        match outcome {
+            Ok(rows) => Ok(match rows.first() {
+                Some(row) => col::<Option<String>>(row, 0)?.as_deref() == Some(to),
+                None => false,
+            }),
+            Err(e) => {
+                let _ = client.batch_execute("ROLLBACK").await;
+                Err(pg("claiming a run", e))
+            }
+        }
     }
 
     async fn live_nodes(&self, within: Duration) -> StoreResult<Option<Vec<(NodeInfo, String)>>> {

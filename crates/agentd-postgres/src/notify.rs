@@ -27,7 +27,7 @@ pub(crate) const JOINED: &str = "* ";
 const MAX_PAYLOAD: usize = 7900;
 /// Notifications waiting for the event log at most (a lagging reader skips; subscribers catch up from the
 /// log at the next event).
-const QUEUE: usize = 4096;
+const QUEUE: usize = 16384;
 
 /// This store's side of the channel: whether to notify, who it is, and what others committed.
 pub(crate) struct Notifier {
@@ -177,7 +177,9 @@ pub(crate) fn listen(config: tokio_postgres::Config, notifier: &Arc<Notifier>) {
                     {
                         wait = Duration::from_secs(1);
                         if let Some(notifier) = weak.upgrade() {
+                            // What was announced while the connection was down never arrives.
                             let _ = notifier.commands.try_send(CommandNote::Missed);
+                            let _ = notifier.tx.send(RemoteAppend::resync());
                         }
                         while let Some((command, payload)) = rx.recv().await {
                             let Some(notifier) = weak.upgrade() else {

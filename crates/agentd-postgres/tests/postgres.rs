@@ -309,3 +309,68 @@ async fn an_expelled_node_can_append_nothing() {
         .await
         .unwrap();
 }
+
+/// Claims (SPEC.md section 6): a lost node's runs go to one node only, even when that node restarts while
+/// another sweeps; a session's unfinished runs move together.
+#[tokio::test]
+async fn a_lost_nodes_runs_are_claimed_once_and_a_sessions_runs_move_together() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let store = PgStore::open(db.url(), 2).await.unwrap();
+    let beat = |node: &str, instance: &str| agentd_core::store::NodeBeat {
+        node_id: node.into(),
+        instance: instance.into(),
+        listen: "127.0.0.1:1".into(),
+        started_at: "t".into(),
+    };
+    let lease = std::time::Duration::from_secs(10);
+    let s = new_session(&store, "alice").await;
+    let mut runs = Vec::new();
+    for _ in 0..2 {
+        let mut run = Run::queued(&s.id);
+        run.node = Some("n1".into());
+        store.create_run(&run, None).await.unwrap();
+        runs.push(run.id);
+    }
+    // n1 is not in the registry (it died): n2 takes the first run, and the second comes along.
+    let n2 = PgStore::open(db.url(), 1).await.unwrap();
+    n2.heartbeat(&beat("n2", "i2")).await.unwrap();
+    assert!(n2
+        .claim_run(&s.id, &runs[0], Some("n1"), "n2", lease)
+        .await
+        .unwrap());
+    assert!(
+        n2.claim_run(&s.id, &runs[1], Some("n1"), "n2", lease)
+            .await
+            .unwrap(),
+        "moved with the first"
+    );
+    // n1 restarts: the runs are n2's now, its claim of its own previous runs fails.
+    let n1 = PgStore::open(db.url(), 1).await.unwrap();
+    n1.heartbeat(&beat("n1", "i1b")).await.unwrap();
+    assert!(!n1
+        .claim_run(&s.id, &runs[0], Some("n1"), "n1", lease)
+        .await
+        .unwrap());
+    // The other order: runs of n3, which restarts and claims them before n2 sweeps: n2's claim fails, since
+    // n3 is live again.
+    let s3 = new_session(&store, "alice").await;
+    let mut run = Run::queued(&s3.id);
+    run.node = Some("n3".into());
+    store.create_run(&run, None).await.unwrap();
+    let n3 = PgStore::open(db.url(), 1).await.unwrap();
+    n3.heartbeat(&beat("n3", "i3b")).await.unwrap();
+    assert!(n3
+        .claim_run(&s3.id, &run.id, Some("n3"), "n3", lease)
+        .await
+        .unwrap());
+    assert!(!n2
+        .claim_run(&s3.id, &run.id, Some("n3"), "n2", lease)
+        .await
+        .unwrap());
+    assert_eq!(
+        store.get_run(&s3.id, &run.id).await.unwrap().unwrap().node,
+        Some("n3".into())
+    );
+}
