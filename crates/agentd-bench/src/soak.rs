@@ -216,6 +216,9 @@ fn hash_of(text: &str) -> u64 {
 /// Most anomalies kept as text per client (all are counted).
 const KEPT_ANOMALIES: usize = 8;
 
+/// What [`ClientLog::executing`] says of a run whose `run_finished` the client has read.
+pub const ENDED: &str = "(ended)";
+
 /// A `run_resumed` a client received (SPEC.md section 4, recovery; section 6, takeover).
 #[derive(Debug, Clone)]
 pub struct SeenResume {
@@ -288,7 +291,7 @@ impl ClientLog {
                 });
             }
             "run_finished" => {
-                self.executing.remove(run);
+                self.executing.insert(run.to_string(), ENDED.to_string());
             }
             _ => {}
         }
@@ -1894,6 +1897,12 @@ pub fn judge_takeovers(
             ));
             continue;
         };
+        if from == ENDED {
+            findings.push(format!(
+                "{what}: the run had ended (its run_finished is earlier in the log)"
+            ));
+            continue;
+        }
         if node_of(from).is_none() {
             findings.push(format!(
                 "{what}: the run was executing on {from:?}, not a node of this run"
@@ -3510,6 +3519,8 @@ mod tests {
             ("c".to_string(), resume(3, Some("n3"), "n1", 90)),
             // No node known: a finding.
             ("c".to_string(), resume(4, None, "n1", 91)),
+            // A resume after the run's end: a finding.
+            ("c".to_string(), resume(6, Some(ENDED), "n1", 92)),
         ];
         let node_of = |name: &str| (0..3).find(|i| node_name(*i) == name);
         let (stats, findings) = judge_takeovers(
@@ -3520,14 +3531,15 @@ mod tests {
             30,
             Some(10),
         );
-        assert_eq!(stats.count, 5);
+        assert_eq!(stats.count, 6);
         assert_eq!(stats.all.count, 2);
         assert!((stats.by_other_node.max_s - 5.0).abs() < 1e-6, "{stats:?}");
         assert!(
             (stats.by_restarted_node.max_s - 3.0).abs() < 1e-6,
             "{stats:?}"
         );
-        assert_eq!(findings.len(), 3, "{findings:?}");
+        assert_eq!(findings.len(), 4, "{findings:?}");
+        assert!(findings.iter().any(|f| f.contains("the run had ended")));
         assert!(findings
             .iter()
             .any(|f| f.contains("n2, which had not been killed")));
