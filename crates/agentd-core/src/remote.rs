@@ -92,7 +92,7 @@ impl Remote {
     }
 
     /// Tells node `to` to start the queued run it was routed ([`Store::route_run`]), and returns a watch of its
-    /// end, which this node learns from the run's row.
+    /// end ([`Remote::watch_end`]).
     pub async fn start_elsewhere(
         &self,
         to: &str,
@@ -104,6 +104,15 @@ impl Remote {
             run_id: run_id.to_string(),
         };
         self.store.send_command(to, &command).await?;
+        Ok(self.watch_end(session_id, run_id))
+    }
+
+    /// A watch of the end of a run another node executes, which this node learns from the run's row.
+    pub fn watch_end(
+        &self,
+        session_id: &str,
+        run_id: &str,
+    ) -> tokio::sync::watch::Receiver<crate::runs::RunResult> {
         let (tx, rx) = tokio::sync::watch::channel(None);
         let store = self.store.clone();
         let (session_id, run_id) = (session_id.to_string(), run_id.to_string());
@@ -138,7 +147,7 @@ impl Remote {
                 }
             }
         });
-        Ok(rx)
+        rx
     }
 
     /// Cancels every unfinished run of the session that other nodes execute (`multitask = interrupt`),

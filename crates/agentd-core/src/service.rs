@@ -554,9 +554,13 @@ impl Agentd {
                 .await?;
             return Ok(None);
         }
-        let done = match live {
-            Some(w) => w,
-            None => {
+        let done = match (live, &self.remote) {
+            (Some(w), _) => w,
+            // Going on another node (the first send reached it): its end is learnt from the run's row.
+            (None, Some(remote)) if !run.status.is_terminal() => {
+                remote.watch_end(session_id, &run.id)
+            }
+            (None, _) => {
                 let final_msg = self.final_message(session_id, &run.id).await?;
                 watch::channel(Some((run.clone(), final_msg))).1
             }

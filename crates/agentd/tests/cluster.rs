@@ -483,6 +483,24 @@ async fn turns_sent_to_two_nodes_at_once_for_one_session_never_run_together() {
         }
     }
     assert_eq!(started, runs.len(), "every turn ran");
+
+    // client_message_id across nodes: a repeat through b of a send a accepted is a's run, answered once it
+    // has ended (a waiting repeat waits for it there too).
+    let path = format!("/v1/sessions/{session}/messages");
+    let body = |wait: bool| json!({"content": "tokens=100 delay_ms=10", "client_message_id": "m-1", "wait": wait});
+    let (status, first) = ca.post(&path, body(false)).await;
+    assert_eq!(status, 202, "{first}");
+    let (status, again) = cb.post(&path, body(true)).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["run"]["id"], first["run"]["id"], "the same run");
+    assert_eq!(again["run"]["status"], "completed", "{again}");
+    assert_eq!(
+        again["message"]["content"]
+            .as_str()
+            .map(|c| c.split_whitespace().count()),
+        Some(100),
+        "{again}"
+    );
     a.kill_9();
     b.kill_9();
 }
