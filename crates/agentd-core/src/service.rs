@@ -351,6 +351,15 @@ impl Agentd {
         self.owned(p, s, id)
     }
 
+    /// A session as `GET /v1/sessions/{id}` shows it: its active run also when another node executes it.
+    pub async fn session_shown(&self, p: &Principal, id: &str) -> ServiceResult<Session> {
+        let mut s = self.session(p, id).await?;
+        if s.active_run_id.is_none() {
+            s.active_run_id = self.active_run_id(id).await?;
+        }
+        Ok(s)
+    }
+
     pub async fn list_sessions(
         &self,
         p: &Principal,

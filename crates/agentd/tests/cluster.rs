@@ -370,6 +370,8 @@ async fn cancels_replies_and_multitask_reach_a_run_on_another_node() {
     let mut ws = cb.ws(&session, "").await;
     let hello = ws.next().await;
     assert_eq!(hello["active_run_id"], run.as_str(), "{hello}");
+    let (_, shown) = cb.get(&format!("/v1/sessions/{session}")).await;
+    assert_eq!(shown["active_run_id"], run.as_str(), "{shown}");
     let (status, body) = cb
         .post(
             &format!("/v1/sessions/{session}/messages"),

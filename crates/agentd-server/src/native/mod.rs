@@ -130,7 +130,7 @@ async fn get_session(
     Caller(p): Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Session>> {
-    Ok(Json(st.app.session(&p, &id).await?))
+    Ok(Json(st.app.session_shown(&p, &id).await?))
 }
 
 async fn close_session(
