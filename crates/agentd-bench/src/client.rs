@@ -389,12 +389,28 @@ pub async fn run_turn(
     content: &str,
     limit: Duration,
 ) -> TurnOutcome {
-    let mut out = TurnOutcome::default();
     let sent_us = now_micros();
     if let Err(e) = send_message(ws, content).await {
-        out.problem = Some(format!("send: {e}"));
-        return out;
+        return TurnOutcome {
+            problem: Some(format!("send: {e}")),
+            ..TurnOutcome::default()
+        };
     }
+    let mut out = read_turn(ws, dialect, sent_us, limit).await;
+    if out.turn_us == 0 {
+        out.turn_us = now_micros().saturating_sub(sent_us);
+    }
+    out
+}
+
+/// Reads a turn sent at `sent_us` (by this client or another) to its end frame, or until `limit` has passed.
+pub async fn read_turn(
+    ws: &mut Ws,
+    dialect: Dialect,
+    sent_us: u64,
+    limit: Duration,
+) -> TurnOutcome {
+    let mut out = TurnOutcome::default();
     let mut parser = StampParser::new();
     let read = async {
         loop {
@@ -452,9 +468,6 @@ pub async fn run_turn(
     };
     if tokio::time::timeout(limit, read).await.is_err() {
         out.problem = Some(format!("turn not finished within {} s", limit.as_secs()));
-    }
-    if out.turn_us == 0 {
-        out.turn_us = now_micros().saturating_sub(sent_us);
     }
     out
 }

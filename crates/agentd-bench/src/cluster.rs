@@ -32,12 +32,12 @@ use futures_util::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use crate::client::{self, Dialect, EventKind, Target, TurnOutcome, Ws};
+use crate::client::{self, Dialect, Target, TurnOutcome, Ws};
 use crate::orchestrate::MockProcess;
 use crate::pg::BenchDatabase;
 use crate::report::Machine;
 use crate::servers::{self, Kind, Launch, Server};
-use crate::stamp::{now_micros, Stamp, StampParser};
+use crate::stamp::now_micros;
 use crate::stats::quantile;
 use crate::{procfs, Error, Result};
 
@@ -1103,64 +1103,9 @@ async fn cross_node_turn(http: &reqwest::Client, exec: &Target, watch: &Target) 
     Ok(())
 }
 
-/// Reads a turn someone else sent to its end frame (or `limit`), as [`client::run_turn`] does after sending.
+/// Reads a turn someone else sent to its end frame (or `limit`), over the native WebSocket.
 pub async fn read_turn(ws: &mut Ws, sent_us: u64, limit: Duration) -> TurnOutcome {
-    let mut out = TurnOutcome::default();
-    let mut parser = StampParser::new();
-    let read = async {
-        loop {
-            match client::next_event(ws, Dialect::Native).await {
-                Ok(Some(ev)) => match ev.kind {
-                    EventKind::Delta(d) => {
-                        parser.feed(&d, |s: Stamp| {
-                            out.tokens += 1;
-                            let lat = ev.at_us.saturating_sub(s.emitted_us);
-                            out.latencies_us
-                                .push(u32::try_from(lat).unwrap_or(u32::MAX));
-                            out.emitted_us.push(s.emitted_us);
-                        });
-                        if out.first_token_us.is_none() {
-                            out.first_token_us = Some(ev.at_us.saturating_sub(sent_us));
-                        }
-                        out.text.push_str(&d);
-                    }
-                    EventKind::End {
-                        content,
-                        ok,
-                        detail,
-                    } => {
-                        out.turn_us = ev.at_us.saturating_sub(sent_us);
-                        if !ok {
-                            out.problem = Some(detail);
-                        } else if content.as_ref().is_some_and(|c| *c != out.text) {
-                            out.problem =
-                                Some("end content differs from the streamed text".to_string());
-                        } else {
-                            out.ok = true;
-                        }
-                        return;
-                    }
-                    EventKind::Failure(m) => {
-                        out.problem = Some(format!("error frame: {m}"));
-                        return;
-                    }
-                    _ => {}
-                },
-                Ok(None) => {
-                    out.problem = Some("connection closed mid-turn".to_string());
-                    return;
-                }
-                Err(e) => {
-                    out.problem = Some(format!("read: {e}"));
-                    return;
-                }
-            }
-        }
-    };
-    if tokio::time::timeout(limit, read).await.is_err() {
-        out.problem = Some(format!("turn not finished within {} s", limit.as_secs()));
-    }
-    out
+    client::read_turn(ws, Dialect::Native, sent_us, limit).await
 }
 
 /// Sends `content` to `session` with `POST /v1/sessions/{id}/messages`.

@@ -128,17 +128,11 @@ impl Remote {
                 every = (every * 2).min(Duration::from_secs(1));
                 match store.get_run(&session_id, &run_id).await {
                     Ok(Some(run)) if run.status.is_terminal() => {
-                        let answer = store
-                            .list_messages(&session_id, None, 0)
-                            .await
-                            .ok()
-                            .and_then(|m| {
-                                m.into_iter().rev().find(|m| {
-                                    m.role == crate::domain::Role::Assistant
-                                        && m.run_id.as_deref() == Some(run_id.as_str())
-                                        && m.agent.is_some()
-                                })
-                            });
+                        let answer =
+                            crate::service::final_message_of(store.as_ref(), &session_id, &run_id)
+                                .await
+                                .ok()
+                                .flatten();
                         let _ = tx.send(Some((run, answer)));
                         return;
                     }

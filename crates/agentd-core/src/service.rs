@@ -588,17 +588,7 @@ impl Agentd {
         session_id: &str,
         run_id: &str,
     ) -> ServiceResult<Option<Message>> {
-        Ok(self
-            .store
-            .list_messages(session_id, None, 0)
-            .await?
-            .into_iter()
-            .rev()
-            .find(|m| {
-                m.role == Role::Assistant
-                    && m.run_id.as_deref() == Some(run_id)
-                    && m.agent.is_some()
-            }))
+        Ok(final_message_of(self.store.as_ref(), session_id, run_id).await?)
     }
 
     /// Waits for a run to end.
@@ -993,6 +983,22 @@ async fn commit_send(
         done,
         repeated: false,
     })
+}
+
+/// The last assistant message of a run (its answer), as stored.
+pub(crate) async fn final_message_of(
+    store: &dyn Store,
+    session_id: &str,
+    run_id: &str,
+) -> Result<Option<Message>, StoreError> {
+    Ok(store
+        .list_messages(session_id, None, 0)
+        .await?
+        .into_iter()
+        .rev()
+        .find(|m| {
+            m.role == Role::Assistant && m.run_id.as_deref() == Some(run_id) && m.agent.is_some()
+        }))
 }
 
 /// How long [`end_orphan`] keeps trying; past it, the next start-up's sweep ends the run.

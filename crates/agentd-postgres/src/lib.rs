@@ -472,20 +472,7 @@ impl Store for PgStore {
             .await;
         match result {
             Ok(_) => Ok(()),
-            Err(Failure::Pg(e)) => match violation(&e) {
-                Some(Violation::Unique(constraint)) if constraint.contains("client_message_id") => {
-                    Err(StoreError::Conflict(format!(
-                        "a run with this client_message_id already exists in session {}",
-                        run.session_id
-                    )))
-                }
-                Some(Violation::Unique(_)) => Err(StoreError::Conflict(format!(
-                    "run {} already exists in session {}",
-                    run.id, run.session_id
-                ))),
-                Some(Violation::ForeignKey) => Err(StoreError::NotFound),
-                None => Err(pg("inserting a run", e)),
-            },
+            Err(Failure::Pg(e)) => Err(run_insert_failed("inserting a run", run, e)),
             Err(Failure::Store(e)) => Err(e),
         }
     }
@@ -533,20 +520,7 @@ impl Store for PgStore {
             },
             Err(e) => {
                 let _ = client.batch_execute("ROLLBACK").await;
-                Err(match violation(&e) {
-                    Some(Violation::Unique(c)) if c.contains("client_message_id") => {
-                        StoreError::Conflict(format!(
-                            "a run with this client_message_id already exists in session {}",
-                            run.session_id
-                        ))
-                    }
-                    Some(Violation::Unique(_)) => StoreError::Conflict(format!(
-                        "run {} already exists in session {}",
-                        run.id, run.session_id
-                    )),
-                    Some(Violation::ForeignKey) => StoreError::NotFound,
-                    None => pg("routing a run", e),
-                })
+                Err(run_insert_failed("routing a run", run, e))
             }
         }
     }
@@ -1044,6 +1018,25 @@ impl Store for PgStore {
             ));
         }
         Ok(Some(out))
+    }
+}
+
+/// What a failed insert of `run` means: a `Conflict` for a taken id or client_message_id, `NotFound` for an
+/// unknown session.
+fn run_insert_failed(what: &str, run: &Run, e: tokio_postgres::Error) -> StoreError {
+    match violation(&e) {
+        Some(Violation::Unique(constraint)) if constraint.contains("client_message_id") => {
+            StoreError::Conflict(format!(
+                "a run with this client_message_id already exists in session {}",
+                run.session_id
+            ))
+        }
+        Some(Violation::Unique(_)) => StoreError::Conflict(format!(
+            "run {} already exists in session {}",
+            run.id, run.session_id
+        )),
+        Some(Violation::ForeignKey) => StoreError::NotFound,
+        None => pg(what, e),
     }
 }
 

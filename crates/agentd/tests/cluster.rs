@@ -28,6 +28,21 @@ async fn shared() -> (TestDatabase, MockUpstream, tempfile::TempDir) {
     )
 }
 
+/// Nodes a and b (2 s lease) on a database of the test's own, with their upstream (the database and the
+/// config folder are returned to be kept until the end).
+async fn two_nodes() -> (
+    TestDatabase,
+    MockUpstream,
+    tempfile::TempDir,
+    Process,
+    Process,
+) {
+    let (db, upstream, dir) = shared().await;
+    let a = spawn_agentd(&node_config(dir.path(), db.url(), &upstream, "a")).await;
+    let b = spawn_agentd(&node_config(dir.path(), db.url(), &upstream, "b")).await;
+    (db, upstream, dir, a, b)
+}
+
 /// A config for node `node_id` on `store_url`, with a 2 s lease.
 fn node_config(
     dir: &std::path::Path,
@@ -225,9 +240,7 @@ async fn a_graceful_stop_hands_a_running_run_to_another_node_at_once() {
 /// whole, without reconnecting (a's commits announce themselves; b reads and publishes them).
 #[tokio::test]
 async fn a_subscriber_on_another_node_gets_the_run_live() {
-    let (db, upstream, dir) = shared().await;
-    let mut a = spawn_agentd(&node_config(dir.path(), db.url(), &upstream, "a")).await;
-    let mut b = spawn_agentd(&node_config(dir.path(), db.url(), &upstream, "b")).await;
+    let (_db, _upstream, _dir, mut a, mut b) = two_nodes().await;
     // a learns of b at its next sweep (every third of the 2 s lease).
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let (ca, cb) = (a.client(), b.client());
@@ -271,9 +284,7 @@ async fn a_subscriber_on_another_node_gets_the_run_live() {
 /// end of the run): the store refuses its writes, and it stops rather than go on.
 #[tokio::test]
 async fn a_node_frozen_past_its_lease_adds_nothing_to_the_log_when_it_wakes() {
-    let (db, upstream, dir) = shared().await;
-    let mut a = spawn_agentd(&node_config(dir.path(), db.url(), &upstream, "a")).await;
-    let mut b = spawn_agentd(&node_config(dir.path(), db.url(), &upstream, "b")).await;
+    let (_db, _upstream, _dir, mut a, mut b) = two_nodes().await;
     let (ca, cb) = (a.client(), b.client());
     let session = ca.session().await;
     let run = ca.send_bg(&session, "tokens=300 delay_ms=20").await;
@@ -335,9 +346,7 @@ async fn a_node_frozen_past_its_lease_adds_nothing_to_the_log_when_it_wakes() {
 /// hello, is refused a `multitask = reject` send, answers the run's question, and cancels it, each through b.
 #[tokio::test]
 async fn cancels_replies_and_multitask_reach_a_run_on_another_node() {
-    let (db, upstream, dir) = shared().await;
-    let mut a = spawn_agentd(&node_config(dir.path(), db.url(), &upstream, "a")).await;
-    let mut b = spawn_agentd(&node_config(dir.path(), db.url(), &upstream, "b")).await;
+    let (_db, upstream, _dir, mut a, mut b) = two_nodes().await;
     let (ca, cb) = (a.client(), b.client());
     let session = ca.session().await;
 
@@ -427,9 +436,7 @@ async fn cancels_replies_and_multitask_reach_a_run_on_another_node() {
 /// end), and each completes.
 #[tokio::test]
 async fn turns_sent_to_two_nodes_at_once_for_one_session_never_run_together() {
-    let (db, upstream, dir) = shared().await;
-    let mut a = spawn_agentd(&node_config(dir.path(), db.url(), &upstream, "a")).await;
-    let mut b = spawn_agentd(&node_config(dir.path(), db.url(), &upstream, "b")).await;
+    let (_db, _upstream, _dir, mut a, mut b) = two_nodes().await;
     let (ca, cb) = (a.client(), b.client());
     let session = ca.session().await;
     let mut runs = Vec::new();
