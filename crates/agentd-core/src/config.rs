@@ -233,8 +233,27 @@ pub struct Config {
 pub struct ClusterSettings {
     /// None: `hostname:port` of the address the server listens on.
     pub node_id: Option<String>,
-    /// A node not seen for this long is gone; it renews its presence every third of it (2..=300).
+    /// Within this long a lost node's runs go on elsewhere (2..=300); see [`ClusterSettings::lapse`].
     pub lease_s: u64,
+}
+
+impl ClusterSettings {
+    /// How often a node renews its presence in the registry: every sixth of the lease.
+    pub fn renew_every(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.lease_s) / 6
+    }
+
+    /// A node whose last renewal is this old is lost (half the lease: two renewals missed in a row, so a
+    /// renewal may come a third of the lease late before its node is fenced). The other half of the lease is
+    /// for noticing it ([`ClusterSettings::sweep_every`]) and resuming its runs, so they go on within `lease_s`.
+    pub fn lapse(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.lease_s) / 2
+    }
+
+    /// How often every node looks for lost nodes' runs: every sixth of the lease.
+    pub fn sweep_every(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.lease_s) / 6
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures_util::StreamExt;
 use std::future::Future;
 use std::pin::Pin;
 
@@ -865,10 +866,12 @@ impl RunManager {
         self.take_over(true).await
     }
 
-    /// Takes over the unfinished runs of nodes that are gone (their heartbeat older than `cluster.lease_s`),
-    /// as at start-up; run every third of the lease by each node of a cluster, so a lost node's runs go on
-    /// elsewhere within about `lease_s`. Each run is claimed first (`Store::claim_run`): of several nodes
-    /// sweeping at once, one takes it.
+    /// Takes over the unfinished runs of nodes that are gone (no renewal for [`ClusterSettings::lapse`]), as at
+    /// start-up; run every sixth of the lease by each node of a cluster, so a lost node's runs go on elsewhere
+    /// within `lease_s`. Each run is claimed first (`Store::claim_run`): of several nodes sweeping at once, one
+    /// takes it.
+    ///
+    /// [`ClusterSettings::lapse`]: crate::config::ClusterSettings::lapse
     pub async fn sweep_lost_nodes(self: &Arc<Self>) -> Result<(usize, usize), StoreError> {
         self.take_over(false).await
     }
@@ -877,14 +880,14 @@ impl RunManager {
     async fn take_over(self: &Arc<Self>, startup: bool) -> Result<(usize, usize), StoreError> {
         // Nodes whose lease lapsed are fenced before anything of theirs is read: what they still had in flight
         // is committed before this (their appends hold the registry row) or refused after it.
-        let lease = Duration::from_secs(self.env.config.cluster.lease_s);
-        self.store().expel_lapsed(lease).await?;
+        let lapse = self.env.config.cluster.lapse();
+        self.store().expel_lapsed(lapse).await?;
         let runs = self.store().unfinished_runs().await?;
         // Other nodes that are alive keep their runs (this node's id names this process now: a run under it
         // is a previous process's).
         let live: Vec<String> = self
             .store()
-            .live_nodes(lease)
+            .live_nodes(lapse)
             .await?
             .unwrap_or_default()
             .into_iter()
@@ -893,11 +896,12 @@ impl RunManager {
             .collect();
         // Commits announce themselves while other nodes may have subscribers.
         self.store().set_peers(!live.is_empty());
-        let (mut resumed, mut ended) = (0, 0);
-        let server = &self.env.config.server;
         let strays = std::mem::take(&mut *self.strays.lock().unwrap_or_else(|p| p.into_inner()));
         let mut seen_strays = std::collections::HashSet::new();
-        for mut run in runs {
+        // The runs to take over, by session, each session's in the order they were accepted.
+        let mut lost: Vec<Vec<Run>> = Vec::new();
+        let mut session_index: HashMap<String, usize> = HashMap::new();
+        for run in runs {
             if run.node.as_ref().is_some_and(|n| live.contains(n)) {
                 continue;
             }
@@ -919,88 +923,141 @@ impl RunManager {
                 }
                 continue;
             }
-            if !self
-                .store()
-                .claim_run(
-                    &run.session_id,
-                    &run.id,
-                    run.node.as_deref(),
-                    &self.node_id,
-                    lease,
-                )
-                .await?
-            {
-                continue; // another node took it first
-            }
-            if !startup {
-                tracing::info!(run_id = %run.id, from = ?run.node, "taking over a run of a lost node");
-            }
-            run.node = Some(self.node_id.clone());
-            let session = self.store().get_session(&run.session_id).await?;
-            let agent = session
-                .as_ref()
-                .and_then(|s| self.env.config.agent(&s.agent).cloned());
-            let session_agent = session.map(|s| s.agent).unwrap_or_default();
-            let reason = match (&agent, server.recovery) {
-                (None, _) => Some("the run's agent is no longer configured".to_string()),
-                (Some(_), Recovery::Interrupt) => {
-                    Some("the server stopped before the run finished".to_string())
-                }
-                (Some(_), Recovery::Resume) => None,
-            };
-            let (Some(agent), None) = (agent, reason.clone()) else {
-                let reason = reason.unwrap_or_default();
-                self.end_leftover(run, &session_agent, reason).await?;
-                ended += 1;
-                continue;
-            };
-            let events = self.run_events(&run).await?;
-            let has_message = events.iter().any(|e| {
-                matches!(&e.event.kind, EventKind::Message { message } if message.role == Role::User)
-            });
-            if !has_message {
-                // Its send never stored the user message (the process died in between): nothing to run.
-                let reason = "the server stopped before the run's message was stored".to_string();
-                self.end_leftover(run, &session_agent, reason).await?;
-                ended += 1;
-                continue;
-            }
-            let resume = if run.status == RunStatus::Queued {
-                None
-            } else {
-                let plan = ResumePlan::from_log(&run.id, &events);
-                if plan.attempt > server.max_resumes {
-                    let reason = format!(
-                        "the run was resumed {} times without finishing (server.max_resumes)",
-                        server.max_resumes
-                    );
-                    self.end_leftover(run, &session_agent, reason).await?;
-                    ended += 1;
-                    continue;
-                }
-                Some(plan)
-            };
-            let skill = match &resume {
-                // A queued run has not matched its skill yet: its stored message is routed again.
-                None => self.skill_of_queued(&run, &agent).await,
-                Some(_) => None,
-            };
-            run.status = RunStatus::Queued;
-            self.start(
-                TurnRequest {
-                    run,
-                    agent,
-                    skill,
-                    resume,
-                    started: false,
-                },
-                session_agent,
-            );
-            self.env.metrics.runs_recovered.inc();
-            resumed += 1;
+            let i = *session_index
+                .entry(run.session_id.clone())
+                .or_insert_with(|| {
+                    lost.push(Vec::new());
+                    lost.len() - 1
+                });
+            lost[i].push(run);
         }
         *self.strays.lock().unwrap_or_else(|p| p.into_inner()) = seen_strays;
+        // Sessions are taken over side by side (each a claim, a read of its runs' log and a start), so the
+        // last of a lost node's sessions does not wait for all the others; a session's own runs go one after
+        // another, so they keep their order in its queue.
+        let outcomes: Vec<_> = futures_util::stream::iter(lost)
+            .map(|runs| self.take_over_session(runs, startup))
+            .buffer_unordered(TAKE_OVER_AT_ONCE)
+            .collect()
+            .await;
+        let (mut resumed, mut ended) = (0, 0);
+        let mut failed = None;
+        for outcome in outcomes {
+            match outcome {
+                Ok((r, e)) => {
+                    resumed += r;
+                    ended += e;
+                }
+                Err(e) => failed = Some(e),
+            }
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok((resumed, ended)),
+        }
+    }
+
+    /// Takes over one session's runs of a lost node (or of the previous process), in order; see
+    /// [`RunManager::take_over`].
+    async fn take_over_session(
+        self: &Arc<Self>,
+        runs: Vec<Run>,
+        startup: bool,
+    ) -> Result<(usize, usize), StoreError> {
+        let (mut resumed, mut ended) = (0, 0);
+        for run in runs {
+            match self.take_over_run(run, startup).await? {
+                TakenOver::Resumed => resumed += 1,
+                TakenOver::Ended => ended += 1,
+                TakenOver::NotHere => {}
+            }
+        }
         Ok((resumed, ended))
+    }
+
+    async fn take_over_run(
+        self: &Arc<Self>,
+        mut run: Run,
+        startup: bool,
+    ) -> Result<TakenOver, StoreError> {
+        let lapse = self.env.config.cluster.lapse();
+        let server = &self.env.config.server;
+        if !self
+            .store()
+            .claim_run(
+                &run.session_id,
+                &run.id,
+                run.node.as_deref(),
+                &self.node_id,
+                lapse,
+            )
+            .await?
+        {
+            return Ok(TakenOver::NotHere); // another node took it first
+        }
+        if !startup {
+            tracing::info!(run_id = %run.id, from = ?run.node, "taking over a run of a lost node");
+        }
+        run.node = Some(self.node_id.clone());
+        let session = self.store().get_session(&run.session_id).await?;
+        let agent = session
+            .as_ref()
+            .and_then(|s| self.env.config.agent(&s.agent).cloned());
+        let session_agent = session.map(|s| s.agent).unwrap_or_default();
+        let reason = match (&agent, server.recovery) {
+            (None, _) => Some("the run's agent is no longer configured".to_string()),
+            (Some(_), Recovery::Interrupt) => {
+                Some("the server stopped before the run finished".to_string())
+            }
+            (Some(_), Recovery::Resume) => None,
+        };
+        let (Some(agent), None) = (agent, reason.clone()) else {
+            let reason = reason.unwrap_or_default();
+            self.end_leftover(run, &session_agent, reason).await?;
+            return Ok(TakenOver::Ended);
+        };
+        let events = self.run_events(&run).await?;
+        let has_message = events.iter().any(|e| {
+            matches!(&e.event.kind, EventKind::Message { message } if message.role == Role::User)
+        });
+        if !has_message {
+            // Its send never stored the user message (the process died in between): nothing to run.
+            let reason = "the server stopped before the run's message was stored".to_string();
+            self.end_leftover(run, &session_agent, reason).await?;
+            return Ok(TakenOver::Ended);
+        }
+        let resume = if run.status == RunStatus::Queued {
+            None
+        } else {
+            let plan = ResumePlan::from_log(&run.id, &events);
+            if plan.attempt > server.max_resumes {
+                let reason = format!(
+                    "the run was resumed {} times without finishing (server.max_resumes)",
+                    server.max_resumes
+                );
+                self.end_leftover(run, &session_agent, reason).await?;
+                return Ok(TakenOver::Ended);
+            }
+            Some(plan)
+        };
+        let skill = match &resume {
+            // A queued run has not matched its skill yet: its stored message is routed again.
+            None => self.skill_of_queued(&run, &agent).await,
+            Some(_) => None,
+        };
+        run.status = RunStatus::Queued;
+        self.start(
+            TurnRequest {
+                run,
+                agent,
+                skill,
+                resume,
+                started: false,
+            },
+            session_agent,
+        );
+        self.env.metrics.runs_recovered.inc();
+        Ok(TakenOver::Resumed)
     }
 
     /// Ends a run left unfinished: status `interrupted` and its one `run_finished`.
@@ -1113,6 +1170,19 @@ impl RunManager {
 
 /// Messages a turn's history is first read in; four times as many each time more are needed.
 const HISTORY_PAGE: usize = 64;
+
+/// Sessions of lost nodes taken over side by side by one sweep (each holds a store connection meanwhile).
+const TAKE_OVER_AT_ONCE: usize = 8;
+
+/// What became of one run a sweep found unfinished under a lost node.
+enum TakenOver {
+    /// Resumed from its last durable step, or queued again.
+    Resumed,
+    /// Ended `interrupted` (its agent or message is gone, or it was resumed too often).
+    Ended,
+    /// Another node claimed it first.
+    NotHere,
+}
 
 /// Where the part of a conversation a turn can use starts. The prompt is compressed when it exceeds the
 /// window (`compress_at * max_context_tokens`), and the summary then sees at most half a window of the

@@ -168,6 +168,10 @@ async fn sweeps(runs: std::sync::Weak<RunManager>, every: std::time::Duration) {
             Ok((resumed, ended)) => {
                 tracing::info!(resumed, ended, "took over runs of a lost node")
             }
+            // An unreachable database is reported once by the store itself (and again when it is back).
+            Err(e @ StoreError::Unavailable(_)) => {
+                tracing::debug!(error = %e, "sweeping for lost nodes' runs failed")
+            }
             Err(e) => tracing::warn!(error = %e, "sweeping for lost nodes' runs failed"),
         }
     }
@@ -195,6 +199,9 @@ async fn heartbeats(
             Ok(()) => {}
             // The store has told the process (`Store::fenced`), which stops.
             Err(StoreError::Fenced(_)) => return,
+            Err(e @ StoreError::Unavailable(_)) => {
+                tracing::debug!(node = %beat.node_id, error = %e, "node heartbeat failed")
+            }
             Err(e) => tracing::warn!(node = %beat.node_id, error = %e, "node heartbeat failed"),
         }
     }
@@ -218,7 +225,7 @@ impl Agentd {
         };
         let runs = RunManager::new(env);
         // This node's presence in the cluster's registry (a store for one process keeps none), before it
-        // takes over anything, then every third of the lease.
+        // takes over anything, then every sixth of the lease.
         let beat = NodeBeat {
             node_id: runs.node_id().to_string(),
             instance: runs.instance().to_string(),
@@ -234,16 +241,16 @@ impl Agentd {
             Arc::downgrade(&store),
             Arc::downgrade(&runs),
             beat,
-            std::time::Duration::from_secs(config.cluster.lease_s) / 3,
+            config.cluster.renew_every(),
         ));
         let (resumed, ended) = runs
             .recover_leftovers()
             .await
             .map_err(|e| format!("start-up recovery failed: {e}"))?;
         // In a cluster, the runs of nodes lost later are taken over by whichever node sweeps first.
-        let lease = std::time::Duration::from_secs(config.cluster.lease_s);
-        if store.live_nodes(lease).await.ok().flatten().is_some() {
-            tokio::spawn(sweeps(Arc::downgrade(&runs), lease / 3));
+        let lapse = config.cluster.lapse();
+        if store.live_nodes(lapse).await.ok().flatten().is_some() {
+            tokio::spawn(sweeps(Arc::downgrade(&runs), config.cluster.sweep_every()));
         }
         if resumed + ended > 0 {
             tracing::info!(
@@ -287,8 +294,7 @@ impl Agentd {
         if !p.admin && !self.config.auth_keys.is_empty() {
             return Err(ServiceError::NotFound("no such resource".into()));
         }
-        let lease = std::time::Duration::from_secs(self.config.cluster.lease_s);
-        if let Some(nodes) = self.store.live_nodes(lease).await? {
+        if let Some(nodes) = self.store.live_nodes(self.config.cluster.lapse()).await? {
             return Ok(nodes.into_iter().map(|(n, _)| n).collect());
         }
         Ok(vec![NodeInfo {

@@ -32,9 +32,11 @@ pub(crate) const ANNOUNCE: &str = "SELECT pg_notify('agentd_cmd', '* ' || $1::te
 pub(crate) const RENEW: &str =
     "UPDATE nodes SET last_seen = now() WHERE node_id = $1 AND instance = $2";
 
-/// Expels every node whose heartbeat is older than `$1` seconds.
-pub(crate) const EXPEL_LAPSED: &str =
-    "DELETE FROM nodes WHERE last_seen <= now() - make_interval(secs => $1) RETURNING node_id";
+/// Expels every node but `$2` (the one asking: a node that can sweep is not lost) whose heartbeat is older
+/// than `$1` seconds.
+pub(crate) const EXPEL_LAPSED: &str = "
+DELETE FROM nodes WHERE last_seen <= now() - make_interval(secs => $1) AND node_id IS DISTINCT FROM $2::text
+RETURNING node_id";
 
 /// Who this store writes for, once registered, and whether it has been fenced.
 #[derive(Default)]

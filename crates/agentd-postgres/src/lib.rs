@@ -894,11 +894,12 @@ impl Store for PgStore {
     }
 
     async fn expel_lapsed(&self, within: Duration) -> StoreResult<()> {
+        let me = self.lease.holder().map(|(node, _)| node);
         let rows = self
             .query(
                 "expelling lapsed nodes",
                 lease::EXPEL_LAPSED,
-                &[&within.as_secs_f64()],
+                &[&within.as_secs_f64(), &me],
             )
             .await?;
         for row in &rows {

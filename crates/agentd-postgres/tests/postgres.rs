@@ -308,6 +308,16 @@ async fn an_expelled_node_can_append_nothing() {
     a2.append_events(vec![delta(&s.id, "r", "four")])
         .await
         .unwrap();
+    // A node that sweeps never expels itself, however late its own renewal (it is alive: it sweeps).
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    a2.expel_lapsed(std::time::Duration::from_millis(10))
+        .await
+        .unwrap();
+    a2.heartbeat(&beat("a", "a2")).await.unwrap();
+    a2.append_events(vec![delta(&s.id, "r", "five")])
+        .await
+        .unwrap();
+    assert!(!a2.fenced().unwrap().is_cancelled());
 }
 
 /// Claims (SPEC.md section 6): a lost node's runs go to one node only, even when that node restarts while
