@@ -794,6 +794,33 @@ async fn on_a_terminal_history_type_ahead_and_ctrl_c_work() {
         "hello there"
     );
 
+    // Another client's turn streams while a line is being typed: its output goes above the prompt, and the
+    // typed text stays whole.
+    let at = t.wait_for(at, "> ").await;
+    t.keys("my draft");
+    let at = t.wait_for(at, "my draft").await;
+    assert_eq!(s.client().send(&id, "tokens=4").await.0, 200);
+    let at = t.wait_for(at, "tok0 tok1 tok2 tok3").await;
+    t.keys(" goes on\r");
+    let at = t.wait_for(at, "echo: my draft goes on").await;
+    assert_eq!(
+        users(s.client().messages(&id).await).last().unwrap(),
+        "my draft goes on"
+    );
+
+    // A question is answered at its own prompt.
+    s.upstream.push(Reply::tool_call(
+        "ask_1",
+        "ask_human",
+        r#"{"question":"Which city?"}"#,
+    ));
+    let at = t.wait_for(at, "> ").await;
+    t.keys("plan a trip\r");
+    let at = t.wait_for(at, "? Which city?").await;
+    let at = t.wait_for(at, "answer> ").await;
+    t.keys("Rome\r");
+    let at = t.wait_for(at, "The result is Rome.").await;
+
     // Ctrl-C during a turn cancels it (the terminal's SIGINT).
     let at = t.wait_for(at, "> ").await;
     t.keys("tokens=500 delay_ms=20\r");
@@ -812,18 +839,61 @@ async fn on_a_terminal_history_type_ahead_and_ctrl_c_work() {
     );
     t.keys("\x03");
     assert_eq!(t.exit_code().await, Some(130), "{:?}", t.screen());
-    // The draft was never sent.
-    assert_eq!(
-        run_statuses(&s, &id).await,
-        [
-            "completed",
-            "completed",
-            "completed",
-            "completed",
-            "cancelled"
-        ]
-    );
+    // Seven turns completed (the other client's included), the cancelled one; the draft was never sent.
+    let mut expected = vec!["completed"; 7];
+    expected.push("cancelled");
+    assert_eq!(run_statuses(&s, &id).await, expected);
     // The history file has the lines entered.
     let history = std::fs::read_to_string(state.path().join("agentd/chat_history")).unwrap();
     assert!(history.contains("hello there"), "{history}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_history_shows_its_latest_turns_and_past_retention_comes_from_the_messages() {
+    let s = Server::start().await;
+    let c = s.client();
+    let id = c.session().await;
+    for i in 0..12 {
+        assert_eq!(c.send(&id, &format!("m{i}")).await.0, 200);
+    }
+    // Within the log's retention: the replay, cut to the latest ten turns.
+    let mut chat = Chat::spawn(&s.url, &["--session", &id]);
+    let out = chat.wait_for("(end of history)\n").await;
+    assert!(
+        out.contains("(2 earlier turns not shown)\nyou: m2\necho: m2\n"),
+        "{out}"
+    );
+    assert!(!out.contains("you: m1\n"), "{out}");
+    assert!(
+        out.contains("you: m11\necho: m11\n(end of history)\n"),
+        "{out}"
+    );
+    chat.close_stdin();
+    assert_eq!(chat.exit_code().await, 0);
+
+    // Past retention (more runs than the log keeps, the oldest events pruned): the history comes from the
+    // stored messages and runs, a failed run still marked.
+    for i in 12..22 {
+        assert_eq!(c.send(&id, &format!("m{i}")).await.0, 200);
+    }
+    assert_eq!(c.send(&id, "status=500 last").await.0, 200);
+    let mut ws = c.ws(&id, "after=0").await;
+    assert_eq!(ws.next().await["type"], "hello");
+    assert_eq!(
+        ws.next().await["code"],
+        "cursor_expired",
+        "the log was pruned"
+    );
+    let mut chat = Chat::spawn(&s.url, &["--session", &id]);
+    let out = chat.wait_for("(end of history)\n").await;
+    assert!(out.contains("earlier messages not shown)\n"), "{out}");
+    assert!(
+        out.contains("you: m21\nassistant: echo: m21\nyou: status=500 last\n[run failed: "),
+        "{out}"
+    );
+    chat.line("tokens=2").await;
+    chat.wait_for("tok0 tok1\n").await;
+    chat.close_stdin();
+    // The failed run is history, not this client's: exit 0.
+    assert_eq!(chat.exit_code().await, 0, "{}", chat.errors());
 }
