@@ -171,12 +171,13 @@ impl Chat {
             }
         };
         let (tx, rx) = mpsc::channel::<Input>(16);
-        let editor = if on_terminal {
-            Some(LineEditor::start(tx)?)
-        } else {
+        // A terminal the line editor cannot drive (TERM=dumb, ...) is read line by line, as a pipe is.
+        let editor = on_terminal
+            .then(|| LineEditor::start(tx.clone()).ok())
+            .flatten();
+        if editor.is_none() {
             spawn_stdin_reader(tx);
-            None
-        };
+        }
         let mut chat = Chat {
             api,
             session_id,

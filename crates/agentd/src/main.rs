@@ -28,7 +28,8 @@ enum Command {
         #[arg(long, value_name = "ADDR")]
         listen: Option<String>,
     },
-    /// Chat with an agent in the terminal over the native WebSocket.
+    /// Chat with an agent in the terminal over the native WebSocket (/help lists its commands). Piped input:
+    /// one line per turn, a pending question takes the next line; exit 1 if a run did not complete.
     Chat {
         /// The server's http base URL.
         #[arg(long, default_value = "http://127.0.0.1:8080")]

@@ -201,9 +201,14 @@ fn history_file() -> Option<PathBuf> {
     let dir = state.join("agentd");
     std::fs::create_dir_all(&dir).ok()?;
     let file = dir.join("chat_history");
-    // rustyline appends to an existing file only; start it empty.
+    // rustyline appends to an existing file only: start it empty, readable by its owner alone (what was typed
+    // may be private).
     if !file.exists() {
-        std::fs::File::create(&file).ok()?;
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        options.open(&file).ok()?;
     }
     Some(file)
 }
