@@ -499,7 +499,8 @@ impl Chat {
     fn end_of_input(&mut self) -> i32 {
         self.input_open = false;
         let Some((_, _, question)) = self.pending_ask.clone() else {
-            if self.interactive {
+            // (The line editor ends its line itself.)
+            if self.interactive && self.editor.is_none() {
                 self.print("\n");
             }
             return self.exit_code();
@@ -659,6 +660,10 @@ impl Chat {
                             self.last_seq = Some(r.until);
                         }
                         self.rest_history = true;
+                    } else {
+                        self.note(
+                            "(events missed while disconnected are older than the server keeps)",
+                        );
                     }
                     return;
                 }
