@@ -825,12 +825,19 @@ async fn on_a_terminal_history_type_ahead_and_ctrl_c_work() {
     let at = t.wait_for(at, "> ").await;
     t.keys("tokens=500 delay_ms=20\r");
     let at = t.wait_for(at, "tok2 ").await;
+    // Typed ahead, then Ctrl-C: the turn is cancelled and the typed line waits at the prompt.
+    t.keys("keep me");
+    tokio::time::sleep(Duration::from_millis(100)).await;
     t.keys("\x03");
-    let at = t.wait_for(at, "[run cancelled]").await;
+    let cancelled = t.wait_for(at, "[run cancelled]").await;
+    assert!(
+        !t.screen()[at..cancelled].contains("keep me"),
+        "{:?}",
+        t.screen()
+    );
+    let at = t.wait_for(cancelled, "> ").await;
+    t.wait_for(at, "keep me").await;
     // Ctrl-C at a prompt with text clears the line; the next one, at the empty prompt, exits 130.
-    let at = t.wait_for(at, "> ").await;
-    t.keys("draft");
-    t.wait_for(at, "draft").await;
     t.keys("\x03");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
@@ -839,7 +846,7 @@ async fn on_a_terminal_history_type_ahead_and_ctrl_c_work() {
     );
     t.keys("\x03");
     assert_eq!(t.exit_code().await, Some(130), "{:?}", t.screen());
-    // Seven turns completed (the other client's included), the cancelled one; the draft was never sent.
+    // Seven turns completed (the other client's included), the cancelled one; the cleared line was never sent.
     let mut expected = vec!["completed"; 7];
     expected.push("cancelled");
     assert_eq!(run_statuses(&s, &id).await, expected);

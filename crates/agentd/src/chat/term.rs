@@ -8,7 +8,7 @@
 //!   below what it printed.
 //! - While no prompt is up (a turn streams), the terminal does not echo keys: what the user types ahead stays
 //!   in the terminal's input queue, out of the answer's way, and shows up at the next prompt, ready to edit.
-//!   Ctrl-C is then the terminal's SIGINT (the client cancels the turn).
+//!   Ctrl-C is then the terminal's SIGINT (the client cancels the turn); what was typed ahead is kept.
 //! - Ctrl-C at a prompt with text clears the line (Ctrl-Y brings it back); at an empty prompt it is an
 //!   interrupt (the client exits, or cancels a turn waiting for an answer).
 //! - History: every line entered, in memory and appended to `$XDG_STATE_HOME/agentd/chat_history` (default
@@ -214,7 +214,8 @@ fn history_file() -> Option<PathBuf> {
 }
 
 /// Turns the terminal's echo off for as long as it lives (restoring the settings it found): keys typed while
-/// a turn streams are kept for the next prompt instead of being echoed into the answer.
+/// a turn streams are kept for the next prompt instead of being echoed into the answer, also when Ctrl-C
+/// cancels the turn (no flush of the input on the interrupt).
 struct EchoOff {
     #[cfg(unix)]
     saved: Option<nix::sys::termios::Termios>,
@@ -230,6 +231,8 @@ impl EchoOff {
             if let Some(t) = &saved {
                 let mut quiet = t.clone();
                 quiet.local_flags.remove(LocalFlags::ECHO);
+                // Ctrl-C (cancelling a turn) keeps what was typed ahead.
+                quiet.local_flags.insert(LocalFlags::NOFLSH);
                 let _ = tcsetattr(&stdin, SetArg::TCSADRAIN, &quiet);
             }
             EchoOff { saved }
