@@ -565,7 +565,7 @@ fn named_field(message: &str) -> Option<String> {
 }
 
 /// `server.listen` (and `--listen`): a socket address, or a host name and a port (resolved when binding).
-pub fn listen_is_valid(listen: &str) -> bool {
+fn listen_is_valid(listen: &str) -> bool {
     if listen.parse::<std::net::SocketAddr>().is_ok() {
         return true;
     }
