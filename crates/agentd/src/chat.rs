@@ -474,7 +474,7 @@ impl Chat {
                             }
                         }
                         Some(Input::Interrupt) => {
-                            if let Some(out) = self.interrupt(socket).await {
+                            if let Some(out) = self.interrupt(socket, true).await {
                                 return Ok(out);
                             }
                         }
@@ -482,7 +482,7 @@ impl Chat {
                     }
                 }
                 _ = interrupts.recv() => {
-                    if let Some(out) = self.interrupt(socket).await {
+                    if let Some(out) = self.interrupt(socket, false).await {
                         return Ok(out);
                     }
                 }
@@ -520,10 +520,13 @@ impl Chat {
         EXIT_RUN_FAILED
     }
 
-    /// Ctrl-C: cancels the running turn, or exits (idle, or the second Ctrl-C of a turn).
-    async fn interrupt(&mut self, socket: &mut Socket) -> Option<Outcome> {
+    /// Ctrl-C: cancels the running turn, or exits (idle, or the second Ctrl-C of a turn). `at_prompt`: it came
+    /// from the line editor, which has ended its line already.
+    async fn interrupt(&mut self, socket: &mut Socket, at_prompt: bool) -> Option<Outcome> {
         if !self.busy() || self.cancel_sent {
-            self.print("\n");
+            if !at_prompt {
+                self.print("\n");
+            }
             return Some(Outcome::Exit(EXIT_INTERRUPTED));
         }
         self.cancel_sent = true;
