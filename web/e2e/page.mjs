@@ -30,7 +30,11 @@ export async function freshPage(t, browser, srv, opts = {}) {
     await context.close();
   });
   await p.goto(srv.url + (opts.path || '/'));
-  if (!opts.skipAgents) await p.waitForSelector('#agent-select option', { state: 'attached' });
+  if (!opts.skipAgents) {
+    await p.waitForSelector('#agent-select option', { state: 'attached' });
+    // The page has drawn its sessions and focused the message box: nothing moves the focus after this.
+    await p.waitForSelector('body[data-ready]', { state: 'attached' });
+  }
   return p;
 }
 

@@ -124,7 +124,9 @@ function announce(text) {
 }
 
 let toastTimer = null;
-function toast(msg, retry) {
+function toast(msg, retry, kind = 'error') {
+  ui.toast.className = kind;
+  ui.toast.setAttribute('role', kind === 'error' ? 'alert' : 'status');
   ui.toast.replaceChildren(el('span', null, msg));
   if (retry) {
     const b = el('button', 'link', 'Retry');
@@ -230,7 +232,7 @@ const view = new TranscriptView(ui.turns, {
     ui.input.value = turn.user ? turn.user.text : '';
     autosize();
     ui.input.focus();
-    toast('Edit the message and send it: it is sent as a new message (the earlier turn stays in the history).');
+    toast('Edit the message and send it: it goes as a new message (the earlier turn stays in the history).', null, 'info');
   },
   announce,
   follow,
@@ -775,6 +777,8 @@ async function sendMessage(session, content, images, files) {
   st.lastSent = content;
   pinned = true;
   follow();
+  // The server names an untitled session after its first message: show that title.
+  if (!session.title) scheduleSessionRefresh();
 }
 
 /** Retry and Regenerate: the turn's user message again, as a new turn (the earlier one stays in the history). */
@@ -961,6 +965,7 @@ async function boot() {
   const id = sessionFromHash();
   if (id) await openSession(id);
   else newDraft();
+  document.body.dataset.ready = '1';
 }
 
 boot();

@@ -174,16 +174,10 @@ mod tests {
             let body = resp.text().await.unwrap();
             assert!(body.contains(marker), "{path} lacks {marker}");
         }
-        for path in ["/assets/nope.js", "/assets/vendor/../app.js", "/assets/"] {
+        for path in ["/assets/nope.js", "/assets/vendor/nope.js", "/assets/"] {
             let missing = http.get(format!("{url}{path}")).send().await.unwrap();
             assert_eq!(missing.status(), 404, "{path}");
         }
-        let missing = http
-            .get(format!("{url}/assets/nope.js"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(missing.status(), 404);
     }
 
     /// Every file under web/static/ is served: a new module or library cannot be forgotten in [`ASSETS`].

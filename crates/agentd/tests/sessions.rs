@@ -164,7 +164,7 @@ async fn sessions_are_searched_and_filtered_by_status_and_paged() {
         "newest first, only alice's"
     );
     let (_, v) = alice.get("/v1/sessions?q=%C3%BCBER").await;
-    assert_eq!(ids(&v), [a3.clone()], "case-insensitive beyond ASCII");
+    assert_eq!(ids(&v), vec![a3.clone()], "case-insensitive beyond ASCII");
 
     // Paged like the plain list.
     let (_, page1) = alice.get("/v1/sessions?q=bread&limit=2").await;
@@ -172,7 +172,7 @@ async fn sessions_are_searched_and_filtered_by_status_and_paged() {
     let (_, page2) = alice
         .get(&format!("/v1/sessions?q=bread&limit=2&before={a2}"))
         .await;
-    assert_eq!(ids(&page2), [a0.clone()]);
+    assert_eq!(ids(&page2), vec![a0.clone()]);
 
     // DELETE closes; the page lists `status=active`, and the closed one is still there to find.
     let (status, _) = alice
@@ -182,7 +182,7 @@ async fn sessions_are_searched_and_filtered_by_status_and_paged() {
     let (_, v) = alice.get("/v1/sessions?status=active").await;
     assert_eq!(ids(&v), [a3.clone(), a1.clone(), a0.clone()]);
     let (_, v) = alice.get("/v1/sessions?status=closed").await;
-    assert_eq!(ids(&v), [a2.clone()]);
+    assert_eq!(ids(&v), vec![a2.clone()]);
     let (_, v) = alice.get("/v1/sessions?status=active&q=bread").await;
     assert_eq!(ids(&v), [a3.clone(), a0.clone()]);
     let (_, v) = alice.get("/v1/sessions").await;
