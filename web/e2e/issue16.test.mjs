@@ -190,7 +190,8 @@ describe('issue 16', () => {
     assert.equal(await p.textContent('#session-title'), 'Porto trip');
     assert.equal((await env.server.api('GET', `/v1/sessions/${id}`)).body.title, 'Porto trip');
     // Load more: 50 first, then the rest.
-    assert.equal(await p.locator('#session-list li').count(), 50);
+    await p.waitForFunction(() => document.querySelectorAll('#session-list li').length === 50);
+    assert.ok(await p.isVisible('#more-sessions'));
     await shot(p, '27-sessions');
     await p.click('#more-sessions');
     await p.waitForFunction(() => document.querySelectorAll('#session-list li').length > 50);

@@ -6,6 +6,7 @@ import { backoffMs, Cursor, Opening, PING_EVERY_MS, MAX_BACKOFF_MS, wsUrl } from
 import {
   activeTurn,
   applyEvent,
+  derivedTitle,
   describeFailure,
   errorCode,
   loadSession,
@@ -76,6 +77,7 @@ const st = {
   sessions: [],
   moreSessions: false,
   query: '',
+  renaming: false, // a session's title is being edited in the list
   session: null, // the open session; null while drafting a new one
   conn: null,
   cursor: new Cursor(),
@@ -606,6 +608,8 @@ function fmtTime(iso) {
 }
 
 function drawSessionList() {
+  // A rename in progress keeps its input: the list is drawn again when it ends.
+  if (st.renaming) return;
   ui.sessionList.replaceChildren();
   for (const s of st.sessions) {
     const li = el('li');
@@ -646,12 +650,14 @@ function startRename(li, s) {
   li.replaceChildren(input);
   input.focus();
   input.select();
+  st.renaming = true;
   let done = false;
   const finish = async (save) => {
     if (done) return;
     done = true;
     const title = input.value.trim();
     if (save && title && title !== s.title) await renameSession(s, title);
+    st.renaming = false;
     drawSessionList();
   };
   input.addEventListener('keydown', (e) => {
@@ -664,6 +670,8 @@ function startRename(li, s) {
 async function renameSession(s, title) {
   try {
     const updated = await api('PATCH', `/v1/sessions/${enc(s.id)}`, { title });
+    // The list may have been fetched again meanwhile: update the entry it holds now.
+    for (const x of st.sessions) if (x.id === s.id) x.title = updated.title;
     s.title = updated.title;
     if (st.session && st.session.id === s.id) {
       st.session.title = updated.title;
@@ -777,8 +785,14 @@ async function sendMessage(session, content, images, files) {
   st.lastSent = content;
   pinned = true;
   follow();
-  // The server names an untitled session after its first message: show that title.
-  if (!session.title) scheduleSessionRefresh();
+  // The server names an untitled session after its first message: show that title now, and read it back.
+  if (!session.title && derivedTitle(content)) {
+    session.title = derivedTitle(content);
+    const listed = st.sessions.find((x) => x.id === session.id);
+    if (listed) listed.title = session.title;
+    showHeader();
+    scheduleSessionRefresh();
+  }
 }
 
 /** Retry and Regenerate: the turn's user message again, as a new turn (the earlier one stays in the history). */

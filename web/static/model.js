@@ -451,6 +451,20 @@ export function describeFailure(err) {
   return base ? `${base}${msg && err.code !== errorCode('internal') ? ` (${msg})` : ''}` : msg || 'Something went wrong.';
 }
 
+/**
+ * The title the server gives a session created without one, from its first message (service.rs `derive_title`):
+ * the first non-blank line, trimmed, cut at 60 characters with `…`. The page shows it at once.
+ */
+export function derivedTitle(content) {
+  const line = String(content || '')
+    .split('\n')
+    .map((l) => l.trim())
+    .find((l) => l);
+  if (!line) return null;
+  const chars = Array.from(line);
+  return chars.length <= 60 ? line : `${chars.slice(0, 59).join('').trimEnd()}…`;
+}
+
 /** What the page shows as a session's title. */
 export function sessionTitle(s) {
   return (s && s.title && s.title.trim()) || 'New chat';

@@ -11,6 +11,7 @@ import {
   activeTurn,
   answerText,
   applyEvent,
+  derivedTitle,
   describeFailure,
   describeRunError,
   fromHistory,
@@ -222,4 +223,13 @@ test('errors are summed up in plain words, the raw text kept as details', () => 
   assert.match(describeFailure({ status: 0, code: 'network', message: 'TypeError: Failed to fetch at ...' }), /Cannot reach/);
   assert.match(describeFailure({ status: 413, code: 'too_large', message: 'content is 9 bytes; the limit is 1' }), /too large/);
   assert.equal(describeRunError('failed', { code: 'made_up', message: '' }).summary, 'The run failed.');
+});
+
+test('the title shown at once is the one the server derives', () => {
+  assert.equal(derivedTitle('  \n  How do I bake sourdough bread?  \nWith details.'), 'How do I bake sourdough bread?');
+  assert.equal(derivedTitle(' \n '), null);
+  const t = derivedTitle('ü'.repeat(200));
+  assert.equal(Array.from(t).length, 60);
+  assert.ok(t.endsWith('…'));
+  assert.equal(derivedTitle('x'.repeat(60)), 'x'.repeat(60));
 });
