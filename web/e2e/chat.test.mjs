@@ -3,47 +3,14 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 
-import { Agentd, API_KEY, gradientPng, launchBrowser, openPage, shot, tokens } from './harness.mjs';
-import { startMock } from './mock-upstream.mjs';
+import { Agentd, API_KEY, gradientPng, shot, tokens } from './harness.mjs';
+import { freshPage, send, sessionIdOf, suite, waitRunStatus } from './page.mjs';
 
 const T = { timeout: 90000 };
+const env = suite('main');
 
-let mock;
-let browser;
-let server; // the main agentd, no auth
-
-before(async () => {
-  mock = await startMock();
-  server = new Agentd('main', { upstream: mock.url });
-  await server.start();
-  browser = await launchBrowser();
-});
-
-after(async () => {
-  await browser?.close();
-  await server?.dispose();
-  await mock?.close();
-});
-
-/** The page of a fresh context with agentd's page loaded and its agents listed. */
-async function page(t, opts = {}) {
-  const srv = opts.server || server;
-  const { context, page: p } = await openPage(browser, srv, opts);
-  t.after(async () => {
-    await context.close();
-  });
-  await p.goto(srv.url + (opts.path || '/'));
-  if (!opts.skipAgents) await p.waitForSelector('#agent-select option', { state: 'attached' });
-  return p;
-}
-
-/** Sends `text` and waits until its run's block is on the page (so "the last run" is the new one). */
-async function send(p, text) {
-  const runs = await p.locator('#transcript .run').count();
-  await p.fill('#input', text);
-  await p.press('#input', 'Enter');
-  await p.waitForFunction((n) => document.querySelectorAll('#transcript .run').length > n, runs);
-}
+/** The page of a fresh context with agentd's page loaded and its agents listed (`opts.server`: another agentd). */
+const page = (t, opts = {}) => freshPage(t, env.browser, opts.server || env.server, opts);
 
 /** The own text (not thinking, tools or subagents) of the last run block. */
 async function lastRunText(p) {
@@ -55,13 +22,6 @@ async function lastRunText(p) {
       .map((c) => c.textContent)
       .join('');
   });
-}
-
-async function waitRunStatus(p, status) {
-  await p.waitForFunction((s) => {
-    const runs = document.querySelectorAll('#transcript .run');
-    return runs.length > 0 && runs[runs.length - 1].dataset.status === s;
-  }, status);
 }
 
 async function lastRunStatus(p) {
@@ -87,12 +47,6 @@ async function waitText(p, needle) {
     },
     needle,
   );
-}
-
-function sessionIdOf(p) {
-  const m = new URL(p.url()).hash.match(/^#s=(.+)$/);
-  assert.ok(m, `no session in the URL ${p.url()}`);
-  return m[1];
 }
 
 function assertClean(p) {
@@ -121,7 +75,7 @@ describe('web chat page', () => {
     // The session is listed under its first message.
     await p.waitForSelector('#session-list li.current >> text=tokens=40 delay_ms=40');
     const id = sessionIdOf(p);
-    const msgs = (await server.api('GET', `/v1/sessions/${id}/messages`)).body;
+    const msgs = (await env.server.api('GET', `/v1/sessions/${id}/messages`)).body;
     assert.equal(msgs.at(-1).content, tokens(40), 'the page shows what was stored');
     await shot(p, '02-completed');
     assertClean(p);
@@ -159,7 +113,7 @@ describe('web chat page', () => {
     assert.match(await lastRunFooter(p), /cancelled/);
     assert.ok(await p.isHidden('#stop'));
     const id = sessionIdOf(p);
-    const runs = (await server.api('GET', `/v1/sessions/${id}/runs`)).body;
+    const runs = (await env.server.api('GET', `/v1/sessions/${id}/runs`)).body;
     assert.deepEqual(
       runs.map((r) => r.status),
       ['cancelled'],
@@ -176,8 +130,10 @@ describe('web chat page', () => {
     const refused = '@skill:nope write me a poem';
     await p.fill('#input', refused);
     await p.press('#input', 'Enter');
-    await p.waitForSelector('#toast >> text=invalid_request');
-    // The toast and the draft's return happen together: the text is back, ready to fix and resend.
+    await p.waitForSelector('#toast:not([hidden])');
+    // The toast says why in words (the server's message, no code), and the draft is back, ready to fix.
+    assert.match(await p.textContent('#toast'), /nope/);
+    assert.ok(!/invalid_request/.test(await p.textContent('#toast')));
     assert.equal(await p.inputValue('#input'), refused);
     assert.equal(await p.locator('#transcript .msg.user').count(), 1, 'nothing was stored');
     assertClean(p);
@@ -220,7 +176,7 @@ describe('web chat page', () => {
     await p.waitForSelector('#attachments .image-chip img');
     await p.fill('#input', 'readfile');
     await shot(p, '08-attachments-before-send');
-    const requestsBefore = mock.requests.length;
+    const requestsBefore = env.mock.requests.length;
     await p.press('#input', 'Enter');
     await waitRunStatus(p, 'completed');
     await waitText(p, 'The result is The launch code is 4711..');
@@ -229,7 +185,7 @@ describe('web chat page', () => {
     await p.waitForSelector('.msg.user img[src^="data:image/png;base64,"]');
     assert.equal(await p.locator('#attachments .chip').count(), 0);
     // The upstream got the image, and the read_file call read the uploaded file.
-    const first = mock.requests[requestsBefore];
+    const first = env.mock.requests[requestsBefore];
     const userMsg = first.messages.filter((m) => m.role === 'user').at(-1);
     assert.ok(
       Array.isArray(userMsg.content) && userMsg.content.some((part) => part.type === 'image_url'),
@@ -303,7 +259,7 @@ describe('web chat page', () => {
 describe('connection loss', () => {
   let own;
   before(async () => {
-    own = new Agentd('restart', { upstream: mock.url });
+    own = new Agentd('restart', { upstream: env.mock.url });
     await own.start();
   });
   after(async () => {
@@ -344,7 +300,7 @@ describe('connection loss', () => {
 describe('with auth on', () => {
   let secured;
   before(async () => {
-    secured = new Agentd('auth', { upstream: mock.url, auth: true });
+    secured = new Agentd('auth', { upstream: env.mock.url, auth: true });
     await secured.start();
   });
   after(async () => {

@@ -166,9 +166,11 @@ export async function launchBrowser() {
 export async function openPage(browser, server, { viewport = { width: 1280, height: 820 } } = {}) {
   const context = await browser.newContext({ viewport });
   const problems = [];
+  // The origin as it is now: a server being restarted on the same address has no url meanwhile.
+  const origin = server.url;
   await context.route('**/*', (route) => {
     const url = route.request().url();
-    if (url.startsWith(server.url) || url.startsWith('data:') || url.startsWith('blob:')) return route.continue();
+    if (url.startsWith(origin) || url.startsWith('data:') || url.startsWith('blob:')) return route.continue();
     problems.push(`external request: ${url}`);
     return route.abort();
   });

@@ -8,6 +8,9 @@
 //   ask: QUESTION   call `ask_human` with {"question": QUESTION}
 //   delegate: TASK  call the subagent tool `researcher` with {"task": TASK}
 //   readfile        call `read_file` on the first file of the message's "[Uploaded files on disk: ...]" note
+//   fail=STATUS     answer HTTP STATUS with an OpenAI-style JSON error body instead of a stream
+//   break_after=N   stream N content deltas, then cut the connection (a broken upstream mid-answer)
+//   markdown        answer with a markdown sample (heading, bold, list, table, code fence)
 //   otherwise       "echo: <text>" word by word, plus " [images: N]" when the message carries images
 // When a tool result follows the last user message, the answer is "The result is <result>." whatever the
 // directives say. A client that hangs up stops its stream.
@@ -67,6 +70,9 @@ export function plan(body) {
     return w ? Number.parseInt(w.slice(prefix.length), 10) || 0 : null;
   };
   const delay = num('delay_ms=') || 0;
+  const fail = num('fail=');
+  if (fail) return { fail, reasoning: [], text: null, call: null, delay };
+  const breakAfter = num('break_after=');
   const reasoning = words.includes('think') ? THINKING : [];
   let call = null;
   const delegate = restOfLine(text, 'delegate:');
@@ -88,8 +94,30 @@ export function plan(body) {
     const images = imageCount(user.content);
     chunks = splitWords(`echo: ${text}${images ? ` [images: ${images}]` : ''}`);
   }
-  return { reasoning, text: chunks, call: null, delay };
+  if (words.includes('markdown')) chunks = splitWords(MARKDOWN);
+  return { reasoning, text: chunks, call: null, delay, breakAfter };
 }
+
+export const MARKDOWN = [
+  '# Release notes',
+  '',
+  'This is **bold**, this is *italic* and `inline code`.',
+  '',
+  '- first item',
+  '- second item',
+  '',
+  '| name | value |',
+  '| --- | --- |',
+  '| alpha | 1 |',
+  '| beta | 2 |',
+  '',
+  '```python',
+  'def greet(name):',
+  '    return f"hello {name}"',
+  '```',
+  '',
+  '<img src=x onerror="window.__xss=1"><script>window.__xss=2</script>[link](javascript:window.__xss=3)',
+].join('\n');
 
 /** Starts the mock on 127.0.0.1:0. Resolves to {url (…/v1), requests, close()}. */
 export function startMock() {
@@ -139,6 +167,11 @@ export function startMock() {
 
 function stream(body, res, id, nextCallId) {
   const p = plan(body);
+  if (p.fail) {
+    res.writeHead(p.fail, { 'content-type': 'application/json' });
+    res.end(JSON.stringify({ error: { message: 'The mock upstream is failing on purpose', type: 'server_error', code: null } }));
+    return;
+  }
   const model = body.model || 'mock-model';
   let completion = 0;
   const chunk = (delta, finish = null) =>
@@ -167,6 +200,10 @@ function stream(body, res, id, nextCallId) {
     steps.push([0, chunk({}, 'tool_calls')]);
   } else {
     for (const t of p.text) {
+      if (p.breakAfter !== null && p.breakAfter !== undefined && completion >= p.breakAfter) {
+        steps.push([p.delay, null]); // cut here
+        break;
+      }
       completion++;
       steps.push([p.delay, chunk({ content: t })]);
     }
@@ -198,6 +235,12 @@ function stream(body, res, id, nextCallId) {
   const next = () => {
     while (!closed && i < steps.length) {
       const [delay, text] = steps[i];
+      if (text === null) {
+        // A broken upstream: the connection goes away mid-stream.
+        setTimeout(() => res.socket && res.socket.destroy(), delay);
+        closed = true;
+        return;
+      }
       if (delay > 0) {
         setTimeout(() => {
           if (closed) return;

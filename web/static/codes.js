@@ -1,7 +1,8 @@
 // The error codes and event types of agentd's native API, in one list the page and the server share.
-// The page loads this file before app.js and names codes only through it (app.js: `errorCode('…')`, which throws
-// on a code not listed here). crates/agentd-server/tests/codes.rs holds both sides to it: every error code the
-// server's native surface can send and every event type it logs must be listed, and app.js may use no other.
+// The page loads this file before its modules and names codes only through it (model.js: `errorCode('…')` and
+// `runErrorCode('…')`, which throw on a code not listed here). crates/agentd-server/tests/codes.rs holds both
+// sides to it: every error code the server's native surface can send, every run error code (Run.error.code) and
+// every event type it logs must be listed, and the page's modules may use no other.
 // What follows `Object.freeze(` is strict JSON (the test parses it): double quotes, no trailing commas.
 'use strict';
 
@@ -23,6 +24,13 @@ globalThis.AGENTD_CODES = Object.freeze(
     "unavailable": "503: overloaded or shutting down",
     "internal": "500: a server fault (details only in the server's log)",
     "cursor_expired": "`after` is older than the retained log; the stream replays as if none was given"
+  },
+  "run_errors": {
+    "upstream_error": "the upstream answered an error or its connection broke",
+    "upstream_timeout": "the upstream did not answer in time",
+    "max_iterations": "the agent loop reached max_iterations",
+    "interrupted": "the run was interrupted (process lost, recovery = interrupt or max_resumes)",
+    "internal": "a server fault"
   },
   "events": [
     "message",

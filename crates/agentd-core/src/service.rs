@@ -19,7 +19,7 @@ use crate::metrics::Metrics;
 use crate::provider::Provider;
 use crate::runs::{RunManager, RunResult, TurnRequest};
 use crate::skills::{self, RoutingError, SkillMatch};
-use crate::store::{LogEntry, NodeBeat, Store, StoreError};
+use crate::store::{LogEntry, NodeBeat, SessionFilter, Store, StoreError};
 
 /// Who is calling. Without configured keys everyone is the principal `local`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -80,6 +80,21 @@ pub type ServiceResult<T> = Result<T, ServiceError>;
 pub const MAX_TITLE_BYTES: usize = 1024;
 /// The largest session metadata, in bytes of its JSON (SPEC.md section 9, "Bounds").
 pub const MAX_METADATA_BYTES: usize = 16 * 1024;
+
+/// The longest title derived from a first message, in characters.
+pub const DERIVED_TITLE_CHARS: usize = 60;
+
+/// The title a session created without one gets from its first user message: the first non-blank line,
+/// trimmed, cut at [`DERIVED_TITLE_CHARS`] characters (on a char boundary, with `…` when cut). None for a message
+/// without text.
+pub fn derive_title(content: &str) -> Option<String> {
+    let line = content.lines().map(str::trim).find(|l| !l.is_empty())?;
+    if line.chars().count() <= DERIVED_TITLE_CHARS {
+        return Some(line.to_string());
+    }
+    let cut: String = line.chars().take(DERIVED_TITLE_CHARS - 1).collect();
+    Some(format!("{}…", cut.trim_end()))
+}
 
 /// Refuses a title or metadata over the bounds, before anything is stored.
 fn check_session_fields(title: Option<&str>, metadata: &Value) -> ServiceResult<()> {
@@ -372,15 +387,52 @@ impl Agentd {
         limit: usize,
         before: Option<&str>,
     ) -> ServiceResult<Vec<Session>> {
+        self.search_sessions(p, &SessionFilter::default(), limit, before)
+            .await
+    }
+
+    /// The caller's sessions that `filter` matches (`GET /v1/sessions?q=&status=`), paged like
+    /// [`Agentd::list_sessions`].
+    pub async fn search_sessions(
+        &self,
+        p: &Principal,
+        filter: &SessionFilter,
+        limit: usize,
+        before: Option<&str>,
+    ) -> ServiceResult<Vec<Session>> {
         let principal = if p.admin { None } else { Some(p.name.as_str()) };
-        let mut list = self
-            .store
-            .list_sessions(principal, limit.clamp(1, 1000), before)
-            .await?;
+        let limit = limit.clamp(1, 1000);
+        let mut list = if *filter == SessionFilter::default() {
+            self.store.list_sessions(principal, limit, before).await?
+        } else {
+            self.store
+                .search_sessions(principal, filter, limit, before)
+                .await?
+        };
         for s in &mut list {
             s.active_run_id = self.runs.active_run_id(&s.id);
         }
         Ok(list)
+    }
+
+    /// Renames a session (`PATCH /v1/sessions/{id}`): the title is trimmed, must not be empty, and is at most
+    /// [`MAX_TITLE_BYTES`]. Closed sessions can be renamed too.
+    pub async fn rename_session(
+        &self,
+        p: &Principal,
+        id: &str,
+        title: &str,
+    ) -> ServiceResult<Session> {
+        check_session_fields(Some(title), &Value::Object(Default::default()))?;
+        let title = title.trim();
+        if title.is_empty() {
+            return Err(ServiceError::Invalid("`title` must not be empty".into()));
+        }
+        let mut s = self.session_shown(p, id).await?;
+        s.title = Some(title.to_string());
+        s.updated_at = now_rfc3339();
+        self.store.update_session(&s).await?;
+        Ok(s)
     }
 
     /// Closes a session; history stays readable. A running turn is cancelled.
@@ -948,8 +1000,8 @@ async fn commit_send(
             other => ServiceError::Internal(other.to_string()),
         }));
     }
-    if session.title.is_none() {
-        session.title = Some(message.content.chars().take(60).collect());
+    if let (None, Some(title)) = (&session.title, derive_title(&message.content)) {
+        session.title = Some(title);
         session.updated_at = now_rfc3339();
         // The message is stored: its run starts even if the title could not be.
         if let Err(e) = store.update_session(&session).await {
@@ -1122,6 +1174,25 @@ fn sniff_image(b: &[u8]) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_derived_title_is_the_first_line_cut_on_a_char_boundary() {
+        assert_eq!(
+            derive_title("  hello there \nsecond").as_deref(),
+            Some("hello there")
+        );
+        assert_eq!(
+            derive_title("\n\n  \n  later line").as_deref(),
+            Some("later line")
+        );
+        assert_eq!(derive_title("   \n "), None);
+        let long = "é".repeat(100);
+        let t = derive_title(&long).unwrap_or_default();
+        assert_eq!(t.chars().count(), DERIVED_TITLE_CHARS);
+        assert!(t.ends_with('…') && t.starts_with("éé"));
+        let exact = "x".repeat(DERIVED_TITLE_CHARS);
+        assert_eq!(derive_title(&exact).as_deref(), Some(exact.as_str()));
+    }
 
     #[test]
     fn an_unreachable_store_under_an_upload_is_unavailable() {

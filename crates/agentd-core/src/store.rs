@@ -22,7 +22,7 @@
 use async_trait::async_trait;
 use std::sync::Arc;
 
-use crate::domain::{Message, NodeInfo, Run, Session, Upload};
+use crate::domain::{Message, NodeInfo, Run, Session, SessionStatus, Upload};
 use crate::event::{LoggedEvent, NewEvent};
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +77,28 @@ pub struct StoredRun {
     pub client_message_id: Option<String>,
 }
 
+/// Which sessions [`Store::search_sessions`] lists: a title containing `query` (ignoring case), a status.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SessionFilter {
+    pub query: Option<String>,
+    pub status: Option<SessionStatus>,
+}
+
+impl SessionFilter {
+    pub fn matches(&self, s: &Session) -> bool {
+        if self.status.is_some_and(|st| st != s.status) {
+            return false;
+        }
+        match &self.query {
+            None => true,
+            Some(q) => s
+                .title
+                .as_deref()
+                .is_some_and(|t| t.to_lowercase().contains(&q.to_lowercase())),
+        }
+    }
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// A short description for the startup line, e.g. `sqlite:data/agentd.db`.
@@ -94,6 +116,38 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
         before: Option<&str>,
     ) -> StoreResult<Vec<Session>>;
+    /// Like [`Store::list_sessions`] (newest first, `before` a session id, at most `limit`), keeping only the
+    /// sessions `filter` matches. The default reads `list_sessions` in pages and filters them here, so every
+    /// store matches titles the same way (Unicode lowercase, which SQLite's `lower()` is not).
+    async fn search_sessions(
+        &self,
+        principal: Option<&str>,
+        filter: &SessionFilter,
+        limit: usize,
+        before: Option<&str>,
+    ) -> StoreResult<Vec<Session>> {
+        const PAGE: usize = 256;
+        let mut out = Vec::new();
+        let mut cursor = before.map(str::to_string);
+        loop {
+            let page = self
+                .list_sessions(principal, PAGE, cursor.as_deref())
+                .await?;
+            let full = page.len() == PAGE;
+            cursor = page.last().map(|s| s.id.clone());
+            for s in page {
+                if filter.matches(&s) {
+                    out.push(s);
+                    if out.len() >= limit {
+                        return Ok(out);
+                    }
+                }
+            }
+            if !full {
+                return Ok(out);
+            }
+        }
+    }
     /// Updates title, status, metadata, updated_at.
     async fn update_session(&self, session: &Session) -> StoreResult<()>;
 

@@ -5,9 +5,9 @@
 //! - every error code the native surface can send is listed: the codes `classify` maps service errors to, and
 //!   every code literal in the server's sources outside the seed dialects (error frames, `ApiError`s, conflict
 //!   codes), whichever module a later change adds it in;
-//! - every event type the core logs is listed;
-//! - app.js names error codes only through `errorCode('…')` with listed codes, compares no `.code` with a bare
-//!   string, and switches only on listed event types;
+//! - every event type the core logs is listed, and every run error code (`Run.error.code`) exactly;
+//! - the page's modules name error codes only through `errorCode('…')` / `runErrorCode('…')` with listed codes,
+//!   compare no `.code` with a bare string, and switch only on listed event types;
 //! - the page loads codes.js before app.js.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -27,13 +27,27 @@ fn read(rel: &str) -> String {
 }
 
 /// The shared list: the JSON object inside codes.js.
-fn codes() -> (BTreeSet<String>, BTreeSet<String>) {
+fn codes_json() -> Value {
     let js = read("web/static/codes.js");
     let marker = "globalThis.AGENTD_CODES = Object.freeze(";
     let start = js.find(marker).expect(marker) + marker.len();
     let end = js.rfind(')').expect("closing )");
-    let v: Value = serde_json::from_str(js[start..end].trim())
-        .unwrap_or_else(|e| panic!("codes.js does not hold strict JSON: {e}"));
+    serde_json::from_str(js[start..end].trim())
+        .unwrap_or_else(|e| panic!("codes.js does not hold strict JSON: {e}"))
+}
+
+/// The page's own scripts (not the vendored libraries), concatenated.
+fn page_js() -> String {
+    ["app.js", "conn.js", "model.js", "view.js", "markdown.js"]
+        .iter()
+        .map(|f| read(&format!("web/static/{f}")))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The shared list: error codes and event types.
+fn codes() -> (BTreeSet<String>, BTreeSet<String>) {
+    let v = codes_json();
     let errors = v["errors"]
         .as_object()
         .expect("errors is an object")
@@ -237,6 +251,13 @@ fn every_event_type_the_core_logs_is_in_codes_js() {
 /// The quoted strings of a JS source that follow `marker` (e.g. `errorCode(` or `case `).
 fn js_args<'a>(js: &'a str, marker: &str) -> Vec<&'a str> {
     js.match_indices(marker)
+        // A whole name: `errorCode(` is not the tail of `runErrorCode(`.
+        .filter(|(i, _)| {
+            !js[..*i]
+                .chars()
+                .next_back()
+                .is_some_and(|c| c.is_alphanumeric() || c == '_')
+        })
         .filter_map(|(i, _)| {
             let rest = js[i + marker.len()..].trim_start();
             let quote = rest.chars().next().filter(|c| *c == '\'' || *c == '"')?;
@@ -247,9 +268,41 @@ fn js_args<'a>(js: &'a str, marker: &str) -> Vec<&'a str> {
 }
 
 #[test]
+fn run_error_codes_are_codes_js_run_errors() {
+    use agentd_core::domain::RunErrorCode::*;
+    let server: BTreeSet<String> = [
+        UpstreamError,
+        UpstreamTimeout,
+        MaxIterations,
+        Interrupted,
+        Internal,
+    ]
+    .iter()
+    .map(|c| {
+        serde_json::to_value(c)
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .to_string()
+    })
+    .collect();
+    let listed: BTreeSet<String> = codes_json()["run_errors"]
+        .as_object()
+        .expect("run_errors is an object")
+        .keys()
+        .cloned()
+        .collect();
+    assert_eq!(server, listed, "codes.js run_errors != RunErrorCode");
+    // The page names them only through runErrorCode() with listed codes.
+    for code in js_args(&page_js(), "runErrorCode(") {
+        assert!(listed.contains(code), "the page uses run error `{code}`");
+    }
+}
+
+#[test]
 fn app_js_uses_only_codes_from_codes_js() {
     let (errors, events) = codes();
-    let js = read("web/static/app.js");
+    let js = page_js();
 
     let used = js_args(&js, "errorCode(");
     assert!(
@@ -259,7 +312,7 @@ fn app_js_uses_only_codes_from_codes_js() {
     for code in &used {
         assert!(
             errors.contains(*code),
-            "app.js uses `{code}`, which codes.js does not list"
+            "the page uses `{code}`, which codes.js does not list"
         );
     }
     // Codes are only named through errorCode(): no `.code === 'x'`, no `['x', ...].includes(f.code)`.
@@ -291,7 +344,7 @@ fn app_js_uses_only_codes_from_codes_js() {
     for case in &cases {
         assert!(
             events.contains(*case),
-            "app.js handles event `{case}`, which codes.js does not list"
+            "the page handles event `{case}`, which codes.js does not list"
         );
     }
 }
@@ -305,5 +358,9 @@ fn the_page_loads_codes_js_before_app_js() {
     let app = html
         .find("src=\"/assets/app.js\"")
         .expect("app.js script tag");
+    assert!(
+        html.contains("type=\"module\" src=\"/assets/app.js\""),
+        "app.js is an ES module"
+    );
     assert!(codes < app, "codes.js must load before app.js");
 }

@@ -50,6 +50,7 @@ macro_rules! store_contract {
         $crate::__store_contract_tests!(
             $harness;
             sessions_crud_and_pagination,
+            sessions_are_searched_by_title_and_status_and_paged,
             messages_are_upserted_by_message_events_and_listed_in_order,
             runs_crud_and_client_message_id_conflict,
             unfinished_runs_are_queued_running_or_waiting,

@@ -9,13 +9,117 @@ use agentd_core::domain::{
     Usage,
 };
 use agentd_core::event::{EventKind, LoggedEvent};
-use agentd_core::store::{LogBounds, Store, StoreError, StoredRun};
+use agentd_core::store::{LogBounds, SessionFilter, Store, StoreError, StoredRun};
 use serde_json::json;
 
 use crate::{
     append_run, delta, message, message_entry, new_session, run_finished, run_started, seqs,
     session, text_of, upload, Harness,
 };
+
+pub async fn sessions_are_searched_by_title_and_status_and_paged(h: &dyn Harness) {
+    let store = h.open().await;
+    // Oldest to newest; the last is bob's. More than one internal page (256) of alice's sessions, so the
+    // search reads on past a page where nothing matched.
+    let mut titled = Vec::new();
+    for (i, title) in [
+        Some("Über die Rechnung"),
+        Some("weather report"),
+        None,
+        Some("ÜBER alles"),
+        Some("closed über"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut s = session("alice");
+        s.title = title.map(str::to_string);
+        if i == 4 {
+            s.status = SessionStatus::Closed;
+        }
+        store.create_session(&s).await.unwrap();
+        titled.push(s.id);
+    }
+    for _ in 0..300 {
+        new_session(&*store, "alice").await;
+    }
+    let mut bobs = session("bob");
+    bobs.title = Some("über bob".into());
+    store.create_session(&bobs).await.unwrap();
+
+    let ids = |v: Vec<Session>| v.into_iter().map(|s| s.id).collect::<Vec<_>>();
+    let search = |q: Option<&str>, status: Option<SessionStatus>| SessionFilter {
+        query: q.map(str::to_string),
+        status,
+    };
+    let f = search(Some("über"), None);
+    // Case-insensitive beyond ASCII, newest first, only the principal's.
+    assert_eq!(
+        ids(store
+            .search_sessions(Some("alice"), &f, 10, None)
+            .await
+            .unwrap()),
+        vec![titled[4].clone(), titled[3].clone(), titled[0].clone()]
+    );
+    let active = search(Some("über"), Some(SessionStatus::Active));
+    assert_eq!(
+        ids(store
+            .search_sessions(Some("alice"), &active, 10, None)
+            .await
+            .unwrap()),
+        vec![titled[3].clone(), titled[0].clone()]
+    );
+    let closed = search(None, Some(SessionStatus::Closed));
+    assert_eq!(
+        ids(store
+            .search_sessions(Some("alice"), &closed, 10, None)
+            .await
+            .unwrap()),
+        vec![titled[4].clone()]
+    );
+    // Paged with `limit` and `before` like list_sessions.
+    let page1 = ids(store
+        .search_sessions(Some("alice"), &f, 2, None)
+        .await
+        .unwrap());
+    assert_eq!(page1, vec![titled[4].clone(), titled[3].clone()]);
+    let page2 = ids(store
+        .search_sessions(Some("alice"), &f, 2, Some(&page1[1]))
+        .await
+        .unwrap());
+    assert_eq!(page2, vec![titled[0].clone()]);
+    // Admin (no principal) sees bob's too; a title-less session never matches a query.
+    assert_eq!(
+        store
+            .search_sessions(None, &f, 10, None)
+            .await
+            .unwrap()
+            .len(),
+        4
+    );
+    assert!(store
+        .search_sessions(
+            Some("alice"),
+            &search(Some("nothing like it"), None),
+            10,
+            None
+        )
+        .await
+        .unwrap()
+        .is_empty());
+    // Status only, no query: every active session of alice's but the closed one.
+    let all_active = store
+        .search_sessions(
+            Some("alice"),
+            &search(None, Some(SessionStatus::Active)),
+            1000,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(all_active.len(), 304);
+    assert!(all_active.iter().all(|s| s.status == SessionStatus::Active));
+}
 
 pub async fn sessions_crud_and_pagination(h: &dyn Harness) {
     let store = h.open().await;

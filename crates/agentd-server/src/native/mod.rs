@@ -6,8 +6,9 @@ pub mod sse;
 pub mod ws;
 
 use agentd_core::config::Multitask;
-use agentd_core::domain::{Message, Run, Session};
+use agentd_core::domain::{Message, Run, Session, SessionStatus};
 use agentd_core::service::{Agentd, SendMessage};
+use agentd_core::store::SessionFilter;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, State};
 use axum::http::StatusCode;
@@ -32,7 +33,10 @@ pub fn router() -> Router<AppState> {
         .route("/v1/agents", get(agents))
         .route("/v1/cluster", get(cluster))
         .route("/v1/sessions", post(create_session).get(list_sessions))
-        .route("/v1/sessions/{id}", get(get_session).delete(close_session))
+        .route(
+            "/v1/sessions/{id}",
+            get(get_session).delete(close_session).patch(rename_session),
+        )
         .route(
             "/v1/sessions/{id}/messages",
             get(list_messages).post(send_message),
@@ -110,6 +114,10 @@ async fn create_session(
 struct ListSessions {
     limit: Option<usize>,
     before: Option<String>,
+    /// A case-insensitive substring of the title.
+    q: Option<String>,
+    /// `active` or `closed`.
+    status: Option<String>,
 }
 
 async fn list_sessions(
@@ -118,11 +126,37 @@ async fn list_sessions(
     q: Result<Query<ListSessions>, QueryRejection>,
 ) -> ApiResult<Json<Vec<Session>>> {
     let Query(q) = q?;
+    let status = match q.status.as_deref() {
+        None | Some("") => None,
+        Some(s) => Some(SessionStatus::parse(s).ok_or_else(|| {
+            ApiError::invalid(format!("`status` must be active or closed, not `{s}`"))
+        })?),
+    };
+    let filter = SessionFilter {
+        query: q.q.filter(|t| !t.trim().is_empty()),
+        status,
+    };
     Ok(Json(
         st.app
-            .list_sessions(&p, q.limit.unwrap_or(50), q.before.as_deref())
+            .search_sessions(&p, &filter, q.limit.unwrap_or(50), q.before.as_deref())
             .await?,
     ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RenameSession {
+    title: String,
+}
+
+async fn rename_session(
+    State(st): State<AppState>,
+    Caller(p): Caller,
+    Path(id): Path<String>,
+    body: Result<Json<RenameSession>, JsonRejection>,
+) -> ApiResult<Json<Session>> {
+    let Json(body) = body?;
+    Ok(Json(st.app.rename_session(&p, &id, &body.title).await?))
 }
 
 async fn get_session(
