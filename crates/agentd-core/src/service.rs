@@ -17,6 +17,7 @@ use crate::event_log::{EventLog, LogError, Subscription};
 use crate::limits::{Limits, Refused, StreamGuard};
 use crate::metrics::Metrics;
 use crate::provider::Provider;
+use crate::registry::{ExternalTools, McpServerStatus, ToolRegistry};
 use crate::runs::{RunManager, RunResult, TurnRequest};
 use crate::skills::{self, RoutingError, SkillMatch};
 use crate::store::{LogEntry, NodeBeat, Store, StoreError};
@@ -150,6 +151,8 @@ pub struct Agentd {
     pub metrics: Arc<Metrics>,
     /// When this process started (its node's `started_at`).
     started_at: String,
+    /// Built-in tools, subagents, MCP tools.
+    tools: ToolRegistry,
 }
 
 /// Takes over the runs of lost nodes every `every` while the run manager is in use.
@@ -201,13 +204,23 @@ async fn heartbeats(
 }
 
 impl Agentd {
-    /// Starts the log and the run manager, and ends runs a previous process left unfinished.
+    /// Starts the log and the run manager, and ends runs a previous process left unfinished. No MCP servers.
     pub async fn start(
         config: Arc<Config>,
         store: Arc<dyn Store>,
         providers: HashMap<String, Arc<dyn Provider>>,
     ) -> Result<Arc<Agentd>, String> {
-        let metrics = Arc::new(Metrics::new());
+        Self::start_with_tools(config, store, providers, Arc::new(Metrics::new()), None).await
+    }
+
+    /// [`Agentd::start`] with the MCP servers' tools (`agentd-mcp`, already started with the same `metrics`).
+    pub async fn start_with_tools(
+        config: Arc<Config>,
+        store: Arc<dyn Store>,
+        providers: HashMap<String, Arc<dyn Provider>>,
+        metrics: Arc<Metrics>,
+        external: Option<Arc<dyn ExternalTools>>,
+    ) -> Result<Arc<Agentd>, String> {
         let log = EventLog::start_with_metrics(store.clone(), metrics.clone());
         let env = LoopEnv {
             handing_over: Arc::default(),
@@ -215,7 +228,9 @@ impl Agentd {
             log: log.clone(),
             providers: Arc::new(providers),
             metrics: metrics.clone(),
+            tools: ToolRegistry::new(config.clone(), external),
         };
+        let tools = env.tools.clone();
         let runs = RunManager::new(env);
         // This node's presence in the cluster's registry (a store for one process keeps none), before it
         // takes over anything, then every third of the lease.
@@ -267,6 +282,7 @@ impl Agentd {
             runs,
             remote,
             metrics,
+            tools,
         }))
     }
 
@@ -302,6 +318,20 @@ impl Agentd {
 
     pub fn agents(&self) -> &[AgentSettings] {
         &self.config.agents
+    }
+
+    /// The tool registry (an agent's tools as listed now, MCP servers).
+    pub fn tools(&self) -> &ToolRegistry {
+        &self.tools
+    }
+
+    /// Each MCP server's state, tools and call counts (`GET /v1/mcp`, admin; with no API keys configured,
+    /// anyone who can reach the server).
+    pub fn mcp_servers(&self, p: &Principal) -> ServiceResult<Vec<McpServerStatus>> {
+        if !p.admin && !self.config.auth_keys.is_empty() {
+            return Err(ServiceError::NotFound("no such resource".into()));
+        }
+        Ok(self.tools.mcp_status())
     }
 
     fn owned(&self, p: &Principal, s: Option<Session>, id: &str) -> ServiceResult<Session> {

@@ -45,6 +45,8 @@ pub struct ToolContext {
     /// The session's workspace; file tools stay inside it.
     pub workspace: PathBuf,
     pub human: Arc<dyn HumanInput>,
+    /// The run's cancellation: a tool that talks to another process (MCP) tells it when this fires.
+    pub cancel: tokio_util::sync::CancellationToken,
 }
 
 #[async_trait]
@@ -53,7 +55,17 @@ pub trait Tool: Send + Sync {
     async fn call(&self, args: &Value, ctx: &ToolContext) -> ToolOutput;
 }
 
-/// Looks a built-in tool up by name.
+/// The names of the built-in tools an agent may list: the one list (the registry, the config validator and
+/// [`builtin`] read it).
+pub const BUILTIN_TOOLS: &[&str] = &[
+    "calculator",
+    "current_time",
+    "ask_human",
+    "read_file",
+    "list_files",
+];
+
+/// Looks a built-in tool up by name (every name of [`BUILTIN_TOOLS`]; a test holds them together).
 pub fn builtin(name: &str) -> Option<Arc<dyn Tool>> {
     Some(match name {
         "calculator" => Arc::new(Calculator),
@@ -485,6 +497,15 @@ mod tests {
     }
 
     #[test]
+    fn every_builtin_name_is_a_tool() {
+        for name in BUILTIN_TOOLS {
+            let tool = builtin(name).unwrap();
+            assert_eq!(&tool.spec().name, name);
+        }
+        assert!(builtin("files__read").is_none());
+    }
+
+    #[test]
     fn workspace_paths_stay_inside() {
         let dir = tempfile::tempdir().unwrap();
         assert!(resolve_in_workspace(dir.path(), "a/b.txt").is_ok());
@@ -506,6 +527,7 @@ mod tests {
         ToolContext {
             workspace: workspace.to_path_buf(),
             human: Arc::new(NoHuman),
+            cancel: Default::default(),
         }
     }
 

@@ -31,6 +31,7 @@ pub fn router() -> Router<AppState> {
         .route("/healthz", get(|| async { "ok" }))
         .route("/v1/agents", get(agents))
         .route("/v1/cluster", get(cluster))
+        .route("/v1/mcp", get(mcp))
         .route("/v1/sessions", post(create_session).get(list_sessions))
         .route("/v1/sessions/{id}", get(get_session).delete(close_session))
         .route(
@@ -55,7 +56,8 @@ struct AgentView<'a> {
     name: &'a str,
     description: &'a str,
     model: &'a str,
-    tools: &'a [String],
+    /// Built-ins, then the MCP tools the agent's entries match now.
+    tools: Vec<String>,
     skills: &'a [String],
     subagents: &'a [String],
 }
@@ -69,7 +71,7 @@ async fn agents(State(st): State<AppState>, Caller(_): Caller) -> Json<Value> {
             name: &a.name,
             description: &a.description,
             model: &a.model,
-            tools: &a.tools,
+            tools: st.app.tools().agent_tools(a),
             skills: &a.skills,
             subagents: &a.subagents,
         })
@@ -83,6 +85,14 @@ async fn cluster(
     Caller(p): Caller,
 ) -> ApiResult<Json<Vec<agentd_core::domain::NodeInfo>>> {
     Ok(Json(st.app.cluster(&p).await?))
+}
+
+/// Each MCP server's state, last error, tools and call counts (SPEC.md section 7; admin).
+async fn mcp(
+    State(st): State<AppState>,
+    Caller(p): Caller,
+) -> ApiResult<Json<Vec<agentd_core::registry::McpServerStatus>>> {
+    Ok(Json(st.app.mcp_servers(&p)?))
 }
 
 #[derive(Deserialize)]
