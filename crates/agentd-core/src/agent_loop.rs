@@ -87,6 +87,8 @@ pub struct Resumed {
     pub pending_calls: Vec<ToolCall>,
     /// Results of pending calls that are in the log (`tool_finished`): those calls are not made again.
     pub logged_results: HashMap<String, ToolOutput>,
+    /// Pending calls that were waiting for approval (they never ran): they wait again, under the same request.
+    pub awaiting_approval: Vec<String>,
 }
 
 /// The result a tool call that was in flight when its process died gets, when the tool is not safe to repeat.
@@ -298,6 +300,7 @@ impl<'a> Turn<'a> {
                 self.settle_interrupted_calls(
                     &r.pending_calls,
                     &mut logged,
+                    &r.awaiting_approval,
                     &tools,
                     step,
                     &mut prompt,
@@ -559,11 +562,16 @@ impl<'a> Turn<'a> {
         &mut self,
         calls: &[ToolCall],
         logged: &mut HashMap<String, ToolOutput>,
+        awaiting_approval: &[String],
         tools: &TurnTools,
         step: u32,
         prompt: &mut Vec<ModelMessage>,
     ) -> Result<(), Stop> {
-        let retry = |c: &&ToolCall| self.env.tools.safe_to_repeat(&self.spec.agent, &c.name);
+        // A call that was still waiting for its approval never ran: it asks again (under the same request).
+        let retry = |c: &&ToolCall| {
+            awaiting_approval.contains(&c.id)
+                || self.env.tools.safe_to_repeat(&self.spec.agent, &c.name)
+        };
         let mut outputs = std::mem::take(logged);
         let again: Vec<ToolCall> = calls
             .iter()
@@ -712,9 +720,20 @@ impl<'a> Turn<'a> {
                 ToolOutput::err(format!("arguments are not valid JSON: {}", call.arguments))
             } else {
                 match tools.get(&call.name) {
-                    Some(TurnTool::Tool(tool)) => tool.call(args, ctx).await,
-                    Some(TurnTool::Subagent) => self.run_subagent(&call.name, args).await,
                     None => ToolOutput::err(format!("unknown tool `{}`", call.name)),
+                    Some(tool) => {
+                        let decision = if ToolRegistry::needs_approval(&self.spec.agent, &call.name)
+                        {
+                            Some(ctx.human.approve(&call.id, &call.name, args).await)
+                        } else {
+                            None
+                        };
+                        match (decision, tool) {
+                            (Some(d), _) if !d.allow => ToolOutput::err(d.denied_result()),
+                            (_, TurnTool::Tool(tool)) => tool.call(args, ctx).await,
+                            (_, TurnTool::Subagent) => self.run_subagent(&call.name, args).await,
+                        }
+                    }
                 }
             };
             // Before the model, the log or any client sees it (SPEC.md section 4).

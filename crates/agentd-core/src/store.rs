@@ -280,11 +280,14 @@ pub enum NodeCommand {
     Cancel { session_id: String, run_id: String },
     /// Start the queued run (another node accepted it; this node holds the session's turn).
     Start { session_id: String, run_id: String },
-    /// Answer the run's pending `ask_human`; the receiver answers `Replied` to node `from`.
+    /// Answer the run's pending `ask_human` or approval (with `decision`, an approval's); the receiver answers
+    /// `Replied` to node `from`.
     Reply {
         session_id: String,
         request_id: String,
         content: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        decision: Option<crate::tools::Decision>,
         from: String,
         ticket: String,
     },

@@ -690,3 +690,255 @@ async fn slow_and_broken_servers_with_the_real_binary() {
     );
     assert!(log.contains("stderr lines not logged"), "{log}");
 }
+
+/// An agent whose MCP tool calls need approval (`approve = ["m__*"]`), on the misbehaving server's `ok`.
+fn approving(more_server: &str) -> Options {
+    let mut opts = with_tools(
+        &stdio_server("m", &[&misbehave_js()], ""),
+        &["m__ok", "calculator"],
+    );
+    opts.extra.push_str("approve = [\"m__*\"]\n");
+    opts.server_extra = more_server.to_string();
+    opts
+}
+
+async fn next_of(ws: &mut common::Ws, ty: &str) -> Value {
+    ws.until(|f| f["type"] == ty).await.pop().unwrap()
+}
+
+/// Approvals (SPEC.md section 7): the call waits (`approval_requested`, run `waiting_input`, the pending
+/// gauge) until another client allows it over the native WebSocket; a second answer is 409; a denial over
+/// REST reaches the model as a failed result with the reason and the server never sees the call; agentkit's
+/// `reply` of `yes` to its `ask_human` frame approves; calls not matching `approve` run at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approvals_over_the_websocket_rest_and_agentkit() {
+    let server = Server::start_with(approving("")).await;
+    let c = server.client();
+    ready(&c, "m").await;
+    let session = mcp_session(&c).await;
+    let mut ws = c.ws(&session, "").await;
+    ws.next().await;
+
+    // Allowed from a second client's WebSocket.
+    server
+        .upstream
+        .push(Reply::tool_call("a1", "m__ok", r#"{"text": "approved!"}"#));
+    ws.send(json!({"type": "message", "content": "go"})).await;
+    let asked = next_of(&mut ws, "approval_requested").await;
+    assert_eq!(asked["call_id"], "a1", "{asked}");
+    assert_eq!(asked["tool"], "m__ok");
+    assert_eq!(asked["args"], json!({"text": "approved!"}));
+    let request_id = asked["request_id"].as_str().unwrap().to_string();
+    let run = asked["run_id"].as_str().unwrap().to_string();
+    let (_, r) = c.get(&format!("/v1/sessions/{session}/runs/{run}")).await;
+    assert_eq!(r["status"], "waiting_input", "{r}");
+    let (_, metrics) = c.get("/metrics").await;
+    assert!(
+        metrics
+            .as_str()
+            .unwrap()
+            .contains(r#"agentd_pending_inputs{kind="approval"} 1"#),
+        "{metrics}"
+    );
+    assert_eq!(server_status(&c, "m").await["calls"]["total"], 0);
+    let mut other = c.ws(&session, "").await;
+    other.next().await;
+    other
+        .send(json!({"type": "approval", "request_id": request_id, "decision": "allow"}))
+        .await;
+    let frames = ws.until_finished().await;
+    let resolved = frames
+        .iter()
+        .find(|f| f["type"] == "approval_resolved")
+        .unwrap();
+    assert_eq!(resolved["request_id"], request_id.as_str());
+    assert_eq!(resolved["decision"], "allow");
+    assert!(resolved["reason"].is_null(), "{resolved}");
+    let done = finished_call(&frames, "a1");
+    assert_eq!(done["success"], true, "{done}");
+    assert_eq!(done["result"], "approved!");
+    assert_eq!(frames.last().unwrap()["run"]["status"], "completed");
+    // Once: a second answer is a conflict; an unknown request is 404.
+    let path = format!("/v1/sessions/{session}/runs/{run}/approvals/{request_id}");
+    let (status, body) = c.post(&path, json!({"decision": "deny"})).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "conflict");
+    let (status, _) = c
+        .post(
+            &format!("/v1/sessions/{session}/runs/{run}/approvals/nope"),
+            json!({"decision": "allow"}),
+        )
+        .await;
+    assert_eq!(status, 404);
+    let (status, body) = c.post(&path, json!({"decision": "maybe"})).await;
+    assert!(status == 400 || status == 422, "{status} {body}");
+
+    // Denied over REST, with a reason: the call never reaches the server; the model reads why.
+    server
+        .upstream
+        .push(Reply::tool_call("a2", "m__ok", r#"{"text": "never"}"#));
+    let run = c.send_bg(&session, "again").await;
+    let asked = next_of(&mut ws, "approval_requested").await;
+    let request_id = asked["request_id"].as_str().unwrap();
+    let (status, body) = c
+        .post(
+            &format!("/v1/sessions/{session}/runs/{run}/approvals/{request_id}"),
+            json!({"decision": "deny", "reason": "not today"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let frames = ws.until_finished().await;
+    let resolved = frames
+        .iter()
+        .find(|f| f["type"] == "approval_resolved")
+        .unwrap();
+    assert_eq!(resolved["decision"], "deny");
+    assert_eq!(resolved["reason"], "not today");
+    let done = finished_call(&frames, "a2");
+    assert_eq!(done["success"], false, "{done}");
+    let result = done["result"].as_str().unwrap();
+    assert!(
+        result.contains("denied") && result.contains("not today"),
+        "{result}"
+    );
+    assert_eq!(server_status(&c, "m").await["calls"]["total"], 1);
+    let sent = server.upstream.last_request().unwrap();
+    assert!(
+        sent.to_string().contains("not today"),
+        "the model did not read the denial"
+    );
+
+    // agentkit: the approval is its `ask_human` frame; a reply of `yes` approves.
+    let kit = server.url.replacen("http://", "ws://", 1);
+    let (socket, _) = tokio_tungstenite::connect_async(format!("{kit}/chat/ws/{session}"))
+        .await
+        .unwrap();
+    let mut kit = common::Ws { socket };
+    server.upstream.push(Reply::tool_call(
+        "a3",
+        "m__ok",
+        r#"{"text": "via agentkit"}"#,
+    ));
+    c.send_bg(&session, "third").await;
+    let asked = next_of(&mut kit, "ask_human").await;
+    let question = asked["question"].as_str().unwrap();
+    assert!(
+        question.contains("m__ok") && question.contains("via agentkit"),
+        "{question}"
+    );
+    kit.send(json!({"type": "reply", "request_id": asked["request_id"], "content": "yes"}))
+        .await;
+    let frames = ws.until_finished().await;
+    assert_eq!(finished_call(&frames, "a3")["result"], "via agentkit");
+    assert_eq!(
+        frames
+            .iter()
+            .find(|f| f["type"] == "approval_resolved")
+            .unwrap()["decision"],
+        "allow"
+    );
+
+    // A tool the agent does not list under `approve` runs without asking.
+    server.upstream.push(Reply::tool_call(
+        "a4",
+        "calculator",
+        r#"{"expression": "6*7"}"#,
+    ));
+    ws.send(json!({"type": "message", "content": "sum"})).await;
+    let frames = ws.until_finished().await;
+    assert!(!frames.iter().any(|f| f["type"] == "approval_requested"));
+    assert_eq!(finished_call(&frames, "a4")["result"], "42");
+}
+
+/// With the real binary: an approval pending when the process is killed keeps waiting after the restart under
+/// its request id (and the call runs once allowed); an approval nobody answers is denied after
+/// `server.ask_human_timeout_s`, and the model reads that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_survives_a_restart_and_times_out_as_a_denial() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = agentd_testkit::MockUpstream::start().await;
+    let extra = format!(
+        "{}\n[[agents]]\nname = \"mcp\"\nprovider = \"upstream\"\nmodel = \"mock-model\"\ntools = [\"m__ok\"]\napprove = [\"m__ok\"]\n\n[cluster]\nnode_id = \"the-node\"\n",
+        stdio_server("m", &[&misbehave_js()], ""),
+    );
+    let text = common::config_text(&upstream.base_url(), dir.path(), 30, &extra)
+        .replace("ask_human_timeout_s = 30", "ask_human_timeout_s = 3");
+    let config = dir.path().join("agentd.toml");
+    std::fs::write(&config, text).unwrap();
+    let mut p = common::spawn_agentd(&config).await;
+    let c = p.client();
+    ready(&c, "m").await;
+    let session = mcp_session(&c).await;
+    upstream.push(Reply::tool_call(
+        "k1",
+        "m__ok",
+        r#"{"text": "after the restart"}"#,
+    ));
+    let run = c.send_bg(&session, "go").await;
+    let mut ws = c.ws(&session, "after=0").await;
+    ws.next().await;
+    let asked = next_of(&mut ws, "approval_requested").await;
+    let request_id = asked["request_id"].as_str().unwrap().to_string();
+    p.kill_9();
+
+    let mut p2 = common::spawn_agentd(&config).await;
+    let c2 = p2.client();
+    let mut ws = c2.ws(&session, "after=0").await;
+    ws.next().await;
+    next_of(&mut ws, "run_resumed").await;
+    let (_, r) = c2.get(&format!("/v1/sessions/{session}/runs/{run}")).await;
+    assert_eq!(r["status"], "waiting_input", "{r}");
+    ready(&c2, "m").await;
+    let (status, body) = c2
+        .post(
+            &format!("/v1/sessions/{session}/runs/{run}/approvals/{request_id}"),
+            json!({"decision": "allow"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let frames = ws.until_finished().await;
+    let done = finished_call(&frames, "k1");
+    assert_eq!(done["result"], "after the restart", "{done}");
+    assert_eq!(frames.last().unwrap()["run"]["status"], "completed");
+    // Asked once (before the kill), answered once.
+    let all = events(&c2, &session, 1).await;
+    assert_eq!(
+        all.iter()
+            .filter(|e| e["type"] == "approval_requested")
+            .count(),
+        1
+    );
+
+    // Nobody answers: denied after ask_human_timeout_s (3 s).
+    upstream.push(Reply::tool_call("k2", "m__ok", r#"{"text": "too late"}"#));
+    let started = Instant::now();
+    let (status, v) = c2.send(&session, "again").await;
+    assert_eq!(status, 200, "{v}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    let all = events(&c2, &session, 2).await;
+    let resolved = all
+        .iter()
+        .rev()
+        .find(|e| e["type"] == "approval_resolved")
+        .unwrap();
+    assert_eq!(resolved["decision"], "deny");
+    assert!(
+        resolved["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no decision within 3 s"),
+        "{resolved}"
+    );
+    let done = finished_call(&all, "k2");
+    assert_eq!(done["success"], false);
+    assert!(
+        done["result"].as_str().unwrap().contains("denied"),
+        "{done}"
+    );
+    assert_eq!(server_status(&c2, "m").await["calls"]["total"], 1);
+    p2.kill_9();
+}

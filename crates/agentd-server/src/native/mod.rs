@@ -43,6 +43,10 @@ pub fn router() -> Router<AppState> {
         .route("/v1/sessions/{id}/runs/{run_id}/cancel", post(cancel_run))
         .route("/v1/sessions/{id}/runs/{run_id}/input", post(input))
         .route(
+            "/v1/sessions/{id}/runs/{run_id}/approvals/{request_id}",
+            post(approval),
+        )
+        .route(
             "/v1/sessions/{id}/files",
             post(upload).layer(DefaultBodyLimit::disable()),
         )
@@ -273,6 +277,38 @@ async fn input(
     st.app.run(&p, &id, &run_id).await?;
     st.app
         .reply(&p, &id, &body.request_id, body.content)
+        .await?;
+    Ok(Json(st.app.run(&p, &id, &run_id).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum DecisionWord {
+    Allow,
+    Deny,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApprovalBody {
+    decision: DecisionWord,
+    reason: Option<String>,
+}
+
+/// Decides a pending approval (SPEC.md section 7): 200 with the run; a second answer 409.
+async fn approval(
+    State(st): State<AppState>,
+    Caller(p): Caller,
+    Path((id, run_id, request_id)): Path<(String, String, String)>,
+    body: Result<Json<ApprovalBody>, JsonRejection>,
+) -> ApiResult<Json<Run>> {
+    let Json(body) = body?;
+    let decision = agentd_core::tools::Decision {
+        allow: matches!(body.decision, DecisionWord::Allow),
+        reason: body.reason,
+    };
+    st.app
+        .decide(&p, &id, Some(&run_id), &request_id, decision)
         .await?;
     Ok(Json(st.app.run(&p, &id, &run_id).await?))
 }
