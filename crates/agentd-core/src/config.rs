@@ -7,14 +7,8 @@ use std::fmt;
 use serde::Deserialize;
 use toml::Spanned;
 
-/// The names of the built-in tools an agent may list.
-pub const BUILTIN_TOOLS: &[&str] = &[
-    "calculator",
-    "current_time",
-    "ask_human",
-    "read_file",
-    "list_files",
-];
+use crate::registry::{self, MCP_SEPARATOR};
+use crate::tools::BUILTIN_TOOLS;
 
 /// The smallest `server.max_tool_result_bytes`: room for a useful head of a result and the note after it.
 pub const MIN_TOOL_RESULT_BYTES: usize = 1024;
@@ -101,6 +95,23 @@ struct RawConfig {
     agents: Vec<Spanned<RawAgent>>,
     #[serde(default)]
     skills: Vec<Spanned<RawSkill>>,
+    #[serde(default)]
+    mcp_servers: BTreeMap<String, Spanned<RawMcpServer>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMcpServer {
+    command: Option<Spanned<String>>,
+    #[serde(default)]
+    args: Vec<Spanned<String>>,
+    #[serde(default)]
+    env: BTreeMap<String, Spanned<String>>,
+    url: Option<Spanned<String>>,
+    #[serde(default)]
+    headers: BTreeMap<String, Spanned<String>>,
+    timeout_s: Option<Spanned<u64>>,
+    startup_timeout_s: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -193,6 +204,8 @@ struct RawAgent {
     subagents: Vec<Spanned<String>>,
     #[serde(default)]
     retry_tools: Vec<String>,
+    #[serde(default)]
+    approve: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -226,6 +239,63 @@ pub struct Config {
     pub providers: BTreeMap<String, ProviderSettings>,
     pub agents: Vec<AgentSettings>,
     pub skills: Vec<SkillSettings>,
+    /// `[mcp_servers.NAME]` (SPEC.md section 7), by name.
+    pub mcp_servers: Vec<McpServerSettings>,
+}
+
+/// One MCP server: how to reach it and how long to wait for it. `${VAR}` references are already expanded.
+#[derive(Clone, PartialEq)]
+pub struct McpServerSettings {
+    pub name: String,
+    pub transport: McpTransport,
+    /// One call; then it is cancelled (`notifications/cancelled`) and fails.
+    pub timeout_s: u64,
+    /// Start-up (spawn or connect, `initialize`, the first `tools/list`).
+    pub startup_timeout_s: u64,
+}
+
+#[derive(Clone, PartialEq)]
+pub enum McpTransport {
+    /// A child process speaking over its stdin and stdout.
+    Stdio {
+        command: String,
+        args: Vec<String>,
+        env: BTreeMap<String, String>,
+    },
+    /// Streamable HTTP.
+    Http {
+        url: String,
+        headers: BTreeMap<String, String>,
+    },
+}
+
+impl McpTransport {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            McpTransport::Stdio { .. } => "stdio",
+            McpTransport::Http { .. } => "http",
+        }
+    }
+}
+
+impl fmt::Debug for McpServerSettings {
+    // Environment values and headers may hold secrets: only their names reach logs.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("McpServerSettings");
+        d.field("name", &self.name);
+        match &self.transport {
+            McpTransport::Stdio { command, args, env } => d
+                .field("command", command)
+                .field("args", args)
+                .field("env", &env.keys().collect::<Vec<_>>()),
+            McpTransport::Http { url, headers } => d
+                .field("url", url)
+                .field("headers", &headers.keys().collect::<Vec<_>>()),
+        };
+        d.field("timeout_s", &self.timeout_s)
+            .field("startup_timeout_s", &self.startup_timeout_s)
+            .finish()
+    }
 }
 
 /// `[cluster]`: this node's name and the lease on the runs it executes.
@@ -413,8 +483,10 @@ pub struct AgentSettings {
     pub skills: Vec<String>,
     pub subagents: Vec<String>,
     /// Tools besides the built-in read-only ones that a resumed run may call again when their call was in
-    /// flight (their effect is safe to repeat).
+    /// flight (their effect is safe to repeat). Globs.
     pub retry_tools: Vec<String>,
+    /// Calls of tools matching these globs wait for a person's approval first (SPEC.md section 7).
+    pub approve: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -447,6 +519,10 @@ impl Config {
 
     pub fn skill(&self, name: &str) -> Option<&SkillSettings> {
         self.skills.iter().find(|s| s.name == name)
+    }
+
+    pub fn mcp_server(&self, name: &str) -> Option<&McpServerSettings> {
+        self.mcp_servers.iter().find(|s| s.name == name)
     }
 
     /// Like [`Config::parse`], reading `*_env` keys through `env` (tests pass their own). An unset variable is
@@ -962,6 +1038,9 @@ impl Validator<'_> {
             providers.insert(name.clone(), settings);
         }
 
+        let mcp_servers = self.mcp_servers(&raw.mcp_servers, env);
+        let servers: Vec<&str> = raw.mcp_servers.keys().map(String::as_str).collect();
+
         // Skills first: agents refer to them.
         let mut skills: Vec<SkillSettings> = Vec::new();
         for (i, sk) in raw.skills.iter().enumerate() {
@@ -976,7 +1055,7 @@ impl Validator<'_> {
                 );
             }
             if let Some(tools) = &r.tools {
-                self.check_tools(&format!("{key}.tools"), tools, &[]);
+                self.check_tools(&format!("{key}.tools"), tools, &servers);
             }
             if let Some(p) = &r.provider {
                 if !raw.providers.contains_key(p.get_ref()) {
@@ -1018,6 +1097,15 @@ impl Validator<'_> {
                     format!("`{name}` cannot be an agent name"),
                 );
             }
+            if let Some(server) = registry::mcp_server_of(&name).filter(|s| servers.contains(s)) {
+                self.problem(
+                    format!("{key}.name"),
+                    Some(&r.name),
+                    format!(
+                        "`{name}` clashes with the tools of MCP server `{server}` (SERVER__TOOL)"
+                    ),
+                );
+            }
             if agents.iter().any(|x| x.name == name) {
                 self.problem(
                     format!("{key}.name"),
@@ -1043,7 +1131,20 @@ impl Validator<'_> {
                     None
                 }
             };
-            self.check_tools(&format!("{key}.tools"), &r.tools, &[]);
+            self.check_tools(&format!("{key}.tools"), &r.tools, &servers);
+            for (j, p) in r.approve.iter().enumerate() {
+                if p.get_ref().trim().is_empty() {
+                    self.problem(format!("{key}.approve[{j}]"), Some(p), "must not be empty");
+                } else if let Some(server) =
+                    registry::mcp_server_of(p.get_ref()).filter(|s| !servers.contains(s))
+                {
+                    self.problem(
+                        format!("{key}.approve[{j}]"),
+                        Some(p),
+                        format!("unknown MCP server `{server}`"),
+                    );
+                }
+            }
             for (j, s) in r.skills.iter().enumerate() {
                 if !skills.iter().any(|k| &k.name == s.get_ref()) {
                     self.problem(
@@ -1103,6 +1204,7 @@ impl Validator<'_> {
                 skills: r.skills.iter().map(|s| s.get_ref().clone()).collect(),
                 subagents: r.subagents.iter().map(|s| s.get_ref().clone()).collect(),
                 retry_tools: r.retry_tools.clone(),
+                approve: r.approve.iter().map(|p| p.get_ref().clone()).collect(),
             });
         }
         if agents.is_empty() && self.problems.is_empty() {
@@ -1117,22 +1219,155 @@ impl Validator<'_> {
             providers,
             agents,
             skills,
+            mcp_servers,
         }
     }
 
-    fn check_tools(&mut self, key: &str, tools: &[Spanned<String>], _extra: &[&str]) {
+    /// `[mcp_servers.NAME]`: a name usable as a tool prefix, exactly one of `command` or `url`, `${VAR}`
+    /// references expanded (an unset one is a problem of the environment, like `key_env`).
+    fn mcp_servers(
+        &mut self,
+        raw: &BTreeMap<String, Spanned<RawMcpServer>>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Vec<McpServerSettings> {
+        let mut out = Vec::new();
+        for (name, r) in raw {
+            let key = format!("mcp_servers.{name}");
+            let s = r.get_ref();
+            let valid_chars = name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            if name.is_empty() || !valid_chars || name.contains(MCP_SEPARATOR) || name.len() > 32 {
+                self.problem(
+                    key.clone(),
+                    Some(r),
+                    "a server's name is 1 to 32 of A-Z a-z 0-9 _ - without `__` (its tools are SERVER__TOOL)",
+                );
+            }
+            let expand = |v: &mut Self, field: String, value: &Spanned<String>| {
+                v.expand_env(field, value, env)
+            };
+            let transport = match (&s.command, &s.url) {
+                (Some(command), None) => {
+                    if !s.headers.is_empty() {
+                        self.problem(
+                            format!("{key}.headers"),
+                            Some(r),
+                            "only for `url` (HTTP) servers",
+                        );
+                    }
+                    let command = expand(self, format!("{key}.command"), command);
+                    let args = s
+                        .args
+                        .iter()
+                        .enumerate()
+                        .map(|(i, a)| expand(self, format!("{key}.args[{i}]"), a))
+                        .collect();
+                    let env = s
+                        .env
+                        .iter()
+                        .map(|(k, v)| (k.clone(), expand(self, format!("{key}.env.{k}"), v)))
+                        .collect();
+                    McpTransport::Stdio { command, args, env }
+                }
+                (None, Some(url)) => {
+                    if !s.args.is_empty() || !s.env.is_empty() {
+                        self.problem(
+                            format!("{key}.{}", if s.args.is_empty() { "env" } else { "args" }),
+                            Some(r),
+                            "only for `command` (stdio) servers",
+                        );
+                    }
+                    let expanded = expand(self, format!("{key}.url"), url);
+                    if !(expanded.starts_with("http://") || expanded.starts_with("https://")) {
+                        self.problem(
+                            format!("{key}.url"),
+                            Some(url),
+                            "must be an http:// or https:// URL",
+                        );
+                    }
+                    let headers = s
+                        .headers
+                        .iter()
+                        .map(|(k, v)| (k.clone(), expand(self, format!("{key}.headers.{k}"), v)))
+                        .collect();
+                    McpTransport::Http {
+                        url: expanded,
+                        headers,
+                    }
+                }
+                _ => {
+                    self.problem(
+                        key.clone(),
+                        Some(r),
+                        "give exactly one of `command` (stdio) or `url` (streamable HTTP)",
+                    );
+                    continue;
+                }
+            };
+            let mut seconds = |field: &str, v: &Option<Spanned<u64>>, default: u64| match v {
+                None => default,
+                Some(t) if (1..=86_400).contains(t.get_ref()) => *t.get_ref(),
+                Some(t) => {
+                    self.problem(
+                        format!("{key}.{field}"),
+                        Some(t),
+                        "must be 1..=86400 seconds",
+                    );
+                    default
+                }
+            };
+            let timeout_s = seconds("timeout_s", &s.timeout_s, 60);
+            let startup_timeout_s = seconds("startup_timeout_s", &s.startup_timeout_s, 30);
+            out.push(McpServerSettings {
+                name: name.clone(),
+                transport,
+                timeout_s,
+                startup_timeout_s,
+            });
+        }
+        out
+    }
+
+    /// A value with its `${VAR}` references replaced; an unset variable is an environment problem (and
+    /// expands to nothing).
+    fn expand_env(
+        &mut self,
+        key: String,
+        value: &Spanned<String>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> String {
+        let mut out = String::new();
+        let mut rest = value.get_ref().as_str();
+        while let Some(start) = rest.find("${") {
+            out.push_str(&rest[..start]);
+            let after = &rest[start + 2..];
+            let Some(end) = after.find('}') else {
+                self.problem(key.clone(), Some(value), "`${` without its closing `}`");
+                out.push_str(&rest[start..]);
+                return out;
+            };
+            let var = &after[..end];
+            match env(var) {
+                Some(v) => out.push_str(&v),
+                None => self.environment.push(ConfigProblem {
+                    key: key.clone(),
+                    line: Some(self.lines.line(value.span().start)),
+                    message: format!("environment variable `{var}` is not set"),
+                }),
+            }
+            rest = &after[end + 1..];
+        }
+        out.push_str(rest);
+        out
+    }
+
+    fn check_tools(&mut self, key: &str, tools: &[Spanned<String>], servers: &[&str]) {
         let mut seen = HashSet::new();
         for (j, t) in tools.iter().enumerate() {
             let name = t.get_ref();
-            if !BUILTIN_TOOLS.contains(&name.as_str()) {
-                self.problem(
-                    format!("{key}[{j}]"),
-                    Some(t),
-                    format!(
-                        "unknown tool `{name}` (built-in: {}; subagents go in `subagents`)",
-                        BUILTIN_TOOLS.join(", ")
-                    ),
-                );
+            if let Err(message) = registry::check_tool_name(name, servers) {
+                self.problem(format!("{key}[{j}]"), Some(t), message);
             }
             if !seen.insert(name.clone()) {
                 self.problem(
@@ -1621,5 +1856,146 @@ keywords = ["Calculate"]
             assert_eq!(e.problems[0].key, "store.max_connections", "{e}");
             assert!(e.problems[0].line.is_some(), "{e}");
         }
+    }
+
+    const MCP: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+
+[providers.upstream]
+kind = "openai"
+base_url = "http://127.0.0.1:9000/v1"
+
+[mcp_servers.files]
+command = "npx"
+args = ["-y", "server-filesystem", "${DATA_DIR}/shared"]
+env = { LOG_LEVEL = "warn", TOKEN = "${FILES_TOKEN}" }
+timeout_s = 5
+
+[mcp_servers.web]
+url = "http://127.0.0.1:3001/mcp"
+headers = { Authorization = "Bearer ${WEB_TOKEN}" }
+
+[[agents]]
+name = "assistant"
+provider = "upstream"
+model = "m"
+tools = ["calculator", "files__read_text_file", "web__*"]
+approve = ["files__write_*"]
+retry_tools = ["web__search"]
+"#;
+
+    fn mcp_env(k: &str) -> Option<String> {
+        match k {
+            "DATA_DIR" => Some("/srv".into()),
+            "FILES_TOKEN" => Some("t1".into()),
+            "WEB_TOKEN" => Some("t2".into()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn mcp_servers_parse_with_their_variables_expanded() {
+        let c = Config::parse_with_env(MCP, "t.toml", &mcp_env).unwrap();
+        let files = c.mcp_server("files").unwrap();
+        assert_eq!(files.timeout_s, 5);
+        assert_eq!(files.startup_timeout_s, 30);
+        match &files.transport {
+            McpTransport::Stdio { command, args, env } => {
+                assert_eq!(command, "npx");
+                assert_eq!(args[2], "/srv/shared");
+                assert_eq!(env["TOKEN"], "t1");
+            }
+            other => panic!("{other:?}", other = other.kind()),
+        }
+        let web = c.mcp_server("web").unwrap();
+        assert!(
+            matches!(&web.transport, McpTransport::Http { headers, .. } if headers["Authorization"] == "Bearer t2")
+        );
+        assert_eq!(web.timeout_s, 60);
+        // Secrets never reach Debug output.
+        let debug = format!("{files:?} {web:?}");
+        assert!(!debug.contains("t1") && !debug.contains("t2"), "{debug}");
+        assert_eq!(c.agents[0].approve, vec!["files__write_*"]);
+        assert_eq!(c.agents[0].retry_tools, vec!["web__search"]);
+    }
+
+    #[test]
+    fn an_unset_variable_is_named_with_its_key_and_line() {
+        let e = Config::parse_with_env(MCP, "t.toml", &no_env).unwrap_err();
+        let keys: Vec<(&str, Option<usize>)> = e
+            .problems
+            .iter()
+            .map(|p| (p.key.as_str(), p.line))
+            .collect();
+        assert!(
+            keys.contains(&("mcp_servers.files.args[2]", Some(11))),
+            "{e}"
+        );
+        assert!(
+            keys.contains(&("mcp_servers.files.env.TOKEN", Some(12))),
+            "{e}"
+        );
+        assert!(
+            keys.contains(&("mcp_servers.web.headers.Authorization", Some(17))),
+            "{e}"
+        );
+        assert!(e.to_string().contains("`FILES_TOKEN` is not set"), "{e}");
+        // check-config: the file is right, the environment is only a warning.
+        let checked = Config::check_with_env(MCP, "t.toml", &no_env).unwrap();
+        assert_eq!(checked.environment.len(), 3, "{:?}", checked.environment);
+    }
+
+    #[test]
+    fn mcp_problems_name_key_and_line() {
+        let with = |from: &str, to: &str| {
+            let text = MCP.replacen(from, to, 1);
+            only_problem_with(&text)
+        };
+        let (key, line, msg) = with("\"web__*\"", "\"other__*\"");
+        assert_eq!((key.as_str(), line), ("agents[0].tools[2]", Some(23)));
+        assert!(msg.contains("unknown MCP server `other`"), "{msg}");
+        let (key, line, msg) = with("files__write_*", "nope__write_*");
+        assert_eq!((key.as_str(), line), ("agents[0].approve[0]", Some(24)));
+        assert!(msg.contains("`nope`"), "{msg}");
+        let (key, _, msg) = with(
+            "url = \"http://127.0.0.1:3001/mcp\"",
+            "command = \"x\"\nurl = \"http://a\"",
+        );
+        assert_eq!(key, "mcp_servers.web");
+        assert!(msg.contains("exactly one of"), "{msg}");
+        let (key, line, _) = with("timeout_s = 5", "timeout_s = 0");
+        assert_eq!(
+            (key.as_str(), line),
+            ("mcp_servers.files.timeout_s", Some(13))
+        );
+        let text = MCP.replacen("[mcp_servers.web]", "[mcp_servers.\"a__b\"]", 1);
+        let e = Config::parse_with_env(&text, "t.toml", &mcp_env).unwrap_err();
+        let p = e
+            .problems
+            .iter()
+            .find(|p| p.key == "mcp_servers.a__b")
+            .expect("name problem");
+        assert!(p.message.contains("without `__`"), "{e}");
+        assert_eq!(p.line, Some(15), "{e}");
+        let (key, _, _) = with("url = \"http://127.0.0.1:3001/mcp\"", "url = \"ftp://x\"");
+        assert_eq!(key, "mcp_servers.web.url");
+        // An agent named like a server's tool clashes with it.
+        let text = format!(
+            "{MCP}\n[[agents]]\nname = \"files__read_text_file\"\nprovider = \"upstream\"\nmodel = \"m\"\n"
+        );
+        let (key, line, msg) = only_problem_with(&text);
+        assert_eq!((key.as_str(), line), ("agents[1].name", Some(28)));
+        assert!(msg.contains("clashes"), "{msg}");
+        // An unknown key of a server is named.
+        let (key, _, _) = with("timeout_s = 5", "timeout = 5");
+        assert_eq!(key, "mcp_servers.files.timeout");
+    }
+
+    fn only_problem_with(text: &str) -> (String, Option<usize>, String) {
+        let e = Config::parse_with_env(text, "t.toml", &mcp_env).unwrap_err();
+        assert_eq!(e.problems.len(), 1, "{e}");
+        let p = &e.problems[0];
+        (p.key.clone(), p.line, p.message.clone())
     }
 }

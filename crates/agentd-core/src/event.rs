@@ -68,6 +68,19 @@ pub enum EventKind {
     InputReceived {
         request_id: String,
     },
+    /// A call of a tool matching the agent's `approve` list waits for a decision (SPEC.md section 7).
+    ApprovalRequested {
+        request_id: String,
+        call_id: String,
+        tool: String,
+        args: Value,
+    },
+    /// `decision` is `allow` or `deny` (a request unanswered in time is denied, with a reason saying so).
+    ApprovalResolved {
+        request_id: String,
+        decision: String,
+        reason: Option<String>,
+    },
     ContextCompressed {
         messages_before: usize,
         messages_after: usize,
@@ -97,6 +110,8 @@ impl EventKind {
             EventKind::ToolFinished { .. } => "tool_finished",
             EventKind::InputRequested { .. } => "input_requested",
             EventKind::InputReceived { .. } => "input_received",
+            EventKind::ApprovalRequested { .. } => "approval_requested",
+            EventKind::ApprovalResolved { .. } => "approval_resolved",
             EventKind::ContextCompressed { .. } => "context_compressed",
             EventKind::RunFinished { .. } => "run_finished",
         }

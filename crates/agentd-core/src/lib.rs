@@ -6,6 +6,7 @@
 //! - [`runs`]: the run manager; each turn is a server-owned task, queued per session, cancellable.
 //! - [`remote`]: run control across nodes: cancels, replies and `multitask` for runs other nodes execute.
 //! - [`agent_loop`]: one turn's ReAct loop: model call, tools, results, until an answer.
+//! - [`registry`]: the one tool registry (built-ins, subagents, MCP tools) and the MCP seam (`ExternalTools`).
 //! - [`tools`]: built-in tools; [`think`]: `<think>` splitting of streamed text.
 //! - [`uploads`]: files kept in a session's workspace (client uploads, tool results too long to show whole).
 //! - [`event_log`]: append with group commit, then fan-out to subscribers; replay from the store.
@@ -28,6 +29,7 @@ pub mod limits;
 pub mod memory;
 pub mod metrics;
 pub mod provider;
+pub mod registry;
 pub mod remote;
 pub mod runs;
 pub mod scripted;

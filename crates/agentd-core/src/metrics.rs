@@ -56,6 +56,15 @@ pub struct Metrics {
     tool_duration: HistogramVec,
     /// `agentd_pending_inputs{kind="question"}`: `ask_human` questions waiting for a reply.
     pub pending_questions: IntGauge,
+    /// `agentd_pending_inputs{kind="approval"}`: tool calls waiting for a person's approval.
+    pub pending_approvals: IntGauge,
+    /// `agentd_mcp_server_state{server, state}`: 1 for each configured MCP server's current state
+    /// (starting, ready, restarting, failed), 0 for the others.
+    pub mcp_server_state: IntGaugeVec,
+    /// `agentd_mcp_server_restarts_total{server}`.
+    pub mcp_restarts: IntCounterVec,
+    /// `agentd_mcp_tool_calls_total{server, outcome}`: calls to MCP servers (ok, error, timeout, cancelled).
+    pub mcp_calls: IntCounterVec,
     /// `agentd_event_log_events_total`: events committed to the log.
     pub log_events: IntCounter,
     /// `agentd_event_log_batch_events`: events per store call (group commit).
@@ -136,7 +145,7 @@ impl Metrics {
         let runs = FINAL.map(|s| runs_vec.with_label_values(&[status_word(s)]));
         let pending = reg.gauges(
             "agentd_pending_inputs",
-            "Requests waiting for a person, by kind (question: ask_human).",
+            "Requests waiting for a person, by kind (question: ask_human; approval: a tool call to approve).",
             &["kind"],
         );
         let log_commit = reg.histograms(
@@ -228,6 +237,22 @@ impl Metrics {
                 ],
             ),
             pending_questions: pending.with_label_values(&["question"]),
+            pending_approvals: pending.with_label_values(&["approval"]),
+            mcp_server_state: reg.gauges(
+                "agentd_mcp_server_state",
+                "1 for each MCP server's current state (starting, ready, restarting, failed), 0 for the others.",
+                &["server", "state"],
+            ),
+            mcp_restarts: reg.counters(
+                "agentd_mcp_server_restarts_total",
+                "Times an MCP server was started again after it failed, crashed or stopped answering.",
+                &["server"],
+            ),
+            mcp_calls: reg.counters(
+                "agentd_mcp_tool_calls_total",
+                "Tool calls sent to MCP servers, by server and outcome (ok, error, timeout, cancelled).",
+                &["server", "outcome"],
+            ),
             log_events: reg.counter(
                 "agentd_event_log_events_total",
                 "Events committed to the event log.",

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, oneshot};
 
 use crate::domain::{new_id, Run, RunStatus};
-use crate::runs::RunManager;
+use crate::runs::{Answer, RunManager};
 use crate::store::{NodeCommand, Store, StoreResult};
 
 /// How long a reply waits for the executing node's answer.
@@ -177,14 +177,18 @@ impl Remote {
         Ok(runs.iter().any(|r| self.elsewhere(r).is_some()))
     }
 
-    /// Answers a question pending on another node: returns the run it answered, or None when no node
-    /// executing a run of the session waiting for input had that request id pending.
+    /// Answers a question or an approval pending on another node: returns the run it answered, or None when
+    /// no node executing a run of the session waiting for input had that request id pending.
     pub async fn reply(
         &self,
         session_id: &str,
         request_id: &str,
-        content: &str,
+        answer: &Answer,
     ) -> StoreResult<Option<String>> {
+        let (content, decision) = match answer {
+            Answer::Text(t) => (t.clone(), None),
+            Answer::Decision(d) => (String::new(), Some(d.clone())),
+        };
         let runs = self.store.list_runs(session_id).await?;
         let mut nodes: Vec<&str> = runs
             .iter()
@@ -200,7 +204,8 @@ impl Remote {
             let command = NodeCommand::Reply {
                 session_id: session_id.to_string(),
                 request_id: request_id.to_string(),
-                content: content.to_string(),
+                content: content.clone(),
+                decision: decision.clone(),
                 from: self.runs.node_id().to_string(),
                 ticket: ticket.clone(),
             };
@@ -246,10 +251,15 @@ impl Remote {
                 session_id,
                 request_id,
                 content,
+                decision,
                 from,
                 ticket,
             } => {
-                let run_id = self.runs.reply(&session_id, &request_id, content).ok();
+                let answer = match decision {
+                    Some(d) => Answer::Decision(d),
+                    None => Answer::Text(content),
+                };
+                let run_id = self.runs.answer(&session_id, &request_id, answer).ok();
                 let store = self.store.clone();
                 tokio::spawn(async move {
                     let answer = NodeCommand::Replied { ticket, run_id };

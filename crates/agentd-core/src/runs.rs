@@ -29,7 +29,7 @@ use crate::metrics::GaugeGuard;
 use crate::provider::ModelMessage;
 use crate::skills::SkillMatch;
 use crate::store::{LogEntry, Store, StoreError};
-use crate::tools::{HumanInput, ToolOutput};
+use crate::tools::{Decision, HumanInput, ToolOutput};
 
 /// A finished run and its final assistant message.
 pub type RunResult = Option<(Run, Option<Message>)>;
@@ -39,9 +39,26 @@ struct RunHandle {
     done: watch::Receiver<RunResult>,
 }
 
+/// What a pending request waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PendingKind {
+    /// `ask_human`: a text reply.
+    Question,
+    /// A tool call to approve: a decision (a text reply is read as agentkit's yes/no).
+    Approval,
+}
+
+/// An answer to a pending request.
+#[derive(Clone, Debug)]
+pub enum Answer {
+    Text(String),
+    Decision(Decision),
+}
+
 struct PendingInput {
     run_id: String,
-    reply: oneshot::Sender<String>,
+    kind: PendingKind,
+    reply: oneshot::Sender<Answer>,
 }
 
 #[derive(Default)]
@@ -135,6 +152,8 @@ pub struct ResumePlan {
     pub skill: Option<String>,
     /// The question the run was waiting on, unanswered: it keeps waiting under this request id.
     pub open_question: Option<String>,
+    /// Approvals the run was waiting on, unanswered: `(request_id, call_id)`; they keep waiting.
+    pub open_approvals: Vec<(String, String)>,
     pub resumed: Resumed,
 }
 
@@ -201,6 +220,16 @@ impl ResumePlan {
                     plan.open_question = Some(request_id.clone())
                 }
                 EventKind::InputReceived { .. } => plan.open_question = None,
+                EventKind::ApprovalRequested {
+                    request_id,
+                    call_id,
+                    ..
+                } => plan
+                    .open_approvals
+                    .push((request_id.clone(), call_id.clone())),
+                EventKind::ApprovalResolved { request_id, .. } => {
+                    plan.open_approvals.retain(|(r, _)| r != request_id)
+                }
                 _ => {}
             }
         }
@@ -219,6 +248,11 @@ impl ResumePlan {
             .into_iter()
             .filter(|(id, _)| plan.resumed.pending_calls.iter().any(|c| c.id == *id))
             .collect();
+        plan.resumed.awaiting_approval = plan
+            .open_approvals
+            .iter()
+            .map(|(_, call_id)| call_id.clone())
+            .collect();
         plan
     }
 }
@@ -227,6 +261,8 @@ impl ResumePlan {
 pub enum ReplyError {
     #[error("no pending question with request_id `{0}`")]
     UnknownRequest(String),
+    #[error("`{0}` is a question (ask_human), not an approval: answer it with a reply")]
+    NotAnApproval(String),
 }
 
 pub struct RunManager {
@@ -408,22 +444,42 @@ impl RunManager {
         Some(id)
     }
 
-    /// Answers a pending `ask_human`, exactly once.
+    /// Answers a pending `ask_human` (or an approval, the text read as yes/no), exactly once.
     pub fn reply(
         &self,
         session_id: &str,
         request_id: &str,
         content: String,
     ) -> Result<String, ReplyError> {
-        let pending = self
-            .existing(session_id)
-            .and_then(|s| s.state().pending_inputs.remove(request_id))
-            .ok_or_else(|| ReplyError::UnknownRequest(request_id.to_string()))?;
+        self.answer(session_id, request_id, Answer::Text(content))
+    }
+
+    /// Answers a pending request, exactly once: a question takes only text; an approval takes a decision, or
+    /// text read as yes/no ([`Decision::from_reply`]).
+    pub fn answer(
+        &self,
+        session_id: &str,
+        request_id: &str,
+        answer: Answer,
+    ) -> Result<String, ReplyError> {
+        let unknown = || ReplyError::UnknownRequest(request_id.to_string());
+        let sr = self.existing(session_id).ok_or_else(unknown)?;
+        let pending = {
+            let mut state = sr.state();
+            let kind = state.pending_inputs.get(request_id).map(|p| p.kind);
+            match (kind, &answer) {
+                (None, _) => return Err(unknown()),
+                (Some(PendingKind::Question), Answer::Decision(_)) => {
+                    return Err(ReplyError::NotAnApproval(request_id.to_string()))
+                }
+                _ => state
+                    .pending_inputs
+                    .remove(request_id)
+                    .ok_or_else(unknown)?,
+            }
+        };
         let run_id = pending.run_id.clone();
-        pending
-            .reply
-            .send(content)
-            .map_err(|_| ReplyError::UnknownRequest(request_id.to_string()))?;
+        pending.reply.send(answer).map_err(|_| unknown())?;
         Ok(run_id)
     }
 
@@ -619,16 +675,20 @@ impl RunManager {
                 .as_ref()
                 .and_then(|p| p.open_question.clone())
                 .map(|request_id| {
-                    let (tx, rx) = oneshot::channel();
-                    self.session(&run.session_id).state().pending_inputs.insert(
-                        request_id.clone(),
-                        PendingInput {
-                            run_id: run.id.clone(),
-                            reply: tx,
-                        },
-                    );
+                    let rx = self.register(run, &request_id, PendingKind::Question);
                     (request_id, rx)
                 });
+        // So do its open approvals, each under its request id, keyed by the call waiting on it.
+        let open_approvals: HashMap<String, (String, oneshot::Receiver<Answer>)> = resume
+            .as_ref()
+            .map(|p| p.open_approvals.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(request_id, call_id)| {
+                let rx = self.register(run, &request_id, PendingKind::Approval);
+                (call_id, (request_id, rx))
+            })
+            .collect();
         if let Some(start) = start {
             log.append_durable(envelope(start), Some(run.clone()))
                 .await
@@ -709,6 +769,7 @@ impl RunManager {
             timeout: Duration::from_secs(self.env.config.server.ask_human_timeout_s),
             cancel: cancel.clone(),
             open_question: Mutex::new(open_question),
+            open_approvals: Mutex::new(open_approvals),
         });
         let spec = TurnSpec {
             session_id: run.session_id.clone(),
@@ -728,6 +789,25 @@ impl RunManager {
             resumed: resume.map(|plan| plan.resumed),
         };
         Ok(run_turn(&self.env, spec).await)
+    }
+
+    /// Registers a pending request of `run`: its answer arrives on the receiver.
+    fn register(
+        &self,
+        run: &Run,
+        request_id: &str,
+        kind: PendingKind,
+    ) -> oneshot::Receiver<Answer> {
+        let (tx, rx) = oneshot::channel();
+        self.session(&run.session_id).state().pending_inputs.insert(
+            request_id.to_string(),
+            PendingInput {
+                run_id: run.id.clone(),
+                kind,
+                reply: tx,
+            },
+        );
+        rx
     }
 
     /// The session's workspace folder (uploads, file tools).
@@ -1309,7 +1389,9 @@ struct RunHuman {
     cancel: CancellationToken,
     /// A resumed run's unanswered question, registered before the resume was published: its next `ask` waits
     /// on this receiver under this request id (already in the log).
-    open_question: Mutex<Option<(String, oneshot::Receiver<String>)>>,
+    open_question: Mutex<Option<(String, oneshot::Receiver<Answer>)>>,
+    /// A resumed run's unanswered approvals by call id, registered like `open_question`.
+    open_approvals: Mutex<HashMap<String, (String, oneshot::Receiver<Answer>)>>,
 }
 
 impl RunHuman {
@@ -1329,8 +1411,86 @@ impl RunHuman {
     }
 }
 
+impl RunHuman {
+    /// Waits for the answer to a pending request (`what`: `reply` or `decision`): Err on cancel, withdrawal or
+    /// timeout (the reason).
+    async fn wait(&self, rx: oneshot::Receiver<Answer>, what: &str) -> Result<Answer, String> {
+        tokio::select! {
+            biased;
+            _ = self.cancel.cancelled() => Err(format!("cancelled while waiting for a {what}")),
+            r = rx => r.map_err(|_| "the request was withdrawn".to_string()),
+            _ = tokio::time::sleep(self.timeout) => Err(format!("no {what} within {} s", self.timeout.as_secs())),
+        }
+    }
+}
+
 #[async_trait]
 impl HumanInput for RunHuman {
+    /// The call waits for a decision: `approval_requested` (the run `waiting_input`), then `approval_resolved`.
+    /// A resumed run's open approval for this call keeps waiting under its logged request id. No decision
+    /// within `server.ask_human_timeout_s` is a denial (logged like a decision); a cancelled run logs none.
+    async fn approve(&self, call_id: &str, tool: &str, args: &serde_json::Value) -> Decision {
+        let reused = self
+            .open_approvals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(call_id);
+        let asked_before = reused.is_some();
+        let run = self.run_with(RunStatus::WaitingInput);
+        let sr = self.manager.session(&self.session_id);
+        let _pending = GaugeGuard::new(self.manager.env.metrics.pending_approvals.clone());
+        let (request_id, rx) = match reused {
+            Some(open) => open,
+            None => {
+                let request_id = crate::domain::new_id();
+                let rx = self
+                    .manager
+                    .register(&run, &request_id, PendingKind::Approval);
+                (request_id, rx)
+            }
+        };
+        let asked = self.event(
+            &run.id,
+            EventKind::ApprovalRequested {
+                request_id: request_id.clone(),
+                call_id: call_id.to_string(),
+                tool: tool.to_string(),
+                args: args.clone(),
+            },
+        );
+        if asked_before {
+            if let Err(e) = self.manager.store().update_run(&run).await {
+                tracing::warn!(run_id = %run.id, error = %e, "could not record waiting_input");
+            }
+        } else if let Err(e) = self.log.append_durable(asked, Some(run.clone())).await {
+            sr.state().pending_inputs.remove(&request_id);
+            return Decision::deny(format!("could not record the approval request: {e}"));
+        }
+        let answer = self.wait(rx, "decision").await;
+        sr.state().pending_inputs.remove(&request_id);
+        let run = self.run_with(RunStatus::Running);
+        let decision = match answer {
+            Ok(Answer::Decision(d)) => d,
+            Ok(Answer::Text(text)) => Decision::from_reply(&text),
+            Err(reason) if self.cancel.is_cancelled() => {
+                // The run ends (or, handed over, the next process asks again): no decision to log.
+                let _ = self.manager.store().update_run(&run).await;
+                return Decision::deny(reason);
+            }
+            Err(reason) => Decision::deny(reason),
+        };
+        let resolved = self.event(
+            &run.id,
+            EventKind::ApprovalResolved {
+                request_id,
+                decision: decision.word().to_string(),
+                reason: decision.reason.clone(),
+            },
+        );
+        let _ = self.log.append_durable(resolved, Some(run)).await;
+        decision
+    }
+
     async fn ask(&self, question: &str) -> Result<String, String> {
         let reused = self
             .open_question
@@ -1345,14 +1505,9 @@ impl HumanInput for RunHuman {
             Some(open) => open,
             None => {
                 let request_id = crate::domain::new_id();
-                let (tx, rx) = oneshot::channel();
-                sr.state().pending_inputs.insert(
-                    request_id.clone(),
-                    PendingInput {
-                        run_id: run.id.clone(),
-                        reply: tx,
-                    },
-                );
+                let rx = self
+                    .manager
+                    .register(&run, &request_id, PendingKind::Question);
                 (request_id, rx)
             }
         };
@@ -1372,11 +1527,10 @@ impl HumanInput for RunHuman {
             sr.state().pending_inputs.remove(&request_id);
             return Err(format!("could not record the question: {e}"));
         }
-        let answer = tokio::select! {
-            biased;
-            _ = self.cancel.cancelled() => Err("cancelled while waiting for a reply".to_string()),
-            r = rx => r.map_err(|_| "the question was withdrawn".to_string()),
-            _ = tokio::time::sleep(self.timeout) => Err(format!("no reply within {} s", self.timeout.as_secs())),
+        let answer = match self.wait(rx, "reply").await {
+            Ok(Answer::Text(text)) => Ok(text),
+            Ok(Answer::Decision(_)) => Err("the question got a decision, not a reply".to_string()),
+            Err(e) => Err(e),
         };
         sr.state().pending_inputs.remove(&request_id);
         let run = self.run_with(RunStatus::Running);

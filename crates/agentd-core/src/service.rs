@@ -17,9 +17,11 @@ use crate::event_log::{EventLog, LogError, Subscription};
 use crate::limits::{Limits, Refused, StreamGuard};
 use crate::metrics::Metrics;
 use crate::provider::Provider;
-use crate::runs::{RunManager, RunResult, TurnRequest};
+use crate::registry::{ExternalTools, McpServerStatus, ToolRegistry};
+use crate::runs::{Answer, RunManager, RunResult, TurnRequest};
 use crate::skills::{self, RoutingError, SkillMatch};
 use crate::store::{LogEntry, NodeBeat, SessionFilter, Store, StoreError};
+use crate::tools::Decision;
 
 /// Who is calling. Without configured keys everyone is the principal `local`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -165,6 +167,8 @@ pub struct Agentd {
     pub metrics: Arc<Metrics>,
     /// When this process started (its node's `started_at`).
     started_at: String,
+    /// Built-in tools, subagents, MCP tools.
+    tools: ToolRegistry,
 }
 
 /// Takes over the runs of lost nodes every `every` while the run manager is in use.
@@ -223,13 +227,23 @@ async fn heartbeats(
 }
 
 impl Agentd {
-    /// Starts the log and the run manager, and ends runs a previous process left unfinished.
+    /// Starts the log and the run manager, and ends runs a previous process left unfinished. No MCP servers.
     pub async fn start(
         config: Arc<Config>,
         store: Arc<dyn Store>,
         providers: HashMap<String, Arc<dyn Provider>>,
     ) -> Result<Arc<Agentd>, String> {
-        let metrics = Arc::new(Metrics::new());
+        Self::start_with_tools(config, store, providers, Arc::new(Metrics::new()), None).await
+    }
+
+    /// [`Agentd::start`] with the MCP servers' tools (`agentd-mcp`, already started with the same `metrics`).
+    pub async fn start_with_tools(
+        config: Arc<Config>,
+        store: Arc<dyn Store>,
+        providers: HashMap<String, Arc<dyn Provider>>,
+        metrics: Arc<Metrics>,
+        external: Option<Arc<dyn ExternalTools>>,
+    ) -> Result<Arc<Agentd>, String> {
         let log = EventLog::start_with_metrics(store.clone(), metrics.clone());
         let env = LoopEnv {
             handing_over: Arc::default(),
@@ -237,7 +251,9 @@ impl Agentd {
             log: log.clone(),
             providers: Arc::new(providers),
             metrics: metrics.clone(),
+            tools: ToolRegistry::new(config.clone(), external),
         };
+        let tools = env.tools.clone();
         let runs = RunManager::new(env);
         // This node's presence in the cluster's registry (a store for one process keeps none), before it
         // takes over anything, then every sixth of the lease.
@@ -289,6 +305,7 @@ impl Agentd {
             runs,
             remote,
             metrics,
+            tools,
         }))
     }
 
@@ -323,6 +340,20 @@ impl Agentd {
 
     pub fn agents(&self) -> &[AgentSettings] {
         &self.config.agents
+    }
+
+    /// The tool registry (an agent's tools as listed now, MCP servers).
+    pub fn tools(&self) -> &ToolRegistry {
+        &self.tools
+    }
+
+    /// Each MCP server's state, tools and call counts (`GET /v1/mcp`, admin; with no API keys configured,
+    /// anyone who can reach the server).
+    pub fn mcp_servers(&self, p: &Principal) -> ServiceResult<Vec<McpServerStatus>> {
+        if !p.admin && !self.config.auth_keys.is_empty() {
+            return Err(ServiceError::NotFound("no such resource".into()));
+        }
+        Ok(self.tools.mcp_status())
     }
 
     fn owned(&self, p: &Principal, s: Option<Session>, id: &str) -> ServiceResult<Session> {
@@ -707,19 +738,91 @@ impl Agentd {
                 content.len()
             )));
         }
+        self.answer(session_id, request_id, Answer::Text(content))
+            .await
+    }
+
+    /// Decides a pending approval (SPEC.md section 7): `run_id`, when given, must be the session's; a request
+    /// that was answered already (or ended unanswered) is a conflict, an unknown one 404.
+    pub async fn decide(
+        &self,
+        p: &Principal,
+        session_id: &str,
+        run_id: Option<&str>,
+        request_id: &str,
+        decision: Decision,
+    ) -> ServiceResult<String> {
+        self.session(p, session_id).await?;
+        if let Some(id) = run_id {
+            self.run(p, session_id, id).await?;
+        }
+        let max = self.config.server.max_message_bytes;
+        let reason_len = decision.reason.as_deref().map_or(0, str::len);
+        if reason_len > max {
+            return Err(ServiceError::TooLarge(format!(
+                "the reason is {reason_len} bytes; the limit is {max}"
+            )));
+        }
+        match self
+            .answer(session_id, request_id, Answer::Decision(decision))
+            .await
+        {
+            Err(ServiceError::NotFound(m)) => {
+                if self.approval_logged(session_id, request_id).await? {
+                    Err(ServiceError::Conflict {
+                        code: "conflict",
+                        message: format!("the approval `{request_id}` was already decided"),
+                    })
+                } else {
+                    Err(ServiceError::NotFound(m))
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// Whether the session's log holds `approval_requested` for `request_id` (read on the error path only).
+    async fn approval_logged(&self, session_id: &str, request_id: &str) -> ServiceResult<bool> {
+        let mut after = 0;
+        loop {
+            let page = self.store.read_events(session_id, after, 1000).await?;
+            let Some(last) = page.last() else {
+                return Ok(false);
+            };
+            after = last.seq();
+            if page.iter().any(|e| {
+                matches!(&e.event.kind, EventKind::ApprovalRequested { request_id: r, .. } if r == request_id)
+            }) {
+                return Ok(true);
+            }
+        }
+    }
+
+    /// Hands an answer to the run waiting for it, on this node or (through the store) another.
+    async fn answer(
+        &self,
+        session_id: &str,
+        request_id: &str,
+        answer: Answer,
+    ) -> ServiceResult<String> {
+        let refused = |e: crate::runs::ReplyError| match e {
+            crate::runs::ReplyError::NotAnApproval(_) => ServiceError::Invalid(e.to_string()),
+            crate::runs::ReplyError::UnknownRequest(_) => ServiceError::NotFound(e.to_string()),
+        };
         let Some(remote) = &self.remote else {
             return self
                 .runs
-                .reply(session_id, request_id, content)
-                .map_err(|e| ServiceError::NotFound(e.to_string()));
+                .answer(session_id, request_id, answer)
+                .map_err(refused);
         };
-        match self.runs.reply(session_id, request_id, content.clone()) {
+        match self.runs.answer(session_id, request_id, answer.clone()) {
             Ok(run_id) => Ok(run_id),
+            Err(e @ crate::runs::ReplyError::NotAnApproval(_)) => Err(refused(e)),
             // Pending on another node, perhaps.
             Err(e) => remote
-                .reply(session_id, request_id, &content)
+                .reply(session_id, request_id, &answer)
                 .await?
-                .ok_or_else(|| ServiceError::NotFound(e.to_string())),
+                .ok_or_else(|| refused(e)),
         }
     }
 

@@ -334,11 +334,14 @@ pub enum NodeCommand {
     Cancel { session_id: String, run_id: String },
     /// Start the queued run (another node accepted it; this node holds the session's turn).
     Start { session_id: String, run_id: String },
-    /// Answer the run's pending `ask_human`; the receiver answers `Replied` to node `from`.
+    /// Answer the run's pending `ask_human` or approval (with `decision`, an approval's); the receiver answers
+    /// `Replied` to node `from`.
     Reply {
         session_id: String,
         request_id: String,
         content: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        decision: Option<crate::tools::Decision>,
         from: String,
         ticket: String,
     },
@@ -434,4 +437,33 @@ pub fn check_import(
         last = e.seq();
     }
     Ok(last_seq.max(last))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An approval's decision travels to the node running the run inside `Reply`; a `Reply` from a node
+    /// without the field (or a question's) reads as no decision.
+    #[test]
+    fn a_reply_command_carries_a_decision_or_none() {
+        let with = NodeCommand::Reply {
+            session_id: "s".into(),
+            request_id: "r".into(),
+            content: String::new(),
+            decision: Some(crate::tools::Decision::deny("no")),
+            from: "a".into(),
+            ticket: "t".into(),
+        };
+        let json = serde_json::to_string(&with).unwrap();
+        assert_eq!(serde_json::from_str::<NodeCommand>(&json).unwrap(), with);
+        let old = r#"{"command":"reply","session_id":"s","request_id":"r","content":"blue","from":"a","ticket":"t"}"#;
+        let NodeCommand::Reply {
+            decision, content, ..
+        } = serde_json::from_str::<NodeCommand>(old).unwrap()
+        else {
+            panic!("a reply");
+        };
+        assert_eq!((decision, content.as_str()), (None, "blue"));
+    }
 }

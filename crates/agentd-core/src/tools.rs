@@ -33,11 +33,64 @@ impl ToolOutput {
     }
 }
 
-/// How a tool asks a person: implemented by the run manager, which turns it into `input_requested`.
+/// A person's decision on a tool call that needs approval (SPEC.md section 7).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Decision {
+    pub allow: bool,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+impl Decision {
+    pub fn deny(reason: impl Into<String>) -> Decision {
+        Decision {
+            allow: false,
+            reason: Some(reason.into()),
+        }
+    }
+
+    /// A text reply to an approval (agentkit's `reply`, the native `reply` frame): `yes`, `y` or `allow`
+    /// (any case, trimmed) approves; anything else denies, with the text as the reason.
+    pub fn from_reply(text: &str) -> Decision {
+        let word = text.trim().to_ascii_lowercase();
+        if matches!(word.as_str(), "yes" | "y" | "allow") {
+            Decision {
+                allow: true,
+                reason: None,
+            }
+        } else {
+            Decision::deny(text.trim())
+        }
+    }
+
+    /// The word the log and the wire use: `allow` or `deny`.
+    pub fn word(&self) -> &'static str {
+        if self.allow {
+            "allow"
+        } else {
+            "deny"
+        }
+    }
+
+    /// What a denied call's result tells the model.
+    pub fn denied_result(&self) -> String {
+        match self.reason.as_deref().filter(|r| !r.is_empty()) {
+            Some(reason) => format!("the call was denied and did not run: {reason}"),
+            None => "the call was denied and did not run".to_string(),
+        }
+    }
+}
+
+/// How a tool asks a person: implemented by the run manager, which turns a question into `input_requested`
+/// and an approval into `approval_requested` (one pause mechanism for both).
 #[async_trait]
 pub trait HumanInput: Send + Sync {
     /// Waits for a reply; Err is a reason the tool reports (timeout, cancelled).
     async fn ask(&self, question: &str) -> Result<String, String>;
+    /// Waits for a decision on the call `call_id` of `tool` with `args`; no decision in time is a denial.
+    async fn approve(&self, _call_id: &str, _tool: &str, _args: &Value) -> Decision {
+        Decision::deny("nobody can approve calls here")
+    }
 }
 
 /// What a tool may touch while it runs.
@@ -45,6 +98,8 @@ pub struct ToolContext {
     /// The session's workspace; file tools stay inside it.
     pub workspace: PathBuf,
     pub human: Arc<dyn HumanInput>,
+    /// The run's cancellation: a tool that talks to another process (MCP) tells it when this fires.
+    pub cancel: tokio_util::sync::CancellationToken,
 }
 
 #[async_trait]
@@ -53,7 +108,17 @@ pub trait Tool: Send + Sync {
     async fn call(&self, args: &Value, ctx: &ToolContext) -> ToolOutput;
 }
 
-/// Looks a built-in tool up by name.
+/// The names of the built-in tools an agent may list: the one list (the registry, the config validator and
+/// [`builtin`] read it).
+pub const BUILTIN_TOOLS: &[&str] = &[
+    "calculator",
+    "current_time",
+    "ask_human",
+    "read_file",
+    "list_files",
+];
+
+/// Looks a built-in tool up by name (every name of [`BUILTIN_TOOLS`]; a test holds them together).
 pub fn builtin(name: &str) -> Option<Arc<dyn Tool>> {
     Some(match name {
         "calculator" => Arc::new(Calculator),
@@ -485,6 +550,33 @@ mod tests {
     }
 
     #[test]
+    fn a_reply_to_an_approval_is_read_as_yes_or_no() {
+        for yes in ["yes", "Y", " allow ", "YES"] {
+            assert!(Decision::from_reply(yes).allow, "{yes}");
+        }
+        let no = Decision::from_reply("no, too risky");
+        assert!(!no.allow);
+        assert_eq!(no.reason.as_deref(), Some("no, too risky"));
+        assert_eq!(
+            no.denied_result(),
+            "the call was denied and did not run: no, too risky"
+        );
+        assert_eq!(
+            (no.word(), Decision::from_reply("y").word()),
+            ("deny", "allow")
+        );
+    }
+
+    #[test]
+    fn every_builtin_name_is_a_tool() {
+        for name in BUILTIN_TOOLS {
+            let tool = builtin(name).unwrap();
+            assert_eq!(&tool.spec().name, name);
+        }
+        assert!(builtin("files__read").is_none());
+    }
+
+    #[test]
     fn workspace_paths_stay_inside() {
         let dir = tempfile::tempdir().unwrap();
         assert!(resolve_in_workspace(dir.path(), "a/b.txt").is_ok());
@@ -506,6 +598,7 @@ mod tests {
         ToolContext {
             workspace: workspace.to_path_buf(),
             human: Arc::new(NoHuman),
+            cancel: Default::default(),
         }
     }
 

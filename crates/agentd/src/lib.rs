@@ -123,11 +123,15 @@ pub async fn open_store(url: &str, max_connections: usize) -> Result<Arc<dyn Sto
     Ok(Arc::new(store))
 }
 
-/// Assembles the service from a validated config.
+/// Assembles the service from a validated config. MCP servers start in the background (their supervisors
+/// live as long as the returned service).
 pub async fn build(config: Config) -> Result<Arc<Agentd>, String> {
     let config = Arc::new(config);
     // Providers first: a missing model file should fail before anything is created on disk.
     let providers = providers(&config).await?;
     let store = store(&config).await?;
-    Agentd::start(config, store, providers).await
+    let metrics = Arc::new(agentd_core::metrics::Metrics::new());
+    let mcp = agentd_mcp::McpHub::start(&config, metrics.clone())
+        .map(|hub| hub as Arc<dyn agentd_core::registry::ExternalTools>);
+    Agentd::start_with_tools(config, store, providers, metrics, mcp).await
 }

@@ -9,6 +9,7 @@
 //! | `context_compressed` | `step {event_type:"context_compressed", step, data:{messages_before, messages_after}}` |
 //! | `skill_matched` | `{"type":"skill_match","data":{skill, method, confidence}}` |
 //! | `input_requested` | `{"type":"ask_human","question","request_id"}` |
+//! | `approval_requested` | `{"type":"ask_human","question":"Allow TOOL with ARGS? (yes/no)","request_id"}` (a reply of `yes`, `y` or `allow` approves, anything else denies) |
 //! | `run_finished` completed | `{"type":"final_answer","content"}` |
 //! | `run_finished` cancelled | `{"type":"result","data":{"status":"cancelled"}}` |
 //! | `run_finished` failed / interrupted | `{"type":"error","data":{"message"}}` (cut at 200 chars, as the seed) |
@@ -123,6 +124,16 @@ impl AgentkitRender {
                 request_id,
                 question,
             } => json!({"type": "ask_human", "question": question, "request_id": request_id}),
+            EventKind::ApprovalRequested {
+                request_id,
+                tool,
+                args,
+                ..
+            } => json!({
+                "type": "ask_human",
+                "question": format!("Allow {tool} with {args}? (yes/no)"),
+                "request_id": request_id,
+            }),
             EventKind::RunFinished { run, content, .. } => match run.status {
                 RunStatus::Completed => json!({"type": "final_answer", "content": content}),
                 RunStatus::Cancelled => cancelled_frame(),
@@ -142,7 +153,8 @@ impl AgentkitRender {
             | EventKind::RunStarted { .. }
             | EventKind::RunResumed { .. }
             | EventKind::ThinkingDelta { .. }
-            | EventKind::InputReceived { .. } => return Vec::new(),
+            | EventKind::InputReceived { .. }
+            | EventKind::ApprovalResolved { .. } => return Vec::new(),
         };
         vec![frame]
     }

@@ -3,6 +3,7 @@
 //! feeds this function arbitrary text.
 
 use agentd_core::service::SendMessage;
+use agentd_core::tools::Decision;
 use serde_json::Value;
 
 /// One client frame, as the socket acts on it.
@@ -16,6 +17,11 @@ pub enum ClientFrame {
     Cancel { run_id: Option<String> },
     /// `{"type":"reply","request_id","content"}`: answers an `ask_human`.
     Reply { request_id: String, content: String },
+    /// `{"type":"approval","request_id","decision":"allow"|"deny","reason"?}`: decides a tool call's approval.
+    Approval {
+        request_id: String,
+        decision: Decision,
+    },
 }
 
 /// Why a frame was refused: the `code` and `message` of the error frame sent back.
@@ -57,15 +63,55 @@ pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
                 "`reply` needs string fields `request_id` and `content`",
             )),
         },
+        "approval" => approval(&v),
         "" => Err(FrameError::new(
             "missing_field",
             "frame has no string field `type`",
         )),
         other => Err(FrameError::new(
             "unknown_type",
-            format!("unknown frame type `{other}` (message, cancel, reply, ping)"),
+            format!("unknown frame type `{other}` (message, cancel, reply, approval, ping)"),
         )),
     }
+}
+
+fn approval(v: &Value) -> Result<ClientFrame, FrameError> {
+    let Some(request_id) = v.get("request_id").and_then(Value::as_str) else {
+        return Err(FrameError::new(
+            "missing_field",
+            "`approval` needs string fields `request_id` and `decision`",
+        ));
+    };
+    let allow = match v.get("decision").and_then(Value::as_str) {
+        Some("allow") => true,
+        Some("deny") => false,
+        Some(_) => {
+            return Err(FrameError::new(
+                "invalid_frame",
+                "`decision` must be `allow` or `deny`",
+            ))
+        }
+        None => {
+            return Err(FrameError::new(
+                "missing_field",
+                "`approval` needs string fields `request_id` and `decision`",
+            ))
+        }
+    };
+    let reason = match v.get("reason") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(r)) => Some(r.clone()),
+        Some(_) => {
+            return Err(FrameError::new(
+                "invalid_frame",
+                "`reason` must be a string",
+            ))
+        }
+    };
+    Ok(ClientFrame::Approval {
+        request_id: request_id.to_string(),
+        decision: Decision { allow, reason },
+    })
 }
 
 fn strings(v: &Value, field: &str) -> Result<Vec<String>, FrameError> {
@@ -137,6 +183,34 @@ mod tests {
             parse(r#"{"type":"reply","request_id":"q","content":"a"}"#),
             Ok(ClientFrame::Reply { request_id, content }) if request_id == "q" && content == "a"
         ));
+    }
+
+    #[test]
+    fn approval_frames_carry_a_decision() {
+        assert!(matches!(
+            parse(r#"{"type":"approval","request_id":"q","decision":"allow"}"#),
+            Ok(ClientFrame::Approval { request_id, decision: Decision { allow: true, reason: None } }) if request_id == "q"
+        ));
+        assert!(matches!(
+            parse(r#"{"type":"approval","request_id":"q","decision":"deny","reason":"no"}"#),
+            Ok(ClientFrame::Approval { decision: Decision { allow: false, reason: Some(r) }, .. }) if r == "no"
+        ));
+        assert_eq!(
+            code(r#"{"type":"approval","request_id":"q"}"#),
+            "missing_field"
+        );
+        assert_eq!(
+            code(r#"{"type":"approval","decision":"allow"}"#),
+            "missing_field"
+        );
+        assert_eq!(
+            code(r#"{"type":"approval","request_id":"q","decision":"yes"}"#),
+            "invalid_frame"
+        );
+        assert_eq!(
+            code(r#"{"type":"approval","request_id":"q","decision":"deny","reason":1}"#),
+            "invalid_frame"
+        );
     }
 
     #[test]

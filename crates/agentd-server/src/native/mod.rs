@@ -32,6 +32,7 @@ pub fn router() -> Router<AppState> {
         .route("/healthz", get(|| async { "ok" }))
         .route("/v1/agents", get(agents))
         .route("/v1/cluster", get(cluster))
+        .route("/v1/mcp", get(mcp))
         .route("/v1/sessions", post(create_session).get(list_sessions))
         .route(
             "/v1/sessions/{id}",
@@ -46,6 +47,10 @@ pub fn router() -> Router<AppState> {
         .route("/v1/sessions/{id}/runs/{run_id}/cancel", post(cancel_run))
         .route("/v1/sessions/{id}/runs/{run_id}/input", post(input))
         .route(
+            "/v1/sessions/{id}/runs/{run_id}/approvals/{request_id}",
+            post(approval),
+        )
+        .route(
             "/v1/sessions/{id}/files",
             post(upload).layer(DefaultBodyLimit::disable()),
         )
@@ -59,7 +64,8 @@ struct AgentView<'a> {
     name: &'a str,
     description: &'a str,
     model: &'a str,
-    tools: &'a [String],
+    /// Built-ins, then the MCP tools the agent's entries match now.
+    tools: Vec<String>,
     skills: &'a [String],
     subagents: &'a [String],
 }
@@ -73,7 +79,7 @@ async fn agents(State(st): State<AppState>, Caller(_): Caller) -> Json<Value> {
             name: &a.name,
             description: &a.description,
             model: &a.model,
-            tools: &a.tools,
+            tools: st.app.tools().agent_tools(a),
             skills: &a.skills,
             subagents: &a.subagents,
         })
@@ -87,6 +93,14 @@ async fn cluster(
     Caller(p): Caller,
 ) -> ApiResult<Json<Vec<agentd_core::domain::NodeInfo>>> {
     Ok(Json(st.app.cluster(&p).await?))
+}
+
+/// Each MCP server's state, last error, tools and call counts (SPEC.md section 7; admin).
+async fn mcp(
+    State(st): State<AppState>,
+    Caller(p): Caller,
+) -> ApiResult<Json<Vec<agentd_core::registry::McpServerStatus>>> {
+    Ok(Json(st.app.mcp_servers(&p)?))
 }
 
 #[derive(Deserialize)]
@@ -297,6 +311,38 @@ async fn input(
     st.app.run(&p, &id, &run_id).await?;
     st.app
         .reply(&p, &id, &body.request_id, body.content)
+        .await?;
+    Ok(Json(st.app.run(&p, &id, &run_id).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum DecisionWord {
+    Allow,
+    Deny,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApprovalBody {
+    decision: DecisionWord,
+    reason: Option<String>,
+}
+
+/// Decides a pending approval (SPEC.md section 7): 200 with the run; a second answer 409.
+async fn approval(
+    State(st): State<AppState>,
+    Caller(p): Caller,
+    Path((id, run_id, request_id)): Path<(String, String, String)>,
+    body: Result<Json<ApprovalBody>, JsonRejection>,
+) -> ApiResult<Json<Run>> {
+    let Json(body) = body?;
+    let decision = agentd_core::tools::Decision {
+        allow: matches!(body.decision, DecisionWord::Allow),
+        reason: body.reason,
+    };
+    st.app
+        .decide(&p, &id, Some(&run_id), &request_id, decision)
         .await?;
     Ok(Json(st.app.run(&p, &id, &run_id).await?))
 }

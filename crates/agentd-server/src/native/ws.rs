@@ -193,6 +193,14 @@ async fn handle_frame(
             .reply(p, session_id, &request_id, content)
             .await
             .map(|_| ()),
+        Ok(ClientFrame::Approval {
+            request_id,
+            decision,
+        }) => st
+            .app
+            .decide(p, session_id, None, &request_id, decision)
+            .await
+            .map(|_| ()),
     };
     let e = result.err()?;
     let (_, code) = classify(&e);

@@ -128,7 +128,9 @@ impl NaviRender {
             | EventKind::ThinkingDelta { .. }
             | EventKind::TextDelta { .. }
             | EventKind::InputRequested { .. }
-            | EventKind::InputReceived { .. } => Vec::new(),
+            | EventKind::InputReceived { .. }
+            | EventKind::ApprovalRequested { .. }
+            | EventKind::ApprovalResolved { .. } => Vec::new(),
         }
     }
 }
