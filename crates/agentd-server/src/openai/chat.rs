@@ -17,18 +17,16 @@ use agentd_core::provider::ToolSpec;
 use agentd_core::service::{Agentd, Principal, PriorMessage, SendMessage};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures_util::stream::{self, StreamExt};
+use futures_util::stream;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use std::convert::Infallible;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
-use super::render::{client_calls, run_error, usage_json, RunEvents};
+use super::render::{client_calls, run_error, sse_response, usage_json, RunEvents, KEEP_ALIVE};
 use super::{agent_of, now_seconds, OaiCaller, OaiError, OaiResult};
 use crate::AppState;
 
@@ -397,7 +395,7 @@ pub async fn completions(
     };
     if req.stream {
         let usage = req.stream_options.is_some_and(|o| o.include_usage);
-        Ok(stream_response(meta, rx, usage, st.closing.clone()).into_response())
+        Ok(stream_response(meta, rx, usage, st.closing.clone()))
     } else {
         whole_response(meta, rx).await
     }
@@ -507,6 +505,11 @@ impl Meta {
     }
 }
 
+/// A string as JSON.
+fn escape(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_default()
+}
+
 fn finish_reason(end: &End) -> &'static str {
     if end.calls.is_some() {
         "tool_calls"
@@ -535,75 +538,124 @@ fn calls_json(calls: &[ToolCall], indexed: bool) -> Value {
     )
 }
 
-/// `chat.completion.chunk` events, then `data: [DONE]`. A text delta's chunk is formatted from two fixed
-/// halves around the escaped delta (the token path: no JSON tree per token).
+/// `chat.completion.chunk` events, then `data: [DONE]`. Each write carries every piece that is ready; a text
+/// delta's chunk is formatted from two fixed halves around the escaped delta (the token path: no JSON tree).
+struct ChatStream {
+    rx: mpsc::Receiver<Piece>,
+    meta: Meta,
+    include_usage: bool,
+    head: String,
+    /// The first chunk (the role), until it is sent.
+    first: Option<String>,
+    ended: bool,
+}
+
+const TAIL: &str = "},\"logprobs\":null,\"finish_reason\":null}]}";
+
+impl ChatStream {
+    fn new(meta: Meta, rx: mpsc::Receiver<Piece>, include_usage: bool) -> ChatStream {
+        let usage_null = if include_usage { ",\"usage\":null" } else { "" };
+        let head = format!(
+            "data: {{\"id\":{},\"object\":\"chat.completion.chunk\",\"created\":{},\"model\":{},\"system_fingerprint\":null{usage_null},\"choices\":[{{\"index\":0,\"delta\":{{",
+            escape(&meta.id),
+            meta.created,
+            escape(&meta.model)
+        );
+        let first = meta.chunk(json!({"role": "assistant", "content": ""}), None, None);
+        ChatStream {
+            rx,
+            meta,
+            include_usage,
+            head,
+            first: Some(first),
+            ended: false,
+        }
+    }
+
+    fn data(buf: &mut String, data: &str) {
+        buf.push_str("data: ");
+        buf.push_str(data);
+        buf.push_str("\n\n");
+    }
+
+    fn write(&mut self, piece: Piece, buf: &mut String) {
+        let (field, delta) = match piece {
+            Piece::Text(d) => ("content", d),
+            Piece::Reasoning(d) => ("reasoning_content", d),
+            Piece::End(end) => return self.end(end, buf),
+        };
+        buf.push_str(&self.head);
+        buf.push('"');
+        buf.push_str(field);
+        buf.push_str("\":");
+        buf.push_str(&escape(&delta));
+        buf.push_str(TAIL);
+        buf.push_str("\n\n");
+    }
+
+    fn end(&mut self, end: End, buf: &mut String) {
+        self.ended = true;
+        let meta = &self.meta;
+        if let Some(e) = &end.error {
+            Self::data(buf, &e.body().to_string());
+        } else {
+            if let Some(calls) = &end.calls {
+                let chunk = meta.chunk(json!({"tool_calls": calls_json(calls, true)}), None, None);
+                Self::data(buf, &chunk);
+            }
+            Self::data(buf, &meta.chunk(json!({}), Some(finish_reason(&end)), None));
+            if self.include_usage {
+                let mut u = json!({
+                    "id": meta.id,
+                    "object": "chat.completion.chunk",
+                    "created": meta.created,
+                    "model": meta.model,
+                    "system_fingerprint": null,
+                    "choices": [],
+                });
+                u["usage"] = usage_json(&end.usage);
+                Self::data(buf, &u.to_string());
+            }
+        }
+        Self::data(buf, "[DONE]");
+    }
+
+    /// The next write: the first chunk at once, then whatever pieces are ready (waiting for one), or a comment
+    /// after a quiet [`KEEP_ALIVE`].
+    async fn next(&mut self) -> Option<String> {
+        if let Some(first) = self.first.take() {
+            let mut buf = String::new();
+            Self::data(&mut buf, &first);
+            return Some(buf);
+        }
+        if self.ended {
+            return None;
+        }
+        let mut buf = String::new();
+        match tokio::time::timeout(KEEP_ALIVE, self.rx.recv()).await {
+            Err(_) => return Some(": keep-alive\n\n".to_string()),
+            Ok(None) => return None,
+            Ok(Some(piece)) => self.write(piece, &mut buf),
+        }
+        while !self.ended {
+            match self.rx.try_recv() {
+                Ok(piece) => self.write(piece, &mut buf),
+                Err(_) => break,
+            }
+        }
+        Some(buf)
+    }
+}
+
 fn stream_response(
     meta: Meta,
     rx: mpsc::Receiver<Piece>,
     include_usage: bool,
     closing: tokio_util::sync::CancellationToken,
-) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
-    let usage_null = if include_usage { ",\"usage\":null" } else { "" };
-    let head = format!(
-        "{{\"id\":{},\"object\":\"chat.completion.chunk\",\"created\":{},\"model\":{},\"system_fingerprint\":null{usage_null},\"choices\":[{{\"index\":0,\"delta\":{{",
-        json!(meta.id),
-        meta.created,
-        json!(meta.model)
-    );
-    let tail = "},\"logprobs\":null,\"finish_reason\":null}]}";
-    let first = meta.chunk(json!({"role": "assistant", "content": ""}), None, None);
-    let body = stream::unfold((rx, meta, false), move |(mut rx, meta, ended)| {
-        let (head, tail) = (head.clone(), tail);
-        async move {
-            if ended {
-                return None;
-            }
-            let piece = rx.recv().await;
-            let events: Vec<String> = match piece {
-                Some(Piece::Text(d)) => vec![format!("{head}\"content\":{}{tail}", json!(d))],
-                Some(Piece::Reasoning(d)) => {
-                    vec![format!("{head}\"reasoning_content\":{}{tail}", json!(d))]
-                }
-                Some(Piece::End(end)) => {
-                    let mut out = Vec::new();
-                    if let Some(e) = &end.error {
-                        out.push(e.body().to_string());
-                    } else {
-                        if let Some(calls) = &end.calls {
-                            out.push(meta.chunk(
-                                json!({"tool_calls": calls_json(calls, true)}),
-                                None,
-                                None,
-                            ));
-                        }
-                        out.push(meta.chunk(json!({}), Some(finish_reason(&end)), None));
-                        if include_usage {
-                            let mut u = json!({
-                                "id": meta.id,
-                                "object": "chat.completion.chunk",
-                                "created": meta.created,
-                                "model": meta.model,
-                                "system_fingerprint": null,
-                                "choices": [],
-                            });
-                            u["usage"] = usage_json(&end.usage);
-                            out.push(u.to_string());
-                        }
-                    }
-                    out.push("[DONE]".to_string());
-                    return Some((out, (rx, meta, true)));
-                }
-                None => return None,
-            };
-            Some((events, (rx, meta, false)))
-        }
-    })
-    .flat_map(stream::iter)
-    .map(|data| Ok(SseEvent::default().data(data)));
-    let body = stream::iter([Ok(SseEvent::default().data(first))])
-        .chain(body)
-        .take_until(async move { closing.cancelled().await });
-    Sse::new(body).keep_alive(KeepAlive::default())
+) -> Response {
+    let state = ChatStream::new(meta, rx, include_usage);
+    let body = stream::unfold(state, |mut s| async move { s.next().await.map(|b| (b, s)) });
+    sse_response(body, closing)
 }
 
 /// A whole `chat.completion`, once the run has ended.

@@ -41,16 +41,58 @@ impl RunEvents {
             let Some(ev) = self.sub.next().await? else {
                 return Ok(None);
             };
-            if ev.event.run_id != self.run_id {
-                continue;
+            if let Some(ev) = self.mine(ev) {
+                return Ok(Some(ev));
             }
-            if matches!(ev.event.kind, EventKind::RunFinished { .. }) {
-                self.done = true;
-            }
-            return Ok(Some(ev));
         }
         Ok(None)
     }
+
+    /// The next event of the run if one is ready now (lets a writer batch events into one write).
+    pub fn try_next(&mut self) -> Option<Arc<LoggedEvent>> {
+        while !self.done {
+            let ev = self.sub.try_next()?;
+            if let Some(ev) = self.mine(ev) {
+                return Some(ev);
+            }
+        }
+        None
+    }
+
+    fn mine(&mut self, ev: Arc<LoggedEvent>) -> Option<Arc<LoggedEvent>> {
+        if ev.event.run_id != self.run_id {
+            return None;
+        }
+        if matches!(ev.event.kind, EventKind::RunFinished { .. }) {
+            self.done = true;
+        }
+        Some(ev)
+    }
+}
+
+/// How often an SSE stream with nothing to say sends a comment, so proxies keep it open.
+pub const KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// An SSE response over `body`: chunks of whole events (a writer batches what is ready into one chunk),
+/// ended when the server shuts down.
+pub fn sse_response(
+    body: impl futures_util::Stream<Item = String> + Send + 'static,
+    closing: tokio_util::sync::CancellationToken,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    use futures_util::StreamExt;
+    let body = body
+        .map(|chunk| Ok::<_, std::convert::Infallible>(bytes::Bytes::from(chunk)))
+        .take_until(async move { closing.cancelled().await });
+    (
+        StatusCode::OK,
+        [
+            (axum::http::header::CONTENT_TYPE, "text/event-stream"),
+            (axum::http::header::CACHE_CONTROL, "no-cache"),
+        ],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response()
 }
 
 /// The calls of an assistant message that name one of the client's tools (`client`), if any.

@@ -15,7 +15,6 @@
 //!   a result). An approval (SPEC.md section 7) is to become an `mcp_approval_request` item, answered by an
 //!   `mcp_approval_response` input item: [`Render`] has the place for it.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
 use agentd_core::domain::{Role, Run, RunErrorCode, RunStatus, ToolCall, Usage};
@@ -23,15 +22,14 @@ use agentd_core::event::{EventKind, LoggedEvent};
 use agentd_core::service::Principal;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures_util::stream::{self, StreamExt};
+use futures_util::stream;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::chat::{client_tools, send_of, Turn};
-use super::render::RunEvents;
+use super::render::{sse_response, RunEvents, KEEP_ALIVE};
 use super::{agent_of, unix_seconds, OaiCaller, OaiError, OaiResult};
 use crate::AppState;
 
@@ -258,7 +256,7 @@ pub async fn create(
     let mut events = RunEvents::new(attached.subscription, session_id.clone(), run.id.clone());
     let mut render = Render::new(&session_id, &run, &req.model, req.background);
     if req.stream {
-        return Ok(sse(events, render, None, st.closing.clone()).into_response());
+        return Ok(sse(events, render, None, st.closing.clone()));
     }
     if req.background {
         drop(events);
@@ -303,7 +301,7 @@ pub async fn retrieve(
             return Err(gone(&id));
         }
         let events = RunEvents::new(attached.subscription, session_id, run.id.clone());
-        return Ok(sse(events, render, q.starting_after, st.closing.clone()).into_response());
+        return Ok(sse(events, render, q.starting_after, st.closing.clone()));
     }
     match first {
         Some(first) => {
@@ -392,38 +390,66 @@ pub async fn delete(
     ))
 }
 
-/// The stream: rendered events with `sequence_number > starting_after`, until the run's end.
+/// The stream: rendered events with `sequence_number > starting_after`, until the run's end. Each write carries
+/// what is ready (one event awaited, then the rest without waiting); a comment after a quiet [`KEEP_ALIVE`].
+struct ResponsesStream {
+    events: RunEvents,
+    render: Render,
+    starting_after: Option<u64>,
+    ended: bool,
+}
+
+impl ResponsesStream {
+    fn write(&mut self, ev: &LoggedEvent, buf: &mut String) {
+        for (kind, data, seq) in self.render.feed(ev) {
+            if self.starting_after.is_none_or(|n| seq > n) {
+                buf.push_str("event: ");
+                buf.push_str(kind);
+                buf.push_str("\ndata: ");
+                buf.push_str(&data);
+                buf.push_str("\n\n");
+            }
+        }
+    }
+
+    async fn next(&mut self) -> Option<String> {
+        if self.ended {
+            return None;
+        }
+        let mut buf = String::new();
+        match tokio::time::timeout(KEEP_ALIVE, self.events.next()).await {
+            Err(_) => return Some(": keep-alive\n\n".to_string()),
+            Ok(Ok(None)) => return None,
+            Ok(Ok(Some(ev))) => self.write(&ev, &mut buf),
+            Ok(Err(e)) => {
+                self.ended = true;
+                let err = OaiError::from(agentd_core::service::ServiceError::from(e));
+                let data = json!({"type": "error", "code": err.code, "message": err.message, "param": null, "sequence_number": self.render.next_seq});
+                buf.push_str(&format!("event: error\ndata: {data}\n\n"));
+                return Some(buf);
+            }
+        }
+        while let Some(ev) = self.events.try_next() {
+            self.write(&ev, &mut buf);
+        }
+        Some(buf)
+    }
+}
+
 fn sse(
     events: RunEvents,
     render: Render,
     starting_after: Option<u64>,
     closing: tokio_util::sync::CancellationToken,
-) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
-    let body = stream::unfold((events, render, false), move |(mut events, mut render, ended)| async move {
-        if ended {
-            return None;
-        }
-        match events.next().await {
-            Ok(Some(ev)) => {
-                let out = render.feed(&ev);
-                Some((out, (events, render, false)))
-            }
-            Ok(None) => None,
-            Err(e) => {
-                let err = OaiError::from(agentd_core::service::ServiceError::from(e));
-                let data = json!({"type": "error", "code": err.code, "message": err.message, "param": null, "sequence_number": render.next_seq});
-                Some((vec![("error", data.to_string(), render.next_seq)], (events, render, true)))
-            }
-        }
-    })
-    .flat_map(stream::iter)
-    .filter(move |(_, _, seq)| {
-        let keep = starting_after.is_none_or(|n| *seq > n);
-        async move { keep }
-    })
-    .map(|(kind, data, _)| Ok(SseEvent::default().event(kind).data(data)))
-    .take_until(async move { closing.cancelled().await });
-    Sse::new(body).keep_alive(KeepAlive::default())
+) -> Response {
+    let state = ResponsesStream {
+        events,
+        render,
+        starting_after,
+        ended: false,
+    };
+    let body = stream::unfold(state, |mut s| async move { s.next().await.map(|b| (b, s)) });
+    sse_response(body, closing)
 }
 
 /// One output item being built.
@@ -504,6 +530,29 @@ impl Render {
         let mut r = self.response.clone();
         r["output"] = Value::Array(self.items.clone());
         r
+    }
+
+    /// A text or reasoning delta, formatted without a JSON tree (the token path). Its fields are those of
+    /// OpenAI's event (`logprobs` only on text).
+    fn emit_delta(&mut self, out: &mut Out, kind: &'static str, index: usize, delta: &str) {
+        let id = self
+            .items
+            .get(index)
+            .and_then(|i| i.get("id"))
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let escaped = serde_json::to_string(delta).unwrap_or_default();
+        let logprobs = if kind == "response.output_text.delta" {
+            ",\"logprobs\":[]"
+        } else {
+            ""
+        };
+        let data = format!(
+            "{{\"type\":\"{kind}\",\"sequence_number\":{},\"item_id\":\"{id}\",\"output_index\":{index},\"content_index\":0,\"delta\":{escaped}{logprobs}}}",
+            self.next_seq
+        );
+        out.push((kind, data, self.next_seq));
+        self.next_seq += 1;
     }
 
     /// Adds an item to the output; returns its index.
@@ -611,12 +660,7 @@ impl Render {
                         index
                     }
                 };
-                let id = self.item_id(index);
-                self.emit(
-                    &mut out,
-                    "response.output_text.delta",
-                    json!({"item_id": id, "output_index": index, "content_index": 0, "delta": delta, "logprobs": []}),
-                );
+                self.emit_delta(&mut out, "response.output_text.delta", index, delta);
             }
             EventKind::ThinkingDelta { delta, .. } => {
                 let index = match &mut self.open {
@@ -632,12 +676,7 @@ impl Render {
                         index
                     }
                 };
-                let id = self.item_id(index);
-                self.emit(
-                    &mut out,
-                    "response.reasoning_text.delta",
-                    json!({"item_id": id, "output_index": index, "content_index": 0, "delta": delta}),
-                );
+                self.emit_delta(&mut out, "response.reasoning_text.delta", index, delta);
             }
             EventKind::ThinkingEnd { .. } => {
                 if matches!(self.open, Open::Reasoning(..)) {
