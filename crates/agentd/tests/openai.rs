@@ -219,3 +219,70 @@ async fn a_responses_stream_resumes_after_a_restart() {
     let (status, body) = c.get(&format!("/v1/responses/{id}")).await;
     assert_eq!(status, 404, "{body}");
 }
+
+/// `GET /v1/responses/{id}` until `done` holds (at most 20 s).
+async fn poll(c: &common::Client, id: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (_, r) = c.get(&format!("/v1/responses/{id}")).await;
+        if done(&r) {
+            return r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "response {id} stayed {r}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn ask_human_is_an_mcp_call_answered_through_the_native_api() {
+    let server = Server::start().await;
+    let c = server.client();
+    server.upstream.push(agentd_testkit::Reply::tool_call(
+        "call_q",
+        "ask_human",
+        r#"{"question": "Which colour?"}"#,
+    ));
+    let (status, body) = c
+        .post(
+            "/v1/responses",
+            json!({"model": "assistant", "input": "ask me", "background": true}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let id = body["id"].as_str().unwrap().to_string();
+    let waiting = poll(&c, &id, |r| {
+        r["metadata"]["agentd_input_request_id"].is_string()
+    })
+    .await;
+    assert_eq!(waiting["status"], "in_progress");
+    assert_eq!(
+        waiting["metadata"]["agentd_input_question"],
+        "Which colour?"
+    );
+    let item = &waiting["output"][0];
+    assert_eq!(item["type"], "mcp_call");
+    assert_eq!(item["name"], "ask_human");
+    assert_eq!(item["status"], "in_progress");
+    let (session, run) = (
+        waiting["metadata"]["agentd_session_id"].as_str().unwrap(),
+        waiting["metadata"]["agentd_run_id"].as_str().unwrap(),
+    );
+    let (status, body) = c
+        .post(
+            &format!("/v1/sessions/{session}/runs/{run}/input"),
+            json!({"request_id": waiting["metadata"]["agentd_input_request_id"], "content": "blue"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let done = poll(&c, &id, |r| r["status"] == "completed").await;
+    assert_eq!(done["output"][0]["output"], "blue");
+    assert_eq!(done["output"][0]["status"], "completed");
+    assert!(done["metadata"].get("agentd_input_request_id").is_none());
+    assert_eq!(
+        done["output"][1]["content"][0]["text"],
+        "The result is blue."
+    );
+}

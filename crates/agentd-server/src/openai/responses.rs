@@ -262,8 +262,9 @@ pub async fn create(
         drop(events);
         return Ok(Json(render.snapshot()).into_response());
     }
+    let mut nowhere = Out::none();
     while let Some(ev) = events.next().await.map_err(store_err)? {
-        render.feed(&ev);
+        render.feed(&ev, &mut nowhere);
     }
     Ok(Json(render.snapshot()).into_response())
 }
@@ -305,8 +306,9 @@ pub async fn retrieve(
     }
     match first {
         Some(first) => {
+            let mut nowhere = Out::none();
             for ev in run_log(&st, &session_id, &run.id, first - 1).await? {
-                render.feed(&ev);
+                render.feed(&ev, &mut nowhere);
             }
         }
         // Its events are past retention: what the run's row and its answer tell.
@@ -395,44 +397,30 @@ pub async fn delete(
 struct ResponsesStream {
     events: RunEvents,
     render: Render,
-    starting_after: Option<u64>,
+    out: Out,
     ended: bool,
 }
 
 impl ResponsesStream {
-    fn write(&mut self, ev: &LoggedEvent, buf: &mut String) {
-        for (kind, data, seq) in self.render.feed(ev) {
-            if self.starting_after.is_none_or(|n| seq > n) {
-                buf.push_str("event: ");
-                buf.push_str(kind);
-                buf.push_str("\ndata: ");
-                buf.push_str(&data);
-                buf.push_str("\n\n");
-            }
-        }
-    }
-
     async fn next(&mut self) -> Option<String> {
         if self.ended {
             return None;
         }
-        let mut buf = String::new();
         match tokio::time::timeout(KEEP_ALIVE, self.events.next()).await {
             Err(_) => return Some(": keep-alive\n\n".to_string()),
             Ok(Ok(None)) => return None,
-            Ok(Ok(Some(ev))) => self.write(&ev, &mut buf),
+            Ok(Ok(Some(ev))) => self.render.feed(&ev, &mut self.out),
             Ok(Err(e)) => {
                 self.ended = true;
                 let err = OaiError::from(agentd_core::service::ServiceError::from(e));
                 let data = json!({"type": "error", "code": err.code, "message": err.message, "param": null, "sequence_number": self.render.next_seq});
-                buf.push_str(&format!("event: error\ndata: {data}\n\n"));
-                return Some(buf);
+                return Some(format!("event: error\ndata: {data}\n\n"));
             }
         }
         while let Some(ev) = self.events.try_next() {
-            self.write(&ev, &mut buf);
+            self.render.feed(&ev, &mut self.out);
         }
-        Some(buf)
+        Some(std::mem::take(&mut self.out.buf))
     }
 }
 
@@ -445,7 +433,7 @@ fn sse(
     let state = ResponsesStream {
         events,
         render,
-        starting_after,
+        out: Out::stream(starting_after),
         ended: false,
     };
     let body = stream::unfold(state, |mut s| async move { s.next().await.map(|b| (b, s)) });
@@ -477,7 +465,38 @@ pub struct Render {
     started: bool,
 }
 
-type Out = Vec<(&'static str, String, u64)>;
+/// Where rendered events go: SSE text for a stream (those after its `starting_after`), or nowhere (a
+/// response built for `GET` or a waiting `POST` needs only the object).
+pub struct Out {
+    buf: String,
+    after: Option<u64>,
+    on: bool,
+}
+
+impl Out {
+    pub fn stream(after: Option<u64>) -> Out {
+        Out {
+            buf: String::new(),
+            after,
+            on: true,
+        }
+    }
+    pub fn none() -> Out {
+        Out {
+            buf: String::new(),
+            after: None,
+            on: false,
+        }
+    }
+    fn wants(&self, seq: u64) -> bool {
+        self.on && self.after.is_none_or(|n| seq > n)
+    }
+    fn event(&mut self, kind: &str) {
+        self.buf.push_str("event: ");
+        self.buf.push_str(kind);
+        self.buf.push_str("\ndata: ");
+    }
+}
 
 impl Render {
     pub fn new(session_id: &str, run: &Run, model: &str, background: bool) -> Render {
@@ -519,9 +538,13 @@ impl Render {
     }
 
     fn emit(&mut self, out: &mut Out, kind: &'static str, mut data: Value) {
-        data["type"] = json!(kind);
-        data["sequence_number"] = json!(self.next_seq);
-        out.push((kind, data.to_string(), self.next_seq));
+        if out.wants(self.next_seq) {
+            data["type"] = json!(kind);
+            data["sequence_number"] = json!(self.next_seq);
+            out.event(kind);
+            out.buf.push_str(&data.to_string());
+            out.buf.push_str("\n\n");
+        }
         self.next_seq += 1;
     }
 
@@ -535,24 +558,33 @@ impl Render {
     /// A text or reasoning delta, formatted without a JSON tree (the token path). Its fields are those of
     /// OpenAI's event (`logprobs` only on text).
     fn emit_delta(&mut self, out: &mut Out, kind: &'static str, index: usize, delta: &str) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        if !out.wants(seq) {
+            return;
+        }
         let id = self
             .items
             .get(index)
             .and_then(|i| i.get("id"))
             .and_then(Value::as_str)
             .unwrap_or_default();
-        let escaped = serde_json::to_string(delta).unwrap_or_default();
-        let logprobs = if kind == "response.output_text.delta" {
-            ",\"logprobs\":[]"
-        } else {
-            ""
-        };
-        let data = format!(
-            "{{\"type\":\"{kind}\",\"sequence_number\":{},\"item_id\":\"{id}\",\"output_index\":{index},\"content_index\":0,\"delta\":{escaped}{logprobs}}}",
-            self.next_seq
-        );
-        out.push((kind, data, self.next_seq));
-        self.next_seq += 1;
+        out.event(kind);
+        let b = &mut out.buf;
+        b.push_str("{\"type\":\"");
+        b.push_str(kind);
+        b.push_str("\",\"sequence_number\":");
+        b.push_str(&seq.to_string());
+        b.push_str(",\"item_id\":\"");
+        b.push_str(id);
+        b.push_str("\",\"output_index\":");
+        b.push_str(&index.to_string());
+        b.push_str(",\"content_index\":0,\"delta\":");
+        b.push_str(&serde_json::to_string(delta).unwrap_or_default());
+        if kind == "response.output_text.delta" {
+            b.push_str(",\"logprobs\":[]");
+        }
+        b.push_str("}\n\n");
     }
 
     /// Adds an item to the output; returns its index.
@@ -621,23 +653,18 @@ impl Render {
     }
 
     /// The events one logged event of the run renders to (with their sequence numbers).
-    pub fn feed(&mut self, ev: &LoggedEvent) -> Out {
-        let mut out = Vec::new();
+    pub fn feed(&mut self, ev: &LoggedEvent, out: &mut Out) {
         let seq = ev.seq();
         if !self.started {
             self.started = true;
             self.response["status"] = json!("in_progress");
             let snapshot = self.snapshot();
-            self.emit(&mut out, "response.created", json!({"response": snapshot}));
+            self.emit(out, "response.created", json!({"response": snapshot}));
             let snapshot = self.snapshot();
-            self.emit(
-                &mut out,
-                "response.in_progress",
-                json!({"response": snapshot}),
-            );
+            self.emit(out, "response.in_progress", json!({"response": snapshot}));
         }
         if ev.event.is_subagent {
-            return out;
+            return;
         }
         match &ev.event.kind {
             EventKind::TextDelta { delta } => {
@@ -647,12 +674,12 @@ impl Render {
                         *index
                     }
                     _ => {
-                        self.close(&mut out);
+                        self.close(out);
                         let item = json!({"id": format!("msg_{seq}"), "type": "message", "status": "in_progress", "role": "assistant", "content": []});
-                        let index = self.add_item(&mut out, item);
+                        let index = self.add_item(out, item);
                         let id = self.item_id(index);
                         self.emit(
-                            &mut out,
+                            out,
                             "response.content_part.added",
                             json!({"item_id": id, "output_index": index, "content_index": 0, "part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []}}),
                         );
@@ -660,7 +687,7 @@ impl Render {
                         index
                     }
                 };
-                self.emit_delta(&mut out, "response.output_text.delta", index, delta);
+                self.emit_delta(out, "response.output_text.delta", index, delta);
             }
             EventKind::ThinkingDelta { delta, .. } => {
                 let index = match &mut self.open {
@@ -669,22 +696,22 @@ impl Render {
                         *index
                     }
                     _ => {
-                        self.close(&mut out);
+                        self.close(out);
                         let item = json!({"id": format!("rs_{seq}"), "type": "reasoning", "summary": [], "content": [], "status": "in_progress"});
-                        let index = self.add_item(&mut out, item);
+                        let index = self.add_item(out, item);
                         self.open = Open::Reasoning(index, delta.clone());
                         index
                     }
                 };
-                self.emit_delta(&mut out, "response.reasoning_text.delta", index, delta);
+                self.emit_delta(out, "response.reasoning_text.delta", index, delta);
             }
             EventKind::ThinkingEnd { .. } => {
                 if matches!(self.open, Open::Reasoning(..)) {
-                    self.close(&mut out);
+                    self.close(out);
                 }
             }
             EventKind::Message { message } if message.role == Role::Assistant => {
-                self.close(&mut out);
+                self.close(out);
                 self.last_calls = message.tool_calls.clone().unwrap_or_default();
                 self.ran.clear();
             }
@@ -694,12 +721,12 @@ impl Render {
                 args,
                 ..
             } => {
-                self.close(&mut out);
+                self.close(out);
                 self.ran.push(call_id.clone());
                 let item = json!({"id": format!("mcp_{call_id}"), "type": "mcp_call", "server_label": "agentd", "name": tool, "arguments": args.to_string(), "output": null, "error": null, "status": "in_progress"});
-                let index = self.add_item(&mut out, item);
+                let index = self.add_item(out, item);
                 self.emit(
-                    &mut out,
+                    out,
                     "response.mcp_call.in_progress",
                     json!({"item_id": format!("mcp_{call_id}"), "output_index": index}),
                 );
@@ -714,7 +741,7 @@ impl Render {
                 ..
             } => {
                 let Some(pos) = self.calls.iter().position(|(c, _)| c == call_id) else {
-                    return out;
+                    return;
                 };
                 let (_, index) = self.calls.remove(pos);
                 let id = format!("mcp_{call_id}");
@@ -723,23 +750,36 @@ impl Render {
                 } else {
                     "response.mcp_call.failed"
                 };
-                self.emit(
-                    &mut out,
-                    kind,
-                    json!({"item_id": id, "output_index": index}),
-                );
+                self.emit(out, kind, json!({"item_id": id, "output_index": index}));
                 let item = json!({"id": id, "type": "mcp_call", "server_label": "agentd", "name": tool, "arguments": args.to_string(), "output": result, "error": if *success { Value::Null } else { json!(result) }, "status": if *success { "completed" } else { "failed" }});
-                self.done_item(&mut out, index, item);
+                self.done_item(out, index, item);
             }
             EventKind::RunFinished { run, .. } => {
-                self.close(&mut out);
-                self.finish(&mut out, run);
+                self.close(out);
+                self.finish(out, run);
+            }
+            // `ask_human` is its `mcp_call` item, in progress until the reply; while it waits, the response's
+            // metadata names the question's request id (answered through the native API), announced by a
+            // `response.in_progress` carrying the response.
+            EventKind::InputRequested {
+                request_id,
+                question,
+            } => {
+                self.response["metadata"]["agentd_input_request_id"] = json!(request_id);
+                self.response["metadata"]["agentd_input_question"] = json!(question);
+                let snapshot = self.snapshot();
+                self.emit(out, "response.in_progress", json!({"response": snapshot}));
+            }
+            EventKind::InputReceived { .. } => {
+                if let Some(m) = self.response["metadata"].as_object_mut() {
+                    m.remove("agentd_input_request_id");
+                    m.remove("agentd_input_question");
+                }
             }
             // An approval (SPEC.md section 7) renders here as an `mcp_approval_request` item once the core logs
-            // `approval_requested`; `ask_human` is its `mcp_call` item, in progress until the reply.
+            // `approval_requested` (and `approval_resolved` completes it).
             _ => {}
         }
-        out
     }
 
     fn finish(&mut self, out: &mut Out, run: &Run) {
