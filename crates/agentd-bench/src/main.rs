@@ -39,6 +39,25 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         delay_ms: u64,
     },
+    /// CPU per token of agentd's OpenAI-compatible streams (/v1/chat/completions, /v1/responses) beside its
+    /// native WebSocket, in one run against one agentd and the lean mock; prints a markdown table and writes
+    /// it to OUT/surfaces.md.
+    Surfaces {
+        /// The agentd binary (a release build for figures that mean something).
+        #[arg(long, default_value = "target/release/agentd")]
+        agentd_bin: PathBuf,
+        /// Concurrent streams per surface and round.
+        #[arg(long, default_value_t = 50)]
+        streams: usize,
+        /// Tokens per turn.
+        #[arg(long, default_value_t = 400)]
+        tokens: u32,
+        /// Rounds (each surface once per round, the order rotating).
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        #[arg(long, default_value = "bench-results")]
+        out: PathBuf,
+    },
     /// Run every scenario against every server and write the results table and plot.
     Run(RunArgs),
     /// Run one scenario against a server you started yourself (pointed at `agentd-bench mock`); prints
@@ -218,16 +237,8 @@ fn main() -> ExitCode {
                 runs,
                 llama_bench,
             };
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("agentd-bench llama: {e}");
-                    return ExitCode::FAILURE;
-                }
+            let Some(rt) = one_worker_runtime("llama") else {
+                return ExitCode::FAILURE;
             };
             let root = std::env::current_dir().unwrap_or_default();
             match rt.block_on(agentd_bench::llama::run(&args, &root)) {
@@ -246,6 +257,42 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::Surfaces {
+            agentd_bin,
+            streams,
+            tokens,
+            rounds,
+            out,
+        } => {
+            let args = agentd_bench::surfaces::Args {
+                agentd_bin,
+                streams,
+                tokens,
+                rounds,
+            };
+            let Some(rt) = one_worker_runtime("surfaces") else {
+                return ExitCode::FAILURE;
+            };
+            match rt.block_on(agentd_bench::surfaces::run(&args)) {
+                Ok(figures) => {
+                    let md = agentd_bench::surfaces::table(&args, &figures);
+                    println!("{md}");
+                    let _ = std::fs::create_dir_all(&out);
+                    if let Err(e) = std::fs::write(out.join("surfaces.md"), &md) {
+                        eprintln!("agentd-bench surfaces: cannot write {}: {e}", out.display());
+                    }
+                    if figures.iter().any(|(_, f)| f.failed > 0 || f.tokens == 0) {
+                        eprintln!("agentd-bench surfaces: some turns failed");
+                        return ExitCode::FAILURE;
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("agentd-bench surfaces: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Cmd::Probe(args) => probe(args),
         Cmd::Soak(args) => agentd_bench::soak::main(args),
         Cmd::Cluster(args) => agentd_bench::cluster::main(args),
@@ -259,6 +306,21 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// A runtime with one worker thread (the load generator shares the machine with the server it measures).
+fn one_worker_runtime(what: &str) -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            eprintln!("agentd-bench {what}: {e}");
+            None
         }
     }
 }

@@ -70,6 +70,10 @@ pub struct TurnSpec {
     pub cancel: CancellationToken,
     /// A run a dead process left unfinished, going on from its last durable step (None: a new turn).
     pub resumed: Option<Resumed>,
+    /// Function tools the client runs itself (offered to the model, never run here): a model call naming one
+    /// stores the assistant message with its calls, runs the calls of the agent's own tools in it, and ends
+    /// the turn (`completed`), its final message carrying the calls; the client's next send brings the results.
+    pub client_tools: Vec<ToolSpec>,
 }
 
 /// Where a resumed turn picks up, as its log and stored messages show (SPEC.md section 4, recovery). Its
@@ -276,6 +280,7 @@ impl<'a> Turn<'a> {
         self.env
             .tools
             .for_turn(&self.spec.tools, &self.spec.subagents, with_subagents)
+            .with_client_tools(&self.spec.client_tools)
     }
 
     async fn run(&mut self) -> Result<(), Stop> {
@@ -344,6 +349,19 @@ impl<'a> Turn<'a> {
             }
             rounds += 1;
             let msg = self.store_assistant(text, Some(calls.clone())).await?;
+            let (theirs, own): (Vec<ToolCall>, Vec<ToolCall>) = calls
+                .iter()
+                .cloned()
+                .partition(|c| self.spec.client_tools.iter().any(|t| t.name == c.name));
+            if !theirs.is_empty() {
+                // The client runs its calls; the agent's own calls in the same response run now.
+                let results = self.run_tools(&own, &builtins, step).await?;
+                for (call, out) in own.iter().zip(results) {
+                    self.store_tool_result(call, &out).await?;
+                }
+                self.final_message = Some(msg);
+                return Ok(());
+            }
             prompt.push(ModelMessage::Assistant {
                 content: msg.content,
                 tool_calls: calls.clone(),
@@ -776,6 +794,7 @@ impl<'a> Turn<'a> {
             human: self.spec.human.clone(),
             cancel: self.spec.cancel.child_token(),
             resumed: None,
+            client_tools: Vec::new(),
         };
         let outcome = Box::pin(run_turn(self.env, spec)).await;
         match outcome.status {

@@ -22,6 +22,7 @@ struct Inner {
     last_seq: HashMap<String, u64>,
     /// Per session, oldest first.
     uploads: HashMap<String, Vec<StoredUpload>>,
+    aliases: HashMap<String, String>,
 }
 
 /// An upload's record and bytes.
@@ -55,6 +56,15 @@ fn upsert_run(runs: &mut Vec<(Run, Option<String>)>, run: &Run) {
 impl Store for MemoryStore {
     fn describe(&self) -> String {
         "memory".into()
+    }
+    async fn put_alias(&self, key: &str, session_id: &str) -> StoreResult<()> {
+        self.lock()
+            .aliases
+            .insert(key.to_string(), session_id.to_string());
+        Ok(())
+    }
+    async fn find_alias(&self, key: &str) -> StoreResult<Option<String>> {
+        Ok(self.lock().aliases.get(key).cloned())
     }
     async fn create_session(&self, session: &Session) -> StoreResult<()> {
         let mut inner = self.lock();

@@ -185,6 +185,13 @@ pub struct TurnTools {
 }
 
 impl TurnTools {
+    /// Adds the function tools a client runs itself (OpenAI-compatible surfaces): offered to the model, never
+    /// dispatched here (the loop ends the turn with their calls).
+    pub fn with_client_tools(mut self, client_tools: &[ToolSpec]) -> TurnTools {
+        self.specs.extend(client_tools.iter().cloned());
+        self
+    }
+
     pub fn get(&self, name: &str) -> Option<TurnTool> {
         if let Some(t) = self.by_name.get(name) {
             return Some(t.clone());

@@ -139,6 +139,9 @@ pub struct TurnRequest {
     pub resume: Option<ResumePlan>,
     /// Its `run_started` is already in the log, committed with its user message (the run is `running`).
     pub started: bool,
+    /// Function tools the client runs itself (an OpenAI-compatible request's `tools`): a model call naming
+    /// one ends the turn with the call. Not kept: a run resumed after a crash offers none.
+    pub client_tools: Vec<crate::provider::ToolSpec>,
 }
 
 /// Where a run left unfinished goes on from, as its log shows (SPEC.md section 4, recovery).
@@ -500,6 +503,7 @@ impl RunManager {
             skill,
             resume,
             started,
+            client_tools,
         } = req;
         let run_id = run.id.clone();
         let session_id = run.session_id.clone();
@@ -533,7 +537,7 @@ impl RunManager {
                 .execute(
                     &mut run,
                     &agent,
-                    (skill, resume, started),
+                    (skill, resume, started, client_tools),
                     &session_agent,
                     &cancel,
                     &mut session_runs,
@@ -645,7 +649,12 @@ impl RunManager {
         self: &Arc<Self>,
         run: &mut Run,
         agent: &AgentSettings,
-        (skill, resume, started): (Option<SkillMatch>, Option<ResumePlan>, bool),
+        (skill, resume, started, client_tools): (
+            Option<SkillMatch>,
+            Option<ResumePlan>,
+            bool,
+            Vec<crate::provider::ToolSpec>,
+        ),
         session_agent: &str,
         cancel: &CancellationToken,
         session_runs: &mut Option<usize>,
@@ -787,6 +796,7 @@ impl RunManager {
             human: human.clone(),
             cancel: cancel.clone(),
             resumed: resume.map(|plan| plan.resumed),
+            client_tools,
         };
         Ok(run_turn(&self.env, spec).await)
     }
@@ -851,7 +861,7 @@ impl RunManager {
             let start = window_start(&messages, max_context_tokens);
             let own = messages
                 .iter()
-                .any(|m| m.role == Role::User && m.run_id.as_deref() == Some(run_id));
+                .any(|m| m.role != Role::Assistant && m.run_id.as_deref() == Some(run_id));
             if complete || (start > 0 && own) {
                 let prompt = prompt_messages(&messages[start..], close_tail);
                 return Ok((prompt, runs.len()));
@@ -931,6 +941,7 @@ impl RunManager {
                 skill,
                 resume: None,
                 started: false,
+                client_tools: Vec::new(),
             },
             session.agent,
         );
@@ -1133,6 +1144,7 @@ impl RunManager {
                 skill,
                 resume,
                 started: false,
+                client_tools: Vec::new(),
             },
             session_agent,
         );

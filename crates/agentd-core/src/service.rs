@@ -129,6 +129,21 @@ pub struct SendMessage {
     pub files: Vec<String>,
     pub client_message_id: Option<String>,
     pub multitask: Option<Multitask>,
+    /// Messages stored ahead of the user message, in the same run: a stateless client's conversation so far
+    /// (the OpenAI-compatible surfaces). With an empty `content` and no images, they are the turn's whole
+    /// input (tool results of the client's own tools, say) and no user message is stored.
+    pub prior: Vec<PriorMessage>,
+    /// Function tools the client runs itself (see `TurnRequest::client_tools`).
+    pub client_tools: Vec<crate::provider::ToolSpec>,
+}
+
+/// A message of [`SendMessage::prior`].
+#[derive(Clone, Debug)]
+pub struct PriorMessage {
+    pub role: Role,
+    pub content: String,
+    pub tool_calls: Option<Vec<crate::domain::ToolCall>>,
+    pub tool_call_id: Option<String>,
 }
 
 /// An accepted send.
@@ -523,8 +538,15 @@ impl Agentd {
                 msg.content.len()
             )));
         }
-        if msg.content.trim().is_empty() && msg.images.is_empty() {
+        let has_user_message = !msg.content.trim().is_empty() || !msg.images.is_empty();
+        if !has_user_message && msg.prior.is_empty() {
             return Err(ServiceError::Invalid("`content` must not be empty".into()));
+        }
+        if let Some(m) = msg.prior.iter().find(|m| m.content.len() > max) {
+            return Err(ServiceError::TooLarge(format!(
+                "a message is {} bytes; the limit is {max}",
+                m.content.len()
+            )));
         }
         if let Some(cmid) = &msg.client_message_id {
             if let Some(existing) = self.repeat(session_id, cmid).await? {
@@ -578,17 +600,37 @@ impl Agentd {
             }
         }
         let run = Run::queued(session_id);
-        let message = Message {
+        let stored = |role: Role, content: String| Message {
             id: new_id(),
             session_id: session_id.to_string(),
             run_id: Some(run.id.clone()),
-            role: Role::User,
+            role,
             content,
             tool_calls: None,
             tool_call_id: None,
             agent: Some(session.agent.clone()),
-            images,
+            images: Vec::new(),
             created_at: now_rfc3339(),
+        };
+        let mut prior: Vec<Message> = msg
+            .prior
+            .into_iter()
+            .map(|m| Message {
+                tool_calls: m.tool_calls,
+                tool_call_id: m.tool_call_id,
+                ..stored(m.role, m.content)
+            })
+            .collect();
+        // Checked above: without a user message, `prior` has at least one message, the turn's last input.
+        let message = match (has_user_message, prior.pop()) {
+            (false, Some(last)) => last,
+            (_, last) => {
+                prior.extend(last);
+                Message {
+                    images,
+                    ..stored(Role::User, content)
+                }
+            }
         };
         // From the run row to the started run on a task of its own: a caller whose future is dropped (a
         // WebSocket that closed, an HTTP client that hung up) must not leave a stored run `queued` forever.
@@ -604,6 +646,8 @@ impl Agentd {
                 session,
                 agent,
                 skill: routing.skill,
+                prior,
+                client_tools: msg.client_tools,
             },
         ));
         match commit.await {
@@ -981,6 +1025,9 @@ struct PendingSend {
     session: Session,
     agent: AgentSettings,
     skill: Option<SkillMatch>,
+    /// Stored before `message`, in the same run ([`SendMessage::prior`]).
+    prior: Vec<Message>,
+    client_tools: Vec<crate::provider::ToolSpec>,
 }
 
 enum CommitError {
@@ -1012,6 +1059,8 @@ async fn commit_send(
         mut session,
         agent,
         skill,
+        prior,
+        client_tools,
     } = p;
     // The run is this node's from its acceptance (queued here, it runs here), unless, in a cluster, another
     // node holds the session's turn: then the store names that node, and the run is started there.
@@ -1022,18 +1071,19 @@ async fn commit_send(
         Err(e) => return Err(e.into()),
     };
     // A send with a client_message_id creates its run row first: the store's unique key on that id is what
-    // tells a repeat. Without one, the run row is written by the message's own commit (one transaction).
+    // tells a repeat; so does a send with prior messages (they are stored before the message). Otherwise the
+    // run row is written by the message's own commit (one transaction).
     let run_with_message = match (&routed, client_message_id.as_deref()) {
         (Some(_), _) => None,
-        (None, Some(id)) => {
-            match store.create_run(&run, Some(id)).await {
+        (None, None) if prior.is_empty() => Some(run.clone()),
+        (None, id) => {
+            match store.create_run(&run, id).await {
                 Ok(()) => {}
                 Err(StoreError::Conflict(_)) => return Err(CommitError::Duplicate),
                 Err(e) => return Err(e.into()),
             }
             None
         }
-        (None, None) => Some(run.clone()),
     };
     let elsewhere = routed.filter(|node| node != runs.node_id());
     if let Some(node) = &elsewhere {
@@ -1060,7 +1110,17 @@ async fn commit_send(
         Some(_) => None,
     };
     let mut started = run.clone();
-    let committed = if ticket.as_ref().is_some_and(|t| t.starts_now()) {
+    let mut prior_failed = None;
+    for m in prior {
+        let entry = envelope(EventKind::Message { message: m });
+        if let Err(e) = log.append_durable(entry, None).await {
+            prior_failed = Some(e);
+            break;
+        }
+    }
+    let committed = if let Some(e) = prior_failed {
+        Err(e)
+    } else if ticket.as_ref().is_some_and(|t| t.starts_now()) {
         started.status = crate::domain::RunStatus::Running;
         started.started_at = Some(now_rfc3339());
         let start = LogEntry {
@@ -1103,7 +1163,11 @@ async fn commit_send(
             other => ServiceError::Internal(other.to_string()),
         }));
     }
-    if let (None, Some(title)) = (&session.title, derive_title(&message.content)) {
+    if let (None, Role::User, Some(title)) = (
+        &session.title,
+        &message.role,
+        derive_title(&message.content),
+    ) {
         session.title = Some(title);
         session.updated_at = now_rfc3339();
         // The message is stored: its run starts even if the title could not be.
@@ -1121,6 +1185,7 @@ async fn commit_send(
                     skill,
                     resume: None,
                     started: starts_now,
+                    client_tools,
                 },
                 session.agent.clone(),
                 ticket,

@@ -164,6 +164,17 @@ pub trait Store: Send + Sync + 'static {
     /// reading a long session's whole history).
     async fn recent_messages(&self, session_id: &str, limit: usize) -> StoreResult<Vec<Message>>;
 
+    // --- aliases (the OpenAI-compatible surfaces) ---
+    /// Remembers `key -> session_id` (a stateless chat's continuation, a deleted response); a key put again
+    /// names the newer session. Keys are opaque to the store.
+    async fn put_alias(&self, _key: &str, _session_id: &str) -> StoreResult<()> {
+        Err(StoreError::Other("this store keeps no aliases".into()))
+    }
+    /// The session `key` names, if it was put.
+    async fn find_alias(&self, _key: &str) -> StoreResult<Option<String>> {
+        Ok(None)
+    }
+
     // --- runs ---
     /// Inserts a queued run. With `client_message_id`, a second run with the same id in the same session is a
     /// `Conflict`.

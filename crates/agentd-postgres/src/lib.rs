@@ -784,6 +784,34 @@ impl Store for PgStore {
         }
     }
 
+    async fn put_alias(&self, key: &str, session_id: &str) -> StoreResult<()> {
+        self.execute(
+            "storing an alias",
+            "INSERT INTO aliases (key, session_id) VALUES ($1, $2) \
+             ON CONFLICT (key) DO UPDATE SET session_id = EXCLUDED.session_id",
+            &[&key, &session_id],
+        )
+        .await
+        .map_err(|f| f.into_store("storing an alias"))?;
+        Ok(())
+    }
+
+    async fn find_alias(&self, key: &str) -> StoreResult<Option<String>> {
+        let rows = self
+            .query(
+                "reading an alias",
+                "SELECT session_id FROM aliases WHERE key = $1",
+                &[&key],
+            )
+            .await?;
+        rows.first()
+            .map(|r| {
+                r.try_get::<_, String>(0)
+                    .map_err(|e| pg("reading an alias", e))
+            })
+            .transpose()
+    }
+
     async fn get_upload(&self, session_id: &str, id: &str) -> StoreResult<Option<Upload>> {
         let sql = format!(
             "SELECT {} FROM uploads WHERE session_id = $1 AND id = $2",

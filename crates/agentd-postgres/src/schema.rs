@@ -16,6 +16,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0002_uploads.sql"),
     include_str!("migrations/0003_cluster.sql"),
     include_str!("migrations/0004_commands.sql"),
+    include_str!("migrations/0005_aliases.sql"),
 ];
 
 /// The advisory lock every node takes to migrate ("agentd" in ASCII, then 1). Any other client of the database

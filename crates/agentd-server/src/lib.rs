@@ -2,6 +2,7 @@
 //!
 //! - [`native`]: the native REST API, WebSocket and SSE (SPEC.md sections 3 and 4).
 //! - [`agentkit`] and [`navi`]: the two seed dialects (SPEC.md section 5), thin adapters over the same events.
+//! - [`openai`]: the OpenAI-compatible surfaces (SPEC.md section 8): models, chat completions, responses.
 //! - [`web`]: the embedded web chat page.
 //! - [`relay`]: the writer half every WebSocket shares: events -> a dialect's frames -> batched flushes.
 //! - [`socket`]: the WebSocket handshake and socket settings every surface shares.
@@ -18,6 +19,7 @@ pub mod listen;
 pub mod metrics;
 pub mod native;
 pub mod navi;
+pub mod openai;
 pub mod relay;
 pub mod socket;
 pub mod web;
@@ -45,6 +47,7 @@ pub fn router(state: AppState) -> Router {
         .merge(native::router())
         .merge(agentkit::router())
         .merge(navi::router())
+        .merge(openai::router())
         .merge(web::router())
         .merge(metrics::router())
         .layer(axum::middleware::from_fn_with_state(

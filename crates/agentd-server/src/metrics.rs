@@ -2,7 +2,8 @@
 //! surface and status, and the guards that keep the open-stream gauges. The metrics themselves are defined in
 //! `agentd_core::metrics`.
 //!
-//! - **Surfaces** are told by path: `/v1/...` and `/healthz` native, `/chat/...` agentkit, `/ws/...` navi,
+//! - **Surfaces** are told by path: `/v1/models`, `/v1/chat/...` and `/v1/responses...` openai, other `/v1/...`
+//!   and `/healthz` native, `/chat/...` agentkit, `/ws/...` navi,
 //!   `/` and `/assets/...` web, `/metrics` metrics, anything else `other` (404s of unknown paths).
 //! - **Latency** is the time to the response head; a stream (SSE, WebSocket) is counted when it starts.
 //! - **Open SSE streams** are counted here, by the layer, for as long as the response body lives; **open
@@ -54,7 +55,9 @@ pub fn surface(path: &str) -> &'static str {
         path.strip_prefix(prefix)
             .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
     };
-    if under("/v1") || path == "/healthz" {
+    if under("/v1/models") || under("/v1/chat") || under("/v1/responses") {
+        "openai"
+    } else if under("/v1") || path == "/healthz" {
         "native"
     } else if under("/chat") {
         "agentkit"
@@ -127,6 +130,9 @@ mod tests {
         for (path, s) in [
             ("/v1/sessions", "native"),
             ("/v1", "native"),
+            ("/v1/chat/completions", "openai"),
+            ("/v1/responses/resp_1/cancel", "openai"),
+            ("/v1/models", "openai"),
             ("/healthz", "native"),
             ("/v1x", "other"),
             ("/chat/ws/abc", "agentkit"),

@@ -136,6 +136,15 @@ fn with_size((mut upload, size): (Upload, i64)) -> StoreResult<Upload> {
     Ok(upload)
 }
 
+/// The session an alias names (`Store::find_alias`).
+pub(crate) fn find_alias(conn: &Connection, key: &str) -> StoreResult<Option<String>> {
+    conn.prepare_cached("SELECT session_id FROM aliases WHERE key = ?1")
+        .ctx("preparing find_alias")?
+        .query_row(params![key], |row| row.get(0))
+        .optional()
+        .ctx("reading an alias")
+}
+
 pub(crate) fn get_upload(
     conn: &Connection,
     session_id: &str,

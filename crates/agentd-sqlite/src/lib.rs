@@ -487,6 +487,24 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn put_alias(&self, key: &str, session_id: &str) -> StoreResult<()> {
+        let (key, session_id) = (key.to_string(), session_id.to_string());
+        self.writer
+            .call(|reply| Command::PutAlias {
+                key,
+                session_id,
+                reply,
+            })
+            .await
+    }
+
+    async fn find_alias(&self, key: &str) -> StoreResult<Option<String>> {
+        let key = key.to_string();
+        self.readers
+            .run(move |conn| copy::find_alias(conn, &key))
+            .await
+    }
+
     async fn get_upload(&self, session_id: &str, id: &str) -> StoreResult<Option<Upload>> {
         let (session_id, id) = (session_id.to_string(), id.to_string());
         self.readers

@@ -18,6 +18,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0003_event_chunks.sql"),
     include_str!("migrations/0004_uploads.sql"),
     include_str!("migrations/0005_run_node.sql"),
+    include_str!("migrations/0006_aliases.sql"),
 ];
 
 /// How long a statement waits for a lock another connection holds before failing with "database is locked".

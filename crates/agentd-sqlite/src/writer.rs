@@ -76,6 +76,11 @@ pub(crate) enum Command {
         keep_runs: usize,
         reply: Reply<()>,
     },
+    PutAlias {
+        key: String,
+        session_id: String,
+        reply: Reply<()>,
+    },
     PutUpload {
         session_id: String,
         upload: Upload,
@@ -222,6 +227,13 @@ impl Writer {
                     .ingest(|id, _| id == session_id, usize::MAX)
                     .and_then(|_| prune_events(&mut self.conn, &session_id, keep_runs));
                 let _ = reply.send(result);
+            }
+            Command::PutAlias {
+                key,
+                session_id,
+                reply,
+            } => {
+                let _ = reply.send(put_alias(&self.conn, &key, &session_id));
             }
             Command::PutUpload {
                 session_id,
@@ -576,6 +588,17 @@ pub(crate) fn create_run(
             None => Err(e).ctx("inserting run"),
         },
     }
+}
+
+fn put_alias(conn: &Connection, key: &str, session_id: &str) -> StoreResult<()> {
+    conn.prepare_cached(
+        "INSERT INTO aliases (key, session_id) VALUES (?1, ?2) \
+         ON CONFLICT (key) DO UPDATE SET session_id = excluded.session_id",
+    )
+    .ctx("preparing put_alias")?
+    .execute(params![key, session_id])
+    .ctx("storing an alias")?;
+    Ok(())
 }
 
 fn release_client_message_id(conn: &Connection, session_id: &str, run_id: &str) -> StoreResult<()> {

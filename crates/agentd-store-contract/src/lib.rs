@@ -65,6 +65,7 @@ macro_rules! store_contract {
             uploads_are_kept_with_their_bytes,
             an_imported_session_reads_the_same_and_its_seq_continues,
             an_imported_session_whose_log_was_pruned_away_numbers_on,
+            aliases_name_a_session_and_survive_reopening,
         );
     };
 }

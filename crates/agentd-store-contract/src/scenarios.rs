@@ -1301,3 +1301,29 @@ pub async fn an_imported_session_whose_log_was_pruned_away_numbers_on(h: &dyn Ha
         LogBounds::default()
     );
 }
+
+pub async fn aliases_name_a_session_and_survive_reopening(h: &dyn Harness) {
+    let (a, b) = {
+        let store = h.open().await;
+        let a = new_session(&*store, "alice").await;
+        let b = new_session(&*store, "alice").await;
+        assert_eq!(store.find_alias("chat:k1").await.unwrap(), None);
+        store.put_alias("chat:k1", &a.id).await.unwrap();
+        store.put_alias("chat:k2", &a.id).await.unwrap();
+        assert_eq!(
+            store.find_alias("chat:k1").await.unwrap(),
+            Some(a.id.clone())
+        );
+        // A key put again names the newer session.
+        store.put_alias("chat:k2", &b.id).await.unwrap();
+        assert_eq!(
+            store.find_alias("chat:k2").await.unwrap(),
+            Some(b.id.clone())
+        );
+        (a, b)
+    };
+    let store = h.open().await;
+    assert_eq!(store.find_alias("chat:k1").await.unwrap(), Some(a.id));
+    assert_eq!(store.find_alias("chat:k2").await.unwrap(), Some(b.id));
+    assert_eq!(store.find_alias("chat:k3").await.unwrap(), None);
+}

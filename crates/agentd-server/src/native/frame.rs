@@ -149,6 +149,7 @@ fn message(v: &Value) -> Result<SendMessage, FrameError> {
             .and_then(Value::as_str)
             .map(String::from),
         multitask,
+        ..Default::default()
     })
 }
 

@@ -252,6 +252,7 @@ async fn send_message(
         files: body.files,
         client_message_id: body.client_message_id,
         multitask,
+        ..Default::default()
     };
     let accepted = st.app.send(&p, &id, send).await?;
     if body.wait.unwrap_or(true) {

@@ -1,0 +1,288 @@
+//! The OpenAI-compatible surfaces' wire details (SPEC.md section 8), on SQLite and (scripts/test.sh) on
+//! PostgreSQL: error shapes, a stateless chat continuing one session, Responses streams numbered from the log
+//! and resumed with `starting_after` after a restart. The SDK's view is in tests/openai/ (Python).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failed assertion
+
+mod common;
+
+use common::{Options, Server};
+use serde_json::{json, Value};
+
+/// `data:` payloads of an SSE body (with their `event:` names, when given).
+fn sse_data(body: &str) -> Vec<(Option<String>, String)> {
+    let mut out = Vec::new();
+    let mut event = None;
+    for line in body.lines() {
+        if let Some(e) = line.strip_prefix("event:") {
+            event = Some(e.trim().to_string());
+        } else if let Some(d) = line.strip_prefix("data:") {
+            out.push((event.take(), d.trim().to_string()));
+        }
+    }
+    out
+}
+
+async fn post_text(c: &common::Client, path: &str, body: Value) -> (u16, String) {
+    let mut r = c.http.post(format!("{}{path}", c.base)).json(&body);
+    if let Some(k) = &c.key {
+        r = r.bearer_auth(k);
+    }
+    let resp = r.send().await.expect("request");
+    (resp.status().as_u16(), resp.text().await.expect("body"))
+}
+
+async fn get_text(c: &common::Client, path: &str) -> (u16, String) {
+    let mut r = c.http.get(format!("{}{path}", c.base));
+    if let Some(k) = &c.key {
+        r = r.bearer_auth(k);
+    }
+    let resp = r.send().await.expect("request");
+    (resp.status().as_u16(), resp.text().await.expect("body"))
+}
+
+#[tokio::test]
+async fn errors_have_openais_shape() {
+    let server = Server::start_with(Options {
+        extra: "[[auth.keys]]\nprincipal = \"alice\"\nkey = \"sk-a\"\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let (status, body) = server
+        .client_with_key(Some("sk-wrong"))
+        .get("/v1/models")
+        .await;
+    assert_eq!(status, 401);
+    assert_eq!(body["error"]["code"], "invalid_api_key", "{body}");
+    assert!(body["error"]["message"].is_string(), "{body}");
+    assert!(body["error"].get("param").is_some(), "{body}");
+    let c = server.client();
+    let (status, body) = c
+        .post(
+            "/v1/chat/completions",
+            json!({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    assert_eq!(status, 404);
+    assert_eq!(body["error"]["code"], "model_not_found", "{body}");
+    assert_eq!(body["error"]["param"], "model", "{body}");
+    let (status, body) = c
+        .post("/v1/chat/completions", json!({"model": "assistant"}))
+        .await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+    let (status, body) = c.get("/v1/responses/resp_nothing").await;
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = c.get("/v1/models").await;
+    assert_eq!(status, 200);
+    assert_eq!(body["object"], "list");
+    assert_eq!(body["data"][0]["id"], "assistant");
+    assert_eq!(body["data"][0]["owned_by"], "agentd");
+}
+
+#[tokio::test]
+async fn a_stateless_chat_continues_one_session() {
+    let server = Server::start().await;
+    let c = server.client();
+    let mut history = vec![
+        json!({"role": "system", "content": "Be brief."}),
+        json!({"role": "user", "content": "one"}),
+    ];
+    for next in ["two", "three"] {
+        let (status, body) = c
+            .post(
+                "/v1/chat/completions",
+                json!({"model": "assistant", "messages": history}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let answer = body["choices"][0]["message"]["content"].clone();
+        history.push(json!({"role": "assistant", "content": answer}));
+        history.push(json!({"role": "user", "content": next}));
+    }
+    let (status, text) = post_text(
+        &c,
+        "/v1/chat/completions",
+        json!({"model": "assistant", "messages": history, "stream": true}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let data = sse_data(&text);
+    assert_eq!(data.last().map(|d| d.1.as_str()), Some("[DONE]"), "{text}");
+    let (_, sessions) = c.get("/v1/sessions").await;
+    let sessions = sessions.as_array().cloned().unwrap_or_default();
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
+    assert_eq!(sessions[0]["metadata"]["source"], "chat.completions");
+    // The upstream saw the agent's prompt, the client's system message and the whole conversation, once.
+    let last = server.upstream.last_request().expect("a request");
+    let roles: Vec<&str> = last["messages"]
+        .as_array()
+        .map(|m| m.iter().filter_map(|m| m["role"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        roles,
+        [
+            "system",
+            "system",
+            "user",
+            "assistant",
+            "user",
+            "assistant",
+            "user"
+        ]
+    );
+}
+
+/// The Responses events of an SSE body, each checked to carry its type as its event name.
+fn responses_events(text: &str) -> Vec<Value> {
+    sse_data(text)
+        .into_iter()
+        .map(|(event, d)| {
+            let v: Value = serde_json::from_str(&d).expect("json");
+            assert_eq!(event.as_deref(), v["type"].as_str(), "event name = type");
+            v
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_responses_stream_resumes_after_a_restart() {
+    let upstream = agentd_testkit::MockUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agentd.toml");
+    // One node name: the next process is the same node and takes the cut run over at once.
+    let extra = "[cluster]\nnode_id = \"the-node\"\n";
+    let text = common::config_text(&upstream.base_url(), dir.path(), 30, extra);
+    std::fs::write(&config, text).unwrap();
+    let mut p = common::spawn_agentd(&config).await;
+    let c = p.client();
+    let (status, text) = post_text(
+        &c,
+        "/v1/responses",
+        json!({"model": "assistant", "input": "tokens=8", "stream": true}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let before = responses_events(&text);
+    let numbers: Vec<u64> = before
+        .iter()
+        .filter_map(|v| v["sequence_number"].as_u64())
+        .collect();
+    assert_eq!(numbers, (0..before.len() as u64).collect::<Vec<_>>());
+    assert_eq!(before[0]["type"], "response.created");
+    assert_eq!(before.last().expect("events")["type"], "response.completed");
+    let id = before[0]["response"]["id"].as_str().unwrap().to_string();
+    // A background response cut by kill -9 mid-stream, resumed by the next process.
+    let (status, body) = c
+        .post(
+            "/v1/responses",
+            json!({"model": "assistant", "input": "tokens=40 delay_ms=25", "background": true}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let cut = body["id"].as_str().unwrap().to_string();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    p.kill_9();
+
+    let p = common::spawn_agentd(&config).await;
+    let c = p.client();
+    let (status, text) = get_text(
+        &c,
+        &format!("/v1/responses/{id}?stream=true&starting_after=4"),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(responses_events(&text), before[5..].to_vec());
+    let (status, body) = c.get(&format!("/v1/responses/{id}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["status"], "completed");
+    assert_eq!(
+        body["output"][0]["content"][0]["text"],
+        "tok0 tok1 tok2 tok3 tok4 tok5 tok6 tok7"
+    );
+    // The cut response goes on in the new process; its stream, read whole and resumed, numbers alike.
+    let (_, whole) = get_text(&c, &format!("/v1/responses/{cut}?stream=true")).await;
+    let whole = responses_events(&whole);
+    assert_eq!(
+        whole.last().unwrap()["type"],
+        "response.completed",
+        "{whole:?}"
+    );
+    let (_, rest) = get_text(
+        &c,
+        &format!("/v1/responses/{cut}?stream=true&starting_after=9"),
+    )
+    .await;
+    assert_eq!(responses_events(&rest), whole[10..].to_vec());
+    let (status, _) = c.call("DELETE", &format!("/v1/responses/{id}"), None).await;
+    assert_eq!(status, 200);
+    let (status, body) = c.get(&format!("/v1/responses/{id}")).await;
+    assert_eq!(status, 404, "{body}");
+}
+
+/// `GET /v1/responses/{id}` until `done` holds (at most 20 s).
+async fn poll(c: &common::Client, id: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (_, r) = c.get(&format!("/v1/responses/{id}")).await;
+        if done(&r) {
+            return r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "response {id} stayed {r}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn ask_human_is_an_mcp_call_answered_through_the_native_api() {
+    let server = Server::start().await;
+    let c = server.client();
+    server.upstream.push(agentd_testkit::Reply::tool_call(
+        "call_q",
+        "ask_human",
+        r#"{"question": "Which colour?"}"#,
+    ));
+    let (status, body) = c
+        .post(
+            "/v1/responses",
+            json!({"model": "assistant", "input": "ask me", "background": true}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let id = body["id"].as_str().unwrap().to_string();
+    let waiting = poll(&c, &id, |r| {
+        r["metadata"]["agentd_input_request_id"].is_string()
+    })
+    .await;
+    assert_eq!(waiting["status"], "in_progress");
+    assert_eq!(
+        waiting["metadata"]["agentd_input_question"],
+        "Which colour?"
+    );
+    let item = &waiting["output"][0];
+    assert_eq!(item["type"], "mcp_call");
+    assert_eq!(item["name"], "ask_human");
+    assert_eq!(item["status"], "in_progress");
+    let (session, run) = (
+        waiting["metadata"]["agentd_session_id"].as_str().unwrap(),
+        waiting["metadata"]["agentd_run_id"].as_str().unwrap(),
+    );
+    let (status, body) = c
+        .post(
+            &format!("/v1/sessions/{session}/runs/{run}/input"),
+            json!({"request_id": waiting["metadata"]["agentd_input_request_id"], "content": "blue"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let done = poll(&c, &id, |r| r["status"] == "completed").await;
+    assert_eq!(done["output"][0]["output"], "blue");
+    assert_eq!(done["output"][0]["status"], "completed");
+    assert!(done["metadata"].get("agentd_input_request_id").is_none());
+    assert_eq!(
+        done["output"][1]["content"][0]["text"],
+        "The result is blue."
+    );
+}
