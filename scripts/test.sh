@@ -93,6 +93,9 @@ step "browser end-to-end"
 ./scripts/e2e.sh
 step "benchmark harness smoke run"
 ./scripts/bench.sh --quick
+# The OpenAI streams beside the native WebSocket (BENCHMARKS.md): the harness works; the figures mean nothing.
+"$CARGO_TARGET_DIR/debug/agentd-bench" surfaces --agentd-bin "$CARGO_TARGET_DIR/debug/agentd" \
+    --streams 5 --tokens 50 --rounds 1 --out bench-results/tmp
 step "soak (30 s)"
 ./scripts/soak.sh --duration 30 --sessions 100 --kill-every 10
 step "fuzz smoke run (each target a few seconds; started at the beginning)"

@@ -286,3 +286,46 @@ async fn ask_human_is_an_mcp_call_answered_through_the_native_api() {
         "The result is blue."
     );
 }
+
+#[tokio::test]
+async fn a_chat_whose_client_hung_up_mid_stream_still_continues() {
+    let server = Server::start().await;
+    let c = server.client();
+    let first = json!([{"role": "user", "content": "tokens=30 delay_ms=20"}]);
+    let mut resp = c
+        .http
+        .post(format!("{}/v1/chat/completions", c.base))
+        .json(&json!({"model": "assistant", "messages": first, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let first_bytes = resp.chunk().await.unwrap().unwrap_or_default();
+    assert!(String::from_utf8_lossy(&first_bytes).contains("chat.completion.chunk"));
+    drop(resp); // the client goes away mid-stream; the turn goes on
+    let (_, sessions) = c.get("/v1/sessions").await;
+    let session = sessions[0]["id"].as_str().unwrap().to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while c.get(&format!("/v1/sessions/{session}")).await.1["active_run_id"].is_string() {
+        assert!(std::time::Instant::now() < deadline, "the run did not end");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let answer: String = (0..30)
+        .map(|i| format!("tok{i}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let (status, body) = c
+        .post(
+            "/v1/chat/completions",
+            json!({"model": "assistant", "messages": [
+                {"role": "user", "content": "tokens=30 delay_ms=20"},
+                {"role": "assistant", "content": answer},
+                {"role": "user", "content": "and then?"},
+            ]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["message"]["content"], "echo: and then?");
+    let (_, sessions) = c.get("/v1/sessions").await;
+    assert_eq!(sessions.as_array().map(Vec::len), Some(1), "{sessions}");
+}

@@ -8,13 +8,15 @@
 //!   (metadata `{"source": "chat.completions"}`) holding the whole conversation.
 //! - **Client tools.** Function tools in `tools` are the client's: offered to the model, never run here; a
 //!   model call naming one ends the turn with `finish_reason: "tool_calls"`.
-//! - A task follows the run to its end whatever the client does, so the key is stored (before the client
-//!   gets the end) even when the client hung up mid-stream.
+//! - The response follows the run itself (a stream writes what is ready at each poll); the key is stored
+//!   before the client gets the end, and a response dropped before the end (the client hung up) hands the
+//!   following to a task, so the key is stored whatever the client does.
 
 use agentd_core::domain::{Role, RunStatus, ToolCall, Usage};
-use agentd_core::event::EventKind;
+use agentd_core::event::{EventKind, LoggedEvent};
 use agentd_core::provider::ToolSpec;
 use agentd_core::service::{Agentd, Principal, PriorMessage, SendMessage};
+use agentd_core::store::StoreError;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
@@ -24,7 +26,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
-use tokio::sync::mpsc;
 
 use super::render::{client_calls, run_error, sse_response, usage_json, RunEvents, KEEP_ALIVE};
 use super::{agent_of, now_seconds, OaiCaller, OaiError, OaiResult};
@@ -325,7 +326,7 @@ pub fn client_tools(
         .collect()
 }
 
-/// What the following task hands the response: deltas, then one end.
+/// What following the run gives the response: deltas, then one end.
 enum Piece {
     Text(String),
     Reasoning(String),
@@ -377,17 +378,16 @@ pub async fn completions(
     let attached = st.app.attach(&p, &session_id, None).await?;
     let accepted = st.app.send(&p, &session_id, send).await?;
     let run_id = accepted.run.id.clone();
-    let events = RunEvents::new(attached.subscription, session_id, run_id.clone());
-    let (tx, rx) = mpsc::channel(256);
-    tokio::spawn(follow(
-        st.app.clone(),
-        p.name.clone(),
-        req.model.clone(),
-        all,
-        events,
-        tool_names,
-        tx,
-    ));
+    let follower = Follower {
+        app: st.app.clone(),
+        principal: p.name.clone(),
+        model: req.model.clone(),
+        turns: all,
+        events: RunEvents::new(attached.subscription, session_id, run_id.clone()),
+        client: tool_names,
+        calls: None,
+        reasoning: String::new(),
+    };
     let meta = Meta {
         id: format!("chatcmpl-{run_id}"),
         created: now_seconds(),
@@ -395,91 +395,132 @@ pub async fn completions(
     };
     if req.stream {
         let usage = req.stream_options.is_some_and(|o| o.include_usage);
-        Ok(stream_response(meta, rx, usage, st.closing.clone()))
+        Ok(stream_response(meta, follower, usage, st.closing.clone()))
     } else {
-        whole_response(meta, rx).await
+        // On a task of its own: a client that hangs up does not stop the key from being stored.
+        match tokio::spawn(follower.finish()).await {
+            Ok(end) => whole_response(meta, end),
+            Err(e) => Err(OaiError::new(
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                format!("following the run failed: {e}"),
+            )),
+        }
     }
 }
 
 /// Follows the run to its end: hands its deltas on while the client listens, stores the continuation key of a
 /// completed turn, then hands on the end.
-async fn follow(
+/// Follows the run to its end: its deltas, then (having stored the continuation key of a completed turn, before
+/// the client can see the end and send its next request) the end. A response that goes away before the end
+/// hands its follower to a task ([`Follower::finish`]), so the key is stored whatever the client does.
+struct Follower {
     app: Arc<Agentd>,
     principal: String,
     model: String,
-    mut turns: Vec<Turn>,
-    mut events: RunEvents,
+    turns: Vec<Turn>,
+    events: RunEvents,
     client: Vec<String>,
-    tx: mpsc::Sender<Piece>,
-) {
-    let mut calls: Option<Vec<ToolCall>> = None;
-    let mut reasoning = String::new();
-    let mut listening = true;
-    let end = loop {
-        let ev = match events.next().await {
-            Ok(Some(ev)) => ev,
-            Ok(None) | Err(_) => {
-                break End {
-                    error: Some(OaiError::new(
-                        axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                        "server_error",
-                        "the run's events could not be read to its end",
-                    )),
-                    content: String::new(),
-                    reasoning,
-                    calls: None,
-                    usage: Usage::default(),
-                }
-            }
-        };
+    calls: Option<Vec<ToolCall>>,
+    reasoning: String,
+}
+
+impl Follower {
+    /// The piece an event of the run makes, if any.
+    fn piece(&mut self, ev: &LoggedEvent) -> Option<Piece> {
         if ev.event.is_subagent {
-            continue;
+            return None;
         }
-        let piece = match &ev.event.kind {
-            EventKind::TextDelta { delta } => Piece::Text(delta.clone()),
+        match &ev.event.kind {
+            EventKind::TextDelta { delta } => Some(Piece::Text(delta.clone())),
             EventKind::ThinkingDelta { delta, .. } => {
-                reasoning.push_str(delta);
-                Piece::Reasoning(delta.clone())
+                self.reasoning.push_str(delta);
+                Some(Piece::Reasoning(delta.clone()))
             }
             EventKind::Message { message } if message.role == Role::Assistant => {
-                calls = client_calls(message, &client);
-                continue;
+                self.calls = client_calls(message, &self.client);
+                None
             }
             EventKind::RunFinished { run, content, .. } => {
                 let error = match run.status {
                     RunStatus::Completed | RunStatus::Cancelled => None,
                     s => Some(run_error(s, run.error.as_ref())),
                 };
-                break End {
+                Some(Piece::End(End {
                     error,
                     content: content.clone(),
-                    reasoning,
-                    calls: calls.take(),
+                    reasoning: std::mem::take(&mut self.reasoning),
+                    calls: self.calls.take(),
                     usage: run.usage,
-                };
+                }))
             }
-            _ => continue,
-        };
-        if listening && tx.send(piece).await.is_err() {
-            listening = false; // the client went away; the run goes on, and its key is still stored
-        }
-    };
-    if end.error.is_none() {
-        let mut answer = Turn::new(Role::Assistant, end.content.clone());
-        answer.tool_calls = end
-            .calls
-            .iter()
-            .flatten()
-            .map(|c| (c.id.clone(), c.name.clone(), c.arguments.clone()))
-            .collect();
-        turns.push(answer);
-        let key = chat_key(&principal, &model, &turns);
-        let session_id = events.session_id();
-        if let Err(e) = app.store.put_alias(&key, session_id).await {
-            tracing::warn!(session = %session_id, error = %e, "could not store a chat's continuation key");
+            _ => None,
         }
     }
-    let _ = tx.send(Piece::End(end)).await;
+
+    /// The piece a read of the log makes, if any (the end, when the log fails).
+    async fn step(&mut self, read: Result<Option<Arc<LoggedEvent>>, StoreError>) -> Option<Piece> {
+        let ev = match read {
+            Ok(Some(ev)) => ev,
+            Ok(None) | Err(_) => {
+                return Some(Piece::End(End {
+                    error: Some(OaiError::new(
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                        "server_error",
+                        "the run's events could not be read to its end",
+                    )),
+                    content: String::new(),
+                    reasoning: std::mem::take(&mut self.reasoning),
+                    calls: None,
+                    usage: Usage::default(),
+                }))
+            }
+        };
+        let piece = self.piece(&ev)?;
+        Some(self.settled(piece).await)
+    }
+
+    /// The next piece if one is ready now.
+    async fn try_next(&mut self) -> Option<Piece> {
+        while let Some(ev) = self.events.try_next() {
+            if let Some(piece) = self.piece(&ev) {
+                return Some(self.settled(piece).await);
+            }
+        }
+        None
+    }
+
+    /// At the end of a completed turn, the key that continues its session is stored first.
+    async fn settled(&mut self, piece: Piece) -> Piece {
+        if let Piece::End(end) = &piece {
+            if end.error.is_none() {
+                let mut answer = Turn::new(Role::Assistant, end.content.clone());
+                answer.tool_calls = end
+                    .calls
+                    .iter()
+                    .flatten()
+                    .map(|c| (c.id.clone(), c.name.clone(), c.arguments.clone()))
+                    .collect();
+                self.turns.push(answer);
+                let key = chat_key(&self.principal, &self.model, &self.turns);
+                let session_id = self.events.session_id();
+                if let Err(e) = self.app.store.put_alias(&key, session_id).await {
+                    tracing::warn!(session = %session_id, error = %e, "could not store a chat's continuation key");
+                }
+            }
+        }
+        piece
+    }
+
+    /// Follows the run to its end and returns the end.
+    async fn finish(mut self) -> End {
+        loop {
+            let read = self.events.next().await;
+            if let Some(Piece::End(end)) = self.step(read).await {
+                return end;
+            }
+        }
+    }
 }
 
 struct Meta {
@@ -541,7 +582,8 @@ fn calls_json(calls: &[ToolCall], indexed: bool) -> Value {
 /// `chat.completion.chunk` events, then `data: [DONE]`. Each write carries every piece that is ready; a text
 /// delta's chunk is formatted from two fixed halves around the escaped delta (the token path: no JSON tree).
 struct ChatStream {
-    rx: mpsc::Receiver<Piece>,
+    /// Taken by a task when the response is dropped before the end.
+    follower: Option<Follower>,
     meta: Meta,
     include_usage: bool,
     head: String,
@@ -553,7 +595,7 @@ struct ChatStream {
 const TAIL: &str = "},\"logprobs\":null,\"finish_reason\":null}]}";
 
 impl ChatStream {
-    fn new(meta: Meta, rx: mpsc::Receiver<Piece>, include_usage: bool) -> ChatStream {
+    fn new(meta: Meta, follower: Follower, include_usage: bool) -> ChatStream {
         let usage_null = if include_usage { ",\"usage\":null" } else { "" };
         let head = format!(
             "data: {{\"id\":{},\"object\":\"chat.completion.chunk\",\"created\":{},\"model\":{},\"system_fingerprint\":null{usage_null},\"choices\":[{{\"index\":0,\"delta\":{{",
@@ -563,7 +605,7 @@ impl ChatStream {
         );
         let first = meta.chunk(json!({"role": "assistant", "content": ""}), None, None);
         ChatStream {
-            rx,
+            follower: Some(follower),
             meta,
             include_usage,
             head,
@@ -631,48 +673,60 @@ impl ChatStream {
         if self.ended {
             return None;
         }
+        let follower = self.follower.as_mut()?;
+        // Only the wait for an event is timed (a read of the log can be given up and made again); what it
+        // makes is not.
+        let piece = loop {
+            let read = match tokio::time::timeout(KEEP_ALIVE, follower.events.next()).await {
+                Err(_) => return Some(": keep-alive\n\n".to_string()),
+                Ok(read) => read,
+            };
+            if let Some(piece) = follower.step(read).await {
+                break piece;
+            }
+        };
         let mut buf = String::new();
-        match tokio::time::timeout(KEEP_ALIVE, self.rx.recv()).await {
-            Err(_) => return Some(": keep-alive\n\n".to_string()),
-            Ok(None) => return None,
-            Ok(Some(piece)) => self.write(piece, &mut buf),
-        }
+        self.write(piece, &mut buf);
         while !self.ended {
-            match self.rx.try_recv() {
-                Ok(piece) => self.write(piece, &mut buf),
-                Err(_) => break,
+            let Some(follower) = self.follower.as_mut() else {
+                break;
+            };
+            match follower.try_next().await {
+                Some(piece) => self.write(piece, &mut buf),
+                None => break,
             }
         }
         Some(buf)
     }
 }
 
+/// A response dropped before the run's end (the client went away) leaves its follower to a task.
+impl Drop for ChatStream {
+    fn drop(&mut self) {
+        if self.ended {
+            return;
+        }
+        if let Some(follower) = self.follower.take() {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(follower.finish());
+            }
+        }
+    }
+}
+
 fn stream_response(
     meta: Meta,
-    rx: mpsc::Receiver<Piece>,
+    follower: Follower,
     include_usage: bool,
     closing: tokio_util::sync::CancellationToken,
 ) -> Response {
-    let state = ChatStream::new(meta, rx, include_usage);
+    let state = ChatStream::new(meta, follower, include_usage);
     let body = stream::unfold(state, |mut s| async move { s.next().await.map(|b| (b, s)) });
     sse_response(body, closing)
 }
 
 /// A whole `chat.completion`, once the run has ended.
-async fn whole_response(meta: Meta, mut rx: mpsc::Receiver<Piece>) -> OaiResult<Response> {
-    let end = loop {
-        match rx.recv().await {
-            Some(Piece::End(end)) => break end,
-            Some(_) => continue,
-            None => {
-                return Err(OaiError::new(
-                    axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-                    "server_error",
-                    "the run's end was not seen",
-                ))
-            }
-        }
-    };
+fn whole_response(meta: Meta, end: End) -> OaiResult<Response> {
     if let Some(e) = end.error {
         return Err(e);
     }
