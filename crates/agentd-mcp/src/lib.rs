@@ -43,6 +43,22 @@ use tokio_util::sync::CancellationToken;
 /// HTTP). A larger one is dropped by the SDK and its call times out.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
+/// An error and its causes, `outer: inner: ...` (transport errors hide the cause, a refused connection or a
+/// failed TLS handshake, in their sources). Repeated messages are skipped.
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
 /// Where a server is in its life (`GET /v1/mcp`'s `state`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum State {
@@ -237,7 +253,10 @@ impl Server {
             }
             Ok(Err(e)) => {
                 self.count("error");
-                ToolOutput::err(format!("MCP server `{server}` failed the call: {e}"))
+                ToolOutput::err(format!(
+                    "MCP server `{server}` failed the call: {}",
+                    chain(&e)
+                ))
             }
             Ok(Ok(result)) => {
                 let out = content::to_output(&result, max_bytes);
@@ -275,6 +294,8 @@ impl McpHub {
         if config.mcp_servers.is_empty() {
             return None;
         }
+        // https for streamable HTTP servers: rustls with ring (already installed by someone else is fine).
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let shutdown = CancellationToken::new();
         let servers: Vec<Arc<Server>> = config
             .mcp_servers

@@ -160,7 +160,7 @@ async fn start(server: &Server) -> Result<Conn, String> {
             let service = handler
                 .serve(transport)
                 .await
-                .map_err(|e| format!("initialize failed: {e}"))?;
+                .map_err(|e| format!("initialize failed: {}", crate::chain(&e)))?;
             (service, Some(guard))
         }
         McpTransport::Http { url, headers } => {
@@ -184,7 +184,7 @@ async fn start(server: &Server) -> Result<Conn, String> {
             let service = handler
                 .serve(transport)
                 .await
-                .map_err(|e| format!("cannot connect to {url}: {e}"))?;
+                .map_err(|e| format!("cannot connect to {url}: {}", crate::chain(&e)))?;
             (service, None)
         }
     };
@@ -217,7 +217,7 @@ async fn list(server: &Server, peer: &Peer<RoleClient>) -> Result<Vec<Listed>, S
     let tools = peer
         .list_all_tools()
         .await
-        .map_err(|e| format!("tools/list failed: {e}"))?;
+        .map_err(|e| format!("tools/list failed: {}", crate::chain(&e)))?;
     let mut seen = HashSet::new();
     let mut out = Vec::with_capacity(tools.len());
     for t in tools {

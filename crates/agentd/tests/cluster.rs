@@ -344,6 +344,59 @@ async fn a_node_frozen_past_its_lease_adds_nothing_to_the_log_when_it_wakes() {
     b.kill_9();
 }
 
+/// An approval a run on node a waits for is decided through node b (the decision travels in the `Reply`
+/// command to a); a second answer through b is 409 (b reads the request in the shared log), an unknown one 404.
+#[tokio::test]
+async fn an_approval_on_one_node_is_decided_through_another() {
+    let (db, upstream, dir) = shared().await;
+    let config = |node: &str| {
+        let path = dir.path().join(format!("{node}.toml"));
+        // Right after the base config's agent: its `approve` list.
+        let extra =
+            format!("approve = [\"calculator\"]\n\n[cluster]\nnode_id = \"{node}\"\nlease_s = 2\n");
+        let text =
+            common::config_text_on(db.url(), &upstream.base_url(), dir.path(), 30, &extra, "");
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let mut a = spawn_agentd(&config("a")).await;
+    let mut b = spawn_agentd(&config("b")).await;
+    let (ca, cb) = (a.client(), b.client());
+    let session = ca.session().await;
+    upstream.push(agentd_testkit::Reply::tool_call(
+        "c1",
+        "calculator",
+        r#"{"expression": "6*7"}"#,
+    ));
+    let mut ws = ca.ws(&session, "").await;
+    ws.next().await;
+    ws.send(json!({"type": "message", "content": "compute"}))
+        .await;
+    let asked = ws
+        .until(|f| f["type"] == "approval_requested")
+        .await
+        .pop()
+        .unwrap();
+    let run = asked["run_id"].as_str().unwrap().to_string();
+    let request_id = asked["request_id"].as_str().unwrap().to_string();
+    let path = |r: &str| format!("/v1/sessions/{session}/runs/{run}/approvals/{r}");
+    let (status, body) = cb.post(&path("nope"), json!({"decision": "allow"})).await;
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = cb
+        .post(&path(&request_id), json!({"decision": "allow"}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    wait_status(&ca, &session, &run, "completed").await;
+    let messages = ca.messages(&session).await;
+    assert_eq!(messages.last().unwrap()["content"], "The result is 42.");
+    let (status, body) = cb
+        .post(&path(&request_id), json!({"decision": "deny"}))
+        .await;
+    assert_eq!(status, 409, "{body}");
+    a.kill_9();
+    b.kill_9();
+}
+
 /// Commands reach a run wherever it executes: with a run going on a, a client of b sees it active in its
 /// hello, is refused a `multitask = reject` send, answers the run's question, and cancels it, each through b.
 #[tokio::test]

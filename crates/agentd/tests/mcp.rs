@@ -192,9 +192,10 @@ impl Drop for HttpEverything {
 async fn everything_over_stdio_and_streamable_http() {
     let http = HttpEverything::start().await;
     let extra = format!(
-        "{}\n[mcp_servers.evh]\nurl = \"{}\"\n",
+        "{}\n[mcp_servers.evh]\nurl = \"{}\"\n\n[mcp_servers.evs]\nurl = \"{}\"\nstartup_timeout_s = 5\n",
         stdio_server("ev", &[&everything_js(), "stdio"], ""),
-        http.url
+        http.url,
+        http.url.replacen("http://", "https://", 1)
     );
     let server =
         Server::start_with(with_tools(&extra, &["calculator", "ev__*", "evh__get-sum"])).await;
@@ -204,6 +205,10 @@ async fn everything_over_stdio_and_streamable_http() {
     assert_eq!(ev["transport"], "stdio");
     assert_eq!(evh["transport"], "http");
     assert!(ev["protocol_version"].is_string(), "{ev}");
+    // An https URL whose server speaks plain HTTP cannot connect: `failed`, naming the URL; the others work.
+    let evs = wait_server(&c, "evs", |s| s["state"] == "failed").await;
+    let error = evs["last_error"].as_str().unwrap();
+    assert!(error.contains("cannot connect to https://"), "{evs}");
     let ev_tools: Vec<&str> = ev["tools"]
         .as_array()
         .unwrap()
@@ -591,7 +596,7 @@ async fn slow_and_broken_servers_with_the_real_binary() {
     let upstream = agentd_testkit::MockUpstream::start().await;
     let extra = format!(
         "{}\n{}\n[mcp_servers.broken]\ncommand = \"/nonexistent/mcp-server\"\n\n[[agents]]\nname = \"mcp\"\nprovider = \"upstream\"\nmodel = \"mock-model\"\ntools = [\"slow__*\", \"broken__*\", \"noisy__ok\"]\n",
-        stdio_server("slow", &[&misbehave_js(), "--slow-start", "3000"], "startup_timeout_s = 20"),
+        stdio_server("slow", &[&misbehave_js(), "--slow-start", "8000"], "startup_timeout_s = 20"),
         stdio_server("noisy", &[&misbehave_js(), "--stderr-flood", "500"], ""),
     );
     let text = common::config_text(&upstream.base_url(), dir.path(), 30, &extra);
@@ -625,7 +630,7 @@ async fn slow_and_broken_servers_with_the_real_binary() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(
-        started.elapsed() < Duration::from_secs(3),
+        started.elapsed() < Duration::from_secs(5),
         "a slow MCP server delayed agentd: {:?}",
         started.elapsed()
     );
