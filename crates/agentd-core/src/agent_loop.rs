@@ -20,7 +20,7 @@ use crate::domain::{
 use crate::event::{EventKind, NewEvent};
 use crate::event_log::{EventLog, LogError};
 use crate::metrics::{Metrics, ModelMetrics, ToolOutcome};
-use crate::provider::{ModelEvent, ModelMessage, ModelRequest, Provider, ProviderError};
+use crate::provider::{ModelEvent, ModelMessage, ModelRequest, Provider, ProviderError, ToolSpec};
 use crate::registry::{ToolRegistry, TurnTool, TurnTools};
 use crate::think::{Piece, ThinkSplitter};
 use crate::tools::{HumanInput, ToolContext, ToolOutput};
@@ -355,7 +355,7 @@ impl<'a> Turn<'a> {
                 .partition(|c| self.spec.client_tools.iter().any(|t| t.name == c.name));
             if !theirs.is_empty() {
                 // The client runs its calls; the agent's own calls in the same response run now.
-                let results = self.run_tools(&own, &builtins, step).await?;
+                let results = self.run_tools(&own, &tools, step).await?;
                 for (call, out) in own.iter().zip(results) {
                     self.store_tool_result(call, &out).await?;
                 }
