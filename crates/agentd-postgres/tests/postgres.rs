@@ -38,7 +38,7 @@ async fn nodes_starting_at_once_apply_the_schema_once() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(versions, vec![4]);
+    assert_eq!(versions, vec![5]);
     // They share one database: what one writes, the others read, and numbering is shared.
     let s = new_session(&stores[0], "alice").await;
     assert_eq!(stores[5].get_session(&s.id).await.unwrap(), Some(s.clone()));
@@ -68,7 +68,8 @@ async fn a_version_1_database_gains_the_uploads_table_and_the_node_registry() {
     raw(&db)
         .await
         .batch_execute(
-            "DROP TABLE uploads; DROP TABLE nodes; DROP TABLE commands; ALTER TABLE runs DROP COLUMN node;
+            "DROP TABLE uploads; DROP TABLE nodes; DROP TABLE commands; DROP TABLE aliases;
+             ALTER TABLE runs DROP COLUMN node;
              UPDATE agentd_schema SET version = 1",
         )
         .await
