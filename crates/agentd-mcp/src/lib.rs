@@ -253,6 +253,14 @@ impl Server {
             }
             Ok(Err(e)) => {
                 self.count("error");
+                // The connection may be gone (an HTTP server that went away does not end the session by
+                // itself): the supervisor checks.
+                if matches!(
+                    e,
+                    rmcp::ServiceError::TransportSend(_) | rmcp::ServiceError::TransportClosed
+                ) {
+                    self.suspect.notify_one();
+                }
                 ToolOutput::err(format!(
                     "MCP server `{server}` failed the call: {}",
                     chain(&e)

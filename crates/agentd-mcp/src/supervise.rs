@@ -315,12 +315,19 @@ async fn serve(server: &Server, conn: Conn, shutdown: &CancellationToken) -> Str
                 }
             }
             _ = server.suspect.notified() => {
-                if tokio::time::timeout(HEALTH_TIMEOUT, peer.list_all_tools()).await.is_err() {
-                    stop.cancel();
-                    return format!(
-                        "stopped answering (a call timed out, then tools/list got no answer within {} s)",
-                        HEALTH_TIMEOUT.as_secs()
-                    );
+                match tokio::time::timeout(HEALTH_TIMEOUT, peer.list_all_tools()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        stop.cancel();
+                        return format!("the connection failed: {}", crate::chain(&e));
+                    }
+                    Err(_) => {
+                        stop.cancel();
+                        return format!(
+                            "stopped answering (a call timed out, then tools/list got no answer within {} s)",
+                            HEALTH_TIMEOUT.as_secs()
+                        );
+                    }
                 }
             }
         }

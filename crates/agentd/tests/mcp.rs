@@ -151,7 +151,10 @@ struct HttpEverything {
 
 impl HttpEverything {
     async fn start() -> HttpEverything {
-        let port = common::free_port();
+        Self::start_on(common::free_port()).await
+    }
+
+    async fn start_on(port: u16) -> HttpEverything {
         let child = std::process::Command::new("node")
             .arg(everything_js())
             .arg("streamableHttp")
@@ -300,6 +303,7 @@ async fn everything_over_stdio_and_streamable_http() {
     let evh = server_status(&c, "evh").await;
     assert_eq!(ev["calls"]["ok"], 1, "{ev}");
     assert_eq!(evh["calls"]["ok"], 1, "{evh}");
+
     let (_, metrics) = c.get("/metrics").await;
     let text = metrics.as_str().unwrap_or_default();
     assert!(
@@ -314,6 +318,48 @@ async fn everything_over_stdio_and_streamable_http() {
         text.contains(r#"agentd_tool_calls_total{outcome="success",tool="ev__echo"} 1"#),
         "{text}"
     );
+
+    // The HTTP server goes away: its call fails naming it, agentd notices and reconnects (with back-off) once
+    // it is back on its port, and lists its tools again.
+    let port: u16 = http
+        .url
+        .trim_start_matches("http://127.0.0.1:")
+        .trim_end_matches("/mcp")
+        .parse()
+        .unwrap();
+    drop(http);
+    let (done, _) = call_through_turn(
+        &server,
+        &session,
+        3,
+        "c3",
+        "evh__get-sum",
+        json!({"a": 1, "b": 1}),
+    )
+    .await;
+    assert_eq!(done["success"], false, "{done}");
+    assert!(
+        done["result"]
+            .as_str()
+            .unwrap()
+            .contains("MCP server `evh`"),
+        "{done}"
+    );
+    wait_server(&c, "evh", |s| s["state"] != "ready").await;
+    let _http = HttpEverything::start_on(port).await;
+    let evh = wait_server(&c, "evh", |s| s["state"] == "ready").await;
+    assert!(evh["restarts"].as_u64() >= Some(1), "{evh}");
+    let (done, _) = call_through_turn(
+        &server,
+        &session,
+        4,
+        "c4",
+        "evh__get-sum",
+        json!({"a": 20, "b": 22}),
+    )
+    .await;
+    assert_eq!(done["success"], true, "{done}");
+    assert!(done["result"].as_str().unwrap().contains("42"), "{done}");
 }
 
 /// server-filesystem reads a file inside the directory it was given, and refuses one outside.
