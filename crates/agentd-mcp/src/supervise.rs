@@ -94,6 +94,10 @@ pub(crate) async fn supervise(server: Arc<Server>, shutdown: CancellationToken) 
             _ = shutdown.cancelled() => return,
             r = tokio::time::timeout(startup, start(&server)) => r,
         };
+        if !matches!(started, Ok(Ok(_))) {
+            // Ready marks it inside `start`; a failed first start settles here.
+            server.settled.send_replace(true);
+        }
         let ended = match started {
             Ok(Ok(conn)) => {
                 let up = Instant::now();
@@ -207,6 +211,7 @@ async fn start(server: &Server) -> Result<Conn, String> {
         live.last_error = None;
     }
     server.set_state(State::Ready, None);
+    server.settled.send_replace(true);
     let n = server.live().tools.len();
     tracing::info!(mcp_server = %server.name(), tools = n, "MCP server `{}` is ready with {n} tools", server.name());
     Ok(conn)

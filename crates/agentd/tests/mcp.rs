@@ -937,9 +937,16 @@ async fn an_approval_survives_a_restart_and_times_out_as_a_denial() {
     let mut ws = c2.ws(&session, "after=0").await;
     ws.next().await;
     next_of(&mut ws, "run_resumed").await;
-    let (_, r) = c2.get(&format!("/v1/sessions/{session}/runs/{run}")).await;
-    assert_eq!(r["status"], "waiting_input", "{r}");
-    ready(&c2, "m").await;
+    // The resumed run waits for its MCP server's first start, then for the decision again.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, r) = c2.get(&format!("/v1/sessions/{session}/runs/{run}")).await;
+        if r["status"] == "waiting_input" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{r}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let (status, body) = c2
         .post(
             &format!("/v1/sessions/{session}/runs/{run}/approvals/{request_id}"),
@@ -991,5 +998,46 @@ async fn an_approval_survives_a_restart_and_times_out_as_a_denial() {
         "{done}"
     );
     assert_eq!(server_status(&c2, "m").await["calls"]["total"], 1);
+    p2.kill_9();
+}
+
+/// A read-only MCP call in flight when the process is killed runs again after the restart (SPEC.md section 4:
+/// tools annotated `readOnlyHint` are safe to repeat), once its server is back: the resumed run waits for the
+/// servers' first start instead of judging the call against an empty tool list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_mcp_call_in_flight_at_a_kill_runs_again_after_the_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = agentd_testkit::MockUpstream::start().await;
+    let log = dir.path().join("misbehave.log");
+    let env = format!(
+        "env = {{ MISBEHAVE_LOG = {:?} }}",
+        log.display().to_string()
+    );
+    let extra = format!(
+        "{}\n[[agents]]\nname = \"mcp\"\nprovider = \"upstream\"\nmodel = \"mock-model\"\ntools = [\"m__*\"]\n\n[cluster]\nnode_id = \"the-node\"\n",
+        stdio_server("m", &[&misbehave_js()], &env),
+    );
+    let text = common::config_text(&upstream.base_url(), dir.path(), 30, &extra);
+    let config = dir.path().join("agentd.toml");
+    std::fs::write(&config, text).unwrap();
+    let mut p = common::spawn_agentd(&config).await;
+    let c = p.client();
+    ready(&c, "m").await;
+    let session = mcp_session(&c).await;
+    upstream.push(Reply::tool_call("l1", "m__second_life", "{}"));
+    let run = c.send_bg(&session, "go").await;
+    let mut ws = c.ws(&session, "after=0").await;
+    ws.next().await;
+    next_of(&mut ws, "tool_started").await;
+    p.kill_9();
+
+    let mut p2 = common::spawn_agentd(&config).await;
+    let c2 = p2.client();
+    let done = c2.wait_run(&session, &run).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let all = events(&c2, &session, 1).await;
+    let finished = finished_call(&all, "l1");
+    assert_eq!(finished["success"], true, "{finished}");
+    assert_eq!(finished["result"], "second life", "{finished}");
     p2.kill_9();
 }
