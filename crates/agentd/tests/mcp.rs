@@ -426,6 +426,20 @@ async fn filesystem_reads_inside_its_directory_only() {
     );
 }
 
+/// The `env` key that makes misbehave.js record its starts and the cancellations it receives in `dir`.
+fn log_env(dir: &Path) -> String {
+    let log = dir.join("misbehave.log").display().to_string();
+    format!("env = {{ MISBEHAVE_LOG = {log:?} }}")
+}
+
+/// The config file of a real agentd process on `dir` (`extra` after the base config).
+fn binary_config(dir: &Path, upstream: &agentd_testkit::MockUpstream, extra: &str) -> PathBuf {
+    let text = common::config_text(&upstream.base_url(), dir, 30, extra);
+    let config = dir.join("agentd.toml");
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
 fn misbehave_log(dir: &Path) -> Vec<Value> {
     std::fs::read_to_string(dir.join("misbehave.log"))
         .unwrap_or_default()
@@ -456,11 +470,7 @@ async fn server_told_to_cancel(dir: &Path) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_misbehaving_server_never_stops_the_rest() {
     let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("misbehave.log");
-    let env = format!(
-        "timeout_s = 2\nenv = {{ MISBEHAVE_LOG = {:?} }}",
-        log.display().to_string()
-    );
+    let env = format!("timeout_s = 2\n{}", log_env(dir.path()));
     let extra = format!(
         "{}\n{}",
         stdio_server("bad", &[&misbehave_js()], &env),
@@ -589,11 +599,7 @@ async fn a_misbehaving_server_never_stops_the_rest() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_a_run_cancels_its_mcp_call() {
     let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("misbehave.log");
-    let env = format!(
-        "env = {{ MISBEHAVE_LOG = {:?} }}",
-        log.display().to_string()
-    );
+    let env = log_env(dir.path());
     let server = Server::start_with(with_tools(
         &stdio_server("bad", &[&misbehave_js()], &env),
         &["bad__*"],
@@ -645,9 +651,7 @@ async fn slow_and_broken_servers_with_the_real_binary() {
         stdio_server("slow", &[&misbehave_js(), "--slow-start", "8000"], "startup_timeout_s = 20"),
         stdio_server("noisy", &[&misbehave_js(), "--stderr-flood", "500"], ""),
     );
-    let text = common::config_text(&upstream.base_url(), dir.path(), 30, &extra);
-    let config = dir.path().join("agentd.toml");
-    std::fs::write(&config, text).unwrap();
+    let config = binary_config(dir.path(), &upstream, &extra);
     let stderr = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
     let port = common::free_port();
     let started = Instant::now();
@@ -912,10 +916,13 @@ async fn an_approval_survives_a_restart_and_times_out_as_a_denial() {
         "{}\n[[agents]]\nname = \"mcp\"\nprovider = \"upstream\"\nmodel = \"mock-model\"\ntools = [\"m__ok\"]\napprove = [\"m__ok\"]\n\n[cluster]\nnode_id = \"the-node\"\n",
         stdio_server("m", &[&misbehave_js()], ""),
     );
-    let text = common::config_text(&upstream.base_url(), dir.path(), 30, &extra)
-        .replace("ask_human_timeout_s = 30", "ask_human_timeout_s = 3");
-    let config = dir.path().join("agentd.toml");
-    std::fs::write(&config, text).unwrap();
+    let config = binary_config(dir.path(), &upstream, &extra);
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("ask_human_timeout_s = 30", "ask_human_timeout_s = 3"),
+    )
+    .unwrap();
     let mut p = common::spawn_agentd(&config).await;
     let c = p.client();
     ready(&c, "m").await;
@@ -1008,18 +1015,12 @@ async fn an_approval_survives_a_restart_and_times_out_as_a_denial() {
 async fn a_read_only_mcp_call_in_flight_at_a_kill_runs_again_after_the_restart() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = agentd_testkit::MockUpstream::start().await;
-    let log = dir.path().join("misbehave.log");
-    let env = format!(
-        "env = {{ MISBEHAVE_LOG = {:?} }}",
-        log.display().to_string()
-    );
+    let env = log_env(dir.path());
     let extra = format!(
         "{}\n[[agents]]\nname = \"mcp\"\nprovider = \"upstream\"\nmodel = \"mock-model\"\ntools = [\"m__*\"]\n\n[cluster]\nnode_id = \"the-node\"\n",
         stdio_server("m", &[&misbehave_js()], &env),
     );
-    let text = common::config_text(&upstream.base_url(), dir.path(), 30, &extra);
-    let config = dir.path().join("agentd.toml");
-    std::fs::write(&config, text).unwrap();
+    let config = binary_config(dir.path(), &upstream, &extra);
     let mut p = common::spawn_agentd(&config).await;
     let c = p.client();
     ready(&c, "m").await;
