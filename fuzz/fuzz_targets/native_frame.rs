@@ -50,6 +50,16 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(v["request_id"].as_str(), Some(request_id.as_str()));
             assert_eq!(v["content"].as_str(), Some(content.as_str()));
         }
+        Ok(ClientFrame::Approval {
+            request_id,
+            decision,
+        }) => {
+            let v: Value = serde_json::from_str(text).expect("parsed above");
+            assert_eq!(v["request_id"].as_str(), Some(request_id.as_str()));
+            let word = if decision.allow { "allow" } else { "deny" };
+            assert_eq!(v["decision"].as_str(), Some(word));
+            assert_eq!(v["reason"].as_str(), decision.reason.as_deref());
+        }
         Ok(ClientFrame::Ping | ClientFrame::Cancel { .. }) => {}
     }
 });

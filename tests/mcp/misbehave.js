@@ -7,6 +7,8 @@
 //   big {mb}         answers one text part of `mb` (default 20) megabytes
 //   change           answers, then adds the tool `added` and sends notifications/tools/list_changed
 //   added            (only after `change`) answers "added"
+//   second_life      read-only; never answers in the first process that logged a start to $MISBEHAVE_LOG,
+//                    answers "second life" in any later one (a call in flight across agentd's restart)
 // Options: --slow-start MS (waits before reading anything), --stderr-flood N (writes N stderr lines at start).
 // Every notifications/cancelled it receives is appended to the file $MISBEHAVE_LOG (one JSON line), and so is
 // each start ("start"), so a test can count restarts and see cancellations arrive.
@@ -35,6 +37,8 @@ const tools = () => {
     { name: 'hang', description: 'Never answers', inputSchema: schema() },
     { name: 'big', description: 'Answers megabytes', inputSchema: schema({ mb: { type: 'number' } }) },
     { name: 'change', description: 'Changes the tool list', inputSchema: schema() },
+    { name: 'second_life', description: 'Answers after a restart', inputSchema: schema(),
+      annotations: { readOnlyHint: true } },
   ];
   if (extra) list.push({ name: 'added', description: 'Added by change', inputSchema: schema() });
   return list;
@@ -63,6 +67,11 @@ function handle(msg) {
       case 'ok': return result(id, text(String(a.text || 'ok')));
       case 'crash': process.stderr.write('misbehave: crashing mid-call\n'); return process.exit(3);
       case 'hang': return undefined;
+      case 'second_life': {
+        const starts = logFile && fs.existsSync(logFile)
+          ? fs.readFileSync(logFile, 'utf8').split('\n').filter((l) => l === '"start"').length : 0;
+        return starts >= 2 ? result(id, text('second life')) : undefined;
+      }
       case 'big': return result(id, text('x'.repeat(Math.floor((a.mb || 20) * 1000 * 1000))));
       case 'change':
         extra = true;

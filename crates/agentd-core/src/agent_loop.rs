@@ -301,6 +301,14 @@ impl<'a> Turn<'a> {
             step = r.steps;
             rounds = r.rounds;
             if !r.pending_calls.is_empty() {
+                // Whether an MCP call may run again depends on its server's tool list (read-only or idempotent
+                // hints): a run resumed at start-up waits for the servers' first start.
+                if r.pending_calls
+                    .iter()
+                    .any(|c| crate::registry::mcp_server_of(&c.name).is_some())
+                {
+                    self.env.tools.settled().await;
+                }
                 let mut logged = std::mem::take(&mut r.logged_results);
                 self.settle_interrupted_calls(
                     &r.pending_calls,

@@ -57,6 +57,9 @@ pub trait ExternalTools: Send + Sync {
     async fn call(&self, name: &str, args: &Value, cancel: &CancellationToken) -> ToolOutput;
     /// Each server's state for `GET /v1/mcp`.
     fn status(&self) -> Vec<McpServerStatus>;
+    /// Resolves once every server's first start has ended (ready or failed; each bounded by its
+    /// `startup_timeout_s`): a run resumed at start-up waits for it before it judges its in-flight calls.
+    async fn settled(&self) {}
 }
 
 /// One MCP server as `GET /v1/mcp` shows it.
@@ -365,6 +368,13 @@ impl ToolRegistry {
     /// Whether a call of `name` waits for a person's approval first (the agent's `approve` globs).
     pub fn needs_approval(agent: &AgentSettings, name: &str) -> bool {
         agent.approve.iter().any(|p| glob_match(p, name))
+    }
+
+    /// Once every MCP server's first start has ended (at once without servers).
+    pub async fn settled(&self) {
+        if let Some(e) = &self.external {
+            e.settled().await;
+        }
     }
 
     /// Each MCP server's state (empty without servers).

@@ -123,6 +123,8 @@ pub(crate) struct Server {
     counts: Counts,
     /// A call timed out: the supervisor checks the server still answers.
     pub suspect: Notify,
+    /// Set once the first start has ended (ready or failed).
+    pub settled: tokio::sync::watch::Sender<bool>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -253,6 +255,14 @@ impl Server {
             }
             Ok(Err(e)) => {
                 self.count("error");
+                // The connection may be gone (an HTTP server that went away does not end the session by
+                // itself): the supervisor checks.
+                if matches!(
+                    e,
+                    rmcp::ServiceError::TransportSend(_) | rmcp::ServiceError::TransportClosed
+                ) {
+                    self.suspect.notify_one();
+                }
                 ToolOutput::err(format!(
                     "MCP server `{server}` failed the call: {}",
                     chain(&e)
@@ -313,6 +323,7 @@ impl McpHub {
                     }),
                     counts: Counts::default(),
                     suspect: Notify::new(),
+                    settled: tokio::sync::watch::Sender::new(false),
                     metrics: metrics.clone(),
                 })
             })
@@ -365,5 +376,15 @@ impl ExternalTools for McpHub {
 
     fn status(&self) -> Vec<McpServerStatus> {
         self.servers.iter().map(|s| s.status()).collect()
+    }
+
+    async fn settled(&self) {
+        for s in &self.servers {
+            let mut rx = s.settled.subscribe();
+            // The supervisor bounds the first start by startup_timeout_s; this bound only guards against a
+            // supervisor that is gone.
+            let limit = Duration::from_secs(s.settings.startup_timeout_s + 5);
+            let _ = tokio::time::timeout(limit, rx.wait_for(|done| *done)).await;
+        }
     }
 }

@@ -94,6 +94,10 @@ pub(crate) async fn supervise(server: Arc<Server>, shutdown: CancellationToken) 
             _ = shutdown.cancelled() => return,
             r = tokio::time::timeout(startup, start(&server)) => r,
         };
+        if !matches!(started, Ok(Ok(_))) {
+            // Ready marks it inside `start`; a failed first start settles here.
+            server.settled.send_replace(true);
+        }
         let ended = match started {
             Ok(Ok(conn)) => {
                 let up = Instant::now();
@@ -207,6 +211,7 @@ async fn start(server: &Server) -> Result<Conn, String> {
         live.last_error = None;
     }
     server.set_state(State::Ready, None);
+    server.settled.send_replace(true);
     let n = server.live().tools.len();
     tracing::info!(mcp_server = %server.name(), tools = n, "MCP server `{}` is ready with {n} tools", server.name());
     Ok(conn)
@@ -315,12 +320,19 @@ async fn serve(server: &Server, conn: Conn, shutdown: &CancellationToken) -> Str
                 }
             }
             _ = server.suspect.notified() => {
-                if tokio::time::timeout(HEALTH_TIMEOUT, peer.list_all_tools()).await.is_err() {
-                    stop.cancel();
-                    return format!(
-                        "stopped answering (a call timed out, then tools/list got no answer within {} s)",
-                        HEALTH_TIMEOUT.as_secs()
-                    );
+                match tokio::time::timeout(HEALTH_TIMEOUT, peer.list_all_tools()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        stop.cancel();
+                        return format!("the connection failed: {}", crate::chain(&e));
+                    }
+                    Err(_) => {
+                        stop.cancel();
+                        return format!(
+                            "stopped answering (a call timed out, then tools/list got no answer within {} s)",
+                            HEALTH_TIMEOUT.as_secs()
+                        );
+                    }
                 }
             }
         }

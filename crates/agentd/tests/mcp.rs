@@ -151,7 +151,10 @@ struct HttpEverything {
 
 impl HttpEverything {
     async fn start() -> HttpEverything {
-        let port = common::free_port();
+        Self::start_on(common::free_port()).await
+    }
+
+    async fn start_on(port: u16) -> HttpEverything {
         let child = std::process::Command::new("node")
             .arg(everything_js())
             .arg("streamableHttp")
@@ -300,6 +303,7 @@ async fn everything_over_stdio_and_streamable_http() {
     let evh = server_status(&c, "evh").await;
     assert_eq!(ev["calls"]["ok"], 1, "{ev}");
     assert_eq!(evh["calls"]["ok"], 1, "{evh}");
+
     let (_, metrics) = c.get("/metrics").await;
     let text = metrics.as_str().unwrap_or_default();
     assert!(
@@ -314,6 +318,48 @@ async fn everything_over_stdio_and_streamable_http() {
         text.contains(r#"agentd_tool_calls_total{outcome="success",tool="ev__echo"} 1"#),
         "{text}"
     );
+
+    // The HTTP server goes away: its call fails naming it, agentd notices and reconnects (with back-off) once
+    // it is back on its port, and lists its tools again.
+    let port: u16 = http
+        .url
+        .trim_start_matches("http://127.0.0.1:")
+        .trim_end_matches("/mcp")
+        .parse()
+        .unwrap();
+    drop(http);
+    let (done, _) = call_through_turn(
+        &server,
+        &session,
+        3,
+        "c3",
+        "evh__get-sum",
+        json!({"a": 1, "b": 1}),
+    )
+    .await;
+    assert_eq!(done["success"], false, "{done}");
+    assert!(
+        done["result"]
+            .as_str()
+            .unwrap()
+            .contains("MCP server `evh`"),
+        "{done}"
+    );
+    wait_server(&c, "evh", |s| s["state"] != "ready").await;
+    let _http = HttpEverything::start_on(port).await;
+    let evh = wait_server(&c, "evh", |s| s["state"] == "ready").await;
+    assert!(evh["restarts"].as_u64() >= Some(1), "{evh}");
+    let (done, _) = call_through_turn(
+        &server,
+        &session,
+        4,
+        "c4",
+        "evh__get-sum",
+        json!({"a": 20, "b": 22}),
+    )
+    .await;
+    assert_eq!(done["success"], true, "{done}");
+    assert!(done["result"].as_str().unwrap().contains("42"), "{done}");
 }
 
 /// server-filesystem reads a file inside the directory it was given, and refuses one outside.
@@ -380,6 +426,20 @@ async fn filesystem_reads_inside_its_directory_only() {
     );
 }
 
+/// The `env` key that makes misbehave.js record its starts and the cancellations it receives in `dir`.
+fn log_env(dir: &Path) -> String {
+    let log = dir.join("misbehave.log").display().to_string();
+    format!("env = {{ MISBEHAVE_LOG = {log:?} }}")
+}
+
+/// The config file of a real agentd process on `dir` (`extra` after the base config).
+fn binary_config(dir: &Path, upstream: &agentd_testkit::MockUpstream, extra: &str) -> PathBuf {
+    let text = common::config_text(&upstream.base_url(), dir, 30, extra);
+    let config = dir.join("agentd.toml");
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
 fn misbehave_log(dir: &Path) -> Vec<Value> {
     std::fs::read_to_string(dir.join("misbehave.log"))
         .unwrap_or_default()
@@ -410,11 +470,7 @@ async fn server_told_to_cancel(dir: &Path) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_misbehaving_server_never_stops_the_rest() {
     let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("misbehave.log");
-    let env = format!(
-        "timeout_s = 2\nenv = {{ MISBEHAVE_LOG = {:?} }}",
-        log.display().to_string()
-    );
+    let env = format!("timeout_s = 2\n{}", log_env(dir.path()));
     let extra = format!(
         "{}\n{}",
         stdio_server("bad", &[&misbehave_js()], &env),
@@ -543,11 +599,7 @@ async fn a_misbehaving_server_never_stops_the_rest() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_a_run_cancels_its_mcp_call() {
     let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("misbehave.log");
-    let env = format!(
-        "env = {{ MISBEHAVE_LOG = {:?} }}",
-        log.display().to_string()
-    );
+    let env = log_env(dir.path());
     let server = Server::start_with(with_tools(
         &stdio_server("bad", &[&misbehave_js()], &env),
         &["bad__*"],
@@ -599,9 +651,7 @@ async fn slow_and_broken_servers_with_the_real_binary() {
         stdio_server("slow", &[&misbehave_js(), "--slow-start", "8000"], "startup_timeout_s = 20"),
         stdio_server("noisy", &[&misbehave_js(), "--stderr-flood", "500"], ""),
     );
-    let text = common::config_text(&upstream.base_url(), dir.path(), 30, &extra);
-    let config = dir.path().join("agentd.toml");
-    std::fs::write(&config, text).unwrap();
+    let config = binary_config(dir.path(), &upstream, &extra);
     let stderr = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
     let port = common::free_port();
     let started = Instant::now();
@@ -866,10 +916,13 @@ async fn an_approval_survives_a_restart_and_times_out_as_a_denial() {
         "{}\n[[agents]]\nname = \"mcp\"\nprovider = \"upstream\"\nmodel = \"mock-model\"\ntools = [\"m__ok\"]\napprove = [\"m__ok\"]\n\n[cluster]\nnode_id = \"the-node\"\n",
         stdio_server("m", &[&misbehave_js()], ""),
     );
-    let text = common::config_text(&upstream.base_url(), dir.path(), 30, &extra)
-        .replace("ask_human_timeout_s = 30", "ask_human_timeout_s = 3");
-    let config = dir.path().join("agentd.toml");
-    std::fs::write(&config, text).unwrap();
+    let config = binary_config(dir.path(), &upstream, &extra);
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("ask_human_timeout_s = 30", "ask_human_timeout_s = 3"),
+    )
+    .unwrap();
     let mut p = common::spawn_agentd(&config).await;
     let c = p.client();
     ready(&c, "m").await;
@@ -891,9 +944,16 @@ async fn an_approval_survives_a_restart_and_times_out_as_a_denial() {
     let mut ws = c2.ws(&session, "after=0").await;
     ws.next().await;
     next_of(&mut ws, "run_resumed").await;
-    let (_, r) = c2.get(&format!("/v1/sessions/{session}/runs/{run}")).await;
-    assert_eq!(r["status"], "waiting_input", "{r}");
-    ready(&c2, "m").await;
+    // The resumed run waits for its MCP server's first start, then for the decision again.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, r) = c2.get(&format!("/v1/sessions/{session}/runs/{run}")).await;
+        if r["status"] == "waiting_input" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{r}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let (status, body) = c2
         .post(
             &format!("/v1/sessions/{session}/runs/{run}/approvals/{request_id}"),
@@ -945,5 +1005,40 @@ async fn an_approval_survives_a_restart_and_times_out_as_a_denial() {
         "{done}"
     );
     assert_eq!(server_status(&c2, "m").await["calls"]["total"], 1);
+    p2.kill_9();
+}
+
+/// A read-only MCP call in flight when the process is killed runs again after the restart (SPEC.md section 4:
+/// tools annotated `readOnlyHint` are safe to repeat), once its server is back: the resumed run waits for the
+/// servers' first start instead of judging the call against an empty tool list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_mcp_call_in_flight_at_a_kill_runs_again_after_the_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = agentd_testkit::MockUpstream::start().await;
+    let env = log_env(dir.path());
+    let extra = format!(
+        "{}\n[[agents]]\nname = \"mcp\"\nprovider = \"upstream\"\nmodel = \"mock-model\"\ntools = [\"m__*\"]\n\n[cluster]\nnode_id = \"the-node\"\n",
+        stdio_server("m", &[&misbehave_js()], &env),
+    );
+    let config = binary_config(dir.path(), &upstream, &extra);
+    let mut p = common::spawn_agentd(&config).await;
+    let c = p.client();
+    ready(&c, "m").await;
+    let session = mcp_session(&c).await;
+    upstream.push(Reply::tool_call("l1", "m__second_life", "{}"));
+    let run = c.send_bg(&session, "go").await;
+    let mut ws = c.ws(&session, "after=0").await;
+    ws.next().await;
+    next_of(&mut ws, "tool_started").await;
+    p.kill_9();
+
+    let mut p2 = common::spawn_agentd(&config).await;
+    let c2 = p2.client();
+    let done = c2.wait_run(&session, &run).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let all = events(&c2, &session, 1).await;
+    let finished = finished_call(&all, "l1");
+    assert_eq!(finished["success"], true, "{finished}");
+    assert_eq!(finished["result"], "second life", "{finished}");
     p2.kill_9();
 }
