@@ -310,6 +310,10 @@ async fn a_chat_whose_client_hung_up_mid_stream_still_continues() {
         assert!(std::time::Instant::now() < deadline, "the run did not end");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+    // The task that took the stream over stores the continuation key once it has read the run's end, just
+    // after the run shows as ended (nothing in the API shows the key): give it a moment (on PostgreSQL the
+    // store round trip takes longer than this loop's next request).
+    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
     let answer: String = (0..30)
         .map(|i| format!("tok{i}"))
         .collect::<Vec<_>>()
