@@ -492,6 +492,9 @@ async fn cancels_replies_and_multitask_reach_a_run_on_another_node() {
 #[tokio::test]
 async fn turns_sent_to_two_nodes_at_once_for_one_session_never_run_together() {
     let (_db, _upstream, _dir, mut a, mut b) = two_nodes().await;
+    // a learns that b joined from b's announcement (or, at the latest, at its next sweep, every sixth of the
+    // 4 s lease); until then a routes nothing (it believes itself alone), so the sends wait for that.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let (ca, cb) = (a.client(), b.client());
     let session = ca.session().await;
     let mut runs = Vec::new();
