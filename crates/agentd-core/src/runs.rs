@@ -16,6 +16,7 @@ use futures_util::StreamExt;
 use std::future::Future;
 use std::pin::Pin;
 
+use prometheus::IntGauge;
 use tokio::sync::{oneshot, watch, AcquireError, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -1436,6 +1437,56 @@ impl RunHuman {
     }
 }
 
+/// A person's answer being waited for (a question or an approval), once recorded.
+struct Paused {
+    request_id: String,
+    rx: oneshot::Receiver<Answer>,
+    sr: Arc<SessionRuns>,
+    /// Counts it pending (`agentd_pending_inputs`) until dropped.
+    _pending: GaugeGuard,
+}
+
+impl RunHuman {
+    /// Opens a pause of the run: a resumed run's open request (`reused`, logged already: only the run row
+    /// becomes `waiting_input`) keeps its request id; otherwise a new one is registered and its `request`
+    /// event logged with the run `waiting_input`. An error (the request could not be logged) has unregistered it.
+    async fn pause(
+        &self,
+        reused: Option<(String, oneshot::Receiver<Answer>)>,
+        kind: PendingKind,
+        gauge: IntGauge,
+        request: impl FnOnce(String) -> EventKind,
+    ) -> Result<Paused, String> {
+        let asked_before = reused.is_some();
+        let run = self.run_with(RunStatus::WaitingInput);
+        let sr = self.manager.session(&self.session_id);
+        let pending = GaugeGuard::new(gauge);
+        let (request_id, rx) = match reused {
+            Some(open) => open,
+            None => {
+                let request_id = crate::domain::new_id();
+                let rx = self.manager.register(&run, &request_id, kind);
+                (request_id, rx)
+            }
+        };
+        let asked = self.event(&run.id, request(request_id.clone()));
+        if asked_before {
+            if let Err(e) = self.manager.store().update_run(&run).await {
+                tracing::warn!(run_id = %run.id, error = %e, "could not record waiting_input");
+            }
+        } else if let Err(e) = self.log.append_durable(asked, Some(run)).await {
+            sr.state().pending_inputs.remove(&request_id);
+            return Err(e.to_string());
+        }
+        Ok(Paused {
+            request_id,
+            rx,
+            sr,
+            _pending: pending,
+        })
+    }
+}
+
 #[async_trait]
 impl HumanInput for RunHuman {
     /// The call waits for a decision: `approval_requested` (the run `waiting_input`), then `approval_resolved`.
@@ -1447,37 +1498,29 @@ impl HumanInput for RunHuman {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(call_id);
-        let asked_before = reused.is_some();
-        let run = self.run_with(RunStatus::WaitingInput);
-        let sr = self.manager.session(&self.session_id);
-        let _pending = GaugeGuard::new(self.manager.env.metrics.pending_approvals.clone());
-        let (request_id, rx) = match reused {
-            Some(open) => open,
-            None => {
-                let request_id = crate::domain::new_id();
-                let rx = self
-                    .manager
-                    .register(&run, &request_id, PendingKind::Approval);
-                (request_id, rx)
-            }
+        let metrics = &self.manager.env.metrics;
+        let paused = self
+            .pause(
+                reused,
+                PendingKind::Approval,
+                metrics.pending_approvals.clone(),
+                |request_id| EventKind::ApprovalRequested {
+                    request_id,
+                    call_id: call_id.to_string(),
+                    tool: tool.to_string(),
+                    args: args.clone(),
+                },
+            )
+            .await;
+        let Paused {
+            request_id,
+            rx,
+            sr,
+            _pending,
+        } = match paused {
+            Ok(p) => p,
+            Err(e) => return Decision::deny(format!("could not record the approval request: {e}")),
         };
-        let asked = self.event(
-            &run.id,
-            EventKind::ApprovalRequested {
-                request_id: request_id.clone(),
-                call_id: call_id.to_string(),
-                tool: tool.to_string(),
-                args: args.clone(),
-            },
-        );
-        if asked_before {
-            if let Err(e) = self.manager.store().update_run(&run).await {
-                tracing::warn!(run_id = %run.id, error = %e, "could not record waiting_input");
-            }
-        } else if let Err(e) = self.log.append_durable(asked, Some(run.clone())).await {
-            sr.state().pending_inputs.remove(&request_id);
-            return Decision::deny(format!("could not record the approval request: {e}"));
-        }
         let answer = self.wait(rx, "decision").await;
         sr.state().pending_inputs.remove(&request_id);
         let run = self.run_with(RunStatus::Running);
@@ -1509,36 +1552,24 @@ impl HumanInput for RunHuman {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        let asked_before = reused.is_some();
-        let run = self.run_with(RunStatus::WaitingInput);
-        let sr = self.manager.session(&self.session_id);
-        let _pending = GaugeGuard::new(self.manager.env.metrics.pending_questions.clone());
-        let (request_id, rx) = match reused {
-            Some(open) => open,
-            None => {
-                let request_id = crate::domain::new_id();
-                let rx = self
-                    .manager
-                    .register(&run, &request_id, PendingKind::Question);
-                (request_id, rx)
-            }
-        };
-        let asked = self.event(
-            &run.id,
-            EventKind::InputRequested {
-                request_id: request_id.clone(),
-                question: question.to_string(),
-            },
-        );
-        if asked_before {
-            // The question is in the log (a resumed run): it keeps waiting under its request id.
-            if let Err(e) = self.manager.store().update_run(&run).await {
-                tracing::warn!(run_id = %run.id, error = %e, "could not record waiting_input");
-            }
-        } else if let Err(e) = self.log.append_durable(asked, Some(run.clone())).await {
-            sr.state().pending_inputs.remove(&request_id);
-            return Err(format!("could not record the question: {e}"));
-        }
+        let metrics = &self.manager.env.metrics;
+        let Paused {
+            request_id,
+            rx,
+            sr,
+            _pending,
+        } = self
+            .pause(
+                reused,
+                PendingKind::Question,
+                metrics.pending_questions.clone(),
+                |request_id| EventKind::InputRequested {
+                    request_id,
+                    question: question.to_string(),
+                },
+            )
+            .await
+            .map_err(|e| format!("could not record the question: {e}"))?;
         let answer = match self.wait(rx, "reply").await {
             Ok(Answer::Text(text)) => Ok(text),
             Ok(Answer::Decision(_)) => Err("the question got a decision, not a reply".to_string()),
