@@ -380,6 +380,7 @@ impl<'a> Turn<'a> {
                 prompt.push(ModelMessage::Tool {
                     tool_call_id: call.id.clone(),
                     content: out.content,
+                    images: out.images,
                 });
             }
         }
@@ -576,6 +577,7 @@ impl<'a> Turn<'a> {
         }
         let mut msg = self.new_message(Role::Tool, out.content.clone());
         msg.tool_call_id = Some(call.id.clone());
+        msg.images = out.images.clone();
         self.emit.message(&msg).await?;
         Ok(())
     }
@@ -635,6 +637,7 @@ impl<'a> Turn<'a> {
             prompt.push(ModelMessage::Tool {
                 tool_call_id: call.id.clone(),
                 content: out.content,
+                images: out.images,
             });
         }
         Ok(())

@@ -22,9 +22,12 @@ pub enum ModelMessage {
         content: String,
         tool_calls: Vec<ToolCall>,
     },
+    /// `images` are data URLs a tool returned (an MCP server's image parts); a provider whose model can see
+    /// images shows them, others read `content`, which names them.
     Tool {
         tool_call_id: String,
         content: String,
+        images: Vec<String>,
     },
 }
 

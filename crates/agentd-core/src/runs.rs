@@ -216,6 +216,8 @@ impl ResumePlan {
                         ToolOutput {
                             content: result.clone(),
                             success: *success,
+                            // The log keeps a result's text; its images (if any) are in its stored message.
+                            images: Vec::new(),
                         },
                     );
                 }
@@ -1346,6 +1348,7 @@ fn prompt_messages(messages: &[Message], close_tail: bool) -> Vec<ModelMessage> 
             out.push(ModelMessage::Tool {
                 tool_call_id: id,
                 content: "(no result: the run ended before the tool finished)".into(),
+                images: Vec::new(),
             });
         }
     };
@@ -1358,6 +1361,7 @@ fn prompt_messages(messages: &[Message], close_tail: bool) -> Vec<ModelMessage> 
                     out.push(ModelMessage::Tool {
                         tool_call_id: id.clone(),
                         content: m.content.clone(),
+                        images: m.images.clone(),
                     });
                 }
             }

@@ -16,6 +16,9 @@ use crate::provider::ToolSpec;
 pub struct ToolOutput {
     pub content: String,
     pub success: bool,
+    /// Images the tool returned (an MCP server's image parts), as data URLs: stored with the result and shown
+    /// to a model that can see images (the `openai` provider sends them as image parts).
+    pub images: Vec<String>,
 }
 
 impl ToolOutput {
@@ -23,13 +26,19 @@ impl ToolOutput {
         ToolOutput {
             content: content.into(),
             success: true,
+            images: Vec::new(),
         }
     }
     pub fn err(content: impl Into<String>) -> ToolOutput {
         ToolOutput {
             content: content.into(),
             success: false,
+            images: Vec::new(),
         }
+    }
+    pub fn with_images(mut self, images: Vec<String>) -> ToolOutput {
+        self.images = images;
+        self
     }
 }
 

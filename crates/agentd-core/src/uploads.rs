@@ -352,6 +352,7 @@ pub async fn cut_tool_result(
     ToolOutput {
         content: head,
         success: out.success,
+        images: out.images,
     }
 }
 

@@ -213,7 +213,8 @@ async fn tool_round_trip_feeds_result_back_with_call_id() {
     let second = &h.provider.requests()[1];
     assert!(second.messages.contains(&ModelMessage::Tool {
         tool_call_id: "call_1".into(),
-        content: "42".into()
+        content: "42".into(),
+        images: vec![],
     }));
     let history = h.app.messages(&me(), &s.id, None, 0).await.unwrap();
     assert_eq!(
@@ -301,7 +302,8 @@ async fn tools_of_one_response_run_concurrently() {
     let second = &h.provider.requests()[1];
     assert!(second.messages.contains(&ModelMessage::Tool {
         tool_call_id: "a".into(),
-        content: "Ada".into()
+        content: "Ada".into(),
+        images: vec![],
     }));
     assert!(types(&events(&h.app, &s.id).await).contains(&"input_received"));
 }
@@ -617,7 +619,8 @@ async fn subagent_events_are_marked_and_answer_returns_as_tool_result() {
     assert!(reqs[0].tools.iter().any(|t| t.name == "researcher"));
     assert!(reqs[2].messages.contains(&ModelMessage::Tool {
         tool_call_id: "s1".into(),
-        content: "x is 5".into()
+        content: "x is 5".into(),
+        images: vec![],
     }));
     let evs = events(&h.app, &s.id).await;
     let sub_delta = evs

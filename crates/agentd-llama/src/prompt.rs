@@ -223,6 +223,7 @@ mod tests {
             ModelMessage::Tool {
                 tool_call_id: "c1".into(),
                 content: "2".into(),
+                images: vec![],
             },
         ];
         let chat = chat_messages(&messages, &[]);

@@ -11,7 +11,7 @@
 //! - A call has the server's `timeout_s`; past it, or when its run is cancelled, the request is dropped, which
 //!   sends `notifications/cancelled` to the server. Results become text ([`content`]), at most
 //!   `server.max_upload_bytes` (the loop then cuts them to `server.max_tool_result_bytes`, keeping the whole as
-//!   an upload).
+//!   an upload), and images for the model, at most `server.max_tool_result_bytes` together.
 //! - A stdio server's stderr goes to agentd's log, a line at a time with the server's name, at most
 //!   [`stderr::LINES_PER_SECOND`] lines a second (the rest are counted, not logged).
 //!
@@ -201,6 +201,7 @@ impl Server {
         args: &Value,
         cancel: &CancellationToken,
         max_bytes: usize,
+        max_image_bytes: usize,
     ) -> ToolOutput {
         let server = self.name();
         let (peer, original) = {
@@ -269,7 +270,7 @@ impl Server {
                 ))
             }
             Ok(Ok(result)) => {
-                let out = content::to_output(&result, max_bytes);
+                let out = content::to_output(&result, max_bytes, max_image_bytes);
                 self.count(if out.success { "ok" } else { "error" });
                 out
             }
@@ -293,6 +294,8 @@ pub struct McpHub {
     servers: Vec<Arc<Server>>,
     /// The most a result's text may hold before the loop's own cut.
     max_result_bytes: usize,
+    /// Images a result attaches for the model, together (`server.max_tool_result_bytes`).
+    max_image_bytes: usize,
     shutdown: CancellationToken,
 }
 
@@ -335,6 +338,7 @@ impl McpHub {
         Some(Arc::new(McpHub {
             servers,
             max_result_bytes: config.server.max_upload_bytes.max(1024),
+            max_image_bytes: config.server.max_tool_result_bytes,
             shutdown,
         }))
     }
@@ -369,7 +373,16 @@ impl ExternalTools for McpHub {
 
     async fn call(&self, name: &str, args: &Value, cancel: &CancellationToken) -> ToolOutput {
         match self.server(name) {
-            Some(s) => s.call(name, args, cancel, self.max_result_bytes).await,
+            Some(s) => {
+                s.call(
+                    name,
+                    args,
+                    cancel,
+                    self.max_result_bytes,
+                    self.max_image_bytes,
+                )
+                .await
+            }
             None => ToolOutput::err(format!("no MCP server serves `{name}`")),
         }
     }

@@ -50,8 +50,61 @@ impl<'a> ChatRequest<'a> {
 struct Messages<'a>(&'a [ModelMessage]);
 
 impl Serialize for Messages<'_> {
+    /// The messages in order; after a run of tool results that returned images, one user message carrying
+    /// those images (a `tool` message's content can only be text).
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_seq(self.0.iter().map(WireMessage))
+        let mut seq = serializer.serialize_seq(None)?;
+        let mut shown = ToolImages::default();
+        for (i, message) in self.0.iter().enumerate() {
+            seq.serialize_element(&WireMessage(message))?;
+            if let ModelMessage::Tool {
+                tool_call_id,
+                images,
+                ..
+            } = message
+            {
+                if !images.is_empty() {
+                    shown.calls.push(tool_call_id);
+                    shown.images.extend(images.iter().map(String::as_str));
+                }
+                let group_ends = !matches!(self.0.get(i + 1), Some(ModelMessage::Tool { .. }));
+                if group_ends && !shown.images.is_empty() {
+                    seq.serialize_element(&std::mem::take(&mut shown))?;
+                }
+            }
+        }
+        seq.end()
+    }
+}
+
+/// The images of a group of tool results, as a user message that names the calls they came from.
+#[derive(Default)]
+struct ToolImages<'a> {
+    calls: Vec<&'a str>,
+    images: Vec<&'a str>,
+}
+
+impl Serialize for ToolImages<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let calls = if self.calls.len() == 1 {
+            "call"
+        } else {
+            "calls"
+        };
+        let text = format!(
+            "The images returned by tool {calls} {}:",
+            self.calls.join(", ")
+        );
+        let mut map = serializer.serialize_map(Some(2))?;
+        map.serialize_entry("role", "user")?;
+        map.serialize_entry(
+            "content",
+            &UserParts {
+                text: &text,
+                images: &self.images,
+            },
+        )?;
+        map.end()
     }
 }
 
@@ -97,6 +150,7 @@ impl Serialize for WireMessage<'_> {
             ModelMessage::Tool {
                 tool_call_id,
                 content,
+                ..
             } => {
                 map.serialize_entry("role", "tool")?;
                 map.serialize_entry("tool_call_id", tool_call_id)?;
@@ -108,12 +162,12 @@ impl Serialize for WireMessage<'_> {
 }
 
 /// A user message with images: a text part (when there is text), then one `image_url` part per image.
-struct UserParts<'a> {
+struct UserParts<'a, I: AsRef<str>> {
     text: &'a str,
-    images: &'a [String],
+    images: &'a [I],
 }
 
-impl Serialize for UserParts<'_> {
+impl<I: AsRef<str>> Serialize for UserParts<'_, I> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         #[derive(Serialize)]
         #[serde(tag = "type", rename_all = "snake_case")]
@@ -131,7 +185,7 @@ impl Serialize for UserParts<'_> {
         }
         for url in self.images {
             seq.serialize_element(&Part::ImageUrl {
-                image_url: ImageUrl { url },
+                image_url: ImageUrl { url: url.as_ref() },
             })?;
         }
         seq.end()
@@ -357,6 +411,32 @@ mod tests {
                 ModelMessage::Tool {
                     tool_call_id: "c1".into(),
                     content: "1".into(),
+                    images: vec![],
+                },
+                ModelMessage::Assistant {
+                    content: String::new(),
+                    tool_calls: vec![
+                        ToolCall {
+                            id: "c2".into(),
+                            name: "shot".into(),
+                            arguments: "{}".into(),
+                        },
+                        ToolCall {
+                            id: "c3".into(),
+                            name: "shot".into(),
+                            arguments: "{}".into(),
+                        },
+                    ],
+                },
+                ModelMessage::Tool {
+                    tool_call_id: "c2".into(),
+                    content: "[image image/png, 1 bytes]".into(),
+                    images: vec!["data:image/png;base64,BB".into()],
+                },
+                ModelMessage::Tool {
+                    tool_call_id: "c3".into(),
+                    content: "[image image/png, 1 bytes]".into(),
+                    images: vec!["data:image/png;base64,CC".into()],
                 },
                 ModelMessage::Assistant {
                     content: "done".into(),
@@ -381,6 +461,17 @@ mod tests {
                         {"id": "c1", "type": "function", "function": {"name": "calc", "arguments": "{\"x\":1}"}},
                     ]},
                     {"role": "tool", "tool_call_id": "c1", "content": "1"},
+                    {"role": "assistant", "content": null, "tool_calls": [
+                        {"id": "c2", "type": "function", "function": {"name": "shot", "arguments": "{}"}},
+                        {"id": "c3", "type": "function", "function": {"name": "shot", "arguments": "{}"}},
+                    ]},
+                    {"role": "tool", "tool_call_id": "c2", "content": "[image image/png, 1 bytes]"},
+                    {"role": "tool", "tool_call_id": "c3", "content": "[image image/png, 1 bytes]"},
+                    {"role": "user", "content": [
+                        {"type": "text", "text": "The images returned by tool calls c2, c3:"},
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,BB"}},
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,CC"}},
+                    ]},
                     {"role": "assistant", "content": "done"},
                 ],
                 "stream": true,

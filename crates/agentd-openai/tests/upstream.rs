@@ -220,6 +220,7 @@ async fn calc_directive_round_trip_sends_the_tool_result_back() {
     request.messages.push(ModelMessage::Tool {
         tool_call_id: call.id.clone(),
         content: "42".into(),
+        images: vec![],
     });
     let (events, error) = run(&provider, request).await;
     assert_eq!(error, None);
@@ -252,6 +253,7 @@ async fn the_upstream_sees_the_request_spec_describes() {
             ModelMessage::Tool {
                 tool_call_id: "call_1".into(),
                 content: "2".into(),
+                images: vec![],
             },
         ],
         tools: vec![ToolSpec {

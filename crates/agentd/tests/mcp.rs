@@ -362,6 +362,91 @@ async fn everything_over_stdio_and_streamable_http() {
     assert!(done["result"].as_str().unwrap().contains("42"), "{done}");
 }
 
+/// The user message that follows a tool result in an upstream request, if it carries image parts: the image
+/// data URLs.
+fn images_after_tool_result(request: &Value, call_id: &str) -> Vec<String> {
+    let messages = request["messages"].as_array().unwrap();
+    let Some(at) = messages
+        .iter()
+        .position(|m| m["role"] == "tool" && m["tool_call_id"] == call_id)
+    else {
+        return Vec::new();
+    };
+    let Some(next) = messages.get(at + 1).filter(|m| m["role"] == "user") else {
+        return Vec::new();
+    };
+    next["content"]
+        .as_array()
+        .map(|parts| {
+            parts
+                .iter()
+                .filter_map(|p| p["image_url"]["url"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// An MCP tool's image (server-everything's `get-tiny-image`, a PNG) reaches the model as an image part after
+/// the tool's text result, is stored with the result, and is shown again on the session's next turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mcp_image_reaches_the_model_as_an_image_part() {
+    let extra = stdio_server("ev", &[&everything_js(), "stdio"], "");
+    let server = Server::start_with(with_tools(&extra, &["ev__*"])).await;
+    let c = server.client();
+    ready(&c, "ev").await;
+    let session = mcp_session(&c).await;
+    let (done, _) = call_through_turn(
+        &server,
+        &session,
+        1,
+        "img1",
+        "ev__get-tiny-image",
+        json!({}),
+    )
+    .await;
+    assert_eq!(done["success"], true, "{done}");
+    let result = done["result"].as_str().unwrap();
+    assert!(result.contains("Here's the image you requested:"), "{done}");
+    assert!(result.contains("[image image/png, "), "{done}");
+    assert!(result.contains("bytes, attached]"), "{done}");
+    assert!(
+        !result.contains("iVBOR"),
+        "the image data stays out of the text: {done}"
+    );
+
+    let requests = server.upstream.requests();
+    assert_eq!(requests.len(), 2);
+    let images = images_after_tool_result(&requests[1], "img1");
+    assert_eq!(images.len(), 1, "{}", requests[1]["messages"]);
+    assert!(
+        images[0].starts_with("data:image/png;base64,iVBORw0KGgo"),
+        "{}",
+        &images[0][..40.min(images[0].len())]
+    );
+
+    // Stored with the result: the message list shows it, and the next turn's prompt (built from the store)
+    // shows the image again.
+    let (status, messages) = c.get(&format!("/v1/sessions/{session}/messages")).await;
+    assert_eq!(status, 200, "{messages}");
+    let list = messages
+        .as_array()
+        .or_else(|| messages["messages"].as_array())
+        .unwrap();
+    let tool = list
+        .iter()
+        .find(|m| m["role"] == "tool" && m["tool_call_id"] == "img1")
+        .unwrap();
+    assert_eq!(tool["images"].as_array().map(Vec::len), Some(1), "{tool}");
+    let (status, v) = c.send(&session, "what was in the picture?").await;
+    assert_eq!(status, 200, "{v}");
+    let requests = server.upstream.requests();
+    assert_eq!(
+        images_after_tool_result(&requests[2], "img1"),
+        images,
+        "the next turn's prompt shows the stored image again"
+    );
+}
+
 /// server-filesystem reads a file inside the directory it was given, and refuses one outside.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn filesystem_reads_inside_its_directory_only() {
