@@ -23,7 +23,7 @@ export function agentdBin() {
   return path.join(target, 'debug', 'agentd');
 }
 
-function configText({ dir, upstream, auth }) {
+function configText({ dir, upstream, auth, extra }) {
   let text = `
 [server]
 listen = "127.0.0.1:0"
@@ -56,6 +56,7 @@ model = "mock-model"
 system_prompt = "You research."
 tools = ["calculator"]
 `;
+  if (extra) text += `\n${extra}\n`;
   if (auth) text += `\n[[auth.keys]]\nprincipal = "alice"\nkey = "${API_KEY}"\n`;
   return text;
 }
@@ -65,11 +66,12 @@ tools = ["calculator"]
  * `stop(signal)` ends it. The data directory survives restarts, so a restart continues the same sessions.
  */
 export class Agentd {
-  constructor(name, { upstream, auth = false }) {
+  /** `extra`: config text appended (more agents). */
+  constructor(name, { upstream, auth = false, extra = '' }) {
     this.name = name;
     this.dir = fs.mkdtempSync(path.join(os.tmpdir(), `agentd-e2e-${name}-`));
     this.configPath = path.join(this.dir, 'agentd.toml');
-    fs.writeFileSync(this.configPath, configText({ dir: this.dir, upstream, auth }));
+    fs.writeFileSync(this.configPath, configText({ dir: this.dir, upstream, auth, extra }));
     this.logPath = path.join(resultsDir, `agentd-${name}.log`);
     fs.writeFileSync(this.logPath, '');
     this.proc = null;
