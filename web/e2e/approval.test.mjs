@@ -120,13 +120,18 @@ describe('approvals', () => {
 
   test('a decision made elsewhere shows on the card; answering after it is refused plainly (409)', T, async (t) => {
     const p = await page(t);
-    // A second page on the same session whose socket never delivers approval_resolved: its card stays pending,
-    // so its click comes after the decision, as when two people answer at once.
+    // A second page on the same session whose socket delivers no event after the approval request (errors
+    // still come through): its card stays pending, so its click comes after the decision, as when two people
+    // answer at once.
     const q = await freshPage(t, env.browser, env.server);
     await q.routeWebSocket(/\/ws/, (ws) => {
       const server = ws.connectToServer();
+      let frozen = false;
       server.onMessage((m) => {
-        if (!String(m).includes('"approval_resolved"')) ws.send(m);
+        const f = JSON.parse(String(m));
+        if (frozen && typeof f.seq === 'number') return;
+        if (f.type === 'approval_requested') frozen = true;
+        ws.send(m);
       });
     });
     await send(p, 'calc: 3*3');
