@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 
-import { shot } from './harness.mjs';
+import { Agentd, openPage, shot } from './harness.mjs';
 import { freshPage, send, sessionIdOf, suite, waitRunStatus } from './page.mjs';
 
 const T = { timeout: 120000 };
@@ -68,13 +68,15 @@ describe('approvals', () => {
     clean(p);
   });
 
-  test('Deny with a reason: the model gets the denial; arguments show as text, never markup', T, async (t) => {
+  test('Deny with a reason: the model gets the denial; arguments show as text, never markup; long ones scroll', T, async (t) => {
     const p = await page(t);
-    const expr = '<img src=x onerror="window.__xss=1"> 1+1';
+    const expr = `<img src=x onerror="window.__xss=1"> ${'1+'.repeat(3000)}1`;
     await send(p, `calc: ${expr}`);
     await pendingCard(p);
     assert.equal(await card(p).locator('.approval-args').textContent(), JSON.stringify({ expression: expr }, null, 2));
     assert.equal(await card(p).locator('.approval-args img').count(), 0);
+    const box = await card(p).locator('.approval-args').evaluate((e) => ({ client: e.clientHeight, scroll: e.scrollHeight }));
+    assert.ok(box.client <= 240 && box.scroll > box.client, `long arguments scroll inside the card: ${JSON.stringify(box)}`);
     await card(p).locator('.deny-reason').fill('not on my watch');
     await card(p).locator('button.deny').click();
     await waitRunStatus(p, 'completed');
@@ -115,6 +117,25 @@ describe('approvals', () => {
     await waitRunStatus(p, 'completed');
     assert.deepEqual(await p.locator('#transcript .approval-decision').allTextContents(), ['Denied', 'Allowed']);
     assert.deepEqual(await runStatuses(session), ['completed', 'completed']);
+    clean(p);
+  });
+
+  test('a request nobody answers is denied at the time limit, and the card says so', T, async (t) => {
+    // A server of its own whose time limit is 2 s.
+    const quick = new Agentd('approval-timeout', { upstream: env.mock.url, extra: GUARDED, askTimeoutS: 2 });
+    t.after(() => quick.dispose());
+    await quick.start();
+    const { context, page: p } = await openPage(env.browser, quick);
+    t.after(() => context.close());
+    await p.goto(`${quick.url}/`);
+    await p.waitForSelector('body[data-ready]', { state: 'attached' });
+    await p.selectOption('#agent-select', 'guarded');
+    await send(p, 'calc: 7*7');
+    await pendingCard(p);
+    await p.waitForSelector('#transcript .turn:last-child .approval.denied');
+    assert.equal(await card(p).locator('.approval-decision').textContent(), 'Denied: no decision within 2 s');
+    await waitRunStatus(p, 'completed');
+    assert.match(await lastRunText(p), /The result is the call was denied and did not run: no decision within 2 s\./);
     clean(p);
   });
 

@@ -23,13 +23,13 @@ export function agentdBin() {
   return path.join(target, 'debug', 'agentd');
 }
 
-function configText({ dir, upstream, auth, extra }) {
+function configText({ dir, upstream, auth, extra, askTimeoutS }) {
   let text = `
 [server]
 listen = "127.0.0.1:0"
 workspace_dir = "${dir}/workspaces"
 shutdown_grace_s = 1
-ask_human_timeout_s = 120
+ask_human_timeout_s = ${askTimeoutS}
 
 [store]
 url = "sqlite://${dir}/agentd.db"
@@ -66,12 +66,12 @@ tools = ["calculator"]
  * `stop(signal)` ends it. The data directory survives restarts, so a restart continues the same sessions.
  */
 export class Agentd {
-  /** `extra`: config text appended (more agents). */
-  constructor(name, { upstream, auth = false, extra = '' }) {
+  /** `extra`: config text appended (more agents); `askTimeoutS`: `server.ask_human_timeout_s`. */
+  constructor(name, { upstream, auth = false, extra = '', askTimeoutS = 120 }) {
     this.name = name;
     this.dir = fs.mkdtempSync(path.join(os.tmpdir(), `agentd-e2e-${name}-`));
     this.configPath = path.join(this.dir, 'agentd.toml');
-    fs.writeFileSync(this.configPath, configText({ dir: this.dir, upstream, auth, extra }));
+    fs.writeFileSync(this.configPath, configText({ dir: this.dir, upstream, auth, extra, askTimeoutS }));
     this.logPath = path.join(resultsDir, `agentd-${name}.log`);
     fs.writeFileSync(this.logPath, '');
     this.proc = null;
