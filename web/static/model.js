@@ -303,8 +303,9 @@ export function applyEvent(model, ev) {
       t.resumed = ev.attempt || t.resumed + 1;
       addSeg(t.main, seg('note', { text: `resumed after an interruption (attempt ${t.resumed})` }));
       t.main.cur = null;
-      t.status = 'running';
-      t.busySince = model.now();
+      // A question or approval open when the process died keeps waiting under its request id (no new event).
+      t.status = waiting(t) ? 'waiting_input' : 'running';
+      t.busySince = t.status === 'running' ? model.now() : null;
       break;
     case 'skill_matched':
       addSeg(f, seg('note', { text: `skill: ${ev.skill} (${ev.method})` }));

@@ -152,6 +152,17 @@ test('sending a decision marks the card; a refusal (409) is shown and it can be 
   assert.match(describeApprovalFailure({ code: 'not_found', message: '' }), /no longer knows/);
 });
 
+test('a run resumed after a restart keeps waiting for the decision it was waiting for', () => {
+  const evs = events();
+  evs.push({ seq: evs.length + 1, ...base, type: 'run_resumed', attempt: 1, discard_from_seq: evs.length + 1 });
+  const m = live(evs);
+  assert.equal(m.turns[0].status, 'waiting_input');
+  assert.equal(m.turns[0].busySince, null);
+  assert.equal(pendingApprovals(m).length, 1, 'still answerable');
+  applyEvent(m, { seq: evs.length + 1, ...base, type: 'approval_resolved', request_id: 'req-1', decision: 'allow', reason: null });
+  assert.equal(m.turns[0].status, 'running');
+});
+
 test('two calls waiting at once each get a card; the run waits until both are decided', () => {
   const evs = events();
   let seq = evs.length;

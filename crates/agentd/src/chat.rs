@@ -6,9 +6,12 @@
 //! it: when no turn runs, or when the agent asks a question (`ask_human`: the line is the answer).
 //!
 //! A tool call that needs approval (the agent's `approve` globs, SPEC.md section 7) prints the tool and its
-//! arguments, and the next line decides it, at the prompt `Allow TOOL? [y/N]`: `y`, `yes` or `allow` allows;
+//! arguments and is decided by the line entered at its prompt `Allow TOOL? [y/N]`: `y`, `yes` or `allow` allows;
 //! anything else denies (`n REASON` or any other text gives the model a reason); the decision goes as an
-//! `approval` frame. The outcome is printed when it is logged, also when another client or the time limit decided.
+//! `approval` frame. A line means what its prompt said: one entered at a prompt that was up before the request
+//! came (`> `, another client's run asking) is a message, and the approval's prompt follows; one entered at the
+//! prompt of a request decided meanwhile is dropped. The outcome is printed when it is logged, also when another
+//! client or the time limit decided.
 //!
 //! - On a terminal ([`term`]): line editing and history (arrow keys, Emacs keys, Ctrl-R), no echo of keys typed
 //!   while a turn streams (they wait for the next prompt), output that never garbles the line being typed.
@@ -142,9 +145,9 @@ struct Chat {
     pending_ask: Option<(String, String, String)>,
     /// Tool calls waiting for a decision, oldest first (the next line decides the first).
     pending_approvals: VecDeque<Approval>,
-    /// The request the prompt on screen asks to decide: a line typed there after another client (or the time
-    /// limit) decided it is dropped, not sent as a message.
-    prompted_approval: Option<String>,
+    /// What the prompt on screen asks for (none on a pipe): a line means what its prompt said. One typed at
+    /// the prompt of an approval that another client (or the time limit) decided meanwhile is dropped.
+    prompted_for: Option<Prompt>,
     /// The latest decisions sent (at most [`MAX_DECIDING`]): a `conflict` or `not_found` error frame is one of
     /// theirs (the server answers a decision only when it refuses it: 409 decided already, 404 its run ended),
     /// never a refused message. Kept after `approval_resolved`: the 409 of a decision that crossed another
@@ -213,7 +216,7 @@ impl Chat {
             cancel_sent: false,
             pending_ask: None,
             pending_approvals: VecDeque::new(),
-            prompted_approval: None,
+            prompted_for: None,
             deciding: VecDeque::new(),
             sent: VecDeque::new(),
             failures: Vec::new(),
@@ -309,20 +312,22 @@ impl Chat {
         if !self.interactive || !self.wants_input() {
             return;
         }
-        let approval = self.pending_approvals.front();
-        let text = match approval {
-            Some(a) => format!("Allow {}? [y/N] ", a.tool),
-            None if self.pending_ask.is_some() => "answer> ".to_string(),
-            None => "> ".to_string(),
+        let (text, what) = match self.pending_approvals.front() {
+            Some(a) => (
+                format!("Allow {}? [y/N] ", a.tool),
+                Prompt::Approval(a.request_id.clone()),
+            ),
+            None if self.pending_ask.is_some() => ("answer> ".to_string(), Prompt::Answer),
+            None => ("> ".to_string(), Prompt::Message),
         };
         if let Some(editor) = &mut self.editor {
             if !editor.reading() {
-                self.prompted_approval = approval.map(|a| a.request_id.clone());
+                self.prompted_for = Some(what);
             }
             editor.read(&text);
         } else if !self.prompted {
             self.prompted = true;
-            self.prompted_approval = approval.map(|a| a.request_id.clone());
+            self.prompted_for = Some(what);
             self.print(&text);
         }
     }
@@ -500,7 +505,7 @@ impl Chat {
                         e.answered();
                     }
                     self.prompted = false;
-                    let prompted = self.prompted_approval.take();
+                    let prompted = self.prompted_for.take();
                     match line {
                         Some(Input::Line(l)) => {
                             if let Some(out) = self.line(socket, l, prompted).await {
@@ -591,18 +596,24 @@ impl Chat {
         None
     }
 
-    /// Handles one line of input; `prompted`: the approval its prompt asked about. `Some` ends the event loop.
+    /// Handles one line of input; `prompted`: what its prompt asked for (none on a pipe). `Some` ends the event
+    /// loop.
     async fn line(
         &mut self,
         socket: &mut Socket,
         line: String,
-        prompted: Option<String>,
+        prompted: Option<Prompt>,
     ) -> Option<Outcome> {
         let front = self.pending_approvals.front().map(|a| a.request_id.clone());
         if let Some(request_id) = front {
-            // On the terminal the line answers what its prompt asked: one typed at another prompt (`> `, shown
-            // before the request came) decides it too, as with a question, unless it was a different request.
-            if prompted.is_none() || prompted.as_deref() == Some(request_id.as_str()) {
+            // Without a prompt (a pipe) the next line decides; on a terminal only a line typed at this request's
+            // prompt does (one typed at `> ` is a message, and the approval's prompt comes next).
+            let decides = match &prompted {
+                None => true,
+                Some(Prompt::Approval(asked)) => *asked == request_id,
+                Some(_) => false,
+            };
+            if decides {
                 self.pending_approvals.pop_front();
                 let (allow, reason) = decision_of(&line);
                 let mut frame = json!({
@@ -623,7 +634,7 @@ impl Chat {
                 return None;
             }
         }
-        if prompted.is_some() {
+        if matches!(prompted, Some(Prompt::Approval(_))) {
             // Its prompt's request was decided meanwhile (another client, the time limit): not a message.
             self.note("(that tool call was decided meanwhile; the line was not sent)");
             return None;
@@ -840,7 +851,14 @@ impl Chat {
         let text = self.renderer.event(v);
         self.print(&text);
         if v["type"] == "approval_requested" && self.interactive {
-            self.note("(y allows it; anything else denies it, and `n REASON` tells the agent why)");
+            // A prompt up already (`> `, another client's run asking) cannot change: its line stays a message.
+            let note = if matches!(self.prompted_for, Some(Prompt::Message | Prompt::Answer)) {
+                "(the line at the prompt below is not the decision: Enter it, or Enter an empty one, and its \
+                 prompt follows; y allows, anything else denies, `n REASON` tells the agent why)"
+            } else {
+                "(y allows it; anything else denies it, and `n REASON` tells the agent why)"
+            };
+            self.note(note);
         }
         if v["type"] == "run_finished" {
             if self.active_run.is_some() && self.active_run == run_id {
@@ -909,6 +927,14 @@ impl Chat {
         out.push_str(&r.text[active_at..]);
         self.print(&out);
     }
+}
+
+/// What a prompt asks for.
+enum Prompt {
+    Message,
+    Answer,
+    /// The decision on this request.
+    Approval(String),
 }
 
 /// A tool call waiting for a decision.

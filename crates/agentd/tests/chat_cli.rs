@@ -1009,17 +1009,27 @@ async fn on_a_terminal_an_approval_is_allowed_or_denied_at_its_prompt() {
     let at = t
         .wait_for(at, "decided meanwhile; the line was not sent")
         .await;
+    let at = t.wait_for(at, "> ").await;
+
+    // Another client's turn asks while this one idles at `> `: that prompt's line stays a message; an empty
+    // line brings the approval's prompt.
+    s.client().send_bg(&id, "calc: 4*4").await;
+    let at = t
+        .wait_for(at, "the line at the prompt below is not the decision")
+        .await;
+    t.keys("\r");
+    let at = t.wait_for(at, "Allow calculator? [y/N] ").await;
+    t.keys("allow\r");
+    let at = t.wait_for(at, "✓ calculator allowed").await;
+    let at = t.wait_for(at, "The result is 16.").await;
     t.wait_for(at, "> ").await;
     t.keys("\x04");
     assert_eq!(t.exit_code().await, Some(0), "{:?}", t.screen());
     assert_eq!(
         contents(&s.client().messages(&id).await, "user"),
-        ["calc: 6*7", "calc: 2+2", "calc: 3+3"]
+        ["calc: 6*7", "calc: 2+2", "calc: 3+3", "calc: 4*4"]
     );
-    assert_eq!(
-        run_statuses(&s, &id).await,
-        ["completed", "completed", "completed"]
-    );
+    assert_eq!(run_statuses(&s, &id).await, ["completed"; 4]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
