@@ -43,6 +43,6 @@ rm -rf web/test-results
 mkdir -p web/test-results
 echo "e2e: running the browser tests against $AGENTD_BIN" >&2
 status=0
-(cd web && node --test --test-concurrency=1 --test-reporter=spec e2e/chat.test.mjs e2e/issue16.test.mjs) || status=$?
+(cd web && node --test --test-concurrency=1 --test-reporter=spec e2e/chat.test.mjs e2e/issue16.test.mjs e2e/approval.test.mjs) || status=$?
 echo "e2e: screenshots and logs in web/test-results/" >&2
 exit "$status"

@@ -23,13 +23,13 @@ export function agentdBin() {
   return path.join(target, 'debug', 'agentd');
 }
 
-function configText({ dir, upstream, auth }) {
+function configText({ dir, upstream, auth, extra, askTimeoutS }) {
   let text = `
 [server]
 listen = "127.0.0.1:0"
 workspace_dir = "${dir}/workspaces"
 shutdown_grace_s = 1
-ask_human_timeout_s = 120
+ask_human_timeout_s = ${askTimeoutS}
 
 [store]
 url = "sqlite://${dir}/agentd.db"
@@ -56,6 +56,7 @@ model = "mock-model"
 system_prompt = "You research."
 tools = ["calculator"]
 `;
+  if (extra) text += `\n${extra}\n`;
   if (auth) text += `\n[[auth.keys]]\nprincipal = "alice"\nkey = "${API_KEY}"\n`;
   return text;
 }
@@ -65,11 +66,12 @@ tools = ["calculator"]
  * `stop(signal)` ends it. The data directory survives restarts, so a restart continues the same sessions.
  */
 export class Agentd {
-  constructor(name, { upstream, auth = false }) {
+  /** `extra`: config text appended (more agents); `askTimeoutS`: `server.ask_human_timeout_s`. */
+  constructor(name, { upstream, auth = false, extra = '', askTimeoutS = 120 }) {
     this.name = name;
     this.dir = fs.mkdtempSync(path.join(os.tmpdir(), `agentd-e2e-${name}-`));
     this.configPath = path.join(this.dir, 'agentd.toml');
-    fs.writeFileSync(this.configPath, configText({ dir: this.dir, upstream, auth }));
+    fs.writeFileSync(this.configPath, configText({ dir: this.dir, upstream, auth, extra, askTimeoutS }));
     this.logPath = path.join(resultsDir, `agentd-${name}.log`);
     fs.writeFileSync(this.logPath, '');
     this.proc = null;

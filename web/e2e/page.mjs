@@ -6,12 +6,15 @@ import { after, before } from 'node:test';
 import { Agentd, launchBrowser, openPage } from './harness.mjs';
 import { startMock } from './mock-upstream.mjs';
 
-/** Starts the mock upstream, an agentd named `name` and Chromium before the file's tests; stops them after. */
-export function suite(name) {
+/**
+ * Starts the mock upstream, an agentd named `name` (`extra`: config text appended) and Chromium before the file's
+ * tests; stops them after.
+ */
+export function suite(name, { extra = '' } = {}) {
   const s = { mock: null, server: null, browser: null };
   before(async () => {
     s.mock = await startMock();
-    s.server = new Agentd(name, { upstream: s.mock.url });
+    s.server = new Agentd(name, { upstream: s.mock.url, extra });
     await s.server.start();
     s.browser = await launchBrowser();
   });

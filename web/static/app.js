@@ -1,16 +1,21 @@
 // agentd web chat: the DOM wiring. The logic that matters is in plain modules with unit tests (web/test/):
 // conn.js (seq cursor, reconnect, the opening hold), model.js (events and history -> view model), and view.js
-// draws the model. Sends, cancels and ask_human replies go over the socket; REST is the fallback while it is down.
+// draws the model. Sends, cancels, ask_human replies and approval decisions go over the socket; REST is the
+// fallback while it is down.
 
 import { backoffMs, Cursor, Opening, PING_EVERY_MS, MAX_BACKOFF_MS, wsUrl } from './conn.js';
 import {
   activeTurn,
   applyEvent,
+  approvalFailed,
+  approvalSending,
+  describeApprovalFailure,
   derivedTitle,
   describeFailure,
   errorCode,
   loadSession,
   newModel,
+  pendingApprovals,
   pendingAsks,
   sessionTitle,
 } from './model.js';
@@ -21,6 +26,19 @@ const AGENT_STORE = 'agentd.agent';
 const PAGE = 50;
 
 const CURSOR_EXPIRED = errorCode('cursor_expired');
+// Errors the server answers an `approval` frame with (409: decided already; 404: unknown request; ...). An error
+// frame names no request: one of these arriving while a decision sent here awaits its `approval_resolved` is
+// that decision's (the server answers a connection's frames in order).
+const APPROVAL_ERRORS = new Set([
+  errorCode('conflict'),
+  errorCode('not_found'),
+  errorCode('too_large'),
+  errorCode('invalid_frame'),
+  errorCode('invalid_request'),
+  errorCode('missing_field'),
+  errorCode('unavailable'),
+  errorCode('internal'),
+]);
 // Errors that refuse a sent message (nothing was stored): the user's text goes back into the input.
 const REFUSED_SEND = new Set([
   errorCode('invalid_request'),
@@ -86,6 +104,7 @@ const st = {
   attempt: 0,
   reconnectTimer: null,
   lastSent: '',
+  deciding: [], // request ids of approval decisions sent over the socket, awaiting approval_resolved
 };
 
 // ------------------------------------------------------------------ scrolling, announcements, toasts
@@ -229,6 +248,7 @@ ui.keyDialog.addEventListener('cancel', (e) => e.preventDefault());
 const view = new TranscriptView(ui.turns, {
   agentName: () => (st.session ? st.session.agent : ''),
   onAnswer: (turn, ask, text) => answer(turn, ask, text),
+  onDecide: (turn, approval, decision, reason) => decide(turn, approval, decision, reason),
   onRetry: (turn) => resend(turn),
   onEdit: (turn) => {
     ui.input.value = turn.user ? turn.user.text : '';
@@ -255,6 +275,7 @@ setInterval(() => view.tick(), 1000);
 
 function onEvent(ev) {
   if (!st.cursor.accept(ev)) return;
+  if (ev.type === 'approval_resolved') st.deciding = st.deciding.filter((id) => id !== ev.request_id);
   const t = applyEvent(st.model, ev);
   if (t && ev.type === 'run_finished') {
     showContext(ev);
@@ -275,12 +296,14 @@ function showContext(ev) {
 function showRunState() {
   const active = activeTurn(st.model);
   const asks = pendingAsks(st.model);
+  const approvals = pendingApprovals(st.model);
   const typing = ui.input.value.trim().length > 0 || st.attachments.length > 0;
   ui.stop.hidden = !active || typing || asks.length > 0;
   ui.send.hidden = !ui.stop.hidden;
   ui.send.textContent = asks.length ? 'Answer' : 'Send';
-  ui.askBanner.hidden = !asks.length;
+  ui.askBanner.hidden = !asks.length && !approvals.length;
   if (asks.length) ui.askBanner.textContent = `The agent is waiting for your answer: “${asks[0].ask.question}”. What you type below answers it.`;
+  else if (approvals.length) ui.askBanner.textContent = `The agent waits for your approval to run ${approvals[0].approval.tool}: Allow or Deny it above.`;
   ui.input.placeholder = asks.length ? 'Type your answer…' : active ? 'Message (queued until the current answer ends)…' : 'Message…';
 }
 
@@ -307,6 +330,11 @@ function connect() {
   ws.onclose = (e) => {
     if (st.conn !== conn || conn.closedByUs) return;
     st.conn = null;
+    // Decisions sent on this socket and not yet logged may not have arrived: their cards can be answered again
+    // (one that did arrive shows its decision once the reconnected socket replays `approval_resolved`).
+    for (const id of st.deciding) approvalFailed(st.model, id, 'The connection dropped before the server confirmed this decision; try again.');
+    if (st.deciding.length) render();
+    st.deciding = [];
     const delay = backoffMs(st.attempt, e.code);
     st.attempt += 1;
     scheduleReconnect(session.id, delay, !conn.helloed);
@@ -362,6 +390,12 @@ function onErrorFrame(f) {
   if (f.code === CURSOR_EXPIRED) {
     // Events were missed for good: rebuild the whole view from history and the retained log.
     if (st.session) openSession(st.session.id);
+    return;
+  }
+  if (st.deciding.length && APPROVAL_ERRORS.has(f.code)) {
+    const id = st.deciding.shift();
+    approvalFailed(st.model, id, describeApprovalFailure(f));
+    render();
     return;
   }
   toast(describeFailure(f));
@@ -453,6 +487,27 @@ async function answer(turn, ask, content) {
   }
 }
 
+/** Allow or Deny (with an optional reason) a tool call waiting for approval: over the socket, else REST. */
+async function decide(turn, a, decision, reason) {
+  if (!approvalSending(st.model, a.requestId, decision)) return;
+  render();
+  const ws = socketOpen();
+  if (ws) {
+    const frame = { type: 'approval', request_id: a.requestId, decision };
+    if (reason) frame.reason = reason;
+    st.deciding.push(a.requestId);
+    ws.send(JSON.stringify(frame));
+    return;
+  }
+  try {
+    const body = reason ? { decision, reason } : { decision };
+    await api('POST', `/v1/sessions/${enc(st.session.id)}/runs/${enc(turn.runId)}/approvals/${enc(a.requestId)}`, body);
+  } catch (e) {
+    approvalFailed(st.model, a.requestId, describeApprovalFailure(e));
+    render();
+  }
+}
+
 async function cancel() {
   const t = activeTurn(st.model);
   if (!t || !st.session) return;
@@ -480,6 +535,7 @@ function resetView() {
   closeConnection();
   st.cursor = new Cursor();
   st.model = newModel({ agents: st.agents.map((a) => a.name) });
+  st.deciding = [];
   view.clear();
   ui.emptyHint.hidden = false;
   ui.ctx.hidden = true;

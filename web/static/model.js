@@ -151,6 +151,25 @@ function askSeg(f, requestId, question, callId) {
   return s;
 }
 
+// A tool call waiting for a person's decision (SPEC.md section 7): a card with the tool, its arguments, Allow/Deny.
+function approvalSeg(f, ev) {
+  const s = addSeg(
+    f,
+    seg('approval', {
+      requestId: ev.request_id,
+      callId: ev.call_id || null,
+      tool: ev.tool || '',
+      args: ev.args ?? {},
+      state: 'pending', // then 'allowed', 'denied', or 'expired' (the run ended undecided)
+      reason: null,
+      sending: null, // the decision this page sent, until the server logs one
+      error: null, // why this page's decision was refused (a 409: decided already), or could not be sent
+    }),
+  );
+  f.cur = null;
+  return s;
+}
+
 function eachSeg(f, fn) {
   for (const s of f.segs) {
     fn(s);
@@ -248,13 +267,45 @@ export function applyEvent(model, ev) {
       t.busySince = model.now();
       break;
     }
+    case 'approval_requested': {
+      // A request logged twice (never expected) keeps its one card.
+      const known = findSeg(t, (x) => x.kind === 'approval' && x.requestId === ev.request_id);
+      if (!known) approvalSeg(f, ev);
+      const tool = t.openTools.find((x) => x.callId === ev.call_id);
+      if (tool) {
+        tool.state = 'approval';
+        tool.v++;
+      }
+      t.status = 'waiting_input';
+      t.busySince = null;
+      break;
+    }
+    case 'approval_resolved': {
+      const a = findSeg(t, (x) => x.kind === 'approval' && x.requestId === ev.request_id);
+      if (a) {
+        a.state = ev.decision === 'allow' ? 'allowed' : 'denied';
+        a.reason = ev.reason ?? null;
+        a.sending = null;
+        a.error = null;
+        a.v++;
+        const tool = t.openTools.find((x) => x.callId === a.callId);
+        if (tool && tool.state === 'approval') {
+          tool.state = 'running';
+          tool.v++;
+        }
+      }
+      t.status = waiting(t) ? 'waiting_input' : 'running';
+      t.busySince = model.now();
+      break;
+    }
     case 'run_resumed':
       supersede(t, ev.discard_from_seq);
       t.resumed = ev.attempt || t.resumed + 1;
       addSeg(t.main, seg('note', { text: `resumed after an interruption (attempt ${t.resumed})` }));
       t.main.cur = null;
-      t.status = 'running';
-      t.busySince = model.now();
+      // A question or approval open when the process died keeps waiting under its request id (no new event).
+      t.status = waiting(t) ? 'waiting_input' : 'running';
+      t.busySince = t.status === 'running' ? model.now() : null;
       break;
     case 'skill_matched':
       addSeg(f, seg('note', { text: `skill: ${ev.skill} (${ev.method})` }));
@@ -301,7 +352,12 @@ function finish(t, run, content) {
       s.state = 'expired';
       s.v++;
     }
-    if (s.kind === 'tool' && s.state === 'running') {
+    if (s.kind === 'approval' && s.state === 'pending') {
+      s.state = 'expired';
+      s.sending = null;
+      s.v++;
+    }
+    if (s.kind === 'tool' && (s.state === 'running' || s.state === 'approval')) {
       s.state = t.status === 'completed' ? 'done' : t.status;
       s.v++;
     }
@@ -386,16 +442,73 @@ export function loadSession(model, { hello, expired, messages, runs, events, cur
   return cursor;
 }
 
-/** The turns waiting for an `ask_human` answer: [{turn, ask}], oldest first. */
-export function pendingAsks(model) {
+// The pending segments of `kind` of the turns not ended: [{turn, [kind]: seg}], oldest first.
+function pendingOf(model, kind) {
   const out = [];
   for (const t of model.turns) {
     if (ENDED.has(t.status)) continue;
     eachSeg(t.main, (s) => {
-      if (s.kind === 'ask' && s.state === 'pending') out.push({ turn: t, ask: s });
+      if (s.kind === kind && s.state === 'pending') out.push({ turn: t, [kind]: s });
     });
   }
   return out;
+}
+
+/** The turns waiting for an `ask_human` answer: [{turn, ask}], oldest first. */
+export function pendingAsks(model) {
+  return pendingOf(model, 'ask');
+}
+
+/** Whether the turn still waits for a person: an unanswered question or undecided approval. */
+function waiting(t) {
+  return Boolean(findSeg(t, (x) => (x.kind === 'ask' || x.kind === 'approval') && x.state === 'pending'));
+}
+
+/** Whether the turn has a tool call waiting for a decision. */
+export function waitsForApproval(t) {
+  return Boolean(findSeg(t, (x) => x.kind === 'approval' && x.state === 'pending'));
+}
+
+/** A plain sentence for a refused or failed approval decision (a 409: someone or the time limit was first). */
+export function describeApprovalFailure(err) {
+  if (err && err.code === errorCode('conflict')) return 'Already decided: another client or the time limit got there first.';
+  if (err && err.code === errorCode('not_found')) return 'The server no longer knows this request (the run may have ended).';
+  return describeFailure(err);
+}
+
+/** The tool calls waiting for a decision: [{turn, approval}], oldest first. */
+export function pendingApprovals(model) {
+  return pendingOf(model, 'approval');
+}
+
+// Sets `sending` and `error` of the approval card `requestId` (when `pendingOnly`, only of a pending one).
+function markApproval(model, requestId, pendingOnly, sending, error) {
+  for (const t of model.turns) {
+    const a = findSeg(t, (x) => x.kind === 'approval' && x.requestId === requestId);
+    if (!a) continue;
+    if (pendingOnly && a.state !== 'pending') return false;
+    Object.assign(a, { sending, error });
+    a.v++;
+    touch(model, t);
+    return true;
+  }
+  return false;
+}
+
+/**
+ * This page sent `decision` ('allow' | 'deny') for the approval `requestId`: its card shows it being sent until
+ * `approval_resolved` arrives. Returns false when the request is unknown or no longer pending.
+ */
+export function approvalSending(model, requestId, decision) {
+  return markApproval(model, requestId, true, decision, null);
+}
+
+/**
+ * This page's decision was refused or could not be sent (`message`, a plain sentence): the card says so. A
+ * card still pending can be answered again; one decided meanwhile keeps showing its decision.
+ */
+export function approvalFailed(model, requestId, message) {
+  return markApproval(model, requestId, false, null, message);
 }
 
 /** The run holding the session's turn (running or waiting), if any. */
@@ -479,6 +592,7 @@ export function snapshot(model) {
       if (s.kind === 'thinking') o.done = s.done;
       if (s.kind === 'tool') Object.assign(o, { tool: s.tool, state: s.state, result: s.result });
       if (s.kind === 'ask') Object.assign(o, { question: s.question, answer: s.answer, state: s.state });
+      if (s.kind === 'approval') Object.assign(o, { tool: s.tool, args: s.args, state: s.state, reason: s.reason });
       if (s.kind === 'note') o.text = s.text;
       if (s.kind === 'agent') o.agent = s.agent;
       if (s.sub && s.sub.segs.length) o.sub = segs(s.sub);

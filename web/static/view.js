@@ -3,7 +3,7 @@
 // text update per frame, not a redraw. Never innerHTML: text goes in as text, markdown through markdown.js.
 
 import { copyButton, renderMarkdown } from './markdown.js';
-import { answerText, describeRunError, ENDED } from './model.js';
+import { answerText, describeRunError, ENDED, waitsForApproval } from './model.js';
 
 const MD_EVERY_MS = 120;
 const MD_MAX_LIVE = 200000;
@@ -45,8 +45,8 @@ function button(cls, text, label, onClick) {
 
 export class TranscriptView {
   /**
-   * `root` holds the turns; `hooks`: {agentName(), onAnswer(turn, ask, text) -> Promise, onRetry(turn),
-   * onEdit(turn), announce(text), follow()}.
+   * `root` holds the turns; `hooks`: {agentName(), onAnswer(turn, ask, text) -> Promise,
+   * onDecide(turn, approval, decision, reason), onRetry(turn), onEdit(turn), announce(text), follow()}.
    */
   constructor(root, hooks) {
     this.root = root;
@@ -201,7 +201,7 @@ export class TranscriptView {
     if (t.status === 'completed') say('The answer is complete.');
     else if (t.status === 'cancelled') say('Stopped.');
     else if (t.status === 'failed' || t.status === 'interrupted') say(`${describeRunError(t.status, t.error).summary}`);
-    else if (t.status === 'waiting_input') say('The agent asks you a question.');
+    else if (t.status === 'waiting_input') say(waitsForApproval(t) ? 'The agent asks to run a tool: allow or deny it.' : 'The agent asks you a question.');
   }
 
   renderFlow(box, f, t) {
@@ -271,6 +271,20 @@ export class TranscriptView {
     } else if (s.kind === 'ask') {
       sv.node = el('div', 'ask');
       sv.node.dataset.request = s.requestId || '';
+    } else if (s.kind === 'approval') {
+      sv.node = el('div', 'approval');
+      sv.node.dataset.request = s.requestId || '';
+      sv.node.dataset.tool = s.tool;
+      const head = el('div', 'approval-head');
+      head.append(el('span', 'approval-title', 'Allow this tool call?'), ' ', el('code', 'tool-name', s.tool));
+      // Text, never markup: the arguments are the model's. Long ones scroll inside the card (app.css).
+      const args = el('pre', 'args approval-args', pretty(s.args ?? {}));
+      args.tabIndex = 0;
+      args.setAttribute('aria-label', `arguments of ${s.tool}`);
+      sv.tail = el('div', 'approval-tail');
+      sv.err = el('div', 'approval-error');
+      sv.err.setAttribute('role', 'alert');
+      sv.node.append(head, args, sv.tail, sv.err);
     } else if (s.kind === 'agent') {
       sv.node = el('div', 'sub');
       sv.node.append(el('div', 'agent-name', s.agent));
@@ -309,13 +323,15 @@ export class TranscriptView {
       d.classList.toggle('ok', s.success === true);
       d.classList.toggle('failed', s.success === false);
       d.dataset.state = s.state;
-      sv.state.textContent = { running: 'running…', done: s.success === true ? 'done' : '', failed: 'failed' }[s.state] ?? s.state;
+      sv.state.textContent = { running: 'running…', approval: 'waiting for approval', done: s.success === true ? 'done' : '', failed: 'failed' }[s.state] ?? s.state;
       if (s.result !== null && s.result !== undefined) {
         sv.result.replaceChildren(el('div', 'label', 'result'), el('pre', 'result-text', String(s.result)));
         sv.result.hidden = false;
       }
     } else if (s.kind === 'ask') {
       this.drawAsk(sv, s, t);
+    } else if (s.kind === 'approval') {
+      this.drawApproval(sv, s, t);
     } else if (s.kind === 'note') {
       sv.node.textContent = s.text;
     }
@@ -354,6 +370,43 @@ export class TranscriptView {
     }
     const answer = s.answer ?? this.sent.get(s.requestId);
     box.append(el('div', 'answer', s.state === 'expired' && answer === undefined ? 'No longer waiting for an answer.' : answer !== undefined && answer !== null ? `Answered: ${answer}` : 'Answered'));
+  }
+
+  drawApproval(sv, s, t) {
+    const box = sv.node;
+    box.dataset.state = s.state;
+    for (const c of ['pending', 'allowed', 'denied', 'expired']) box.classList.toggle(c, s.state === c);
+    sv.err.textContent = s.error || '';
+    sv.err.hidden = !s.error;
+    if (s.state === 'pending') {
+      if (sv.drawn !== 'pending') {
+        sv.drawn = 'pending';
+        // No form: Enter in the reason box denies (with the reason), it never allows.
+        const actions = el('div', 'approval-actions');
+        sv.reason = el('input', 'deny-reason');
+        sv.reason.placeholder = 'Reason for denying (optional)';
+        sv.reason.setAttribute('aria-label', `Reason for denying ${s.tool} (optional)`);
+        const deny = () => this.hooks.onDecide(t, s, 'deny', sv.reason.value.trim());
+        sv.reason.addEventListener('keydown', (e) => {
+          if (e.key === 'Enter' && !e.isComposing) {
+            e.preventDefault();
+            deny();
+          }
+        });
+        sv.allow = button('primary allow', 'Allow', `Allow ${s.tool}`, () => this.hooks.onDecide(t, s, 'allow', ''));
+        sv.deny = button('deny', 'Deny', `Deny ${s.tool}`, deny);
+        sv.sending = el('span', 'muted approval-sending');
+        actions.append(sv.allow, sv.deny, sv.reason, sv.sending);
+        sv.tail.replaceChildren(actions);
+      }
+      for (const c of [sv.allow, sv.deny, sv.reason]) c.disabled = Boolean(s.sending);
+      sv.sending.textContent = s.sending ? `Sending “${s.sending}”…` : '';
+      return;
+    }
+    sv.drawn = s.state;
+    const reason = s.reason ? `: ${s.reason}` : '';
+    const text = { allowed: `Allowed${reason}`, denied: `Denied${reason}`, expired: 'Not decided: the run ended first.' }[s.state] ?? s.state;
+    sv.tail.replaceChildren(el('div', 'approval-decision', text));
   }
 
   renderLater() {

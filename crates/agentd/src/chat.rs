@@ -5,12 +5,23 @@
 //! and subagent activity are printed dimmed (see [`render`]). A line is taken only when the client is ready for
 //! it: when no turn runs, or when the agent asks a question (`ask_human`: the line is the answer).
 //!
+//! A tool call that needs approval (the agent's `approve` globs, SPEC.md section 7) prints the tool and its
+//! arguments and is decided by the line entered at its prompt `Allow TOOL? [y/N]`: `y`, `yes` or `allow` allows;
+//! anything else denies (`n REASON` or any other text gives the model a reason); the decision goes as an
+//! `approval` frame. A line means what its prompt said: one entered at a prompt that was up before the request
+//! came (`> `, another client's run asking) is a message, and the approval's prompt follows; one entered at the
+//! prompt of a request decided meanwhile is dropped. The outcome is printed when it is logged, also when another
+//! client or the time limit decided.
+//!
 //! - On a terminal ([`term`]): line editing and history (arrow keys, Emacs keys, Ctrl-R), no echo of keys typed
 //!   while a turn streams (they wait for the next prompt), output that never garbles the line being typed.
 //!   Ctrl-C while a turn runs sends `cancel`; a second Ctrl-C, or one at an empty prompt while idle, exits with
 //!   130; Ctrl-C at a prompt with text clears the line (Ctrl-Y brings it back). Ctrl-D or `/quit` exits.
 //! - Piped (`printf 'q1\nq2\n' | agentd chat`): one line per turn, the next line only once the turn has ended;
-//!   a pending question is answered by the next line. End of input exits once the turn has ended. The exit
+//!   a pending question or approval is answered by the next line (nothing is allowed without a line saying
+//!   so). End of input exits once the turn has ended; while a question or approval waits, it exits 1 and the run
+//!   keeps waiting on the server (another client may answer; an approval left alone is denied at the time
+//!   limit). The exit
 //!   code is 1 when any run this client started did not complete (failed, cancelled, interrupted) or a message
 //!   was refused; stderr names the run and why. 130 after Ctrl-C, 0 otherwise.
 //! - Commands: `/new`, `/agent NAME`, `/sessions`, `/help`, `/quit`; `//text` sends `/text`.
@@ -58,10 +69,13 @@ const MAX_RECONNECTS: u32 = 10;
 const PING_EVERY: Duration = Duration::from_secs(30);
 /// Turns of a resumed session's history shown (the earlier ones are counted).
 const HISTORY_TURNS: usize = 10;
+/// Approval decisions remembered for their error frames.
+const MAX_DECIDING: usize = 16;
 /// Sessions `/sessions` lists.
 const SESSIONS_LISTED: usize = 20;
 
 const HELP: &str = "Enter sends a message; when the agent asks a question, the next line is the answer.\n\
+When a tool call needs approval, y (yes, allow) allows it; anything else denies it (n REASON says why).\n\
 /new            a new session with the same agent\n\
 /agent NAME     a new session with agent NAME (/agent alone lists them)\n\
 /sessions       your recent sessions (resume one with agentd chat --session ID)\n\
@@ -129,6 +143,16 @@ struct Chat {
     cancel_sent: bool,
     /// An `ask_human` waiting for the next line: (request id, run id, question).
     pending_ask: Option<(String, String, String)>,
+    /// Tool calls waiting for a decision, oldest first (the next line decides the first).
+    pending_approvals: VecDeque<Approval>,
+    /// What the prompt on screen asks for (none on a pipe): a line means what its prompt said. One typed at
+    /// the prompt of an approval that another client (or the time limit) decided meanwhile is dropped.
+    prompted_for: Option<Prompt>,
+    /// The latest decisions sent (at most [`MAX_DECIDING`]): a `conflict` or `not_found` error frame is one of
+    /// theirs (the server answers a decision only when it refuses it: 409 decided already, 404 its run ended),
+    /// never a refused message. Kept after `approval_resolved`: the 409 of a decision that crossed another
+    /// client's comes after that client's decision is logged.
+    deciding: VecDeque<String>,
     /// Messages this client sent whose `message` event has not come back yet (not echoed again).
     sent: VecDeque<String>,
     /// Runs of this client that did not complete, and refused messages: piped input then exits 1.
@@ -191,6 +215,9 @@ impl Chat {
             own_runs: HashSet::new(),
             cancel_sent: false,
             pending_ask: None,
+            pending_approvals: VecDeque::new(),
+            prompted_for: None,
+            deciding: VecDeque::new(),
             sent: VecDeque::new(),
             failures: Vec::new(),
             replay: None,
@@ -266,7 +293,9 @@ impl Chat {
 
     /// Ready for a line: nothing runs, or the agent waits for an answer.
     fn wants_input(&self) -> bool {
-        self.input_open && self.replay.is_none() && (self.pending_ask.is_some() || !self.busy())
+        self.input_open
+            && self.replay.is_none()
+            && (self.pending_ask.is_some() || !self.pending_approvals.is_empty() || !self.busy())
     }
 
     /// The exit code once input ends or `/quit`.
@@ -283,16 +312,23 @@ impl Chat {
         if !self.interactive || !self.wants_input() {
             return;
         }
-        let text = if self.pending_ask.is_some() {
-            "answer> "
-        } else {
-            "> "
+        let (text, what) = match self.pending_approvals.front() {
+            Some(a) => (
+                format!("Allow {}? [y/N] ", a.tool),
+                Prompt::Approval(a.request_id.clone()),
+            ),
+            None if self.pending_ask.is_some() => ("answer> ".to_string(), Prompt::Answer),
+            None => ("> ".to_string(), Prompt::Message),
         };
         if let Some(editor) = &mut self.editor {
-            editor.read(text);
+            if !editor.reading() {
+                self.prompted_for = Some(what);
+            }
+            editor.read(&text);
         } else if !self.prompted {
             self.prompted = true;
-            self.print(text);
+            self.prompted_for = Some(what);
+            self.print(&text);
         }
     }
 
@@ -382,6 +418,8 @@ impl Chat {
                     self.active_run = None;
                     self.own_runs.clear();
                     self.pending_ask = None;
+                    self.pending_approvals.clear();
+                    self.deciding.clear();
                     self.sent.clear();
                     self.cancel_sent = false;
                     self.replay = None;
@@ -467,9 +505,10 @@ impl Chat {
                         e.answered();
                     }
                     self.prompted = false;
+                    let prompted = self.prompted_for.take();
                     match line {
                         Some(Input::Line(l)) => {
-                            if let Some(out) = self.line(socket, l).await {
+                            if let Some(out) = self.line(socket, l, prompted).await {
                                 return Ok(out);
                             }
                         }
@@ -498,7 +537,12 @@ impl Chat {
     /// Input ended: the exit code (it is read only while idle or while the agent waits for an answer).
     fn end_of_input(&mut self) -> i32 {
         self.input_open = false;
-        let Some((_, _, question)) = self.pending_ask.clone() else {
+        let waiting_for = match (self.pending_approvals.front(), &self.pending_ask) {
+            (Some(a), _) => Some(format!("approval of `{}`", a.tool)),
+            (None, Some((_, _, question))) => Some(format!("an answer to `{question}`")),
+            (None, None) => None,
+        };
+        let Some(waiting_for) = waiting_for else {
             // (The line editor ends its line itself.)
             if self.interactive && self.editor.is_none() {
                 self.print("\n");
@@ -514,8 +558,8 @@ impl Chat {
             return 0;
         }
         self.error(&format!(
-            "input ended while the agent waits for an answer to `{question}`; the run keeps waiting on the \
-             server (answer it with agentd chat --session {session})"
+            "input ended while the agent waits for {waiting_for}; the run keeps waiting on the server \
+             (answer it with agentd chat --session {session})"
         ));
         EXIT_RUN_FAILED
     }
@@ -531,6 +575,7 @@ impl Chat {
         }
         self.cancel_sent = true;
         self.pending_ask = None;
+        self.pending_approvals.clear();
         let note = self
             .renderer
             .dim("^C cancelling the turn (Ctrl-C again quits)");
@@ -551,8 +596,49 @@ impl Chat {
         None
     }
 
-    /// Handles one line of input; `Some` ends the event loop.
-    async fn line(&mut self, socket: &mut Socket, line: String) -> Option<Outcome> {
+    /// Handles one line of input; `prompted`: what its prompt asked for (none on a pipe). `Some` ends the event
+    /// loop.
+    async fn line(
+        &mut self,
+        socket: &mut Socket,
+        line: String,
+        prompted: Option<Prompt>,
+    ) -> Option<Outcome> {
+        let front = self.pending_approvals.front().map(|a| a.request_id.clone());
+        if let Some(request_id) = front {
+            // Without a prompt (a pipe) the next line decides; on a terminal only a line typed at this request's
+            // prompt does (one typed at `> ` is a message, and the approval's prompt comes next).
+            let decides = match &prompted {
+                None => true,
+                Some(Prompt::Approval(asked)) => *asked == request_id,
+                Some(_) => false,
+            };
+            if decides {
+                self.pending_approvals.pop_front();
+                let (allow, reason) = decision_of(&line);
+                let mut frame = json!({
+                    "type": "approval",
+                    "request_id": request_id,
+                    "decision": if allow { "allow" } else { "deny" },
+                });
+                if let Some(r) = reason {
+                    frame["reason"] = json!(r);
+                }
+                if send(socket, &frame).await.is_err() {
+                    return Some(Outcome::Dropped);
+                }
+                if self.deciding.len() == MAX_DECIDING {
+                    self.deciding.pop_front();
+                }
+                self.deciding.push_back(request_id);
+                return None;
+            }
+        }
+        if matches!(prompted, Some(Prompt::Approval(_))) {
+            // Its prompt's request was decided meanwhile (another client, the time limit): not a message.
+            self.note("(that tool call was decided meanwhile; the line was not sent)");
+            return None;
+        }
         if let Some((request_id, _, _)) = self.pending_ask.take() {
             let frame = json!({"type": "reply", "request_id": request_id, "content": line});
             if send(socket, &frame).await.is_err() {
@@ -670,6 +756,11 @@ impl Chat {
                     }
                     return;
                 }
+                if matches!(code, "conflict" | "not_found") && self.deciding.pop_front().is_some() {
+                    // The decision came too late (another client or the time limit decided) or its run ended.
+                    self.error(&format!("the decision was not taken: {message}"));
+                    return;
+                }
                 self.error(&format!("{code}: {message}"));
                 if let Some(refused) = self.sent.pop_back() {
                     // The message was refused (run_active, too_large, ...): nothing will start.
@@ -732,6 +823,22 @@ impl Chat {
                     self.pending_ask = Some((req.to_string(), run, question));
                 }
             }
+            "approval_requested" => {
+                if let (Some(req), Some(run)) = (v["request_id"].as_str(), run_id.clone()) {
+                    if !self.pending_approvals.iter().any(|a| a.request_id == req) {
+                        self.pending_approvals.push_back(Approval {
+                            request_id: req.to_string(),
+                            run_id: run,
+                            tool: v["tool"].as_str().unwrap_or("?").to_string(),
+                        });
+                    }
+                }
+            }
+            // Decided, here, by another client or by the time limit.
+            "approval_resolved" => {
+                let req = v["request_id"].as_str().unwrap_or("");
+                self.pending_approvals.retain(|a| a.request_id != req);
+            }
             // Answered, here or by another client.
             "input_received"
                 if self.pending_ask.as_ref().map(|(r, _, _)| r.as_str())
@@ -743,6 +850,16 @@ impl Chat {
         }
         let text = self.renderer.event(v);
         self.print(&text);
+        if v["type"] == "approval_requested" && self.interactive {
+            // A prompt up already (`> `, another client's run asking) cannot change: its line stays a message.
+            let note = if matches!(self.prompted_for, Some(Prompt::Message | Prompt::Answer)) {
+                "(the line at the prompt below is not the decision: Enter it, or Enter an empty one, and its \
+                 prompt follows; y allows, anything else denies, `n REASON` tells the agent why)"
+            } else {
+                "(y allows it; anything else denies it, and `n REASON` tells the agent why)"
+            };
+            self.note(note);
+        }
         if v["type"] == "run_finished" {
             if self.active_run.is_some() && self.active_run == run_id {
                 self.active_run = None;
@@ -754,6 +871,8 @@ impl Chat {
             {
                 self.pending_ask = None;
             }
+            self.pending_approvals
+                .retain(|a| Some(&a.run_id) != run_id.as_ref());
             if let Some(run) = run_id {
                 if self.own_runs.remove(&run) {
                     self.cancel_sent = false;
@@ -808,6 +927,39 @@ impl Chat {
         out.push_str(&r.text[active_at..]);
         self.print(&out);
     }
+}
+
+/// What a prompt asks for.
+enum Prompt {
+    Message,
+    Answer,
+    /// The decision on this request.
+    Approval(String),
+}
+
+/// A tool call waiting for a decision.
+struct Approval {
+    request_id: String,
+    run_id: String,
+    tool: String,
+}
+
+/// A line's decision on an approval: `y`, `yes` or `allow` (any case) allows; anything else denies. The reason
+/// is the line, or what follows a leading `n`, `no` or `deny`; none for an empty line or one of those alone.
+fn decision_of(line: &str) -> (bool, Option<String>) {
+    let text = line.trim();
+    let lower = text.to_lowercase();
+    if matches!(lower.as_str(), "y" | "yes" | "allow") {
+        return (true, None);
+    }
+    let (first, rest) = text.split_once(char::is_whitespace).unwrap_or((text, ""));
+    let first = first.trim_end_matches([':', ',', '.']).to_lowercase();
+    let reason = if matches!(first.as_str(), "n" | "no" | "deny") {
+        rest.trim()
+    } else {
+        text
+    };
+    (false, (!reason.is_empty()).then(|| reason.to_string()))
 }
 
 fn no_such_agent(api: &Api, name: &str, agents: &[String]) -> String {
@@ -891,6 +1043,30 @@ impl Interrupts {
             if tokio::signal::ctrl_c().await.is_err() {
                 std::future::pending::<()>().await;
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decision_of;
+
+    #[test]
+    fn a_line_allows_only_when_it_says_so() {
+        for yes in ["y", "Y", " yes ", "YES", "allow", "Allow"] {
+            assert_eq!(decision_of(yes), (true, None), "{yes:?}");
+        }
+        for no in ["", "  ", "n", "No", "deny", "no.", "yes please", "ok"] {
+            assert!(!decision_of(no).0, "{no:?}");
+        }
+        assert_eq!(decision_of("n"), (false, None));
+        for (line, reason) in [
+            ("n too risky", "too risky"),
+            ("No, not today", "not today"),
+            ("deny: use the other file", "use the other file"),
+            ("never touch that", "never touch that"),
+        ] {
+            assert_eq!(decision_of(line), (false, Some(reason.into())), "{line:?}");
         }
     }
 }

@@ -172,6 +172,42 @@ fn tokens(n: usize) -> String {
         .join(" ")
 }
 
+/// An agent `guarded` whose calculator calls wait for a person's approval (SPEC.md section 7).
+fn guarded() -> Options {
+    Options {
+        extra: "[[agents]]\nname = \"guarded\"\nprovider = \"upstream\"\nmodel = \"mock-model\"\n\
+                tools = [\"calculator\"]\napprove = [\"calculator\"]\n"
+            .to_string(),
+        ..Options::default()
+    }
+}
+
+/// The contents of the messages of `role`, in order.
+fn contents(messages: &[Value], role: &str) -> Vec<String> {
+    messages
+        .iter()
+        .filter(|m| m["role"] == role)
+        .map(|m| m["content"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The latest `approval_requested` of the session's log: (run id, request id).
+async fn latest_approval(s: &Server, id: &str) -> (String, String) {
+    let mut ws = s.client().ws(id, "after=0").await;
+    let hello = ws.next().await;
+    let last = hello["last_seq"].as_u64().unwrap();
+    let frames = ws.until(|f| f["seq"].as_u64() == Some(last)).await;
+    let asked = frames
+        .iter()
+        .rev()
+        .find(|f| f["type"] == "approval_requested")
+        .unwrap();
+    (
+        asked["run_id"].as_str().unwrap().to_string(),
+        asked["request_id"].as_str().unwrap().to_string(),
+    )
+}
+
 fn auth_options() -> Options {
     Options {
         extra: format!("[[auth.keys]]\nprincipal = \"alice\"\nkey = \"{KEY}\"\n"),
@@ -463,6 +499,70 @@ async fn piped_input_answers_a_question_with_the_next_line() {
     assert_eq!(users, ["plan a trip", "tokens=2"]);
 }
 
+/// Piped: the tool and its arguments are printed, the next line decides (`y` allows; `n REASON` denies with the
+/// reason the model then sees), and the line after is a turn again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn piped_input_decides_an_approval_with_the_next_line() {
+    let s = Server::start_with(guarded()).await;
+    let mut chat = Chat::spawn(&s.url, &["--agent", "guarded"]);
+    chat.line("calc: 6*7\ny\ncalc: 2+2\nn not now\ntokens=2")
+        .await;
+    chat.close_stdin();
+    let id = chat.session_id().await;
+    assert_eq!(chat.exit_code().await, 0, "{}", chat.errors());
+    let out = chat.output();
+    let expected = "! calculator needs your approval to run with:\n    {\n      \"expression\": \"6*7\"\n    }\n\
+                    ✓ calculator allowed\n";
+    assert!(out.contains(expected), "{out}");
+    assert!(out.contains("The result is 42."), "{out}");
+    assert!(out.contains("\"expression\": \"2+2\""), "{out}");
+    assert!(out.contains("✗ calculator denied: not now\n"), "{out}");
+    assert!(
+        out.contains("The result is the call was denied and did not run: not now."),
+        "{out}"
+    );
+    assert!(out.contains("tok0 tok1\n"), "{out}");
+    assert!(!out.contains("[y/N]"), "no prompt on a pipe: {out}");
+    let messages = s.client().messages(&id).await;
+    assert_eq!(
+        contents(&messages, "user"),
+        ["calc: 6*7", "calc: 2+2", "tokens=2"]
+    );
+    assert_eq!(
+        contents(&messages, "tool"),
+        ["42", "the call was denied and did not run: not now"]
+    );
+}
+
+/// Piped: input that ends while a call waits for approval exits 1 saying so, and nothing is allowed for lack of a
+/// line: the run keeps waiting on the server. Resumed with `--session`, the waiting call is decided by the next
+/// line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn piped_input_ending_at_an_approval_exits_1_and_a_resumed_chat_decides_it() {
+    let s = Server::start_with(guarded()).await;
+    let mut chat = Chat::spawn(&s.url, &["--agent", "guarded"]);
+    chat.line("calc: 5*5").await;
+    chat.close_stdin();
+    let id = chat.session_id().await;
+    assert_eq!(chat.exit_code().await, 1, "{}", chat.output());
+    assert!(
+        chat.errors()
+            .contains("input ended while the agent waits for approval of `calculator`"),
+        "{}",
+        chat.errors()
+    );
+    assert!(chat.output().contains("\"expression\": \"5*5\""));
+    assert_eq!(run_statuses(&s, &id).await, ["waiting_input"]);
+    let mut again = Chat::spawn(&s.url, &["--session", &id]);
+    again.wait_for("(end of history)").await;
+    again.line("yes").await;
+    again.wait_for("✓ calculator allowed").await;
+    again.wait_for("The result is 25.").await;
+    again.close_stdin();
+    assert_eq!(again.exit_code().await, 0, "{}", again.errors());
+    assert_eq!(run_statuses(&s, &id).await, ["completed"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn piped_input_exits_1_naming_a_failed_run_and_still_runs_the_rest() {
     let s = Server::start().await;
@@ -645,6 +745,10 @@ struct Pty {
 #[cfg(unix)]
 impl Pty {
     fn spawn(url: &str, state_dir: &std::path::Path) -> Pty {
+        Self::spawn_with(url, state_dir, &[])
+    }
+
+    fn spawn_with(url: &str, state_dir: &std::path::Path, args: &[&str]) -> Pty {
         use nix::pty::{openpty, Winsize};
         let size = Winsize {
             ws_row: 40,
@@ -658,6 +762,7 @@ impl Pty {
             .args(["-c", "-w"])
             .arg(env!("CARGO_BIN_EXE_agentd"))
             .args(["chat", "--url", url])
+            .args(args)
             .env_remove("AGENTD_API_KEY")
             .env("TERM", "xterm-256color")
             .env("XDG_STATE_HOME", state_dir)
@@ -692,6 +797,13 @@ impl Pty {
 
     fn screen(&self) -> String {
         self.screen.lock().unwrap().clone()
+    }
+
+    /// The session id of the banner that ends at byte `at`.
+    fn session_id(&self, at: usize) -> String {
+        let screen = self.screen();
+        let line = screen[..at].rsplit("new session ").next().unwrap();
+        line.split_whitespace().next().unwrap().to_string()
     }
 
     fn keys(&mut self, keys: &str) {
@@ -745,15 +857,7 @@ async fn on_a_terminal_history_type_ahead_and_ctrl_c_work() {
     let state = tempfile::tempdir().unwrap();
     let mut t = Pty::spawn(&s.url, state.path());
     let at = t.wait_for(0, " with assistant at ").await;
-    let id = {
-        let screen = t.screen();
-        let line = screen[..at]
-            .rsplit("new session ")
-            .next()
-            .unwrap()
-            .to_string();
-        line.split_whitespace().next().unwrap().to_string()
-    };
+    let id = t.session_id(at);
     let at = t.wait_for(at, "> ").await;
     t.keys("tokens=3\r");
     let at = t.wait_for(at, "tok0 tok1 tok2").await;
@@ -853,6 +957,79 @@ async fn on_a_terminal_history_type_ahead_and_ctrl_c_work() {
     // The history file has the lines entered.
     let history = std::fs::read_to_string(state.path().join("agentd/chat_history")).unwrap();
     assert!(history.contains("hello there"), "{history}");
+}
+
+/// On a terminal an approval asks at its own prompt: `y` allows, `n REASON` denies; one decided by another client
+/// shows its decision, and a line typed at its stale prompt is dropped, not sent as a message.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_terminal_an_approval_is_allowed_or_denied_at_its_prompt() {
+    let s = Server::start_with(guarded()).await;
+    let state = tempfile::tempdir().unwrap();
+    let mut t = Pty::spawn_with(&s.url, state.path(), &["--agent", "guarded"]);
+    let at = t.wait_for(0, " with guarded at ").await;
+    let id = t.session_id(at);
+    let at = t.wait_for(at, "> ").await;
+    t.keys("calc: 6*7\r");
+    let at = t
+        .wait_for(at, "! calculator needs your approval to run with:")
+        .await;
+    let at = t.wait_for(at, "\"expression\": \"6*7\"").await;
+    let at = t.wait_for(at, "Allow calculator? [y/N] ").await;
+    t.keys("y\r");
+    let at = t.wait_for(at, "✓ calculator allowed").await;
+    let at = t.wait_for(at, "The result is 42.").await;
+
+    let at = t.wait_for(at, "> ").await;
+    t.keys("calc: 2+2\r");
+    let at = t.wait_for(at, "Allow calculator? [y/N] ").await;
+    t.keys("n too risky\r");
+    let at = t.wait_for(at, "✗ calculator denied: too risky").await;
+    let at = t
+        .wait_for(
+            at,
+            "The result is the call was denied and did not run: too risky.",
+        )
+        .await;
+
+    // Decided by another client while the prompt is up: the decision shows; what is typed there is not sent.
+    let at = t.wait_for(at, "> ").await;
+    t.keys("calc: 3+3\r");
+    let at = t.wait_for(at, "Allow calculator? [y/N] ").await;
+    let (run, request) = latest_approval(&s, &id).await;
+    let path = format!("/v1/sessions/{id}/runs/{run}/approvals/{request}");
+    let (status, body) = s
+        .client()
+        .post(&path, serde_json::json!({"decision": "allow"}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let at = t.wait_for(at, "✓ calculator allowed").await;
+    let at = t.wait_for(at, "The result is 6.").await;
+    t.keys("y\r");
+    let at = t
+        .wait_for(at, "decided meanwhile; the line was not sent")
+        .await;
+    let at = t.wait_for(at, "> ").await;
+
+    // Another client's turn asks while this one idles at `> `: that prompt's line stays a message; an empty
+    // line brings the approval's prompt.
+    s.client().send_bg(&id, "calc: 4*4").await;
+    let at = t
+        .wait_for(at, "the line at the prompt below is not the decision")
+        .await;
+    t.keys("\r");
+    let at = t.wait_for(at, "Allow calculator? [y/N] ").await;
+    t.keys("allow\r");
+    let at = t.wait_for(at, "✓ calculator allowed").await;
+    let at = t.wait_for(at, "The result is 16.").await;
+    t.wait_for(at, "> ").await;
+    t.keys("\x04");
+    assert_eq!(t.exit_code().await, Some(0), "{:?}", t.screen());
+    assert_eq!(
+        contents(&s.client().messages(&id).await, "user"),
+        ["calc: 6*7", "calc: 2+2", "calc: 3+3", "calc: 4*4"]
+    );
+    assert_eq!(run_statuses(&s, &id).await, ["completed"; 4]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

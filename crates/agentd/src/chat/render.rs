@@ -4,6 +4,8 @@
 //! The answer's tokens go out as they come. Thinking, tool calls and subagent activity are secondary: dimmed on a
 //! terminal, and on their own lines with a plain prefix when the output is not a terminal.
 
+use std::collections::HashMap;
+
 use serde_json::Value;
 
 const DIM: &str = "\x1b[2m";
@@ -13,6 +15,10 @@ const RESET: &str = "\x1b[0m";
 
 /// Longest tool argument or result shown, in characters.
 const MAX_TOOL_TEXT: usize = 200;
+/// Most lines of a tool call's arguments shown when it asks for approval (the rest is counted).
+const MAX_APPROVAL_LINES: usize = 40;
+/// Longest line of those arguments, in characters.
+const MAX_APPROVAL_LINE: usize = 400;
 /// Longest history message shown, in characters.
 const MAX_HISTORY_TEXT: usize = 500;
 /// How many stored messages a resumed session shows.
@@ -34,6 +40,8 @@ pub struct Renderer {
     line_start: bool,
     /// The turn's own answer so far (to print `run_finished.content` when nothing was streamed).
     own_text: bool,
+    /// The tool of each approval requested and not yet resolved, by request id (`approval_resolved` names none).
+    approvals: HashMap<String, String>,
 }
 
 impl Renderer {
@@ -43,6 +51,7 @@ impl Renderer {
             segment: Segment::None,
             line_start: true,
             own_text: false,
+            approvals: HashMap::new(),
         }
     }
 
@@ -168,6 +177,52 @@ impl Renderer {
                 let question = ev["question"].as_str().unwrap_or("");
                 let mut out = self.break_line();
                 out.push_str(&self.paint(BOLD, &format!("{indent}? {question}")));
+                out.push('\n');
+                out
+            }
+            // A tool call waits for a person's decision: the tool and its whole arguments, pretty-printed (a
+            // long value is cut to a bounded block); the client then asks at its prompt.
+            "approval_requested" => {
+                let tool = ev["tool"].as_str().unwrap_or("?");
+                if let Some(request) = ev["request_id"].as_str() {
+                    self.approvals.insert(request.to_string(), tool.to_string());
+                }
+                let mut out = self.break_line();
+                out.push_str(&self.paint(
+                    BOLD,
+                    &format!("{indent}! {tool} needs your approval to run with:"),
+                ));
+                out.push('\n');
+                let pretty = serde_json::to_string_pretty(&ev["args"]).unwrap_or_default();
+                let lines: Vec<&str> = pretty.lines().collect();
+                for line in lines.iter().take(MAX_APPROVAL_LINES) {
+                    out.push_str(&format!("{indent}    {}\n", clip(line, MAX_APPROVAL_LINE)));
+                }
+                if lines.len() > MAX_APPROVAL_LINES {
+                    let more = lines.len() - MAX_APPROVAL_LINES;
+                    out.push_str(&self.dim(&format!("{indent}    … {more} more lines")));
+                    out.push('\n');
+                }
+                out
+            }
+            "approval_resolved" => {
+                let request = ev["request_id"].as_str().unwrap_or("");
+                let tool = self
+                    .approvals
+                    .remove(request)
+                    .unwrap_or_else(|| "the tool call".to_string());
+                let reason = ev["reason"]
+                    .as_str()
+                    .filter(|r| !r.is_empty())
+                    .map(|r| format!(": {}", one_line(r)))
+                    .unwrap_or_default();
+                let (mark, verb, style) = if ev["decision"] == "allow" {
+                    ("✓", "allowed", DIM)
+                } else {
+                    ("✗", "denied", YELLOW)
+                };
+                let mut out = self.break_line();
+                out.push_str(&self.paint(style, &format!("{indent}{mark} {tool} {verb}{reason}")));
                 out.push('\n');
                 out
             }
@@ -459,6 +514,41 @@ mod tests {
             out,
             "thinking: hmm\nLet me check.\n→ calculator {\"expression\":\"6*7\"}\n  [helper] sub says\n← calculator: 42\nIt is 42.\n"
         );
+    }
+
+    #[test]
+    fn an_approval_shows_the_tool_and_its_arguments_then_the_decision() {
+        let mut r = Renderer::new(false);
+        let mut out = r.event(&own("text_delta", json!({"delta": "Let me write"})));
+        out.push_str(&r.event(&own(
+            "approval_requested",
+            json!({"request_id": "q1", "call_id": "c1", "tool": "write_file", "args": {"path": "a.txt", "text": "hi"}}),
+        )));
+        out.push_str(&r.event(&own(
+            "approval_resolved",
+            json!({"request_id": "q1", "decision": "deny", "reason": "not\nnow"}),
+        )));
+        assert_eq!(
+            out,
+            "Let me write\n! write_file needs your approval to run with:\n    {\n      \"path\": \"a.txt\",\n      \"text\": \"hi\"\n    }\n✗ write_file denied: not now\n"
+        );
+        let mut out = r.event(&own(
+            "approval_requested",
+            json!({"request_id": "q2", "tool": "t", "args": {"k": (0..100).collect::<Vec<_>>()}}),
+        ));
+        assert!(out.ends_with("    … 64 more lines\n"), "{out}");
+        assert_eq!(out.lines().count(), 1 + MAX_APPROVAL_LINES + 1);
+        out = r.event(&own(
+            "approval_resolved",
+            json!({"request_id": "q2", "decision": "allow", "reason": null}),
+        ));
+        assert_eq!(out, "✓ t allowed\n");
+        // Resolved without its request seen (a replay that starts later).
+        let out = r.event(&own(
+            "approval_resolved",
+            json!({"request_id": "q9", "decision": "deny", "reason": "no decision within 5 s"}),
+        ));
+        assert_eq!(out, "✗ the tool call denied: no decision within 5 s\n");
     }
 
     #[test]
