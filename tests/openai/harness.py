@@ -50,6 +50,14 @@ name = "bare"
 description = "No tools of its own"
 provider = "upstream"
 model = "mock-model"
+
+[[agents]]
+name = "careful"
+description = "Calculates once a person allows it"
+provider = "upstream"
+model = "mock-model"
+tools = ["calculator"]
+approve = ["calculator"]
 """
 
 
