@@ -490,3 +490,107 @@ async fn an_approval_request_survives_a_restart_and_its_next_response_follows_a_
         .await;
     assert_eq!(status, 404, "a response after a request the run never made");
 }
+
+/// Two calls of one model response that both need approval: the first response ends at the first request, the
+/// response answering it ends at the second (the run asked for both at once), and the response answering that
+/// one carries both calls (one allowed, one denied) and the answer; each names the one before it.
+#[tokio::test]
+async fn two_approvals_of_one_round_are_answered_one_response_after_the_other() {
+    let server = Server::start_with(Options {
+        extra: CAREFUL.into(),
+        ..Default::default()
+    })
+    .await;
+    let c = server.client();
+    server.upstream.push(agentd_testkit::Reply::ToolCalls(vec![
+        agentd_testkit::MockToolCall {
+            id: "c1".into(),
+            name: "calculator".into(),
+            arguments: r#"{"expression": "1+1"}"#.into(),
+        },
+        agentd_testkit::MockToolCall {
+            id: "c2".into(),
+            name: "calculator".into(),
+            arguments: r#"{"expression": "2+2"}"#.into(),
+        },
+    ]));
+    server
+        .upstream
+        .push(agentd_testkit::Reply::text("both done"));
+    let (status, r1) = c
+        .post("/v1/responses", json!({"model": "careful", "input": "go"}))
+        .await;
+    assert_eq!(status, 200, "{r1}");
+    let requests = |r: &Value| -> Vec<Value> {
+        r["output"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|i| i["type"] == "mcp_approval_request")
+            .cloned()
+            .collect()
+    };
+    let first = requests(&r1);
+    assert_eq!(
+        (r1["status"].as_str(), first.len()),
+        (Some("completed"), 1),
+        "{r1}"
+    );
+    let answer = |prev: &Value, request: &Value, approve: bool| {
+        json!({"model": "careful", "previous_response_id": prev["id"], "input": [
+            {"type": "mcp_approval_response", "approval_request_id": request["id"], "approve": approve, "reason": "no"}]})
+    };
+    let (status, r2) = c.post("/v1/responses", answer(&r1, &first[0], true)).await;
+    assert_eq!(status, 200, "{r2}");
+    assert_eq!(r2["previous_response_id"], r1["id"]);
+    assert_eq!(r2["status"], "completed");
+    let second = requests(&r2);
+    assert_eq!(second.len(), 1, "{r2}");
+    assert_ne!(second[0]["id"], first[0]["id"]);
+    assert_eq!(r2["output"].as_array().unwrap().len(), 1, "{r2}");
+    let (status, r3) = c
+        .post("/v1/responses", answer(&r2, &second[0], false))
+        .await;
+    assert_eq!(status, 200, "{r3}");
+    assert_eq!(r3["previous_response_id"], r2["id"]);
+    assert_eq!(r3["status"], "completed", "{r3}");
+    let mut calls: Vec<(String, String, String)> = r3["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["type"] == "mcp_call")
+        .map(|i| {
+            let approved_by = if i["approval_request_id"] == first[0]["id"] {
+                "first"
+            } else {
+                "second"
+            };
+            (
+                approved_by.to_string(),
+                i["status"].as_str().unwrap().to_string(),
+                i["arguments"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    calls.sort();
+    assert_eq!(calls.len(), 2, "{r3}");
+    assert_eq!(
+        (calls[0].0.as_str(), calls[0].1.as_str()),
+        ("first", "completed")
+    );
+    assert_eq!(
+        (calls[1].0.as_str(), calls[1].1.as_str()),
+        ("second", "failed")
+    );
+    assert_eq!(
+        r3["output"].as_array().unwrap().last().unwrap()["content"][0]["text"],
+        "both done"
+    );
+    // Each reads the same retrieved.
+    for r in [&r1, &r2, &r3] {
+        let (_, again) = c
+            .get(&format!("/v1/responses/{}", r["id"].as_str().unwrap()))
+            .await;
+        assert_eq!(again, *r);
+    }
+}

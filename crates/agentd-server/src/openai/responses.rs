@@ -1253,3 +1253,39 @@ fn usage(u: &Usage) -> Value {
         "total_tokens": u.prompt_tokens + u.completion_tokens,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_mcp_tool_is_labelled_with_its_server() {
+        assert_eq!(
+            label_of("files__read_text_file"),
+            ("files", "read_text_file")
+        );
+        assert_eq!(label_of("m__a__b"), ("m", "a__b"));
+        assert_eq!(label_of("calculator"), ("agentd", "calculator"));
+        assert_eq!(label_of("__odd"), ("agentd", "__odd"));
+    }
+
+    #[test]
+    fn a_response_id_names_a_run_and_perhaps_the_request_it_follows() {
+        let (s, r, q) = ("a".repeat(32), "b".repeat(32), "c".repeat(32));
+        let first = parse_id(&response_id(&s, &r)).unwrap();
+        assert_eq!(
+            (first.session_id, first.run_id, first.after),
+            (s.clone(), r.clone(), None)
+        );
+        let next = parse_id(&continuation_id(&s, &r, &q)).unwrap();
+        assert_eq!((next.session_id, next.run_id, next.after), (s, r, Some(q)));
+        for bad in [
+            "resp_",
+            "resp_abc",
+            "nonsense",
+            &format!("resp_{}", "g".repeat(64)),
+        ] {
+            assert!(parse_id(bad).is_err(), "{bad}");
+        }
+    }
+}
