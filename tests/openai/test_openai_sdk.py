@@ -391,6 +391,13 @@ class Approvals(unittest.TestCase):
         with self.assertRaises(openai.BadRequestError):
             CLIENT.responses.create(model="careful", input=approval(request.id))
 
+    def test_cancelling_a_run_that_waits(self):
+        r, request = self.asked("5*5")
+        self.assertEqual(CLIENT.responses.cancel(r.id).status, "completed", "the response that asked")
+        self.assertEqual(wait_status(r.metadata["agentd_next_response_id"], ("cancelled",)).output, [])
+        with self.assertRaises(openai.ConflictError):
+            CLIENT.responses.create(model="careful", previous_response_id=r.id, input=approval(request.id))
+
     def test_an_approval_decided_natively_is_followed_through_the_api(self):
         r, request = self.asked("7*6")
         sid, run_id = r.metadata["agentd_session_id"], r.metadata["agentd_run_id"]
