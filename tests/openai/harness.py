@@ -23,6 +23,7 @@ CONFIG = """
 listen = "127.0.0.1:0"
 workspace_dir = "{dir}/workspaces"
 shutdown_grace_s = 1
+ask_human_timeout_s = 20
 {server_extra}
 
 [store]
@@ -50,6 +51,14 @@ name = "bare"
 description = "No tools of its own"
 provider = "upstream"
 model = "mock-model"
+
+[[agents]]
+name = "careful"
+description = "Calculates once a person allows it"
+provider = "upstream"
+model = "mock-model"
+tools = ["calculator"]
+approve = ["calculator"]
 """
 
 

@@ -2,7 +2,8 @@
 the real agentd binary and the mock upstream binary. Run: tests/openai/run.sh (scripts/test.sh does).
 
 The mock follows directives in the last user message: `tokens=N`, `delay_ms=D`, `think`, `calc: EXPR` (a call
-of `calculator`); after a tool result it answers `The result is <result>.`; otherwise `echo: <text>`.
+of `calculator`); after a tool result it answers `The result is <result>.`; otherwise `echo: <text>`. The agent
+`careful` calls `calculator` only once a person allows it (`approve = ["calculator"]`).
 """
 
 import json
@@ -47,7 +48,7 @@ class Models(unittest.TestCase):
     def test_every_agent_is_a_model(self):
         models = CLIENT.models.list()
         ids = [m.id for m in models.data]
-        self.assertEqual(ids, ["assistant", "bare"])
+        self.assertEqual(ids, ["assistant", "bare", "careful"])
         self.assertTrue(all(m.object == "model" and m.owned_by == "agentd" for m in models.data))
         self.assertEqual(CLIENT.models.retrieve("bare").id, "bare")
 
@@ -304,6 +305,108 @@ class Responses(unittest.TestCase):
             model="bare", previous_response_id=r.id, tools=tools,
             input=[{"type": "function_call_output", "call_id": calls[0].call_id, "output": "5"}])
         self.assertEqual(r2.output_text, "The result is 5.")
+
+
+def approval(request_id, approve=True, reason=None):
+    item = {"type": "mcp_approval_response", "approval_request_id": request_id, "approve": approve}
+    if reason is not None:
+        item["reason"] = reason
+    return [item]
+
+
+class Approvals(unittest.TestCase):
+    """OpenAI's remote MCP approval flow: a response ends with its `mcp_approval_request`; the client answers with
+    an `mcp_approval_response` in a new response continuing it, which carries the rest of the run."""
+
+    def asked(self, expression):
+        r = CLIENT.responses.create(model="careful", input=f"calc: {expression}")
+        self.assertEqual(r.status, "completed")
+        self.assertEqual([o.type for o in r.output], ["mcp_approval_request"])
+        request = r.output[0]
+        self.assertEqual((request.server_label, request.name), ("agentd", "calculator"))
+        self.assertEqual(json.loads(request.arguments), {"expression": expression})
+        return r, request
+
+    def test_an_approval_answered_through_the_api(self):
+        r, request = self.asked("6*7")
+        sid, run_id = r.metadata["agentd_session_id"], r.metadata["agentd_run_id"]
+        # The run waits meanwhile (the native API shows it); the response reads the same.
+        self.assertEqual(SERVER.native("GET", f"/v1/sessions/{sid}/runs/{run_id}")["status"], "waiting_input")
+        self.assertEqual(CLIENT.responses.retrieve(r.id).output[0].id, request.id)
+        r2 = CLIENT.responses.create(model="careful", previous_response_id=r.id, input=approval(request.id))
+        self.assertEqual(r2.status, "completed")
+        self.assertEqual(r2.previous_response_id, r.id)
+        self.assertEqual(r2.metadata["agentd_run_id"], run_id, "the same run, carried on")
+        call = [o for o in r2.output if o.type == "mcp_call"]
+        self.assertEqual([(c.name, c.output, c.approval_request_id) for c in call], [("calculator", "42", request.id)])
+        self.assertEqual(r2.output_text, "The result is 42.")
+        self.assertGreater(r2.usage.total_tokens, 0)
+        self.assertEqual(SERVER.native("GET", f"/v1/sessions/{sid}/runs/{run_id}")["status"], "completed")
+        # The chain goes on from the last response.
+        r3 = CLIENT.responses.create(model="careful", previous_response_id=r2.id, input="thanks")
+        self.assertEqual(r3.output_text, "echo: thanks")
+
+    def test_an_approval_streamed(self):
+        with CLIENT.responses.stream(model="careful", input="calc: 2+3") as stream:
+            events = list(stream)
+            first = stream.get_final_response()
+        self.assertEqual([e.sequence_number for e in events], list(range(len(events))))
+        added = [e.item.type for e in events if e.type == "response.output_item.added"]
+        self.assertEqual(added, ["mcp_approval_request"])
+        self.assertEqual(first.status, "completed")
+        request = first.output[-1]
+        self.assertEqual(request.type, "mcp_approval_request")
+        rest = list(CLIENT.responses.create(
+            model="careful", previous_response_id=first.id, input=approval(request.id), stream=True))
+        types = [e.type for e in rest]
+        self.assertEqual(types[:2], ["response.created", "response.in_progress"])
+        self.assertEqual(types[-1], "response.completed")
+        self.assertIn("response.mcp_call.completed", types)
+        self.assertEqual([e.sequence_number for e in rest], list(range(len(rest))))
+        text = "".join(e.delta for e in rest if e.type == "response.output_text.delta")
+        self.assertEqual(text, "The result is 5.")
+        # Both responses stream again the same.
+        again = list(CLIENT.responses.retrieve(first.id, stream=True))
+        self.assertEqual([(e.sequence_number, e.type) for e in again], [(e.sequence_number, e.type) for e in events])
+        again = list(CLIENT.responses.retrieve(rest[0].response.id, stream=True))
+        self.assertEqual([(e.sequence_number, e.type) for e in again], [(e.sequence_number, e.type) for e in rest])
+
+    def test_a_denial_with_its_reason(self):
+        r, request = self.asked("1/0")
+        r2 = CLIENT.responses.create(model="careful", previous_response_id=r.id,
+                                     input=approval(request.id, approve=False, reason="not today"))
+        call = [o for o in r2.output if o.type == "mcp_call"][0]
+        self.assertEqual(call.status, "failed")
+        self.assertIn("not today", call.error)
+        self.assertEqual(r2.output_text, "The result is the call was denied and did not run: not today.")
+
+    def test_a_second_answer_is_refused(self):
+        r, request = self.asked("3*3")
+        CLIENT.responses.create(model="careful", previous_response_id=r.id, input=approval(request.id))
+        with self.assertRaises(openai.ConflictError) as e:
+            CLIENT.responses.create(model="careful", previous_response_id=r.id, input=approval(request.id, approve=False))
+        self.assertEqual(e.exception.status_code, 409)
+        with self.assertRaises(openai.NotFoundError):
+            CLIENT.responses.create(model="careful", previous_response_id=r.id, input=approval("mcpr_" + "0" * 32))
+        with self.assertRaises(openai.BadRequestError):
+            CLIENT.responses.create(model="careful", input=approval(request.id))
+
+    def test_cancelling_a_run_that_waits(self):
+        r, request = self.asked("5*5")
+        self.assertEqual(CLIENT.responses.cancel(r.id).status, "completed", "the response that asked")
+        self.assertEqual(wait_status(r.metadata["agentd_next_response_id"], ("cancelled",)).output, [])
+        with self.assertRaises(openai.ConflictError):
+            CLIENT.responses.create(model="careful", previous_response_id=r.id, input=approval(request.id))
+
+    def test_an_approval_decided_natively_is_followed_through_the_api(self):
+        r, request = self.asked("7*6")
+        sid, run_id = r.metadata["agentd_session_id"], r.metadata["agentd_run_id"]
+        request_id = request.id.removeprefix("mcpr_")
+        SERVER.native("POST", f"/v1/sessions/{sid}/runs/{run_id}/approvals/{request_id}", {"decision": "allow"})
+        done = wait_status(r.metadata["agentd_next_response_id"], ("completed",))
+        self.assertEqual(done.output_text, "The result is 42.")
+        with self.assertRaises(openai.ConflictError):
+            CLIENT.responses.create(model="careful", previous_response_id=r.id, input=approval(request.id))
 
 
 class AcrossARestart(unittest.TestCase):

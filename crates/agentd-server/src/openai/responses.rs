@@ -1,8 +1,9 @@
 //! The Responses API (SPEC.md section 8) over the session's durable log.
 //!
-//! - A response is a run: its id is `resp_` + the session id + the run id (so it needs no table and survives
-//!   restarts), `previous_response_id` continues that response's session, anything else starts a new session
-//!   (metadata `{"source": "responses"}`).
+//! - A response is a run (or, with approvals, the part of a run up to or after an approval request, below):
+//!   its id is `resp_` + the session id + the run id (so it needs no table and survives restarts),
+//!   `previous_response_id` continues that response's session, anything else starts a new session (metadata
+//!   `{"source": "responses"}`).
 //! - Its stream is rendered from the run's logged events alone ([`Render`]), in log order, and numbered from 0:
 //!   rendering the same events again gives the same events with the same `sequence_number`. So
 //!   `GET /v1/responses/{id}?stream=true&starting_after=N` re-renders the run from its first event and sends
@@ -10,16 +11,29 @@
 //! - `GET /v1/responses/{id}` is the response as its log shows it now; cancel is the core's cancel; `DELETE`
 //!   hides the response (404 from then on; the run stays in the session's history).
 //! - Output items: the agent's `<think>` as `reasoning`, its text as a `message`, each server-side tool call
-//!   (the agent's own tools, `ask_human` included) as an `mcp_call` item with `server_label: "agentd"`, and the
-//!   calls of the client's function tools as `function_call` items (the calls a completed run leaves without
-//!   a result). An approval (SPEC.md section 7) is to become an `mcp_approval_request` item, answered by an
-//!   `mcp_approval_response` input item: [`Render`] has the place for it.
+//!   (the agent's own tools, `ask_human` included) as an `mcp_call` item (`server_label`: the MCP server of a
+//!   `SERVER__TOOL`, `agentd` for built-in tools and subagents), and the calls of the client's function tools
+//!   as `function_call` items (the calls a completed run leaves without a result).
+//! - Approvals (SPEC.md section 7) split a run into several responses, as OpenAI's remote MCP flow does. When
+//!   the run logs `approval_requested`, its response ends there: its last item is an `mcp_approval_request`
+//!   (id `mcpr_` + the request id, `arguments` a JSON string) and it is `completed`, with
+//!   `metadata.agentd_next_response_id` naming the response that carries the run on: `resp_` + session id +
+//!   run id + request id. A create with `previous_response_id` and `mcp_approval_response` input items
+//!   decides through the core (as the native `approvals` route does) and answers with that next response,
+//!   rendered from the run's events after the request (its decided call's `mcp_call` item, with
+//!   `approval_request_id`, then the rest of the run up to its end or its next approval request). The run
+//!   itself never stopped: it waited. A decision made on another surface is followed with
+//!   `GET /v1/responses/{agentd_next_response_id}` (streamed or not). A call that needs approval (the
+//!   agent's `approve` globs) shows no `mcp_call` item before its decision, so the request is the item a
+//!   client sees first.
 
 use std::sync::Arc;
 
 use agentd_core::domain::{Role, Run, RunErrorCode, RunStatus, ToolCall, Usage};
 use agentd_core::event::{EventKind, LoggedEvent};
+use agentd_core::registry::{glob_match, MCP_SEPARATOR};
 use agentd_core::service::Principal;
+use agentd_core::tools::Decision;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
@@ -33,20 +47,42 @@ use super::render::{sse_response, RunEvents, KEEP_ALIVE};
 use super::{agent_of, unix_seconds, OaiCaller, OaiError, OaiResult};
 use crate::AppState;
 
-/// The response id of a run.
+/// The response id of a run (its first response).
 pub fn response_id(session_id: &str, run_id: &str) -> String {
     format!("resp_{session_id}{run_id}")
 }
 
-/// The session and run a response id names (ids are 32 lowercase hex digits each).
-fn parse_id(id: &str) -> OaiResult<(String, String)> {
+/// The id of the response that carries a run on after its approval request `request_id`.
+pub fn continuation_id(session_id: &str, run_id: &str, request_id: &str) -> String {
+    format!("resp_{session_id}{run_id}{request_id}")
+}
+
+/// The id of the `mcp_approval_request` item of the approval request `request_id`.
+fn approval_item_id(request_id: &str) -> String {
+    format!("mcpr_{request_id}")
+}
+
+/// What a response id names: a session, a run, and the approval request the response follows (None: the
+/// run's first response). Ids are 32 lowercase hex digits each.
+struct ResponseRef {
+    session_id: String,
+    run_id: String,
+    after: Option<String>,
+}
+
+fn parse_id(id: &str) -> OaiResult<ResponseRef> {
     let missing = || OaiError::not_found(format!("No response found with id '{id}'."));
     let rest = id.strip_prefix("resp_").ok_or_else(missing)?;
-    if rest.len() != 64 || !rest.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if !matches!(rest.len(), 64 | 96) || !rest.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(missing());
     }
-    let (s, r) = rest.split_at(32);
-    Ok((s.to_string(), r.to_string()))
+    let (s, rest) = rest.split_at(32);
+    let (r, after) = rest.split_at(32);
+    Ok(ResponseRef {
+        session_id: s.to_string(),
+        run_id: r.to_string(),
+        after: (!after.is_empty()).then(|| after.to_string()),
+    })
 }
 
 fn deleted_key(id: &str) -> String {
@@ -57,12 +93,13 @@ fn store_err(e: agentd_core::store::StoreError) -> OaiError {
     agentd_core::service::ServiceError::from(e).into()
 }
 
-/// The caller's response: its session and run, unless deleted (404 otherwise, also for another principal's).
-async fn lookup(st: &AppState, p: &Principal, id: &str) -> OaiResult<(String, Run)> {
-    let (session_id, run_id) = parse_id(id)?;
+/// The caller's response: its session and run (and the approval request it follows), unless deleted (404
+/// otherwise, also for another principal's).
+async fn lookup(st: &AppState, p: &Principal, id: &str) -> OaiResult<(ResponseRef, Run)> {
+    let r = parse_id(id)?;
     let missing = || OaiError::not_found(format!("No response found with id '{id}'."));
     st.app
-        .session(p, &session_id)
+        .session(p, &r.session_id)
         .await
         .map_err(|_| missing())?;
     if st
@@ -78,11 +115,11 @@ async fn lookup(st: &AppState, p: &Principal, id: &str) -> OaiResult<(String, Ru
     let run = st
         .app
         .store
-        .get_run(&session_id, &run_id)
+        .get_run(&r.session_id, &r.run_id)
         .await
         .map_err(store_err)?
         .ok_or_else(missing)?;
-    Ok((session_id, run))
+    Ok((r, run))
 }
 
 #[derive(Deserialize)]
@@ -126,6 +163,14 @@ fn text_of(content: &Value) -> (String, Vec<String>) {
         _ => (String::new(), Vec::new()),
     }
 }
+
+/// Output items a client may echo back as input: with `previous_response_id` they are in the session already.
+const ECHOED: [&str; 4] = [
+    "reasoning",
+    "mcp_call",
+    "mcp_list_tools",
+    "mcp_approval_request",
+];
 
 /// The input items as messages of the turn.
 fn input_turns(input: Input, instructions: Option<String>) -> OaiResult<Vec<Turn>> {
@@ -191,8 +236,7 @@ fn input_turns(input: Input, instructions: Option<String>) -> OaiResult<Vec<Turn
                     }
                 }
             }
-            // The model's own items echoed back (with previous_response_id they are in the session already).
-            "reasoning" | "mcp_call" | "mcp_list_tools" => {}
+            k if ECHOED.contains(&k) => {}
             other => {
                 return Err(bad(&format!("unsupported input item type `{other}`")));
             }
@@ -208,6 +252,9 @@ pub async fn create(
 ) -> OaiResult<Response> {
     let Json(req) = body?;
     let agent = agent_of(&st, &req.model)?;
+    if let Some(answers) = approval_answers(&req.input)? {
+        return answer_approvals(st, p, req, answers).await;
+    }
     let tools =
         req.tools
             .iter()
@@ -229,20 +276,7 @@ pub async fn create(
     let turns = input_turns(req.input, req.instructions)?;
     let send = send_of(&turns, tools)?;
     let session_id = match &req.previous_response_id {
-        Some(prev) => {
-            let (session_id, _) = lookup(&st, &p, prev)
-                .await
-                .map_err(|e| e.param("previous_response_id"))?;
-            let s = st.app.open_session(&p, &session_id).await?;
-            if s.agent != req.model {
-                return Err(OaiError::invalid(format!(
-                    "the previous response is of the model `{}`; a session keeps its agent",
-                    s.agent
-                ))
-                .param("model"));
-            }
-            session_id
-        }
+        Some(prev) => continued_session(&st, &p, prev, &req.model).await?.0,
         None => {
             st.app
                 .create_session(&p, &req.model, None, Some(json!({"source": "responses"})))
@@ -253,20 +287,173 @@ pub async fn create(
     let attached = st.app.attach(&p, &session_id, None).await?;
     let accepted = st.app.send(&p, &session_id, send).await?;
     let run = accepted.run;
-    let mut events = RunEvents::new(attached.subscription, session_id.clone(), run.id.clone());
-    let mut render = Render::new(&session_id, &run, &req.model, req.background);
-    if req.stream {
+    let events = RunEvents::new(attached.subscription, session_id.clone(), run.id.clone());
+    let render = render_of(&st, &session_id, &run, &req.model, req.background, None);
+    respond(&st, events, render, req.stream, req.background).await
+}
+
+/// The session a `previous_response_id` continues (open, of the same model), and that response's run.
+async fn continued_session(
+    st: &AppState,
+    p: &Principal,
+    prev: &str,
+    model: &str,
+) -> OaiResult<(String, Run)> {
+    let (r, run) = lookup(st, p, prev)
+        .await
+        .map_err(|e| e.param("previous_response_id"))?;
+    let s = st.app.open_session(p, &r.session_id).await?;
+    if s.agent != model {
+        return Err(OaiError::invalid(format!(
+            "the previous response is of the model `{}`; a session keeps its agent",
+            s.agent
+        ))
+        .param("model"));
+    }
+    Ok((r.session_id, run))
+}
+
+/// The answer to a create: the stream, the response at once (background), or the response once it ends.
+async fn respond(
+    st: &AppState,
+    mut events: RunEvents,
+    mut render: Render,
+    stream: bool,
+    background: bool,
+) -> OaiResult<Response> {
+    if stream {
         return Ok(sse(events, render, None, st.closing.clone()));
     }
-    if req.background {
+    if background {
         drop(events);
         return Ok(Json(render.snapshot()).into_response());
     }
     let mut nowhere = Out::none();
-    while let Some(ev) = events.next().await.map_err(store_err)? {
+    while !render.is_done() {
+        let Some(ev) = events.next().await.map_err(store_err)? else {
+            break;
+        };
         render.feed(&ev, &mut nowhere);
     }
     Ok(Json(render.snapshot()).into_response())
+}
+
+/// The renderer of a response of `model`'s run: from the run's start, or after its approval request `after`.
+fn render_of(
+    st: &AppState,
+    session_id: &str,
+    run: &Run,
+    model: &str,
+    background: bool,
+    after: Option<&str>,
+) -> Render {
+    let approve = st
+        .app
+        .config
+        .agent(model)
+        .map(|a| a.approve.clone())
+        .unwrap_or_default();
+    Render::new(session_id, run, model, background, approve, after)
+}
+
+/// One `mcp_approval_response` input item: `{approval_request_id, approve, reason?}`.
+struct ApprovalAnswer {
+    request_id: String,
+    decision: Decision,
+}
+
+/// The `mcp_approval_response` items of an input (None: it has none). Alongside them an input may hold only
+/// items of the previous response echoed back (which are in the session already); new messages or tool
+/// outputs go in a later request, once the run that waits has ended.
+fn approval_answers(input: &Input) -> OaiResult<Option<Vec<ApprovalAnswer>>> {
+    let Input::Items(items) = input else {
+        return Ok(None);
+    };
+    let kind = |i: &Value| i.get("type").and_then(Value::as_str).map(String::from);
+    if !items
+        .iter()
+        .any(|i| kind(i).as_deref() == Some("mcp_approval_response"))
+    {
+        return Ok(None);
+    }
+    let bad = |m: &str| OaiError::invalid(m.to_string()).param("input");
+    let mut answers = Vec::new();
+    for item in items.iter() {
+        match kind(item).as_deref() {
+            Some("mcp_approval_response") => {}
+            Some(k) if ECHOED.contains(&k) => continue,
+            _ => {
+                return Err(bad(
+                    "an input with `mcp_approval_response` items may hold only those (and items of the previous response echoed back); send new messages once the run has ended",
+                ))
+            }
+        }
+        let id = item
+            .get("approval_request_id")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad("an mcp_approval_response needs its approval_request_id"))?;
+        let allow = item
+            .get("approve")
+            .and_then(Value::as_bool)
+            .ok_or_else(|| bad("an mcp_approval_response needs `approve`: true or false"))?;
+        let reason = match item.get("reason") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(r)) => Some(r.clone()),
+            Some(_) => return Err(bad("an mcp_approval_response's `reason` is a string")),
+        };
+        answers.push(ApprovalAnswer {
+            request_id: id.strip_prefix("mcpr_").unwrap_or(id).to_string(),
+            decision: Decision { allow, reason },
+        });
+    }
+    Ok(Some(answers))
+}
+
+/// Answers approval requests (in input order) through the core, as the native API does, and answers with
+/// the response that carries the run on after the last one: its stream, or the response once the run ends
+/// or asks for its next approval. Unknown requests are 404, requests decided already 409.
+async fn answer_approvals(
+    st: AppState,
+    p: Principal,
+    req: CreateBody,
+    answers: Vec<ApprovalAnswer>,
+) -> OaiResult<Response> {
+    let prev = req.previous_response_id.as_deref().ok_or_else(|| {
+        OaiError::invalid("an mcp_approval_response answers a request of the previous response: give previous_response_id")
+            .param("previous_response_id")
+    })?;
+    let (session_id, _) = continued_session(&st, &p, prev, &req.model).await?;
+    let mut last = None;
+    for a in answers {
+        let run_id = st
+            .app
+            .decide(&p, &session_id, None, &a.request_id, a.decision)
+            .await
+            .map_err(|e| OaiError::from(e).param("input"))?;
+        last = Some((run_id, a.request_id));
+    }
+    let Some((run_id, request_id)) = last else {
+        return Err(OaiError::invalid("no mcp_approval_response in the input").param("input"));
+    };
+    let run = st.app.run(&p, &session_id, &run_id).await?;
+    let first = st
+        .app
+        .store
+        .first_seq_of_run(&session_id, &run_id)
+        .await
+        .map_err(store_err)?
+        .unwrap_or(1);
+    let attached = st.app.attach(&p, &session_id, Some(first - 1)).await?;
+    let events = RunEvents::new(attached.subscription, session_id.clone(), run_id);
+    let render = render_of(
+        &st,
+        &session_id,
+        &run,
+        &req.model,
+        req.background,
+        Some(&request_id),
+    );
+    respond(&st, events, render, req.stream, req.background).await
 }
 
 #[derive(Deserialize)]
@@ -284,19 +471,43 @@ pub async fn retrieve(
     q: Result<Query<RetrieveQuery>, QueryRejection>,
 ) -> OaiResult<Response> {
     let Query(q) = q.map_err(|r| OaiError::invalid(r.body_text()))?;
-    let (session_id, run) = lookup(&st, &p, &id).await?;
+    let (r, run) = lookup(&st, &p, &id).await?;
+    let session_id = r.session_id;
     let model = st.app.session(&p, &session_id).await?.agent;
-    let mut render = Render::new(&session_id, &run, &model, false);
+    let mut render = render_of(&st, &session_id, &run, &model, false, r.after.as_deref());
     let first = st
         .app
         .store
         .first_seq_of_run(&session_id, &run.id)
         .await
         .map_err(store_err)?;
-    if q.stream.unwrap_or(false) {
-        let Some(first) = first else {
+    let Some(first) = first else {
+        if q.stream.unwrap_or(false) {
             return Err(gone(&id));
-        };
+        }
+        // Its events are past retention: what the run's row and its answer tell.
+        render.fill_from_rows(&run, st.app.final_message(&session_id, &run.id).await?);
+        return Ok(Json(render.snapshot()).into_response());
+    };
+    let stream = q.stream.unwrap_or(false);
+    let log = if stream && r.after.is_none() {
+        Vec::new()
+    } else {
+        run_log(&st, &session_id, &run.id, first - 1).await?
+    };
+    if let Some(request_id) = &r.after {
+        // A response after an approval request exists once the request is in the run's log.
+        let asked = log.iter().any(|ev| {
+            matches!(&ev.event.kind, EventKind::ApprovalRequested { request_id: x, .. } if x == request_id)
+        });
+        if !asked {
+            return Err(OaiError::not_found(format!(
+                "No response found with id '{id}'."
+            )));
+        }
+    }
+    if stream {
+        drop(log);
         let attached = st.app.attach(&p, &session_id, Some(first - 1)).await?;
         if attached.cursor_expired {
             return Err(gone(&id));
@@ -304,15 +515,12 @@ pub async fn retrieve(
         let events = RunEvents::new(attached.subscription, session_id, run.id.clone());
         return Ok(sse(events, render, q.starting_after, st.closing.clone()));
     }
-    match first {
-        Some(first) => {
-            let mut nowhere = Out::none();
-            for ev in run_log(&st, &session_id, &run.id, first - 1).await? {
-                render.feed(&ev, &mut nowhere);
-            }
+    let mut nowhere = Out::none();
+    for ev in &log {
+        if render.is_done() {
+            break;
         }
-        // Its events are past retention: what the run's row and its answer tell.
-        None => render.fill_from_rows(&run, st.app.final_message(&session_id, &run.id).await?),
+        render.feed(ev, &mut nowhere);
     }
     Ok(Json(render.snapshot()).into_response())
 }
@@ -362,8 +570,8 @@ pub async fn cancel(
     OaiCaller(p): OaiCaller,
     Path(id): Path<String>,
 ) -> OaiResult<Response> {
-    let (session_id, run) = lookup(&st, &p, &id).await?;
-    st.app.cancel(&p, &session_id, Some(&run.id)).await?;
+    let (r, run) = lookup(&st, &p, &id).await?;
+    st.app.cancel(&p, &r.session_id, Some(&run.id)).await?;
     retrieve(
         State(st),
         OaiCaller(p),
@@ -381,10 +589,10 @@ pub async fn delete(
     OaiCaller(p): OaiCaller,
     Path(id): Path<String>,
 ) -> OaiResult<Json<Value>> {
-    let (session_id, _) = lookup(&st, &p, &id).await?;
+    let (r, _) = lookup(&st, &p, &id).await?;
     st.app
         .store
-        .put_alias(&deleted_key(&id), &session_id)
+        .put_alias(&deleted_key(&id), &r.session_id)
         .await
         .map_err(store_err)?;
     Ok(Json(
@@ -417,9 +625,14 @@ impl ResponsesStream {
                 return Some(format!("event: error\ndata: {data}\n\n"));
             }
         }
-        while let Some(ev) = self.events.try_next() {
+        while !self.render.is_done() {
+            let Some(ev) = self.events.try_next() else {
+                break;
+            };
             self.render.feed(&ev, &mut self.out);
         }
+        // The response ends with its run, or where the run asks for an approval.
+        self.ended = self.render.is_done();
         Some(std::mem::take(&mut self.out.buf))
     }
 }
@@ -449,8 +662,10 @@ enum Open {
     Reasoning(usize, String),
 }
 
-/// Renders one run's logged events to Responses events, numbering them from 0, and keeps the response object
-/// they describe. Depends on nothing but the events, so a re-render numbers alike.
+/// Renders one response of a run (the run's events from its start, or after one of its approval requests, up
+/// to its end or its next approval request) to Responses events, numbering them from 0, and keeps the
+/// response object they describe. Depends on nothing but the events (and the agent's `approve` globs), so a
+/// re-render numbers alike.
 pub struct Render {
     /// The response object without its `output`.
     response: Value,
@@ -463,6 +678,20 @@ pub struct Render {
     last_calls: Vec<ToolCall>,
     ran: Vec<String>,
     started: bool,
+    /// The approval request this response follows, until the run's log reaches it (events before it are
+    /// the previous responses': they only teach the calls and requests).
+    before: Option<String>,
+    /// The last approval request before `before` (the previous response ends there; None: the run's first).
+    previous: Option<String>,
+    /// The response has ended: with its run, or where the run asks for an approval.
+    done: bool,
+    /// The agent's `approve` globs: a call of such a tool shows as its approval request first, and as its
+    /// `mcp_call` item once decided.
+    approve: Vec<String>,
+    /// The approval requests seen: request id -> (call id, tool, args).
+    requests: Vec<(String, String, String, Value)>,
+    /// The session's own (not subagents') calls seen started, by call id.
+    top_calls: Vec<String>,
 }
 
 /// Where rendered events go: SSE text for a stream (those after its `starting_after`), or nowhere (a
@@ -499,9 +728,20 @@ impl Out {
 }
 
 impl Render {
-    pub fn new(session_id: &str, run: &Run, model: &str, background: bool) -> Render {
+    pub fn new(
+        session_id: &str,
+        run: &Run,
+        model: &str,
+        background: bool,
+        approve: Vec<String>,
+        after: Option<&str>,
+    ) -> Render {
+        let id = match after {
+            Some(request_id) => continuation_id(session_id, &run.id, request_id),
+            None => response_id(session_id, &run.id),
+        };
         let response = json!({
-            "id": response_id(session_id, &run.id),
+            "id": id,
             "object": "response",
             "created_at": unix_seconds(&run.created_at),
             "status": if run.status == RunStatus::Queued { "queued" } else { "in_progress" },
@@ -534,7 +774,18 @@ impl Render {
             last_calls: Vec::new(),
             ran: Vec::new(),
             started: false,
+            before: after.map(String::from),
+            previous: None,
+            done: false,
+            approve,
+            requests: Vec::new(),
+            top_calls: Vec::new(),
         }
+    }
+
+    /// Whether the response has ended (its run ended, or the run asks for an approval).
+    pub fn is_done(&self) -> bool {
+        self.done
     }
 
     fn emit(&mut self, out: &mut Out, kind: &'static str, mut data: Value) {
@@ -654,14 +905,31 @@ impl Render {
 
     /// The events one logged event of the run renders to (with their sequence numbers).
     pub fn feed(&mut self, ev: &LoggedEvent, out: &mut Out) {
+        if self.done {
+            return;
+        }
         let seq = ev.seq();
+        self.learn(ev);
+        if let Some(after) = &self.before {
+            // A previous response's event: this response begins after the approval request `after`.
+            if let EventKind::ApprovalRequested { request_id, .. } = &ev.event.kind {
+                if request_id == after {
+                    self.before = None;
+                    let (s, r) = self.ids();
+                    let previous = match &self.previous {
+                        Some(prev) => continuation_id(&s, &r, prev),
+                        None => response_id(&s, &r),
+                    };
+                    self.response["previous_response_id"] = json!(previous);
+                    self.begin(out);
+                } else {
+                    self.previous = Some(request_id.clone());
+                }
+            }
+            return;
+        }
         if !self.started {
-            self.started = true;
-            self.response["status"] = json!("in_progress");
-            let snapshot = self.snapshot();
-            self.emit(out, "response.created", json!({"response": snapshot}));
-            let snapshot = self.snapshot();
-            self.emit(out, "response.in_progress", json!({"response": snapshot}));
+            self.begin(out);
         }
         if ev.event.is_subagent {
             return;
@@ -712,8 +980,6 @@ impl Render {
             }
             EventKind::Message { message } if message.role == Role::Assistant => {
                 self.close(out);
-                self.last_calls = message.tool_calls.clone().unwrap_or_default();
-                self.ran.clear();
             }
             EventKind::ToolStarted {
                 call_id,
@@ -722,15 +988,10 @@ impl Render {
                 ..
             } => {
                 self.close(out);
-                self.ran.push(call_id.clone());
-                let item = json!({"id": format!("mcp_{call_id}"), "type": "mcp_call", "server_label": "agentd", "name": tool, "arguments": args.to_string(), "output": null, "error": null, "status": "in_progress"});
-                let index = self.add_item(out, item);
-                self.emit(
-                    out,
-                    "response.mcp_call.in_progress",
-                    json!({"item_id": format!("mcp_{call_id}"), "output_index": index}),
-                );
-                self.calls.push((call_id.clone(), index));
+                // A call that needs approval shows as its request first, its `mcp_call` once decided.
+                if !self.approve.iter().any(|g| glob_match(g, tool)) {
+                    self.open_call(out, call_id, tool, args);
+                }
             }
             EventKind::ToolFinished {
                 call_id,
@@ -740,10 +1001,16 @@ impl Render {
                 success,
                 ..
             } => {
-                let Some(pos) = self.calls.iter().position(|(c, _)| c == call_id) else {
-                    return;
+                let index = match self.calls.iter().position(|(c, _)| c == call_id) {
+                    Some(pos) => self.calls.remove(pos).1,
+                    // Started in a previous response (or shown with its approval's decision, never opened).
+                    None => {
+                        self.close(out);
+                        let index = self.open_call(out, call_id, tool, args);
+                        self.calls.retain(|(c, _)| c != call_id);
+                        index
+                    }
                 };
-                let (_, index) = self.calls.remove(pos);
                 let id = format!("mcp_{call_id}");
                 let kind = if *success {
                     "response.mcp_call.completed"
@@ -751,12 +1018,52 @@ impl Render {
                     "response.mcp_call.failed"
                 };
                 self.emit(out, kind, json!({"item_id": id, "output_index": index}));
-                let item = json!({"id": id, "type": "mcp_call", "server_label": "agentd", "name": tool, "arguments": args.to_string(), "output": result, "error": if *success { Value::Null } else { json!(result) }, "status": if *success { "completed" } else { "failed" }});
+                let mut item = self.call_item(call_id, tool, args);
+                item["output"] = json!(result);
+                item["error"] = if *success { Value::Null } else { json!(result) };
+                item["status"] = json!(if *success { "completed" } else { "failed" });
                 self.done_item(out, index, item);
+            }
+            // The run waits for a decision: the request is the response's last item, and the response ends
+            // (`completed`, as OpenAI's does); the response after this request carries the run on.
+            EventKind::ApprovalRequested {
+                request_id,
+                tool,
+                args,
+                ..
+            } => {
+                self.close(out);
+                let (server_label, name) = label_of(tool);
+                let item = json!({"id": approval_item_id(request_id), "type": "mcp_approval_request", "server_label": server_label, "name": name, "arguments": args.to_string()});
+                let index = self.add_item(out, item.clone());
+                self.done_item(out, index, item);
+                let (s, r) = self.ids();
+                self.response["metadata"]["agentd_next_response_id"] =
+                    json!(continuation_id(&s, &r, request_id));
+                self.response["status"] = json!("completed");
+                self.done = true;
+                let snapshot = self.snapshot();
+                self.emit(out, "response.completed", json!({"response": snapshot}));
+            }
+            // Decided: the call's `mcp_call` item (unless a previous response showed it started already).
+            EventKind::ApprovalResolved { request_id, .. } => {
+                let call = self
+                    .requests
+                    .iter()
+                    .find(|(r, ..)| r == request_id)
+                    .map(|(_, c, t, a)| (c.clone(), t.clone(), a.clone()));
+                if let Some((call_id, tool, args)) = call {
+                    let open = self.calls.iter().any(|(c, _)| *c == call_id);
+                    if !open && self.top_calls.contains(&call_id) {
+                        self.close(out);
+                        self.open_call(out, &call_id, &tool, &args);
+                    }
+                }
             }
             EventKind::RunFinished { run, .. } => {
                 self.close(out);
                 self.finish(out, run);
+                self.done = true;
             }
             // `ask_human` is its `mcp_call` item, in progress until the reply; while it waits, the response's
             // metadata names the question's request id (answered through the native API), announced by a
@@ -776,10 +1083,81 @@ impl Render {
                     m.remove("agentd_input_question");
                 }
             }
-            // An approval (SPEC.md section 7) renders here as an `mcp_approval_request` item once the core logs
-            // `approval_requested` (and `approval_resolved` completes it).
             _ => {}
         }
+    }
+
+    /// What any event of the run teaches, whichever response shows it: the session's calls, the approval
+    /// requests, and the calls of the last assistant message.
+    fn learn(&mut self, ev: &LoggedEvent) {
+        if ev.event.is_subagent {
+            return;
+        }
+        match &ev.event.kind {
+            EventKind::Message { message } if message.role == Role::Assistant => {
+                self.last_calls = message.tool_calls.clone().unwrap_or_default();
+                self.ran.clear();
+            }
+            EventKind::ToolStarted { call_id, .. } => {
+                self.ran.push(call_id.clone());
+                if !self.top_calls.contains(call_id) {
+                    self.top_calls.push(call_id.clone());
+                }
+            }
+            EventKind::ApprovalRequested {
+                request_id,
+                call_id,
+                tool,
+                args,
+            } => self.requests.push((
+                request_id.clone(),
+                call_id.clone(),
+                tool.clone(),
+                args.clone(),
+            )),
+            _ => {}
+        }
+    }
+
+    /// `response.created` and `response.in_progress`: the response begins.
+    fn begin(&mut self, out: &mut Out) {
+        self.started = true;
+        self.response["status"] = json!("in_progress");
+        let snapshot = self.snapshot();
+        self.emit(out, "response.created", json!({"response": snapshot}));
+        let snapshot = self.snapshot();
+        self.emit(out, "response.in_progress", json!({"response": snapshot}));
+    }
+
+    /// The session and run ids of the response.
+    fn ids(&self) -> (String, String) {
+        let meta = &self.response["metadata"];
+        let id = |k: &str| meta[k].as_str().unwrap_or_default().to_string();
+        (id("agentd_session_id"), id("agentd_run_id"))
+    }
+
+    /// A server-side call's `mcp_call` item, in progress (`approval_request_id`: the request it waited for).
+    fn call_item(&self, call_id: &str, tool: &str, args: &Value) -> Value {
+        let (server_label, name) = label_of(tool);
+        let approval = self
+            .requests
+            .iter()
+            .find(|(_, c, ..)| c == call_id)
+            .map(|(r, ..)| approval_item_id(r));
+        json!({"id": format!("mcp_{call_id}"), "type": "mcp_call", "server_label": server_label, "name": name, "arguments": args.to_string(), "output": null, "error": null, "status": "in_progress", "approval_request_id": approval})
+    }
+
+    /// Adds a server-side call's `mcp_call` item, in progress; returns its index.
+    fn open_call(&mut self, out: &mut Out, call_id: &str, tool: &str, args: &Value) -> usize {
+        let item = self.call_item(call_id, tool, args);
+        let index = self.add_item(out, item);
+        self.emit(
+            out,
+            "response.mcp_call.in_progress",
+            json!({"item_id": format!("mcp_{call_id}"), "output_index": index}),
+        );
+        self.calls.push((call_id.to_string(), index));
+        index
     }
 
     fn finish(&mut self, out: &mut Out, run: &Run) {
@@ -857,6 +1235,15 @@ impl Render {
     }
 }
 
+/// The `server_label` and `name` of a tool: an MCP tool `SERVER__TOOL` is `TOOL` of the server `SERVER`; a
+/// built-in tool or a subagent is itself, of `agentd`.
+fn label_of(tool: &str) -> (&str, &str) {
+    match tool.split_once(MCP_SEPARATOR) {
+        Some((server, name)) if !server.is_empty() => (server, name),
+        _ => ("agentd", tool),
+    }
+}
+
 fn usage(u: &Usage) -> Value {
     json!({
         "input_tokens": u.prompt_tokens,
@@ -865,4 +1252,40 @@ fn usage(u: &Usage) -> Value {
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": u.prompt_tokens + u.completion_tokens,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_mcp_tool_is_labelled_with_its_server() {
+        assert_eq!(
+            label_of("files__read_text_file"),
+            ("files", "read_text_file")
+        );
+        assert_eq!(label_of("m__a__b"), ("m", "a__b"));
+        assert_eq!(label_of("calculator"), ("agentd", "calculator"));
+        assert_eq!(label_of("__odd"), ("agentd", "__odd"));
+    }
+
+    #[test]
+    fn a_response_id_names_a_run_and_perhaps_the_request_it_follows() {
+        let (s, r, q) = ("a".repeat(32), "b".repeat(32), "c".repeat(32));
+        let first = parse_id(&response_id(&s, &r)).unwrap();
+        assert_eq!(
+            (first.session_id, first.run_id, first.after),
+            (s.clone(), r.clone(), None)
+        );
+        let next = parse_id(&continuation_id(&s, &r, &q)).unwrap();
+        assert_eq!((next.session_id, next.run_id, next.after), (s, r, Some(q)));
+        for bad in [
+            "resp_",
+            "resp_abc",
+            "nonsense",
+            &format!("resp_{}", "g".repeat(64)),
+        ] {
+            assert!(parse_id(bad).is_err(), "{bad}");
+        }
+    }
 }
