@@ -46,6 +46,10 @@ use crate::rows::{from_sql_int, is_connection_error, pg, to_sql_int, MessageJson
 /// How long an append keeps trying while the database cannot be reached (see the module docs).
 pub(crate) const OUTAGE_GRACE: Duration = Duration::from_secs(60);
 const RETRY_FIRST: Duration = Duration::from_millis(50);
+/// A batch carrying more text than this gets a longer idle-in-transaction timeout (see [`begin_for`]).
+const BIG_BATCH_BYTES: usize = 1 << 20;
+/// The longest idle-in-transaction timeout a big batch gets.
+const BIG_BATCH_IDLE_MAX_MS: usize = 120_000;
 const RETRY_MAX: Duration = Duration::from_secs(1);
 
 /// Locks the counters of the sessions in `$1` (ascending) and adds `$2[i]` to each: `(session_id, last_seq)`
@@ -304,6 +308,38 @@ fn same_session(what: &str, id: &str, row_session: &str, event_session: &str) ->
     }
 }
 
+/// The text an entry carries (what makes an event big), about.
+fn text_bytes(entry: &LogEntry) -> usize {
+    match &entry.event.kind {
+        EventKind::Message { message } => {
+            // The payload and the message row each carry it.
+            2 * (message.content.len() + message.images.iter().map(String::len).sum::<usize>())
+        }
+        EventKind::TextDelta { delta } | EventKind::ThinkingDelta { delta, .. } => delta.len(),
+        EventKind::ThinkingEnd { thinking, .. } => thinking.len(),
+        EventKind::ToolFinished { result, .. } => result.len(),
+        EventKind::RunFinished { content, .. } => content.len(),
+        EventKind::InputRequested { question, .. } => question.len(),
+        _ => 0,
+    }
+}
+
+/// `BEGIN`, and for a batch carrying more than [`BIG_BATCH_BYTES`] a longer idle-in-transaction timeout for
+/// this transaction: between the two round trips the client serialises and sends the whole batch, and with
+/// tens of megabytes on a busy machine that takes longer than the pool's 3 s, which would end the connection
+/// mid-append (then every retry of the same batch would too). One second per MiB, at most two minutes: a
+/// node frozen inside such an append delays a takeover by that much at worst (the expelling sweep waits for
+/// the append's locks), it never breaks the fence.
+fn begin_for(batch: &[LogEntry]) -> String {
+    let bytes: usize = batch.iter().map(text_bytes).sum();
+    if bytes <= BIG_BATCH_BYTES {
+        return "BEGIN".to_string();
+    }
+    let ms =
+        (super::IDLE_IN_TRANSACTION_MS as usize + (bytes >> 20) * 1000).min(BIG_BATCH_IDLE_MAX_MS);
+    format!("BEGIN; SET LOCAL idle_in_transaction_session_timeout = {ms}")
+}
+
 /// The statements an append binds, prepared on its connection.
 struct Statements {
     insert: tokio_postgres::Statement,
@@ -377,8 +413,9 @@ async fn number(
             _ => Ok(true),
         }
     };
+    let begin = begin_for(batch);
     let ((begun, held), bumped) = join(
-        join(client.batch_execute("BEGIN"), fenced),
+        join(client.batch_execute(&begin), fenced),
         client.query(&bump, &[&ids, &ns]),
     )
     .await;
@@ -682,5 +719,39 @@ impl<'a> Prepared<'a> {
             }
         }
         Ok(p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delta(bytes: usize) -> LogEntry {
+        LogEntry {
+            event: NewEvent {
+                session_id: "s".into(),
+                run_id: "r".into(),
+                agent: "a".into(),
+                is_subagent: false,
+                kind: EventKind::TextDelta {
+                    delta: "x".repeat(bytes),
+                },
+            },
+            run: None,
+        }
+    }
+
+    #[test]
+    fn a_big_batch_gets_time_to_arrive_inside_its_transaction() {
+        assert_eq!(begin_for(&[delta(10), delta(1 << 19)]), "BEGIN");
+        // 32 MiB: 3 s + 32 s.
+        assert_eq!(
+            begin_for(&[delta(32 << 20)]),
+            "BEGIN; SET LOCAL idle_in_transaction_session_timeout = 35000"
+        );
+        assert_eq!(
+            begin_for(&[delta(1 << 30)]),
+            "BEGIN; SET LOCAL idle_in_transaction_session_timeout = 120000"
+        );
     }
 }

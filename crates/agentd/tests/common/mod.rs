@@ -176,6 +176,7 @@ impl Server {
     }
 
     pub async fn start_with(opts: Options) -> Server {
+        log_when_asked();
         let upstream = MockUpstream::start().await;
         let dir = opts
             .dir
@@ -551,4 +552,18 @@ pub async fn spawn_agentd(config: &std::path::Path) -> Process {
     let _ = child.kill();
     let _ = child.wait();
     panic!("agentd did not start");
+}
+
+/// With `AGENTD_TEST_LOG` set (a `RUST_LOG`-style filter, e.g. `agentd=debug`), the in-process servers log to
+/// the test's output (shown for a failed test), to see what a server did when a test failed.
+fn log_when_asked() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if let Ok(filter) = std::env::var("AGENTD_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        }
+    });
 }
