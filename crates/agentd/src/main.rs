@@ -6,6 +6,12 @@ use std::process::ExitCode;
 use agentd_core::config::Config;
 use clap::{Parser, Subcommand};
 
+/// mimalloc instead of the system allocator: a streamed token allocates and frees a few small blocks on the
+/// runtime thread and frees them again on the SQLite writer's, where glibc's malloc spent about a tenth of the
+/// server's CPU (BENCHMARKS.md, "Streaming CPU per token").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "agentd",
