@@ -82,8 +82,16 @@ impl AsRef<[u8]> for StoredJson {
 pub(crate) fn text_delta_frame(ev: &Event, frame_type: &str, field: &str) -> Option<String> {
     match &ev.kind {
         EventKind::TextDelta { delta } if !ev.is_subagent => {
-            let escaped = serde_json::to_string(delta).ok()?;
-            Some(format!(r#"{{"type":"{frame_type}","{field}":{escaped}}}"#))
+            // One buffer, sized for the common case (nothing to escape): no intermediate string.
+            let mut out = Vec::with_capacity(frame_type.len() + field.len() + delta.len() + 16);
+            out.extend_from_slice(br#"{"type":""#);
+            out.extend_from_slice(frame_type.as_bytes());
+            out.extend_from_slice(br#"",""#);
+            out.extend_from_slice(field.as_bytes());
+            out.extend_from_slice(br#"":"#);
+            serde_json::to_writer(&mut out, delta).ok()?;
+            out.push(b'}');
+            String::from_utf8(out).ok()
         }
         _ => None,
     }
@@ -367,8 +375,34 @@ where
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn text_delta_frames_are_the_seeds_json() {
+        let ev = |delta: &str, is_subagent: bool| Event {
+            seq: 3,
+            run_id: "r".into(),
+            agent: "assistant".into(),
+            is_subagent,
+            kind: EventKind::TextDelta {
+                delta: delta.into(),
+            },
+        };
+        assert_eq!(
+            text_delta_frame(&ev("t1@5 ", false), "stream_delta", "delta").as_deref(),
+            Some(r#"{"type":"stream_delta","delta":"t1@5 "}"#)
+        );
+        let tricky = "a \"quote\", a \\ and a\nnewline, é \u{1}";
+        let frame = text_delta_frame(&ev(tricky, false), "token", "content");
+        let escaped = serde_json::to_string(tricky).unwrap();
+        let expected = format!(r#"{{"type":"token","content":{escaped}}}"#);
+        assert_eq!(frame.as_deref(), Some(expected.as_str()));
+        let back: serde_json::Value = serde_json::from_str(&expected).unwrap();
+        assert_eq!(back["content"], tricky);
+        assert_eq!(text_delta_frame(&ev("x", true), "token", "content"), None);
+    }
 
     #[test]
     fn fragments_end_on_character_boundaries() {

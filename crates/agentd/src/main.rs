@@ -6,6 +6,12 @@ use std::process::ExitCode;
 use agentd_core::config::Config;
 use clap::{Parser, Subcommand};
 
+/// mimalloc instead of the system allocator: a streamed token's event is a few small blocks allocated on the
+/// runtime thread and freed on the SQLite writer's, and glibc's malloc and free were about a tenth of the
+/// server's CPU per token (BENCHMARKS.md, "Streaming CPU per token").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "agentd",
