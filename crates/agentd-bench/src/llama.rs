@@ -123,6 +123,20 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 impl LlamaReport {
     pub fn markdown(&self, threads: u32) -> String {
+        let mut s = String::new();
+        if !self.runs.is_empty() {
+            s.push_str(&self.single_markdown(threads));
+        }
+        if !self.concurrent.is_empty() {
+            if !s.is_empty() {
+                s.push('\n');
+            }
+            s.push_str(&self.concurrent_markdown());
+        }
+        s
+    }
+
+    fn single_markdown(&self, threads: u32) -> String {
         let m = |f: fn(&TurnFigures) -> f64| median(self.runs.iter().map(|r| f(&r.turn)).collect());
         let (pp, tg, ttft, cancel) = (
             m(|t| t.pp_tps),
@@ -194,10 +208,6 @@ impl LlamaReport {
         }
         if !self.bench_note.is_empty() {
             s.push_str(&format!("\n{}\n", self.bench_note));
-        }
-        if !self.concurrent.is_empty() {
-            s.push('\n');
-            s.push_str(&self.concurrent_markdown());
         }
         s
     }
@@ -384,10 +394,14 @@ async fn prompt_turn(base: &str, nonce: usize) -> Result<(f64, u64), String> {
     }
 }
 
-/// The next JSON text frame (a turn that sends nothing for 2 minutes has stalled).
+/// How long a turn may send nothing before it counts as stalled: long, because with turns run one at a time
+/// (agentd before issue #19) the last of several concurrent turns waits for all the others on a loaded machine.
+const STALL: Duration = Duration::from_secs(600);
+
+/// The next JSON text frame (a turn that sends nothing for [`STALL`] has stalled).
 async fn next_frame(ws: &mut Socket) -> Result<Value, String> {
     loop {
-        let msg = tokio::time::timeout(Duration::from_secs(120), ws.next())
+        let msg = tokio::time::timeout(STALL, ws.next())
             .await
             .map_err(|_| "turn stalled")?
             .ok_or("socket closed")?
@@ -633,8 +647,10 @@ pub async fn run(args: &LlamaArgs, root: &Path) -> Result<LlamaReport, String> {
         }
     }
     let agentd = start_agentd(args).await?;
-    one_turn(&agentd.base, 0).await.ok(); // warm-up: page the model in
-                                          // A 135M model sometimes ends its answer at once; such a turn is retried with another nonce.
+    if args.runs > 0 {
+        one_turn(&agentd.base, 0).await.ok(); // warm-up: page the model in
+    }
+    // A 135M model sometimes ends its answer at once; such a turn is retried with another nonce.
     let mut nonce = 1;
     while report.runs.len() < args.runs && nonce <= args.runs * 4 {
         let turn = match one_turn(&agentd.base, nonce).await {
@@ -671,7 +687,7 @@ pub async fn run(args: &LlamaArgs, root: &Path) -> Result<LlamaReport, String> {
         }
         report.runs.push(run);
     }
-    if report.runs.is_empty() {
+    if report.runs.is_empty() && args.runs > 0 {
         return Err("no turn could be measured".into());
     }
     if args.concurrent > 0 {
@@ -771,7 +787,7 @@ async fn server_turn(
     let mut body = response.bytes_stream();
     let (mut first, mut last, mut deltas) = (None, sent, 0);
     let mut pending = Vec::new();
-    'read: while let Some(chunk) = tokio::time::timeout(Duration::from_secs(120), body.next())
+    'read: while let Some(chunk) = tokio::time::timeout(STALL, body.next())
         .await
         .map_err(|_| "llama-server stalled")?
     {

@@ -75,7 +75,7 @@ enum Cmd {
         model: PathBuf,
         #[arg(long, default_value_t = 2)]
         threads: u32,
-        /// Measured turns (after one warm-up).
+        /// Measured single turns (after one warm-up); 0 runs only the concurrent mode.
         #[arg(long, default_value_t = 3)]
         runs: usize,
         /// llama-bench (default: built by scripts/bench-llama.sh into its cache).
