@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Reference speed of the default local model: builds llama.cpp's own `llama-bench` and runs it on the model.
+# Reference speed of the default local model: builds llama.cpp's own `llama-bench` and runs it on the model
+# (and builds `llama-server`, which `agentd-bench llama --concurrent N` runs as the anchor for concurrent turns,
+# and `llama-tokenize`).
 #
 # The llama.cpp source comes from the `llama-cpp-python` sdist on PyPI (it vendors llama.cpp), because PyPI is
 # reachable where GitHub may not be. Everything is built in a cache directory outside the repository, so no
@@ -42,12 +44,14 @@ src="$CACHE/$name/vendor/llama.cpp"
 build="$CACHE/build-$name-native-$NATIVE"
 bench="$build/bin/llama-bench"
 # llama-tokenize too: agentd-bench counts its prompts' tokens with it, to run llama-bench at the same depth.
-if [[ ! -x "$bench" || ! -x "$build/bin/llama-tokenize" ]]; then
-    echo "building llama-bench and llama-tokenize from $name (GGML_NATIVE=$NATIVE) in $build ..."
+# llama-server: agentd-bench's concurrent mode runs it (`--parallel N`) beside agentd's N concurrent turns.
+if [[ ! -x "$bench" || ! -x "$build/bin/llama-tokenize" || ! -x "$build/bin/llama-server" ]]; then
+    echo "building llama-bench, llama-tokenize and llama-server from $name (GGML_NATIVE=$NATIVE) in $build ..."
     cmake -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE="$NATIVE" -DBUILD_SHARED_LIBS=OFF \
-        -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >"$build.log" 2>&1 \
+        -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+        -DLLAMA_BUILD_SERVER=ON >"$build.log" 2>&1 \
         || die "cmake configure failed, see $build.log"
-    cmake --build "$build" --target llama-bench llama-tokenize -j "$(nproc)" >>"$build.log" 2>&1 \
+    cmake --build "$build" --target llama-bench llama-tokenize llama-server -j "$(nproc)" >>"$build.log" 2>&1 \
         || die "build failed, see $build.log"
 fi
 

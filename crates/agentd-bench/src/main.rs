@@ -64,7 +64,8 @@ enum Cmd {
     /// the figures as JSON. For looking closer at one figure without the whole run.
     Probe(ProbeArgs),
     /// The embedded model: real turns through agentd's WebSocket against llama.cpp's llama-bench (same model,
-    /// same threads), in one run; prints a markdown table and writes it to bench-results/llama.md.
+    /// same threads), then N turns at once against llama-server --parallel N, in one run; prints markdown
+    /// tables and writes them to bench-results/llama.md.
     Llama {
         /// The agentd binary (release build).
         #[arg(long, default_value = "target/release/agentd")]
@@ -74,12 +75,21 @@ enum Cmd {
         model: PathBuf,
         #[arg(long, default_value_t = 2)]
         threads: u32,
-        /// Measured turns (after one warm-up).
+        /// Measured single turns (after one warm-up); 0 runs only the concurrent mode.
         #[arg(long, default_value_t = 3)]
         runs: usize,
         /// llama-bench (default: built by scripts/bench-llama.sh into its cache).
         #[arg(long)]
         llama_bench: Option<PathBuf>,
+        /// Turns at once in the concurrent mode (0 skips it).
+        #[arg(long, default_value_t = 4)]
+        concurrent: usize,
+        /// Measured runs of the concurrent mode (after one warm-up).
+        #[arg(long, default_value_t = 3)]
+        concurrent_runs: usize,
+        /// llama-server (default: beside llama-bench).
+        #[arg(long)]
+        llama_server: Option<PathBuf>,
         /// Where to write llama.md.
         #[arg(long, default_value = "bench-results")]
         out: PathBuf,
@@ -228,6 +238,9 @@ fn main() -> ExitCode {
             threads,
             runs,
             llama_bench,
+            concurrent,
+            concurrent_runs,
+            llama_server,
             out,
         } => {
             let args = agentd_bench::llama::LlamaArgs {
@@ -236,6 +249,9 @@ fn main() -> ExitCode {
                 threads,
                 runs,
                 llama_bench,
+                concurrent,
+                concurrent_runs,
+                llama_server,
             };
             let Some(rt) = one_worker_runtime("llama") else {
                 return ExitCode::FAILURE;

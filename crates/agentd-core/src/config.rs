@@ -178,6 +178,7 @@ struct RawProvider {
     // llama
     model_path: Option<String>,
     threads: Option<u32>,
+    parallel: Option<u32>,
     // both
     context_tokens: Option<u64>,
 }
@@ -390,8 +391,11 @@ pub enum ProviderSettings {
     },
     Llama {
         model_path: String,
+        /// Per turn.
         context_tokens: u64,
         threads: u32,
+        /// Turns decoded together (the context's sequences).
+        parallel: u32,
     },
 }
 
@@ -414,11 +418,13 @@ impl fmt::Debug for ProviderSettings {
                 model_path,
                 context_tokens,
                 threads,
+                parallel,
             } => f
                 .debug_struct("Llama")
                 .field("model_path", model_path)
                 .field("context_tokens", context_tokens)
                 .field("threads", threads)
+                .field("parallel", parallel)
                 .finish(),
         }
     }
@@ -970,6 +976,7 @@ impl Validator<'_> {
                     for (field, set) in [
                         ("model_path", r.model_path.is_some()),
                         ("threads", r.threads.is_some()),
+                        ("parallel", r.parallel.is_some()),
                     ] {
                         if set {
                             self.problem(
@@ -1024,6 +1031,7 @@ impl Validator<'_> {
                         model_path,
                         context_tokens: r.context_tokens.unwrap_or(4096),
                         threads: r.threads.unwrap_or(2),
+                        parallel: r.parallel.unwrap_or(4),
                     }
                 }
                 other => {

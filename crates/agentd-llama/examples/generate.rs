@@ -42,6 +42,7 @@ async fn main() -> Result<(), String> {
         model_path,
         context_tokens: 4096,
         threads,
+        parallel: 1,
     })?;
     eprintln!("[loaded in {:.2?}]", started.elapsed());
 

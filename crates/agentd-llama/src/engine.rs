@@ -1,20 +1,26 @@
-//! The inference engine: one loaded model, one context, one dedicated thread, a FIFO of jobs.
+//! The inference engine: one loaded model, one context with several sequences (slots), one dedicated thread
+//! that decodes the turns of all slots together, step by step (continuous batching, as `llama-server
+//! --parallel N` does).
 //!
 //! Why a thread of its own: decoding is seconds of CPU-bound FFI work that must not run on the async runtime's
 //! workers, and a llama.cpp context is not `Sync`, so exactly one thread owns it. Contexts are created only
 //! here, one per model, once (llama-cpp-2 documents creating contexts from one model in parallel as unsound).
 //!
-//! Why a queue: the machine has few cores and one generation already uses `threads` of them, so concurrent
-//! turns wait in a bounded FIFO (tokio's bounded channel hands out slots in arrival order) rather than running
-//! side by side and slowing each other down.
+//! Why one batch for several turns: generating one token reads every weight of the model once, and reading
+//! them dominates its cost on a CPU, so the next tokens of several turns decoded in one batch cost little more
+//! than one. Turns beyond the slots wait in a bounded FIFO (tokio's bounded channel hands out places in arrival
+//! order) and take a slot as one frees, at the next step.
 //!
 //! A call goes: [`Engine::submit`] renders and tokenizes the prompt on a blocking thread (so a context overflow
 //! is reported before anything is queued), builds the samplers, and enqueues a [`Job`] holding the sending half
-//! of a bounded event channel; the caller gets the receiving half as its stream. The engine thread reuses the
-//! longest prefix of the previous prompt still in the KV cache (an agent loop resends the same history every
-//! round), decodes the rest, then samples token by token. Before each token it checks whether the stream was
-//! dropped, so a cancel stops generation within one token.
+//! of a bounded event channel; the caller gets the receiving half as its stream. The engine thread gives the
+//! job the free slot whose cache shares the longest prefix with its prompt (an agent loop resends the same
+//! history every round, and each slot keeps its last turn's tokens), drops the rest of that slot's cache, then
+//! feeds the remaining prompt in shares of each step's batch and samples one token per step with the turn's
+//! own samplers (and grammar). Before each step it checks every stream: a dropped one (the cancel signal)
+//! frees its slot at once, and the other turns go on.
 
+use std::collections::VecDeque;
 use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,19 +37,27 @@ use llama_cpp_2::token::data::LlamaTokenData;
 use llama_cpp_2::token::data_array::LlamaTokenDataArray;
 use llama_cpp_2::token::logit_bias::LlamaLogitBias;
 use llama_cpp_2::token::LlamaToken;
+use llama_cpp_2::vocab::LlamaVocab;
 use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
 
 use crate::grammar::{self, Output, OutputRouter, GRAMMAR_ROOT};
 use crate::utf8::Utf8Stream;
 use crate::{model_file, prompt, GenerateOptions, LlamaSettings, ToolChoice};
 
-/// Calls waiting for the engine beyond the one running. More callers wait (fairly) for a free slot.
+/// Calls waiting for a slot beyond the running ones. More callers wait (fairly) for a place in the queue.
 const JOB_QUEUE: usize = 64;
-/// Events buffered per call before the engine waits for the consumer; small, so a slow reader slows generation
-/// instead of letting it run far ahead, and a cancel wastes few tokens.
+/// Events buffered per call before its turn pauses for the consumer; small, so a slow reader slows its own
+/// generation instead of letting it run far ahead, and a cancel wastes few tokens.
 const EVENT_BUFFER: usize = 16;
-/// Largest number of prompt tokens decoded in one llama.cpp batch.
+/// Largest number of tokens decoded in one step (one llama.cpp batch).
 const MAX_BATCH: u32 = 512;
+/// Prompt tokens decoded per step while turns generate, and the first step's budget when only prompts are fed
+/// (see [`Worker::prompt_budget`]).
+const PROMPT_STEP: usize = 64;
+/// Most slots a context may have (llama.cpp allows 256 sequences; more turns at once than this would each
+/// crawl on a CPU).
+pub(crate) const MAX_PARALLEL: u32 = 64;
 /// Sampling: top-k then top-p before temperature, as llama.cpp's defaults do.
 const TOP_K: i32 = 40;
 const TOP_P: f32 = 0.9;
@@ -84,19 +98,6 @@ struct Job {
     events: EventSender,
 }
 
-/// Why a generation ended early.
-enum Stop {
-    /// The caller dropped the stream.
-    Cancelled,
-    Failed(ProviderError),
-}
-
-impl From<ProviderError> for Stop {
-    fn from(e: ProviderError) -> Self {
-        Stop::Failed(e)
-    }
-}
-
 impl Engine {
     /// Loads the model, starts the engine thread and waits until its context exists.
     pub(crate) fn start(settings: LlamaSettings) -> Result<Engine, String> {
@@ -109,6 +110,18 @@ impl Engine {
             .ok()
             .filter(|t| *t > 0)
             .ok_or_else(|| fail("threads must be at least 1"))?;
+        if !(1..=MAX_PARALLEL).contains(&settings.parallel) {
+            return Err(fail(&format!(
+                "parallel must be between 1 and {MAX_PARALLEL}"
+            )));
+        }
+        if settings
+            .context_tokens
+            .checked_mul(settings.parallel)
+            .is_none()
+        {
+            return Err(fail("context_tokens × parallel is too large"));
+        }
 
         let model = Arc::new(model_file::load_model(&path)?);
         let template = prompt::model_template(&model);
@@ -124,17 +137,15 @@ impl Engine {
         let thread_model = Arc::clone(&model);
         let thread_counters = Arc::clone(&counters);
         let context_tokens = settings.context_tokens;
+        let shape = ContextShape {
+            context_tokens,
+            parallel: settings.parallel,
+            threads,
+        };
         std::thread::Builder::new()
             .name("agentd-llama".to_string())
             .spawn(move || {
-                engine_thread(
-                    &thread_model,
-                    context_tokens,
-                    threads,
-                    jobs_rx,
-                    &ready_tx,
-                    &thread_counters,
-                )
+                engine_thread(&thread_model, shape, jobs_rx, &ready_tx, &thread_counters)
             })
             .map_err(|e| fail(&format!("cannot start the inference thread: {e}")))?;
         match ready_rx.recv() {
@@ -390,12 +401,11 @@ fn top_candidates(logits: &[f32], keep: usize, bans: &[LlamaToken]) -> LlamaToke
     LlamaTokenDataArray::new(top, false)
 }
 
-/// The engine thread: creates the context, reports readiness, then runs jobs in arrival order until every
-/// [`Engine`] handle (and with it the queue's sender) is gone.
+/// The engine thread: creates the context, reports readiness, then runs the step loop until every [`Engine`]
+/// handle (and with it the queue's sender) is gone and the last turn has ended.
 fn engine_thread(
     model: &LlamaModel,
-    context_tokens: u32,
-    threads: i32,
+    shape: ContextShape,
     mut jobs: mpsc::Receiver<Job>,
     ready: &std::sync::mpsc::SyncSender<Result<(), String>>,
     counters: &Counters,
@@ -407,9 +417,19 @@ fn engine_thread(
             return;
         }
     };
-    let n_batch = context_tokens.min(MAX_BATCH);
+    let ContextShape {
+        context_tokens,
+        parallel,
+        threads,
+    } = shape;
+    // One KV stream per sequence (llama.cpp's default, as `llama-server --parallel N` has): each sequence holds
+    // `context_tokens` and attends only to its own cells, so an idle slot's cached prompt costs a running turn
+    // nothing. The total is checked at start-up, so the product fits.
+    let total = context_tokens.saturating_mul(parallel);
+    let n_batch = total.min(MAX_BATCH);
     let params = LlamaContextParams::default()
-        .with_n_ctx(NonZeroU32::new(context_tokens))
+        .with_n_ctx(NonZeroU32::new(total))
+        .with_n_seq_max(parallel)
         .with_n_batch(n_batch)
         .with_n_ubatch(n_batch)
         .with_n_threads(threads)
@@ -418,174 +438,434 @@ fn engine_thread(
         Ok(ctx) => ctx,
         Err(e) => {
             let _ = ready.send(Err(format!(
-                "llama.cpp could not create a {context_tokens}-token context: {e}"
+                "llama.cpp could not create a context of {parallel} × {context_tokens} tokens: {e}"
             )));
             return;
         }
     };
     let _ = ready.send(Ok(()));
+    let slots = (0..parallel)
+        .map(|seq| Slot {
+            // `parallel` is at most MAX_PARALLEL, so the cast is lossless.
+            seq: seq as i32,
+            cached: Vec::new(),
+            last_used: 0,
+            turn: None,
+        })
+        .collect();
     // `n_batch` is at most MAX_BATCH, so the cast is lossless.
     let mut worker = Worker {
         model,
         ctx,
-        cached: Vec::new(),
         batch: LlamaBatch::new(n_batch as usize, 1),
-        n_batch,
+        n_batch: n_batch as usize,
         counters,
+        slots,
+        clock: 0,
+        ramp: 0,
     };
-    while let Some(job) = jobs.blocking_recv() {
-        worker.run(job);
+    while worker.admit(&mut jobs) {
+        worker.deliver();
+        if !worker.step() && worker.busy() {
+            // Every running turn waits for its consumer to read: nothing to decode until one does.
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
 }
 
-/// The engine thread's state between jobs.
+/// What the engine thread's context is made of.
+#[derive(Clone, Copy)]
+struct ContextShape {
+    /// Per sequence, i.e. per turn: what one turn may hold, prompt and answer.
+    context_tokens: u32,
+    /// Sequences (slots) decoded together.
+    parallel: u32,
+    threads: i32,
+}
+
+/// One sequence of the context: its cached tokens, and the turn using it, if any.
+struct Slot {
+    /// The llama.cpp sequence id.
+    seq: i32,
+    /// The tokens whose keys and values are in this sequence's cache, in order: what the slot's last turn fed
+    /// and generated. Kept after the turn ends, so the next call that extends it (an agent loop resends its
+    /// history) decodes only what is new.
+    cached: Vec<LlamaToken>,
+    /// When the slot was last taken or released ([`Worker::clock`]), to pick the least recently used slot.
+    last_used: u64,
+    turn: Option<Turn>,
+}
+
+/// A call in progress in a slot.
+struct Turn {
+    job: Job,
+    /// Prompt tokens in the slot's cache; the prompt is being fed while this is short of its length.
+    fed: usize,
+    /// The token sampled last, to decode in the next step (while generating).
+    next: Option<LlamaToken>,
+    /// This turn's logits in the step being decoded: their batch index.
+    logits_at: Option<i32>,
+    utf8: Utf8Stream,
+    router: OutputRouter,
+    piece: Vec<u8>,
+    produced: u32,
+    /// Events the consumer has not taken yet (its buffer was full). The turn decodes nothing while any wait, so
+    /// a slow reader slows only its own turn.
+    outbox: VecDeque<Result<ModelEvent, ProviderError>>,
+    /// The answer is complete (or failed): the slot is released once the outbox is delivered.
+    done: bool,
+}
+
+impl Turn {
+    fn feeding(&self) -> bool {
+        self.fed < self.job.prompt.len()
+    }
+
+    /// Decodes nothing this step: the consumer has events to read first, or the turn is over.
+    fn waiting(&self) -> bool {
+        self.done || !self.outbox.is_empty()
+    }
+
+    fn emit(&mut self, event: ModelEvent) {
+        self.outbox.push_back(Ok(event));
+    }
+
+    fn fail(&mut self, error: ProviderError) {
+        self.outbox.push_back(Err(error));
+        self.done = true;
+    }
+
+    /// Takes the token just sampled: streams its text, and either ends the answer or decodes it next step.
+    fn take(&mut self, token: LlamaToken, vocab: &LlamaVocab<'_>, counters: &Counters) {
+        // A control token other than end-of-turn (e.g. ChatML's `<|im_start|>`) means the model is starting
+        // another turn: the answer is over either way.
+        if vocab.is_eog(token) || vocab.is_control(token) {
+            return self.finish();
+        }
+        self.produced += 1;
+        counters.generated.fetch_add(1, Ordering::Relaxed);
+        self.piece.clear();
+        vocab.token_to_piece_into(token, &mut self.piece, false, None);
+        if let Some(text) = self.router.push(&self.utf8.push(&self.piece)) {
+            self.emit(ModelEvent::Text(text));
+        }
+        if self.router.tool_call_closed() || self.produced >= self.job.max_new {
+            return self.finish();
+        }
+        self.next = Some(token);
+    }
+
+    /// The end of the answer: the rest of its text, its tool call if it wrote one, and the usage.
+    fn finish(&mut self) {
+        if let Some(text) = self.router.push(&self.utf8.finish()) {
+            self.emit(ModelEvent::Text(text));
+        }
+        let router = std::mem::replace(&mut self.router, OutputRouter::new(false));
+        if let Output::ToolCall(raw) = router.finish() {
+            match grammar::parse_tool_call(&raw, &self.job.tools) {
+                Ok((name, arguments)) => {
+                    let id = format!("call_{}", uuid::Uuid::new_v4().simple());
+                    self.emit(ModelEvent::ToolCall(ToolCall {
+                        id,
+                        name,
+                        arguments,
+                    }));
+                }
+                Err(e) => {
+                    // The start of what the model wrote, escaped onto one line, so the failure can be diagnosed.
+                    let start: String = raw.chars().take(160).collect();
+                    return self.fail(ProviderError::Malformed(format!(
+                        "{e}; the model wrote {start:?}"
+                    )));
+                }
+            }
+        }
+        self.emit(ModelEvent::Usage(Usage {
+            prompt_tokens: self.job.prompt.len() as u64,
+            completion_tokens: u64::from(self.produced),
+        }));
+        self.done = true;
+    }
+}
+
+/// The engine thread's state: the context, its slots, and the batch reused every step.
 struct Worker<'m> {
     model: &'m LlamaModel,
     ctx: LlamaContext<'m>,
-    /// The tokens whose keys and values are in the context's cache (sequence 0), in order.
-    cached: Vec<LlamaToken>,
     batch: LlamaBatch<'static>,
-    n_batch: u32,
+    n_batch: usize,
     counters: &'m Counters,
+    slots: Vec<Slot>,
+    /// Counts slot hand-outs and releases, for [`Slot::last_used`].
+    clock: u64,
+    /// Steps in a row that only fed prompts, with no turn admitted meanwhile: the prompt budget doubles with
+    /// each (see [`Worker::prompt_budget`]).
+    ramp: u32,
 }
 
 impl Worker<'_> {
-    fn run(&mut self, mut job: Job) {
-        // Cancelled while it waited in the queue: skip it without decoding anything.
-        if job.events.is_closed() {
-            return;
-        }
-        match self.generate(&mut job) {
-            Ok(()) | Err(Stop::Cancelled) => {}
-            Err(Stop::Failed(e)) => {
-                let _ = job.events.blocking_send(Err(e));
-            }
-        }
+    /// Whether any slot has a turn.
+    fn busy(&self) -> bool {
+        self.slots.iter().any(|s| s.turn.is_some())
     }
 
-    fn generate(&mut self, job: &mut Job) -> Result<(), Stop> {
-        let reused = self.reuse_prefix(&job.prompt);
-        let fresh = &job.prompt[reused..];
-        self.counters
-            .prompt_decoded
-            .fetch_add(fresh.len() as u64, Ordering::Relaxed);
-        let mut logits_at = self.feed(fresh, &job.events)?;
-
-        let vocab = self.model.vocab();
-        let mut utf8 = Utf8Stream::default();
-        let mut router = OutputRouter::new(!job.tools.is_empty());
-        let mut piece = Vec::new();
-        let mut produced: u32 = 0;
-        while produced < job.max_new {
+    /// Gives queued jobs the free slots, in arrival order: waits for one when nothing runs, otherwise takes
+    /// only what is already queued. False once the queue is closed and nothing runs: the thread's end.
+    fn admit(&mut self, jobs: &mut mpsc::Receiver<Job>) -> bool {
+        while self.slots.iter().any(|s| s.turn.is_none()) {
+            let job = if self.busy() {
+                match jobs.try_recv() {
+                    Ok(job) => job,
+                    Err(_) => break,
+                }
+            } else {
+                match jobs.blocking_recv() {
+                    Some(job) => job,
+                    None => return false,
+                }
+            };
+            // Cancelled while it waited in the queue: skip it without decoding anything.
             if job.events.is_closed() {
-                return Err(Stop::Cancelled);
+                continue;
             }
-            let token = job.sampling.sample(&self.ctx, logits_at)?;
-            // A control token other than end-of-turn (e.g. ChatML's `<|im_start|>`) means the model is starting
-            // another turn: the answer is over either way.
-            if vocab.is_eog(token) || vocab.is_control(token) {
-                break;
-            }
-            produced += 1;
-            self.counters.generated.fetch_add(1, Ordering::Relaxed);
-            piece.clear();
-            vocab.token_to_piece_into(token, &mut piece, false, None);
-            if let Some(text) = router.push(&utf8.push(&piece)) {
-                send(&job.events, ModelEvent::Text(text))?;
-            }
-            if router.tool_call_closed() || produced == job.max_new {
-                break;
-            }
-            logits_at = self.feed(&[token], &job.events)?;
+            self.start(job);
         }
-        if let Some(text) = router.push(&utf8.finish()) {
-            send(&job.events, ModelEvent::Text(text))?;
-        }
-        if let Output::ToolCall(raw) = router.finish() {
-            let (name, arguments) = grammar::parse_tool_call(&raw, &job.tools).map_err(|e| {
-                // The start of what the model wrote, escaped onto one line, so the failure can be diagnosed.
-                let start: String = raw.chars().take(160).collect();
-                ProviderError::Malformed(format!("{e}; the model wrote {start:?}"))
-            })?;
-            let id = format!("call_{}", uuid::Uuid::new_v4().simple());
-            send(
-                &job.events,
-                ModelEvent::ToolCall(ToolCall {
-                    id,
-                    name,
-                    arguments,
-                }),
-            )?;
-        }
-        let usage = Usage {
-            prompt_tokens: job.prompt.len() as u64,
-            completion_tokens: u64::from(produced),
-        };
-        send(&job.events, ModelEvent::Usage(usage))
+        true
     }
 
-    /// Keeps the longest prefix of `prompt` already in the cache, drops the rest of the cache, and returns how
-    /// many prompt tokens need no decoding. At least one token is always left to decode: its logits start
-    /// the generation.
-    fn reuse_prefix(&mut self, prompt: &[LlamaToken]) -> usize {
-        let mut keep = self
-            .cached
-            .iter()
-            .zip(prompt)
-            .take_while(|(a, b)| a == b)
-            .count();
-        keep = keep.min(prompt.len().saturating_sub(1));
-        if keep < self.cached.len() {
+    /// Puts `job` in a free slot (see [`slot_preference`]) and drops what of that slot's cache its prompt does
+    /// not share.
+    fn start(&mut self, job: Job) {
+        let prompt = &job.prompt;
+        let Some(slot) = self
+            .slots
+            .iter_mut()
+            .filter(|s| s.turn.is_none())
+            .max_by_key(|s| slot_preference(s, prompt))
+        else {
+            return;
+        };
+        // At least one prompt token is always decoded: its logits start the generation.
+        let mut keep = common_prefix(&slot.cached, prompt).min(prompt.len().saturating_sub(1));
+        if keep < slot.cached.len() {
             let removed = u32::try_from(keep)
                 .ok()
-                .is_some_and(|p0| self.ctx.kv_cache_seq_rm(0, Some(p0), None).is_ok());
+                .is_some_and(|p0| self.ctx.kv_cache_seq_rm(slot.seq, Some(p0), None).is_ok());
             if !removed {
-                self.ctx.clear_kv_cache();
+                // Removing a whole sequence always succeeds.
+                let _ = self.ctx.kv_cache_seq_rm(slot.seq, None, None);
                 keep = 0;
             }
-            self.cached.truncate(keep);
+            slot.cached.truncate(keep);
         }
-        keep
+        self.clock += 1;
+        slot.last_used = self.clock;
+        self.ramp = 0;
+        let tools = !job.tools.is_empty();
+        slot.turn = Some(Turn {
+            job,
+            fed: keep,
+            next: None,
+            logits_at: None,
+            utf8: Utf8Stream::default(),
+            router: OutputRouter::new(tools),
+            piece: Vec::new(),
+            produced: 0,
+            outbox: VecDeque::new(),
+            done: false,
+        });
     }
 
-    /// Decodes `tokens` after the cached ones, in batches, checking for cancel between batches. Returns the
-    /// batch index of the last token, whose logits the next sample reads.
-    fn feed(&mut self, tokens: &[LlamaToken], events: &EventSender) -> Result<i32, Stop> {
-        let mut last = 0;
-        let chunks = tokens.chunks(self.n_batch as usize);
-        let n_chunks = chunks.len();
-        for (i, chunk) in chunks.enumerate() {
-            if events.is_closed() {
-                return Err(Stop::Cancelled);
-            }
-            self.batch.clear();
-            for (j, token) in chunk.iter().enumerate() {
-                let pos = i32::try_from(self.cached.len() + j).unwrap_or(i32::MAX);
-                let wants_logits = i + 1 == n_chunks && j + 1 == chunk.len();
-                if let Err(e) = self.batch.add(*token, pos, &[0], wants_logits) {
-                    return Err(self.fail(format!("cannot fill a llama.cpp batch: {e}")));
+    /// Hands each turn's waiting events to its consumer as far as its buffer takes them, and releases the slots
+    /// of turns that are over or whose stream was dropped (the cancel signal: within one step).
+    fn deliver(&mut self) {
+        for slot in &mut self.slots {
+            let Some(turn) = slot.turn.as_mut() else {
+                continue;
+            };
+            let mut closed = turn.job.events.is_closed();
+            while let Some(event) = turn.outbox.pop_front() {
+                match turn.job.events.try_send(event) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(event)) => {
+                        turn.outbox.push_front(event);
+                        break;
+                    }
+                    Err(TrySendError::Closed(_)) => {
+                        closed = true;
+                        break;
+                    }
                 }
             }
-            if let Err(e) = self.ctx.decode(&mut self.batch) {
-                return Err(self.fail(format!("llama.cpp failed to decode: {e}")));
+            if closed || (turn.done && turn.outbox.is_empty()) {
+                slot.turn = None;
+                self.clock += 1;
+                slot.last_used = self.clock;
             }
-            self.cached.extend_from_slice(chunk);
-            last = self.batch.n_tokens() - 1;
         }
-        Ok(last)
     }
 
-    /// After a failed decode the cache contents are unknown: forget them, so the next job starts clean.
-    fn fail(&mut self, message: String) -> Stop {
+    /// Prompt tokens this step may decode. While any turn generates, a fixed small share, so a long prompt
+    /// delays the others' next tokens by one short decode per step, not by its whole length. While only prompts
+    /// are fed, the budget starts small and doubles every step until a new turn arrives, so turns that arrive
+    /// together are fed together (and get their first tokens about together) while a lone prompt still goes
+    /// through in few, large batches.
+    fn prompt_budget(&self, generating: usize) -> usize {
+        let room = self.n_batch.saturating_sub(generating);
+        if generating > 0 {
+            return PROMPT_STEP.min(room);
+        }
+        PROMPT_STEP
+            .checked_shl(self.ramp)
+            .unwrap_or(usize::MAX)
+            .min(room)
+    }
+
+    /// One step: one batch with the next token of every generating turn and a share of the prompts being fed,
+    /// one decode, then a token sampled for every turn whose logits it computed. False when there was nothing
+    /// to decode.
+    fn step(&mut self) -> bool {
+        self.batch.clear();
+        let mut generating = 0;
+        let mut feeding: Vec<(usize, usize)> = Vec::new();
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            let Some(turn) = slot.turn.as_mut() else {
+                continue;
+            };
+            turn.logits_at = None;
+            if turn.waiting() {
+                continue;
+            }
+            if let Some(token) = turn.next.take() {
+                let pos = i32::try_from(slot.cached.len()).unwrap_or(i32::MAX);
+                let at = self.batch.n_tokens();
+                if let Err(e) = self.batch.add(token, pos, &[slot.seq], true) {
+                    turn.fail(ProviderError::Other(format!(
+                        "cannot fill a llama.cpp batch: {e}"
+                    )));
+                    continue;
+                }
+                turn.logits_at = Some(at);
+                slot.cached.push(token);
+                generating += 1;
+            } else if turn.feeding() {
+                feeding.push((i, turn.job.prompt.len() - turn.fed));
+            }
+        }
+        let budget = self.prompt_budget(generating);
+        self.ramp = if generating == 0 && !feeding.is_empty() {
+            self.ramp.saturating_add(1)
+        } else {
+            0
+        };
+        for (i, take) in share(budget, feeding) {
+            self.feed(i, take);
+        }
+        if self.batch.n_tokens() == 0 {
+            return false;
+        }
+        if let Err(e) = self.ctx.decode(&mut self.batch) {
+            self.fail_all(&format!("llama.cpp failed to decode: {e}"));
+            return true;
+        }
+        let vocab = self.model.vocab();
+        for slot in &mut self.slots {
+            let Some(turn) = slot.turn.as_mut() else {
+                continue;
+            };
+            let Some(at) = turn.logits_at.take() else {
+                continue;
+            };
+            match turn.job.sampling.sample(&self.ctx, at) {
+                Ok(token) => turn.take(token, &vocab, self.counters),
+                Err(e) => turn.fail(e),
+            }
+        }
+        true
+    }
+
+    /// Adds the next `take` prompt tokens of slot `i`'s turn to the batch; the prompt's last token asks for
+    /// logits, which start the generation.
+    fn feed(&mut self, i: usize, take: usize) {
+        let Some(slot) = self.slots.get_mut(i) else {
+            return;
+        };
+        let Some(turn) = slot.turn.as_mut() else {
+            return;
+        };
+        let end = (turn.fed + take).min(turn.job.prompt.len());
+        for (j, &token) in turn.job.prompt[turn.fed..end].iter().enumerate() {
+            let pos = i32::try_from(slot.cached.len()).unwrap_or(i32::MAX);
+            let last = turn.fed + j + 1 == turn.job.prompt.len();
+            if last {
+                turn.logits_at = Some(self.batch.n_tokens());
+            }
+            if let Err(e) = self.batch.add(token, pos, &[slot.seq], last) {
+                turn.logits_at = None;
+                return turn.fail(ProviderError::Other(format!(
+                    "cannot fill a llama.cpp batch: {e}"
+                )));
+            }
+            slot.cached.push(token);
+        }
+        self.counters
+            .prompt_decoded
+            .fetch_add((end - turn.fed) as u64, Ordering::Relaxed);
+        turn.fed = end;
+    }
+
+    /// After a failed decode the cache contents are unknown: every running turn fails and every slot forgets
+    /// its cache, so the next calls start clean.
+    fn fail_all(&mut self, message: &str) {
         self.ctx.clear_kv_cache();
-        self.cached.clear();
-        Stop::Failed(ProviderError::Other(message))
+        for slot in &mut self.slots {
+            slot.cached.clear();
+            if let Some(turn) = slot.turn.as_mut() {
+                turn.logits_at = None;
+                if !turn.done {
+                    turn.fail(ProviderError::Other(message.to_string()));
+                }
+            }
+        }
     }
 }
 
-/// Sends one event, waiting while the consumer's buffer is full; a dropped stream ends the job.
-fn send(events: &EventSender, event: ModelEvent) -> Result<(), Stop> {
-    events.blocking_send(Ok(event)).map_err(|_| Stop::Cancelled)
+/// How much a call with `prompt` wants `slot`, the most wanted first: a slot whose cache the prompt mostly
+/// continues (at least half of it: the same conversation's next round), the longest shared prefix first; then an
+/// empty slot; then the least recently used. So a new conversation does not take the slot of another one that
+/// merely starts with the same chat template or system prompt, and that other conversation's next round still
+/// finds its cache.
+fn slot_preference(slot: &Slot, prompt: &[LlamaToken]) -> (bool, usize, std::cmp::Reverse<u64>) {
+    let shared = common_prefix(&slot.cached, prompt);
+    let continues = shared * 2 >= slot.cached.len();
+    (
+        continues,
+        if continues { shared } else { 0 },
+        std::cmp::Reverse(slot.last_used),
+    )
+}
+
+/// How many leading tokens `a` and `b` have in common.
+fn common_prefix(a: &[LlamaToken], b: &[LlamaToken]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// Splits `budget` prompt tokens among the prompts being fed, `(slot, tokens left)`, in equal shares; a prompt
+/// that needs less than its share leaves the rest to the others. Returns `(slot, tokens to feed)`.
+fn share(budget: usize, mut feeding: Vec<(usize, usize)>) -> Vec<(usize, usize)> {
+    feeding.sort_by_key(|(_, left)| *left);
+    let mut budget = budget;
+    let mut out = Vec::with_capacity(feeding.len());
+    let count = feeding.len();
+    for (n, (slot, left)) in feeding.into_iter().enumerate() {
+        let fair = budget.div_ceil(count - n);
+        let take = left.min(fair);
+        if take > 0 {
+            out.push((slot, take));
+        }
+        budget -= take;
+    }
+    out
 }
 
 #[cfg(test)]

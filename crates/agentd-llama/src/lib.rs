@@ -8,9 +8,11 @@
 //! - `grammar`: the GBNF grammar built from the request's tools, which makes the output *either* plain text
 //!   *or* one `<tool_call>{"name": ..., "arguments": ...}</tool_call>` whose name is a known tool and whose
 //!   arguments match that tool's JSON schema; and the parser for that tool call.
-//! - `engine`: the dedicated inference thread. It owns the model's only context, takes jobs from a bounded FIFO
-//!   queue (so concurrent turns wait their turn fairly instead of oversubscribing the CPU), and streams tokens
-//!   back through a bounded channel per job. Dropping the stream stops generation at the next token.
+//! - `engine`: the dedicated inference thread. It owns the model's only context, which has `parallel` sequences
+//!   (slots): up to that many calls decode together, one batch per step holding the next token of every
+//!   generating call and a bounded share of the prompts being fed (continuous batching); more calls wait in a
+//!   bounded FIFO queue for a slot. Each slot keeps its last prompt's cache for the next call that extends it.
+//!   Tokens stream back through a bounded channel per call; dropping the stream frees the slot at the next step.
 //! - `utf8`: incremental UTF-8 decoding of token pieces (a token may end inside a multi-byte character).
 //!
 //! Invariants: llama.cpp never writes to stderr (its log callback is disabled before the backend starts); no
@@ -65,10 +67,17 @@ pub fn missing_model_message(path: &Path) -> String {
 pub struct LlamaSettings {
     /// The GGUF file.
     pub model_path: PathBuf,
-    /// Size of the context (prompt plus generated tokens) in tokens.
+    /// Size of the context (prompt plus generated tokens) of one call, in tokens.
     pub context_tokens: u32,
-    /// CPU threads llama.cpp uses for one generation.
+    /// CPU threads llama.cpp uses (for all the calls decoded together).
     pub threads: u32,
+    /// Calls decoded together (slots); each has its own `context_tokens`. More calls wait for a free slot.
+    pub parallel: u32,
+}
+
+impl LlamaSettings {
+    /// Slots when the config does not say.
+    pub const DEFAULT_PARALLEL: u32 = 4;
 }
 
 /// Whether a request with tools may answer in text.
@@ -111,7 +120,7 @@ impl Default for GenerateOptions {
 }
 
 /// The `llama` provider: one loaded model and its inference thread. Cheap to clone; clones share the model,
-/// the context and the queue, so load once per model and clone to share.
+/// the context (its slots) and the queue, so load once per model and clone to share.
 #[derive(Clone)]
 pub struct LlamaProvider {
     engine: Arc<Engine>,
@@ -156,8 +165,9 @@ impl LlamaProvider {
         self.engine.counters().generated.load(Ordering::Relaxed)
     }
 
-    /// Prompt tokens run through the model since it was loaded. Less than the sum of prompt sizes because the
-    /// engine reuses the longest prefix still cached from the previous call (an agent loop resends its history).
+    /// Prompt tokens run through the model since it was loaded. Less than the sum of prompt sizes because each
+    /// call reuses the longest prefix still cached in a free slot (each slot keeps its last call's tokens; an
+    /// agent loop resends its history).
     pub fn prompt_tokens_decoded(&self) -> u64 {
         self.engine
             .counters()

@@ -8,7 +8,8 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use agentd_core::provider::{
@@ -48,6 +49,7 @@ fn load(context_tokens: u32) -> Option<LlamaProvider> {
         model_path,
         context_tokens,
         threads: 2,
+        parallel: LlamaSettings::DEFAULT_PARALLEL,
     }) {
         Ok(p) => Some(p),
         Err(e) => panic!("loading the default model failed: {e}"),
@@ -156,6 +158,7 @@ fn settings(model_path: PathBuf) -> LlamaSettings {
         model_path,
         context_tokens: 512,
         threads: 2,
+        parallel: LlamaSettings::DEFAULT_PARALLEL,
     }
 }
 
@@ -430,34 +433,19 @@ async fn required_tool_choice_without_tools_is_an_error() {
     assert!(provider.stream_with(user("hi"), options).await.is_err());
 }
 
-#[tokio::test]
-async fn a_repeated_or_extended_prompt_reuses_the_cached_prefix() {
-    // Its own provider, so no other test's call changes the cache between these.
-    let Some(provider) = load(1024) else { return };
-    let first = collect(&provider, user("List three fruits."), greedy(12)).await;
-    let (prompt_tokens, _) = usage_of(&first);
-    assert_eq!(
-        provider.prompt_tokens_decoded(),
-        prompt_tokens,
-        "a cold cache decodes the whole prompt"
-    );
+const FRUITS: &str = "List three fruits.";
 
-    // The same prompt again: only its last token is decoded (its logits start the reply), same greedy answer.
-    let again = collect(&provider, user("List three fruits."), greedy(12)).await;
-    assert_eq!(provider.prompt_tokens_decoded(), prompt_tokens + 1);
-    assert_eq!(text_of(&again), text_of(&first));
-
-    // The next round of a conversation decodes only what is new since the shared prefix.
-    let before = provider.prompt_tokens_decoded();
-    let follow_up = ModelRequest {
+/// The next round of the conversation that asked [`FRUITS`] and got `first` as the answer.
+fn follow_up(first: &[ModelEvent]) -> ModelRequest {
+    ModelRequest {
         model: "local".into(),
         messages: vec![
             ModelMessage::User {
-                content: "List three fruits.".into(),
+                content: FRUITS.into(),
                 images: vec![],
             },
             ModelMessage::Assistant {
-                content: text_of(&first),
+                content: text_of(first),
                 tool_calls: vec![],
             },
             ModelMessage::User {
@@ -466,12 +454,244 @@ async fn a_repeated_or_extended_prompt_reuses_the_cached_prefix() {
             },
         ],
         tools: vec![],
-    };
-    let next = collect(&provider, follow_up, greedy(8)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_repeated_or_extended_prompt_reuses_the_cached_prefix() {
+    // Its own provider, so no other test's call changes the cache between these.
+    let Some(provider) = load(1024) else { return };
+    let first = collect(&provider, user(FRUITS), greedy(12)).await;
+    let (prompt_tokens, _) = usage_of(&first);
+    assert_eq!(
+        provider.prompt_tokens_decoded(),
+        prompt_tokens,
+        "a cold cache decodes the whole prompt"
+    );
+
+    // The same prompt again: only its last token is decoded (its logits start the reply), same greedy answer.
+    let again = collect(&provider, user(FRUITS), greedy(12)).await;
+    assert_eq!(provider.prompt_tokens_decoded(), prompt_tokens + 1);
+    assert_eq!(text_of(&again), text_of(&first));
+
+    // The next round of a conversation decodes only what is new since the shared prefix.
+    let before = provider.prompt_tokens_decoded();
+    let next = collect(&provider, follow_up(&first), greedy(8)).await;
     let (next_prompt, _) = usage_of(&next);
     let decoded = provider.prompt_tokens_decoded() - before;
     assert!(
         decoded >= 1 && decoded < next_prompt - prompt_tokens + 2,
         "decoded {decoded} of {next_prompt}"
+    );
+}
+
+/// What one call of several at once saw: its events and when its first text and its end arrived.
+struct Timed {
+    events: Vec<ModelEvent>,
+    first_text: std::time::Instant,
+    ended: std::time::Instant,
+}
+
+/// Starts every call at once (each on its own task) and collects each to its end, with timestamps.
+async fn all_at_once(
+    provider: &LlamaProvider,
+    calls: Vec<(ModelRequest, GenerateOptions)>,
+) -> Vec<Timed> {
+    streaming_at_once(provider, calls, Arc::default()).await
+}
+
+/// [`all_at_once`], counting in `started` the calls that have had their first output.
+async fn streaming_at_once(
+    provider: &LlamaProvider,
+    calls: Vec<(ModelRequest, GenerateOptions)>,
+    started: Arc<AtomicUsize>,
+) -> Vec<Timed> {
+    let tasks: Vec<_> = calls
+        .into_iter()
+        .map(|(request, options)| {
+            let provider = provider.clone();
+            let started = Arc::clone(&started);
+            tokio::spawn(async move {
+                let mut stream = provider.stream_with(request, options).await.unwrap();
+                let mut events = Vec::new();
+                let mut first_text = None;
+                while let Some(item) = tokio::time::timeout(GENEROUS, stream.next())
+                    .await
+                    .expect("the call goes on")
+                {
+                    let event = item.unwrap_or_else(|e| panic!("stream error: {e}"));
+                    if matches!(event, ModelEvent::Text(_) | ModelEvent::ToolCall(_))
+                        && first_text.is_none()
+                    {
+                        first_text = Some(std::time::Instant::now());
+                        started.fetch_add(1, Ordering::SeqCst);
+                    }
+                    events.push(event);
+                }
+                Timed {
+                    first_text: first_text.expect("the call produced output"),
+                    ended: std::time::Instant::now(),
+                    events,
+                }
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for task in tasks {
+        out.push(task.await.unwrap());
+    }
+    out
+}
+
+/// A long generation of exactly `tokens` tokens.
+fn long(tokens: u32) -> GenerateOptions {
+    GenerateOptions {
+        ignore_eos: true,
+        ..greedy(tokens)
+    }
+}
+
+const STORIES: [&str; 4] = [
+    "Write a story about a lighthouse keeper.",
+    "Write a story about a river and a mill.",
+    "Write a poem about the autumn wind.",
+    "Describe a busy market in the morning.",
+];
+
+#[tokio::test]
+async fn four_calls_at_once_stream_together() {
+    // Its own provider with four slots, so no other test's call takes one.
+    let Some(provider) = load(1024) else { return };
+    const TOKENS: u32 = 48;
+    let calls = STORIES.iter().map(|s| (user(s), long(TOKENS))).collect();
+    let done = all_at_once(&provider, calls).await;
+    for call in &done {
+        assert_eq!(usage_of(&call.events).1, u64::from(TOKENS));
+    }
+    assert_decoded_together(&done);
+}
+
+/// Every call's first output came before any call ended. One call at a time, the last call's first token would
+/// come after the others had ended.
+fn assert_decoded_together(done: &[Timed]) {
+    let last_first = done.iter().map(|c| c.first_text).max().unwrap();
+    let first_end = done.iter().map(|c| c.ended).min().unwrap();
+    assert!(
+        last_first < first_end,
+        "the last first output came {:?} after the first call ended",
+        last_first - first_end
+    );
+}
+
+#[tokio::test]
+async fn cancelling_one_of_several_calls_leaves_the_others_to_finish() {
+    let Some(provider) = load(1024) else { return };
+    const TOKENS: u32 = 24;
+    // What the three complete calls answer alone, greedily.
+    let mut alone = Vec::new();
+    for story in &STORIES[1..] {
+        alone.push(text_of(
+            &collect(&provider, user(story), long(TOKENS)).await,
+        ));
+    }
+    let generated_before = provider.tokens_generated();
+
+    // A fourth, long call starts first; the three start beside it, and once all three stream it is dropped.
+    let mut cancelled = provider
+        .stream_with(user(STORIES[0]), long(900))
+        .await
+        .unwrap();
+    let started = Arc::new(AtomicUsize::new(0));
+    let others = {
+        let provider = provider.clone();
+        let started = Arc::clone(&started);
+        tokio::spawn(async move {
+            let calls = STORIES[1..]
+                .iter()
+                .map(|s| (user(s), long(TOKENS)))
+                .collect();
+            streaming_at_once(&provider, calls, started).await
+        })
+    };
+    // One call at a time, the long call would end (all 900 tokens) before the others began.
+    while started.load(Ordering::SeqCst) < 3 {
+        match tokio::time::timeout(GENEROUS, cancelled.next())
+            .await
+            .unwrap()
+        {
+            Some(Ok(ModelEvent::Text(_))) => {}
+            other => panic!("expected text while the others start, got {other:?}"),
+        }
+    }
+    drop(cancelled);
+    let others = others.await.unwrap();
+    for (call, alone) in others.iter().zip(&alone) {
+        assert_eq!(usage_of(&call.events).1, u64::from(TOKENS));
+        // The same answer as alone: each call's sequence is its own, whatever ran or stopped beside it.
+        assert_eq!(&text_of(&call.events), alone);
+    }
+    // The dropped call stopped: far fewer than its 900 tokens (it ran while the others fed their prompts).
+    let dropped = provider.tokens_generated() - generated_before - 3 * u64::from(TOKENS);
+    assert!(dropped < 400, "the dropped call generated {dropped} tokens");
+}
+
+#[tokio::test]
+async fn a_tool_call_beside_plain_calls_is_a_valid_tool_call() {
+    let Some(provider) = load(1024) else { return };
+    // Longer than the tool call, so the plain calls are still generating when it ends.
+    const PLAIN: u32 = 64;
+    let required = GenerateOptions {
+        tool_choice: ToolChoice::Required,
+        ..greedy(64)
+    };
+    let calls = vec![
+        (user(STORIES[0]), long(PLAIN)),
+        (
+            tool_request("What is 17 * 23? Use the calculator."),
+            required,
+        ),
+        (user(STORIES[1]), long(PLAIN)),
+    ];
+    let done = all_at_once(&provider, calls).await;
+    assert_decoded_together(&done);
+    let tool_events = &done[1].events;
+    let calls: Vec<_> = tool_events
+        .iter()
+        .filter_map(|e| match e {
+            ModelEvent::ToolCall(c) => Some(c),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(calls.len(), 1, "{tool_events:?}");
+    assert_calculator_call(calls[0]);
+    assert_eq!(text_of(tool_events), "");
+    for plain in [&done[0], &done[2]] {
+        assert_eq!(usage_of(&plain.events).1, u64::from(PLAIN));
+        assert!(!plain
+            .events
+            .iter()
+            .any(|e| matches!(e, ModelEvent::ToolCall(_))));
+    }
+}
+
+#[tokio::test]
+async fn each_slot_keeps_its_conversation_cached_while_others_run() {
+    let Some(provider) = load(1024) else { return };
+    let first = collect(&provider, user(FRUITS), greedy(12)).await;
+    let (first_prompt, _) = usage_of(&first);
+
+    // Three other conversations run in between (the four slots' worth), one alone and then two at once.
+    collect(&provider, user(STORIES[0]), greedy(8)).await;
+    let calls = STORIES[1..3].iter().map(|s| (user(s), greedy(8))).collect();
+    all_at_once(&provider, calls).await;
+
+    // The first conversation's next round decodes only what is new since its first round.
+    let before = provider.prompt_tokens_decoded();
+    let next = collect(&provider, follow_up(&first), greedy(8)).await;
+    let (next_prompt, _) = usage_of(&next);
+    let decoded = provider.prompt_tokens_decoded() - before;
+    assert!(
+        decoded >= 1 && decoded < next_prompt - first_prompt + 2,
+        "decoded {decoded} of {next_prompt} (the first round's prompt was {first_prompt})"
     );
 }

@@ -39,6 +39,7 @@ pub async fn providers(config: &Config) -> Result<HashMap<String, Arc<dyn Provid
                 model_path,
                 context_tokens,
                 threads,
+                parallel,
             } => {
                 if !Path::new(model_path).exists() {
                     return Err(format!(
@@ -50,6 +51,7 @@ pub async fn providers(config: &Config) -> Result<HashMap<String, Arc<dyn Provid
                     model_path: model_path.into(),
                     context_tokens: u32::try_from(*context_tokens).unwrap_or(u32::MAX),
                     threads: *threads,
+                    parallel: *parallel,
                 };
                 let p = tokio::task::spawn_blocking(move || {
                     agentd_llama::LlamaProvider::load(settings)
