@@ -67,7 +67,7 @@ async fn connect(url: &str) -> Ws {
     let (socket, _) = tokio_tungstenite::connect_async(url)
         .await
         .unwrap_or_else(|e| panic!("ws connect {url}: {e}"));
-    Ws { socket }
+    Ws::new(socket)
 }
 
 /// An agentkit socket past its `connected` frame.

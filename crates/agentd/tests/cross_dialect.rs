@@ -14,7 +14,7 @@ async fn connect(url: String) -> Ws {
     let (socket, _) = tokio_tungstenite::connect_async(&url)
         .await
         .unwrap_or_else(|e| panic!("ws connect {url}: {e}"));
-    Ws { socket }
+    Ws::new(socket)
 }
 
 fn ends_navi_stream(f: &Value) -> bool {

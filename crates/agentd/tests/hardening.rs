@@ -81,7 +81,7 @@ async fn session_titles_and_metadata_are_bounded_and_nothing_is_stored_over_them
 async fn kit_ws(s: &Server, id: &str) -> Ws {
     let url = format!("{}/chat/ws/{id}", s.url.replacen("http://", "ws://", 1));
     let (socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-    let mut ws = Ws { socket };
+    let mut ws = Ws::new(socket);
     assert_eq!(ws.next().await["type"], "connected");
     ws
 }
@@ -348,7 +348,7 @@ async fn the_bearer_scheme_is_case_insensitive_on_every_surface() {
         let (socket, _) = tokio_tungstenite::connect_async(request)
             .await
             .unwrap_or_else(|e| panic!("{auth}: {e}"));
-        let mut ws = Ws { socket };
+        let mut ws = Ws::new(socket);
         assert_eq!(ws.next().await["type"], "hello");
     }
     // Another scheme, or the right scheme with a wrong key, is still refused.

@@ -54,7 +54,7 @@ async fn connect(url: &str) -> Ws {
     let (socket, _) = tokio_tungstenite::connect_async(url)
         .await
         .unwrap_or_else(|e| panic!("ws connect {url}: {e}"));
-    Ws { socket }
+    Ws::new(socket)
 }
 
 /// A handshake the server must refuse: its HTTP status and body.
@@ -379,7 +379,7 @@ async fn a_principal_holds_at_most_max_streams_across_surfaces() {
         tokio_tungstenite::connect_async(url.as_str())
             .await
             .ok()
-            .map(|(socket, _)| Ws { socket })
+            .map(|(socket, _)| Ws::new(socket))
     })
     .await;
     assert_eq!(kit.next().await["type"], "connected");

@@ -87,6 +87,8 @@ async fn the_local_model_streams_a_turn_and_stops_on_cancel() {
     let (c, _dir, _stop) = local_server(&model).await;
     let id = c.session().await;
     let mut ws = c.ws(&id, "").await;
+    // A loaded CI machine feeds the first prompt slowly (seen: 27 prompt tokens/s, ~8 s for this one).
+    ws.wait = Duration::from_secs(60);
     ws.next().await;
     ws.send(json!({"type": "message", "content": "Say hello in one short sentence."}))
         .await;

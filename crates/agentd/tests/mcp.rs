@@ -953,7 +953,7 @@ async fn approvals_over_the_websocket_rest_and_agentkit() {
     let (socket, _) = tokio_tungstenite::connect_async(format!("{kit}/chat/ws/{session}"))
         .await
         .unwrap();
-    let mut kit = common::Ws { socket };
+    let mut kit = common::Ws::new(socket);
     server.upstream.push(Reply::tool_call(
         "a3",
         "m__ok",

@@ -31,7 +31,7 @@ async fn connect(url: &str) -> Ws {
     let (socket, _) = tokio_tungstenite::connect_async(url)
         .await
         .unwrap_or_else(|e| panic!("ws connect {url}: {e}"));
-    Ws { socket }
+    Ws::new(socket)
 }
 
 async fn navi(s: &Server, id: &str) -> Ws {
@@ -393,7 +393,7 @@ async fn with_keys_configured_the_handshake_needs_one() {
     req.headers_mut()
         .insert("authorization", "Bearer sk-alice".parse().unwrap());
     let (socket, _) = tokio_tungstenite::connect_async(req).await.unwrap();
-    let mut ws = Ws { socket };
+    let mut ws = Ws::new(socket);
     message(&mut ws, "tokens=1").await;
     assert_eq!(
         ws.until(ends_stream).await.last().unwrap()["type"],

@@ -363,16 +363,25 @@ impl Client {
         let (socket, _) = tokio_tungstenite::connect_async(self.ws_url(session, query))
             .await
             .expect("ws connect");
-        Ws { socket }
+        Ws::new(socket)
     }
 }
 
 /// A native WebSocket client.
 pub struct Ws {
     pub socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// How long [`Ws::next`] waits for a frame (10 s; longer for the embedded model's first token under load).
+    pub wait: Duration,
 }
 
 impl Ws {
+    pub fn new(socket: WebSocketStream<MaybeTlsStream<TcpStream>>) -> Ws {
+        Ws {
+            socket,
+            wait: Duration::from_secs(10),
+        }
+    }
+
     pub async fn send(&mut self, v: Value) {
         self.socket
             .send(WsMessage::Text(v.to_string().into()))
@@ -386,11 +395,9 @@ impl Ws {
             .expect("ws send");
     }
 
-    /// The next JSON frame (panics after 10 s or on close).
+    /// The next JSON frame (panics after `wait` or on close).
     pub async fn next(&mut self) -> Value {
-        self.next_within(Duration::from_secs(10))
-            .await
-            .expect("ws frame")
+        self.next_within(self.wait).await.expect("ws frame")
     }
 
     pub async fn next_within(&mut self, d: Duration) -> Option<Value> {
