@@ -12,6 +12,8 @@ use crate::tools::BUILTIN_TOOLS;
 
 /// The smallest `server.max_tool_result_bytes`: room for a useful head of a result and the note after it.
 pub const MIN_TOOL_RESULT_BYTES: usize = 1024;
+/// The most turns a `llama` provider decodes together (`parallel`).
+pub const MAX_PARALLEL: u32 = 64;
 
 /// The configuration `agentd serve` runs with no `--config`: SPEC.md section 1.
 pub const DEFAULT_CONFIG: &str = r#"
@@ -1027,11 +1029,21 @@ impl Validator<'_> {
                         );
                         continue;
                     };
+                    let parallel = r.parallel.unwrap_or(4);
+                    if !(1..=MAX_PARALLEL).contains(&parallel) {
+                        self.problem(
+                            format!("{key}.parallel"),
+                            Some(p),
+                            format!(
+                                "must be between 1 and {MAX_PARALLEL} (turns decoded together)"
+                            ),
+                        );
+                    }
                     ProviderSettings::Llama {
                         model_path,
                         context_tokens: r.context_tokens.unwrap_or(4096),
                         threads: r.threads.unwrap_or(2),
-                        parallel: r.parallel.unwrap_or(4),
+                        parallel,
                     }
                 }
                 other => {
@@ -1394,6 +1406,27 @@ mod tests {
 
     fn no_env(_: &str) -> Option<String> {
         None
+    }
+
+    #[test]
+    fn llama_parallel_is_checked() {
+        let with = |n: &str| {
+            GOOD.replace(
+                "[[agents]]",
+                &format!("[providers.local]\nkind = \"llama\"\nmodel_path = \"m.gguf\"\nparallel = {n}\n\n[[agents]]"),
+            )
+        };
+        let c = Config::parse_with_env(&with("2"), "t.toml", &no_env).unwrap();
+        assert!(matches!(
+            c.providers["local"],
+            ProviderSettings::Llama { parallel: 2, .. }
+        ));
+        for bad in ["0", "65"] {
+            let e = Config::parse_with_env(&with(bad), "t.toml", &no_env).unwrap_err();
+            assert_eq!(e.problems.len(), 1, "{bad}: {:?}", e.problems);
+            assert_eq!(e.problems[0].key, "providers.local.parallel");
+            assert!(e.problems[0].line.is_some());
+        }
     }
 
     const GOOD: &str = r#"

@@ -57,7 +57,7 @@ const MAX_BATCH: u32 = 512;
 const PROMPT_STEP: usize = 64;
 /// Most slots a context may have (llama.cpp allows 256 sequences; more turns at once than this would each
 /// crawl on a CPU).
-pub(crate) const MAX_PARALLEL: u32 = 64;
+pub(crate) const MAX_PARALLEL: u32 = agentd_core::config::MAX_PARALLEL;
 /// Sampling: top-k then top-p before temperature, as llama.cpp's defaults do.
 const TOP_K: i32 = 40;
 const TOP_P: f32 = 0.9;
