@@ -367,7 +367,12 @@ impl ToolRegistry {
 
     /// Whether a call of `name` waits for a person's approval first (the agent's `approve` globs).
     pub fn needs_approval(agent: &AgentSettings, name: &str) -> bool {
-        agent.approve.iter().any(|p| glob_match(p, name))
+        Self::approval_needed(&agent.approve, name)
+    }
+
+    /// [`ToolRegistry::needs_approval`] given the agent's `approve` globs alone (what a renderer keeps).
+    pub fn approval_needed(approve: &[String], name: &str) -> bool {
+        approve.iter().any(|p| glob_match(p, name))
     }
 
     /// Once every MCP server's first start has ended (at once without servers).

@@ -330,14 +330,14 @@ fn text_bytes(entry: &LogEntry) -> usize {
 /// mid-append (then every retry of the same batch would too). One second per MiB, at most two minutes: a
 /// node frozen inside such an append delays a takeover by that much at worst (the expelling sweep waits for
 /// the append's locks), it never breaks the fence.
-fn begin_for(batch: &[LogEntry]) -> String {
+fn begin_for(batch: &[LogEntry]) -> std::borrow::Cow<'static, str> {
     let bytes: usize = batch.iter().map(text_bytes).sum();
     if bytes <= BIG_BATCH_BYTES {
-        return "BEGIN".to_string();
+        return "BEGIN".into();
     }
     let ms =
         (super::IDLE_IN_TRANSACTION_MS as usize + (bytes >> 20) * 1000).min(BIG_BATCH_IDLE_MAX_MS);
-    format!("BEGIN; SET LOCAL idle_in_transaction_session_timeout = {ms}")
+    format!("BEGIN; SET LOCAL idle_in_transaction_session_timeout = {ms}").into()
 }
 
 /// The statements an append binds, prepared on its connection.

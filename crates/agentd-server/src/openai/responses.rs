@@ -31,7 +31,7 @@ use std::sync::Arc;
 
 use agentd_core::domain::{Role, Run, RunErrorCode, RunStatus, ToolCall, Usage};
 use agentd_core::event::{EventKind, LoggedEvent};
-use agentd_core::registry::{glob_match, MCP_SEPARATOR};
+use agentd_core::registry::{ToolRegistry, MCP_SEPARATOR};
 use agentd_core::service::Principal;
 use agentd_core::tools::Decision;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
@@ -989,7 +989,7 @@ impl Render {
             } => {
                 self.close(out);
                 // A call that needs approval shows as its request first, its `mcp_call` once decided.
-                if !self.approve.iter().any(|g| glob_match(g, tool)) {
+                if !ToolRegistry::approval_needed(&self.approve, tool) {
                     self.open_call(out, call_id, tool, args);
                 }
             }
