@@ -4,6 +4,8 @@
 //! A tour:
 //! - `provider`: [`OpenAiProvider`] and [`OpenAiSettings`]; the HTTP call and how failures map to
 //!   `ProviderError` (non-2xx -> `Status`, refused/broken -> `Connect`, silence -> `Timeout`).
+//! - `http1`: the HTTP/1.1 client for plain `http://` upstreams, which reads the socket on the run's own task
+//!   (one read, however many tokens it brings, is one step; reqwest serves the rest).
 //! - `wire`: the request body (serialised borrowing from the core's `ModelRequest`) and the stream chunk
 //!   (deserialised borrowing from the `data:` line).
 //! - `sse`: an incremental server-sent-events decoder.
@@ -16,6 +18,7 @@
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
+mod http1;
 mod provider;
 mod sse;
 mod stream;

@@ -1,11 +1,14 @@
 //! [`OpenAiProvider`]: settings, the HTTP call, and the mapping of HTTP failures to [`ProviderError`].
 //!
-//! One `reqwest::Client` per provider, so connections to the upstream are pooled across runs. The timeout
-//! applies to the wait for response headers and to each gap between body chunks, never to the whole answer
-//! (a long answer that keeps streaming is healthy).
+//! One client per provider, so connections to the upstream are pooled across runs: [`PlainHttp`] for a plain
+//! `http://` upstream (it reads the socket itself, so deltas that arrive together are handled together; see
+//! `http1.rs`), `reqwest` for the rest (`https://`, a proxy, credentials in the URL). The timeout applies to the
+//! wait for response headers and to each gap between body chunks, never to the whole answer (a long answer
+//! that keeps streaming is healthy).
 
 use std::error::Error as StdError;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use agentd_core::provider::{ModelRequest, ModelStream, Provider, ProviderError};
@@ -14,6 +17,7 @@ use futures_util::StreamExt;
 use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use reqwest::{Response, Url};
 
+use crate::http1::PlainHttp;
 use crate::stream::ChunkStream;
 use crate::wire::ChatRequest;
 
@@ -49,6 +53,8 @@ impl fmt::Debug for OpenAiSettings {
 /// A [`Provider`] for any OpenAI-compatible `/chat/completions` upstream.
 pub struct OpenAiProvider {
     client: reqwest::Client,
+    /// The client for a plain `http://` upstream; `None`: everything goes through `client`.
+    plain: Option<Arc<PlainHttp>>,
     url: Url,
     /// `Bearer <key>`, marked sensitive so reqwest and hyper never print it.
     authorization: Option<HeaderValue>,
@@ -61,6 +67,7 @@ impl fmt::Debug for OpenAiProvider {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("OpenAiProvider")
             .field("url", &self.url.as_str())
+            .field("plain_http", &self.plain.is_some())
             .field(
                 "api_key",
                 &self.authorization.as_ref().map(|_| "<redacted>"),
@@ -100,6 +107,11 @@ impl OpenAiProvider {
             None => None,
         };
         let timeout = Duration::from_secs(settings.timeout_s);
+        let plain = PlainHttp::for_url(
+            &url,
+            authorization.as_ref().and_then(|v| v.to_str().ok()),
+        )
+        .map(Arc::new);
         let client = reqwest::Client::builder()
             .connect_timeout(timeout)
             // Tokens are small writes; Nagle would hold them back.
@@ -109,6 +121,7 @@ impl OpenAiProvider {
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
         Ok(OpenAiProvider {
             client,
+            plain,
             url,
             authorization,
             timeout,
@@ -124,8 +137,7 @@ impl OpenAiProvider {
 
     /// Sends the request and waits (at most the timeout) for the response headers.
     async fn send(&self, request: &ModelRequest) -> Result<Response, ProviderError> {
-        let body = serde_json::to_vec(&ChatRequest::new(request))
-            .map_err(|e| ProviderError::Other(format!("cannot serialise the request: {e}")))?;
+        let body = Self::request_body(request)?;
         let mut builder = self
             .client
             .post(self.url.clone())
@@ -157,21 +169,77 @@ impl OpenAiProvider {
         };
         // The body is only decoration: if it does not come in time, report the status without it.
         let _ = tokio::time::timeout(self.timeout, read).await;
-        let text = String::from_utf8_lossy(&raw);
-        let body = truncate_chars(text.trim(), ERROR_BODY_CHARS);
-        if is_context_overflow(status, &text) {
-            return ProviderError::ContextOverflow(format!(
-                "upstream returned HTTP {status}: {body}"
-            ));
-        }
-        ProviderError::Status { status, body }
+        status_error(status, &raw)
     }
+
+    fn request_body(request: &ModelRequest) -> Result<Vec<u8>, ProviderError> {
+        serde_json::to_vec(&ChatRequest::new(request))
+            .map_err(|e| ProviderError::Other(format!("cannot serialise the request: {e}")))
+    }
+
+    /// The call through [`PlainHttp`].
+    async fn stream_plain(
+        &self,
+        plain: &Arc<PlainHttp>,
+        request: &ModelRequest,
+    ) -> Result<ModelStream, ProviderError> {
+        let body = Self::request_body(request)?;
+        let response = match tokio::time::timeout(self.timeout, plain.post(&body)).await {
+            Err(_) => return Err(ProviderError::Timeout(self.timeout_s)),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::TimedOut => {
+                return Err(ProviderError::Timeout(self.timeout_s))
+            }
+            Ok(Err(e)) => return Err(ProviderError::Connect(describe(&e))),
+            Ok(Ok(response)) => response,
+        };
+        if !(200..300).contains(&response.status) {
+            let status = response.status;
+            let read = response.read_prefix(ERROR_BODY_READ_BYTES);
+            // As above: the body is only decoration.
+            let raw = tokio::time::timeout(self.timeout, read)
+                .await
+                .unwrap_or_default();
+            return Err(status_error(status, &raw));
+        }
+        if is_json(response.content_type.as_deref().unwrap_or("")) {
+            return Err(not_a_stream());
+        }
+        let body = response.into_body().map(|chunk| {
+            chunk.map_err(|e| ProviderError::Connect(format!("the stream broke: {}", describe(&e))))
+        });
+        Ok(Box::pin(ChunkStream::new(body, self.timeout_s)))
+    }
+}
+
+/// The error for a non-2xx answer whose body starts with `raw`.
+fn status_error(status: u16, raw: &[u8]) -> ProviderError {
+    let text = String::from_utf8_lossy(raw);
+    let body = truncate_chars(text.trim(), ERROR_BODY_CHARS);
+    if is_context_overflow(status, &text) {
+        return ProviderError::ContextOverflow(format!("upstream returned HTTP {status}: {body}"));
+    }
+    ProviderError::Status { status, body }
+}
+
+fn is_json(content_type: &str) -> bool {
+    content_type.starts_with("application/json")
+}
+
+/// The upstream ignored `stream: true`; say so rather than report a stream with no events.
+fn not_a_stream() -> ProviderError {
+    ProviderError::Malformed(
+        "the upstream answered with a JSON document, not an event stream (does it support stream: true?)"
+            .into(),
+    )
 }
 
 #[async_trait]
 impl Provider for OpenAiProvider {
     async fn stream(&self, request: ModelRequest) -> Result<ModelStream, ProviderError> {
         tracing::debug!(url = %self.url, model = %request.model, messages = request.messages.len(), "openai call");
+        if let Some(plain) = &self.plain {
+            return self.stream_plain(plain, &request).await;
+        }
         let response = self.send(&request).await?;
         if !response.status().is_success() {
             return Err(self.status_error(response).await);
@@ -181,12 +249,8 @@ impl Provider for OpenAiProvider {
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
-        if content_type.starts_with("application/json") {
-            // The upstream ignored `stream: true`; say so rather than report a stream with no events.
-            return Err(ProviderError::Malformed(
-                "the upstream answered with a JSON document, not an event stream (does it support stream: true?)"
-                    .into(),
-            ));
+        if is_json(content_type) {
+            return Err(not_a_stream());
         }
         let body = response.bytes_stream().map(|chunk| {
             chunk.map_err(|e| ProviderError::Connect(format!("the stream broke: {}", describe(&e))))

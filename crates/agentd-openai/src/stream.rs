@@ -34,7 +34,8 @@ pub(crate) struct ChunkStream<S> {
     body: S,
     decoder: SseDecoder,
     calls: ToolCallAssembler,
-    /// Parsed, not yet yielded. Holds at most one network chunk's worth of events.
+    /// Parsed, not yet yielded. Holds at most one network chunk's worth of events (a chunk: what one read of
+    /// the body brought), consecutive deltas of one kind joined (`push_delta`).
     pending: VecDeque<Result<ModelEvent, ProviderError>>,
     /// The last usage seen; yielded at the end because some upstreams repeat it on every chunk.
     usage: Option<Usage>,
@@ -190,16 +191,38 @@ fn apply_chunk(
             .or(delta.reasoning)
             .filter(|s| !s.as_str().is_empty())
         {
-            pending.push_back(Ok(ModelEvent::Thinking(thinking.into_string())));
+            push_delta(pending, Delta::Thinking, thinking);
         }
         if let Some(text) = delta.content.filter(|s| !s.as_str().is_empty()) {
-            pending.push_back(Ok(ModelEvent::Text(text.into_string())));
+            push_delta(pending, Delta::Text, text);
         }
         for fragment in delta.tool_calls.into_iter().flatten() {
             calls.add(fragment)?;
         }
     }
     Ok(choice.finish_reason.is_some())
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Delta {
+    Text,
+    Thinking,
+}
+
+/// Queues a text or thinking delta, appended to the last queued event when that is a delta of the same kind:
+/// `pending` holds what one read of the body brought, so deltas that arrived together leave as one event
+/// (one log entry, one frame per client), and none waits for another.
+fn push_delta(
+    pending: &mut VecDeque<Result<ModelEvent, ProviderError>>,
+    kind: Delta,
+    text: Str<'_>,
+) {
+    match (pending.back_mut(), kind) {
+        (Some(Ok(ModelEvent::Text(last))), Delta::Text)
+        | (Some(Ok(ModelEvent::Thinking(last))), Delta::Thinking) => last.push_str(text.as_str()),
+        (_, Delta::Text) => pending.push_back(Ok(ModelEvent::Text(text.into_string()))),
+        (_, Delta::Thinking) => pending.push_back(Ok(ModelEvent::Thinking(text.into_string()))),
+    }
 }
 
 impl<S> Stream for ChunkStream<S>
@@ -403,10 +426,10 @@ mod tests {
             "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":3,\"total_tokens\":10}}\n\n",
             "data: [DONE]\n\n",
         );
+        // Deltas that arrive in one piece come out as one event; which ones do depends on the split.
         let expected = vec![
             Ok(ModelEvent::Thinking("hm".into())),
-            text("héllo "),
-            text("wörld"),
+            text("héllo wörld"),
             Ok(ModelEvent::ToolCall(ToolCall {
                 id: "a".into(),
                 name: "one".into(),
@@ -429,8 +452,61 @@ mod tests {
                 .chunks(size)
                 .map(Bytes::copy_from_slice)
                 .collect();
-            assert_eq!(collect_bytes(pieces).await, expected, "piece size {size}");
+            assert_eq!(
+                joined(collect_bytes(pieces).await),
+                expected,
+                "piece size {size}"
+            );
         }
+    }
+
+    /// Consecutive text (and thinking) deltas joined, as if each had arrived in one piece.
+    fn joined(events: Vec<Result<ModelEvent, ProviderError>>) -> Vec<Result<ModelEvent, ProviderError>> {
+        let mut out: Vec<Result<ModelEvent, ProviderError>> = Vec::new();
+        for event in events {
+            match (out.last_mut(), event) {
+                (Some(Ok(ModelEvent::Text(last))), Ok(ModelEvent::Text(t)))
+                | (Some(Ok(ModelEvent::Thinking(last))), Ok(ModelEvent::Thinking(t))) => {
+                    last.push_str(&t)
+                }
+                (_, event) => out.push(event),
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn deltas_that_arrive_together_leave_as_one_event() {
+        let delta = |field: &str, s: &str| {
+            format!("data: {{\"choices\":[{{\"delta\":{{\"{field}\":\"{s}\"}}}}]}}\n\n")
+        };
+        // One piece: thinking, thinking, text, text, thinking, text -> four events.
+        let one = [
+            delta("reasoning_content", "a"),
+            delta("reasoning_content", "b"),
+            delta("content", "c"),
+            delta("content", "d"),
+            delta("reasoning_content", "e"),
+            delta("content", "f"),
+        ]
+        .concat();
+        let events = collect_bytes(vec![
+            Bytes::from(one),
+            Bytes::from(delta("content", "g")),
+            Bytes::from_static(b"data: [DONE]\n\n"),
+        ])
+        .await;
+        assert_eq!(
+            events,
+            vec![
+                Ok(ModelEvent::Thinking("ab".into())),
+                text("cd"),
+                Ok(ModelEvent::Thinking("e".into())),
+                text("f"),
+                // A later piece is a later event: nothing waits for more.
+                text("g"),
+            ]
+        );
     }
 
     #[tokio::test]

@@ -92,7 +92,8 @@ fn thinking(events: &[ModelEvent]) -> String {
 #[tokio::test]
 async fn text_streams_token_by_token_and_usage_comes_last() {
     let mock = MockUpstream::start().await;
-    let (events, error) = run(&provider(&mock), ask("tokens=5")).await;
+    // 150 ms apart, each token is a read of its own and so an event of its own.
+    let (events, error) = run(&provider(&mock), ask("tokens=5 delay_ms=150")).await;
     assert_eq!(error, None);
     assert_eq!(
         texts(&events),
@@ -125,7 +126,7 @@ async fn reasoning_arrives_as_thinking_under_either_field_name() {
         let (events, error) = run(&provider(&mock), ask("hi")).await;
         assert_eq!(error, None);
         assert_eq!(thinking(&events), "step one, step two", "{field:?}");
-        assert_eq!(texts(&events), vec!["answer"]);
+        assert_eq!(texts(&events).concat(), "answer");
         let first_text = events.iter().position(|e| matches!(e, ModelEvent::Text(_)));
         let last_thinking = events
             .iter()
@@ -443,7 +444,7 @@ async fn a_stream_cut_off_before_done_is_malformed() {
         chunks: vec!["half".into(), " an answer".into()],
     });
     let (events, error) = run(&provider(&mock), ask("hi")).await;
-    assert_eq!(texts(&events), vec!["half", " an answer"]);
+    assert_eq!(texts(&events).concat(), "half an answer");
     assert!(
         matches!(error, Some(ProviderError::Malformed(_))),
         "{error:?}"
@@ -467,7 +468,119 @@ async fn raw_sse_with_crlf_comments_multiline_data_and_split_writes_is_understoo
     });
     let (events, error) = run(&provider(&mock), ask("hi")).await;
     assert_eq!(error, None);
-    assert_eq!(texts(&events), vec!["Hello", " wörld"]);
+    // " wörld" comes in the same write as the end of "Hello": one event or two, depending on the reads.
+    assert_eq!(texts(&events).concat(), "Hello wörld");
+}
+
+/// One SSE `data:` line with a content delta.
+fn content_line(text: &str) -> String {
+    format!("data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{text}\"}}}}]}}\n\n")
+}
+
+#[tokio::test]
+async fn deltas_that_arrive_in_one_write_become_one_event_and_later_ones_do_not_wait() {
+    let mock = MockUpstream::start().await;
+    let together = ["a", "b", "c", "d"].map(content_line).concat();
+    mock.push(Reply::Raw {
+        pieces: vec![
+            together,
+            content_line("e"),
+            format!(
+                "{}data: [DONE]\n\n",
+                "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n"
+            ),
+        ],
+        gap_ms: 300,
+    });
+    let (events, error) = run(&provider(&mock), ask("hi")).await;
+    assert_eq!(error, None);
+    // The first write's four deltas are one event; the next write's delta, 300 ms later, is another.
+    assert_eq!(texts(&events), vec!["abcd", "e"]);
+}
+
+/// A raw HTTP/1.1 upstream on loopback: answers every request with a short event stream, closes each
+/// connection after `per_connection` answers, and counts the connections it accepted.
+async fn raw_upstream(per_connection: usize) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                for _ in 0..per_connection {
+                    // Read one request: its head, then Content-Length bytes of body.
+                    let mut raw = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    let body_start = loop {
+                        if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        match conn.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => raw.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&raw[..body_start]).to_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    while raw.len() < body_start + length {
+                        match conn.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => raw.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let body = format!("{}data: [DONE]\n\n", content_line("ok"));
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+                        body.len()
+                    );
+                    if conn.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+                // Dropping the connection closes it.
+            });
+        }
+    });
+    (format!("http://{addr}/v1"), accepted)
+}
+
+#[tokio::test]
+async fn connections_are_kept_alive_and_one_the_upstream_closed_is_not_reused() {
+    use std::sync::atomic::Ordering;
+    // Kept alive: five calls in a row, one connection.
+    let (url, accepted) = raw_upstream(usize::MAX).await;
+    let provider = provider_for(&url, 10, None);
+    for _ in 0..5 {
+        let (events, error) = run(&provider, ask("hi")).await;
+        assert_eq!((texts(&events), error), (vec!["ok"], None));
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+
+    // An upstream that closes every connection after one answer: each call still succeeds, on a new one.
+    let (url, accepted) = raw_upstream(1).await;
+    let provider = provider_for(&url, 10, None);
+    for _ in 0..3 {
+        // Give the upstream's close time to arrive, so the idle connection is seen closed before reuse.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (events, error) = run(&provider, ask("hi")).await;
+        assert_eq!((texts(&events), error), (vec!["ok"], None));
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    // Right after the answer the close may not have arrived yet: then the request goes out on the dead
+    // connection, finds it closed before any answer, and is sent once more on a new one.
+    for _ in 0..3 {
+        let (events, error) = run(&provider, ask("hi")).await;
+        assert_eq!((texts(&events), error), (vec!["ok"], None));
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 6);
 }
 
 #[tokio::test]
@@ -502,7 +615,8 @@ async fn concurrent_calls_share_one_provider() {
     for task in tasks {
         let (events, error) = task.await.expect("task");
         assert_eq!(error, None);
-        assert_eq!(texts(&events).len(), 40);
+        let expected: Vec<String> = (0..40).map(|i| format!("{}tok{i}", if i == 0 { "" } else { " " })).collect();
+        assert_eq!(texts(&events).concat(), expected.concat());
     }
     assert_eq!(mock.request_count(), 50);
     assert_eq!(mock.open_streams(), 0);
