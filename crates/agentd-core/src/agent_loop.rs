@@ -464,7 +464,12 @@ impl<'a> Turn<'a> {
         let ended = Instant::now();
         let (tokens_in, tokens_out) = match &call_usage {
             Some(u) => (u.prompt_tokens, u.completion_tokens),
-            None => (estimate, deltas),
+            // A delta may carry several tokens (what one read of the upstream brought): count at least a
+            // token per four bytes, as the prompt's estimate does.
+            None => (
+                estimate,
+                deltas.max(((text.len() + thinking.len()) as u64).div_ceil(4)),
+            ),
         };
         let m = &self.model_metrics;
         m.input_tokens.inc_by(tokens_in);
