@@ -498,9 +498,13 @@ async fn deltas_that_arrive_in_one_write_become_one_event_and_later_ones_do_not_
     assert_eq!(texts(&events), vec!["abcd", "e"]);
 }
 
-/// A raw HTTP/1.1 upstream on loopback: answers every request with a short event stream, closes each
-/// connection after `per_connection` answers, and counts the connections it accepted.
-async fn raw_upstream(per_connection: usize) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+/// A raw HTTP/1.1 upstream on loopback: answers every request with an event stream whose pieces are `chunks`
+/// (an HTTP chunk each, all in one write), closes each connection after `per_connection` answers, and counts
+/// the connections it accepted.
+async fn raw_upstream(
+    per_connection: usize,
+    chunks: Vec<String>,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -510,6 +514,7 @@ async fn raw_upstream(per_connection: usize) -> (String, std::sync::Arc<std::syn
     tokio::spawn(async move {
         while let Ok((mut conn, _)) = listener.accept().await {
             count.fetch_add(1, Ordering::SeqCst);
+            let chunks = chunks.clone();
             tokio::spawn(async move {
                 for _ in 0..per_connection {
                     // Read one request: its head, then Content-Length bytes of body.
@@ -536,11 +541,13 @@ async fn raw_upstream(per_connection: usize) -> (String, std::sync::Arc<std::syn
                             Ok(n) => raw.extend_from_slice(&chunk[..n]),
                         }
                     }
-                    let body = format!("{}data: [DONE]\n\n", content_line("ok"));
-                    let answer = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
-                        body.len()
+                    let mut answer = String::from(
+                        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n",
                     );
+                    for chunk in &chunks {
+                        answer.push_str(&format!("{:x}\r\n{chunk}\r\n", chunk.len()));
+                    }
+                    answer.push_str("0\r\n\r\n");
                     if conn.write_all(answer.as_bytes()).await.is_err() {
                         return;
                     }
@@ -552,11 +559,26 @@ async fn raw_upstream(per_connection: usize) -> (String, std::sync::Arc<std::syn
     (format!("http://{addr}/v1"), accepted)
 }
 
+fn ok_answer() -> Vec<String> {
+    vec![content_line("ok"), "data: [DONE]\n\n".to_owned()]
+}
+
+#[tokio::test]
+async fn http_chunks_that_arrive_in_one_read_become_one_event() {
+    // Four deltas in four HTTP chunks, written at once: the plain-HTTP client reads them together and the
+    // stream makes one event of them (hyper would hand over one chunk, so one delta, per poll).
+    let mut chunks: Vec<String> = ["a", "b", "c", "d"].map(content_line).to_vec();
+    chunks.push("data: [DONE]\n\n".to_owned());
+    let (url, _) = raw_upstream(usize::MAX, chunks).await;
+    let (events, error) = run(&provider_for(&url, 10, None), ask("hi")).await;
+    assert_eq!((texts(&events), error), (vec!["abcd"], None));
+}
+
 #[tokio::test]
 async fn connections_are_kept_alive_and_one_the_upstream_closed_is_not_reused() {
     use std::sync::atomic::Ordering;
     // Kept alive: five calls in a row, one connection.
-    let (url, accepted) = raw_upstream(usize::MAX).await;
+    let (url, accepted) = raw_upstream(usize::MAX, ok_answer()).await;
     let provider = provider_for(&url, 10, None);
     for _ in 0..5 {
         let (events, error) = run(&provider, ask("hi")).await;
@@ -565,7 +587,7 @@ async fn connections_are_kept_alive_and_one_the_upstream_closed_is_not_reused() 
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
 
     // An upstream that closes every connection after one answer: each call still succeeds, on a new one.
-    let (url, accepted) = raw_upstream(1).await;
+    let (url, accepted) = raw_upstream(1, ok_answer()).await;
     let provider = provider_for(&url, 10, None);
     for _ in 0..3 {
         // Give the upstream's close time to arrive, so the idle connection is seen closed before reuse.
