@@ -474,7 +474,10 @@ impl<'a> Turn<'a> {
         let m = &self.model_metrics;
         m.input_tokens.inc_by(tokens_in);
         m.output_tokens.inc_by(tokens_out);
-        if let Some(first) = first_output.filter(|_| deltas >= 2 && tokens_out >= 2) {
+        // From the first output to the end, over the tokens after the first (vLLM's definition), for a call that
+        // streamed text or thinking (a tool call arrives whole at the end). One delta is enough: it may carry
+        // what one read of the upstream brought.
+        if let Some(first) = first_output.filter(|_| deltas >= 1 && tokens_out >= 2) {
             m.tpot
                 .observe((ended - first).as_secs_f64() / (tokens_out - 1) as f64);
         }

@@ -133,7 +133,10 @@ impl PlainHttp {
                 Host::Ip(ip) => ip.to_string(),
                 Host::Name(name) => name.clone(),
             };
-            io::Error::new(e.kind(), format!("cannot connect to {host}:{}: {e}", self.port))
+            io::Error::new(
+                e.kind(),
+                format!("cannot connect to {host}:{}: {e}", self.port),
+            )
         })?;
         // Requests are one write each; Nagle would only delay them.
         conn.set_nodelay(true)?;
@@ -146,7 +149,8 @@ impl PlainHttp {
         while let Some(conn) = idle.pop() {
             let mut probe = [0u8; 1];
             // Open and quiet: the read would block. End of stream or stray bytes: not reusable.
-            if matches!(conn.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
+            if matches!(conn.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            {
                 return Some(conn);
             }
         }
@@ -212,7 +216,9 @@ enum Attempt {
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // The lock is only held to push or pop; a panic elsewhere cannot leave the list half-changed.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn invalid(message: &str) -> io::Error {
@@ -355,7 +361,10 @@ impl Body {
         match &mut self.framing {
             Framing::Chunked(state) => decode_chunked(state, &mut self.buf, out),
             Framing::Length(remaining) => {
-                let take = self.buf.len().min(usize::try_from(*remaining).unwrap_or(usize::MAX));
+                let take = self
+                    .buf
+                    .len()
+                    .min(usize::try_from(*remaining).unwrap_or(usize::MAX));
                 out.extend_from_slice(&self.buf[..take]);
                 self.buf.advance(take);
                 *remaining -= take as u64;
@@ -473,8 +482,8 @@ pub(crate) fn decode_chunked(
                 let digits = std::str::from_utf8(digits)
                     .map_err(|_| invalid("invalid chunk size"))?
                     .trim();
-                let size = u64::from_str_radix(digits, 16)
-                    .map_err(|_| invalid("invalid chunk size"))?;
+                let size =
+                    u64::from_str_radix(digits, 16).map_err(|_| invalid("invalid chunk size"))?;
                 buf.advance(end + 1);
                 *state = if size == 0 {
                     Chunk::Trailers(0)
@@ -486,7 +495,9 @@ pub(crate) fn decode_chunked(
                 if buf.is_empty() {
                     return Ok(false);
                 }
-                let take = buf.len().min(usize::try_from(remaining).unwrap_or(usize::MAX));
+                let take = buf
+                    .len()
+                    .min(usize::try_from(remaining).unwrap_or(usize::MAX));
                 out.extend_from_slice(&buf[..take]);
                 buf.advance(take);
                 let left = remaining - take as u64;
@@ -598,11 +609,22 @@ mod tests {
         assert_eq!(head.content_type.as_deref(), Some("text/event-stream"));
         assert!(head.keep_alive);
         let head = parse("HTTP/1.1 400 Bad\r\ncontent-length: 12\r\nConnection: close\r\n\r\n");
-        assert_eq!((head.status, head.framing, head.keep_alive), (400, Framing::Length(12), false));
+        assert_eq!(
+            (head.status, head.framing, head.keep_alive),
+            (400, Framing::Length(12), false)
+        );
         let head = parse("HTTP/1.0 200 OK\r\n\r\n");
-        assert_eq!((head.framing, head.keep_alive), (Framing::UntilClose, false));
-        assert!(parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n").is_err());
-        assert!(parse_head(b"HTTP/1.1 200 OK\r\nContent-Le").unwrap().is_none());
+        assert_eq!(
+            (head.framing, head.keep_alive),
+            (Framing::UntilClose, false)
+        );
+        assert!(
+            parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
+                .is_err()
+        );
+        assert!(parse_head(b"HTTP/1.1 200 OK\r\nContent-Le")
+            .unwrap()
+            .is_none());
         assert!(parse_head(b"garbage\r\n\r\n").is_err());
     }
 }

@@ -107,11 +107,8 @@ impl OpenAiProvider {
             None => None,
         };
         let timeout = Duration::from_secs(settings.timeout_s);
-        let plain = PlainHttp::for_url(
-            &url,
-            authorization.as_ref().and_then(|v| v.to_str().ok()),
-        )
-        .map(Arc::new);
+        let plain = PlainHttp::for_url(&url, authorization.as_ref().and_then(|v| v.to_str().ok()))
+            .map(Arc::new);
         let client = reqwest::Client::builder()
             .connect_timeout(timeout)
             // Tokens are small writes; Nagle would hold them back.

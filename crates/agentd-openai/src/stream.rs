@@ -461,7 +461,9 @@ mod tests {
     }
 
     /// Consecutive text (and thinking) deltas joined, as if each had arrived in one piece.
-    fn joined(events: Vec<Result<ModelEvent, ProviderError>>) -> Vec<Result<ModelEvent, ProviderError>> {
+    fn joined(
+        events: Vec<Result<ModelEvent, ProviderError>>,
+    ) -> Vec<Result<ModelEvent, ProviderError>> {
         let mut out: Vec<Result<ModelEvent, ProviderError>> = Vec::new();
         for event in events {
             match (out.last_mut(), event) {

@@ -507,7 +507,9 @@ async fn raw_upstream(
 ) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let accepted = std::sync::Arc::new(AtomicUsize::new(0));
     let count = accepted.clone();
@@ -637,7 +639,9 @@ async fn concurrent_calls_share_one_provider() {
     for task in tasks {
         let (events, error) = task.await.expect("task");
         assert_eq!(error, None);
-        let expected: Vec<String> = (0..40).map(|i| format!("{}tok{i}", if i == 0 { "" } else { " " })).collect();
+        let expected: Vec<String> = (0..40)
+            .map(|i| format!("{}tok{i}", if i == 0 { "" } else { " " }))
+            .collect();
         assert_eq!(texts(&events).concat(), expected.concat());
     }
     assert_eq!(mock.request_count(), 50);

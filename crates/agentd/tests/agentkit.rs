@@ -477,7 +477,8 @@ async fn websocket_streams_tokens_thoughts_steps_and_the_final_answer() {
         "nothing answered the ignored frames"
     );
 
-    ws.send(json!({"type": "message", "content": "think tokens=3"}))
+    // 50 ms apart, each delta is a read of its own upstream and so a frame of its own.
+    ws.send(json!({"type": "message", "content": "think tokens=3 delay_ms=50"}))
         .await;
     let frames = ws.until(is_final).await;
     assert_eq!(

@@ -222,7 +222,8 @@ async fn sse_streams_with_ids_types_and_last_event_id() {
     let s = Server::start().await;
     let c = s.client();
     let id = c.session().await;
-    c.send(&id, "tokens=3").await;
+    // 50 ms apart: an event each.
+    c.send(&id, "tokens=3 delay_ms=50").await;
     let url = format!("{}/v1/sessions/{id}/events?after=0", s.url);
     let evs = sse_events(&url, None, None, |v| v["type"] == "run_finished").await;
     for (i, (seq, event, data)) in evs.iter().enumerate() {
@@ -415,15 +416,28 @@ async fn a_client_that_stops_reading_slows_nobody_and_catches_up_from_the_log() 
     reader.next().await;
     let rss_before = rss_kb();
     let t = Instant::now();
-    // ~20,000 events of ~200 bytes: far more than any socket buffer holds.
+    // 4 MB of answer in 2,000 deltas of 2 KB, as many bytes of frames as ~20,000 token events: more than a
+    // socket buffer holds, however the server groups the deltas into events (it makes one of what one read of
+    // the upstream brought).
+    let piece = "x".repeat(2047) + " ";
+    let total = 2_000 * piece.len();
+    s.upstream.push(agentd_testkit::Reply::Text {
+        chunks: vec![piece; 2_000],
+        delay_ms: 0,
+    });
     reader
-        .send(json!({"type": "message", "content": "tokens=20000"}))
+        .send(json!({"type": "message", "content": "a long answer"}))
         .await;
-    // The reading client keeps only each frame's seq: the test's own memory must not blur the server's.
+    // The reading client keeps only each frame's seq and the text's length: the test's own memory must not
+    // blur the server's.
     let mut seqs: Vec<u64> = Vec::with_capacity(32_768);
+    let mut text_bytes = 0;
     let last = loop {
         let frame = reader.next().await;
         seqs.push(frame["seq"].as_u64().unwrap_or(0));
+        if frame["type"] == "text_delta" {
+            text_bytes += frame["delta"].as_str().map_or(0, str::len);
+        }
         if frame["type"] == "run_finished" {
             break frame;
         }
@@ -431,13 +445,14 @@ async fn a_client_that_stops_reading_slows_nobody_and_catches_up_from_the_log() 
     let pace = t.elapsed();
     let rss_after = rss_kb();
     assert_eq!(last["run"]["status"], "completed");
-    assert!(seqs.len() > 20_000);
+    assert_eq!(text_bytes, total);
     assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
     assert!(
         pace < Duration::from_secs(60),
         "the reading client was held back: {pace:?}"
     );
-    // Memory: nothing buffered per event for the stalled client (generous bound: 64 MB for 4 MB of frames x2).
+    // Memory: nothing buffered per event for the stalled client (generous bound: 64 MB for 4 MB of frames x2,
+    // and the run's answer).
     assert!(
         rss_after < rss_before + 64 * 1024,
         "RSS grew from {rss_before} kB to {rss_after} kB"

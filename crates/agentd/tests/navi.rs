@@ -86,7 +86,8 @@ async fn a_turn_streams_the_seed_frames() {
     let c = s.client();
     let id = c.session().await;
     let mut ws = navi(&s, &id).await;
-    message(&mut ws, "think tokens=3").await;
+    // 50 ms apart, each delta is a read of its own upstream and so a frame of its own.
+    message(&mut ws, "think tokens=3 delay_ms=50").await;
     let frames = ws.until(ends_stream).await;
     let end = frames.last().unwrap().clone();
     assert_eq!(
