@@ -32,8 +32,9 @@ pub(crate) const MAX_IDLE: usize = 64;
 /// The largest response head accepted.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 const MAX_HEADERS: usize = 64;
-/// Room made for each read of the body: what one read can take at most.
-const READ_ROOM: usize = 32 * 1024;
+/// Room made for each read of the body: what one read can take at most (some 60 tokens' events; hyper's first
+/// read buffer is as large). Kept small: every turn that is streaming holds one.
+const READ_ROOM: usize = 8 * 1024;
 /// The longest chunk-size line (hex digits and extensions) and the most trailer bytes accepted.
 const MAX_CHUNK_LINE: usize = 4 * 1024;
 const MAX_TRAILER_BYTES: usize = 16 * 1024;
@@ -170,7 +171,7 @@ impl PlainHttp {
         request: &[u8],
     ) -> Result<PlainResponse, Attempt> {
         conn.write_all(request).await.map_err(Attempt::Unanswered)?;
-        let mut buf = BytesMut::with_capacity(8 * 1024);
+        let mut buf = BytesMut::with_capacity(4 * 1024);
         loop {
             // Interim answers (100 Continue) are skipped: the real one follows.
             while let Some((length, head)) = parse_head(&buf).map_err(Attempt::Failed)? {
@@ -183,7 +184,7 @@ impl PlainHttp {
                 return Err(Attempt::Failed(invalid("the response head is too large")));
             }
             if buf.capacity() - buf.len() < 1024 {
-                buf.reserve(8 * 1024);
+                buf.reserve(4 * 1024);
             }
             let n = match conn.read_buf(&mut buf).await {
                 Ok(n) => n,
@@ -413,15 +414,17 @@ impl Stream for Body {
                     return Poll::Ready(Some(Err(e)));
                 }
             }
-            let Some(conn) = this.conn.as_ref() else {
+            let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);
             };
-            if let Err(e) = ready!(conn.poll_read_ready(cx)) {
-                this.conn = None;
-                return Poll::Ready(Some(Err(e)));
-            }
             this.buf.reserve(READ_ROOM);
-            match conn.try_read_buf(&mut this.buf) {
+            // tokio's `poll_read`: a read that fills less than the room means the socket is drained, so the next
+            // poll waits for readiness instead of trying a read that would only say "would block".
+            match ready!(tokio_util::io::poll_read_buf(
+                Pin::new(conn),
+                cx,
+                &mut this.buf
+            )) {
                 Ok(0) => {
                     this.conn = None;
                     if this.framing == Framing::UntilClose {
@@ -433,7 +436,6 @@ impl Stream for Body {
                     ))));
                 }
                 Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     this.conn = None;
