@@ -17,7 +17,8 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 mod store;
 
-/// The default agent config; `{upstream}`, `{dir}` are filled in; `extra` is appended.
+/// The default agent config; `{upstream}`, `{dir}` are filled in; `extra` is appended (with `{upstream_addr}`,
+/// the mock's `host:port`, filled in).
 pub const BASE_CONFIG: &str = r#"
 [server]
 listen = "127.0.0.1:0"
@@ -167,7 +168,13 @@ pub fn config_text_on(
         .replace("{upstream}", upstream)
         .replace("{dir}", &dir.display().to_string())
         .replace("{timeout}", &timeout_s.to_string());
-    format!("{base}\n{extra}")
+    // `extra` may name the mock's address (e.g. a provider with credentials in its URL).
+    let addr = upstream
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    format!("{base}\n{}", extra.replace("{upstream_addr}", addr))
 }
 
 impl Server {
