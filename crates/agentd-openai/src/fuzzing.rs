@@ -37,8 +37,24 @@ thread_local! {
     static RUNTIME: RefCell<Option<tokio::runtime::Runtime>> = const { RefCell::new(None) };
 }
 
-/// What the provider's stream yields for an upstream body arriving in `pieces`.
+/// What the provider's stream yields for an upstream body arriving in `pieces`, consecutive text (and thinking)
+/// deltas joined: the stream joins the deltas of one piece, so where they are cut depends on the chunking, and
+/// nothing else may.
 pub fn model_events(pieces: Vec<Bytes>) -> Vec<Result<ModelEvent, ProviderError>> {
+    let mut joined: Vec<Result<ModelEvent, ProviderError>> = Vec::new();
+    for event in stream_events(pieces) {
+        match (joined.last_mut(), event) {
+            (Some(Ok(ModelEvent::Text(last))), Ok(ModelEvent::Text(t)))
+            | (Some(Ok(ModelEvent::Thinking(last))), Ok(ModelEvent::Thinking(t))) => {
+                last.push_str(&t)
+            }
+            (_, event) => joined.push(event),
+        }
+    }
+    joined
+}
+
+fn stream_events(pieces: Vec<Bytes>) -> Vec<Result<ModelEvent, ProviderError>> {
     let body = futures_util::stream::iter(pieces.into_iter().map(Ok));
     // Built inside the runtime: the stream arms its idle timer when created.
     let collect = async move { ChunkStream::new(body, 60).collect::<Vec<_>>().await };
