@@ -8,7 +8,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 
 use crate::sse::SseDecoder;
-use crate::stream::ChunkStream;
+use crate::stream::{join_deltas, ChunkStream};
 
 /// Decodes `pieces` (one network chunk each, then the end of the stream) into the data of each SSE event, or
 /// the decoder's error (with the events before it).
@@ -41,17 +41,7 @@ thread_local! {
 /// deltas joined: the stream joins the deltas of one piece, so where they are cut depends on the chunking, and
 /// nothing else may.
 pub fn model_events(pieces: Vec<Bytes>) -> Vec<Result<ModelEvent, ProviderError>> {
-    let mut joined: Vec<Result<ModelEvent, ProviderError>> = Vec::new();
-    for event in stream_events(pieces) {
-        match (joined.last_mut(), event) {
-            (Some(Ok(ModelEvent::Text(last))), Ok(ModelEvent::Text(t)))
-            | (Some(Ok(ModelEvent::Thinking(last))), Ok(ModelEvent::Thinking(t))) => {
-                last.push_str(&t)
-            }
-            (_, event) => joined.push(event),
-        }
-    }
-    joined
+    join_deltas(stream_events(pieces))
 }
 
 fn stream_events(pieces: Vec<Bytes>) -> Vec<Result<ModelEvent, ProviderError>> {

@@ -225,6 +225,25 @@ fn push_delta(
     }
 }
 
+/// Consecutive text (and thinking) deltas joined, as if each run of them had arrived in one piece: what a stream
+/// yields whatever the chunking (for tests and the fuzz target).
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn join_deltas(
+    events: Vec<Result<ModelEvent, ProviderError>>,
+) -> Vec<Result<ModelEvent, ProviderError>> {
+    let mut out: Vec<Result<ModelEvent, ProviderError>> = Vec::new();
+    for event in events {
+        match (out.last_mut(), event) {
+            (Some(Ok(ModelEvent::Text(last))), Ok(ModelEvent::Text(t)))
+            | (Some(Ok(ModelEvent::Thinking(last))), Ok(ModelEvent::Thinking(t))) => {
+                last.push_str(&t)
+            }
+            (_, event) => out.push(event),
+        }
+    }
+    out
+}
+
 impl<S> Stream for ChunkStream<S>
 where
     S: Stream<Item = Result<Bytes, ProviderError>> + Unpin,
@@ -453,28 +472,11 @@ mod tests {
                 .map(Bytes::copy_from_slice)
                 .collect();
             assert_eq!(
-                joined(collect_bytes(pieces).await),
+                join_deltas(collect_bytes(pieces).await),
                 expected,
                 "piece size {size}"
             );
         }
-    }
-
-    /// Consecutive text (and thinking) deltas joined, as if each had arrived in one piece.
-    fn joined(
-        events: Vec<Result<ModelEvent, ProviderError>>,
-    ) -> Vec<Result<ModelEvent, ProviderError>> {
-        let mut out: Vec<Result<ModelEvent, ProviderError>> = Vec::new();
-        for event in events {
-            match (out.last_mut(), event) {
-                (Some(Ok(ModelEvent::Text(last))), Ok(ModelEvent::Text(t)))
-                | (Some(Ok(ModelEvent::Thinking(last))), Ok(ModelEvent::Thinking(t))) => {
-                    last.push_str(&t)
-                }
-                (_, event) => out.push(event),
-            }
-        }
-        out
     }
 
     #[tokio::test]
