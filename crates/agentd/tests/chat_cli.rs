@@ -165,13 +165,6 @@ async fn run_statuses(s: &Server, id: &str) -> Vec<String> {
         .collect()
 }
 
-fn tokens(n: usize) -> String {
-    (0..n)
-        .map(|i| format!("tok{i}"))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 /// An agent `guarded` whose calculator calls wait for a person's approval (SPEC.md section 7).
 fn guarded() -> Options {
     Options {
@@ -224,7 +217,7 @@ async fn streams_answers_with_thinking_and_tool_calls_then_quits() {
     // Tokens show up while the turn is still running: streamed, not printed at the end.
     let early = chat.wait_for("tok2").await;
     assert!(!early.contains("tok39"), "printed all at once:\n{early}");
-    chat.wait_for(&tokens(40)).await;
+    chat.wait_for(&common::mock_tokens(40)).await;
     // The client prints the deltas as they come; the answer's `message` is committed just after them.
     let mut stored = s.client().messages(&id).await;
     for _ in 0..100 {
@@ -234,13 +227,13 @@ async fn streams_answers_with_thinking_and_tool_calls_then_quits() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         stored = s.client().messages(&id).await;
     }
-    assert_eq!(stored.last().unwrap()["content"], tokens(40));
+    assert_eq!(stored.last().unwrap()["content"], common::mock_tokens(40));
 
     chat.line("think tokens=2").await;
     let out = chat
         .wait_for("thinking: Let me think about this.\ntok0 tok1\n")
         .await;
-    assert!(out.contains(&tokens(40)));
+    assert!(out.contains(&common::mock_tokens(40)));
     chat.line("calc: 6*7").await;
     let out = chat.wait_for("The result is 42.").await;
     assert!(
@@ -289,7 +282,7 @@ async fn resuming_mid_turn_shows_the_partial_answer_and_continues() {
     ws.until(|f| f["type"] == "text_delta" && f["delta"] == " tok5")
         .await;
     let mut chat = Chat::spawn(&s.url, &["--session", &id]);
-    let out = chat.wait_for(&tokens(80)).await;
+    let out = chat.wait_for(&common::mock_tokens(80)).await;
     assert_eq!(out.matches("tok0 ").count(), 1, "each token once:\n{out}");
     assert!(
         out.contains("you: tokens=80 delay_ms=30\n"),
@@ -327,7 +320,11 @@ async fn end_of_input_waits_for_the_running_turn() {
     chat.line("tokens=20 delay_ms=20").await;
     chat.close_stdin();
     assert_eq!(chat.exit_code().await, 0);
-    assert!(chat.output().contains(&tokens(20)), "{}", chat.output());
+    assert!(
+        chat.output().contains(&common::mock_tokens(20)),
+        "{}",
+        chat.output()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -435,8 +432,8 @@ async fn piped_input_is_one_turn_per_line_and_every_answer_is_shown() {
     assert_eq!(chat.exit_code().await, 0, "{}", chat.errors());
     let out = chat.output();
     let (a, b, c) = (
-        out.find(&tokens(6)).unwrap_or(usize::MAX),
-        out.rfind(&tokens(3)).unwrap_or(usize::MAX),
+        out.find(&common::mock_tokens(6)).unwrap_or(usize::MAX),
+        out.rfind(&common::mock_tokens(3)).unwrap_or(usize::MAX),
         out.find("echo: gamma").unwrap_or(usize::MAX),
     );
     assert!(

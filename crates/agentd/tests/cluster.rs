@@ -273,7 +273,7 @@ async fn a_subscriber_on_another_node_gets_the_run_live() {
         .collect();
     assert_eq!(finished["content"].as_str(), Some(text.as_str()));
     // Every token, live (a delta may carry several: what one read of the upstream brought).
-    assert_eq!(text, mock_tokens(200), "every delta, live");
+    assert_eq!(text, common::mock_tokens(200), "every delta, live");
     a.kill_9();
     b.kill_9();
 }
@@ -327,7 +327,7 @@ async fn a_node_frozen_past_its_lease_adds_nothing_to_the_log_when_it_wakes() {
     assert_eq!(finished["content"].as_str(), Some(after.as_str()));
     assert_eq!(
         after,
-        mock_tokens(300),
+        common::mock_tokens(300),
         "b's call, whole, and not one delta of a's"
     );
     assert_eq!(
@@ -614,7 +614,7 @@ async fn a_node_that_loses_its_database_connections_goes_on_with_its_run() {
         .collect();
     assert_eq!(
         deltas.concat(),
-        mock_tokens(300),
+        common::mock_tokens(300),
         "every delta once, live on b"
     );
     assert_eq!(
@@ -648,17 +648,4 @@ async fn a_single_node_on_sqlite_lists_itself() {
     );
     assert_eq!(nodes[0]["listen"], p.url.trim_start_matches("http://"));
     p.kill_9();
-}
-
-/// The answer the mock streams for `tokens=n`: "tok0 tok1 ... tok{n-1}".
-fn mock_tokens(n: usize) -> String {
-    (0..n)
-        .map(|i| {
-            if i == 0 {
-                "tok0".to_owned()
-            } else {
-                format!(" tok{i}")
-            }
-        })
-        .collect()
 }

@@ -122,18 +122,6 @@ async fn send_and_read(ws: &mut Ws, content: &str, deltas: usize) -> (String, Ve
     }
 }
 
-fn tokens(n: usize) -> String {
-    (0..n)
-        .map(|i| {
-            if i == 0 {
-                "tok0".to_string()
-            } else {
-                format!(" tok{i}")
-            }
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn a_run_killed_mid_stream_goes_on_after_the_restart_and_its_partial_text_is_superseded() {
     let (setup, mut p) = Setup::new("", "").await;
@@ -199,7 +187,7 @@ async fn a_run_killed_mid_stream_goes_on_after_the_restart_and_its_partial_text_
     let finished = of_type(&all, &run, "run_finished");
     assert_eq!(finished.len(), 1);
     assert_eq!(finished[0]["run"]["status"], "completed", "{}", finished[0]);
-    let answer = tokens(300);
+    let answer = common::mock_tokens(300);
     assert_eq!(finished[0]["content"], answer.as_str());
     assert_eq!(
         shown_text(&all, &run),
@@ -381,10 +369,10 @@ retry_tools = ["helper"]
             );
         } else {
             assert_eq!(results[0]["success"], true, "{}", results[0]);
-            assert_eq!(results[0]["result"], tokens(150).as_str());
+            assert_eq!(results[0]["result"], common::mock_tokens(150).as_str());
             assert_eq!(
                 finished["content"],
-                format!("The result is {}.", tokens(150)).as_str()
+                format!("The result is {}.", common::mock_tokens(150)).as_str()
             );
             assert_eq!(
                 of_type(&all, run, "tool_started").len(),
@@ -460,8 +448,8 @@ async fn a_run_still_going_when_the_shutdown_grace_runs_out_is_resumed_by_the_ne
     let finished = of_type(&all, &run, "run_finished");
     assert_eq!(finished.len(), 1, "no end was recorded at the stop");
     assert_eq!(finished[0]["run"]["status"], "completed");
-    assert_eq!(finished[0]["content"], tokens(600).as_str());
-    assert_eq!(shown_text(&all, &run), tokens(600));
+    assert_eq!(finished[0]["content"], common::mock_tokens(600).as_str());
+    assert_eq!(shown_text(&all, &run), common::mock_tokens(600));
     let answers = c2
         .messages(&id)
         .await

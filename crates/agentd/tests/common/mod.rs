@@ -581,3 +581,11 @@ fn log_when_asked() {
         }
     });
 }
+
+/// The answer the mock streams for `tokens=n`: "tok0 tok1 ... tok{n-1}".
+pub fn mock_tokens(n: usize) -> String {
+    (0..n)
+        .map(|i| format!("tok{i}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
