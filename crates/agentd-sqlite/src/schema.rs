@@ -19,6 +19,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0004_uploads.sql"),
     include_str!("migrations/0005_run_node.sql"),
     include_str!("migrations/0006_aliases.sql"),
+    include_str!("migrations/0007_compact_deltas.sql"),
 ];
 
 /// How long a statement waits for a lock another connection holds before failing with "database is locked".
