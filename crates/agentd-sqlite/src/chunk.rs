@@ -331,12 +331,20 @@ mod tests {
         let lines: Vec<&str> = payload.split('\n').collect();
         assert_eq!(lines.len(), 9, "{payload}");
         let full: Vec<usize> = (0..9).filter(|i| lines[*i].starts_with('{')).collect();
-        assert_eq!(full, vec![0, 4, 6], "only envelope changes and other events are full: {payload}");
+        assert_eq!(
+            full,
+            vec![0, 4, 6],
+            "only envelope changes and other events are full: {payload}"
+        );
         assert_eq!(lines[1], r#"h12 "m \"q\"\n""#);
         assert_eq!(lines[3], r#"t"llo\n\"x\"""#);
         assert_eq!(lines[5], r#"t"agent""#);
         let full_size: usize = events.iter().map(|e| e.json.len() + 1).sum();
-        assert!(payload.len() * 2 < full_size, "{} vs {full_size}", payload.len());
+        assert!(
+            payload.len() * 2 < full_size,
+            "{} vs {full_size}",
+            payload.len()
+        );
 
         for after in 0..9u64 {
             let mut out = Vec::new();
@@ -355,7 +363,10 @@ mod tests {
 
     #[test]
     fn a_row_of_full_lines_written_before_compact_lines_still_reads() {
-        let events = [event(1, "a", false, text("x")), event(2, "a", false, text("y"))];
+        let events = [
+            event(1, "a", false, text("x")),
+            event(2, "a", false, text("y")),
+        ];
         let payload = format!("{}\n{}", events[0].json, events[1].json);
         let mut out = Vec::new();
         decode_into("s", 1, 2, &payload, 0, &mut out).unwrap();

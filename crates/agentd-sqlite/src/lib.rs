@@ -89,6 +89,10 @@ pub struct WriterStats {
     pub ingest_commits: u64,
     /// Events moved so.
     pub ingested_events: u64,
+    /// Transactions that committed several queued row changes together (group commit).
+    pub grouped_commits: u64,
+    /// Row changes committed so.
+    pub grouped_commands: u64,
 }
 
 /// The database file a store URL names: `sqlite://relative/path.db`, `sqlite:///absolute/path.db`,
@@ -213,6 +217,8 @@ impl SqliteStore {
             appended_events: self.counters.appended_events.load(Ordering::Relaxed),
             ingest_commits: self.counters.ingest_commits.load(Ordering::Relaxed),
             ingested_events: self.counters.ingested_events.load(Ordering::Relaxed),
+            grouped_commits: self.counters.grouped_commits.load(Ordering::Relaxed),
+            grouped_commands: self.counters.grouped_commands.load(Ordering::Relaxed),
         }
     }
 

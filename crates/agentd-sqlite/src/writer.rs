@@ -9,6 +9,11 @@
 //! time so a command never waits long behind it: a session's tail is due when it is [`INGEST_AGE`] old or
 //! [`SESSION_TAIL_CAP`] long, and the oldest are due whenever the whole tail passes [`TAIL_CAP`]. The append
 //! path nudges the writer when a cap is reached; age is checked on a timer.
+//!
+//! Group commit: row changes queued together (a burst of turns starting or ending) share one transaction, each
+//! in a savepoint of its own, so one that fails (a conflict, a missing session) is undone alone and answered
+//! with its own error while the others commit. A transaction's fixed cost (writing its pages and the commit
+//! frame into the WAL, the page cache's clean-up) is then paid once per group instead of once per change.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -39,6 +44,8 @@ pub(crate) const TAIL_CAP: usize = 65_536;
 /// About how many events one ingestion transaction moves. Small, because an append carrying a run or message
 /// change waits for the writer (and its session's next events wait for that append): a slice must end quickly.
 const INGEST_SLICE: usize = 256;
+/// Row changes committed in one transaction at most (group commit).
+const GROUP_MAX: usize = 64;
 
 pub(crate) type Reply<T> = oneshot::Sender<StoreResult<T>>;
 
@@ -101,6 +108,47 @@ pub(crate) enum Command {
     },
 }
 
+impl Command {
+    /// Where the command's answer goes.
+    fn into_reply(self) -> Reply<()> {
+        match self {
+            Command::CreateSession { reply, .. }
+            | Command::UpdateSession { reply, .. }
+            | Command::CreateRun { reply, .. }
+            | Command::UpdateRun { reply, .. }
+            | Command::ReleaseClientMessageId { reply, .. }
+            | Command::CommitSync { reply, .. }
+            | Command::Prune { reply, .. }
+            | Command::PutAlias { reply, .. }
+            | Command::PutUpload { reply, .. }
+            | Command::ImportSession { reply, .. }
+            | Command::ImportEvents { reply, .. } => reply,
+        }
+    }
+
+    /// A few row changes answered with `()`, which may share a transaction with others (group commit).
+    fn groupable(&self) -> bool {
+        matches!(
+            self,
+            Command::CreateSession { .. }
+                | Command::UpdateSession { .. }
+                | Command::CreateRun { .. }
+                | Command::UpdateRun { .. }
+                | Command::ReleaseClientMessageId { .. }
+                | Command::CommitSync { .. }
+                | Command::PutAlias { .. }
+        )
+    }
+}
+
+/// A grouped command applied inside the group's transaction, waiting for the commit to be answered.
+struct Applied {
+    reply: Reply<()>,
+    result: StoreResult<()>,
+    /// For a `CommitSync`: the sessions' tail events now in the table, dropped from memory after the commit.
+    tails: Vec<(String, usize)>,
+}
+
 /// Counters the writer keeps, shared with [`crate::SqliteStore::stats`].
 #[derive(Default)]
 pub(crate) struct Counters {
@@ -109,6 +157,8 @@ pub(crate) struct Counters {
     pub(crate) appended_events: AtomicU64,
     pub(crate) ingest_commits: AtomicU64,
     pub(crate) ingested_events: AtomicU64,
+    pub(crate) grouped_commits: AtomicU64,
+    pub(crate) grouped_commands: AtomicU64,
 }
 
 /// The state of the writer thread.
@@ -159,7 +209,7 @@ impl Writer {
             if self.ingest_due() {
                 // More may be due: serve what is queued first, then come back.
                 match self.rx.try_recv() {
-                    Ok(command) => self.serve(command),
+                    Ok(command) => self.serve_queued(command),
                     Err(mpsc::error::TryRecvError::Empty) => {}
                     Err(mpsc::error::TryRecvError::Disconnected) => break,
                 }
@@ -176,7 +226,7 @@ impl Writer {
                 }
             });
             match received {
-                Some(Some(command)) => self.serve(command),
+                Some(Some(command)) => self.serve_queued(command),
                 Some(None) => break,
                 None => {}
             }
@@ -187,6 +237,180 @@ impl Writer {
             self.book.close();
         }
         tracing::debug!("sqlite writer stopped");
+    }
+
+    /// Serves `first` and, when it is a row change, the row changes queued behind it in one transaction.
+    fn serve_queued(&mut self, first: Command) {
+        if !first.groupable() {
+            self.serve(first);
+            return;
+        }
+        let mut group = vec![first];
+        let mut next = None;
+        while group.len() < GROUP_MAX {
+            match self.rx.try_recv() {
+                Ok(c) if c.groupable() => group.push(c),
+                Ok(c) => {
+                    next = Some(c);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        if group.len() == 1 {
+            group.into_iter().for_each(|c| self.serve(c));
+        } else {
+            self.serve_group(group);
+        }
+        if let Some(c) = next {
+            self.serve(c);
+        }
+    }
+
+    /// Applies row changes in one transaction, each in a savepoint: a change that fails is undone alone and
+    /// gets its error; the rest are answered once the transaction has committed (or all get its error).
+    fn serve_group(&mut self, group: Vec<Command>) {
+        let started = Instant::now();
+        let size = group.len();
+        if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
+            tracing::debug!(error = %e, "could not start a group transaction; serving one by one");
+            group.into_iter().for_each(|c| self.serve(c));
+            return;
+        }
+        let mut applied: Vec<Applied> = Vec::with_capacity(size);
+        // Commands the group did not get to apply, served alone if the group fails.
+        let mut left: Vec<Command> = Vec::new();
+        let mut broken: Option<String> = None;
+        let mut commands = group.into_iter();
+        for command in commands.by_ref() {
+            if let Err(e) = self.conn.execute_batch("SAVEPOINT grouped") {
+                broken = Some(format!("opening a savepoint: {e}"));
+                left.push(command);
+                break;
+            }
+            let mut one = self.apply(command);
+            let end = if one.result.is_ok() {
+                self.conn.execute_batch("RELEASE grouped")
+            } else if self.conn.is_autocommit() {
+                // The error ended the whole transaction (SQLite rolls back on some I/O errors): nothing of
+                // the group stands.
+                Err(rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT),
+                    Some("the transaction was rolled back".into()),
+                ))
+            } else {
+                // Undo this change alone.
+                one.tails.clear();
+                self.conn
+                    .execute_batch("ROLLBACK TO grouped; RELEASE grouped")
+            };
+            applied.push(one);
+            if let Err(e) = end {
+                broken = Some(format!("ending a savepoint: {e}"));
+                break;
+            }
+        }
+        left.extend(commands);
+        let outcome = match broken {
+            Some(why) => Err(why),
+            None => self
+                .conn
+                .execute_batch("COMMIT")
+                .map_err(|e| format!("committing: {e}")),
+        };
+        match outcome {
+            Ok(()) => {
+                for a in applied {
+                    if a.result.is_ok() {
+                        self.sync_committed(&a.tails);
+                    }
+                    let _ = a.reply.send(a.result);
+                }
+                self.counters
+                    .grouped_commits
+                    .fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .grouped_commands
+                    .fetch_add(size as u64, Ordering::Relaxed);
+                tracing::debug!(
+                    commands = size,
+                    micros = started.elapsed().as_micros() as u64,
+                    "committed a group of row changes"
+                );
+            }
+            Err(why) => {
+                if !self.conn.is_autocommit() {
+                    let _ = self.conn.execute_batch("ROLLBACK");
+                }
+                tracing::error!(error = %why, commands = applied.len(),
+                    "a group of row changes failed; none of it is stored");
+                for a in applied {
+                    let result = match a.result {
+                        Err(e) => Err(e),
+                        Ok(()) => Err(StoreError::Other(format!(
+                            "the transaction it shared failed: {why}"
+                        ))),
+                    };
+                    let _ = a.reply.send(result);
+                }
+                // What the group had not applied yet is served on its own.
+                left.into_iter().for_each(|c| self.serve(c));
+            }
+        }
+    }
+
+    /// Applies one groupable command on the open transaction (no commit), for [`Writer::serve_group`].
+    fn apply(&mut self, command: Command) -> Applied {
+        let no_tails = |reply, result| Applied {
+            reply,
+            result,
+            tails: Vec::new(),
+        };
+        match command {
+            Command::CommitSync { work, reply } => match write_sync(&self.tail, &self.conn, work) {
+                Ok(tails) => Applied {
+                    reply,
+                    result: Ok(()),
+                    tails,
+                },
+                Err(e) => no_tails(reply, Err(e)),
+            },
+            Command::CreateSession { session, reply } => {
+                no_tails(reply, create_session(&self.conn, &session))
+            }
+            Command::UpdateSession { session, reply } => {
+                no_tails(reply, update_session(&self.conn, &session))
+            }
+            Command::CreateRun {
+                run,
+                client_message_id,
+                reply,
+            } => no_tails(
+                reply,
+                create_run(&self.conn, &run, client_message_id.as_deref()),
+            ),
+            Command::UpdateRun { run, reply } => no_tails(reply, update_run(&self.conn, &run)),
+            Command::ReleaseClientMessageId {
+                session_id,
+                run_id,
+                reply,
+            } => no_tails(
+                reply,
+                release_client_message_id(&self.conn, &session_id, &run_id),
+            ),
+            Command::PutAlias {
+                key,
+                session_id,
+                reply,
+            } => no_tails(reply, put_alias(&self.conn, &key, &session_id)),
+            // Not groupable (see `Command::groupable`): `serve_queued` never puts one in a group.
+            other => no_tails(
+                other.into_reply(),
+                Err(StoreError::Other(
+                    "internal: a command that cannot be grouped".into(),
+                )),
+            ),
+        }
     }
 
     fn serve(&mut self, command: Command) {
@@ -371,44 +595,64 @@ impl Writer {
     /// Commits an append's table-changing events: for each of its sessions, the tail so far, then the call's
     /// events of that session (with their message and run upserts), in one transaction; then those tails are
     /// dropped from memory (they are in the table).
-    fn commit_sync(&mut self, (sessions, work): SyncWork) -> StoreResult<()> {
+    fn commit_sync(&mut self, work: SyncWork) -> StoreResult<()> {
         let started = Instant::now();
+        let events = work.1.len();
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .ctx("starting append transaction")?;
-        let mut lens: Vec<(String, usize)> = Vec::with_capacity(sessions.len());
-        {
-            let map = self.tail.lock();
-            for session in &sessions {
-                let n = match map.get(session) {
-                    Some(t) => {
-                        let events: Vec<&LoggedEvent> =
-                            t.events.iter().map(|e| e.event.as_ref()).collect();
-                        chunk::insert(&tx, &events)?;
-                        events.len()
-                    }
-                    None => 0,
-                };
-                lens.push((session.clone(), n));
-            }
-        }
-        for n in &work {
-            write_entry(&tx, n)?;
-        }
+        let tails = write_sync(&self.tail, &tx, work)?;
         tx.commit().ctx("committing appended events")?;
-        let applied = self
-            .tail
-            .drop_front(lens.iter().map(|(s, n)| (s.as_str(), *n)));
-        self.book.applied(&applied);
+        self.sync_committed(&tails);
         tracing::debug!(
-            sessions = sessions.len(),
-            events = work.len(),
+            sessions = tails.len(),
+            events,
             micros = started.elapsed().as_micros() as u64,
             "committed run and message changes with their tails"
         );
         Ok(())
     }
+
+    /// After the commit of [`write_sync`]'s transaction: those tail events are in the table now.
+    fn sync_committed(&self, tails: &[(String, usize)]) {
+        if tails.is_empty() {
+            return;
+        }
+        let applied = self
+            .tail
+            .drop_front(tails.iter().map(|(s, n)| (s.as_str(), *n)));
+        self.book.applied(&applied);
+    }
+}
+
+/// Writes an append's table-changing events with their sessions' tails on `conn` (in a transaction the
+/// caller commits); returns how many tail events of each session it wrote.
+fn write_sync(
+    tail: &Tail,
+    conn: &Connection,
+    (sessions, work): SyncWork,
+) -> StoreResult<Vec<(String, usize)>> {
+    let mut tails: Vec<(String, usize)> = Vec::with_capacity(sessions.len());
+    {
+        let map = tail.lock();
+        for session in sessions {
+            let n = match map.get(&session) {
+                Some(t) => {
+                    let events: Vec<&LoggedEvent> =
+                        t.events.iter().map(|e| e.event.as_ref()).collect();
+                    chunk::insert(conn, &events)?;
+                    events.len()
+                }
+                None => 0,
+            };
+            tails.push((session, n));
+        }
+    }
+    for n in &work {
+        write_entry(conn, n)?;
+    }
+    Ok(tails)
 }
 
 /// Writes one event directly to the table, upserting the message and run it carries.
@@ -690,4 +934,140 @@ fn prune_events(conn: &mut Connection, session_id: &str, keep_runs: usize) -> St
     tx.commit().ctx("committing prune")?;
     tracing::debug!(session_id, deleted, keep_runs, "pruned events");
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use agentd_core::domain::{new_id, now_rfc3339, SessionStatus};
+    use serde_json::json;
+
+    fn session() -> Session {
+        let now = now_rfc3339();
+        Session {
+            id: new_id(),
+            agent: "assistant".into(),
+            title: None,
+            status: SessionStatus::Active,
+            metadata: json!({}),
+            created_at: now.clone(),
+            updated_at: now,
+            active_run_id: None,
+            principal: "p".into(),
+        }
+    }
+
+    /// A writer on a fresh database file, and the sending end of its queue.
+    fn writer(dir: &std::path::Path) -> (Writer, mpsc::Sender<Command>, Arc<Counters>) {
+        let path = dir.join("w.db");
+        let mut conn = Connection::open(&path).unwrap();
+        crate::schema::configure_writer(&conn).unwrap();
+        crate::schema::migrate(&mut conn).unwrap();
+        let journal = crate::tail::Journal::open(&path).unwrap();
+        let counters = Arc::new(Counters::default());
+        let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+        let w = Writer::new(
+            conn,
+            rx,
+            Arc::clone(&counters),
+            Arc::new(Tail::default()),
+            journal.book(),
+            Arc::new(Notify::new()),
+        );
+        (w, tx, counters)
+    }
+
+    fn queue<T>(
+        tx: &mpsc::Sender<Command>,
+        make: impl FnOnce(Reply<T>) -> Command,
+    ) -> oneshot::Receiver<StoreResult<T>> {
+        let (reply, answer) = oneshot::channel();
+        tx.try_send(make(reply)).map_err(|_| "queue full").unwrap();
+        answer
+    }
+
+    #[test]
+    fn queued_row_changes_commit_together_and_a_failing_one_is_undone_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (w, tx, counters) = writer(dir.path());
+        let s = session();
+        let run = Run::queued(&s.id);
+        let mut renamed = s.clone();
+        renamed.title = Some("renamed".into());
+        let orphan = Run::queued("no-such-session");
+
+        let created = queue(&tx, |reply| Command::CreateSession {
+            session: s.clone(),
+            reply,
+        });
+        let first = queue(&tx, |reply| Command::CreateRun {
+            run: run.clone(),
+            client_message_id: Some("m1".into()),
+            reply,
+        });
+        // The same run again: a conflict, undone alone.
+        let again = queue(&tx, |reply| Command::CreateRun {
+            run: run.clone(),
+            client_message_id: None,
+            reply,
+        });
+        let missing = queue(&tx, |reply| Command::CreateRun {
+            run: orphan.clone(),
+            client_message_id: None,
+            reply,
+        });
+        let updated = queue(&tx, |reply| Command::UpdateSession {
+            session: renamed.clone(),
+            reply,
+        });
+        // A command that is not a row change ends the group and is served after it.
+        let pruned = queue(&tx, |reply| Command::Prune {
+            session_id: s.id.clone(),
+            keep_runs: 10,
+            reply,
+        });
+        let released = queue(&tx, |reply| Command::ReleaseClientMessageId {
+            session_id: s.id.clone(),
+            run_id: run.id.clone(),
+            reply,
+        });
+        drop(tx);
+        // Everything is queued before the writer starts: it takes the first command and the row changes
+        // behind it as one group.
+        std::thread::spawn(move || w.run()).join().unwrap();
+
+        assert!(created.blocking_recv().unwrap().is_ok());
+        assert!(first.blocking_recv().unwrap().is_ok());
+        assert!(matches!(
+            again.blocking_recv().unwrap(),
+            Err(StoreError::Conflict(_))
+        ));
+        assert!(matches!(
+            missing.blocking_recv().unwrap(),
+            Err(StoreError::NotFound)
+        ));
+        assert!(updated.blocking_recv().unwrap().is_ok());
+        assert!(pruned.blocking_recv().unwrap().is_ok());
+        assert!(released.blocking_recv().unwrap().is_ok());
+        assert_eq!(counters.grouped_commits.load(Ordering::Relaxed), 1);
+        assert_eq!(counters.grouped_commands.load(Ordering::Relaxed), 5);
+
+        let conn = Connection::open(dir.path().join("w.db")).unwrap();
+        let title: Option<String> = conn
+            .query_row("SELECT title FROM sessions WHERE id = ?1", [&s.id], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(title.as_deref(), Some("renamed"));
+        let runs: Vec<(String, Option<String>)> = conn
+            .prepare("SELECT id, client_message_id FROM runs")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        // One run (not two, not the orphan), its client message id released by the command after the group.
+        assert_eq!(runs, vec![(run.id.clone(), None)]);
+    }
 }
