@@ -43,7 +43,7 @@ pub(crate) const SESSION_TAIL_CAP: usize = 256;
 pub(crate) const TAIL_CAP: usize = 65_536;
 /// About how many events one ingestion transaction moves. Small, because an append carrying a run or message
 /// change waits for the writer (and its session's next events wait for that append): a slice must end quickly.
-const INGEST_SLICE: usize = 256;
+const INGEST_SLICE: usize = 64;
 /// Row changes committed in one transaction at most (group commit).
 const GROUP_MAX: usize = 64;
 
