@@ -249,11 +249,14 @@ async fn token_events_wait_in_the_tail_then_move_to_the_table_in_bulk() {
     let path = dir.path().join("agentd.db");
     let store = SqliteStore::open(&path).unwrap();
     let s = new_session(&store, "alice").await;
+    let mut appended = Vec::new();
     for i in 0..10 {
-        store
-            .append_events(vec![delta(&s.id, "r", &i.to_string())])
-            .await
-            .unwrap();
+        appended.extend(
+            store
+                .append_events(vec![delta(&s.id, "r", &format!("{i} \"q\"\n"))])
+                .await
+                .unwrap(),
+        );
     }
     // Readable at once, but not yet in the table: they are in the tail (file and memory).
     let seqs: Vec<u64> = store
@@ -289,6 +292,30 @@ async fn token_events_wait_in_the_tail_then_move_to_the_table_in_bulk() {
     assert_eq!(table_seqs(&path, &s.id), (1..=10).collect::<Vec<_>>());
     // As one row: a chunk of the ten, not a row per token.
     assert_eq!(table_rows(&path, &s.id), vec![1..=10]);
+    // Stored compact (the first event whole, the other deltas as their text), about a fifth of the JSON ...
+    let payload: String = rusqlite::Connection::open(&path)
+        .unwrap()
+        .query_row(
+            "SELECT payload FROM events WHERE session_id = ?1",
+            [&s.id],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let lines: Vec<&str> = payload.lines().collect();
+    assert_eq!(lines[0], appended[0].json);
+    assert_eq!(lines[9], r#"t"9 \"q\"\n""#);
+    let full: usize = appended.iter().map(|e| e.json.len() + 1).sum();
+    assert!(
+        payload.len() * 3 < full,
+        "{} of {full} bytes",
+        payload.len()
+    );
+    // ... and read back as the very JSON that was appended.
+    let back = store.read_events(&s.id, 0, 100).await.unwrap();
+    assert_eq!(
+        back.iter().map(|e| e.json.as_str()).collect::<Vec<_>>(),
+        appended.iter().map(|e| e.json.as_str()).collect::<Vec<_>>()
+    );
     let stats = store.stats();
     assert_eq!(stats.ingested_events, 10);
     assert_eq!(stats.ingest_commits, 1);
