@@ -97,7 +97,14 @@ step "benchmark harness smoke run"
 "$CARGO_TARGET_DIR/debug/agentd-bench" surfaces --agentd-bin "$CARGO_TARGET_DIR/debug/agentd" \
     --streams 5 --tokens 50 --rounds 1 --out bench-results/tmp
 step "soak (30 s)"
-./scripts/soak.sh --duration 30 --sessions 100 --kill-every 10
+# Every 10 s period is a new process (kill -9, restart), and each later one starts by taking over about a
+# hundred interrupted runs and a reconnect storm, with a larger database: in this short run the last period's
+# median heap was 14-35 MiB above the first's (four runs: 40.7 -> 58.9, 38.2 -> 60.4, 46.4 -> 60.1,
+# 40.1 -> 74.8 MiB, the last three of one build), so the default slack of 16 MiB (plus 25%) failed runs of
+# builds whose memory use had not changed (a87f659 in CI; one of those three).
+# With 32 MiB the bound is about 82 MiB for a first period at 40 MiB; the full soak (BENCHMARKS.md, "Soak")
+# keeps the default bound, and its periods are long enough to judge a leak.
+./scripts/soak.sh --duration 30 --sessions 100 --kill-every 10 --rss-slack-mib 32
 step "fuzz smoke run (each target a few seconds; started at the beginning)"
 fuzz_status=0
 wait "$fuzz_pid" || fuzz_status=$?
