@@ -359,7 +359,8 @@ impl Writer {
         }
     }
 
-    /// Applies one groupable command on the open transaction (no commit), for [`Writer::serve_group`].
+    /// Applies one groupable command on the connection without committing: inside a group's transaction
+    /// ([`Writer::serve_group`]), or alone for the single-statement ones ([`Writer::serve`]).
     fn apply(&mut self, command: Command) -> Applied {
         let no_tails = |reply, result| Applied {
             reply,
@@ -418,28 +419,15 @@ impl Writer {
             Command::CommitSync { work, reply } => {
                 let _ = reply.send(self.commit_sync(work));
             }
-            Command::CreateSession { session, reply } => {
-                let _ = reply.send(create_session(&self.conn, &session));
-            }
-            Command::UpdateSession { session, reply } => {
-                let _ = reply.send(update_session(&self.conn, &session));
-            }
-            Command::CreateRun {
-                run,
-                client_message_id,
-                reply,
-            } => {
-                let _ = reply.send(create_run(&self.conn, &run, client_message_id.as_deref()));
-            }
-            Command::UpdateRun { run, reply } => {
-                let _ = reply.send(update_run(&self.conn, &run));
-            }
-            Command::ReleaseClientMessageId {
-                session_id,
-                run_id,
-                reply,
-            } => {
-                let _ = reply.send(release_client_message_id(&self.conn, &session_id, &run_id));
+            // A single statement each: applied alone, it is its own transaction.
+            c @ (Command::CreateSession { .. }
+            | Command::UpdateSession { .. }
+            | Command::CreateRun { .. }
+            | Command::UpdateRun { .. }
+            | Command::ReleaseClientMessageId { .. }
+            | Command::PutAlias { .. }) => {
+                let one = self.apply(c);
+                let _ = one.reply.send(one.result);
             }
             Command::Prune {
                 session_id,
@@ -451,13 +439,6 @@ impl Writer {
                     .ingest(|id, _| id == session_id, usize::MAX)
                     .and_then(|_| prune_events(&mut self.conn, &session_id, keep_runs));
                 let _ = reply.send(result);
-            }
-            Command::PutAlias {
-                key,
-                session_id,
-                reply,
-            } => {
-                let _ = reply.send(put_alias(&self.conn, &key, &session_id));
             }
             Command::PutUpload {
                 session_id,
@@ -940,23 +921,6 @@ fn prune_events(conn: &mut Connection, session_id: &str, keep_runs: usize) -> St
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use agentd_core::domain::{new_id, now_rfc3339, SessionStatus};
-    use serde_json::json;
-
-    fn session() -> Session {
-        let now = now_rfc3339();
-        Session {
-            id: new_id(),
-            agent: "assistant".into(),
-            title: None,
-            status: SessionStatus::Active,
-            metadata: json!({}),
-            created_at: now.clone(),
-            updated_at: now,
-            active_run_id: None,
-            principal: "p".into(),
-        }
-    }
 
     /// A writer on a fresh database file, and the sending end of its queue.
     fn writer(dir: &std::path::Path) -> (Writer, mpsc::Sender<Command>, Arc<Counters>) {
@@ -991,7 +955,7 @@ mod tests {
     fn queued_row_changes_commit_together_and_a_failing_one_is_undone_alone() {
         let dir = tempfile::tempdir().unwrap();
         let (w, tx, counters) = writer(dir.path());
-        let s = session();
+        let s = agentd_store_contract::session("p");
         let run = Run::queued(&s.id);
         let mut renamed = s.clone();
         renamed.title = Some("renamed".into());
