@@ -299,7 +299,7 @@ impl Store for SqliteStore {
     async fn get_session(&self, id: &str) -> StoreResult<Option<Session>> {
         let id = id.to_string();
         self.readers
-            .run(move |conn| reader::get_session(conn, &id))
+            .point(move |conn| reader::get_session(conn, &id))
             .await
     }
 
@@ -376,7 +376,7 @@ impl Store for SqliteStore {
         let session_id = session_id.to_string();
         let client_message_id = client_message_id.to_string();
         self.readers
-            .run(move |conn| {
+            .point(move |conn| {
                 reader::find_run_by_client_message_id(conn, &session_id, &client_message_id)
             })
             .await
@@ -386,7 +386,7 @@ impl Store for SqliteStore {
         let session_id = session_id.to_string();
         let run_id = run_id.to_string();
         self.readers
-            .run(move |conn| reader::get_run(conn, &session_id, &run_id))
+            .point(move |conn| reader::get_run(conn, &session_id, &run_id))
             .await
     }
 
@@ -447,7 +447,7 @@ impl Store for SqliteStore {
         let session_id = session_id.to_string();
         let stored = self
             .readers
-            .run(move |conn| reader::log_bounds(conn, &session_id))
+            .point(move |conn| reader::log_bounds(conn, &session_id))
             .await?;
         Ok(match recent {
             None => stored,
@@ -507,7 +507,7 @@ impl Store for SqliteStore {
     async fn find_alias(&self, key: &str) -> StoreResult<Option<String>> {
         let key = key.to_string();
         self.readers
-            .run(move |conn| copy::find_alias(conn, &key))
+            .point(move |conn| copy::find_alias(conn, &key))
             .await
     }
 

@@ -1,5 +1,6 @@
 //! Reads: a small pool of read-only connections, each query run on tokio's blocking pool so an async worker
-//! thread never waits on SQLite.
+//! thread never waits on SQLite; only point lookups on a current-thread runtime run in place
+//! ([`ReaderPool::point`]).
 //!
 //! WAL mode lets these run while the writer commits; each statement sees the last committed state, so an
 //! `append_events` that has returned is visible to the next read.
@@ -11,7 +12,7 @@ use agentd_core::domain::{Message, Run, Session};
 use agentd_core::event::LoggedEvent;
 use agentd_core::store::{LogBounds, StoreError, StoreResult};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::rows::{
     from_sql_int, message_columns, run_columns, session_columns, sql_limit, to_sql_int, Context,
@@ -51,23 +52,55 @@ impl ReaderPool {
         T: Send + 'static,
         F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
     {
-        let permit = Arc::clone(&self.permits)
-            .acquire_owned()
-            .await
-            .map_err(|_| StoreError::Other("sqlite reader pool closed".into()))?;
+        let permit = self.permit().await?;
         let pool = Arc::clone(self);
         let task = tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            let conn = match pool.take_idle() {
-                Some(conn) => conn,
-                None => open_reader(&pool.path)?,
-            };
-            let result = query(&conn);
-            pool.put_back(conn);
-            result
+            pool.on_idle(query)
         });
         task.await
             .map_err(|e| StoreError::Other(format!("sqlite read task failed: {e}")))?
+    }
+
+    /// Runs a point lookup (a row or two found through an index: a session, a run, a log's bounds, an alias).
+    ///
+    /// On a current-thread runtime (agentd pinned to one CPU, where every thread shares that CPU) it runs here,
+    /// on the calling task: a hop to the blocking pool costs a wake-up and two thread switches on the same CPU,
+    /// more than such a lookup in a page-cached database, and the pool thread would preempt the runtime thread
+    /// anyway. Each turn's send reads its session this way (BENCHMARKS.md, "Reads without a thread hop"). Reads
+    /// that grow with a session (messages, runs, events) always go to the blocking pool ([`Self::run`]), as does
+    /// every read on a multi-thread runtime, whose workers have other CPUs' threads to hand work to.
+    pub(crate) async fn point<T, F>(self: &Arc<Self>, query: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+    {
+        let current_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
+        if !current_thread {
+            return self.run(query).await;
+        }
+        let _permit = self.permit().await?;
+        self.on_idle(query)
+    }
+
+    /// A connection's permit: waits while every connection is in use.
+    async fn permit(&self) -> StoreResult<OwnedSemaphorePermit> {
+        Arc::clone(&self.permits)
+            .acquire_owned()
+            .await
+            .map_err(|_| StoreError::Other("sqlite reader pool closed".into()))
+    }
+
+    /// Runs `query` on an idle connection (a new one in place of one lost to a panic) and puts it back.
+    fn on_idle<T>(&self, query: impl FnOnce(&Connection) -> StoreResult<T>) -> StoreResult<T> {
+        let conn = match self.take_idle() {
+            Some(conn) => conn,
+            None => open_reader(&self.path)?,
+        };
+        let result = query(&conn);
+        self.put_back(conn);
+        result
     }
 
     fn take_idle(&self) -> Option<Connection> {

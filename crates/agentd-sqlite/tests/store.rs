@@ -1,7 +1,7 @@
 //! The SQLite store's own insides, against real database files in temporary directories: its URLs, its
 //! counters, the log's tail file and its ingestion into chunked rows, crash replay, locking, migrations, corrupt
-//! rows and thread priorities. What every store promises (sessions, messages, runs, numbering, pruning,
-//! reopening) is the contract suite in `tests/contract.rs` (crate `agentd-store-contract`).
+//! rows, thread priorities and where reads run. What every store promises (sessions, messages, runs,
+//! numbering, pruning, reopening) is the contract suite in `tests/contract.rs` (crate `agentd-store-contract`).
 
 // Tests may unwrap: a panic is the failure report.
 #![allow(clippy::unwrap_used)]
@@ -732,4 +732,73 @@ async fn a_version_3_database_gains_the_uploads_table() {
     let up = agentd_store_contract::upload("a.txt", 2);
     store.put_upload("s1", &up, b"hi").await.unwrap();
     assert_eq!(store.get_upload("s1", &up.id).await.unwrap(), Some(up));
+}
+
+/// On a current-thread runtime (agentd pinned to one CPU) a point lookup runs on the calling task instead of
+/// hopping to the blocking pool: here the pool's only thread is held by another task, and the lookups still
+/// answer. A read that grows with the session (its messages) does go to the pool, so it waits for that thread:
+/// which also shows the pool really was held.
+#[test]
+fn point_lookups_do_not_wait_for_the_blocking_pool_on_a_current_thread_runtime() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(1)
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let store = open(dir.path());
+        let s = new_session(&store, "alice").await;
+        let run = Run::queued(&s.id);
+        store.create_run(&run, Some("cm-1")).await.unwrap();
+
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (started, running) = tokio::sync::oneshot::channel::<()>();
+        let blocker = tokio::task::spawn_blocking(move || {
+            let _ = started.send(());
+            let _ = held.recv();
+        });
+        running.await.unwrap();
+
+        let limit = Duration::from_secs(2);
+        let session = tokio::time::timeout(limit, store.get_session(&s.id)).await;
+        let got_run = tokio::time::timeout(limit, store.get_run(&s.id, &run.id)).await;
+        let by_client_id =
+            tokio::time::timeout(limit, store.find_run_by_client_message_id(&s.id, "cm-1")).await;
+        let bounds = tokio::time::timeout(limit, store.log_bounds(&s.id)).await;
+        let messages = tokio::time::timeout(
+            Duration::from_millis(300),
+            store.list_messages(&s.id, None, 0),
+        )
+        .await;
+        release.send(()).unwrap();
+        blocker.await.unwrap();
+
+        let session = session
+            .expect("get_session waited for the blocking pool")
+            .unwrap();
+        assert_eq!(session.map(|x| x.id), Some(s.id.clone()));
+        let got_run = got_run
+            .expect("get_run waited for the blocking pool")
+            .unwrap();
+        assert_eq!(got_run.map(|r| r.id), Some(run.id.clone()));
+        let by_client_id = by_client_id
+            .expect("find_run_by_client_message_id waited for the blocking pool")
+            .unwrap();
+        assert_eq!(by_client_id.map(|r| r.id), Some(run.id.clone()));
+        let bounds = bounds
+            .expect("log_bounds waited for the blocking pool")
+            .unwrap();
+        assert_eq!(bounds, LogBounds::default());
+        assert!(
+            messages.is_err(),
+            "list_messages answered while the pool's only thread was held: the pool was not held"
+        );
+        assert!(store
+            .list_messages(&s.id, None, 0)
+            .await
+            .unwrap()
+            .is_empty());
+    });
 }
