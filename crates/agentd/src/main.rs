@@ -212,6 +212,10 @@ async fn serve(config_path: Option<PathBuf>, listen: Option<String>) -> Result<(
         config.server.listen = l;
     }
     let agents: Vec<String> = config.agents.iter().map(|a| a.name.clone()).collect();
+    // Listening for SIGTERM and SIGINT before the port opens: a signal that arrives as soon as it does (an
+    // orchestrator stopping a node it just started) is never lost; one during start-up stops the server as
+    // soon as it is up.
+    let shutdown = shutdown_signal()?;
     // Bound first: a taken port fails before the store is created or migrated, and the node's name and its
     // registry entry carry the port it really serves on.
     let listener = agentd::bind(&config.server.listen).await?;
@@ -234,7 +238,7 @@ async fn serve(config_path: Option<PathBuf>, listen: Option<String>) -> Result<(
     // try to record the end of runs that are no longer its own). Started again, it rejoins as a new process.
     let fenced = app.clone();
     tokio::select! {
-        served = agentd_server::serve(listener, app, shutdown_signal()) => {
+        served = agentd_server::serve(listener, app, shutdown) => {
             served.map_err(|e| format!("server error: {e}"))?;
         }
         _ = fenced.lost_lease() => {
@@ -246,26 +250,33 @@ async fn serve(config_path: Option<PathBuf>, listen: Option<String>) -> Result<(
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Resolves on SIGTERM or SIGINT (Ctrl-C). The signals are registered here, synchronously: a signal is only
+/// delivered to a listener that exists when it arrives, and registering inside the returned future would
+/// leave a window after start-up in which a SIGTERM is caught and dropped.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()> + Send + 'static, String> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let listen = |kind: SignalKind, name: &str| {
+            signal(kind).map_err(|e| format!("cannot listen for {name}: {e}"))
+        };
+        let mut term = listen(SignalKind::terminate(), "SIGTERM")?;
+        let mut int = listen(SignalKind::interrupt(), "SIGINT")?;
+        Ok(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
             }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
+            tracing::info!("shutting down: no new connections; letting running turns finish");
+        })
     }
-    tracing::info!("shutting down: no new connections; letting running turns finish");
+    #[cfg(not(unix))]
+    {
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("shutting down: no new connections; letting running turns finish");
+        })
+    }
 }
 
 /// The server's runtime: one worker per CPU this process may use, or, when that is one (a pinned process, a

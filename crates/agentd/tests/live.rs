@@ -774,22 +774,72 @@ async fn graceful_shutdown_lets_short_turns_finish_and_interrupts_long_ones_unde
 // ---------------------------------------------------------------- a real process ----
 // (killed mid-run: tests/recovery.rs)
 
-#[tokio::test]
-async fn sigterm_exits_zero() {
+/// A config (30 s grace) for one agentd on a mock upstream, in a fresh directory (`agentd.toml` there).
+async fn sigterm_setup() -> (MockUpstream, tempfile::TempDir) {
     let upstream = MockUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("agentd.toml");
     std::fs::write(
-        &config,
+        dir.path().join("agentd.toml"),
         common::config_text(&upstream.base_url(), dir.path(), 30, ""),
     )
     .unwrap();
-    let mut p = common::spawn_agentd(&config).await;
+    (upstream, dir)
+}
+
+fn sigterm(pid: u32) {
     let status = std::process::Command::new("kill")
-        .args(["-TERM", &p.child.id().to_string()])
+        .args(["-TERM", &pid.to_string()])
         .status()
         .unwrap();
     assert!(status.success());
+}
+
+/// A SIGTERM sent the moment the port accepts connections (before the store is open or a request answered)
+/// is not lost: the server starts, shuts down gracefully and exits 0. A signal listener registered only once
+/// the server runs would leave it to the default action (killed by the signal) or drop it (running on).
+#[tokio::test]
+async fn sigterm_as_soon_as_the_port_opens_exits_zero() {
+    let (_upstream, dir) = sigterm_setup().await;
+    let config = dir.path().join("agentd.toml");
+    let port = common::free_port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_agentd"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "agentd never opened its port");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    sigterm(child.id());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let code = loop {
+        if let Some(code) = child.try_wait().unwrap() {
+            break code;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("agentd ignored a SIGTERM sent as its port opened");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        code.code(),
+        Some(0),
+        "agentd did not exit cleanly: {code:?}"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_exits_zero() {
+    let (_upstream, dir) = sigterm_setup().await;
+    let config = dir.path().join("agentd.toml");
+    let mut p = common::spawn_agentd(&config).await;
+    sigterm(p.child.id());
     let code = p.child.wait().unwrap();
     assert_eq!(code.code(), Some(0));
 }
