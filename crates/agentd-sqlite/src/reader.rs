@@ -67,9 +67,10 @@ impl ReaderPool {
     /// On a current-thread runtime (agentd pinned to one CPU, where every thread shares that CPU) it runs here,
     /// on the calling task: a hop to the blocking pool costs a wake-up and two thread switches on the same CPU,
     /// more than such a lookup in a page-cached database, and the pool thread would preempt the runtime thread
-    /// anyway. Each turn's send reads its session this way (BENCHMARKS.md, "Reads without a thread hop"). Reads
-    /// that grow with a session (messages, runs, events) always go to the blocking pool ([`Self::run`]), as does
-    /// every read on a multi-thread runtime, whose workers have other CPUs' threads to hand work to.
+    /// anyway. Each turn's send reads its session this way (BENCHMARKS.md, "Where the 1,000-stream p99 comes
+    /// from; reads without a thread hop"). Reads that grow with a session (messages, runs, events) always go to
+    /// the blocking pool ([`Self::run`]), as does every read on a multi-thread runtime, whose workers have other
+    /// CPUs' threads to hand work to.
     pub(crate) async fn point<T, F>(self: &Arc<Self>, query: F) -> StoreResult<T>
     where
         T: Send + 'static,

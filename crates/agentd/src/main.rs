@@ -255,28 +255,28 @@ async fn serve(config_path: Option<PathBuf>, listen: Option<String>) -> Result<(
 /// leave a window after start-up in which a SIGTERM is caught and dropped.
 fn shutdown_signal() -> Result<impl std::future::Future<Output = ()> + Send + 'static, String> {
     #[cfg(unix)]
-    {
+    let signalled = {
         use tokio::signal::unix::{signal, SignalKind};
         let listen = |kind: SignalKind, name: &str| {
             signal(kind).map_err(|e| format!("cannot listen for {name}: {e}"))
         };
         let mut term = listen(SignalKind::terminate(), "SIGTERM")?;
         let mut int = listen(SignalKind::interrupt(), "SIGINT")?;
-        Ok(async move {
+        async move {
             tokio::select! {
                 _ = term.recv() => {}
                 _ = int.recv() => {}
             }
-            tracing::info!("shutting down: no new connections; letting running turns finish");
-        })
-    }
+        }
+    };
     #[cfg(not(unix))]
-    {
-        Ok(async {
-            let _ = tokio::signal::ctrl_c().await;
-            tracing::info!("shutting down: no new connections; letting running turns finish");
-        })
-    }
+    let signalled = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    Ok(async move {
+        signalled.await;
+        tracing::info!("shutting down: no new connections; letting running turns finish");
+    })
 }
 
 /// The server's runtime: one worker per CPU this process may use, or, when that is one (a pinned process, a

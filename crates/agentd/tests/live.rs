@@ -802,13 +802,7 @@ async fn sigterm_as_soon_as_the_port_opens_exits_zero() {
     let (_upstream, dir) = sigterm_setup().await;
     let config = dir.path().join("agentd.toml");
     let port = common::free_port();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_agentd"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .unwrap();
+    let mut child = common::start_agentd(&config, port);
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(Instant::now() < deadline, "agentd never opened its port");

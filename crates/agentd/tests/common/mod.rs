@@ -540,10 +540,9 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Starts the binary on `config` and a free port; returns once /healthz answers.
-pub async fn spawn_agentd(config: &std::path::Path) -> Process {
-    let port = free_port();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_agentd"))
+/// Starts the binary on `config` and `port`, without waiting for it.
+pub fn start_agentd(config: &std::path::Path, port: u16) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_agentd"))
         .args(["serve", "--config"])
         .arg(config)
         .args(["--listen", &format!("127.0.0.1:{port}")])
@@ -552,7 +551,13 @@ pub async fn spawn_agentd(config: &std::path::Path) -> Process {
             std::env::var("AGENTD_TEST_LOG").unwrap_or_else(|_| "warn".into()),
         )
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+/// Starts the binary on `config` and a free port; returns once /healthz answers.
+pub async fn spawn_agentd(config: &std::path::Path) -> Process {
+    let port = free_port();
+    let mut child = start_agentd(config, port);
     let url = format!("http://127.0.0.1:{port}");
     for _ in 0..200 {
         if reqwest::get(format!("{url}/healthz"))
