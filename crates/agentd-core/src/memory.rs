@@ -9,8 +9,8 @@ use async_trait::async_trait;
 use crate::domain::{Message, Run, Session, Upload};
 use crate::event::{Event, EventKind, LoggedEvent};
 use crate::store::{
-    check_import, check_session_rows, LogBounds, LogEntry, Store, StoreError, StoreResult,
-    StoredRun,
+    check_import, check_session_rows, HistoryPage, LogBounds, LogEntry, Store, StoreError,
+    StoreResult, StoredRun,
 };
 
 #[derive(Default)]
@@ -125,18 +125,38 @@ impl Store for MemoryStore {
             .cloned()
             .collect())
     }
-    async fn recent_messages(&self, session_id: &str, limit: usize) -> StoreResult<Vec<Message>> {
+    async fn history_page(
+        &self,
+        session_id: &str,
+        run_id: &str,
+        limit: usize,
+        count_runs_to: usize,
+    ) -> StoreResult<HistoryPage> {
         let inner = self.lock();
-        let mut out: Vec<Message> = inner
+        let places: HashMap<&str, i64> = inner
+            .runs
+            .iter()
+            .filter(|(r, _)| r.session_id == session_id)
+            .zip(0..)
+            .map(|((r, _), place)| (r.id.as_str(), place))
+            .collect();
+        let mut messages: Vec<(Message, Option<i64>)> = inner
             .messages
             .iter()
             .rev()
             .filter(|m| m.session_id == session_id)
             .take(limit)
-            .cloned()
+            .map(|m| {
+                let place = m.run_id.as_deref().and_then(|r| places.get(r).copied());
+                (m.clone(), place)
+            })
             .collect();
-        out.reverse();
-        Ok(out)
+        messages.reverse();
+        Ok(HistoryPage {
+            messages,
+            own: places.get(run_id).copied(),
+            runs: places.len().min(count_runs_to),
+        })
     }
     async fn create_run(&self, run: &Run, client_message_id: Option<&str>) -> StoreResult<()> {
         let mut inner = self.lock();

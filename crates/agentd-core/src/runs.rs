@@ -830,7 +830,8 @@ impl RunManager {
 
     /// The conversation for a run's model calls: messages in run order, up to and including this run's own,
     /// cut to what the agent's context window can use ([`window_start`]), so a turn holds at most about one
-    /// window of history however long the session has grown. Also returns how many runs the session has.
+    /// window of history however long the session has grown. Also returns how many runs the session has
+    /// (counted to one more than the event log keeps).
     async fn history(
         &self,
         session_id: &str,
@@ -839,35 +840,38 @@ impl RunManager {
         close_tail: bool,
     ) -> Result<(Vec<ModelMessage>, usize), StoreError> {
         let store = self.store();
-        let runs = store.list_runs(session_id).await?;
-        let order: HashMap<&str, usize> = runs
-            .iter()
-            .enumerate()
-            .map(|(i, r)| (r.id.as_str(), i))
-            .collect();
-        let mine = order.get(run_id).copied().unwrap_or(usize::MAX);
-        let pos = |m: &Message| {
-            m.run_id
-                .as_deref()
-                .and_then(|r| order.get(r).copied())
-                .unwrap_or(0)
-        };
+        // Runs are counted only as far as retention pruning needs to know (more than it keeps, or not).
+        let count_runs_to = self
+            .env
+            .config
+            .server
+            .event_retention_runs
+            .saturating_add(1);
         // Newest messages first, more of them until the window is filled (or there are no more) and the run's
         // own user message is among them (a message sent while the previous turn ran is stored before that
         // turn's answers), so a long session's whole history is never read for a turn.
         let mut limit = HISTORY_PAGE;
         loop {
-            let mut messages = store.recent_messages(session_id, limit).await?;
-            let complete = messages.len() < limit;
-            messages.retain(|m| pos(m) <= mine);
-            messages.sort_by_key(|m| pos(m)); // stable: insertion order within a run
+            let page = store
+                .history_page(session_id, run_id, limit, count_runs_to)
+                .await?;
+            let complete = page.messages.len() < limit;
+            // A message of no run (or of a run not stored) counts as the session's first run's.
+            let place = |p: Option<i64>| p.unwrap_or(i64::MIN);
+            let mut messages: Vec<(Message, Option<i64>)> = page
+                .messages
+                .into_iter()
+                .filter(|(_, p)| page.own.is_none_or(|own| place(*p) <= own))
+                .collect();
+            messages.sort_by_key(|(_, p)| place(*p)); // stable: insertion order within a run
+            let messages: Vec<Message> = messages.into_iter().map(|(m, _)| m).collect();
             let start = window_start(&messages, max_context_tokens);
             let own = messages
                 .iter()
                 .any(|m| m.role != Role::Assistant && m.run_id.as_deref() == Some(run_id));
             if complete || (start > 0 && own) {
                 let prompt = prompt_messages(&messages[start..], close_tail);
-                return Ok((prompt, runs.len()));
+                return Ok((prompt, page.runs));
             }
             limit = limit.saturating_mul(4);
         }
@@ -1207,11 +1211,13 @@ impl RunManager {
     async fn skill_of_queued(&self, run: &Run, agent: &AgentSettings) -> Option<SkillMatch> {
         let messages = self
             .store()
-            .recent_messages(&run.session_id, 64)
+            .history_page(&run.session_id, &run.id, 64, 0)
             .await
-            .ok()?;
+            .ok()?
+            .messages;
         let message = messages
             .iter()
+            .map(|(m, _)| m)
             .find(|m| m.role == Role::User && m.run_id.as_deref() == Some(run.id.as_str()))?;
         crate::skills::route(&self.env.config, agent, &message.content)
             .ok()

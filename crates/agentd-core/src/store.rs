@@ -70,6 +70,18 @@ pub struct LogBounds {
     pub last_seq: u64,
 }
 
+/// What a turn's prompt is built from ([`Store::history_page`]): a session's newest messages, each with its run's
+/// place among the session's runs, the place of the run the turn is for, and how many runs the session has.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HistoryPage {
+    /// Oldest first; with each, its run's place (`None` for a message of no run, or of a run not stored).
+    pub messages: Vec<(Message, Option<i64>)>,
+    /// The place of the run asked about (`None` when it is not stored).
+    pub own: Option<i64>,
+    /// The session's runs, counted up to the bound asked for.
+    pub runs: usize,
+}
+
 /// A run as stored, with the `client_message_id` it holds (which [`Run`] does not show): what a copy carries.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StoredRun {
@@ -160,9 +172,17 @@ pub trait Store: Send + Sync + 'static {
         offset: usize,
     ) -> StoreResult<Vec<Message>>;
 
-    /// The newest `limit` messages of a session, oldest first (what a turn's prompt is built from, without
-    /// reading a long session's whole history).
-    async fn recent_messages(&self, session_id: &str, limit: usize) -> StoreResult<Vec<Message>>;
+    /// What a turn of run `run_id` builds its prompt from, read at once: the newest `limit` messages of the
+    /// session (oldest first), each with its run's place among the session's runs (places only compare: a
+    /// later run has a larger one), the run's own place, and the session's runs counted up to
+    /// `count_runs_to`. Its cost is bounded by `limit` and `count_runs_to`, not by the session's length.
+    async fn history_page(
+        &self,
+        session_id: &str,
+        run_id: &str,
+        limit: usize,
+        count_runs_to: usize,
+    ) -> StoreResult<HistoryPage>;
 
     // --- aliases (the OpenAI-compatible surfaces) ---
     /// Remembers `key -> session_id` (a stateless chat's continuation, a deleted response); a key put again

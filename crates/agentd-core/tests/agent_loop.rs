@@ -752,6 +752,20 @@ async fn multitask_reject_enqueue_interrupt() {
         &second_req.messages[n - 2],
         ModelMessage::Assistant { .. }
     ));
+    // Each turn's history holds the user messages of its own and earlier runs only: "two", stored while the
+    // first turn ran, is not in the first turn's prompt, and is placed after the first turn's answer.
+    let users = |i: usize| -> Vec<String> {
+        h.provider.requests()[i]
+            .messages
+            .iter()
+            .filter_map(|m| match m {
+                ModelMessage::User { content, .. } => Some(content.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(users(0), ["one"]);
+    assert_eq!(users(1), ["one", "two"]);
     let third = h.app.send(&me(), &s.id, msg("three")).await.unwrap();
     tokio::time::sleep(Duration::from_millis(60)).await;
     let fourth = h

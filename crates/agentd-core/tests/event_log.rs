@@ -10,7 +10,9 @@ use agentd_core::domain::{Message, Run, Session, Upload};
 use agentd_core::event::{EventKind, LoggedEvent, NewEvent};
 use agentd_core::event_log::{EventLog, LogError, Subscription};
 use agentd_core::memory::MemoryStore;
-use agentd_core::store::{LogBounds, LogEntry, Store, StoreError, StoreResult, StoredRun};
+use agentd_core::store::{
+    HistoryPage, LogBounds, LogEntry, Store, StoreError, StoreResult, StoredRun,
+};
 use async_trait::async_trait;
 use tokio::sync::Semaphore;
 
@@ -98,8 +100,16 @@ impl Store for GatedStore {
     ) -> StoreResult<Vec<Message>> {
         self.inner.list_messages(session_id, limit, offset).await
     }
-    async fn recent_messages(&self, session_id: &str, limit: usize) -> StoreResult<Vec<Message>> {
-        self.inner.recent_messages(session_id, limit).await
+    async fn history_page(
+        &self,
+        session_id: &str,
+        run_id: &str,
+        limit: usize,
+        count_runs_to: usize,
+    ) -> StoreResult<HistoryPage> {
+        self.inner
+            .history_page(session_id, run_id, limit, count_runs_to)
+            .await
     }
     async fn create_run(&self, run: &Run, client_message_id: Option<&str>) -> StoreResult<()> {
         self.inner.create_run(run, client_message_id).await

@@ -18,7 +18,7 @@ use agentd_core::memory::MemoryStore;
 use agentd_core::provider::Provider;
 use agentd_core::scripted::{Scripted, ScriptedProvider};
 use agentd_core::service::{Agentd, Principal, SendMessage};
-use agentd_core::store::{LogBounds, LogEntry, Store, StoreResult, StoredRun};
+use agentd_core::store::{HistoryPage, LogBounds, LogEntry, Store, StoreResult, StoredRun};
 use async_trait::async_trait;
 use tokio::sync::{Notify, Semaphore};
 
@@ -99,8 +99,16 @@ impl Store for HoldStore {
     ) -> StoreResult<Vec<Message>> {
         self.inner.list_messages(session_id, limit, offset).await
     }
-    async fn recent_messages(&self, session_id: &str, limit: usize) -> StoreResult<Vec<Message>> {
-        self.inner.recent_messages(session_id, limit).await
+    async fn history_page(
+        &self,
+        session_id: &str,
+        run_id: &str,
+        limit: usize,
+        count_runs_to: usize,
+    ) -> StoreResult<HistoryPage> {
+        self.inner
+            .history_page(session_id, run_id, limit, count_runs_to)
+            .await
     }
     async fn create_run(&self, run: &Run, client_message_id: Option<&str>) -> StoreResult<()> {
         self.inner.create_run(run, client_message_id).await

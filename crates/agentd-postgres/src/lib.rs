@@ -24,8 +24,8 @@ use std::time::Duration;
 use agentd_core::domain::{Message, NodeInfo, Run, Session, Upload};
 use agentd_core::event::LoggedEvent;
 use agentd_core::store::{
-    LogBounds, LogEntry, NodeBeat, NodeCommand, RemoteAppend, Store, StoreError, StoreResult,
-    StoredRun,
+    HistoryPage, LogBounds, LogEntry, NodeBeat, NodeCommand, RemoteAppend, Store, StoreError,
+    StoreResult, StoredRun,
 };
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
@@ -446,19 +446,49 @@ impl Store for PgStore {
         rows.iter().map(message_from_row).collect()
     }
 
-    async fn recent_messages(&self, session_id: &str, limit: usize) -> StoreResult<Vec<Message>> {
+    async fn history_page(
+        &self,
+        session_id: &str,
+        run_id: &str,
+        limit: usize,
+        count_runs_to: usize,
+    ) -> StoreResult<HistoryPage> {
         let rows = self
             .query(
-                "listing recent messages",
+                "reading a turn's history",
                 concat!(
                     "SELECT ",
                     message_columns!(),
-                    " FROM messages WHERE session_id = $1 ORDER BY ord DESC LIMIT $2"
+                    // Named, and the order qualified: an output column named `ord` would be what
+                    // `ORDER BY ord` sorts by.
+                    ", (SELECT r.ord FROM runs r WHERE r.session_id = $1 AND r.id = messages.run_id) AS place",
+                    " FROM messages WHERE session_id = $1 ORDER BY messages.ord DESC LIMIT $2"
                 ),
                 &[&session_id, &sql_limit(Some(limit))],
             )
             .await?;
-        rows.iter().rev().map(message_from_row).collect()
+        let messages = rows
+            .iter()
+            .rev()
+            .map(|row| Ok((message_from_row(row)?, col::<Option<i64>>(row, 10)?)))
+            .collect::<StoreResult<Vec<_>>>()?;
+        let rows = self
+            .query(
+                "counting a session's runs",
+                "SELECT (SELECT ord FROM runs WHERE session_id = $1 AND id = $2), \
+                 (SELECT count(*) FROM (SELECT 1 FROM runs WHERE session_id = $1 LIMIT $3) c)",
+                &[&session_id, &run_id, &sql_limit(Some(count_runs_to))],
+            )
+            .await?;
+        let (own, runs) = match rows.first() {
+            Some(row) => (col::<Option<i64>>(row, 0)?, col::<i64>(row, 1)?),
+            None => (None, 0),
+        };
+        Ok(HistoryPage {
+            messages,
+            own,
+            runs: usize::try_from(runs).unwrap_or(0),
+        })
     }
 
     async fn create_run(&self, run: &Run, client_message_id: Option<&str>) -> StoreResult<()> {

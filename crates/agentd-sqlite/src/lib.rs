@@ -44,7 +44,9 @@ use std::thread::JoinHandle;
 
 use agentd_core::domain::{Message, Run, Session, Upload};
 use agentd_core::event::LoggedEvent;
-use agentd_core::store::{LogBounds, LogEntry, Store, StoreError, StoreResult, StoredRun};
+use agentd_core::store::{
+    HistoryPage, LogBounds, LogEntry, Store, StoreError, StoreResult, StoredRun,
+};
 use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{mpsc, oneshot};
@@ -337,10 +339,16 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn recent_messages(&self, session_id: &str, limit: usize) -> StoreResult<Vec<Message>> {
-        let session_id = session_id.to_string();
+    async fn history_page(
+        &self,
+        session_id: &str,
+        run_id: &str,
+        limit: usize,
+        count_runs_to: usize,
+    ) -> StoreResult<HistoryPage> {
+        let (session_id, run_id) = (session_id.to_string(), run_id.to_string());
         self.readers
-            .run(move |conn| reader::recent_messages(conn, &session_id, limit))
+            .run(move |conn| reader::history_page(conn, &session_id, &run_id, limit, count_runs_to))
             .await
     }
 

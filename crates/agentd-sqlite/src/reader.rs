@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use agentd_core::domain::{Message, Run, Session};
 use agentd_core::event::LoggedEvent;
-use agentd_core::store::{LogBounds, StoreError, StoreResult};
+use agentd_core::store::{HistoryPage, LogBounds, StoreError, StoreResult};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -192,6 +192,13 @@ pub(crate) fn list_sessions(
     rows.into_iter().map(SessionRow::into_session).collect()
 }
 
+/// A page of a session's messages, oldest first.
+const LIST_MESSAGES: &str = concat!(
+    "SELECT ",
+    message_columns!(),
+    " FROM messages WHERE session_id = ?1 ORDER BY ord LIMIT ?2 OFFSET ?3"
+);
+
 pub(crate) fn list_messages(
     conn: &Connection,
     session_id: &str,
@@ -201,36 +208,58 @@ pub(crate) fn list_messages(
     let offset = i64::try_from(offset).unwrap_or(i64::MAX);
     let rows = collect(
         conn,
-        concat!(
-            "SELECT ",
-            message_columns!(),
-            " FROM messages WHERE session_id = ?1 ORDER BY ord LIMIT ?2 OFFSET ?3"
-        ),
+        LIST_MESSAGES,
         params![session_id, sql_limit(limit), offset],
         MessageRow::read,
     )?;
     rows.into_iter().map(MessageRow::into_message).collect()
 }
 
-pub(crate) fn recent_messages(
+/// The newest messages of a session, each with its run's `ord` (a correlated lookup in `runs`' unique
+/// `(session_id, id)` index); both walk an index backwards from the newest row, so nothing is sorted.
+const HISTORY_MESSAGES: &str = concat!(
+    "SELECT ",
+    message_columns!(),
+    ", (SELECT r.ord FROM runs r WHERE r.session_id = ?1 AND r.id = messages.run_id) AS place",
+    " FROM messages WHERE session_id = ?1 ORDER BY messages.ord DESC LIMIT ?2"
+);
+
+/// A run's own `ord` and the session's runs counted up to a bound.
+const HISTORY_RUNS: &str = "SELECT (SELECT ord FROM runs WHERE session_id = ?1 AND id = ?2), \
+     (SELECT count(*) FROM (SELECT 1 FROM runs WHERE session_id = ?1 LIMIT ?3))";
+
+pub(crate) fn history_page(
     conn: &Connection,
     session_id: &str,
+    run_id: &str,
     limit: usize,
-) -> StoreResult<Vec<Message>> {
+    count_runs_to: usize,
+) -> StoreResult<HistoryPage> {
     let rows = collect(
         conn,
-        concat!(
-            "SELECT ",
-            message_columns!(),
-            " FROM messages WHERE session_id = ?1 ORDER BY ord DESC LIMIT ?2"
-        ),
+        HISTORY_MESSAGES,
         params![session_id, sql_limit(Some(limit))],
-        MessageRow::read,
+        |row| Ok((MessageRow::read(row)?, row.get::<_, Option<i64>>(10)?)),
     )?;
-    rows.into_iter()
+    let messages = rows
+        .into_iter()
         .rev()
-        .map(MessageRow::into_message)
-        .collect()
+        .map(|(row, place)| Ok((row.into_message()?, place)))
+        .collect::<StoreResult<Vec<_>>>()?;
+    let mut stmt = conn
+        .prepare_cached(HISTORY_RUNS)
+        .ctx("preparing history_page")?;
+    let (own, runs) = stmt
+        .query_row(
+            params![session_id, run_id, sql_limit(Some(count_runs_to))],
+            |row| Ok((row.get::<_, Option<i64>>(0)?, row.get::<_, i64>(1)?)),
+        )
+        .ctx("reading a run's place")?;
+    Ok(HistoryPage {
+        messages,
+        own,
+        runs: usize::try_from(runs).unwrap_or(0),
+    })
 }
 
 pub(crate) fn find_run_by_client_message_id(
@@ -391,4 +420,46 @@ where
     let rows = stmt.query_map(params, map).ctx("running query")?;
     rows.collect::<rusqlite::Result<Vec<T>>>()
         .ctx("reading rows")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// How SQLite would run `sql`: the `detail` of each step of its plan (parameters left unbound).
+    fn plan(conn: &Connection, sql: &str) -> Vec<String> {
+        let mut stmt = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .expect("explain");
+        let mut rows = stmt.raw_query();
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().expect("a plan row") {
+            out.push(row.get::<_, String>(3).expect("detail"));
+        }
+        out
+    }
+
+    /// A turn's history and a page of `GET .../messages` walk the session's messages in order through an
+    /// index; a long session's messages are never all sorted (a "TEMP B-TREE") or scanned for one turn.
+    #[test]
+    fn reads_of_a_sessions_messages_and_runs_walk_an_index_and_sort_nothing() {
+        let mut conn = Connection::open_in_memory().expect("a database");
+        schema::migrate(&mut conn).expect("migrated");
+        for sql in [LIST_MESSAGES, HISTORY_MESSAGES, HISTORY_RUNS] {
+            let steps = plan(&conn, sql);
+            assert!(!steps.is_empty(), "{sql}");
+            for step in &steps {
+                assert!(!step.contains("TEMP B-TREE"), "{sql}: {steps:?}");
+                let scans_a_table = ["SCAN messages", "SCAN runs", "SCAN r "]
+                    .iter()
+                    .any(|t| step.starts_with(t) || step == t.trim_end());
+                assert!(!scans_a_table, "{sql}: {steps:?}");
+            }
+        }
+        let steps = plan(&conn, HISTORY_MESSAGES);
+        assert!(
+            steps.iter().any(|s| s.contains("messages_by_session")),
+            "{steps:?}"
+        );
+    }
 }

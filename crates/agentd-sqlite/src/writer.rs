@@ -875,10 +875,13 @@ fn prune_events(conn: &mut Connection, session_id: &str, keep_runs: usize) -> St
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .ctx("starting prune")?;
     let keep = i64::try_from(keep_runs).unwrap_or(i64::MAX);
+    // Counted only to one past what is kept: a long session's runs are not walked on every prune.
     let total_runs: i64 = tx
-        .prepare_cached("SELECT COUNT(*) FROM runs WHERE session_id = ?1")
+        .prepare_cached("SELECT COUNT(*) FROM (SELECT 1 FROM runs WHERE session_id = ?1 LIMIT ?2)")
         .ctx("preparing run count")?
-        .query_row([session_id], |row| row.get(0))
+        .query_row(params![session_id, keep.saturating_add(1)], |row| {
+            row.get(0)
+        })
         .ctx("counting runs")?;
     if total_runs <= keep {
         return Ok(());

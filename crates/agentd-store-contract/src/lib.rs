@@ -52,6 +52,7 @@ macro_rules! store_contract {
             sessions_crud_and_pagination,
             sessions_are_searched_by_title_and_status_and_paged,
             messages_are_upserted_by_message_events_and_listed_in_order,
+            a_turns_history_page_places_each_message_in_its_run,
             runs_crud_and_client_message_id_conflict,
             unfinished_runs_are_queued_running_or_waiting,
             concurrent_appends_number_each_session_without_gaps,

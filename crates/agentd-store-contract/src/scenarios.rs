@@ -3,13 +3,13 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use agentd_core::domain::Upload;
 use agentd_core::domain::{
     now_rfc3339, Role, Run, RunError, RunErrorCode, RunStatus, Session, SessionStatus, ToolCall,
     Usage,
 };
+use agentd_core::domain::{Message, Upload};
 use agentd_core::event::{EventKind, LoggedEvent};
-use agentd_core::store::{LogBounds, SessionFilter, Store, StoreError, StoredRun};
+use agentd_core::store::{HistoryPage, LogBounds, SessionFilter, Store, StoreError, StoredRun};
 use serde_json::json;
 
 use crate::{
@@ -280,13 +280,22 @@ pub async fn messages_are_upserted_by_message_events_and_listed_in_order(h: &dyn
         .await
         .unwrap()
         .is_empty());
-    // The newest ones, oldest first.
+    // The newest ones, oldest first, each with its run's place.
+    let page = store.history_page(&s.id, &run.id, 2, 10).await.unwrap();
+    let own = page.own.expect("the run's place");
+    let placed = |ms: &[Message]| {
+        ms.iter()
+            .map(|m| (m.clone(), Some(own)))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(page.messages, placed(&all[2..]));
+    assert_eq!(page.runs, 1);
+    let page = store.history_page(&s.id, &run.id, 10, 10).await.unwrap();
+    assert_eq!(page.messages, placed(&all));
     assert_eq!(
-        store.recent_messages(&s.id, 2).await.unwrap(),
-        all[2..].to_vec()
+        store.history_page("other", &run.id, 5, 10).await.unwrap(),
+        HistoryPage::default()
     );
-    assert_eq!(store.recent_messages(&s.id, 10).await.unwrap(), all);
-    assert!(store.recent_messages("other", 5).await.unwrap().is_empty());
 
     // The log holds the message events too, as the native frames.
     let events = store.read_events(&s.id, 0, 100).await.unwrap();
@@ -301,6 +310,60 @@ pub async fn messages_are_upserted_by_message_events_and_listed_in_order(h: &dyn
         assert_eq!(read.json, appended.json);
         assert_eq!(read.session_id, appended.session_id);
     }
+}
+
+/// A turn's history page: the newest messages in the order they were stored, each placed in its run (a user
+/// message sent while the previous turn ran is stored before that turn's answer, yet placed in its own, later
+/// run), the turn's own place, and the runs counted only up to the bound asked for.
+pub async fn a_turns_history_page_places_each_message_in_its_run(h: &dyn Harness) {
+    let store = h.open().await;
+    let s = new_session(&*store, "alice").await;
+    let elsewhere = new_session(&*store, "alice").await;
+    let runs = [Run::queued(&s.id), Run::queued(&s.id), Run::queued(&s.id)];
+    for run in &runs {
+        store.create_run(run, None).await.unwrap();
+    }
+    let other = Run::queued(&elsewhere.id);
+    store.create_run(&other, None).await.unwrap();
+    let first = message(&s.id, &runs[0].id, Role::User, "one");
+    let second = message(&s.id, &runs[1].id, Role::User, "two");
+    let answer = message(&s.id, &runs[0].id, Role::Assistant, "one's answer");
+    let mut loose = message(&s.id, "", Role::System, "of no run");
+    loose.run_id = None;
+    let stray = message(
+        &s.id,
+        &other.id,
+        Role::Assistant,
+        "names a run of another session",
+    );
+    let third = message(&s.id, &runs[2].id, Role::User, "three");
+    let all = [&first, &second, &answer, &loose, &stray, &third];
+    let entries = all.iter().map(|m| message_entry(m)).collect();
+    store.append_events(entries).await.unwrap();
+
+    let page = store
+        .history_page(&s.id, &runs[1].id, 10, 10)
+        .await
+        .unwrap();
+    let stored: Vec<&Message> = page.messages.iter().map(|(m, _)| m).collect();
+    assert_eq!(stored, all, "oldest first, in the order they were stored");
+    let place = |i: usize| page.messages[i].1;
+    let (one, two, three) = (place(0), place(1), place(5));
+    assert!(one.is_some() && two.is_some() && three.is_some());
+    assert!(one < two && two < three, "a later run has a larger place");
+    assert_eq!(place(2), one, "an answer is placed in its own run");
+    assert_eq!(place(3), None, "a message of no run has no place");
+    assert_eq!(place(4), None, "nor one naming another session's run");
+    assert_eq!(page.own, two);
+    assert_eq!(page.runs, 3);
+
+    // The newest `limit` only; the runs counted to the bound; an unknown run has no place.
+    let page = store.history_page(&s.id, &runs[2].id, 2, 2).await.unwrap();
+    let stored: Vec<&Message> = page.messages.iter().map(|(m, _)| m).collect();
+    assert_eq!(stored, all[4..].to_vec());
+    assert_eq!((page.own, page.runs), (three, 2));
+    let page = store.history_page(&s.id, "unknown", 1, 0).await.unwrap();
+    assert_eq!((page.messages.len(), page.own, page.runs), (1, None, 0));
 }
 
 pub async fn runs_crud_and_client_message_id_conflict(h: &dyn Harness) {
