@@ -10,7 +10,7 @@ use agentd_bench::client::{self, Dialect, Target};
 use agentd_bench::mock::{self, MockConfig};
 use agentd_bench::orchestrate::{self, Options, Scenarios};
 use agentd_bench::scenario::{
-    self, IdleParams, LatencyParams, Probe, ReattachParams, ThroughputParams,
+    self, GrowParams, IdleParams, LatencyParams, Probe, ReattachParams, ThroughputParams,
 };
 use agentd_bench::servers::{Kind, Paths, Profile};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -127,6 +127,8 @@ enum ScenarioArg {
     Latency,
     Idle,
     Reattach,
+    /// Each session takes `--turns` turns in a row: server CPU per turn as the sessions' histories grow.
+    Grow,
 }
 
 #[derive(clap::Args)]
@@ -161,6 +163,9 @@ struct ProbeArgs {
     /// Upstream delay before each token (latency and re-attach).
     #[arg(long, default_value_t = 50)]
     delay_ms: u64,
+    /// Turns per session (grow).
+    #[arg(long, default_value_t = 1000)]
+    turns: u32,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -555,6 +560,20 @@ fn probe(args: ProbeArgs) -> ExitCode {
                         gap: Duration::from_millis(200),
                         stagger: Duration::from_millis(500),
                         quiet_limit: Duration::from_secs(3),
+                    },
+                )
+                .await?,
+            )?,
+            ScenarioArg::Grow => serde_json::to_value(
+                scenario::grow(
+                    &http,
+                    &target,
+                    probe,
+                    GrowParams {
+                        sessions: args.sessions,
+                        turns: args.turns,
+                        tokens: args.tokens,
+                        turn_limit: limit,
                     },
                 )
                 .await?,

@@ -898,3 +898,110 @@ pub async fn upstream_latency(
     r.steady = summarize_us(&mut steady);
     Ok(r)
 }
+
+/// Parameters of the growing-session scenario.
+#[derive(Debug, Clone, Copy)]
+pub struct GrowParams {
+    /// Sessions, each on its own WebSocket.
+    pub sessions: usize,
+    /// Turns per session, one after another on the same socket.
+    pub turns: u32,
+    /// Tokens per reply.
+    pub tokens: u32,
+    /// A turn not finished by then counts as bad.
+    pub turn_limit: Duration,
+}
+
+/// One tenth of a growing-session run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct GrowPart {
+    /// The sessions' turns before this part (each session's history is about this long, in turns).
+    pub turns_before: u32,
+    /// Turns in this part, all sessions.
+    pub turns: u64,
+    /// Server CPU milliseconds per turn.
+    pub cpu_ms_per_turn: f64,
+    /// Wall milliseconds per turn of one session (send to end frame, mean).
+    pub wall_ms_per_turn: f64,
+}
+
+/// What a turn costs as its session grows.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct GrowResult {
+    /// Sessions.
+    pub sessions: usize,
+    /// Turns per session.
+    pub turns: u32,
+    /// Tokens per reply.
+    pub tokens_per_reply: u32,
+    /// The run in tenths, oldest first.
+    pub parts: Vec<GrowPart>,
+    /// Turns that did not deliver every token with a matching end frame.
+    pub bad_turns: u64,
+    /// The first bad turn's problem.
+    pub first_problem: Option<String>,
+}
+
+/// `sessions` sessions each take `turns` turns in a row on one open WebSocket (sessions in parallel); the
+/// server's CPU per turn is measured in tenths of the run, so a cost that grows with a session's history
+/// shows as a rising figure.
+pub async fn grow(
+    http: &reqwest::Client,
+    target: &Target,
+    probe: Probe,
+    p: GrowParams,
+) -> Result<GrowResult> {
+    let content = format!("grow tokens={} delay_ms=0", p.tokens);
+    let ids = client::create_sessions(http, target, p.sessions, CREATE_CONCURRENCY).await?;
+    let mut conns = client::connect_all(target, &ids, CONNECT_CONCURRENCY).await?;
+    let mut r = GrowResult {
+        sessions: p.sessions,
+        turns: p.turns,
+        tokens_per_reply: p.tokens,
+        ..Default::default()
+    };
+    let parts = p.turns.clamp(1, 10);
+    let mut done = 0;
+    for part in 0..parts {
+        let upto = p.turns * (part + 1) / parts;
+        let count = upto - done;
+        let before = probe.snapshot();
+        let mut handles = Vec::with_capacity(conns.len());
+        for mut ws in conns {
+            let (content, dialect, limit) = (content.clone(), target.dialect, p.turn_limit);
+            handles.push(tokio::spawn(async move {
+                let mut outs = Vec::with_capacity(count as usize);
+                for _ in 0..count {
+                    outs.push(client::run_turn(&mut ws, dialect, &content, limit).await);
+                }
+                (outs, ws)
+            }));
+        }
+        conns = Vec::with_capacity(handles.len());
+        let (mut turns, mut turn_us) = (0u64, 0u64);
+        for joined in futures_util::future::join_all(handles).await {
+            let (outs, ws) = joined.map_err(|e| Error::new(format!("client task: {e}")))?;
+            conns.push(ws);
+            for out in outs {
+                turns += 1;
+                turn_us += out.turn_us;
+                if !(out.ok && out.tokens == p.tokens) {
+                    r.bad_turns += 1;
+                    r.first_problem
+                        .get_or_insert_with(|| describe(&out, p.tokens));
+                }
+            }
+        }
+        let after = probe.snapshot();
+        let per_turn = |total: f64| if turns > 0 { total / turns as f64 } else { 0.0 };
+        r.parts.push(GrowPart {
+            turns_before: done,
+            turns,
+            cpu_ms_per_turn: per_turn((after.server - before.server) * 1000.0),
+            wall_ms_per_turn: per_turn(turn_us as f64 / 1000.0),
+        });
+        done = upto;
+    }
+    client::close_all(conns).await;
+    Ok(r)
+}
