@@ -236,12 +236,13 @@ impl Store for MemoryStore {
         *r = run.clone();
         Ok(())
     }
-    async fn unfinished_runs(&self) -> StoreResult<Vec<Run>> {
+    async fn unfinished_runs(&self, session_id: Option<&str>) -> StoreResult<Vec<Run>> {
         Ok(self
             .lock()
             .runs
             .iter()
             .filter(|(r, _)| !r.status.is_terminal())
+            .filter(|(r, _)| session_id.is_none_or(|s| r.session_id == s))
             .map(|(r, _)| r.clone())
             .collect())
     }

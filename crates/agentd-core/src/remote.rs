@@ -59,7 +59,7 @@ impl Remote {
         let target = match run_id {
             Some(id) => self.store.get_run(session_id, id).await?,
             None => {
-                let runs = self.store.list_runs(session_id).await?;
+                let runs = self.store.unfinished_runs(Some(session_id)).await?;
                 let started = runs
                     .iter()
                     .find(|r| matches!(r.status, RunStatus::Running | RunStatus::WaitingInput));
@@ -147,7 +147,7 @@ impl Remote {
     /// Cancels every unfinished run of the session that other nodes execute (`multitask = interrupt`),
     /// without waiting for them to stop.
     pub async fn cancel_all(&self, session_id: &str) -> StoreResult<()> {
-        for run in self.store.list_runs(session_id).await? {
+        for run in self.store.unfinished_runs(Some(session_id)).await? {
             if let Some(node) = self.elsewhere(&run) {
                 let command = NodeCommand::Cancel {
                     session_id: session_id.to_string(),
@@ -161,7 +161,7 @@ impl Remote {
 
     /// The run of the session another node is executing (started, not queued), if any.
     pub async fn active_run(&self, session_id: &str) -> StoreResult<Option<String>> {
-        let runs = self.store.list_runs(session_id).await?;
+        let runs = self.store.unfinished_runs(Some(session_id)).await?;
         Ok(runs
             .into_iter()
             .find(|r| {
@@ -173,7 +173,7 @@ impl Remote {
 
     /// Whether another node has a run of the session queued or going (`multitask = reject`).
     pub async fn busy(&self, session_id: &str) -> StoreResult<bool> {
-        let runs = self.store.list_runs(session_id).await?;
+        let runs = self.store.unfinished_runs(Some(session_id)).await?;
         Ok(runs.iter().any(|r| self.elsewhere(r).is_some()))
     }
 
@@ -189,7 +189,7 @@ impl Remote {
             Answer::Text(t) => (t.clone(), None),
             Answer::Decision(d) => (String::new(), Some(d.clone())),
         };
-        let runs = self.store.list_runs(session_id).await?;
+        let runs = self.store.unfinished_runs(Some(session_id)).await?;
         let mut nodes: Vec<&str> = runs
             .iter()
             .filter(|r| r.status == RunStatus::WaitingInput)

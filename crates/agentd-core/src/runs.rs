@@ -980,7 +980,7 @@ impl RunManager {
         // is committed before this (their appends hold the registry row) or refused after it.
         let lapse = self.env.config.cluster.lapse();
         self.store().expel_lapsed(lapse).await?;
-        let runs = self.store().unfinished_runs().await?;
+        let runs = self.store().unfinished_runs(None).await?;
         // Other nodes that are alive keep their runs (this node's id names this process now: a run under it
         // is a previous process's).
         let live: Vec<String> = self

@@ -211,8 +211,10 @@ pub trait Store: Send + Sync + 'static {
     /// Oldest first.
     async fn list_runs(&self, session_id: &str) -> StoreResult<Vec<Run>>;
     async fn update_run(&self, run: &Run) -> StoreResult<()>;
-    /// Runs in `queued`, `running` or `waiting_input`, over all sessions (for the start-up sweep).
-    async fn unfinished_runs(&self) -> StoreResult<Vec<Run>>;
+    /// Runs in `queued`, `running` or `waiting_input`, oldest first: of one session (run control across
+    /// nodes), or of every session with None (the start-up sweep). Its cost follows the unfinished runs, not the
+    /// session's history.
+    async fn unfinished_runs(&self, session_id: Option<&str>) -> StoreResult<Vec<Run>>;
 
     // --- the event log ---
     /// Appends a batch (any sessions) in one transaction; returns the events with their `seq`, in input order.

@@ -137,8 +137,8 @@ impl Store for GatedStore {
     async fn update_run(&self, run: &Run) -> StoreResult<()> {
         self.inner.update_run(run).await
     }
-    async fn unfinished_runs(&self) -> StoreResult<Vec<Run>> {
-        self.inner.unfinished_runs().await
+    async fn unfinished_runs(&self, session_id: Option<&str>) -> StoreResult<Vec<Run>> {
+        self.inner.unfinished_runs(session_id).await
     }
     fn commit_gather(&self) -> Duration {
         self.gather

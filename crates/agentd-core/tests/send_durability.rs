@@ -136,8 +136,8 @@ impl Store for HoldStore {
     async fn update_run(&self, run: &Run) -> StoreResult<()> {
         self.inner.update_run(run).await
     }
-    async fn unfinished_runs(&self) -> StoreResult<Vec<Run>> {
-        self.inner.unfinished_runs().await
+    async fn unfinished_runs(&self, session_id: Option<&str>) -> StoreResult<Vec<Run>> {
+        self.inner.unfinished_runs(session_id).await
     }
     async fn append_events(&self, batch: Vec<LogEntry>) -> StoreResult<Vec<Arc<LoggedEvent>>> {
         if batch.iter().any(is_user_message) && self.fail_message.swap(false, Ordering::SeqCst) {

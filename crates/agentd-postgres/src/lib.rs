@@ -83,6 +83,13 @@ pub struct PgStore {
     commands: tokio::sync::broadcast::Sender<NodeCommand>,
 }
 
+/// A session's unfinished runs, in order, through the partial index `runs_unfinished_by_session`.
+pub const UNFINISHED_RUNS_OF: &str = concat!(
+    "SELECT ",
+    run_columns!(),
+    " FROM runs WHERE session_id = $1 AND status IN ('queued', 'running', 'waiting_input') ORDER BY ord"
+);
+
 /// Claims are taken one at a time across the cluster (the lock is the transaction's).
 const CLAIM_LOCK: &str = "SELECT pg_advisory_xact_lock(7401590317262415)";
 
@@ -647,19 +654,31 @@ impl Store for PgStore {
         Ok(())
     }
 
-    async fn unfinished_runs(&self) -> StoreResult<Vec<Run>> {
-        // The WHERE clause matches the partial index `runs_unfinished` word for word.
-        let rows = self
-            .query(
-                "listing unfinished runs",
-                concat!(
-                    "SELECT ",
-                    run_columns!(),
-                    " FROM runs WHERE status IN ('queued', 'running', 'waiting_input') ORDER BY ord"
-                ),
-                &[],
-            )
-            .await?;
+    async fn unfinished_runs(&self, session_id: Option<&str>) -> StoreResult<Vec<Run>> {
+        // The WHERE clauses match the partial indexes `runs_unfinished` and `runs_unfinished_by_session` word
+        // for word.
+        let rows = match session_id {
+            None => {
+                self.query(
+                    "listing unfinished runs",
+                    concat!(
+                        "SELECT ",
+                        run_columns!(),
+                        " FROM runs WHERE status IN ('queued', 'running', 'waiting_input') ORDER BY ord"
+                    ),
+                    &[],
+                )
+                .await?
+            }
+            Some(id) => {
+                self.query(
+                    "listing a session's unfinished runs",
+                    UNFINISHED_RUNS_OF,
+                    &[&id],
+                )
+                .await?
+            }
+        };
         rows.iter().map(run_from_row).collect()
     }
 

@@ -17,6 +17,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0003_cluster.sql"),
     include_str!("migrations/0004_commands.sql"),
     include_str!("migrations/0005_aliases.sql"),
+    include_str!("migrations/0006_unfinished_runs_by_session.sql"),
 ];
 
 /// The advisory lock every node takes to migrate ("agentd" in ASCII, then 1). Any other client of the database

@@ -38,7 +38,7 @@ async fn nodes_starting_at_once_apply_the_schema_once() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(versions, vec![5]);
+    assert_eq!(versions, vec![6]);
     // They share one database: what one writes, the others read, and numbering is shared.
     let s = new_session(&stores[0], "alice").await;
     assert_eq!(stores[5].get_session(&s.id).await.unwrap(), Some(s.clone()));
@@ -69,6 +69,7 @@ async fn a_version_1_database_gains_the_uploads_table_and_the_node_registry() {
         .await
         .batch_execute(
             "DROP TABLE uploads; DROP TABLE nodes; DROP TABLE commands; DROP TABLE aliases;
+             DROP INDEX runs_unfinished_by_session;
              ALTER TABLE runs DROP COLUMN node;
              UPDATE agentd_schema SET version = 1",
         )
@@ -383,5 +384,63 @@ async fn a_lost_nodes_runs_are_claimed_once_and_a_sessions_runs_move_together() 
     assert_eq!(
         store.get_run(&s3.id, &run.id).await.unwrap().unwrap().node,
         Some("n3".into())
+    );
+}
+
+/// Run control across nodes looks for a session's unfinished runs; the query finds them through their partial
+/// index by session (whatever it then sorts is those few), so its cost grows neither with the runs the session
+/// has finished nor with the other sessions' turns under way.
+#[tokio::test]
+async fn a_sessions_unfinished_runs_are_read_through_their_own_index() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let store = PgStore::open(db.url(), 1).await.unwrap();
+    // Many sessions, each with a turn under way and one finished (the index of every unfinished run would
+    // visit all of theirs), and one with a longer history.
+    for _ in 0..300 {
+        let other = new_session(&store, "bob").await;
+        let mut done = Run::queued(&other.id);
+        done.status = agentd_core::domain::RunStatus::Completed;
+        store.create_run(&done, None).await.unwrap();
+        store
+            .create_run(&Run::queued(&other.id), None)
+            .await
+            .unwrap();
+    }
+    let s = new_session(&store, "alice").await;
+    for _ in 0..20 {
+        let mut run = Run::queued(&s.id);
+        run.status = agentd_core::domain::RunStatus::Completed;
+        store.create_run(&run, None).await.unwrap();
+    }
+    let open = Run::queued(&s.id);
+    store.create_run(&open, None).await.unwrap();
+    assert_eq!(
+        store.unfinished_runs(Some(&s.id)).await.unwrap(),
+        vec![open]
+    );
+
+    let client = raw(&db).await;
+    client
+        .batch_execute("ANALYZE runs; SET enable_seqscan = off")
+        .await
+        .unwrap();
+    let sql = agentd_postgres::UNFINISHED_RUNS_OF.replace("$1", &format!("'{}'", s.id));
+    let plan: Vec<String> = client
+        .query(&format!("EXPLAIN {sql}"), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        plan.iter()
+            .any(|l| l.contains("runs_unfinished_by_session")),
+        "{plan:#?}"
+    );
+    assert!(
+        plan.iter().any(|l| l.contains("Index Cond: (session_id =")),
+        "{plan:#?}"
     );
 }

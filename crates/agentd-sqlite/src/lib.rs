@@ -412,8 +412,17 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn unfinished_runs(&self) -> StoreResult<Vec<Run>> {
-        self.readers.run(reader::unfinished_runs).await
+    async fn unfinished_runs(&self, session_id: Option<&str>) -> StoreResult<Vec<Run>> {
+        match session_id {
+            // A session has a few unfinished runs at most: a point read.
+            Some(id) => {
+                let id = id.to_string();
+                self.readers
+                    .point(move |conn| reader::unfinished_runs_of(conn, &id))
+                    .await
+            }
+            None => self.readers.run(reader::unfinished_runs).await,
+        }
     }
 
     async fn append_events(&self, batch: Vec<LogEntry>) -> StoreResult<Vec<Arc<LoggedEvent>>> {

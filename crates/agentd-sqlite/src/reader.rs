@@ -329,6 +329,19 @@ pub(crate) fn unfinished_runs(conn: &Connection) -> StoreResult<Vec<Run>> {
     rows.into_iter().map(RunRow::into_run).collect()
 }
 
+/// A session's unfinished runs: the WHERE clause matches the partial index `runs_unfinished_by_session` word for
+/// word, so SQLite walks that index (ordered by `ord`) and never the session's finished runs.
+const UNFINISHED_RUNS_OF: &str = concat!(
+    "SELECT ",
+    run_columns!(),
+    " FROM runs WHERE session_id = ?1 AND status IN ('queued', 'running', 'waiting_input') ORDER BY ord"
+);
+
+pub(crate) fn unfinished_runs_of(conn: &Connection, session_id: &str) -> StoreResult<Vec<Run>> {
+    let rows = collect(conn, UNFINISHED_RUNS_OF, params![session_id], RunRow::read)?;
+    rows.into_iter().map(RunRow::into_run).collect()
+}
+
 pub(crate) fn read_events(
     conn: &Connection,
     session_id: &str,
@@ -459,6 +472,18 @@ mod tests {
         let steps = plan(&conn, HISTORY_MESSAGES);
         assert!(
             steps.iter().any(|s| s.contains("messages_by_session")),
+            "{steps:?}"
+        );
+        // A session's unfinished runs: the partial index, so the session's finished runs are never visited.
+        let steps = plan(&conn, UNFINISHED_RUNS_OF);
+        assert!(
+            !steps.iter().any(|s| s.contains("TEMP B-TREE")),
+            "{steps:?}"
+        );
+        assert!(
+            steps
+                .iter()
+                .any(|s| s.contains("USING INDEX runs_unfinished_by_session")),
             "{steps:?}"
         );
     }

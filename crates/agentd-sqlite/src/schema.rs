@@ -21,6 +21,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0006_aliases.sql"),
     include_str!("migrations/0007_compact_deltas.sql"),
     include_str!("migrations/0008_messages_by_session.sql"),
+    include_str!("migrations/0009_unfinished_runs_by_session.sql"),
 ];
 
 /// How long a statement waits for a lock another connection holds before failing with "database is locked".

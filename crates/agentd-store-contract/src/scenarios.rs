@@ -520,7 +520,28 @@ pub async fn unfinished_runs_are_queued_running_or_waiting(h: &dyn Harness) {
             expected.push(run);
         }
     }
-    let mut got = store.unfinished_runs().await.unwrap();
+    // One session's: its own, oldest first.
+    for sid in [&a.id, &b.id] {
+        let of: Vec<Run> = expected
+            .iter()
+            .filter(|r| r.session_id == *sid)
+            .cloned()
+            .collect();
+        assert_eq!(store.unfinished_runs(Some(sid)).await.unwrap(), of);
+    }
+    let none = new_session(&*store, "alice").await;
+    assert!(store
+        .unfinished_runs(Some(&none.id))
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(store
+        .unfinished_runs(Some("no-such-session"))
+        .await
+        .unwrap()
+        .is_empty());
+
+    let mut got = store.unfinished_runs(None).await.unwrap();
     let key = |r: &Run| r.id.clone();
     got.sort_by_key(key);
     expected.sort_by_key(key);
@@ -530,7 +551,9 @@ pub async fn unfinished_runs_are_queued_running_or_waiting(h: &dyn Harness) {
     let mut done = expected[0].clone();
     done.status = RunStatus::Interrupted;
     store.update_run(&done).await.unwrap();
-    assert_eq!(store.unfinished_runs().await.unwrap().len(), 2);
+    assert_eq!(store.unfinished_runs(None).await.unwrap().len(), 2);
+    let of_done = store.unfinished_runs(Some(&done.session_id)).await.unwrap();
+    assert!(of_done.iter().all(|r| r.id != done.id), "{of_done:?}");
     // So does a run_finished event carrying the run.
     let mut finished = expected[1].clone();
     finished.status = RunStatus::Completed;
@@ -538,7 +561,15 @@ pub async fn unfinished_runs_are_queued_running_or_waiting(h: &dyn Harness) {
         .append_events(vec![run_finished(&finished)])
         .await
         .unwrap();
-    assert_eq!(store.unfinished_runs().await.unwrap().len(), 1);
+    assert_eq!(store.unfinished_runs(None).await.unwrap().len(), 1);
+    let of_finished = store
+        .unfinished_runs(Some(&finished.session_id))
+        .await
+        .unwrap();
+    assert!(
+        of_finished.iter().all(|r| r.id != finished.id),
+        "{of_finished:?}"
+    );
 }
 
 pub async fn concurrent_appends_number_each_session_without_gaps(h: &dyn Harness) {
